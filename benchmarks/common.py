@@ -1,0 +1,338 @@
+"""Measuring commands for the benchmarks: wall time, CPU time, peak RSS; interleaved runs; tables.
+
+What is measured, per command (see README.md):
+
+* **wall**: ``time.perf_counter()`` from just before ``Popen`` to just after
+  ``os.wait4`` returns.
+* **CPU**: ``ru_utime + ru_stime`` from the ``struct rusage`` that
+  ``os.wait4(pid, 0)`` returns for the child.  On Linux that covers the child
+  and every descendant it waited for (all threads included), so for
+  ``bash -c 'a | b && c'`` it is the CPU time of the whole pipeline.
+* **peak RSS**: ``ru_maxrss`` from the same ``wait4`` (kB, shown as MiB).  On
+  Linux this is the *largest* peak of any single process in the tree (the
+  child's own, or a waited-for descendant's), **not the sum** of processes
+  that ran at the same time.  For ``tar | zstd`` it is therefore zstd's peak
+  (tar's is a few MiB), and for a Python program it is the interpreter's own
+  peak unless it spawns a bigger child.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MB = 1000**2
+MiB = 1024**2
+
+
+class CommandFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class Sample:
+    """One measured run of one command."""
+
+    name: str
+    wall: float
+    user: float
+    sys: float
+    maxrss_kb: int
+    returncode: int
+    stdout: str = ""
+    stderr: str = ""
+    output_bytes: int | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def cpu(self) -> float:
+        return self.user + self.sys
+
+    @property
+    def maxrss_mib(self) -> float:
+        return self.maxrss_kb / 1024
+
+
+def run_measured(
+    cmd: Sequence[str],
+    *,
+    name: str = "",
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    check: bool = True,
+) -> Sample:
+    """Run ``cmd`` (no shell) and measure it with ``os.wait4`` (see the module docstring).
+
+    stdout and stderr go to temporary files (no pipes, so nothing can block
+    while we sit in ``wait4``) and are returned as text.  With ``check`` a
+    non-zero exit raises :class:`CommandFailed` with the end of stderr.
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            list(cmd),
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)  # tell Popen it has been reaped
+        out.seek(0)
+        err.seek(0)
+        sample = Sample(
+            name=name or Path(cmd[0]).name,
+            wall=wall,
+            user=usage.ru_utime,
+            sys=usage.ru_stime,
+            maxrss_kb=usage.ru_maxrss,
+            returncode=proc.returncode,
+            stdout=out.read().decode(errors="replace"),
+            stderr=err.read().decode(errors="replace"),
+        )
+    if check and sample.returncode != 0:
+        tail = "\n".join(sample.stderr.strip().splitlines()[-20:])
+        raise CommandFailed(f"{sample.name}: exit {sample.returncode} from {' '.join(cmd)}\n{tail}")
+    return sample
+
+
+def run_shell(script: str, **kwargs: object) -> Sample:
+    """Run a bash script (with ``pipefail``) measured as one tree: max RSS of any process, CPU of all."""
+    return run_measured(["bash", "-o", "pipefail", "-c", script], **kwargs)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------
+# Page cache
+
+
+def drop_caches() -> bool:
+    """``sync`` then drop the page cache, dentries and inodes; False when not allowed."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def warm_cache(root: str | os.PathLike[str]) -> int:
+    """Read every regular file under ``root`` once (untimed) so it sits in the page cache; return bytes read."""
+    total = 0
+    buf = bytearray(4 * MiB)
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            try:
+                with open(path, "rb", buffering=0) as fh:
+                    while n := fh.readinto(buf):
+                        total += n
+            except OSError:
+                pass
+    return total
+
+
+def resolve_cache_mode(mode: str) -> str:
+    """``auto`` becomes ``cold`` when the page cache can be dropped, else ``warm``."""
+    if mode == "auto":
+        return "cold" if drop_caches() else "warm"
+    if mode == "cold" and not drop_caches():
+        raise SystemExit(
+            "cannot drop the page cache here (needs root and a writable /proc/sys/vm/drop_caches); "
+            "use --cache warm"
+        )
+    return mode
+
+
+# --------------------------------------------------------------------------
+# Interleaved runs
+
+
+@dataclass
+class Contender:
+    """One side of a comparison.
+
+    ``command()`` returns (argv, env, cwd); ``prepare()`` runs untimed before
+    each run (e.g. delete the previous output); ``output_bytes()`` runs untimed
+    after each run and says how big the output is; ``cleanup()`` runs after
+    that.
+    """
+
+    name: str
+    command: Callable[[], tuple[list[str], dict[str, str] | None, str | None]]
+    prepare: Callable[[], None] = lambda: None
+    output_bytes: Callable[[], int] = lambda: 0
+    cleanup: Callable[[], None] = lambda: None
+
+
+def measure_once(contender: Contender, cache_mode: str) -> Sample:
+    contender.prepare()
+    if cache_mode == "cold":
+        drop_caches()
+    else:
+        os.sync()  # do not let the previous run's dirty pages be written back during this one
+    argv, env, cwd = contender.command()
+    sample = run_measured(argv, name=contender.name, env=env, cwd=cwd)
+    sample.output_bytes = contender.output_bytes()
+    contender.cleanup()
+    return sample
+
+
+def run_interleaved(
+    contenders: Sequence[Contender],
+    runs: int,
+    cache_mode: str,
+    log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True),
+) -> dict[str, list[Sample]]:
+    """Run A, B, A, B, ... ``runs`` times each; return the samples per contender name."""
+    samples: dict[str, list[Sample]] = {c.name: [] for c in contenders}
+    for i in range(runs):
+        for contender in contenders:
+            sample = measure_once(contender, cache_mode)
+            samples[contender.name].append(sample)
+            log(
+                f"run {i + 1}/{runs} {contender.name:>7}: wall {sample.wall:7.2f} s  CPU {sample.cpu:7.2f} s  "
+                f"peak RSS {sample.maxrss_mib:7.1f} MiB  output {fmt_bytes(sample.output_bytes or 0)}"
+            )
+    return samples
+
+
+# --------------------------------------------------------------------------
+# Formatting
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, factor in (("GiB", 1024**3), ("MiB", MiB), ("KiB", 1024)):
+        if abs(n) >= factor:
+            return f"{n / factor:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _spread(values: list[float], digits: int) -> str:
+    med = statistics.median(values)
+    if len(values) == 1:
+        return f"{med:.{digits}f}"
+    return f"{med:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+
+
+def metrics(samples: list[Sample], input_bytes: int) -> dict[str, list[float]]:
+    """Per-run values of every reported metric."""
+    return {
+        "Wall time (s)": [s.wall for s in samples],
+        "CPU time, user+sys (s)": [s.cpu for s in samples],
+        "Peak RSS (MiB)": [s.maxrss_mib for s in samples],
+        "Output size (MiB)": [(s.output_bytes or 0) / MiB for s in samples],
+        "Throughput (MB/s of input)": [input_bytes / MB / s.wall for s in samples],
+        "Compression ratio (input/output)": [
+            input_bytes / s.output_bytes if s.output_bytes else 0.0 for s in samples
+        ],
+    }
+
+
+_DIGITS = {
+    "Wall time (s)": 2,
+    "CPU time, user+sys (s)": 2,
+    "Peak RSS (MiB)": 1,
+    "Output size (MiB)": 1,
+    "Throughput (MB/s of input)": 1,
+    "Compression ratio (input/output)": 3,
+}
+
+
+def comparison_table(
+    samples: Mapping[str, list[Sample]],
+    input_bytes: int,
+    ours: str = "ours",
+    theirs: str = "theirs",
+) -> str:
+    """Markdown table: median (min–max) per side and the ratio of medians ours/theirs."""
+    names = [n for n in (ours, theirs) if samples.get(n)]
+    per = {n: metrics(samples[n], input_bytes) for n in names}
+    header = "| Metric | " + " | ".join(f"{n} median (min–max)" for n in names)
+    rule = "|---|" + "---:|" * len(names)
+    if len(names) == 2:
+        header += f" | {ours}/{theirs} |"
+        rule += "---:|"
+    else:
+        header += " |"
+    lines = [header, rule]
+    for metric, digits in _DIGITS.items():
+        row = f"| {metric} | " + " | ".join(_spread(per[n][metric], digits) for n in names)
+        if len(names) == 2:
+            a = statistics.median(per[ours][metric])
+            b = statistics.median(per[theirs][metric])
+            row += f" | {a / b:.2f}" if b else " | –"
+        lines.append(row + " |")
+    return "\n".join(lines)
+
+
+def runs_table(samples: Mapping[str, list[Sample]], input_bytes: int) -> str:
+    """Markdown table of every run, in the order they ran."""
+    lines = [
+        "| Run | Command | Wall (s) | CPU (s) | Peak RSS (MiB) | Output (MiB) | MB/s |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    longest = max((len(v) for v in samples.values()), default=0)
+    for i in range(longest):
+        for name, runs in samples.items():
+            if i < len(runs):
+                s = runs[i]
+                lines.append(
+                    f"| {i + 1} | {name} | {s.wall:.2f} | {s.cpu:.2f} | {s.maxrss_mib:.1f} | "
+                    f"{(s.output_bytes or 0) / MiB:.1f} | {input_bytes / MB / s.wall:.1f} |"
+                )
+    return "\n".join(lines)
+
+
+def _first_line(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    text = (out.stdout or out.stderr).strip().splitlines()
+    return text[0].strip(" *") if text else "?"
+
+
+def environment() -> dict[str, str]:
+    """Facts about the machine and tools that a reader needs to compare results."""
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = "?"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) / 1024**2:.1f} GiB"
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": f"{cpu} × {os.cpu_count()}",
+        "memory": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "tar": _first_line(["tar", "--version"]),
+        "zstd": _first_line(["zstd", "--version"]),
+    }
+
+
+def which(name: str) -> str | None:
+    return shutil.which(name)

@@ -1,0 +1,509 @@
+"""The streaming archive writer: entries → tar → compressor → SHA-256 + size → ``.partial``.
+
+One pass over the data with bounded memory. The main thread walks, encodes tar headers
+and reads file data into a 4 MiB buffer that goes to the compressor (zstd compresses on
+its own worker threads); a writer thread hashes the compressed output and writes it, so
+hashing and disk writes overlap with reading.
+"""
+
+from __future__ import annotations
+
+import bz2
+import errno
+import hashlib
+import io
+import lzma
+import os
+import queue
+import stat
+import tarfile
+import threading
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+import zstandard
+
+from cloudbackup.errors import CloudBackupError, IntegrityError, SourceError
+from cloudbackup.sources import FileEntry
+
+CHUNK = 4 * 1024 * 1024
+BLOCK = tarfile.BLOCKSIZE
+RECORD = tarfile.RECORDSIZE
+_ZEROS = bytes(CHUNK)
+_NOATIME = getattr(os, "O_NOATIME", 0)
+
+
+class Compressor(Protocol):
+    def compress(self, data: Any, /) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+
+class _Identity:
+    def compress(self, data: Any) -> bytes:
+        return bytes(data)
+
+    def flush(self) -> bytes:
+        return b""
+
+
+class _Zstd:
+    def __init__(self, level: int) -> None:
+        # threads=-1: one worker per core; compression overlaps with our reading.
+        cctx = zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True)
+        self._obj = cctx.compressobj()
+
+    def compress(self, data: Any) -> bytes:
+        return self._obj.compress(data)
+
+    def flush(self) -> bytes:
+        return self._obj.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH)
+
+
+def make_compressor(compression: str, level: int | None) -> Compressor:
+    if compression == "zstd":
+        return _Zstd(level or 3)
+    if compression == "gzip":
+        return zlib.compressobj(level or 6, zlib.DEFLATED, 31)  # 31: gzip container
+    if compression == "xz":
+        return lzma.LZMACompressor(preset=6 if level is None else level)
+    if compression == "bzip2":
+        return bz2.BZ2Compressor(level or 9)
+    if compression == "none":
+        return _Identity()
+    raise ValueError(f"unknown compression {compression!r}")
+
+
+@dataclass
+class ArchiveStats:
+    size: int = 0
+    sha256: str = ""
+    file_count: int = 0  # every member that is not a directory
+    dirs: int = 0
+    symlinks: int = 0
+    hardlinks: int = 0
+    uncompressed_bytes: int = 0  # regular-file content
+    warnings: list[str] = field(default_factory=list)
+    unreadable: int = 0
+    vanished: int = 0
+
+    def members(self) -> dict[str, int]:
+        return {"dirs": self.dirs, "symlinks": self.symlinks, "hardlinks": self.hardlinks}
+
+
+class _Sink:
+    """Hashes and writes compressed chunks on its own thread."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self.error: BaseException | None = None
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+        self._thread = threading.Thread(target=self._run, name="archive-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            chunk = self._queue.get()
+            if chunk is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                self.sha.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    written = os.write(self.fd, view)
+                    view = view[written:]
+                self.size += len(chunk)
+            except BaseException as exc:  # surfaced on the main thread
+                self.error = exc
+
+    def put(self, chunk: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        if chunk:
+            self._queue.put(chunk)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+class _TarOut:
+    """Accumulates tar bytes in a fixed buffer and feeds the compressor in big chunks."""
+
+    def __init__(
+        self, compressor: Compressor, sink: _Sink, progress: Callable[[int], None] | None
+    ) -> None:
+        self.compressor = compressor
+        self.sink = sink
+        self.buf = bytearray(CHUNK)
+        self.view = memoryview(self.buf)
+        self.pos = 0
+        self.total = 0
+        self.progress = progress
+
+    def flush(self) -> None:
+        if self.pos:
+            self.sink.put(self.compressor.compress(self.view[: self.pos]))
+            self.total += self.pos
+            if self.progress:
+                self.progress(self.pos)
+            self.pos = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        n = len(data)
+        if self.pos + n > CHUNK:
+            self.flush()
+        if n >= CHUNK:
+            self.sink.put(self.compressor.compress(data))
+            self.total += n
+            return
+        self.buf[self.pos : self.pos + n] = data
+        self.pos += n
+
+    def zeros(self, count: int) -> None:
+        while count > 0:
+            step = min(count, CHUNK)
+            self.write(_ZEROS[:step])
+            count -= step
+
+    def copy_from(self, reader: io.FileIO, remaining: int) -> int:
+        """Read up to ``remaining`` bytes straight into the buffer; returns bytes read."""
+        got = 0
+        while remaining > 0:
+            if self.pos == CHUNK:
+                self.flush()
+            want = min(remaining, CHUNK - self.pos)
+            n = reader.readinto(self.view[self.pos : self.pos + want])
+            if not n:
+                break
+            self.pos += n
+            got += n
+            remaining -= n
+        return got
+
+    def finish(self) -> None:
+        # End-of-archive: two zero blocks, padded to a full record like GNU tar.
+        self.write(bytes(2 * BLOCK))
+        remainder = (self.total + self.pos) % RECORD
+        if remainder:
+            self.write(bytes(RECORD - remainder))
+        self.flush()
+        self.sink.put(self.compressor.flush())
+
+
+def _open_nofollow(path: str) -> int:
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags | _NOATIME)
+    except PermissionError:
+        if not _NOATIME:
+            raise
+        return os.open(path, flags)  # O_NOATIME needs ownership
+    except OSError as exc:
+        if exc.errno == errno.EPERM and _NOATIME:
+            return os.open(path, flags)
+        raise
+
+
+def _tarinfo(entry: FileEntry) -> tarfile.TarInfo:
+    st = entry.st
+    info = tarfile.TarInfo(entry.arcname)
+    info.mode = stat.S_IMODE(st.st_mode)
+    info.uid, info.gid = st.st_uid, st.st_gid
+    info.uname = info.gname = ""  # numeric owners only
+    info.mtime = int(st.st_mtime)
+    return info
+
+
+def _header(info: tarfile.TarInfo) -> bytes:
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+Warn = Callable[[str, str], None]
+
+
+def write_tar(
+    entries: Iterable[FileEntry],
+    out: _TarOut,
+    stats: ArchiveStats,
+    warn: Warn,
+) -> None:
+    hardlinks: dict[tuple[int, int], str] = {}
+    for entry in entries:
+        st = entry.st
+        info = _tarinfo(entry)
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            info.type = tarfile.DIRTYPE
+            out.write(_header(info))
+            stats.dirs += 1
+            continue
+        if stat.S_ISLNK(mode):
+            try:
+                info.linkname = os.readlink(entry.path)
+            except FileNotFoundError:
+                warn("vanished", f"{entry.path}: vanished while reading")
+                continue
+            except OSError as exc:
+                warn("unreadable", f"{entry.path}: cannot read link ({exc.strerror})")
+                continue
+            info.type = tarfile.SYMTYPE
+            out.write(_header(info))
+            stats.symlinks += 1
+            stats.file_count += 1
+            continue
+        if not stat.S_ISREG(mode):
+            continue  # sources already skip FIFOs, sockets and devices with a note
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and key in hardlinks:
+            info.type = tarfile.LNKTYPE
+            info.linkname = hardlinks[key]
+            info.size = 0
+            out.write(_header(info))
+            stats.hardlinks += 1
+            stats.file_count += 1
+            continue
+        try:
+            fd = _open_nofollow(entry.path)
+        except FileNotFoundError:
+            warn("vanished", f"{entry.path}: vanished while reading")
+            continue
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                warn("vanished", f"{entry.path}: replaced by a symlink while reading; skipped")
+            else:
+                warn("unreadable", f"{entry.path}: cannot open ({exc.strerror})")
+            continue
+        with io.FileIO(fd, "rb", closefd=True) as reader:
+            size = st.st_size
+            info.type = tarfile.REGTYPE
+            info.size = size
+            out.write(_header(info))
+            try:
+                got = out.copy_from(reader, size)
+            except OSError as exc:
+                # Header already written: keep the tar consistent, as GNU tar does.
+                got = -1
+                warn(
+                    "unreadable",
+                    f"{entry.path}: read error ({exc.strerror}); rest filled with zeros",
+                )
+            if got >= 0 and got < size:
+                warn(
+                    "changed",
+                    f"{entry.path}: shrank from {size} to {got} bytes while reading; padded with zeros",
+                )
+            if got < size:
+                out.zeros(size - max(got, 0))
+            elif got == size:
+                now = os.fstat(reader.fileno()).st_size
+                if now > size:
+                    warn(
+                        "changed",
+                        f"{entry.path}: grew from {size} to {now} bytes while reading; truncated",
+                    )
+        if size % BLOCK:
+            out.write(bytes(BLOCK - size % BLOCK))
+        if st.st_nlink > 1:
+            hardlinks[key] = entry.arcname
+        stats.file_count += 1
+        stats.uncompressed_bytes += size
+
+
+def write_archive(
+    entries: Iterable[FileEntry],
+    partial: Path,
+    *,
+    compression: str,
+    level: int | None,
+    warn: Warn,
+    progress: Callable[[int], None] | None = None,
+) -> ArchiveStats:
+    """Write ``partial`` in one pass and fsync it; the caller renames it into place.
+
+    On any error the partial file is removed and the error re-raised.
+    """
+    stats = ArchiveStats()
+
+    def record(category: str, message: str) -> None:
+        stats.warnings.append(message)
+        if category == "unreadable":
+            stats.unreadable += 1
+        elif category == "vanished":
+            stats.vanished += 1
+        warn(category, message)
+
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    sink = _Sink(fd)
+    try:
+        out = _TarOut(make_compressor(compression, level), sink, progress)
+        try:
+            write_tar(entries, out, stats, record)
+            out.finish()
+        finally:
+            sink.close()
+        os.fsync(fd)
+    except BaseException as exc:
+        os.close(fd)
+        partial.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise SourceError(
+                f"no space left on {partial.parent} while writing the archive", "free space"
+            ) from None
+        raise
+    os.close(fd)
+    stats.size = sink.size
+    stats.sha256 = sink.sha.hexdigest()
+    return stats
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit(partial: Path, final: Path) -> None:
+    """Atomically publish a fsynced partial file and make the rename durable."""
+    os.rename(partial, final)
+    fsync_dir(final.parent)
+
+
+def write_file_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """temp → fsync → rename → fsync dir, for manifests and state files."""
+    partial = path.with_name(path.name + ".partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    commit(partial, path)
+
+
+# ---------------------------------------------------------------- reading
+
+
+class HashingReader(io.RawIOBase):
+    """Wraps a stream; hashes and counts every byte read through it."""
+
+    def __init__(self, raw: IO[bytes], progress: Callable[[int], None] | None = None) -> None:
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.count = 0
+        self.progress = progress
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.raw.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        if n:
+            self.sha.update(data)
+            self.count += n
+            if self.progress:
+                self.progress(n)
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size if size is not None and size >= 0 else CHUNK)
+        if data:
+            self.sha.update(data)
+            self.count += len(data)
+            if self.progress:
+                self.progress(len(data))
+        return data
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+
+def open_decompressed(stream: Any, compression: str) -> Any:
+    """A readable stream of the tar bytes inside a compressed archive stream."""
+    if compression == "zstd":
+        return zstandard.ZstdDecompressor().stream_reader(
+            stream, read_size=CHUNK, read_across_frames=True
+        )  # type: ignore[return-value]
+    if compression == "gzip":
+        import gzip
+
+        return gzip.GzipFile(fileobj=stream, mode="rb")
+    if compression == "xz":
+        return lzma.LZMAFile(stream, "rb")
+    if compression == "bzip2":
+        return bz2.BZ2File(stream, "rb")
+    if compression == "none":
+        return stream
+    raise ValueError(f"unknown compression {compression!r}")
+
+
+@dataclass
+class WalkStats:
+    file_count: int = 0
+    uncompressed_bytes: int = 0
+    dirs: int = 0
+
+
+def walk_archive(stream: IO[bytes]) -> WalkStats:
+    """Read a tar stream to its end, counting members as the writer counted them."""
+    stats = WalkStats()
+    try:
+        with tarfile.open(
+            fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape"
+        ) as tar:
+            for member in tar:
+                if member.isdir():
+                    stats.dirs += 1
+                    continue
+                stats.file_count += 1
+                if member.isreg():
+                    stats.uncompressed_bytes += member.size
+                    reader = tar.extractfile(member)
+                    if reader is not None:
+                        while reader.read(CHUNK):
+                            pass
+    except (
+        tarfile.TarError,
+        EOFError,
+        zstandard.ZstdError,
+        lzma.LZMAError,
+        OSError,
+        zlib.error,
+    ) as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, EOFError) and exc.errno is not None:
+            raise CloudBackupError(f"cannot read the archive: {exc}") from exc
+        raise IntegrityError(f"the archive is truncated or corrupt ({exc})") from exc
+    return stats
+
+
+def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> tuple[str, int]:
+    sha = hashlib.sha256()
+    size = 0
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as handle:
+        while True:
+            n = handle.readinto(view)  # type: ignore[attr-defined]
+            if not n:
+                break
+            sha.update(view[:n])
+            size += n
+            if progress:
+                progress(n)
+    return sha.hexdigest(), size

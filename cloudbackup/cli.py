@@ -1,0 +1,481 @@
+"""The command line: thin Click commands over ``operations``; ``main`` maps errors to exit codes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from dotenv import dotenv_values
+
+from cloudbackup import __version__, config, operations
+from cloudbackup.config import Settings
+from cloudbackup.errors import CloudBackupError, ConfigError, UsageError
+from cloudbackup.output import Progress, human_size, print_json, setup_logging, table
+from cloudbackup.storage.local import LocalStore
+
+LOG = logging.getLogger("cloudbackup")
+WHERE = click.Choice(["local", "remote", "all"])
+
+
+@dataclass
+class AppState:
+    env_file: Path | None = None
+    verbose: bool = False
+    quiet: bool = False
+    settings: Settings | None = None
+    redact: list[str] = field(default_factory=list)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def load_settings(state: AppState, overrides: dict[str, Any] | None = None) -> Settings:
+    """Resolve settings once per command: CLI > environment > .env > default."""
+    env_file = state.env_file
+    dotenv: dict[str, str | None] = {}
+    if env_file is not None:
+        if not env_file.is_file():
+            raise ConfigError(
+                f"--env-file {env_file} does not exist", "give the path of your .env file"
+            )
+        dotenv = dict(dotenv_values(env_file))
+    elif Path(".env").is_file():
+        env_file = Path(".env").resolve()
+        dotenv = dict(dotenv_values(env_file))
+    settings = config.load(
+        overrides or {},
+        os.environ,
+        dotenv,
+        hostname=socket.gethostname(),
+        home=Path.home(),
+        env_file=env_file,
+    )
+    secrets = [s for spec in settings.sources for s in spec.secrets]
+    setup_logging(
+        level=settings.log_level,
+        verbose=state.verbose,
+        quiet=state.quiet,
+        log_file=settings.log_file,
+        secrets=secrets,
+    )
+    for warning in settings.warnings:
+        LOG.warning("%s", warning)
+    state.settings = settings
+    return settings
+
+
+def make_context(
+    settings: Settings, *, remote: bool = True, need_local: bool = True
+) -> operations.Context:
+    local = LocalStore(settings.local_dir)
+    machine = operations.machine_id(settings.local_dir) if need_local else "unknown"
+    ctx = operations.Context(
+        settings=settings,
+        local=local,
+        now=_now,
+        machine_id=machine,
+        progress=_progress_factory(),
+    )
+    if remote and settings.s3_bucket:
+        ctx.remote = make_remote(settings)
+    return ctx
+
+
+def make_remote(settings: Settings) -> Any:
+    from cloudbackup.storage.retry import RetryingStore
+    from cloudbackup.storage.s3 import S3Store
+
+    return RetryingStore(S3Store.from_settings(settings), attempts=settings.retry_attempts)
+
+
+def _progress_factory() -> Callable[[str, int | None], Callable[[int], None]]:
+    tty = sys.stderr.isatty()
+
+    def factory(label: str, total: int | None) -> Callable[[int], None]:
+        return Progress(label, total, tty=tty)
+
+    return factory
+
+
+def _state() -> AppState:
+    return click.get_current_context().find_object(AppState) or AppState()
+
+
+def _emit_json(document: Any) -> None:
+    print_json(document)
+
+
+def _exit(code: int) -> NoReturn:
+    raise SystemExit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--env-file", type=click.Path(path_type=Path), help="Read settings from this .env file."
+)
+@click.option("-v", "--verbose", is_flag=True, help="Debug output, with tracebacks.")
+@click.option("-q", "--quiet", is_flag=True, help="Errors only.")
+@click.version_option(__version__, prog_name="cloudbackup")
+@click.pass_context
+def cli(ctx: click.Context, env_file: Path | None, verbose: bool, quiet: bool) -> None:
+    """Compressed, checksummed backups of directories and databases, pushed to S3 and
+    pruned by one retention planner."""
+    ctx.obj = AppState(env_file=env_file, verbose=verbose, quiet=quiet)
+    setup_logging(verbose=verbose, quiet=quiet)
+
+
+# ---------------------------------------------------------------- backup
+
+
+def _print_results(
+    results: Sequence[operations.SourceResult], *, local_only: bool, dry_run: bool
+) -> None:
+    rows = []
+    for r in results:
+        state = "ok" if r.ok else "FAILED"
+        if r.ok and r.exit_code:
+            state = "ok (warnings)"
+        rows.append(
+            [
+                r.source,
+                r.id or "-",
+                state,
+                human_size(r.size) if r.size is not None else "-",
+                f"{r.seconds:.1f}s",
+                "yes" if r.uploaded else ("local-only" if local_only else "no"),
+                r.error or (f"{len(r.warnings)} warning(s)" if r.warnings else ""),
+            ]
+        )
+    click.echo(table(rows, ["source", "id", "result", "size", "time", "uploaded", "notes"]))
+    failed = [r.source for r in results if not r.ok]
+    summary = f"{len(results) - len(failed)} of {len(results)} source(s) backed up"
+    if dry_run:
+        summary = f"dry run: {len(results) - len(failed)} of {len(results)} source(s) would be backed up; nothing written"
+    if failed:
+        summary += "; failed: " + ", ".join(failed)
+    if local_only and not dry_run:
+        summary += " (local-only: no bucket configured, nothing uploaded)"
+    click.echo(summary)
+
+
+@cli.command()
+@click.argument("specs", nargs=-1, metavar="[SPEC]...")
+@click.option("--no-upload", is_flag=True, help="Archive locally only; upload later with `upload`.")
+@click.option(
+    "--exclude",
+    "excludes",
+    multiple=True,
+    metavar="PAT",
+    help="Exclude glob (adds to CLOUDBACKUP_EXCLUDE).",
+)
+@click.option("--compression", type=click.Choice(config.COMPRESSIONS), help="Compression codec.")
+@click.option(
+    "--allow-shrink", is_flag=True, help="Accept a source the shrink guard would stop, once."
+)
+@click.option("--dry-run", is_flag=True, help="Show what would be archived; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def backup(
+    specs: tuple[str, ...],
+    no_upload: bool,
+    excludes: tuple[str, ...],
+    compression: str | None,
+    allow_shrink: bool,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Archive each source (arguments or CLOUDBACKUP_SOURCES), then upload it."""
+    state = _state()
+    settings = load_settings(
+        state,
+        {
+            "sources": list(specs) or None,
+            "extra_exclude": list(excludes),
+            "CLOUDBACKUP_COMPRESSION": compression,
+        },
+    )
+    if not settings.sources:
+        raise UsageError(
+            "no sources to back up",
+            "give SPEC arguments or set CLOUDBACKUP_SOURCES (e.g. /srv/www)",
+        )
+    upload = not no_upload and settings.s3_bucket is not None
+    ctx = make_context(settings, remote=settings.s3_bucket is not None and not dry_run)
+    local_only = settings.s3_bucket is None
+    if local_only and not no_upload:
+        LOG.info("no bucket configured (CLOUDBACKUP_S3_BUCKET): local-only backup")
+    from cloudbackup.lock import DirLock
+
+    with DirLock(settings.local_dir):
+        uploader = _uploader() if upload else None
+        results = operations.backup(
+            ctx,
+            settings.sources,
+            operations.BackupOptions(upload=upload, dry_run=dry_run, allow_shrink=allow_shrink),
+            uploader=uploader,
+        )
+    if as_json:
+        _emit_json(
+            {
+                "results": [r.to_dict() for r in results],
+                "dry_run": dry_run,
+                "local_only": local_only,
+            }
+        )
+    else:
+        _print_results(results, local_only=local_only, dry_run=dry_run)
+    _exit(operations.worst_exit(r.exit_code for r in results))
+
+
+def _uploader() -> Callable[[operations.Context, operations.SourceResult], None] | None:
+    from cloudbackup import transfer
+
+    return transfer.upload_after_backup
+
+
+# ---------------------------------------------------------------- list / verify
+
+
+@cli.command(name="list")
+@click.option("--source", help="Only this source.")
+@click.option("--where", type=WHERE, default="all", show_default=True)
+@click.option("--host", help="Backups of this host (default: this machine's).")
+@click.option("--all-hosts", is_flag=True, help="Backups of every host.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def list_cmd(
+    source: str | None, where: str, host: str | None, all_hosts: bool, as_json: bool
+) -> None:
+    """Backups with id, time, size, where they are and whether the offsite copy is verified."""
+    settings = load_settings(_state(), {"CLOUDBACKUP_HOST": host})
+    if where == "remote" and not settings.s3_bucket:
+        raise UsageError("--where remote needs a bucket", "set CLOUDBACKUP_S3_BUCKET")
+    ctx = make_context(settings, remote=where != "local", need_local=False)
+    backups = operations.list_backups(ctx, where=where, source=source, all_hosts=all_hosts)
+    if as_json:
+        _emit_json({"backups": [b.to_dict() for b in backups]})
+        return
+    if not backups:
+        click.echo("no backups found")
+        return
+    rows = [
+        [
+            b.id,
+            b.host,
+            b.created_at.strftime("%Y-%m-%d %H:%M:%SZ"),
+            human_size(b.size),
+            "both" if b.local and b.remote else ("local" if b.local else "remote"),
+            "yes" if b.verified else "no",
+        ]
+        for b in backups
+    ]
+    click.echo(table(rows, ["id", "host", "created (UTC)", "size", "where", "verified offsite"]))
+
+
+@cli.command()
+@click.argument("ids", nargs=-1, metavar="[ID]...")
+@click.option("--source", help="Only this source.")
+@click.option("--host", help="Backups of this host.")
+@click.option("--where", type=WHERE, default="local", show_default=True)
+@click.option(
+    "--deep", is_flag=True, help="Also decompress and walk the archive (remote: stream it)."
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def verify(
+    ids: tuple[str, ...],
+    source: str | None,
+    host: str | None,
+    where: str,
+    deep: bool,
+    as_json: bool,
+) -> None:
+    """Local: re-hash archives against manifests. Remote: compare S3's checksum, size and
+    metadata with the manifest without downloading (--deep streams and re-hashes)."""
+    settings = load_settings(_state(), {"CLOUDBACKUP_HOST": host})
+    if where in ("remote", "all") and not settings.s3_bucket:
+        if where == "remote":
+            raise UsageError("--where remote needs a bucket", "set CLOUDBACKUP_S3_BUCKET")
+        where = "local"
+    ctx = make_context(settings, remote=where != "local", need_local=False)
+    results = []
+    if where in ("local", "all"):
+        refs = operations.select_refs(ctx.local_listing().refs, ids, source, settings.host)
+        results += [operations.verify_local_ref(ctx, ref, deep=deep) for ref in refs]
+    if where in ("remote", "all"):
+        from cloudbackup import transfer
+
+        refs = operations.select_refs(ctx.remote_listing().refs, ids, source, settings.host)
+        results += [transfer.verify_remote_ref(ctx, ref, deep=deep) for ref in refs]
+    if ids:
+        found = {r.id for r in results}
+        for missing in ids:
+            if missing not in found:
+                raise UsageError(f"no backup {missing!r} found ({where})", "see `cloudbackup list`")
+    if as_json:
+        _emit_json({"results": [r.to_dict() for r in results]})
+    else:
+        if not results:
+            click.echo("nothing to verify")
+        for r in results:
+            click.echo(f"{'ok  ' if r.ok else 'FAIL'} {r.where:6} {r.id}: {r.detail}")
+    _exit(operations.verify_exit(results))
+
+
+# ---------------------------------------------------------------- not yet built
+
+
+def _not_built(name: str) -> NoReturn:
+    raise UsageError(f"`cloudbackup {name}` is not available in this version yet", "see README.md")
+
+
+@cli.command()
+@click.option("--source", help="Only this source.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def upload(source: str | None, as_json: bool) -> None:
+    """Push every complete local backup not yet verified remotely; resumes interrupted uploads."""
+    from cloudbackup import transfer
+    from cloudbackup.lock import DirLock
+
+    settings = load_settings(_state())
+    if not settings.s3_bucket:
+        raise UsageError("no bucket configured", "set CLOUDBACKUP_S3_BUCKET")
+    ctx = make_context(settings)
+    with DirLock(settings.local_dir):
+        results = transfer.upload_pending(ctx, source)
+    if as_json:
+        _emit_json({"results": [r.to_dict() for r in results]})
+    else:
+        if not results:
+            click.echo("nothing to upload: every local backup is verified offsite")
+        for r in results:
+            click.echo(f"{'ok  ' if r.ok else 'FAIL'} {r.id}: {r.detail}")
+    _exit(operations.worst_exit(r.exit_code for r in results))
+
+
+@cli.command()
+@click.argument("target_spec", metavar="SOURCE|ID")
+@click.option("--host", help="Backups of this host (the old machine's name).")
+@click.option(
+    "--at", "at", metavar="TIME", help="Newest backup at or before TIME (RFC 3339 or a date)."
+)
+@click.option(
+    "--to", "to", metavar="TARGET", help="Directory, SQLite file, postgresql:// URL or - (stdout)."
+)
+@click.option(
+    "--from", "from_", type=click.Choice(["remote", "local"]), help="Where to restore from."
+)
+@click.option(
+    "--include", "includes", multiple=True, metavar="PAT", help="Restore only matching members."
+)
+@click.option(
+    "--force", is_flag=True, help="Replace a non-empty target (the old one is moved aside)."
+)
+@click.option("--dry-run", is_flag=True, help="List what would be restored; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def restore(**kwargs: Any) -> None:
+    """Restore the newest backup of SOURCE (or backup ID), verified before anything is written."""
+    _not_built("restore")
+
+
+@cli.command()
+@click.option("--where", type=WHERE, default="local", show_default=True)
+@click.option("--policy", help="Retention policy (default: CLOUDBACKUP_LOCAL/REMOTE_RETENTION).")
+@click.option("--source", help="Only this source.")
+@click.option("--host", help="Backups of this host.")
+@click.option("--all-hosts", is_flag=True, help="Every host in the bucket (a central pruner job).")
+@click.option("--dry-run", is_flag=True, help="Print the plan; delete nothing.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def prune(**kwargs: Any) -> None:
+    """Apply the retention plan: print kept (with reasons), pinned and deleted backups."""
+    _not_built("prune")
+
+
+@cli.command()
+@click.option(
+    "--allow-shrink", is_flag=True, help="Accept a source the shrink guard would stop, once."
+)
+@click.option("--deep", is_flag=True, help="Verify uploads by streaming them back.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def run(**kwargs: Any) -> None:
+    """The nightly job: recover, back up, upload, verify, prune, ping; one summary."""
+    _not_built("run")
+
+
+@cli.command()
+@click.option(
+    "--max-age", default="26h", show_default=True, help="CRITICAL when the newest backup is older."
+)
+@click.option("--all-hosts", is_flag=True, help="Every host sharing the bucket.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.option(
+    "--prometheus", type=click.Path(path_type=Path), metavar="FILE", help="Write textfile metrics."
+)
+def status(**kwargs: Any) -> None:
+    """Per host/source: newest backup, age, counts, sizes; monitoring exit codes."""
+    _not_built("status")
+
+
+@cli.command()
+def check() -> None:
+    """Validate configuration, sources, the local dir and bucket access, one line per check."""
+    _not_built("check")
+
+
+@cli.group()
+def iam() -> None:
+    """IAM policy templates for least-privilege roles."""
+
+
+@iam.command()
+@click.option(
+    "--role",
+    type=click.Choice(["writer", "pruner", "restorer"]),
+    default="writer",
+    show_default=True,
+)
+@click.option("--bucket", help="Bucket name (default: CLOUDBACKUP_S3_BUCKET).")
+@click.option("--prefix", help="Key prefix (default: CLOUDBACKUP_S3_PREFIX).")
+@click.option("--host", help="Scope a writer to this host's prefix.")
+def render(**kwargs: Any) -> None:
+    """Print the IAM policy for ROLE with bucket, prefix and host filled in."""
+    _not_built("iam render")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: one place maps errors to messages and exit codes."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    verbose = any(a in ("-v", "--verbose") for a in args)
+    try:
+        cli.main(args=args, prog_name="cloudbackup", standalone_mode=False)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        sys.exit(code)
+    except click.exceptions.Abort:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
+    except CloudBackupError as exc:
+        if verbose:
+            LOG.exception("%s", exc)
+        else:
+            LOG.error("%s", exc)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug: say so in one line unless -v
+        if verbose:
+            LOG.exception("unexpected error")
+        else:
+            LOG.error("unexpected error: %s: %s (run with -v for details)", type(exc).__name__, exc)
+        sys.exit(1)
+    sys.exit(0)

@@ -1,0 +1,69 @@
+"""One exception family; every message says what is wrong and what to do."""
+
+from __future__ import annotations
+
+
+class CloudBackupError(Exception):
+    """Base error: ``message`` says what is wrong, ``hint`` what to do about it."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message}: {self.hint}"
+        return self.message
+
+
+class ConfigError(CloudBackupError):
+    """A value or spec that cannot be parsed; nothing was done."""
+
+    exit_code = 2
+
+
+class UsageError(ConfigError):
+    """A command used in a way it cannot be; nothing was done."""
+
+
+class IntegrityError(CloudBackupError):
+    """A checksum, size or content check failed."""
+
+    exit_code = 3
+
+
+class LockHeld(CloudBackupError):
+    """Another cloudbackup run holds the lock on the local dir."""
+
+    exit_code = 4
+
+
+class SourceError(CloudBackupError):
+    """One source could not be backed up or restored; the others go on."""
+
+
+class ShrinkGuardError(SourceError):
+    """The shrink guard stopped a source that looked empty, shrunk or unmounted."""
+
+
+class StorageError(CloudBackupError):
+    """A store operation failed."""
+
+
+class TransientStorageError(StorageError):
+    """Worth retrying: throttling, 5xx, connection resets, timeouts."""
+
+
+class PermanentStorageError(StorageError):
+    """Not worth retrying: access denied, no such bucket, bad credentials."""
+
+    def __init__(self, message: str, hint: str | None = None, code: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.code = code
+
+
+class NotFound(PermanentStorageError):
+    """The object or backup does not exist."""

@@ -1,0 +1,686 @@
+"""Use cases: backup, upload, list, verify, restore, prune, run, check.
+
+They compose sources, the archive writer, stores and the retention planner; a failing
+source is recorded and the others go on; results are returned as dataclasses and
+reported through the logger and an injected progress factory. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets as _secrets
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cloudbackup import __version__
+from cloudbackup.archive import (
+    ArchiveStats,
+    commit,
+    sha256_file,
+    write_archive,
+    write_file_atomic,
+)
+from cloudbackup.config import Settings
+from cloudbackup.errors import (
+    CloudBackupError,
+    IntegrityError,
+    ShrinkGuardError,
+    SourceError,
+    UsageError,
+)
+from cloudbackup.model import (
+    BackupId,
+    BackupRef,
+    Listing,
+    Manifest,
+    UploadRecord,
+    archive_name,
+    build_listing,
+    format_time,
+    manifest_name,
+    upload_name,
+)
+from cloudbackup.patterns import PathMatcher
+from cloudbackup.sources import Source, SourceContext, make_source
+from cloudbackup.storage.local import LocalStore
+
+LOG = logging.getLogger("cloudbackup")
+ProgressFactory = Callable[[str, int | None], Callable[[int], None]]
+
+
+def _no_progress(label: str, total: int | None) -> Callable[[int], None]:
+    return lambda n: None
+
+
+@dataclass
+class Context:
+    """What every use case needs; built once by the CLI."""
+
+    settings: Settings
+    local: LocalStore
+    now: Callable[[], datetime]
+    machine_id: str
+    remote: Any = None  # a remote store (S3Store behind the retry wrapper) or None
+    progress: ProgressFactory = _no_progress
+    _remote_listing: Listing | None = None
+
+    @property
+    def host(self) -> str:
+        return self.settings.host
+
+    def local_dir_for(self, source: str, host: str | None = None) -> Path:
+        return self.settings.local_dir / (host or self.host) / source
+
+    def local_listing(self) -> Listing:
+        return build_listing(self.local.list(""), prefix="", where="local")
+
+    def remote_listing(self, *, refresh: bool = False) -> Listing:
+        if self.remote is None:
+            return Listing()
+        if self._remote_listing is None or refresh:
+            self._remote_listing = build_listing(
+                self.remote.list(self.settings.s3_prefix + "/" if self.settings.s3_prefix else ""),
+                prefix=self.settings.s3_prefix,
+                where="remote",
+            )
+        return self._remote_listing
+
+
+@dataclass
+class SourceResult:
+    source: str
+    id: str | None = None
+    ok: bool = False
+    size: int | None = None
+    seconds: float = 0.0
+    uploaded: bool = False
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+    exit_code: int = 0
+    file_count: int | None = None
+    shrink_stopped: bool = False
+    pruned: list[str] = field(default_factory=list)
+    dry_run: bool = False
+    local_only: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "id": self.id,
+            "ok": self.ok,
+            "size": self.size,
+            "seconds": round(self.seconds, 3),
+            "uploaded": self.uploaded,
+            "warnings": self.warnings,
+            "error": self.error,
+            "file_count": self.file_count,
+        }
+
+
+def worst_exit(codes: Iterable[int]) -> int:
+    """3 > 1 > 0: an integrity failure outranks a partial failure."""
+    codes = list(codes)
+    for code in (3, 4, 2, 1):
+        if code in codes:
+            return code
+    return 0
+
+
+# ---------------------------------------------------------------- machine facts
+
+
+def machine_id(local_dir: Path, candidates: Sequence[Path] | None = None) -> str:
+    """``/etc/machine-id``, else dbus's, else a random id stored once in the local dir."""
+    for path in candidates or (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id")):
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text:
+            return text
+    stored = local_dir / ".machine-id"
+    try:
+        text = stored.read_text().strip()
+        if text:
+            return text
+    except OSError:
+        pass
+    new = uuid.uuid4().hex
+    local_dir.mkdir(parents=True, exist_ok=True)
+    write_file_atomic(stored, (new + "\n").encode(), 0o644)
+    return new
+
+
+def cleanup_partials(ctx: Context) -> list[Path]:
+    """Remove ``*.partial`` files a killed run left behind (we hold the lock)."""
+    removed: list[Path] = []
+    host_dir = ctx.settings.local_dir / ctx.host
+    if not host_dir.is_dir():
+        return removed
+    for source_dir in sorted(host_dir.iterdir()):
+        if not source_dir.is_dir():
+            continue
+        for path in sorted(source_dir.glob("*.partial")):
+            try:
+                path.unlink()
+                removed.append(path)
+                LOG.info("removed %s left by an interrupted run", path)
+            except OSError as exc:
+                LOG.warning("cannot remove stale %s: %s", path, exc.strerror)
+    return removed
+
+
+def read_local_manifest(ctx: Context, ref: BackupRef) -> Manifest:
+    assert ref.manifest_key
+    try:
+        return Manifest.from_json(ctx.local.get_bytes(ref.manifest_key))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IntegrityError(f"manifest {ref.manifest_key} is unreadable: {exc}") from None
+
+
+def read_upload_record(
+    ctx: Context, backup_id: str, source: str, host: str | None = None
+) -> UploadRecord | None:
+    path = ctx.local_dir_for(source, host) / upload_name(BackupId.parse(backup_id))
+    try:
+        import json
+
+        return UploadRecord.from_dict(json.loads(path.read_bytes()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def write_upload_record(ctx: Context, source: str, backup_id: str, record: UploadRecord) -> None:
+    import json
+
+    path = ctx.local_dir_for(source) / upload_name(BackupId.parse(backup_id))
+    write_file_atomic(
+        path, (json.dumps(record.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+    )
+
+
+# ---------------------------------------------------------------- backup
+
+
+@dataclass
+class BackupOptions:
+    upload: bool = True
+    dry_run: bool = False
+    allow_shrink: bool = False
+
+
+def _skip_inodes(settings: Settings) -> frozenset[tuple[int, int]]:
+    """The local dir, the log file and state files are never archived."""
+    skip: set[tuple[int, int]] = set()
+    for path in (settings.local_dir, settings.log_file, settings.env_file):
+        if path is None:
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        skip.add((st.st_dev, st.st_ino))
+    return frozenset(skip)
+
+
+def previous_manifest(ctx: Context, source: str) -> Manifest | None:
+    """The newest complete backup of this host and source, local or remote."""
+    local = ctx.local_listing().newest(ctx.host, source)
+    remote = ctx.remote_listing().newest(ctx.host, source) if ctx.remote is not None else None
+    candidates = [r for r in (local, remote) if r is not None]
+    if not candidates:
+        return None
+    newest = max(candidates, key=lambda r: (r.created_at, r.backup_id.seq))
+    try:
+        if newest is local or (local is not None and local.id == newest.id):
+            assert local is not None
+            return read_local_manifest(ctx, local)
+        assert newest.manifest_key
+        return Manifest.from_json(ctx.remote.get_bytes(newest.manifest_key))
+    except (CloudBackupError, ValueError) as exc:
+        LOG.warning(
+            "cannot read the previous manifest of %s (%s); shrink guard skipped", source, exc
+        )
+        return None
+
+
+def _new_id(ctx: Context, source: str, moment: datetime) -> BackupId:
+    backup_id = BackupId.new(source, moment)
+    directory = ctx.local_dir_for(source)
+    remote_ids = (
+        {r.id for r in ctx.remote_listing().for_source(ctx.host, source)} if ctx.remote else set()
+    )
+    remote_ids |= {r.id for r in ctx.remote_listing().orphans} if ctx.remote else set()
+    while True:
+        stem = str(backup_id)
+        taken = (
+            any(p.name.startswith(stem + ".") for p in directory.glob(stem + ".*"))
+            if directory.is_dir()
+            else False
+        )
+        if not taken and stem not in remote_ids:
+            return backup_id
+        backup_id = backup_id.next()
+
+
+def shrink_check(
+    source: Source,
+    stats: ArchiveStats,
+    previous: Manifest | None,
+    guard: float | None,
+) -> None:
+    """Raise ShrinkGuardError for an empty source or one that fell by more than ``guard``."""
+    if guard is None:
+        return
+    bytes_only = source.kind in ("sqlite", "postgresql", "command")
+    if not bytes_only and stats.file_count == 0:
+        raise ShrinkGuardError(
+            f"source {source.name} is empty (0 files); refusing to back it up",
+            "check that it is mounted, or pass --allow-shrink once",
+        )
+    if bytes_only and stats.uncompressed_bytes == 0:
+        raise ShrinkGuardError(
+            f"source {source.name} produced 0 bytes; refusing to back it up",
+            "pass --allow-shrink once",
+        )
+    if previous is None:
+        return
+    floor = 1.0 - guard
+    if not bytes_only and previous.file_count and stats.file_count < previous.file_count * floor:
+        raise ShrinkGuardError(
+            f"source {source.name} shrank from {previous.file_count} to {stats.file_count} files "
+            f"(more than {guard:.0%}) since {previous.id}",
+            "check the source; if this is intended, pass --allow-shrink once",
+        )
+    if (
+        previous.uncompressed_bytes
+        and stats.uncompressed_bytes < previous.uncompressed_bytes * floor
+    ):
+        raise ShrinkGuardError(
+            f"source {source.name} shrank from {previous.uncompressed_bytes} to "
+            f"{stats.uncompressed_bytes} bytes (more than {guard:.0%}) since {previous.id}",
+            "check the source; if this is intended, pass --allow-shrink once",
+        )
+
+
+def backup_source(ctx: Context, source: Source, options: BackupOptions) -> SourceResult:
+    settings = ctx.settings
+    result = SourceResult(source=source.name, dry_run=options.dry_run)
+    started = time.monotonic()
+    try:
+        source.check()
+        previous = previous_manifest(ctx, source.name)
+        moment = ctx.now()
+        if previous is not None and previous.created > moment:
+            raise SourceError(
+                f"source {source.name}: the clock ({format_time(moment)}) is behind the newest backup "
+                f"{previous.id}",
+                "fix the system clock (NTP) before backing up",
+            )
+        device = source.root_device()
+        if (
+            not options.allow_shrink
+            and settings.shrink_guard is not None
+            and previous is not None
+            and previous.root_device is not None
+            and device is not None
+            and device != previous.root_device
+        ):
+            raise ShrinkGuardError(
+                f"source {source.name}: its root is on another filesystem than in {previous.id} "
+                f"(device {previous.root_device} → {device}); is it unmounted?",
+                "mount it, or pass --allow-shrink once if the move is intended",
+            )
+        backup_id = _new_id(ctx, source.name, moment)
+        result.id = str(backup_id)
+        directory = ctx.local_dir_for(source.name)
+        matcher = PathMatcher(settings.exclude)
+
+        def warn(category: str, message: str) -> None:
+            log = LOG.info if category == "skipped" else LOG.warning
+            log("%s: %s", source.name, message)
+
+        if options.dry_run:
+            return _dry_run_source(ctx, source, backup_id, matcher, result, started, warn)
+
+        directory.mkdir(parents=True, exist_ok=True)
+        final = directory / archive_name(backup_id, settings.compression)
+        partial = final.with_name(final.name + ".partial")
+        walk_warnings: list[str] = []
+        walk_unreadable = 0
+
+        def source_warn(category: str, message: str) -> None:
+            nonlocal walk_unreadable
+            walk_warnings.append(message)
+            walk_unreadable += category == "unreadable"
+            warn(category, message)
+
+        sctx = SourceContext(
+            spool_dir=directory,
+            backup_id=str(backup_id),
+            exclude=matcher,
+            skip_inodes=_skip_inodes(settings),
+            warn=source_warn,
+            log=lambda m: LOG.info("%s", m),
+        )
+        progress = ctx.progress(f"archive {source.name}", None)
+        stats = write_archive(
+            source.entries(sctx),
+            partial,
+            compression=settings.compression,
+            level=settings.compression_level,
+            warn=warn,
+            progress=progress,
+        )
+        getattr(progress, "close", lambda: None)()
+        stats.warnings = walk_warnings + stats.warnings
+        stats.unreadable += walk_unreadable
+        try:
+            if not options.allow_shrink:
+                shrink_check(source, stats, previous, settings.shrink_guard)
+        except ShrinkGuardError:
+            partial.unlink(missing_ok=True)
+            raise
+        commit(partial, final)
+        manifest = Manifest(
+            id=str(backup_id),
+            host=ctx.host,
+            source=source.name,
+            kind=source.kind,
+            spec=source.spec.redacted,
+            created_at=format_time(backup_id.created_at),
+            archive=final.name,
+            size=stats.size,
+            sha256=stats.sha256,
+            compression=settings.compression,
+            compression_level=settings.compression_level,
+            file_count=stats.file_count,
+            uncompressed_bytes=stats.uncompressed_bytes,
+            machine_id=ctx.machine_id,
+            tool_version=__version__,
+            warnings=stats.warnings,
+            root_device=device,
+            root=source.real_path,
+            members=stats.members() | getattr(source, "manifest_members", dict)(),
+        )
+        write_file_atomic(directory / manifest_name(backup_id), manifest.to_json())
+        result.ok = True
+        result.size = stats.size
+        result.file_count = stats.file_count
+        result.warnings = stats.warnings
+        if stats.unreadable:
+            result.exit_code = 1
+        LOG.info(
+            "%s: archived %d files, %d bytes → %s (%d bytes)",
+            source.name,
+            stats.file_count,
+            stats.uncompressed_bytes,
+            final.name,
+            stats.size,
+        )
+    except ShrinkGuardError as exc:
+        result.error = str(exc)
+        result.exit_code = 1
+        result.shrink_stopped = True
+        LOG.error("%s", exc)
+    except CloudBackupError as exc:
+        result.error = str(exc)
+        result.exit_code = max(exc.exit_code, 1) if exc.exit_code != 2 else 1
+        LOG.error("%s", exc)
+    except OSError as exc:
+        result.error = (
+            f"source {source.name}: {exc.strerror or exc} ({exc.filename or ''})".replace(" ()", "")
+        )
+        result.exit_code = 1
+        LOG.error("%s", result.error)
+        LOG.debug("details", exc_info=True)
+    finally:
+        result.seconds = time.monotonic() - started
+    return result
+
+
+def _dry_run_source(
+    ctx: Context,
+    source: Source,
+    backup_id: BackupId,
+    matcher: PathMatcher,
+    result: SourceResult,
+    started: float,
+    warn: Callable[[str, str], None],
+) -> SourceResult:
+    """Walk what would be archived (no data read, nothing written)."""
+    import stat as statmod
+
+    files = 0
+    size = 0
+    if source.kind in ("directory", "glob"):
+        sctx = SourceContext(
+            spool_dir=ctx.local_dir_for(source.name),
+            backup_id=str(backup_id),
+            exclude=matcher,
+            skip_inodes=_skip_inodes(ctx.settings),
+            warn=warn,
+        )
+        for entry in source.entries(sctx):
+            if not statmod.S_ISDIR(entry.st.st_mode):
+                files += 1
+                if statmod.S_ISREG(entry.st.st_mode):
+                    size += entry.st.st_size
+    result.ok = True
+    result.file_count = files
+    result.size = None
+    LOG.info(
+        "%s: would archive %s as %s%s",
+        source.name,
+        f"{files} files, {size} bytes"
+        if source.kind in ("directory", "glob")
+        else source.spec.redacted,
+        archive_name(backup_id, ctx.settings.compression),
+        " (dry run: nothing written)",
+    )
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def backup(
+    ctx: Context,
+    specs: Sequence[Any],
+    options: BackupOptions,
+    *,
+    uploader: Callable[[Context, SourceResult], None] | None = None,
+) -> list[SourceResult]:
+    """Archive each source; one failing source does not stop the others."""
+    if not specs:
+        raise UsageError(
+            "no sources to back up",
+            "give SPEC arguments or set CLOUDBACKUP_SOURCES (e.g. CLOUDBACKUP_SOURCES=/srv/www)",
+        )
+    results: list[SourceResult] = []
+    if not options.dry_run:
+        cleanup_partials(ctx)
+    for spec in specs:
+        try:
+            source = make_source(spec)
+        except (ValueError, CloudBackupError) as exc:
+            results.append(SourceResult(source=spec.name, error=str(exc), exit_code=1))
+            LOG.error("source %s: %s", spec.name, exc)
+            continue
+        result = backup_source(ctx, source, options)
+        if result.ok and not options.dry_run and uploader is not None:
+            uploader(ctx, result)
+        results.append(result)
+    return results
+
+
+# ---------------------------------------------------------------- list
+
+
+@dataclass
+class ListedBackup:
+    id: str
+    host: str
+    source: str
+    created_at: datetime
+    size: int | None
+    local: bool
+    remote: bool
+    verified: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "host": self.host,
+            "source": self.source,
+            "created_at": format_time(self.created_at),
+            "size": self.size,
+            "local": self.local,
+            "remote": self.remote,
+            "verified": self.verified,
+        }
+
+
+def list_backups(
+    ctx: Context,
+    *,
+    where: str = "all",
+    source: str | None = None,
+    host: str | None = None,
+    all_hosts: bool = False,
+) -> list[ListedBackup]:
+    """Backups from LIST results only (zero GETs)."""
+    wanted_host = None if all_hosts else (host or ctx.host)
+    merged: dict[tuple[str, str], ListedBackup] = {}
+    if where in ("local", "all"):
+        listing = ctx.local_listing()
+        for ref in listing.refs:
+            if wanted_host and ref.host != wanted_host:
+                continue
+            if source and ref.source != source:
+                continue
+            record = read_upload_record(ctx, ref.id, ref.source, ref.host)
+            merged[(ref.host, ref.id)] = ListedBackup(
+                ref.id,
+                ref.host,
+                ref.source,
+                ref.created_at,
+                ref.archive_size,
+                True,
+                False,
+                bool(record and record.verified_at),
+            )
+    if where in ("remote", "all") and ctx.remote is not None:
+        for ref in ctx.remote_listing().refs:
+            if wanted_host and ref.host != wanted_host:
+                continue
+            if source and ref.source != source:
+                continue
+            existing = merged.get((ref.host, ref.id))
+            if existing:
+                existing.remote = True
+            else:
+                merged[(ref.host, ref.id)] = ListedBackup(
+                    ref.id,
+                    ref.host,
+                    ref.source,
+                    ref.created_at,
+                    ref.archive_size,
+                    False,
+                    True,
+                    False,
+                )
+    return sorted(merged.values(), key=lambda b: (b.host, b.source, b.created_at, b.id))
+
+
+# ---------------------------------------------------------------- verify
+
+
+@dataclass
+class VerifyResult:
+    id: str
+    where: str
+    ok: bool
+    detail: str
+    host: str = ""
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "where": self.where, "ok": self.ok, "detail": self.detail}
+
+
+def select_refs(
+    refs: Iterable[BackupRef], ids: Sequence[str], source: str | None, host: str | None
+) -> list[BackupRef]:
+    chosen = []
+    for ref in refs:
+        if host and ref.host != host:
+            continue
+        if source and ref.source != source:
+            continue
+        if ids and ref.id not in ids:
+            continue
+        chosen.append(ref)
+    return chosen
+
+
+def verify_local_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> VerifyResult:
+    from cloudbackup.archive import open_decompressed, walk_archive
+
+    result = VerifyResult(ref.id, "local", False, "", ref.host, ref.source)
+    try:
+        manifest = read_local_manifest(ctx, ref)
+        assert ref.archive_key
+        path = ctx.local.path(ref.archive_key)
+        progress = ctx.progress(f"verify {ref.id}", manifest.size)
+        if deep:
+            from cloudbackup.archive import HashingReader
+
+            with open(path, "rb") as raw:
+                hashing = HashingReader(raw, progress)
+                walked = walk_archive(open_decompressed(hashing, manifest.compression))
+                hashing.drain()
+                digest, size = hashing.sha.hexdigest(), hashing.count
+        else:
+            digest, size = sha256_file(path, progress)
+        getattr(progress, "close", lambda: None)()
+        if size != manifest.size:
+            result.detail = f"size {size} differs from the manifest's {manifest.size}"
+        elif digest != manifest.sha256:
+            result.detail = f"sha256 {digest} differs from the manifest's {manifest.sha256}"
+        elif deep and (walked.file_count, walked.uncompressed_bytes) != (
+            manifest.file_count,
+            manifest.uncompressed_bytes,
+        ):
+            result.detail = (
+                f"archive holds {walked.file_count} files / {walked.uncompressed_bytes} bytes, "
+                f"the manifest says {manifest.file_count} / {manifest.uncompressed_bytes}"
+            )
+        else:
+            result.ok = True
+            result.detail = f"sha256 and size match ({size} bytes)" + (
+                f"; {walked.file_count} files, {walked.uncompressed_bytes} bytes walked"
+                if deep
+                else ""
+            )
+    except IntegrityError as exc:
+        result.detail = str(exc)
+    except OSError as exc:
+        result.detail = f"cannot read: {exc.strerror}"
+    return result
+
+
+def verify_exit(results: Sequence[VerifyResult]) -> int:
+    if any(not r.ok and not r.detail.startswith("cannot") for r in results):
+        return 3
+    if any(not r.ok for r in results):
+        return 1
+    return 0
+
+
+def new_token() -> str:
+    return _secrets.token_hex(4)

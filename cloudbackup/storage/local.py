@@ -1,0 +1,76 @@
+"""The local store: ``<local_dir>/<host>/<source>/<files>``; writes are atomic."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO
+
+from cloudbackup.archive import fsync_dir, write_file_atomic
+from cloudbackup.errors import NotFound
+from cloudbackup.storage.base import ObjectHead, ObjectInfo
+
+
+class LocalStore:
+    where = "local"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, key: str) -> Path:
+        parts = key.split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"bad key {key!r}")
+        return self.root.joinpath(*parts)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every file below ``prefix`` (hidden top-level entries such as the lock skipped)."""
+        base = self.root / prefix if prefix else self.root
+        if not base.is_dir():
+            return
+        for dirpath, dirnames, filenames in os.walk(base):
+            rel = os.path.relpath(dirpath, self.root)
+            if rel == ".":
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                continue
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    continue
+                key = f"{rel.replace(os.sep, '/')}/{name}"
+                yield ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC))
+
+    def head(self, key: str) -> ObjectHead | None:
+        try:
+            st = self.path(key).stat()
+        except FileNotFoundError:
+            return None
+        return ObjectHead(key=key, size=st.st_size)
+
+    def open(self, key: str) -> IO[bytes]:
+        try:
+            return open(self.path(key), "rb")
+        except FileNotFoundError:
+            raise NotFound(f"{self.path(key)} does not exist") from None
+
+    def get_bytes(self, key: str) -> bytes:
+        with self.open(key) as handle:
+            return handle.read()
+
+    def put_bytes(self, key: str, data: bytes, *, kind: str = "manifest") -> None:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_file_atomic(path, data)
+
+    def delete(self, key: str) -> None:
+        path = self.path(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        fsync_dir(path.parent)

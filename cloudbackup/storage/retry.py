@@ -1,0 +1,70 @@
+"""Retries as a wrapper over any store: exponential backoff with full jitter (tenacity).
+
+Only transient errors (throttling, 5xx, resets, timeouts) are retried; permanent ones and
+integrity failures stop at once. botocore's own retries are switched off in the S3 client,
+so this is the one place that retries, logs each retry and counts attempts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+from tenacity.wait import wait_random_exponential
+
+from cloudbackup.errors import TransientStorageError
+
+LOG = logging.getLogger("cloudbackup")
+T = TypeVar("T")
+
+
+class RetryingStore:
+    """Delegates to ``inner``; each remote call is retried on transient errors."""
+
+    def __init__(
+        self,
+        inner: Any,
+        *,
+        attempts: int = 5,
+        base: float = 0.5,
+        cap: float = 30.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.inner = inner
+        self.attempts = attempts
+        self.base = base
+        self.cap = cap
+        self.sleep = sleep
+        self.where = getattr(inner, "where", "remote")
+        if hasattr(inner, "retrying"):
+            inner.retrying = self.call
+
+    def call(self, what: str, fn: Callable[[], T]) -> T:
+        def log_retry(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            wait = state.next_action.sleep if state.next_action else 0.0
+            LOG.warning(
+                "%s failed (attempt %d of %d): %s; retrying in %.1fs",
+                what,
+                state.attempt_number,
+                self.attempts,
+                exc,
+                wait,
+            )
+
+        retrying = Retrying(
+            stop=stop_after_attempt(self.attempts),
+            wait=wait_random_exponential(multiplier=self.base, max=self.cap),
+            retry=retry_if_exception_type(TransientStorageError),
+            before_sleep=log_retry,
+            sleep=self.sleep,
+            reraise=True,
+        )
+        return retrying(fn)
+
+    def __getattr__(self, name: str) -> Any:
+        # The inner store routes each API call through ``call``; everything else passes through.
+        return getattr(self.inner, name)

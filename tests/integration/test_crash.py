@@ -1,0 +1,101 @@
+"""A backup killed with SIGKILL mid-write leaves the previous backups intact, lists nothing new,
+and the next run cleans the stale ``.partial`` and succeeds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_tree
+
+pytestmark = pytest.mark.slow
+
+
+def _env(local_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDBACKUP_")}
+    env.update(CLOUDBACKUP_LOCAL_DIR=str(local_dir), CLOUDBACKUP_HOST="testhost", **extra)
+    return env
+
+
+def _cloudbackup(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cloudbackup", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _listed(cwd: Path, env: dict[str, str]) -> list[str]:
+    result = _cloudbackup(cwd, env, "list", "--where", "local", "--json")
+    assert result.returncode == 0, result.stderr
+    return [b["id"] for b in json.loads(result.stdout)["backups"]]
+
+
+def test_kill_during_backup_then_recover(tmp_path: Path) -> None:
+    src = make_tree(
+        tmp_path / "data", {f"small/{i:03}.txt": f"file {i}\n" * 20 for i in range(300)}
+    )
+    local = tmp_path / "local"
+    source_dir = local / "testhost" / "data"
+    work = tmp_path / "work"
+    work.mkdir()
+    env = _env(local)
+
+    first = _cloudbackup(work, env, "backup", str(src))
+    assert first.returncode == 0, first.stderr
+    (previous,) = _listed(work, env)
+    previous_files = sorted(p.name for p in source_dir.iterdir())
+
+    # Random data through xz runs at a few MB/s: slow enough to be killed mid-write.
+    (src / "big.bin").write_bytes(os.urandom(24 * 1024 * 1024))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cloudbackup", "backup", str(src)],
+        cwd=work,
+        env=_env(local, CLOUDBACKUP_COMPRESSION="xz"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        partials: list[Path] = []
+        while not partials and time.monotonic() < deadline and proc.poll() is None:
+            partials = list(source_dir.glob("*.partial"))
+            time.sleep(0.01)
+        assert partials, "no .partial file appeared while the backup ran"
+        time.sleep(0.3)
+        assert proc.poll() is None, "the backup finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+    assert proc.returncode == -signal.SIGKILL
+
+    assert _listed(work, env) == [previous]
+    stale = sorted(source_dir.glob("*.partial"))
+    assert stale, "the killed run left no .partial behind"
+    assert all(p.name.endswith(".tar.xz.partial") for p in stale)
+    assert (
+        sorted(p.name for p in source_dir.iterdir() if not p.name.endswith(".partial"))
+        == previous_files
+    )
+    assert _cloudbackup(work, env, "verify").returncode == 0
+
+    again = _cloudbackup(work, env, "backup", str(src))  # zstd: fast
+    assert again.returncode == 0, again.stderr
+    assert list(source_dir.glob("*.partial")) == []
+    listed = _listed(work, env)
+    assert len(listed) == 2 and listed[0] == previous
+    verify = _cloudbackup(work, env, "verify", "--json")
+    assert verify.returncode == 0, verify.stdout
+    assert all(r["ok"] for r in json.loads(verify.stdout)["results"])

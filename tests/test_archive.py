@@ -1,0 +1,529 @@
+"""archive: round trips through the SYSTEM tar, checksums, links, odd names, files that change
+while read, special files, excludes and glob sources."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import signal
+import stat
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cloudbackup import archive, config, operations
+from cloudbackup.model import COMPRESSION_EXT, BackupId, Manifest, archive_name
+from cloudbackup.sources import FileEntry
+from cloudbackup.storage.local import LocalStore
+from tests.conftest import make_tree
+
+FIXED_NOW = datetime(2026, 11, 21, 2, 15, tzinfo=UTC)
+COMPRESSIONS = ("zstd", "gzip", "xz", "bzip2", "none")
+TAR_EXTRACT = {
+    "zstd": ["tar", "--zstd", "-xf"],
+    "gzip": ["tar", "-xzf"],
+    "xz": ["tar", "-xJf"],
+    "bzip2": ["tar", "-xjf"],
+    "none": ["tar", "-xf"],
+}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@dataclass
+class Backup:
+    result: operations.SourceResult
+    manifest: Manifest
+    archive: Path
+
+
+def backup_with(
+    spec: str,
+    local_dir: Path,
+    *,
+    compression: str = "zstd",
+    exclude: tuple[str, ...] = (),
+    environ: dict[str, str] | None = None,
+    allow_shrink: bool = True,
+) -> Backup:
+    """One backup through operations.backup, as the CLI runs it (no upload)."""
+    env = {
+        "CLOUDBACKUP_LOCAL_DIR": str(local_dir),
+        "CLOUDBACKUP_HOST": "testhost",
+        "CLOUDBACKUP_COMPRESSION": compression,
+        **(environ or {}),
+    }
+    settings_ = config.load(
+        {"sources": [spec], "extra_exclude": list(exclude)}, env, {}, hostname="x", home=local_dir
+    )
+    ctx = operations.Context(
+        settings=settings_,
+        local=LocalStore(settings_.local_dir),
+        now=lambda: FIXED_NOW,
+        machine_id="m",
+    )
+    options = operations.BackupOptions(upload=False, allow_shrink=allow_shrink)
+    (result,) = operations.backup(ctx, settings_.sources, options)
+    assert result.ok, result.error
+    assert result.id is not None
+    directory = settings_.local_dir / "testhost" / result.source
+    manifest = Manifest.from_json((directory / f"{result.id}.manifest.json").read_bytes())
+    return Backup(
+        result, manifest, directory / archive_name(BackupId.parse(result.id), compression)
+    )
+
+
+def system_extract(path: Path, compression: str, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [*TAR_EXTRACT[compression], os.fspath(path), "-C", os.fspath(dest)],
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+
+
+def snapshot(root: Path) -> dict[bytes, tuple[Any, ...]]:
+    """Everything a restore must reproduce, keyed by the byte path relative to root."""
+    out: dict[bytes, tuple[Any, ...]] = {}
+    base = os.fsencode(root)
+    for dirpath, dirnames, filenames in os.walk(base):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, base)
+            st_ = os.lstat(path)
+            if stat.S_ISLNK(st_.st_mode):
+                out[rel] = ("link", os.readlink(path), int(st_.st_mtime))
+            elif stat.S_ISDIR(st_.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st_.st_mode), int(st_.st_mtime))
+            else:
+                with open(path, "rb") as handle:
+                    content = handle.read()
+                out[rel] = ("file", stat.S_IMODE(st_.st_mode), int(st_.st_mtime), content)
+    return out
+
+
+def assert_manifest_matches_file(b: Backup) -> None:
+    data = b.archive.read_bytes()
+    assert b.manifest.sha256 == hashlib.sha256(data).hexdigest()
+    assert b.manifest.size == len(data) == b.result.size
+    assert b.manifest.archive == b.archive.name
+
+
+def members(b: Backup) -> list[tarfile.TarInfo]:
+    with b.archive.open("rb") as raw:
+        stream = archive.open_decompressed(raw, b.manifest.compression)
+        data = stream.read()
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:", errors="surrogateescape") as tar:
+        return tar.getmembers()
+
+
+def member_names(b: Backup) -> list[str]:
+    return [m.name for m in members(b)]
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int) -> Iterator[None]:
+    """Fail instead of hanging (a FIFO opened for reading blocks forever)."""
+
+    def expired(signum: int, frame: object) -> None:
+        raise TimeoutError(f"still running after {seconds}s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# ---------------------------------------------------------------- hypothesis round trip
+
+names = st.text(
+    alphabet=st.one_of(
+        st.sampled_from(" abcXYZ019._-~#é日本語ß\u00a0"),
+        st.characters(exclude_categories=("Cs",), exclude_characters="/\x00"),
+    ),
+    min_size=1,
+    max_size=12,
+).filter(lambda n: n not in (".", "..") and len(n.encode()) <= 200)
+mtimes = st.integers(0, 2**33)
+files = st.tuples(st.just("file"), st.binary(max_size=3000), st.integers(0, 0o777), mtimes)
+links = st.tuples(
+    st.just("link"),
+    st.text(
+        alphabet=st.characters(exclude_categories=("Cs",), exclude_characters="\x00"),
+        min_size=1,
+        max_size=40,
+    ),
+)
+
+
+def dirs(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.tuples(
+        st.just("dir"),
+        st.dictionaries(names, children, max_size=4),
+        st.integers(0o500, 0o777),
+        mtimes,
+    )
+
+
+trees = st.dictionaries(names, st.recursive(files | links, dirs, max_leaves=10), max_size=6)
+
+
+def build(root: Path, tree: dict[str, Any]) -> None:
+    for name, node in tree.items():
+        path = root / name
+        if node[0] == "file":
+            _, content, mode, mtime = node
+            path.write_bytes(content)
+            os.chmod(path, mode)
+            os.utime(path, (mtime, mtime))
+        elif node[0] == "link":
+            os.symlink(node[1], path)
+        else:
+            _, children, mode, mtime = node
+            path.mkdir()
+            build(path, children)
+            os.chmod(path, mode)
+            os.utime(path, (mtime, mtime))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tree=trees, compression=st.sampled_from(COMPRESSIONS))
+def test_round_trip_through_system_tar(tree: dict[str, Any], compression: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        src, local, out = Path(tmp, "src"), Path(tmp, "local"), Path(tmp, "out")
+        src.mkdir()
+        build(src, tree)
+        before = snapshot(src)
+        b = backup_with(str(src), local, compression=compression)
+        assert_manifest_matches_file(b)
+        system_extract(b.archive, compression, out)
+        assert snapshot(out) == before
+        regular = [v for v in before.values() if v[0] == "file"]
+        assert b.manifest.file_count == sum(1 for v in before.values() if v[0] != "dir")
+        assert b.manifest.uncompressed_bytes == sum(len(v[3]) for v in regular)
+        assert b.manifest.warnings == []
+
+
+FIXED_TREE = {
+    "index.html": "<h1>hi</h1>\n",
+    "with space/über straße.txt": "unicode\n",
+    "empty.bin": "",
+    "big.bin": os.urandom(300_000),
+    "deep/a/b/c/d.txt": "deep\n",
+}
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_each_codec_through_the_cli_and_system_tar(
+    compression: str, env: Any, cli: Any, tmp_path: Path
+) -> None:
+    src = make_tree(tmp_path / "www", FIXED_TREE)
+    (src / "emptydir").mkdir()
+    (src / "deep/a").chmod(0o750)
+    (src / "index.html").chmod(0o640)
+    (src / "link").symlink_to("with space/über straße.txt")
+    (src / "abs-link").symlink_to("/etc/hostname")
+    for path in [*src.rglob("*")][::-1]:
+        os.utime(path, (1_700_000_000, 1_700_000_000), follow_symlinks=False)
+    before = snapshot(src)
+    result = cli("backup", "--no-upload", "--compression", compression, src)
+    assert result.exit_code == 0, result.stderr
+    (path,) = env.archives("www")
+    manifest = Manifest.from_json(env.manifests("www")[0].read_bytes())
+    assert path.name == manifest.id + COMPRESSION_EXT[compression]
+    assert manifest.compression == compression
+    assert_manifest_matches_file(
+        Backup(operations.SourceResult("www", size=manifest.size), manifest, path)
+    )
+    system_extract(path, compression, tmp_path / "out")
+    assert snapshot(tmp_path / "out") == before
+
+
+# ---------------------------------------------------------------- links and names
+
+
+def test_hard_links_stored_as_links(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", {"a.txt": "shared content\n", "sub/other.txt": "x"})
+    os.link(src / "a.txt", src / "b.txt")
+    os.link(src / "a.txt", src / "sub/c.txt")
+    b = backup_with(str(src), tmp_path / "local")
+    by_name = {m.name: m for m in members(b)}
+    assert by_name["a.txt"].isreg() and by_name["a.txt"].size == 15
+    for name in ("b.txt", "sub/c.txt"):
+        assert by_name[name].islnk(), name
+        assert by_name[name].linkname == "a.txt"
+    assert b.manifest.members["hardlinks"] == 2
+    assert b.manifest.uncompressed_bytes == 15 + 1  # the shared data once
+    system_extract(b.archive, "zstd", tmp_path / "out")
+    inodes = {os.stat(tmp_path / "out" / n).st_ino for n in ("a.txt", "b.txt", "sub/c.txt")}
+    assert len(inodes) == 1
+    assert (tmp_path / "out/sub/c.txt").read_text() == "shared content\n"
+
+
+def test_non_utf8_names_survive(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    raw = os.fsencode(src)
+    os.mkdir(raw + b"/d\xff\xfe")
+    with open(raw + b"/caf\xe9.txt", "wb") as handle:
+        handle.write(b"latin-1 name")
+    with open(raw + b"/d\xff\xfe/\x80\x81", "wb") as handle:
+        handle.write(b"inside")
+    os.symlink(b"target\xe9", raw + b"/link\xe9")
+    before = snapshot(src)
+    b = backup_with(str(src), tmp_path / "local", compression="gzip")
+    assert os.fsdecode(b"caf\xe9.txt") in member_names(b)
+    out = tmp_path / "out"
+    system_extract(b.archive, "gzip", out)
+    assert snapshot(out) == before
+    assert os.path.exists(os.fsencode(out) + b"/d\xff\xfe/\x80\x81")
+
+
+def test_long_names(tmp_path: Path) -> None:
+    deep = "/".join(["d" * 50] * 6)
+    src = make_tree(tmp_path / "src", {f"{deep}/{'f' * 200}.txt": "long"})
+    b = backup_with(str(src), tmp_path / "local")
+    assert f"{deep}/{'f' * 200}.txt" in member_names(b)
+    system_extract(b.archive, "zstd", tmp_path / "out")
+    assert (tmp_path / "out" / deep / f"{'f' * 200}.txt").read_text() == "long"
+
+
+def test_numeric_owners_only(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", {"f": "x"})
+    os.chown(src / "f", 4321, 8765)
+    (member,) = members(backup_with(str(src), tmp_path / "local"))
+    assert (member.uid, member.gid, member.uname, member.gname) == (4321, 8765, "", "")
+
+
+# ---------------------------------------------------------------- files that change while read
+
+
+def _write_entries(
+    tmp_path: Path, entries: list[FileEntry]
+) -> tuple[archive.ArchiveStats, list[tuple[str, str]]]:
+    warnings: list[tuple[str, str]] = []
+    partial = tmp_path / "out.tar.partial"
+    stats = archive.write_archive(
+        entries,
+        partial,
+        compression="none",
+        level=None,
+        warn=lambda c, m: warnings.append((c, m)),
+    )
+    return stats, warnings
+
+
+def _lying_entry(path: Path, arcname: str, size: int) -> FileEntry:
+    st_ = os.lstat(path)
+    fields = list(st_)
+    fields[stat.ST_SIZE] = size
+    return FileEntry(str(path), arcname, os.stat_result(fields))
+
+
+def _read_members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path, "r:") as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isreg()}  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("actual", "claimed", "expected", "word"),
+    [
+        (b"0123456789" * 10, 250, b"0123456789" * 10 + bytes(150), "shrank"),
+        (b"0123456789" * 10, 37, b"0123456789" * 3 + b"0123456", "grew"),
+        (b"", 10, bytes(10), "shrank"),
+    ],
+)
+def test_file_changing_size_is_padded_or_truncated(
+    tmp_path: Path, actual: bytes, claimed: int, expected: bytes, word: str
+) -> None:
+    changing = tmp_path / "changing.log"
+    changing.write_bytes(actual)
+    after = tmp_path / "after.txt"
+    after.write_bytes(b"must stay intact")
+    entries = [
+        _lying_entry(changing, "changing.log", claimed),
+        _lying_entry(after, "after.txt", 16),
+    ]
+    stats, warnings = _write_entries(tmp_path, entries)
+    assert [c for c, _ in warnings] == ["changed"]
+    assert word in warnings[0][1] and "changing.log" in warnings[0][1]
+    assert stats.warnings == [warnings[0][1]]
+    assert stats.unreadable == 0
+    content = _read_members(tmp_path / "out.tar.partial")
+    assert content == {"changing.log": expected, "after.txt": b"must stay intact"}
+    listing = subprocess.run(
+        ["tar", "-tvf", tmp_path / "out.tar.partial"], capture_output=True, text=True
+    )
+    assert listing.returncode == 0 and "after.txt" in listing.stdout
+
+
+def test_file_growing_during_backup_is_warned_in_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = make_tree(tmp_path / "src", {"app.log": "line\n" * 100, "z.txt": "z"})
+    original = archive._open_nofollow
+
+    def open_and_append(path: str) -> int:
+        fd = original(path)
+        if path.endswith("app.log"):
+            with open(path, "ab") as handle:
+                handle.write(b"more\n" * 50)
+        return fd
+
+    monkeypatch.setattr(archive, "_open_nofollow", open_and_append)
+    b = backup_with(str(src), tmp_path / "local")
+    assert b.result.exit_code == 0
+    assert any("grew" in w and "app.log" in w for w in b.manifest.warnings)
+    system_extract(b.archive, "zstd", tmp_path / "out")
+    assert (tmp_path / "out/app.log").read_bytes() == b"line\n" * 100
+    assert (tmp_path / "out/z.txt").read_bytes() == b"z"
+
+
+def test_unreadable_file_is_skipped_and_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = make_tree(tmp_path / "src", {"ok.txt": "ok", "secret.key": "k"})
+    original = archive._open_nofollow
+
+    def deny(path: str) -> int:
+        if path.endswith("secret.key"):
+            raise PermissionError(13, "Permission denied", path)
+        return original(path)
+
+    monkeypatch.setattr(archive, "_open_nofollow", deny)
+    b = backup_with(str(src), tmp_path / "local")
+    assert b.result.exit_code == 1
+    assert member_names(b) == ["ok.txt"]
+    assert any("secret.key" in w and "Permission denied" in w for w in b.manifest.warnings)
+
+
+# ---------------------------------------------------------------- special files, excludes
+
+
+def test_fifo_skipped_with_a_note_and_never_opened(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", {"a.txt": "a"})
+    os.mkfifo(src / "pipe")
+    with time_limit(20):
+        b = backup_with(str(src), tmp_path / "local")
+    assert member_names(b) == ["a.txt"]
+    assert any("pipe" in w and "FIFO" in w for w in b.manifest.warnings)
+    assert b.result.exit_code == 0
+
+
+def test_local_dir_and_log_file_inside_source_are_excluded(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", {"data.txt": "d", "cloudbackup.log": "log"})
+    local = src / "var" / "backups"
+    environ = {"CLOUDBACKUP_LOG_FILE": str(src / "cloudbackup.log")}
+    first = backup_with(str(src), local, environ=environ)
+    assert sorted(member_names(first)) == ["data.txt", "var"]
+    second = backup_with(str(src), local, environ=environ)
+    assert second.result.id != first.result.id
+    assert sorted(member_names(second)) == ["data.txt", "var"]
+
+
+def test_excludes(tmp_path: Path) -> None:
+    src = make_tree(
+        tmp_path / "src",
+        {
+            "keep.txt": "k",
+            "a.tmp": "t",
+            "deep/er/b.tmp": "t",
+            "node_modules/x/index.js": "n",
+            "web/node_modules/y.js": "n",
+            "a/cache/blob": "c",
+            "a/b/cache/c/blob": "c",
+            "cachefile": "kept",
+            "sub/x.txt": "gone",
+            "sub/y.txt": "kept",
+            "other/sub/x.txt": "kept: pattern with / is anchored",
+        },
+    )
+    b = backup_with(
+        str(src), tmp_path / "local", exclude=("*.tmp", "node_modules", "**/cache/**", "sub/x.txt")
+    )
+    files = {m.name for m in members(b) if not m.isdir()}
+    assert files == {"keep.txt", "cachefile", "sub/y.txt", "other/sub/x.txt"}
+    dirs_ = {m.name for m in members(b) if m.isdir()}
+    assert not any("node_modules" in d for d in dirs_)
+
+
+def test_exclude_from_environment_and_option_combine(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", {"a.tmp": "t", "b.bak": "b", "c.txt": "c"})
+    b = backup_with(
+        str(src), tmp_path / "local", exclude=("*.bak",), environ={"CLOUDBACKUP_EXCLUDE": "*.tmp"}
+    )
+    assert member_names(b) == ["c.txt"]
+
+
+def test_glob_source_members_relative_to_base_with_parents(tmp_path: Path) -> None:
+    base = make_tree(
+        tmp_path / "opt/app/config",
+        {
+            "app.yaml": "a: 1\n",
+            "db/pg.json": "{}",
+            "db/notes.txt": "no",
+            "db/replica/r.yaml": "r: 1\n",
+            "unrelated/readme.md": "no",
+        },
+    )
+    os.chmod(base / "db", 0o710)
+    os.chmod(base / "db/replica", 0o700)
+    for path in [*base.rglob("*")][::-1]:
+        os.utime(path, (1_600_000_000, 1_600_000_000))
+    b = backup_with(f"conf={base}/**/*.{{yaml,json}}", tmp_path / "local")
+    assert b.manifest.kind == "glob"
+    assert member_names(b) == ["app.yaml", "db", "db/pg.json", "db/replica", "db/replica/r.yaml"]
+    out = tmp_path / "out"
+    system_extract(b.archive, "zstd", out)
+    restored = snapshot(out)
+    original = snapshot(base)
+    assert set(restored) == {b"app.yaml", b"db", b"db/pg.json", b"db/replica", b"db/replica/r.yaml"}
+    for key, value in restored.items():
+        assert value == original[key], key
+
+
+def test_write_archive_removes_partial_on_error(tmp_path: Path) -> None:
+    def broken() -> Iterator[FileEntry]:
+        path = tmp_path / "f"
+        path.write_text("x")
+        yield FileEntry(str(path), "f", os.lstat(path))
+        raise RuntimeError("boom")
+
+    partial = tmp_path / "x.tar.zst.partial"
+    with pytest.raises(RuntimeError):
+        archive.write_archive(
+            broken(), partial, compression="zstd", level=3, warn=lambda c, m: None
+        )
+    assert not partial.exists()
+
+
+def test_walk_archive_counts_like_the_writer(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", {"a": "12345", "d/b": "678"})
+    (src / "l").symlink_to("a")
+    b = backup_with(str(src), tmp_path / "local", compression="xz")
+    with b.archive.open("rb") as raw:
+        walked = archive.walk_archive(archive.open_decompressed(raw, "xz"))
+    assert (
+        (walked.file_count, walked.uncompressed_bytes)
+        == (
+            b.manifest.file_count,
+            b.manifest.uncompressed_bytes,
+        )
+        == (3, 8)
+    )
