@@ -51,21 +51,38 @@ class _Identity:
 
 
 class _Zstd:
-    def __init__(self, level: int) -> None:
+    """zstd through a stream writer: output goes to ``emit`` in 1 MiB pieces as it is
+    produced (a compressobj would hand back multi-MiB chunks and hold more memory)."""
+
+    class _Out:
+        def __init__(self, emit: Callable[[bytes], None]) -> None:
+            self.emit = emit
+
+        def write(self, data: Any) -> int:
+            self.emit(bytes(data))
+            return len(data)
+
+    def __init__(self, level: int, emit: Callable[[bytes], None]) -> None:
         # threads=-1: one worker per core; compression overlaps with our reading.
         cctx = zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True)
-        self._obj = cctx.compressobj()
+        self._writer = cctx.stream_writer(self._Out(emit), write_size=1024 * 1024, closefd=False)
 
     def compress(self, data: Any) -> bytes:
-        return self._obj.compress(data)
+        self._writer.write(data)
+        return b""
 
     def flush(self) -> bytes:
-        return self._obj.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH)
+        self._writer.flush(zstandard.FLUSH_FRAME)
+        return b""
 
 
-def make_compressor(compression: str, level: int | None) -> Compressor:
+def make_compressor(
+    compression: str, level: int | None, emit: Callable[[bytes], None] | None = None
+) -> Compressor:
     if compression == "zstd":
-        return _Zstd(level or 3)
+        if emit is None:
+            raise ValueError("zstd needs an output callback")
+        return _Zstd(level or 3, emit)
     if compression == "gzip":
         return zlib.compressobj(level or 6, zlib.DEFLATED, 31)  # 31: gzip container
     if compression == "xz":
@@ -345,7 +362,7 @@ def write_archive(
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     sink = _Sink(fd)
     try:
-        out = _TarOut(make_compressor(compression, level), sink, progress)
+        out = _TarOut(make_compressor(compression, level, sink.put), sink, progress)
         try:
             write_tar(entries, out, stats, record)
             out.finish()
