@@ -18,7 +18,14 @@ from dotenv import dotenv_values
 from cloudbackup import __version__, config, operations
 from cloudbackup.config import Settings
 from cloudbackup.errors import CloudBackupError, ConfigError, UsageError
-from cloudbackup.output import Progress, human_size, print_json, setup_logging, table
+from cloudbackup.output import (
+    Progress,
+    human_duration,
+    human_size,
+    print_json,
+    setup_logging,
+    table,
+)
 from cloudbackup.storage.local import LocalStore
 
 LOG = logging.getLogger("cloudbackup")
@@ -337,13 +344,14 @@ def _not_built(name: str) -> NoReturn:
 
 @cli.command()
 @click.option("--source", help="Only this source.")
+@click.option("--host", help="Upload as this host (explicit: allowed under another machine's claim).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
-def upload(source: str | None, as_json: bool) -> None:
+def upload(source: str | None, host: str | None, as_json: bool) -> None:
     """Push every complete local backup not yet verified remotely; resumes interrupted uploads."""
     from cloudbackup import transfer
     from cloudbackup.lock import DirLock
 
-    settings = load_settings(_state())
+    settings = load_settings(_state(), {"CLOUDBACKUP_HOST": host})
     if not settings.s3_bucket:
         raise UsageError("no bucket configured", "set CLOUDBACKUP_S3_BUCKET")
     ctx = make_context(settings)
@@ -381,7 +389,35 @@ def upload(source: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def restore(**kwargs: Any) -> None:
     """Restore the newest backup of SOURCE (or backup ID), verified before anything is written."""
-    _not_built("restore")
+    from cloudbackup import restore as restoring
+
+    to, as_json = kwargs["to"], kwargs["as_json"]
+    if to == "-" and as_json:
+        raise UsageError("--json cannot be used with --to -", "stdout carries the data alone")
+    settings = load_settings(_state(), {"CLOUDBACKUP_HOST": kwargs["host"]})
+    at = restoring.parse_at(kwargs["at"]) if kwargs["at"] is not None else None
+    ctx = make_context(settings, remote=kwargs["from_"] != "local", need_local=False)
+    result = restoring.restore(  # no lock: restore only reads the local dir (SPEC)
+        ctx,
+        kwargs["target_spec"],
+        host=settings.host,
+        at=at,
+        to=to,
+        from_=kwargs["from_"],
+        includes=kwargs["includes"],
+        force=kwargs["force"],
+        dry_run=kwargs["dry_run"],
+        stdout=sys.stdout.buffer if to == "-" else None,
+        ranged=getattr(settings, "s3_download", "single") == "ranged",
+    )
+    if as_json:
+        _emit_json(result.to_dict())
+    else:
+        err = to == "-"  # stdout carries the data alone
+        click.echo(result.summary(), err=err)
+        for line in result.refused:
+            click.echo(f"  {line}", err=err)
+    _exit(result.exit_code)
 
 
 @cli.command()
@@ -392,40 +428,198 @@ def restore(**kwargs: Any) -> None:
 @click.option("--all-hosts", is_flag=True, help="Every host in the bucket (a central pruner job).")
 @click.option("--dry-run", is_flag=True, help="Print the plan; delete nothing.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
-def prune(**kwargs: Any) -> None:
+def prune(
+    where: str,
+    policy: str | None,
+    source: str | None,
+    host: str | None,
+    all_hosts: bool,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
     """Apply the retention plan: print kept (with reasons), pinned and deleted backups."""
-    _not_built("prune")
+    from cloudbackup import prune as pruning
+    from cloudbackup.lock import DirLock
+    from cloudbackup.retention import parse_policy
+
+    try:
+        chosen = parse_policy(policy) if policy is not None else None
+    except ConfigError as exc:
+        raise ConfigError(f"--policy: {exc.message}", exc.hint) from None
+    settings = load_settings(_state(), {"CLOUDBACKUP_HOST": host})
+    pruning.validate(settings, where=where, policy=chosen, host=host, all_hosts=all_hosts)
+    ctx = make_context(settings, remote=where != "local")
+    with DirLock(settings.local_dir):
+        results = pruning.prune(
+            ctx,
+            where=where,
+            policy=chosen,
+            source=source,
+            host=host,
+            all_hosts=all_hosts,
+            dry_run=dry_run,
+        )
+    if as_json:
+        _emit_json({"dry_run": dry_run, "results": [r.to_dict() for r in results]})
+    else:
+        click.echo("\n".join(pruning.describe(results, dry_run=dry_run)))
+    _exit(pruning.exit_code(results))
 
 
 @cli.command()
-@click.option(
-    "--allow-shrink", is_flag=True, help="Accept a source the shrink guard would stop, once."
-)
+@click.option("--allow-shrink", is_flag=True, help="Accept a source the shrink guard would stop, once.")
 @click.option("--deep", is_flag=True, help="Verify uploads by streaming them back.")
+@click.option("--host", help="Run as this host (explicit: allowed under another machine's claim).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
-def run(**kwargs: Any) -> None:
+def run(allow_shrink: bool, deep: bool, host: str | None, as_json: bool) -> None:
     """The nightly job: recover, back up, upload, verify, prune, ping; one summary."""
-    _not_built("run")
+    from cloudbackup import monitor, nightly
+    from cloudbackup.lock import DirLock
+
+    state = _state()
+    try:
+        settings = load_settings(state, {"CLOUDBACKUP_HOST": host})
+    except CloudBackupError as exc:
+        monitor.ping(_raw_ping_url(state), "/fail", body=f"cloudbackup run: {exc}")
+        raise
+    try:
+        if not settings.s3_bucket and not settings.local_only:
+            raise UsageError(
+                "`run` needs a bucket for the offsite copy",
+                "set CLOUDBACKUP_S3_BUCKET, or CLOUDBACKUP_LOCAL_ONLY=1 if no offsite copy is intended",
+            )
+        if not settings.sources:
+            raise UsageError("no sources to back up", "set CLOUDBACKUP_SOURCES")
+        with DirLock(settings.local_dir):
+            monitor.ping(settings.ping_url, "/start")
+            ctx = make_context(settings)
+            report = nightly.run(ctx, allow_shrink=allow_shrink, deep=deep)
+    except CloudBackupError as exc:
+        monitor.ping(settings.ping_url, "/fail", body=f"cloudbackup run on {settings.host}: {exc}")
+        raise
+    summary = _run_summary(report)
+    if as_json:
+        _emit_json(report.to_dict())
+    else:
+        click.echo(summary)
+    if report.exit_code == 0:
+        monitor.ping(settings.ping_url)
+    else:
+        monitor.ping(settings.ping_url, "/fail", body=summary)
+    _exit(report.exit_code)
+
+
+def _raw_ping_url(state: AppState) -> str | None:
+    """The ping URL even when other settings are invalid (so exit 2 still pings /fail)."""
+    url = os.environ.get("CLOUDBACKUP_PING_URL")
+    if url is None:
+        path = state.env_file or (Path(".env") if Path(".env").is_file() else None)
+        if path is not None and path.is_file():
+            url = dotenv_values(path).get("CLOUDBACKUP_PING_URL")
+    url = (url or "").strip()
+    return url if url.startswith(("http://", "https://")) else None
+
+
+def _run_summary(report: Any) -> str:
+    rows = []
+    for r in report.results:
+        state = "ok" if r.ok and not r.exit_code else ("ok (warnings)" if r.ok else "FAILED")
+        rows.append(
+            [
+                r.source,
+                r.id or "-",
+                state,
+                human_size(r.size) if r.size is not None else "-",
+                f"{r.seconds:.1f}s",
+                "yes" if r.uploaded else ("local-only" if r.local_only else "no"),
+                str(len(r.pruned)),
+                r.error or (f"{len(r.warnings)} warning(s)" if r.warnings else ""),
+            ]
+        )
+    lines = [table(rows, ["source", "id", "result", "size", "time", "uploaded", "pruned", "errors"])]
+    for u in report.uploads:
+        lines.append(f"upload {u.id}: {'ok' if u.ok else 'FAILED'} {u.detail}")
+    for v in report.verifies:
+        lines.append(f"verify {v.id}: {'ok' if v.ok else 'FAILED'} {v.detail}")
+    for p in report.prunes:
+        if p.errors:
+            lines.append(f"prune {p.where} {p.source}: " + "; ".join(p.errors))
+    lines += [f"error: {e}" for e in report.errors]
+    verdict = {
+        0: "run succeeded",
+        1: "run completed with failures or warnings",
+        3: "run found an integrity failure",
+    }
+    lines.append(
+        f"{verdict.get(report.exit_code, 'run failed')} in {report.seconds:.1f}s (exit {report.exit_code})"
+    )
+    return "\n".join(lines)
 
 
 @cli.command()
-@click.option(
-    "--max-age", default="26h", show_default=True, help="CRITICAL when the newest backup is older."
-)
+@click.option("--max-age", default="26h", show_default=True, help="CRITICAL when the newest backup is older.")
 @click.option("--all-hosts", is_flag=True, help="Every host sharing the bucket.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
-@click.option(
-    "--prometheus", type=click.Path(path_type=Path), metavar="FILE", help="Write textfile metrics."
-)
-def status(**kwargs: Any) -> None:
+@click.option("--prometheus", type=click.Path(path_type=Path), metavar="FILE", help="Write textfile metrics.")
+def status(max_age: str, all_hosts: bool, as_json: bool, prometheus: Path | None) -> None:
     """Per host/source: newest backup, age, counts, sizes; monitoring exit codes."""
-    _not_built("status")
+    from cloudbackup import monitor
+
+    try:
+        age = monitor.parse_max_age(max_age)
+        settings = load_settings(_state())
+        ctx = make_context(settings, need_local=False)
+        report = monitor.status(ctx, max_age=age, all_hosts=all_hosts)
+    except CloudBackupError as exc:
+        LOG.error("%s", exc)
+        if as_json:
+            _emit_json({"hosts": [], "state": "UNKNOWN", "detail": [str(exc)]})
+        else:
+            click.echo(f"UNKNOWN: {exc}")
+        _exit(monitor.UNKNOWN)
+    if prometheus is not None:
+        monitor.write_prometheus(prometheus, monitor.prometheus_text(report))
+    if as_json:
+        _emit_json(report.to_dict())
+    else:
+        rows = []
+        for host, sources in sorted(report.hosts.items()):
+            for s in sources:
+                rows.append(
+                    [
+                        host,
+                        s.source,
+                        monitor.STATE_NAMES[s.state],
+                        s.newest or "-",
+                        human_duration(s.age_seconds),
+                        f"{s.local_count}/{s.remote_count}",
+                        human_size(s.local_bytes + s.remote_bytes),
+                        "; ".join(s.reasons),
+                    ]
+                )
+        click.echo(table(rows, ["host", "source", "state", "newest", "age", "local/remote", "bytes", "why"]))
+        for line in report.detail:
+            click.echo(line)
+        click.echo(f"status: {monitor.STATE_NAMES[report.state]}")
+    _exit(report.state)
 
 
 @cli.command()
-def check() -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def check(as_json: bool) -> None:
     """Validate configuration, sources, the local dir and bucket access, one line per check."""
-    _not_built("check")
+    from cloudbackup import nightly
+
+    settings = load_settings(_state())
+    ctx = make_context(settings, need_local=False)
+    lines = nightly.check(ctx)
+    if as_json:
+        _emit_json({"checks": [line.to_dict() for line in lines], "ok": nightly.check_exit(lines) == 0})
+    else:
+        for line in lines:
+            mark = "ok  " if line.ok and not line.warning else ("warn" if line.ok else "FAIL")
+            click.echo(f"{mark} {line.name}: {line.detail}")
+    _exit(nightly.check_exit(lines))
 
 
 @cli.group()
@@ -436,16 +630,49 @@ def iam() -> None:
 @iam.command()
 @click.option(
     "--role",
-    type=click.Choice(["writer", "pruner", "restorer"]),
+    type=click.Choice(["writer", "pruner", "restorer", "bucket-policy"]),
     default="writer",
     show_default=True,
 )
 @click.option("--bucket", help="Bucket name (default: CLOUDBACKUP_S3_BUCKET).")
 @click.option("--prefix", help="Key prefix (default: CLOUDBACKUP_S3_PREFIX).")
-@click.option("--host", help="Scope a writer to this host's prefix.")
-def render(**kwargs: Any) -> None:
-    """Print the IAM policy for ROLE with bucket, prefix and host filled in."""
-    _not_built("iam render")
+@click.option("--host", help="Scope the policy to this host's prefix.")
+@click.option("--object-lock", is_flag=True, help="Add s3:PutObjectRetention (CLOUDBACKUP_S3_OBJECT_LOCK).")
+@click.option("--kms-key-arn", metavar="ARN", help="Add KMS permissions on this key (SSE-KMS).")
+@click.option(
+    "--require-conditional-writes", is_flag=True, help="bucket-policy: deny PUTs without If-None-Match."
+)
+def render(
+    role: str,
+    bucket: str | None,
+    prefix: str | None,
+    host: str | None,
+    object_lock: bool,
+    kms_key_arn: str | None,
+    require_conditional_writes: bool,
+) -> None:
+    """Print the IAM policy for a role with bucket, prefix and host filled in."""
+    from cloudbackup import iam as iam_templates
+
+    settings = load_settings(
+        _state(), {"CLOUDBACKUP_S3_BUCKET": bucket, "CLOUDBACKUP_S3_PREFIX": prefix}
+    )
+    if not settings.s3_bucket:
+        raise UsageError("no bucket given", "pass --bucket or set CLOUDBACKUP_S3_BUCKET")
+    if role == "bucket-policy":
+        text = iam_templates.render_bucket_policy(
+            settings.s3_bucket, settings.s3_prefix, require_conditional_writes=require_conditional_writes
+        )
+    else:
+        text = iam_templates.render(
+            role,
+            settings.s3_bucket,
+            settings.s3_prefix,
+            host,
+            object_lock=object_lock,
+            kms_key_arn=kms_key_arn,
+        )
+    click.echo(text)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
