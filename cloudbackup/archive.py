@@ -65,7 +65,11 @@ class _Zstd:
     def __init__(self, level: int, emit: Callable[[bytes], None]) -> None:
         # threads=-1: one worker per core; compression overlaps with our reading.
         cctx = zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True)
-        self._writer = cctx.stream_writer(self._Out(emit), write_size=1024 * 1024, closefd=False)
+        self._writer = cctx.stream_writer(
+            self._Out(emit),  # type: ignore[arg-type]
+            write_size=1024 * 1024,
+            closefd=False,
+        )
 
     def compress(self, data: Any) -> bytes:
         self._writer.write(data)

@@ -1,0 +1,533 @@
+"""Prune: apply the retention plan to local and remote copies, per host and source.
+
+One planner (:func:`cloudbackup.retention.plan`) decides; one executor deletes exactly
+``plan.remove``. A dry run is the same code path over :class:`DryRunStore`, so it prints the
+plan the real run would execute. Everything is planned from LIST results alone (names carry
+host, source and time): a remote prune issues no GetObject, and pins need no extra request.
+
+* Pinned: a local backup not yet verified offsite while a bucket is configured ("not yet
+  offsite"); a remote backup whose Object Lock retention (``created_at`` + the configured
+  period) has not expired ("object lock until T"): prune never writes a delete marker over it.
+* Remote deletes go manifest first, then archive, so a half-deleted backup is never listed
+  (an archive without manifest is an orphan, swept later). Local deletes: manifest, archive,
+  upload record.
+* Orphans (an archive without manifest) older than 7 days are deleted, locally and remotely;
+  younger ones are left alone: the manifest of an upload or backup may still be on its way.
+  Locally the same 7 days apply (see docs/prune-notes.md for why not "at once under the lock").
+* One failing source is recorded in its result and the other sources go on. ``AccessDenied``
+  stops that source at once and names the missing permission; a delete refused by Object Lock
+  is reported as retained, not as a failure.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from cloudbackup.config import Settings
+from cloudbackup.errors import CloudBackupError, PermanentStorageError, UsageError
+from cloudbackup.model import (
+    HOST_CLAIM,
+    BackupRef,
+    Listing,
+    build_listing,
+    format_time,
+    key_for,
+    upload_name,
+)
+from cloudbackup.operations import Context, read_upload_record
+from cloudbackup.retention import Policy, plan
+from cloudbackup.storage.dryrun import DryRunStore
+
+__all__ = [
+    "ORPHAN_AGE",
+    "PruneResult",
+    "describe",
+    "exit_code",
+    "prune",
+    "prune_for_run",
+    "validate",
+]
+
+LOG = logging.getLogger("cloudbackup")
+
+#: An archive without manifest younger than this may be an upload or backup in progress.
+ORPHAN_AGE = timedelta(days=7)
+REASON_NOT_OFFSITE = "not yet offsite"
+DELETE_PERMISSION = (
+    "s3:DeleteObject — remote prune needs the pruner role, "
+    "see `cloudbackup iam render --role pruner`"
+)
+_LOCK_WORDS = ("object lock", "objectlock", "worm", "retention", "legal hold")
+
+
+@dataclass
+class PruneResult:
+    """The plan for one (where, host, source) group and what was done about it.
+
+    ``delete`` is the plan; ``deleted`` what was actually deleted (empty on a dry run).
+    """
+
+    where: str
+    host: str
+    source: str
+    policy: str
+    keep: list[tuple[str, list[str]]] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    pinned: dict[str, list[str]] = field(default_factory=dict)  # id -> pin reasons
+    orphans: list[str] = field(default_factory=list)  # orphan archives the sweep removes
+    orphans_deleted: list[str] = field(default_factory=list)
+    orphans_kept: list[tuple[str, str]] = field(default_factory=list)  # (id, why)
+    retained: list[tuple[str, str]] = field(default_factory=list)  # delete refused by the lock
+    dry_run: bool = False
+    policy_empty: bool = False
+    #: Every key deleted (or, on a dry run, that would have been), in order.
+    deleted_keys: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.errors else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "where": self.where,
+            "host": self.host,
+            "source": self.source,
+            "policy": self.policy,
+            "keep": [{"id": ident, "reasons": list(reasons)} for ident, reasons in self.keep],
+            "delete": list(self.delete),
+            "deleted": list(self.deleted),
+            "errors": list(self.errors),
+            "pinned": [{"id": ident, "reasons": list(r)} for ident, r in self.pinned.items()],
+            "orphans": list(self.orphans),
+            "orphans_deleted": list(self.orphans_deleted),
+            "orphans_kept": [{"id": ident, "reason": why} for ident, why in self.orphans_kept],
+            "retained": [{"id": ident, "reason": why} for ident, why in self.retained],
+        }
+
+
+def exit_code(results: Iterable[PruneResult]) -> int:
+    """0 when every group was pruned as planned, 1 when any group recorded an error."""
+    return 1 if any(r.errors for r in results) else 0
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def validate(
+    settings: Settings,
+    *,
+    where: str = "local",
+    policy: Policy | None = None,
+    host: str | None = None,
+    all_hosts: bool = False,
+) -> None:
+    """Raise :class:`UsageError` (exit 2) for a prune that cannot run; nothing is touched."""
+    if where not in ("local", "remote", "all"):
+        raise UsageError(f"--where {where!r} is invalid", "use local, remote or all")
+    if host is not None and all_hosts:
+        raise UsageError("--host and --all-hosts exclude each other", "give one of them")
+    if where == "remote" and settings.s3_bucket is None:
+        raise UsageError("--where remote needs a bucket", "set CLOUDBACKUP_S3_BUCKET")
+    if (
+        where in ("remote", "all")
+        and settings.s3_bucket is not None
+        and policy is None
+        and settings.remote_retention is None
+    ):
+        raise UsageError(
+            "no retention policy for the remote copies",
+            "set CLOUDBACKUP_REMOTE_RETENTION or pass --policy",
+        )
+
+
+def prune(
+    ctx: Context,
+    *,
+    where: str = "local",
+    policy: Policy | None = None,
+    source: str | None = None,
+    host: str | None = None,
+    all_hosts: bool = False,
+    dry_run: bool = False,
+) -> list[PruneResult]:
+    """Plan and apply retention per (host, source); see the module docstring.
+
+    ``policy`` (``--policy``) overrides the configured local/remote policies. Usage errors
+    (exit 2, see :func:`validate`) are raised before anything is listed or deleted.
+    """
+    settings = ctx.settings
+    validate(settings, where=where, policy=policy, host=host, all_hosts=all_hosts)
+    now = ctx.now()
+    results: list[PruneResult] = []
+    if where in ("local", "all"):
+        local_policy = policy if policy is not None else settings.local_retention
+        results += _prune_local(ctx, local_policy, now, source, host, dry_run)
+    if where in ("remote", "all"):
+        remote_policy = policy if policy is not None else settings.remote_retention
+        if ctx.remote is None or remote_policy is None:
+            LOG.info("no bucket configured (CLOUDBACKUP_S3_BUCKET): remote copies not pruned")
+        else:
+            results += _prune_remote(ctx, remote_policy, now, source, host, all_hosts, dry_run)
+    return results
+
+
+def prune_for_run(ctx: Context) -> list[PruneResult]:
+    """What ``run`` prunes: local copies always; remote ones only with a remote policy."""
+    remote = ctx.remote is not None and ctx.settings.remote_retention is not None
+    return prune(ctx, where="all" if remote else "local")
+
+
+# ---------------------------------------------------------------- the two sides
+
+
+def _prune_local(
+    ctx: Context,
+    policy: Policy,
+    now: datetime,
+    source: str | None,
+    host: str | None,
+    dry_run: bool,
+) -> list[PruneResult]:
+    """This host's (or ``host``'s) local dir only: other hosts' dirs are left alone."""
+    target = host or ctx.settings.host
+    listing = build_listing(ctx.local.list(target), prefix="", where="local")
+    store: Any = DryRunStore(ctx.local) if dry_run else ctx.local
+    offsite_expected = ctx.settings.s3_bucket is not None
+    upload_keys = set(listing.upload_keys.values())
+
+    def keys(ref: BackupRef) -> list[str]:
+        upload_key = key_for("", ref.host, ref.backup_id, upload_name(ref.backup_id))
+        found = [ref.manifest_key, ref.archive_key]
+        return [k for k in found if k] + ([upload_key] if upload_key in upload_keys else [])
+
+    results = []
+    for (group_host, group_source), refs, orphans in _groups(listing, {target}, source):
+        pins: dict[str, list[str]] = {}
+        if offsite_expected:
+            for ref in refs:
+                record = read_upload_record(ctx, ref.id, ref.source, ref.host)
+                if not (record and record.verified_at):
+                    pins[ref.id] = [REASON_NOT_OFFSITE]
+        result = _plan_group("local", group_host, group_source, refs, policy, now, pins)
+        result.dry_run = dry_run
+        _classify_orphans(result, orphans, now, lambda ref: None)
+        _execute(ctx, store, result, refs, orphans, keys)
+        results.append(result)
+    return results
+
+
+def _prune_remote(
+    ctx: Context,
+    policy: Policy,
+    now: datetime,
+    source: str | None,
+    host: str | None,
+    all_hosts: bool,
+    dry_run: bool,
+) -> list[PruneResult]:
+    settings = ctx.settings
+    listing = ctx.remote_listing(refresh=True)  # the cached one may predate this run's uploads
+    target = host or settings.host
+    hosts = None if all_hosts else {target}
+    explicit = all_hosts or host is not None or settings.host_explicit
+    claim_problem = None if explicit else _claim_problem(ctx, target)
+    store: Any = DryRunStore(ctx.remote) if dry_run else ctx.remote
+    lock = settings.s3_object_lock
+
+    def locked_until(ref: BackupRef) -> datetime | None:
+        if lock is None:
+            return None
+        until = ref.created_at + timedelta(days=lock.days)
+        return until if until > now else None
+
+    def lock_reason(ref: BackupRef) -> str | None:
+        until = locked_until(ref)
+        return f"object lock until {format_time(until)}" if until else None
+
+    def keys(ref: BackupRef) -> list[str]:
+        return [k for k in (ref.manifest_key, ref.archive_key) if k]  # manifest first
+
+    results = []
+    for (group_host, group_source), refs, orphans in _groups(listing, hosts, source):
+        pins = {ref.id: [reason] for ref in refs if (reason := lock_reason(ref))}
+        result = _plan_group("remote", group_host, group_source, refs, policy, now, pins)
+        result.dry_run = dry_run
+        _classify_orphans(result, orphans, now, lock_reason)
+        if claim_problem:
+            result.errors.append(claim_problem)
+            LOG.error("remote %s/%s: %s", group_host, group_source, claim_problem)
+        else:
+            _execute(ctx, store, result, refs, orphans, keys)
+        results.append(result)
+    if not dry_run and any(r.deleted_keys for r in results):
+        ctx._remote_listing = None  # stale now: the next caller lists again
+    return results
+
+
+def _claim_problem(ctx: Context, host: str) -> str | None:
+    """Refuse a prefix claimed by another machine (one HEAD on ``.host-id``, no GET)."""
+    parts = [p for p in ctx.settings.s3_prefix.split("/") if p] + [host, HOST_CLAIM]
+    key = "/".join(parts)
+    try:
+        head = ctx.remote.head(key)
+    except CloudBackupError as exc:
+        return f"cannot read the host claim {key}: {exc}"
+    if head is None:
+        return None
+    owner = head.metadata.get("machine-id")
+    if owner is None or owner == ctx.machine_id:
+        return None
+    return (
+        f"{key} is claimed by another machine ({owner[:12]}…), not this one "
+        f"({ctx.machine_id[:12]}…): two machines share the host name {host!r}; nothing deleted: "
+        "set CLOUDBACKUP_HOST to a unique name, or pass --host explicitly (a DR machine or a "
+        "central pruner)"
+    )
+
+
+# ---------------------------------------------------------------- planning
+
+
+def _groups(
+    listing: Listing, hosts: set[str] | None, source: str | None
+) -> list[tuple[tuple[str, str], list[BackupRef], list[BackupRef]]]:
+    """(host, source) -> (complete backups, orphan archives), sorted by host and source."""
+    groups: dict[tuple[str, str], tuple[list[BackupRef], list[BackupRef]]] = {}
+    for index, refs in enumerate((listing.refs, listing.orphans)):
+        for ref in refs:
+            if (hosts is not None and ref.host not in hosts) or (source and ref.source != source):
+                continue
+            groups.setdefault((ref.host, ref.source), ([], []))[index].append(ref)
+    for stray in listing.stray_manifests:
+        if (hosts is None or stray.host in hosts) and (not source or stray.source == source):
+            LOG.warning(
+                "%s: a manifest without its archive (%s); left alone",
+                stray.id,
+                stray.manifest_key,
+            )
+    return [(ident, refs, orphans) for ident, (refs, orphans) in sorted(groups.items())]
+
+
+def _plan_group(
+    where: str,
+    host: str,
+    source: str,
+    refs: Sequence[BackupRef],
+    policy: Policy,
+    now: datetime,
+    pins: dict[str, list[str]],
+) -> PruneResult:
+    planned = plan(refs, policy, now=now, pinned=pins)
+    return PruneResult(
+        where=where,
+        host=host,
+        source=source,
+        policy=str(policy),
+        keep=[(ref.id, reasons) for ref, reasons in planned.keep],
+        delete=planned.removed_ids,
+        pinned={ident: pins[ident] for ident in planned.kept_ids if ident in pins},
+        policy_empty=policy.is_empty,
+    )
+
+
+def _classify_orphans(
+    result: PruneResult,
+    orphans: Sequence[BackupRef],
+    now: datetime,
+    lock_reason: Callable[[BackupRef], str | None],
+) -> None:
+    """Orphans older than 7 days are swept, younger (or locked) ones left and said so."""
+    for orphan in orphans:
+        locked = lock_reason(orphan)
+        modified = orphan.archive_mtime
+        if result.policy_empty:
+            result.orphans_kept.append((orphan.id, "the policy has no rules: nothing deleted"))
+        elif locked:
+            result.orphans_kept.append((orphan.id, locked))
+        elif modified is None or now - modified < ORPHAN_AGE:
+            result.orphans_kept.append(
+                (orphan.id, "younger than 7 days: its manifest may still be on its way")
+            )
+        else:
+            result.orphans.append(orphan.id)
+
+
+# ---------------------------------------------------------------- executing
+
+
+def _refused_by_lock(exc: PermanentStorageError, lock_configured: bool) -> bool:
+    """A delete refused because of Object Lock (AWS: AccessDenied naming the lock; MinIO:
+    "WORM protected"; some stores: InvalidRequest), as opposed to a missing permission."""
+    text = exc.message.lower()
+    if exc.code in ("ObjectLocked", "ObjectLockedException"):
+        return True
+    mentions_lock = any(word in text for word in _LOCK_WORDS)
+    if exc.code == "InvalidRequest":
+        return mentions_lock or lock_configured
+    return exc.code == "AccessDenied" and mentions_lock
+
+
+def _lock_until_text(ctx: Context, store: Any, ref: BackupRef, key: str) -> str:
+    lock = ctx.settings.s3_object_lock
+    if lock is not None:
+        return format_time(ref.created_at + timedelta(days=lock.days))
+    try:  # not configured here (another writer's setting): ask S3, one HEAD
+        head = store.head(key)
+    except CloudBackupError:
+        head = None
+    if head is not None and head.lock_until is not None:
+        return format_time(head.lock_until)
+    return "its retention date"
+
+
+def _execute(
+    ctx: Context,
+    store: Any,
+    result: PruneResult,
+    refs: Sequence[BackupRef],
+    orphans: Sequence[BackupRef],
+    keys: Callable[[BackupRef], list[str]],
+) -> None:
+    """Delete exactly the plan (oldest first), then the swept orphans; stop on a failure."""
+    by_id = {ref.id: ref for ref in [*refs, *orphans]}
+    work = [(by_id[ident], False) for ident in reversed(result.delete)]
+    work += [(by_id[ident], True) for ident in result.orphans]
+    label = f"{result.where} {result.host}/{result.source}"
+
+    def shown(key: str) -> str:
+        if result.where == "remote":
+            return f"s3://{getattr(store, 'bucket', '?')}/{key}"
+        return str(ctx.local.path(key)) if key else key
+
+    done: list[str] = []
+    done_orphans: list[str] = []
+    for ref, orphan in work:
+        deleted_here: list[str] = []
+        key = ""
+        try:
+            for key in keys(ref):
+                store.delete(key)
+                deleted_here.append(key)
+                result.deleted_keys.append(key)
+        except PermanentStorageError as exc:
+            locking = ctx.settings.s3_object_lock is not None
+            if result.where == "remote" and _refused_by_lock(exc, locking):
+                until = _lock_until_text(ctx, store, ref, key)
+                why = f"retained by object lock until {until}"
+                if deleted_here:  # the manifest was not locked, the archive is
+                    why += " (its manifest is deleted: the archive is now an orphan)"
+                result.retained.append((ref.id, why))
+                LOG.warning("%s: %s is retained by object lock until %s", label, ref.id, until)
+                continue
+            result.errors.append(_failure(result, ref, shown(key), exc, deleted_here))
+            break
+        except CloudBackupError as exc:
+            result.errors.append(_failure(result, ref, shown(key), exc, deleted_here))
+            break
+        except OSError as exc:
+            result.errors.append(_failure(result, ref, shown(key), exc, deleted_here))
+            break
+        (done_orphans if orphan else done).append(ref.id)
+        what = "orphan archive " if orphan else ""
+        if result.dry_run:
+            LOG.info("%s: would delete %s%s", label, what, ref.id)
+        else:
+            LOG.info("%s: deleted %s%s", label, what, ref.id)
+    for error in result.errors:
+        LOG.error("%s: %s", label, error)
+    if not result.dry_run:
+        result.deleted, result.orphans_deleted = done, done_orphans
+
+
+def _failure(
+    result: PruneResult,
+    ref: BackupRef,
+    key: str,
+    exc: Exception,
+    deleted_here: Sequence[str],
+) -> str:
+    """One line: what could not be deleted, why, what to do, and what is left behind."""
+    if isinstance(exc, PermanentStorageError) and exc.code in ("AccessDenied", "403"):
+        text = f"cannot delete {key}: access denied: the credentials lack {DELETE_PERMISSION}"
+        if result.where == "local":
+            text = f"cannot delete {key}: access denied"
+    elif isinstance(exc, OSError):
+        text = f"cannot delete {key}: {exc.strerror or exc}"
+        if isinstance(exc, PermissionError):
+            text += " (check the permissions of the local dir)"
+    else:
+        text = f"cannot delete {key}: {exc}"
+    text = f"{ref.id}: {text}"
+    if deleted_here:
+        names = ", ".join(k.rsplit("/", 1)[-1] for k in deleted_here)
+        text += f" ({names} already deleted: the archive left is an orphan a later prune removes)"
+    return text + "; nothing more deleted for this source"
+
+
+# ---------------------------------------------------------------- human output
+
+
+def describe(results: Sequence[PruneResult], *, dry_run: bool) -> list[str]:
+    """Human lines per group: kept (with reasons), pinned, deleted or would-delete, orphans."""
+    if not results:
+        return ["nothing to prune: no backups found"]
+    lines: list[str] = []
+    for r in results:
+        lines.append(f"{r.where} {r.host}/{r.source}  policy: {r.policy or '(no rules)'}")
+        if r.policy_empty:
+            lines.append("  policy has no rules: nothing deleted")
+        for ident, reasons in r.keep:
+            label = "pinned" if ident in r.pinned else "keep"
+            lines.append(f"  {label:<13} {ident}  ({', '.join(reasons)})")
+        retained = dict(r.retained)
+        for ident in r.delete:
+            if dry_run:
+                lines.append(f"  {'would delete':<13} {ident}")
+            elif ident in r.deleted:
+                lines.append(f"  {'deleted':<13} {ident}")
+            elif ident in retained:
+                lines.append(f"  {'retained':<13} {ident}  ({retained[ident]})")
+            else:
+                lines.append(f"  {'not deleted':<13} {ident}")
+        for ident in r.orphans:
+            if dry_run:
+                state = "would delete"
+            elif ident in r.orphans_deleted:
+                state = "deleted"
+            else:
+                state = retained.get(ident, "not deleted")
+            lines.append(f"  {'orphan':<13} {ident}  (archive without manifest: {state})")
+        for ident, why in r.orphans_kept:
+            lines.append(f"  {'orphan kept':<13} {ident}  ({why})")
+        for error in r.errors:
+            lines.append(f"  FAILED: {error}")
+    planned = sum(len(r.delete) for r in results)
+    orphans = sum(len(r.orphans) for r in results)
+    kept = sum(len(r.keep) for r in results)
+    pinned = sum(len(r.pinned) for r in results)
+    if dry_run:
+        summary = (
+            f"dry run: would delete {planned} backup(s) and {orphans} orphan(s), keep {kept} "
+            f"({pinned} pinned); nothing deleted"
+        )
+    else:
+        deleted = sum(len(r.deleted) for r in results)
+        swept = sum(len(r.orphans_deleted) for r in results)
+        summary = (
+            f"deleted {deleted} backup(s) and {swept} orphan(s), kept {kept} ({pinned} pinned)"
+        )
+    failed = [f"{r.where} {r.host}/{r.source}" for r in results if r.errors]
+    if failed:
+        summary += "; failed: " + ", ".join(failed)
+    lines.append(summary)
+    return lines
