@@ -69,6 +69,7 @@ class Context:
     remote: Any = None  # a remote store (S3Store behind the retry wrapper) or None
     progress: ProgressFactory = _no_progress
     _remote_listing: Listing | None = None
+    _remote_warned: bool = False
 
     @property
     def host(self) -> str:
@@ -79,6 +80,19 @@ class Context:
 
     def local_listing(self) -> Listing:
         return build_listing(self.local.list(""), prefix="", where="local")
+
+    def remote_listing_or_empty(self) -> Listing:
+        """The remote listing for guards before archiving; an unusable bucket is discovered
+        (and reported) at upload, so the local archive is still made and kept."""
+        if self.remote is None:
+            return Listing()
+        try:
+            return self.remote_listing()
+        except CloudBackupError as exc:
+            if not self._remote_warned:
+                LOG.warning("cannot list the bucket (%s); checking against local backups only", exc)
+                self._remote_warned = True
+            return Listing()
 
     def remote_listing(self, *, refresh: bool = False) -> Listing:
         if self.remote is None:
@@ -232,7 +246,7 @@ def _skip_inodes(settings: Settings) -> frozenset[tuple[int, int]]:
 def previous_manifest(ctx: Context, source: str) -> Manifest | None:
     """The newest complete backup of this host and source, local or remote."""
     local = ctx.local_listing().newest(ctx.host, source)
-    remote = ctx.remote_listing().newest(ctx.host, source) if ctx.remote is not None else None
+    remote = ctx.remote_listing_or_empty().newest(ctx.host, source)
     candidates = [r for r in (local, remote) if r is not None]
     if not candidates:
         return None
@@ -253,10 +267,9 @@ def previous_manifest(ctx: Context, source: str) -> Manifest | None:
 def _new_id(ctx: Context, source: str, moment: datetime) -> BackupId:
     backup_id = BackupId.new(source, moment)
     directory = ctx.local_dir_for(source)
-    remote_ids = (
-        {r.id for r in ctx.remote_listing().for_source(ctx.host, source)} if ctx.remote else set()
-    )
-    remote_ids |= {r.id for r in ctx.remote_listing().orphans} if ctx.remote else set()
+    listing = ctx.remote_listing_or_empty()
+    remote_ids = {r.id for r in listing.for_source(ctx.host, source)}
+    remote_ids |= {r.id for r in listing.orphans if r.host == ctx.host}
     while True:
         stem = str(backup_id)
         taken = (
@@ -581,8 +594,10 @@ def list_backups(
             if source and ref.source != source:
                 continue
             existing = merged.get((ref.host, ref.id))
+            # A remote manifest is uploaded only after HEAD confirmed the archive: verified.
             if existing:
                 existing.remote = True
+                existing.verified = True
             else:
                 merged[(ref.host, ref.id)] = ListedBackup(
                     ref.id,
@@ -592,7 +607,7 @@ def list_backups(
                     ref.archive_size,
                     False,
                     True,
-                    False,
+                    True,
                 )
     return sorted(merged.values(), key=lambda b: (b.host, b.source, b.created_at, b.id))
 
