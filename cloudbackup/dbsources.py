@@ -1,29 +1,55 @@
 """Database and command sources: each spools a consistent copy, then yields that file.
 
 The spool lives in the source's local directory with a ``.partial`` name (never ``/tmp``,
-often a small tmpfs); a crash leaves it to the stale-partial cleanup.
+often a small tmpfs); a crash leaves it to the stale-partial cleanup. Spool files are
+created mode 0600: they hold the same data as the archive.
+
+Also the SQLite side of restore (:func:`restore_sqlite`); PostgreSQL's lives in
+``cloudbackup.postgres``.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import shlex
 import shutil
+import signal
 import sqlite3
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import IO, Any
+from urllib.parse import quote
 
-from cloudbackup.errors import SourceError
-from cloudbackup.sources import FileEntry, Source, SourceContext
+from cloudbackup.errors import IntegrityError, SourceError
+from cloudbackup.sources import FileEntry, Source, SourceContext, SourceSpec
 
 # One step: the copy holds a read snapshot, so a busy writer cannot restart it forever.
 _PAGES_PER_STEP = -1
+# SQLite's unix VFS: every connection to a WAL database holds a shared lock on this byte
+# of the ``-shm`` file (the "DMS" slot: 120 + 8 lock slots) for as long as it is open.
+_SHM_DMS_OFFSET = 128
+_BUSY_TIMEOUT = 0.5
 
 
 def _free_bytes(path: Path) -> int:
     usage = shutil.disk_usage(path)
     return usage.free
+
+
+def _sqlite_uri(path: str | Path, **params: str) -> str:
+    """A ``file:`` URI for ``path``: ``?``, ``#`` and ``%`` in names must be escaped."""
+    query = "&".join(f"{key}={value}" for key, value in params.items())
+    return f"file:{quote(os.fspath(path))}" + (f"?{query}" if query else "")
+
+
+def create_private(path: Path) -> None:
+    """Create an empty file only its owner can read (fails if it already exists)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    os.close(fd)
 
 
 class SQLiteSource(Source):
@@ -42,14 +68,19 @@ class SQLiteSource(Source):
     def root_device(self) -> int | None:
         return None
 
+    def manifest_members(self) -> dict[str, Any]:
+        """Tells restore which member is the database file."""
+        return {"database_file": self.member_name}
+
     def _connect(self) -> sqlite3.Connection:
+        # mode=ro never creates the file; the explicit check gives the clearer message.
         if not os.path.isfile(self.path):
             raise SourceError(
                 f"source {self.name}: SQLite database {self.path} does not exist",
                 "check the path (it is never created)",
             )
         try:
-            return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
+            return sqlite3.connect(_sqlite_uri(self.path, mode="ro"), uri=True, timeout=30)
         except sqlite3.Error as exc:
             raise SourceError(
                 f"source {self.name}: cannot open {self.path}: {exc}", "check permissions"
@@ -71,12 +102,19 @@ class SQLiteSource(Source):
         conn = self._connect()
         spool = ctx.spool_dir / f"{ctx.backup_id}.sqlite3.partial"
         try:
+            # The copy can be as large as the file plus its write-ahead log; the archive
+            # of it is written beside it.
             size = os.path.getsize(self.path)
+            try:
+                size += os.path.getsize(self.path + "-wal")
+            except OSError:
+                pass
             if _free_bytes(ctx.spool_dir) < size * 1.1:
                 raise SourceError(
                     f"source {self.name}: not enough free space in {ctx.spool_dir} for a {size} byte copy",
                     "free some space or move CLOUDBACKUP_LOCAL_DIR",
                 )
+            create_private(spool)
             dest = sqlite3.connect(spool)
             try:
                 conn.backup(dest, pages=_PAGES_PER_STEP)
@@ -85,6 +123,7 @@ class SQLiteSource(Source):
                     raise SourceError(
                         f"source {self.name}: the copy fails integrity_check: {result}"
                     )
+                # A self-contained file: restore never needs a -wal beside it.
                 dest.execute("PRAGMA journal_mode=DELETE")
             except sqlite3.Error as exc:
                 raise SourceError(f"source {self.name}: online backup failed: {exc}") from None
@@ -104,13 +143,15 @@ class CommandSource(Source):
 
     @property
     def argv(self) -> list[str]:
-        import shlex
-
         return shlex.split(self.spec.spec[4:])
 
     @property
     def member_name(self) -> str:
         return f"{self.name}.out"
+
+    def manifest_members(self) -> dict[str, Any]:
+        """Tells restore which member holds the command's output."""
+        return {"output": self.member_name}
 
     def check(self) -> str:
         program = self.argv[0]
@@ -131,21 +172,39 @@ class CommandSource(Source):
             spool.unlink(missing_ok=True)
 
 
-def run_to_file(
-    argv: list[str],
-    dest: Path,
-    ctx: SourceContext,
+def describe_exit(code: int) -> str:
+    """``exited with status 3`` / ``was killed by signal 9 (SIGKILL)``."""
+    if code < 0:
+        try:
+            name = f" ({signal.Signals(-code).name})"
+        except ValueError:
+            name = ""
+        return f"was killed by signal {-code}{name}"
+    return f"exited with status {code}"
+
+
+def run_logged(
+    argv: Sequence[str],
     *,
+    stdout: int | IO[bytes],
     label: str,
+    log: Callable[[str], None],
     env: dict[str, str] | None = None,
-) -> None:
-    """Run ``argv`` without a shell, its stdout into ``dest``, stderr to the log; fail on
-    a non-zero exit or a signal. Never leaves a "successful" half-output behind."""
+    pass_fds: Sequence[int] = (),
+    keep: int = 50,
+) -> tuple[int, list[str]]:
+    """Run ``argv`` without a shell (stdin from /dev/null); every stderr line goes to ``log``
+    as ``label: line``. Returns the exit status (negative: killed by that signal) and the
+    last ``keep`` stderr lines. Raises SourceError when the program cannot be started."""
     try:
-        with open(dest, "wb") as out:
-            proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env
-            )
+        proc = subprocess.Popen(
+            list(argv),
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            pass_fds=tuple(pass_fds),
+        )
     except FileNotFoundError:
         raise SourceError(f"{label} not found", "install it or give its full path") from None
     except PermissionError:
@@ -157,25 +216,62 @@ def run_to_file(
         for raw in proc.stderr:
             line = raw.decode(errors="replace").rstrip()
             if line:
-                ctx.log(f"{label}: {line}")
+                log(f"{label}: {line}")
                 tail.append(line)
-                del tail[:-5]
+                del tail[:-keep]
 
-    reader = threading.Thread(target=drain, daemon=True)
+    reader = threading.Thread(target=drain, name="stderr-reader", daemon=True)
     reader.start()
-    code = proc.wait()
+    try:
+        code = proc.wait()
+    except BaseException:  # interrupted: do not leave the child running on its own
+        proc.kill()
+        proc.wait()
+        raise
+    # A grandchild may keep stderr open after the command exits: do not wait for it forever.
     reader.join(timeout=5)
+    return code, list(tail)
+
+
+def run_to_file(
+    argv: list[str],
+    dest: Path,
+    ctx: SourceContext,
+    *,
+    label: str,
+    env: dict[str, str] | None = None,
+) -> None:
+    """Run ``argv`` without a shell, its stdout into ``dest`` (created 0600), stderr to the
+    log; fail on a non-zero exit or a signal. Never leaves a "successful" half-output behind."""
+    try:
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise SourceError(f"{label}: cannot create {dest}: {exc.strerror}") from None
+    try:
+        with open(fd, "wb") as out:
+            code, tail = run_logged(argv, stdout=out, label=label, log=ctx.log, env=env)
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
     if code != 0:
         dest.unlink(missing_ok=True)
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
         detail = f": {tail[-1]}" if tail else ""
-        raise SourceError(f"{label} {how}{detail}", "see the log for its error output")
+        raise SourceError(
+            f"{label} {describe_exit(code)}{detail}", "see the log for its error output"
+        )
 
 
 class PostgresSource(Source):
-    """``pg_dump -Fc`` plus ``pg_dumpall --globals-only``; filled in by the database issue."""
+    """``pg_dump -Fc`` plus ``pg_dumpall --globals-only``; see ``cloudbackup.postgres``."""
 
     kind = "postgresql"
+
+    def __init__(self, spec: SourceSpec) -> None:
+        super().__init__(spec)
+        self.dump_facts: dict[str, Any] = {}  # filled by the dump, recorded in the manifest
+
+    def manifest_members(self) -> dict[str, Any]:
+        return dict(self.dump_facts)
 
     def check(self) -> str:
         from cloudbackup import postgres
@@ -186,3 +282,142 @@ class PostgresSource(Source):
         from cloudbackup import postgres
 
         yield from postgres.dump_entries(self, ctx)
+
+
+# ---------------------------------------------------------------- SQLite restore
+
+
+def _sidecars(path: Path) -> list[tuple[str, Path]]:
+    return [(suffix, path.with_name(path.name + suffix)) for suffix in ("-wal", "-shm", "-journal")]
+
+
+def _open_elsewhere(target: Path) -> bool:
+    """True when another process has the database open (or mid-transaction).
+
+    WAL mode: every open connection holds a shared lock on the DMS byte of ``-shm``, so
+    even an idle app is seen. Rollback-journal mode: only a connection inside a
+    transaction holds a lock (``BEGIN EXCLUSIVE`` then waits briefly and fails); an idle
+    one is invisible to anybody, which is why the message also says to stop the app.
+    """
+    shm = target.with_name(target.name + "-shm")
+    try:
+        fd = os.open(shm, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        fd = -1
+    if fd >= 0:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _SHM_DMS_OFFSET)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                return True
+        else:
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, _SHM_DMS_OFFSET)
+        finally:
+            os.close(fd)  # drops this process's locks on the file; we held no others
+    try:
+        conn = sqlite3.connect(str(target), timeout=_BUSY_TIMEOUT, isolation_level=None)
+    except sqlite3.Error:
+        return False
+    try:
+        conn.execute("BEGIN EXCLUSIVE")
+        conn.execute("ROLLBACK")
+    except sqlite3.OperationalError as exc:
+        text = str(exc).lower()
+        return "locked" in text or "busy" in text
+    except sqlite3.Error:
+        return False  # not a database: nothing can be using it as one
+    finally:
+        conn.close()
+    return False
+
+
+def _integrity(path: Path) -> str:
+    try:
+        conn = sqlite3.connect(_sqlite_uri(path, mode="ro"), uri=True)
+    except sqlite3.Error as exc:
+        return str(exc)
+    try:
+        rows = conn.execute("PRAGMA integrity_check").fetchall()
+    except sqlite3.Error as exc:
+        return str(exc)
+    finally:
+        conn.close()
+    return "; ".join(str(row[0]) for row in rows[:5]) if rows else "no result"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def restore_sqlite(db_file_in_archive: Path, target: Path, *, now_stamp: str) -> Path | None:
+    """Put the archived database file at ``target``; return where the old file was kept.
+
+    The archived copy is checked first (``PRAGMA integrity_check``), copied to a temp file
+    beside the target, fsynced and checked again, and only then published by an atomic
+    rename. An existing target (with its ``-wal``/``-shm``/``-journal``) is kept as
+    ``target.before-restore-<stamp>`` (sidecars renamed alongside so SQLite still pairs
+    them); a database another process has open is refused.
+    """
+    target = Path(target)
+    problem = _integrity(db_file_in_archive)
+    if problem != "ok":
+        raise IntegrityError(
+            f"the archived database {db_file_in_archive.name} fails integrity_check: {problem}"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    existing = target.exists() or target.is_symlink()
+    if existing and not target.is_file():
+        raise SourceError(f"{target} exists and is not a file", "give the path of a database file")
+    if existing and _open_elsewhere(target):
+        raise SourceError(
+            f"{target} is in use by another process",
+            "stop the app that uses the database, then restore again",
+        )
+    aside = target.with_name(f"{target.name}.before-restore-{now_stamp}")
+    if existing and (aside.exists() or aside.is_symlink()):
+        raise SourceError(f"{aside} already exists", "move it away or try again in a second")
+    temp = target.with_name(f".{target.name}.restore-{now_stamp}.partial")
+    mode = 0o644
+    owner: tuple[int, int] | None = None
+    if existing:
+        st = target.stat()
+        mode, owner = st.st_mode & 0o7777, (st.st_uid, st.st_gid)
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with open(fd, "wb") as out, open(db_file_in_archive, "rb") as src:
+            shutil.copyfileobj(src, out, 4 * 1024 * 1024)
+            out.flush()
+            if owner is not None and os.geteuid() == 0:
+                os.fchown(out.fileno(), *owner)
+            os.fchmod(out.fileno(), mode)
+            os.fsync(out.fileno())
+        problem = _integrity(temp)
+        if problem != "ok":
+            raise IntegrityError(f"the restored copy {temp} fails integrity_check: {problem}")
+        for _suffix, sidecar in _sidecars(temp):
+            sidecar.unlink(missing_ok=True)
+        kept: Path | None = None
+        if existing:
+            # A hard link keeps ``target`` in place until the rename below replaces it.
+            try:
+                os.link(target, aside, follow_symlinks=False)
+            except OSError:
+                os.rename(target, aside)
+            kept = aside
+            for suffix, sidecar in _sidecars(target):
+                if sidecar.exists():
+                    os.rename(sidecar, aside.with_name(aside.name + suffix))
+        else:
+            for suffix, sidecar in _sidecars(target):
+                # Stale sidecars of a deleted database would be applied to the new file.
+                if sidecar.exists():
+                    os.rename(sidecar, aside.with_name(aside.name + suffix))
+        os.rename(temp, target)
+        _fsync_dir(target.parent)
+        return kept
+    finally:
+        temp.unlink(missing_ok=True)

@@ -131,3 +131,99 @@ def make_tree(root: Path, files: dict[str, bytes | str]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content.encode() if isinstance(content, str) else content)
     return root
+
+
+# ---------------------------------------------------------------- S3 (moto server)
+
+from collections.abc import Iterator  # noqa: E402 - appended section, kept self-contained
+from typing import Any  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """One moto ``ThreadedMotoServer`` on 127.0.0.1 (a free port) per session; yields its URL.
+
+    It shares moto's in-process state: a test using ``mock_aws`` resets it, which is harmless
+    because every ``s3_env`` test creates a fresh bucket.
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@dataclass
+class S3Env:
+    """A fresh bucket on the session's moto server; ``client`` talks to moto directly."""
+
+    endpoint: str
+    bucket: str
+    client: Any
+    prefix: str = "cloudbackup"
+
+    def keys(self, prefix: str = "") -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        )
+        return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+    def key(self, host: str, source: str, name: str) -> str:
+        return f"{self.prefix}/{host}/{source}/{name}"
+
+
+def s3_test_client(endpoint: str) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        config=Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1}),
+    )
+
+
+@pytest.fixture
+def s3_env(env: Env, moto_server: str, monkeypatch: pytest.MonkeyPatch) -> S3Env:
+    """Fake AWS credentials, a fresh bucket per test, CLOUDBACKUP_S3_BUCKET and
+    CLOUDBACKUP_S3_ENDPOINT_URL set (point the endpoint at a fault proxy to inject faults)."""
+    import uuid
+
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    bucket = f"cb-test-{uuid.uuid4().hex[:16]}"
+    client = s3_test_client(moto_server)
+    client.create_bucket(Bucket=bucket)
+    monkeypatch.setenv("CLOUDBACKUP_S3_BUCKET", bucket)
+    monkeypatch.setenv("CLOUDBACKUP_S3_ENDPOINT_URL", moto_server)
+    return S3Env(endpoint=moto_server, bucket=bucket, client=client)
+
+
+# ---------------------------------------------------------------- PostgreSQL (one server)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    """One PostgreSQL server for the whole session (unix socket + loopback port, SCRAM
+    passwords): a ``tests.integration.pgserver.PgServer``, started on first use and stopped
+    at the end (imported lazily: tests that never ask for it never touch PostgreSQL)."""
+    from tests.integration.pgserver import start_server
+
+    server = start_server()
+    try:
+        yield server
+    finally:
+        server.stop()
