@@ -467,7 +467,9 @@ def prune(
 
 
 @cli.command()
-@click.option("--allow-shrink", is_flag=True, help="Accept a source the shrink guard would stop, once.")
+@click.option(
+    "--allow-shrink", is_flag=True, help="Accept a source the shrink guard would stop, once."
+)
 @click.option("--deep", is_flag=True, help="Verify uploads by streaming them back.")
 @click.option("--host", help="Run as this host (explicit: allowed under another machine's claim).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
@@ -496,6 +498,13 @@ def run(allow_shrink: bool, deep: bool, host: str | None, as_json: bool) -> None
             report = nightly.run(ctx, allow_shrink=allow_shrink, deep=deep)
     except CloudBackupError as exc:
         monitor.ping(settings.ping_url, "/fail", body=f"cloudbackup run on {settings.host}: {exc}")
+        raise
+    except Exception as exc:  # a bug or an OSError: /start was pinged, so /fail must follow
+        monitor.ping(
+            settings.ping_url,
+            "/fail",
+            body=f"cloudbackup run on {settings.host}: unexpected error: {type(exc).__name__}: {exc}",
+        )
         raise
     summary = _run_summary(report)
     if as_json:
@@ -536,7 +545,9 @@ def _run_summary(report: Any) -> str:
                 r.error or (f"{len(r.warnings)} warning(s)" if r.warnings else ""),
             ]
         )
-    lines = [table(rows, ["source", "id", "result", "size", "time", "uploaded", "pruned", "errors"])]
+    lines = [
+        table(rows, ["source", "id", "result", "size", "time", "uploaded", "pruned", "errors"])
+    ]
     for u in report.uploads:
         lines.append(f"upload {u.id}: {'ok' if u.ok else 'FAILED'} {u.detail}")
     for v in report.verifies:
@@ -557,10 +568,14 @@ def _run_summary(report: Any) -> str:
 
 
 @cli.command()
-@click.option("--max-age", default="26h", show_default=True, help="CRITICAL when the newest backup is older.")
+@click.option(
+    "--max-age", default="26h", show_default=True, help="CRITICAL when the newest backup is older."
+)
 @click.option("--all-hosts", is_flag=True, help="Every host sharing the bucket.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
-@click.option("--prometheus", type=click.Path(path_type=Path), metavar="FILE", help="Write textfile metrics.")
+@click.option(
+    "--prometheus", type=click.Path(path_type=Path), metavar="FILE", help="Write textfile metrics."
+)
 def status(max_age: str, all_hosts: bool, as_json: bool, prometheus: Path | None) -> None:
     """Per host/source: newest backup, age, counts, sizes; monitoring exit codes."""
     from cloudbackup import monitor
@@ -578,7 +593,11 @@ def status(max_age: str, all_hosts: bool, as_json: bool, prometheus: Path | None
             click.echo(f"UNKNOWN: {exc}")
         _exit(monitor.UNKNOWN)
     if prometheus is not None:
-        monitor.write_prometheus(prometheus, monitor.prometheus_text(report))
+        try:
+            monitor.write_prometheus(prometheus, monitor.prometheus_text(report))
+        except OSError as exc:
+            report.detail.append(f"cannot write {prometheus}: {exc.strerror or exc}")
+            report.state = monitor.UNKNOWN
     if as_json:
         _emit_json(report.to_dict())
     else:
@@ -597,7 +616,11 @@ def status(max_age: str, all_hosts: bool, as_json: bool, prometheus: Path | None
                         "; ".join(s.reasons),
                     ]
                 )
-        click.echo(table(rows, ["host", "source", "state", "newest", "age", "local/remote", "bytes", "why"]))
+        click.echo(
+            table(
+                rows, ["host", "source", "state", "newest", "age", "local/remote", "bytes", "why"]
+            )
+        )
         for line in report.detail:
             click.echo(line)
         click.echo(f"status: {monitor.STATE_NAMES[report.state]}")
@@ -614,7 +637,9 @@ def check(as_json: bool) -> None:
     ctx = make_context(settings, need_local=False)
     lines = nightly.check(ctx)
     if as_json:
-        _emit_json({"checks": [line.to_dict() for line in lines], "ok": nightly.check_exit(lines) == 0})
+        _emit_json(
+            {"checks": [line.to_dict() for line in lines], "ok": nightly.check_exit(lines) == 0}
+        )
     else:
         for line in lines:
             mark = "ok  " if line.ok and not line.warning else ("warn" if line.ok else "FAIL")

@@ -118,7 +118,7 @@ def status(ctx: Context, *, max_age: timedelta, all_hosts: bool = False) -> Stat
     overall = OK
     if ctx.remote is not None:
         try:
-            remote_listing = ctx.remote_listing()
+            remote_listing = ctx.remote_listing(all_hosts=all_hosts)
         except CloudBackupError as exc:
             detail.append(f"cannot list the bucket: {exc}")
             overall = UNKNOWN
@@ -224,7 +224,8 @@ def prometheus_text(report: StatusReport) -> str:
         lines.append(f"# TYPE {name} {kind}")
         for labels, value in samples:
             rendered = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-            lines.append(f"{name}{{{rendered}}} {value:g}" if rendered else f"{name} {value:g}")
+            text = _number(value)
+            lines.append(f"{name}{{{rendered}}} {text}" if rendered else f"{name} {text}")
 
     rows = [(h, s) for h, sources in sorted(report.hosts.items()) for s in sources]
     family(
@@ -278,6 +279,11 @@ def prometheus_text(report: StatusReport) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _number(value: float) -> str:
+    """Exact: ``{:g}`` keeps 6 digits, turning a Unix time or a byte count into 1.79523e+09."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
@@ -286,9 +292,13 @@ def write_prometheus(path: Path, text: str) -> None:
     """Replace the file atomically so node_exporter never reads half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------- pings
@@ -300,7 +310,8 @@ def ping(
     """healthchecks.io convention: ``/start``, success, ``/fail``. Never raises."""
     if not url:
         return False
-    target = url.rstrip("/") + suffix
+    base, mark, query = url.partition("?")  # the suffix goes into the path, not the query
+    target = base.rstrip("/") + suffix + mark + query
     data = body.encode("utf-8", errors="replace")[:100_000] if body is not None else None
     try:
         # Built inside the try: a malformed URL (``http://[::1``) raises ValueError here.

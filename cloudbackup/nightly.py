@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -9,6 +10,7 @@ import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cloudbackup import monitor, operations, transfer
@@ -69,6 +71,19 @@ def run(ctx: Context, *, allow_shrink: bool = False, deep: bool = False) -> RunR
     operations.cleanup_partials(ctx)
     if ctx.remote is not None:
         try:
+            ctx.remote_listing(refresh=True)  # cached for the shrink guard, ids and prune
+        except CloudBackupError as exc:
+            # S3 down or the bucket gone: still make tonight's local backups (SPEC: local
+            # archives are kept, exit 1); they stay pinned locally and `upload` sends them later.
+            message = (
+                f"the bucket cannot be listed: {exc}; backups are kept locally only "
+                "(`cloudbackup upload` sends them once it is reachable)"
+            )
+            LOG.error("%s", message)
+            report.errors.append(message)
+            ctx = dataclasses.replace(ctx, remote=None, _remote_listing=None)
+    if ctx.remote is not None:
+        try:
             transfer.abort_stale_uploads(ctx)
         except CloudBackupError as exc:
             LOG.warning("could not clean up stale multipart uploads: %s", exc)
@@ -88,6 +103,9 @@ def run(ctx: Context, *, allow_shrink: bool = False, deep: bool = False) -> RunR
     )
     by_name = {r.source: r for r in results} | early
     report.results = [by_name[s.name] for s in ctx.settings.sources if s.name in by_name]
+    for result in report.results:
+        # The summary says "local-only" only when that is intended, not when S3 is down.
+        result.local_only = ctx.settings.s3_bucket is None
     uploaded_now = {r.id for r in report.results if r.uploaded and r.id}
     if ctx.remote is not None:
         # Earlier nights' backups that never made it offsite.
@@ -95,12 +113,14 @@ def run(ctx: Context, *, allow_shrink: bool = False, deep: bool = False) -> RunR
             report.uploads = transfer.upload_pending(ctx)
         except CloudBackupError as exc:
             report.errors.append(f"upload of pending backups failed: {exc}")
-        ctx.remote_listing(refresh=True)
         for upload in report.uploads:
-            if not upload.ok:
-                continue
-            uploaded_now.add(upload.id)
-        listing = ctx.remote_listing()
+            if upload.ok:
+                uploaded_now.add(upload.id)
+        try:
+            listing = ctx.remote_listing(refresh=True)
+        except CloudBackupError as exc:
+            report.errors.append(f"cannot list the bucket to verify this run's uploads: {exc}")
+            uploaded_now = set()
         for backup_id in sorted(uploaded_now):
             ref = listing.find(backup_id, ctx.host)
             if ref is None:
@@ -257,12 +277,14 @@ def _check_bucket(ctx: Context) -> list[CheckLine]:
         transfer_claim = store.head(transfer.host_claim_key(ctx))
         if transfer_claim is not None:
             owner = transfer_claim.metadata.get("machine-id")
-            if owner and owner != ctx.machine_id:
+            mine = _own_machine_id(ctx)
+            if owner and owner != mine:
                 lines.append(
                     CheckLine(
                         "host claim",
                         False,
-                        f"{host_prefix} is claimed by another machine: set a unique CLOUDBACKUP_HOST",
+                        f"{host_prefix} is claimed by another machine ({owner[:12]}…, this one is "
+                        f"{(mine or 'not yet identified')[:12]}…): set a unique CLOUDBACKUP_HOST",
                     )
                 )
             else:
@@ -304,6 +326,22 @@ def _check_bucket(ctx: Context) -> list[CheckLine]:
             )
         )
     return lines
+
+
+def _own_machine_id(ctx: Context) -> str | None:
+    """This machine's id as `run` would use it, without creating one (`check` writes
+    nothing locally; the CLI builds its context with a placeholder id)."""
+    if ctx.machine_id and ctx.machine_id != "unknown":
+        return ctx.machine_id
+    stored = ctx.settings.local_dir / ".machine-id"
+    for path in (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"), stored):
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text:
+            return text
+    return None
 
 
 def check_exit(lines: Sequence[CheckLine]) -> int:

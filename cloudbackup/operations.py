@@ -69,6 +69,7 @@ class Context:
     remote: Any = None  # a remote store (S3Store behind the retry wrapper) or None
     progress: ProgressFactory = _no_progress
     _remote_listing: Listing | None = None
+    _remote_listing_all: Listing | None = None
     _remote_warned: bool = False
 
     @property
@@ -94,12 +95,23 @@ class Context:
                 self._remote_warned = True
             return Listing()
 
-    def remote_listing(self, *, refresh: bool = False) -> Listing:
+    def remote_listing(self, *, refresh: bool = False, all_hosts: bool = False) -> Listing:
+        """This host's backups (LIST ``<prefix>/<host>/``: all a host-scoped writer may list),
+        or every host's with ``all_hosts``. Cached until ``refresh``."""
         if self.remote is None:
             return Listing()
+        parts = [p for p in self.settings.s3_prefix.split("/") if p]
+        if all_hosts:
+            if self._remote_listing_all is None or refresh:
+                self._remote_listing_all = build_listing(
+                    self.remote.list("/".join(parts) + "/" if parts else ""),
+                    prefix=self.settings.s3_prefix,
+                    where="remote",
+                )
+            return self._remote_listing_all
         if self._remote_listing is None or refresh:
             self._remote_listing = build_listing(
-                self.remote.list(self.settings.s3_prefix + "/" if self.settings.s3_prefix else ""),
+                self.remote.list("/".join([*parts, self.host]) + "/"),
                 prefix=self.settings.s3_prefix,
                 where="remote",
             )
@@ -588,7 +600,7 @@ def list_backups(
                 bool(record and record.verified_at),
             )
     if where in ("remote", "all") and ctx.remote is not None:
-        for ref in ctx.remote_listing().refs:
+        for ref in ctx.remote_listing(all_hosts=all_hosts).refs:
             if wanted_host and ref.host != wanted_host:
                 continue
             if source and ref.source != source:

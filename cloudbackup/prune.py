@@ -236,7 +236,9 @@ def _prune_remote(
     dry_run: bool,
 ) -> list[PruneResult]:
     settings = ctx.settings
-    listing = ctx.remote_listing(refresh=True)  # the cached one may predate this run's uploads
+    # The cached listing may predate this run's uploads; one host's prefix unless --all-hosts.
+    other_host = host is not None and host != settings.host
+    listing = ctx.remote_listing(refresh=True, all_hosts=all_hosts or other_host)
     target = host or settings.host
     hosts = None if all_hosts else {target}
     explicit = all_hosts or host is not None or settings.host_explicit
@@ -270,7 +272,7 @@ def _prune_remote(
             _execute(ctx, store, result, refs, orphans, keys)
         results.append(result)
     if not dry_run and any(r.deleted_keys for r in results):
-        ctx._remote_listing = None  # stale now: the next caller lists again
+        ctx._remote_listing = ctx._remote_listing_all = None  # stale: the next caller lists again
     return results
 
 
