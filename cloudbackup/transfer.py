@@ -405,14 +405,20 @@ def verify_remote_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> Ve
         if deep:
             manifest = Manifest.from_json(ctx.remote.get_bytes(ref.manifest_key))
             progress = ctx.progress(f"verify {ref.id}", size)
+            corrupt: IntegrityError | None = None
             with ctx.remote.open(ref.archive_key) as body:
                 hashing = HashingReader(body, progress)
-                walked = walk_archive(open_decompressed(hashing, manifest.compression))
+                try:
+                    walked = walk_archive(open_decompressed(hashing, manifest.compression))
+                except IntegrityError as exc:
+                    corrupt = exc  # report the checksum first: it says the bytes changed
                 hashing.drain()
             getattr(progress, "close", lambda: None)()
             if hashing.count != size or hashing.sha.hexdigest() != sha256:
                 result.detail = f"downloaded sha256 {hashing.sha.hexdigest()} ({hashing.count} bytes) ≠ manifest {sha256}"
                 return result
+            if corrupt is not None:
+                raise corrupt
             if (walked.file_count, walked.uncompressed_bytes) != (
                 manifest.file_count,
                 manifest.uncompressed_bytes,

@@ -63,7 +63,15 @@ class RetryingStore:
             sleep=self.sleep,
             reraise=True,
         )
-        return retrying(fn)
+        try:
+            return retrying(fn)
+        except TransientStorageError as exc:
+            if self.attempts <= 1:
+                raise
+            # Every attempt failed: say so, so the one-line error is not mistaken for a blip.
+            raise TransientStorageError(
+                f"{exc.message} (gave up after {self.attempts} attempts)", exc.hint
+            ) from exc
 
     def __getattr__(self, name: str) -> Any:
         # The inner store routes each API call through ``call``; everything else passes through.

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -44,6 +44,7 @@ DEFAULT_PART = 16 * 1024**2
 MIN_CHOSEN_PART = 8 * 1024**2
 MAX_PART = 5 * 1024**3
 MAX_PARTS = 10_000
+MAX_OBJECT = 5 * 1024**4  # S3's documented limit for one object
 
 _TRANSIENT_CODES = {
     "SlowDown",
@@ -55,6 +56,8 @@ _TRANSIENT_CODES = {
     "RequestTimeoutException",
     "InternalError",
     "ServiceUnavailable",
+    "ConditionalRequestConflict",
+    "OperationAborted",
     "503",
     "500",
     "502",
@@ -96,6 +99,11 @@ def composite_checksum(part_checksums_b64: list[str]) -> str:
 
 def choose_part_size(size: int, preferred: int | None = None) -> int:
     """At least 8 MiB (or ``preferred``, never below 5 MiB), and large enough for 10,000 parts."""
+    if size > MAX_OBJECT:
+        raise PermanentStorageError(
+            f"an archive of {size} bytes exceeds S3's 5 TiB limit for one object",
+            "split the source into several smaller sources",
+        )
     part = max(preferred or DEFAULT_PART, MIN_PART)
     if preferred is None:
         part = max(part, MIN_CHOSEN_PART)
@@ -152,10 +160,7 @@ def classify(exc: BaseException, what: str, bucket: str) -> CloudBackupError:
     if isinstance(
         exc,
         bexc.ConnectionError
-        | bexc.ReadTimeoutError
-        | bexc.ConnectTimeoutError
-        | bexc.ConnectionClosedError
-        | bexc.EndpointConnectionError
+        | bexc.HTTPClientError  # resets, closed connections, read timeouts, proxy errors
         | bexc.ResponseStreamingError
         | bexc.IncompleteReadError
         | ConnectionError
@@ -423,7 +428,8 @@ class S3Store:
 
         ``upload_id``/``part_size`` resume an interrupted upload (only parts whose checksum
         matches the local bytes are reused); ``on_created`` is told a new upload's id and
-        part size before any part is sent, so a crash can be resumed.
+        part size before any part is sent, so a crash can be resumed. An error leaves the
+        multipart upload in place (expired credentials, a kill): the next run resumes it.
         """
         size = path.stat().st_size
         part_size = part_size or choose_part_size(size, self.part_size)
@@ -438,12 +444,16 @@ class S3Store:
         if upload_id is not None:
             try:
                 existing = self._list_parts(key, upload_id)
-            except (NotFound, PermanentStorageError) as exc:
-                if isinstance(exc, PermanentStorageError) and exc.code not in (
-                    "NoSuchUpload",
-                    "404",
-                ):
+            except PermanentStorageError as exc:
+                if exc.code not in ("NoSuchUpload", "NoSuchKey", "404", "NotFound"):
                     raise
+                # Gone: completed by a run that died before recording it, or aborted.
+                present = self._already_present(key, path, size, part_size, spec)
+                if present is not None:
+                    LOG.info("%s is already complete in S3; not sending it again", key)
+                    if progress:
+                        progress(size)
+                    return present
                 LOG.info("upload %s of %s is gone; starting over", upload_id[:12], key)
                 upload_id, existing = None, {}
         if upload_id is None:
@@ -477,27 +487,31 @@ class S3Store:
                     raise IntegrityError(f"{path} changed while uploading (short read)")
                 return data
 
+            def reusable(previous: dict[str, Any] | None, data: bytes, checksum: str) -> bool:
+                """A part already in S3 is kept only when it provably holds these bytes."""
+                if previous is None or previous.get("Size") != len(data):
+                    return False
+                if previous.get("ChecksumSHA256"):
+                    return bool(previous["ChecksumSHA256"] == checksum)
+                if self.sse == "aws:kms":  # the ETag is not the MD5 of the data then
+                    return False
+                md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+                return bool(previous.get("ETag", "").strip('"') == md5)
+
             def send(number: int) -> None:
+                nonlocal reused
                 data = read_part(number)
                 checksum = sha256_b64(data)
                 previous = existing.get(number)
-                if previous is not None and previous.get("Size") == len(data):
-                    reusable = False
-                    if previous.get("ChecksumSHA256"):
-                        reusable = previous["ChecksumSHA256"] == checksum
-                    elif self.sse != "aws:kms":
-                        reusable = (
-                            previous.get("ETag", "").strip('"') == hashlib.md5(data).hexdigest()
-                        )  # noqa: S324
-                    if reusable:
-                        with lock:
-                            nonlocal reused
-                            reused += 1
-                            checksums[number] = checksum
-                            etags[number] = previous["ETag"]
-                        if progress:
-                            progress(len(data))
-                        return
+                if reusable(previous, data, checksum):
+                    assert previous is not None
+                    with lock:
+                        reused += 1
+                        checksums[number] = checksum
+                        etags[number] = previous["ETag"]
+                    if progress:
+                        progress(len(data))
+                    return
                 args: dict[str, Any] = {}
                 if not self.compat:
                     args = {"ChecksumAlgorithm": "SHA256", "ChecksumSHA256": checksum}
@@ -522,22 +536,37 @@ class S3Store:
                 if progress:
                     progress(len(data))
 
+            errors: builtins.list[BaseException] = []
+
+            def guarded(number: int) -> None:
+                if errors:  # an earlier part failed: send nothing more
+                    return
+                try:
+                    send(number)
+                except BaseException as exc:
+                    with lock:
+                        errors.append(exc)
+
             with ThreadPoolExecutor(
                 max_workers=self.concurrency, thread_name_prefix="upload"
             ) as pool:
-                # Bounded memory: at most 2×concurrency parts in flight.
+                # Bounded memory: each running worker holds one part; at most 2×concurrency
+                # parts are queued. The first error stops the queue; it is the one raised.
                 pending: set[Future[None]] = set()
-                for number in range(1, part_count + 1):
-                    if len(pending) >= self.concurrency * 2:
-                        done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                        for future in done:
-                            future.result()
-                    pending.add(pool.submit(send, number))
-                done, _ = wait(pending, return_when=FIRST_EXCEPTION)
-                for future in done:
-                    future.result()
-                for future in pending:
-                    future.result()
+                try:
+                    for number in range(1, part_count + 1):
+                        while len(pending) >= self.concurrency * 2 and not errors:
+                            _, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        if errors:
+                            break
+                        pending.add(pool.submit(guarded, number))
+                    while pending and not errors:
+                        _, pending = wait(pending, return_when=FIRST_COMPLETED)
+                finally:
+                    for future in pending:
+                        future.cancel()
+            if errors:
+                raise errors[0]
         finally:
             os.close(fd)
         parts = []
@@ -547,7 +576,6 @@ class S3Store:
                 part["ChecksumSHA256"] = checksums[number]
             parts.append(part)
         expected = composite_checksum([checksums[n] for n in range(1, part_count + 1)])
-        complete_args: dict[str, Any] = {"IfNoneMatch": "*"}
         try:
             resp = self._call(
                 f"complete upload {key}",
@@ -556,25 +584,22 @@ class S3Store:
                 Key=key,
                 UploadId=upload_id,
                 MultipartUpload={"Parts": parts},
-                **complete_args,
+                IfNoneMatch="*",
             )
             etag = resp.get("ETag")
         except PermanentStorageError as exc:
-            # A retried Complete whose first attempt succeeded: accept what is there if it matches.
+            # NoSuchUpload: a retried Complete whose first attempt succeeded (the response was
+            # lost). PreconditionFailed: the object exists already. Either way, accept what is
+            # there only when it is provably these bytes.
             if exc.code not in ("NoSuchUpload", "PreconditionFailed"):
                 raise
             head = self.head(key)
-            if (
-                head is None
-                or head.size != size
-                or (head.checksum_sha256 and not checksums_match(expected, head.checksum_sha256))
-            ):
-                raise PermanentStorageError(
-                    f"s3://{self.bucket}/{key} already exists and differs from the local archive",
-                    "a different object was written there; investigate before deleting anything",
-                    code="PreconditionFailed",
-                ) from None
+            if not self._same_object(head, size, expected, spec):
+                raise self._differs(key) from None
+            assert head is not None
             etag = head.etag
+            if exc.code == "PreconditionFailed":
+                self._abort_quietly(key, upload_id)
         return UploadOutcome(
             key=key,
             size=size,
@@ -585,6 +610,57 @@ class S3Store:
             upload_id=upload_id,
             parts_reused=reused,
             parts_sent=part_count - reused,
+        )
+
+    def _same_object(
+        self, head: ObjectHead | None, size: int, checksum: str, spec: UploadSpec
+    ) -> bool:
+        """Is the object S3 holds the one we meant to write (size and SHA-256)?"""
+        if head is None or head.size != size:
+            return False
+        if head.checksum_sha256:
+            return checksums_match(checksum, head.checksum_sha256)
+        # Without checksums (CLOUDBACKUP_S3_COMPAT) the archive's sha256 metadata must match.
+        ours = spec.metadata.get("sha256")
+        return bool(self.compat and ours and head.metadata.get("sha256") == ours)
+
+    def _differs(self, key: str) -> PermanentStorageError:
+        return PermanentStorageError(
+            f"s3://{self.bucket}/{key} already exists and differs from the local archive",
+            "a different object was written there; investigate before deleting anything",
+            code="PreconditionFailed",
+        )
+
+    def _abort_quietly(self, key: str, upload_id: str) -> None:
+        try:
+            self.abort(key, upload_id)
+        except CloudBackupError as exc:
+            LOG.warning("cannot abort the leftover upload of %s: %s", key, exc)
+
+    def _already_present(
+        self, key: str, path: Path, size: int, part_size: int, spec: UploadSpec
+    ) -> UploadOutcome | None:
+        """The object exists and holds exactly the local bytes (same parts): say so."""
+        head = self.head(key)
+        if head is None or head.size != size:
+            return None
+        part_count = max(1, -(-size // part_size))
+        digests = []
+        with open(path, "rb") as handle:
+            for _ in range(part_count):
+                digests.append(sha256_b64(handle.read(part_size)))
+        expected = composite_checksum(digests)
+        if not self._same_object(head, size, expected, spec):
+            return None
+        return UploadOutcome(
+            key=key,
+            size=size,
+            part_size=part_size,
+            part_count=part_count,
+            checksum=None if self.compat else expected,
+            etag=head.etag,
+            parts_reused=part_count,
+            already_present=True,
         )
 
     def _put_small(
@@ -598,25 +674,21 @@ class S3Store:
     ) -> UploadOutcome:
         data = path.read_bytes()
         checksum = sha256_b64(data)
+        etag = None
         try:
             self.put_bytes(key, data, spec=spec)
         except PermanentStorageError as exc:
+            # A retried PUT whose first attempt succeeded, or an object already there.
             if exc.code != "PreconditionFailed":
                 raise
             head = self.head(key)
-            if (
-                head is None
-                or head.size != size
-                or (head.checksum_sha256 and not checksums_match(checksum, head.checksum_sha256))
-            ):
-                raise PermanentStorageError(
-                    f"s3://{self.bucket}/{key} already exists and differs from the local archive",
-                    "a different object was written there; investigate before deleting anything",
-                    code="PreconditionFailed",
-                ) from None
+            if not self._same_object(head, size, checksum, spec):
+                raise self._differs(key) from None
+            assert head is not None
+            etag = head.etag
         if progress:
             progress(size)
-        return UploadOutcome(key, size, part_size, 1, None if self.compat else checksum, None)
+        return UploadOutcome(key, size, part_size, 1, None if self.compat else checksum, etag)
 
 
 class _ClassifyingBody:
@@ -650,6 +722,12 @@ def make_client(
         s3_config["addressing_style"] = addressing
     elif endpoint_url:
         s3_config["addressing_style"] = "path"
+    if not compat:
+        # Object data always travels with a signed x-amz-checksum-sha256 that S3 verifies,
+        # so SigV4 need not hash every body a second time (botocore already skips it over
+        # HTTPS; this extends that to http:// endpoints such as a local MinIO). The archive
+        # is then hashed once per part, not twice; _confirm_archive checks the result.
+        s3_config["payload_signing_enabled"] = False
     config = Config(
         retries={"total_max_attempts": 1, "mode": "standard"},
         connect_timeout=10,

@@ -1,0 +1,739 @@
+"""S3Store and RetryingStore without a server: error taxonomy, part sizes, composite checksums,
+exact call sequences (botocore's Stubber) and resume against moto in-process."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import botocore.exceptions as bexc
+import pytest
+from botocore.stub import Stubber
+
+from cloudbackup.errors import (
+    CloudBackupError,
+    IntegrityError,
+    NotFound,
+    PermanentStorageError,
+    StorageError,
+    TransientStorageError,
+)
+from cloudbackup.storage.retry import RetryingStore
+from cloudbackup.storage.s3 import (
+    MAX_PARTS,
+    S3Store,
+    UploadSpec,
+    checksums_match,
+    choose_part_size,
+    classify,
+    composite_checksum,
+    make_client,
+    sha256_b64,
+)
+from tests.s3_helpers import Sleeps
+
+BUCKET = "unit-bucket"
+MiB = 1024**2
+GiB = 1024**3
+TiB = 1024**4
+
+
+@pytest.fixture(autouse=True)
+def _fake_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+
+
+def client_error(code: str, status: int, message: str = "") -> bexc.ClientError:
+    return bexc.ClientError(
+        {
+            "Error": {"Code": code, "Message": message or code},
+            "ResponseMetadata": {"HTTPStatusCode": status},
+        },
+        "PutObject",
+    )
+
+
+# ---------------------------------------------------------------- part sizes and checksums
+
+
+@pytest.mark.parametrize("size", [0, 1, 5 * MiB, 100 * MiB, 10 * GiB, 80 * GiB])
+def test_default_part_size_is_at_least_8mib_and_fits_10000_parts(size: int) -> None:
+    part = choose_part_size(size)
+    assert part >= 8 * MiB
+    assert -(-size // part) <= MAX_PARTS
+
+
+def test_part_size_grows_in_whole_mib_for_huge_archives() -> None:
+    size = 400 * GiB
+    part = choose_part_size(size)
+    assert part % MiB == 0
+    assert part * MAX_PARTS >= size
+    assert (part - MiB) * MAX_PARTS < size  # the smallest whole MiB that fits
+
+
+def test_preferred_part_size_is_honoured_but_never_below_5mib() -> None:
+    assert choose_part_size(100 * MiB, 5 * MiB) == 5 * MiB
+    assert choose_part_size(100 * MiB, 1 * MiB) == 5 * MiB
+    assert choose_part_size(100 * MiB, 64 * MiB) == 64 * MiB
+    # ...unless it cannot fit 10,000 parts.
+    assert choose_part_size(100 * GiB, 5 * MiB) * MAX_PARTS >= 100 * GiB
+
+
+def test_archives_beyond_the_s3_object_limit_are_refused() -> None:
+    assert choose_part_size(5 * TiB) <= 5 * GiB
+    with pytest.raises(PermanentStorageError, match="5 TiB"):
+        choose_part_size(5 * TiB + 1)
+
+
+def test_composite_checksum_follows_the_documented_algorithm() -> None:
+    # AWS: base64(sha256(digest(part 1) || digest(part 2) || ...)) + "-" + number of parts.
+    parts = [b"a" * 5 * MiB, b"b" * 5 * MiB, b"tail"]
+    digests = [hashlib.sha256(p).digest() for p in parts]
+    expected = base64.b64encode(hashlib.sha256(b"".join(digests)).digest()).decode() + "-3"
+    assert composite_checksum([sha256_b64(p) for p in parts]) == expected
+    # One part is still a composite of one digest, not the digest itself.
+    single = composite_checksum([sha256_b64(b"x")])
+    assert single.endswith("-1")
+    assert single.split("-")[0] != sha256_b64(b"x")
+
+
+def test_checksums_match_tolerates_a_missing_part_suffix_only() -> None:
+    value = composite_checksum([sha256_b64(b"1"), sha256_b64(b"2")])
+    bare = value.split("-")[0]
+    assert checksums_match(value, value)
+    assert checksums_match(value, bare)  # moto (and some stores) omit "-N"
+    assert not checksums_match(value, bare + "-3")
+    assert not checksums_match(value, sha256_b64(b"other"))
+    assert not checksums_match(value, None)
+    assert not checksums_match(None, value)
+
+
+# ---------------------------------------------------------------- error taxonomy
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        ("SlowDown", 503),
+        ("ServiceUnavailable", 503),
+        ("InternalError", 500),
+        ("RequestTimeout", 400),
+        ("Throttling", 400),
+        ("TooManyRequests", 429),
+        ("BadGateway", 502),
+    ],
+)
+def test_throttling_and_server_errors_are_transient(code: str, status: int) -> None:
+    err = classify(client_error(code, status), "put k", BUCKET)
+    assert isinstance(err, TransientStorageError)
+    assert BUCKET in str(err)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        bexc.ConnectionClosedError(endpoint_url="http://x"),
+        bexc.EndpointConnectionError(endpoint_url="http://x"),
+        bexc.ReadTimeoutError(endpoint_url="http://x"),
+        bexc.ConnectTimeoutError(endpoint_url="http://x"),
+        bexc.HTTPClientError(error="boom"),
+        bexc.ResponseStreamingError(error="reset"),
+        ConnectionResetError(104, "Connection reset by peer"),
+        TimeoutError("timed out"),
+    ],
+)
+def test_resets_and_timeouts_are_transient(exc: Exception) -> None:
+    assert isinstance(classify(exc, "put k", BUCKET), TransientStorageError)
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "hint"),
+    [
+        ("AccessDenied", 403, "IAM"),
+        ("403", 403, "IAM"),  # a HEAD has no body: only the status
+        ("NoSuchBucket", 404, "CLOUDBACKUP_S3_BUCKET"),
+        ("InvalidAccessKeyId", 403, "access key"),
+        ("SignatureDoesNotMatch", 403, "secret key"),
+        ("ExpiredToken", 400, "resume"),
+        ("RequestTimeTooSkewed", 403, "fix the clock"),
+    ],
+)
+def test_permanent_errors_name_the_bucket_and_what_to_do(code: str, status: int, hint: str) -> None:
+    err = classify(client_error(code, status), "put k", BUCKET)
+    assert isinstance(err, PermanentStorageError)
+    assert not isinstance(err, NotFound)
+    assert BUCKET in str(err)
+    assert hint in str(err)
+    assert "\n" not in str(err)
+
+
+def test_missing_objects_are_not_found() -> None:
+    assert isinstance(classify(client_error("NoSuchKey", 404), "get k", BUCKET), NotFound)
+    assert isinstance(classify(client_error("404", 404), "head k", BUCKET), NotFound)
+
+
+def test_a_checksum_failure_on_download_is_an_integrity_error() -> None:
+    exc = bexc.FlexibleChecksumError(error_msg="Expected checksum X did not match calculated Y")
+    err = classify(exc, "get k", BUCKET)
+    assert isinstance(err, IntegrityError)
+    assert err.exit_code == 3
+
+
+def test_missing_credentials_are_permanent() -> None:
+    err = classify(bexc.NoCredentialsError(), "list /", BUCKET)
+    assert isinstance(err, PermanentStorageError)
+    assert "AWS_ACCESS_KEY_ID" in str(err)
+
+
+def test_our_own_errors_pass_through() -> None:
+    mine = IntegrityError("x")
+    assert classify(mine, "get k", BUCKET) is mine
+    assert isinstance(classify(ValueError("odd"), "get k", BUCKET), StorageError)
+
+
+# ---------------------------------------------------------------- the retry wrapper
+
+
+class FlakyStore:
+    """A store whose ``op`` fails with the given errors first, routed through ``retrying``."""
+
+    where = "remote"
+
+    def __init__(self, *failures: Exception) -> None:
+        self.failures = list(failures)
+        self.calls = 0
+        self.retrying: Any = lambda what, fn: fn()
+
+    def op(self) -> str:
+        def attempt() -> str:
+            self.calls += 1
+            if self.failures:
+                raise self.failures.pop(0)
+            return "done"
+
+        return self.retrying("op thing", attempt)  # type: ignore[no-any-return]
+
+
+def test_transient_errors_are_retried_with_each_attempt_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sleeps = Sleeps()
+    inner = FlakyStore(TransientStorageError("slow down"), TransientStorageError("reset"))
+    store = RetryingStore(inner, attempts=5, base=0.5, cap=30, sleep=sleeps)
+    with caplog.at_level(logging.WARNING, logger="cloudbackup"):
+        assert store.op() == "done"
+    assert inner.calls == 3
+    assert len(sleeps.waits) == 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert "op thing failed (attempt 1 of 5): slow down; retrying in" in messages[0]
+    assert "op thing failed (attempt 2 of 5): reset; retrying in" in messages[1]
+    # Full jitter: each wait is within [0, base × 2^attempt].
+    assert 0 <= sleeps.waits[0] <= 1.0 and 0 <= sleeps.waits[1] <= 2.0
+
+
+def test_waits_grow_exponentially_up_to_the_cap() -> None:
+    sleeps = Sleeps()
+    inner = FlakyStore(*[TransientStorageError("503")] * 9)
+    store = RetryingStore(inner, attempts=10, base=1.0, cap=4.0, sleep=sleeps)
+    assert store.op() == "done"
+    assert len(sleeps.waits) == 9
+    assert max(sleeps.waits) <= 4.0
+
+
+def test_retries_stop_after_the_configured_attempts() -> None:
+    sleeps = Sleeps()
+    inner = FlakyStore(*[TransientStorageError("s3://b: put k: SlowDown")] * 10)
+    store = RetryingStore(inner, attempts=3, sleep=sleeps)
+    with pytest.raises(TransientStorageError, match="gave up after 3 attempts"):
+        store.op()
+    assert inner.calls == 3
+    assert len(sleeps.waits) == 2
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        PermanentStorageError("denied", code="AccessDenied"),
+        IntegrityError("checksum mismatch"),
+        NotFound("gone"),
+    ],
+)
+def test_permanent_and_integrity_errors_are_not_retried(error: CloudBackupError) -> None:
+    sleeps = Sleeps()
+    inner = FlakyStore(error)
+    store = RetryingStore(inner, sleep=sleeps)
+    with pytest.raises(type(error)):
+        store.op()
+    assert inner.calls == 1
+    assert sleeps.waits == []
+
+
+def test_botocore_retries_are_off_so_the_wrapper_sees_every_attempt() -> None:
+    client = make_client(endpoint_url="http://127.0.0.1:9", compat=False)
+    assert client.meta.config.retries["total_max_attempts"] == 1
+    # And the wrapper plugs itself into the store it wraps.
+    store = S3Store(client, BUCKET)
+    wrapper = RetryingStore(store)
+    assert store.retrying == wrapper.call
+
+
+# ---------------------------------------------------------------- exact call sequences (Stubber)
+
+
+class Calls:
+    """Records the operation name of every call a client makes (stubbed or not)."""
+
+    def __init__(self, client: Any) -> None:
+        self.names: list[str] = []
+        client.meta.events.register("before-parameter-build.s3", self._record)
+
+    def _record(self, model: Any, **kwargs: Any) -> None:
+        self.names.append(model.name)
+
+
+@pytest.fixture
+def stubbed() -> Iterator[tuple[S3Store, Stubber, Calls, Sleeps]]:
+    client = make_client(endpoint_url="http://127.0.0.1:9", compat=False)
+    store = S3Store(client, BUCKET, concurrency=1, part_size=5 * MiB)
+    sleeps = Sleeps()
+    RetryingStore(store, attempts=5, sleep=sleeps)
+    calls = Calls(client)
+    with Stubber(client) as stubber:
+        yield store, stubber, calls, sleeps
+
+
+def archive(tmp_path: Path, size: int, seed: int = 1) -> Path:
+    path = tmp_path / "a.tar.zst"
+    block = hashlib.sha256(str(seed).encode()).digest() * (MiB // 32)
+    data = (block * (size // len(block) + 1))[:size]
+    # Make every part different so a reused part cannot match by accident.
+    mixed = bytearray(data)
+    for offset in range(0, size, 5 * MiB):
+        mixed[offset : offset + 8] = offset.to_bytes(8, "big")
+    path.write_bytes(bytes(mixed))
+    return path
+
+
+def parts_of(path: Path, part_size: int = 5 * MiB) -> list[bytes]:
+    data = path.read_bytes()
+    return [data[i : i + part_size] for i in range(0, len(data), part_size)]
+
+
+def test_resume_lists_parts_before_uploading_and_reuses_only_matching_ones(
+    stubbed: tuple[S3Store, Stubber, Calls, Sleeps], tmp_path: Path
+) -> None:
+    store, stubber, calls, _ = stubbed
+    path = archive(tmp_path, 12 * MiB)
+    p1, p2, p3 = parts_of(path)
+    stubber.add_response(
+        "list_parts",
+        {
+            "Parts": [
+                {
+                    "PartNumber": 1,
+                    "Size": len(p1),
+                    "ETag": '"e1"',
+                    "ChecksumSHA256": sha256_b64(p1),
+                },
+                # Part 2 was sent from other bytes (the archive changed?): it must be re-sent.
+                {
+                    "PartNumber": 2,
+                    "Size": len(p2),
+                    "ETag": '"e2"',
+                    "ChecksumSHA256": sha256_b64(b"x"),
+                },
+            ],
+            "IsTruncated": False,
+        },
+        {"Bucket": BUCKET, "Key": "k", "UploadId": "up-1"},
+    )
+    for number, body in ((2, p2), (3, p3)):
+        stubber.add_response(
+            "upload_part",
+            {"ETag": f'"n{number}"', "ChecksumSHA256": sha256_b64(body)},
+            {
+                "Bucket": BUCKET,
+                "Key": "k",
+                "UploadId": "up-1",
+                "PartNumber": number,
+                "Body": body,
+                "ChecksumAlgorithm": "SHA256",
+                "ChecksumSHA256": sha256_b64(body),
+            },
+        )
+    expected = composite_checksum([sha256_b64(p) for p in (p1, p2, p3)])
+    stubber.add_response(
+        "complete_multipart_upload",
+        {"ETag": '"final-3"', "ChecksumSHA256": expected},
+        {
+            "Bucket": BUCKET,
+            "Key": "k",
+            "UploadId": "up-1",
+            "IfNoneMatch": "*",
+            "MultipartUpload": {
+                "Parts": [
+                    {"PartNumber": 1, "ETag": '"e1"', "ChecksumSHA256": sha256_b64(p1)},
+                    {"PartNumber": 2, "ETag": '"n2"', "ChecksumSHA256": sha256_b64(p2)},
+                    {"PartNumber": 3, "ETag": '"n3"', "ChecksumSHA256": sha256_b64(p3)},
+                ]
+            },
+        },
+    )
+    outcome = store.upload_file(k := "k", path, UploadSpec(), upload_id="up-1", part_size=5 * MiB)
+    assert k == outcome.key
+    assert calls.names == ["ListParts", "UploadPart", "UploadPart", "CompleteMultipartUpload"]
+    assert (outcome.parts_reused, outcome.parts_sent, outcome.part_count) == (1, 2, 3)
+    assert outcome.checksum == expected
+    stubber.assert_no_pending_responses()
+
+
+def test_a_new_multipart_upload_announces_its_id_before_any_part(
+    stubbed: tuple[S3Store, Stubber, Calls, Sleeps], tmp_path: Path
+) -> None:
+    store, stubber, calls, _ = stubbed
+    path = archive(tmp_path, 6 * MiB)
+    spec = UploadSpec(metadata={"sha256": "ab"}, tags=[("cloudbackup:kind", "archive")])
+    stubber.add_response(
+        "create_multipart_upload",
+        {"UploadId": "up-2"},
+        {
+            "Bucket": BUCKET,
+            "Key": "k",
+            "Metadata": {"sha256": "ab"},
+            "ContentType": "application/octet-stream",
+            "Tagging": "cloudbackup%3Akind=archive",
+            "ChecksumAlgorithm": "SHA256",
+            "ChecksumType": "COMPOSITE",
+        },
+    )
+    announced: list[tuple[str, int]] = []
+
+    def on_created(upload_id: str, part_size: int) -> None:
+        announced.append((upload_id, part_size))
+        assert calls.names == ["CreateMultipartUpload"]  # no part sent yet
+
+    for _ in range(2):
+        stubber.add_response("upload_part", {"ETag": '"e"'}, None)
+    stubber.add_response("complete_multipart_upload", {"ETag": '"f"'}, None)
+    store.upload_file("k", path, spec, on_created=on_created)
+    assert announced == [("up-2", 5 * MiB)]
+    stubber.assert_no_pending_responses()
+
+
+def test_access_denied_is_not_retried(
+    stubbed: tuple[S3Store, Stubber, Calls, Sleeps], tmp_path: Path
+) -> None:
+    store, stubber, calls, sleeps = stubbed
+    stubber.add_client_error("put_object", "AccessDenied", "Access Denied", 403)
+    with pytest.raises(PermanentStorageError) as caught:
+        store.put_bytes("k", b"{}")
+    assert caught.value.code == "AccessDenied"
+    assert f"s3://{BUCKET}" in str(caught.value)
+    assert calls.names == ["PutObject"]
+    assert sleeps.waits == []
+    stubber.assert_no_pending_responses()
+
+
+def test_a_503_is_retried_by_the_wrapper_not_by_botocore(
+    stubbed: tuple[S3Store, Stubber, Calls, Sleeps],
+) -> None:
+    store, stubber, calls, sleeps = stubbed
+    for _ in range(2):
+        stubber.add_client_error("put_object", "SlowDown", "Please reduce your request rate.", 503)
+    stubber.add_response("put_object", {"ETag": '"e"'})
+    store.put_bytes("k", b"{}")
+    assert calls.names == ["PutObject"] * 3
+    assert len(sleeps.waits) == 2
+    stubber.assert_no_pending_responses()
+
+
+def test_expired_credentials_fail_at_once_and_keep_the_upload_for_resume(
+    stubbed: tuple[S3Store, Stubber, Calls, Sleeps], tmp_path: Path
+) -> None:
+    store, stubber, calls, sleeps = stubbed
+    path = archive(tmp_path, 11 * MiB)
+    stubber.add_response("create_multipart_upload", {"UploadId": "up-3"})
+    stubber.add_response("upload_part", {"ETag": '"e1"'})
+    stubber.add_client_error("upload_part", "ExpiredToken", "The provided token has expired.", 400)
+    created: list[str] = []
+    with pytest.raises(PermanentStorageError) as caught:
+        store.upload_file("k", path, UploadSpec(), on_created=lambda uid, _: created.append(uid))
+    assert caught.value.code == "ExpiredToken"
+    assert "resume" in str(caught.value)
+    assert created == ["up-3"]  # recorded, so `cloudbackup upload` resumes it
+    assert "AbortMultipartUpload" not in calls.names
+    assert calls.names == ["CreateMultipartUpload", "UploadPart", "UploadPart"]
+    assert sleeps.waits == []
+
+
+def test_a_skewed_clock_fails_at_once_with_fix_the_clock(
+    stubbed: tuple[S3Store, Stubber, Calls, Sleeps],
+) -> None:
+    store, stubber, calls, sleeps = stubbed
+    stubber.add_client_error(
+        "put_object",
+        "RequestTimeTooSkewed",
+        "The difference between the request time and the current time is too large.",
+        403,
+    )
+    with pytest.raises(PermanentStorageError, match="fix the clock"):
+        store.put_bytes("k", b"{}")
+    assert calls.names == ["PutObject"]
+    assert sleeps.waits == []
+
+
+def _upload_until_complete(stubber: Stubber, parts: list[bytes]) -> str:
+    stubber.add_response("create_multipart_upload", {"UploadId": "up-4"})
+    for part in parts:
+        stubber.add_response("upload_part", {"ETag": '"e"', "ChecksumSHA256": sha256_b64(part)})
+    return composite_checksum([sha256_b64(p) for p in parts])
+
+
+def test_no_such_upload_on_a_retried_complete_accepts_the_matching_object(
+    stubbed: tuple[S3Store, Stubber, Calls, Sleeps], tmp_path: Path
+) -> None:
+    store, stubber, calls, sleeps = stubbed
+    path = archive(tmp_path, 11 * MiB)
+    expected = _upload_until_complete(stubber, parts_of(path))
+    # The first Complete succeeded but its answer was lost; the retry finds no upload.
+    stubber.add_client_error("complete_multipart_upload", "InternalError", "", 500)
+    stubber.add_client_error("complete_multipart_upload", "NoSuchUpload", "", 404)
+    stubber.add_response(
+        "head_object",
+        {
+            "ContentLength": 11 * MiB,
+            "ChecksumSHA256": expected.split("-")[0],  # as moto reports it, without "-3"
+            "ETag": '"final-3"',
+            "Metadata": {},
+        },
+        {"Bucket": BUCKET, "Key": "k", "ChecksumMode": "ENABLED"},
+    )
+    outcome = store.upload_file("k", path, UploadSpec())
+    assert outcome.checksum == expected
+    assert outcome.etag == '"final-3"'
+    assert calls.names[-3:] == [
+        "CompleteMultipartUpload",
+        "CompleteMultipartUpload",
+        "HeadObject",
+    ]
+    assert len(sleeps.waits) == 1
+    stubber.assert_no_pending_responses()
+
+
+def test_no_such_upload_with_a_different_object_there_is_refused(
+    stubbed: tuple[S3Store, Stubber, Calls, Sleeps], tmp_path: Path
+) -> None:
+    store, stubber, _, _ = stubbed
+    path = archive(tmp_path, 11 * MiB)
+    _upload_until_complete(stubber, parts_of(path))
+    stubber.add_client_error("complete_multipart_upload", "NoSuchUpload", "", 404)
+    stubber.add_response(
+        "head_object",
+        {"ContentLength": 11 * MiB, "ChecksumSHA256": sha256_b64(b"other"), "Metadata": {}},
+    )
+    with pytest.raises(PermanentStorageError, match="already exists and differs"):
+        store.upload_file("k", path, UploadSpec())
+
+
+def test_an_existing_identical_object_is_accepted_and_the_leftover_upload_aborted(
+    stubbed: tuple[S3Store, Stubber, Calls, Sleeps], tmp_path: Path
+) -> None:
+    store, stubber, calls, _ = stubbed
+    path = archive(tmp_path, 11 * MiB)
+    expected = _upload_until_complete(stubber, parts_of(path))
+    stubber.add_client_error("complete_multipart_upload", "PreconditionFailed", "", 412)
+    stubber.add_response(
+        "head_object", {"ContentLength": 11 * MiB, "ChecksumSHA256": expected, "Metadata": {}}
+    )
+    stubber.add_response(
+        "abort_multipart_upload", {}, {"Bucket": BUCKET, "Key": "k", "UploadId": "up-4"}
+    )
+    store.upload_file("k", path, UploadSpec())
+    assert calls.names[-2:] == ["HeadObject", "AbortMultipartUpload"]
+    stubber.assert_no_pending_responses()
+
+
+def test_a_resumed_upload_that_already_completed_is_not_sent_again(
+    stubbed: tuple[S3Store, Stubber, Calls, Sleeps], tmp_path: Path
+) -> None:
+    store, stubber, calls, _ = stubbed
+    path = archive(tmp_path, 11 * MiB)
+    expected = composite_checksum([sha256_b64(p) for p in parts_of(path)])
+    stubber.add_client_error("list_parts", "NoSuchUpload", "", 404)
+    stubber.add_response(
+        "head_object", {"ContentLength": 11 * MiB, "ChecksumSHA256": expected, "Metadata": {}}
+    )
+    outcome = store.upload_file("k", path, UploadSpec(), upload_id="up-5", part_size=5 * MiB)
+    assert outcome.already_present
+    assert outcome.checksum == expected
+    assert calls.names == ["ListParts", "HeadObject"]
+
+
+def test_a_single_put_carries_checksum_metadata_tags_and_a_conditional_write(
+    stubbed: tuple[S3Store, Stubber, Calls, Sleeps], tmp_path: Path
+) -> None:
+    store, stubber, _, _ = stubbed
+    path = tmp_path / "small.tar.zst"
+    path.write_bytes(b"small archive")
+    spec = UploadSpec(
+        metadata={"sha256": hashlib.sha256(b"small archive").hexdigest()},
+        tags=[("cloudbackup:source", "www"), ("team", "ops")],
+        storage_class="STANDARD_IA",
+    )
+    stubber.add_response(
+        "put_object",
+        {"ETag": '"e"'},
+        {
+            "Bucket": BUCKET,
+            "Key": "k",
+            "Body": b"small archive",
+            "Metadata": spec.metadata,
+            "ContentType": "application/octet-stream",
+            "StorageClass": "STANDARD_IA",
+            "Tagging": "cloudbackup%3Asource=www&team=ops",
+            "IfNoneMatch": "*",
+            "ChecksumSHA256": sha256_b64(b"small archive"),
+            "ChecksumAlgorithm": "SHA256",
+        },
+    )
+    outcome = store.upload_file("k", path, spec)
+    assert outcome.checksum == sha256_b64(b"small archive")
+    assert outcome.part_count == 1
+
+
+def test_compat_mode_sends_no_checksum_and_no_tags(tmp_path: Path) -> None:
+    client = make_client(endpoint_url="http://127.0.0.1:9", compat=True)
+    store = S3Store(client, BUCKET, compat=True, concurrency=1, part_size=5 * MiB)
+    spec = UploadSpec(metadata={"sha256": "ab"}, tags=[("cloudbackup:kind", "archive")])
+    with Stubber(client) as stubber:
+        stubber.add_response(
+            "put_object",
+            {"ETag": '"e"'},
+            {
+                "Bucket": BUCKET,
+                "Key": "k",
+                "Body": b"{}",
+                "Metadata": {"sha256": "ab"},
+                "ContentType": "application/octet-stream",
+                "IfNoneMatch": "*",
+            },
+        )
+        store.put_bytes("k", b"{}", spec=spec)
+        path = archive(tmp_path, 6 * MiB)
+        stubber.add_response(
+            "create_multipart_upload",
+            {"UploadId": "u"},
+            {
+                "Bucket": BUCKET,
+                "Key": "k2",
+                "Metadata": {"sha256": "ab"},
+                "ContentType": "application/octet-stream",
+            },
+        )
+        for number, body in enumerate(parts_of(path), 1):
+            stubber.add_response(
+                "upload_part",
+                {"ETag": '"e"'},
+                {
+                    "Bucket": BUCKET,
+                    "Key": "k2",
+                    "UploadId": "u",
+                    "PartNumber": number,
+                    "Body": body,
+                },
+            )
+        stubber.add_response("complete_multipart_upload", {"ETag": '"f"'}, None)
+        outcome = store.upload_file("k2", path, spec)
+        stubber.assert_no_pending_responses()
+    assert outcome.checksum is None
+
+
+def test_a_checksum_failure_while_downloading_is_not_retried() -> None:
+    class Client:
+        calls = 0
+
+        def get_object(self, **kwargs: Any) -> Any:
+            Client.calls += 1
+            raise bexc.FlexibleChecksumError(error_msg="Expected checksum A did not match B")
+
+    sleeps = Sleeps()
+    store = RetryingStore(S3Store(Client(), BUCKET), sleep=sleeps)
+    with pytest.raises(IntegrityError):
+        store.get_bytes("k")
+    assert Client.calls == 1
+    assert sleeps.waits == []
+
+
+# ---------------------------------------------------------------- resume against moto in-process
+
+
+@pytest.fixture
+def moto_store() -> Iterator[S3Store]:
+    from moto import mock_aws
+
+    with mock_aws():
+        client = make_client(endpoint_url=None, compat=False)
+        client.create_bucket(Bucket=BUCKET)
+        yield S3Store(client, BUCKET, concurrency=1, part_size=5 * MiB)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_upload_resumes_and_resends_only_parts_that_differ(
+    moto_store: S3Store, tmp_path: Path
+) -> None:
+    path = archive(tmp_path, 17 * MiB)  # 4 parts
+    created: list[tuple[str, int]] = []
+    sent = 0
+
+    def crash_after_two(n: int) -> None:
+        nonlocal sent
+        sent += 1
+        if sent == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        moto_store.upload_file(
+            "k",
+            path,
+            UploadSpec(),
+            on_created=lambda uid, size: created.append((uid, size)),
+            progress=crash_after_two,
+        )
+    ((upload_id, part_size),) = created
+    listed = moto_store.client.list_parts(Bucket=BUCKET, Key="k", UploadId=upload_id)["Parts"]
+    assert [p["PartNumber"] for p in listed] == [1, 2]  # nothing sent after the failure
+    # Part 2's bytes change locally: it must be sent again; part 1 is reused.
+    data = bytearray(path.read_bytes())
+    data[5 * MiB + 100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    outcome = moto_store.upload_file(
+        "k", path, UploadSpec(), upload_id=upload_id, part_size=part_size
+    )
+    assert (outcome.parts_reused, outcome.parts_sent) == (1, 3)
+    body = moto_store.client.get_object(Bucket=BUCKET, Key="k")["Body"].read()
+    assert hashlib.sha256(body).digest() == hashlib.sha256(bytes(data)).digest()
+    head = moto_store.head("k")
+    assert head is not None and checksums_match(outcome.checksum, head.checksum_sha256)
+
+
+def test_conditional_writes_never_overwrite(moto_store: S3Store) -> None:
+    moto_store.put_bytes("m", b"first")
+    with pytest.raises(PermanentStorageError) as caught:
+        moto_store.put_bytes("m", b"second")
+    assert caught.value.code == "PreconditionFailed"
+    assert moto_store.get_bytes("m") == b"first"
