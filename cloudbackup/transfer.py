@@ -58,7 +58,10 @@ def claim_host(ctx: Context) -> None:
     if getattr(ctx, "_claimed", False):
         return
     key = host_claim_key(ctx)
-    head = ctx.remote.head(key)
+    # Existence by LIST, not HEAD: with a prefix-scoped role, AWS answers a HEAD of a missing
+    # key with 403 rather than 404.
+    exists = any(obj.key == key for obj in ctx.remote.list(key))
+    head = ctx.remote.head(key) if exists else None
     if head is None:
         try:
             ctx.remote.put_bytes(
