@@ -312,6 +312,7 @@ def upload_after_backup(ctx: Context, result: SourceResult) -> None:
         result.uploaded = up.ok
     except CloudBackupError as exc:
         result.error = f"upload failed: {exc} (the local archive is kept; run `cloudbackup upload`)"
+        result.ok = False  # the backup's offsite half failed: never summarised as a success
         result.exit_code = max(result.exit_code, 3 if isinstance(exc, IntegrityError) else 1)
         LOG.error("%s: %s", ref.id, result.error)
 
