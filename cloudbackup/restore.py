@@ -1,0 +1,1265 @@
+"""Restore: find a backup by LIST, verify its archive, extract it safely, swap it into place.
+
+The flow (see DESIGN.md)::
+
+    LIST (local + remote) ─▶ choose the backup (newest, or newest at/before --at)
+      ─▶ local copy re-hashes to the manifest?  yes: use it   no: GET the remote copy into a
+         temp file beside the target, hashing on the way; a mismatch is an IntegrityError
+      ─▶ decompress ─▶ extract.extract() into a staging directory beside the target
+      ─▶ count what is on disk ─▶ (--force: move the old target aside) ─▶ rename into place
+
+Nothing unverified is ever decompressed, nothing is ever written under the target's own
+name until the whole tree is complete (a restore killed with SIGKILL leaves at most a
+hidden staging directory, removed by the next restore into the same place), and a restore
+counts what it wrote against the manifest and says so.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import hashlib
+import logging
+import lzma
+import os
+import re
+import shutil
+import tarfile
+import threading
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from datetime import time as dtime
+from pathlib import Path
+from typing import IO, Any, BinaryIO, TypeVar
+
+import zstandard
+
+from cloudbackup.archive import HashingReader, open_decompressed, sha256_file
+from cloudbackup.errors import (
+    CloudBackupError,
+    ConfigError,
+    IntegrityError,
+    StorageError,
+    TransientStorageError,
+    UsageError,
+)
+from cloudbackup.extract import ExtractResult, extract
+from cloudbackup.model import BackupId, BackupRef, Listing, Manifest, valid_name
+from cloudbackup.operations import Context, read_local_manifest
+
+LOG = logging.getLogger("cloudbackup")
+T = TypeVar("T")
+
+DIRECTORY_KINDS = ("directory", "glob")
+FILE_KINDS = ("sqlite", "command")
+RANGED_MIN_SIZE = 64 * 1024**2  # below this, one streamed GET is always used
+RANGED_PART_SIZE = 8 * 1024**2
+# 1 MiB reads: 4 MiB ones allocate (mmap) and fault in fresh pages for every chunk, which
+# doubled the download's wall time in the benchmark (see benchmarks/RESULTS.md).
+DOWNLOAD_CHUNK = 1024**2
+_STAMP = "%Y%m%dT%H%M%SZ"
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_DECOMPRESS_ERRORS: tuple[type[BaseException], ...] = (
+    zstandard.ZstdError,
+    lzma.LZMAError,
+    zlib.error,
+    gzip.BadGzipFile,
+    EOFError,
+)
+_TAR_ERRORS: tuple[type[BaseException], ...] = (tarfile.TarError, *_DECOMPRESS_ERRORS)
+_INTEGRITY_HINT = "restore another copy (--from local/remote) or an older backup (--at)"
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass
+class RestoreResult:
+    """What one restore did (or, with ``dry_run``, would do)."""
+
+    id: str
+    host: str
+    source: str
+    kind: str = ""
+    where_from: str = ""  # "local" | "remote"
+    target: str = ""
+    files: int = 0  # non-directory entries written (regular files, symlinks, hard links)
+    bytes: int = 0  # regular-file bytes written
+    expected_files: int | None = None
+    expected_bytes: int | None = None
+    refused: list[str] = field(default_factory=list)
+    moved_aside: str | None = None
+    seconds: float = 0.0
+    ok: bool = False
+    exit_code: int = 0
+    detail: str = ""
+    dry_run: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "host": self.host,
+            "source": self.source,
+            "kind": self.kind,
+            "where_from": self.where_from,
+            "target": self.target,
+            "files": self.files,
+            "bytes": self.bytes,
+            "expected_files": self.expected_files,
+            "expected_bytes": self.expected_bytes,
+            "refused": self.refused,
+            "moved_aside": self.moved_aside,
+            "seconds": round(self.seconds, 3),
+            "ok": self.ok,
+            "exit_code": self.exit_code,
+            "detail": self.detail,
+            "dry_run": self.dry_run,
+            "warnings": self.warnings,
+        }
+
+    def summary(self) -> str:
+        """One line for people."""
+        if self.dry_run:
+            return f"dry run: {self.detail}; nothing written"
+        what = f"{self.id} (host {self.host}) from {self.where_from}"
+        if self.ok:
+            return f"restored {what}: {self.detail}"
+        if self.files:
+            return f"PARTLY restored {what}: {self.detail}"
+        return f"restore of {what} FAILED: {self.detail}"
+
+
+# ---------------------------------------------------------------- --at
+
+
+def parse_at(text: str) -> datetime:
+    """RFC 3339 with ``Z`` or an offset, or a bare date meaning the end of that day (UTC)."""
+    value = text.strip()
+    if _DATE_RE.match(value):
+        try:
+            day = datetime.strptime(value, "%Y-%m-%d").date()
+        except ValueError:
+            raise ConfigError(
+                f"--at {text!r} is not a valid date", "use YYYY-MM-DD or 2026-11-01T00:00:00Z"
+            ) from None
+        return datetime.combine(day, dtime(23, 59, 59), tzinfo=UTC)
+    normalized = value[:-1] + "+00:00" if value[-1:] in ("Z", "z") else value
+    try:
+        moment = datetime.fromisoformat(normalized.replace("t", "T", 1))
+    except ValueError:
+        moment = None
+    if moment is None or "T" not in normalized.upper():
+        raise ConfigError(
+            f"--at {text!r} is not an RFC 3339 time",
+            "use 2026-11-01T00:00:00Z, 2026-11-01T02:00:00+01:00 or a date (end of that day, UTC)",
+        )
+    if moment.tzinfo is None:
+        raise ConfigError(
+            f"--at {text!r} has no time zone",
+            f"add Z for UTC ({value}Z) or an offset such as +01:00",
+        )
+    return moment.astimezone(UTC)
+
+
+# ---------------------------------------------------------------- choosing the backup
+
+
+@dataclass
+class Candidate:
+    """One backup with the copies of it that were listed."""
+
+    backup_id: BackupId
+    host: str
+    local: BackupRef | None = None
+    remote: BackupRef | None = None
+
+    @property
+    def id(self) -> str:
+        return str(self.backup_id)
+
+
+def _order(candidate: Candidate) -> tuple[datetime, int]:
+    return candidate.backup_id.created_at, candidate.backup_id.seq
+
+
+def _listings(ctx: Context, from_: str | None) -> tuple[Listing, Listing]:
+    local = ctx.local_listing() if from_ != "remote" else Listing()
+    remote = Listing()
+    if from_ != "local" and ctx.remote is not None:
+        try:
+            # Every host: a DR machine has a new hostname, and the error lists who has it.
+            try:
+                remote = ctx.remote_listing(all_hosts=True)
+            except StorageError:
+                remote = ctx.remote_listing()  # a host-scoped role may list only its own prefix
+        except StorageError as exc:
+            if from_ == "remote":
+                raise
+            LOG.warning("cannot list the bucket (%s); choosing among local backups only", exc)
+    return local, remote
+
+
+def find_backup(
+    ctx: Context,
+    what: str,
+    *,
+    host: str,
+    at: datetime | None = None,
+    from_: str | None = None,
+) -> Candidate:
+    """The backup to restore: ``what`` is a backup id or a source name (its newest backup
+    at or before ``at``), under ``host``. Found by LIST alone, locally and remotely."""
+    if not valid_name(what):
+        raise UsageError(f"{what!r} is not a source name or backup id", "see `cloudbackup list`")
+    if from_ == "remote" and ctx.remote is None:
+        raise UsageError("--from remote needs a bucket", "set CLOUDBACKUP_S3_BUCKET")
+    try:
+        wanted_id: BackupId | None = BackupId.parse(what)
+    except ValueError:
+        wanted_id = None
+    source = wanted_id.source if wanted_id else what
+    local, remote = _listings(ctx, from_)
+    candidates: dict[tuple[str, str], Candidate] = {}
+    hosts_with_it: set[str] = set()
+    for listing in (local, remote):
+        for ref in listing.refs:
+            if ref.source != source or (wanted_id and ref.backup_id != wanted_id):
+                continue
+            hosts_with_it.add(ref.host)
+            if ref.host != host:
+                continue
+            cand = candidates.setdefault((ref.host, ref.id), Candidate(ref.backup_id, ref.host))
+            if ref.where == "local":
+                cand.local = ref
+            else:
+                cand.remote = ref
+    thing = f"backup {what}" if wanted_id else f"source {what}"
+    if not candidates:
+        where = _where_words(ctx, from_)
+        if hosts_with_it:
+            raise UsageError(
+                f"{thing} not found for host {host}; hosts with it: "
+                f"{', '.join(sorted(hosts_with_it))} — pass --host",
+                None,
+            )
+        hint = "see `cloudbackup list --all-hosts`"
+        if ctx.remote is None and from_ != "local":
+            hint = "no bucket is configured: set CLOUDBACKUP_S3_BUCKET to look in the bucket"
+        raise UsageError(f"{thing} not found ({where})", hint)
+    chosen = sorted(candidates.values(), key=_order)
+    if at is not None:
+        before = [c for c in chosen if c.backup_id.created_at <= at]
+        if not before:
+            raise UsageError(
+                f"no backup of {source} for host {host} at or before "
+                f"{at.strftime('%Y-%m-%dT%H:%M:%SZ')}; the oldest is {chosen[0].id}",
+                "pick a later --at (see `cloudbackup list`)",
+            )
+        chosen = before
+    return chosen[-1]
+
+
+def _where_words(ctx: Context, from_: str | None) -> str:
+    places = []
+    if from_ != "remote":
+        places.append(f"local dir {ctx.settings.local_dir}")
+    if from_ != "local" and ctx.remote is not None:
+        places.append(f"bucket {ctx.settings.s3_bucket}")
+    return " or ".join(places) or "nowhere to look"
+
+
+# ---------------------------------------------------------------- verified copies
+
+
+def _read_remote_manifest(ctx: Context, ref: BackupRef) -> Manifest:
+    assert ref.manifest_key
+    try:
+        return Manifest.from_json(ctx.remote.get_bytes(ref.manifest_key))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IntegrityError(
+            f"remote manifest {ref.manifest_key} is unreadable: {exc}", _INTEGRITY_HINT
+        ) from None
+
+
+def _check_manifest(manifest: Manifest, cand: Candidate, where: str) -> None:
+    if manifest.id != cand.id:
+        raise IntegrityError(
+            f"the {where} manifest of {cand.id} describes {manifest.id}", _INTEGRITY_HINT
+        )
+    if manifest.compression not in ("zstd", "gzip", "xz", "bzip2", "none"):
+        raise CloudBackupError(
+            f"{cand.id}: unknown compression {manifest.compression!r} in its manifest",
+            "restore it with a newer cloudbackup",
+        )
+
+
+def _local_copy_ok(ctx: Context, ref: BackupRef, manifest: Manifest) -> str | None:
+    """None when the local archive re-hashes to its manifest, else what is wrong."""
+    assert ref.archive_key
+    path = ctx.local.path(ref.archive_key)
+    progress = ctx.progress(f"verify {ref.id}", manifest.size)
+    try:
+        digest, size = sha256_file(path, progress)
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    finally:
+        getattr(progress, "close", lambda: None)()
+    if size != manifest.size:
+        return f"{path} has {size} bytes, the manifest says {manifest.size}"
+    if digest != manifest.sha256:
+        return f"{path} has sha256 {digest}, the manifest says {manifest.sha256}"
+    return None
+
+
+@dataclass
+class _Copy:
+    where: str  # "local" | "remote"
+    manifest: Manifest
+    ref: BackupRef
+    local_path: Path | None = None  # verified local archive
+
+
+def _choose_copy(
+    ctx: Context, cand: Candidate, from_: str | None, peeked: Manifest | None = None
+) -> _Copy:
+    """The copy to restore from: local when it re-hashes to its manifest (unless --from
+    remote), else remote. ``peeked`` is the manifest ``_peek_manifest`` already read."""
+    if from_ == "local" and cand.local is None:
+        raise UsageError(
+            f"backup {cand.id} is not in the local dir {ctx.settings.local_dir}",
+            "restore it --from remote",
+        )
+    if from_ == "remote" and cand.remote is None:
+        raise UsageError(f"backup {cand.id} is not in the bucket", "restore it --from local")
+    if from_ != "remote" and cand.local is not None:
+        manifest = peeked if peeked is not None else read_local_manifest(ctx, cand.local)
+        peeked = None
+        _check_manifest(manifest, cand, "local")
+        problem = _local_copy_ok(ctx, cand.local, manifest)
+        if problem is None:
+            assert cand.local.archive_key
+            return _Copy("local", manifest, cand.local, ctx.local.path(cand.local.archive_key))
+        if from_ == "local" or cand.remote is None or ctx.remote is None:
+            raise IntegrityError(
+                f"{cand.id}: local archive fails its checksum: {problem}", _INTEGRITY_HINT
+            )
+        LOG.warning(
+            "%s: the local copy fails its checksum (%s); restoring from remote", cand.id, problem
+        )
+    assert cand.remote is not None
+    manifest = peeked if peeked is not None else _read_remote_manifest(ctx, cand.remote)
+    _check_manifest(manifest, cand, "remote")
+    if cand.remote.archive_size is not None and cand.remote.archive_size != manifest.size:
+        raise IntegrityError(
+            f"{cand.id}: the remote archive has {cand.remote.archive_size} bytes, "
+            f"its manifest says {manifest.size}",
+            _INTEGRITY_HINT,
+        )
+    return _Copy("remote", manifest, cand.remote)
+
+
+# ---------------------------------------------------------------- download
+
+
+def download(
+    remote: Any,
+    key: str,
+    dest: Path,
+    *,
+    size: int,
+    sha256: str,
+    progress: Callable[[int], None] | None = None,
+    ranged_parts: int = 0,
+    part_size: int = RANGED_PART_SIZE,
+) -> None:
+    """GET ``key`` into the new file ``dest``, hashing on the way; raise IntegrityError (and
+    remove ``dest``) unless it has ``size`` bytes with SHA-256 ``sha256``.
+
+    ``ranged_parts`` > 1 fetches ``part_size`` ranges with that many parallel GETs (written
+    with ``pwrite``, hashed in order as they complete); otherwise one streamed GET. The
+    store retries each request; a transient error in the middle of a body starts that
+    download (or that part) again, up to the store's attempts. An integrity failure is
+    never retried.
+    """
+    fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        if ranged_parts > 1 and size > part_size:
+            sha = _download_ranged(remote, key, fd, size, ranged_parts, part_size, progress)
+            count = size
+        else:
+
+            def attempt() -> tuple[Any, int]:
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)
+                return _download_stream(remote, key, fd, progress)
+
+            sha, count = _restarting(remote, f"download of {key}", attempt)
+        if count != size:
+            raise IntegrityError(
+                f"downloaded {count} bytes of {key}, the manifest says {size}", _INTEGRITY_HINT
+            )
+        digest = sha.hexdigest()
+        if digest != sha256:
+            raise IntegrityError(
+                f"downloaded {key} has sha256 {digest}, the manifest says {sha256}; "
+                "nothing was restored",
+                _INTEGRITY_HINT,
+            )
+    except BaseException:
+        os.close(fd)
+        dest.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+
+
+class _Interrupted(Exception):
+    """A body read failed transiently after the request itself succeeded."""
+
+    def __init__(self, error: TransientStorageError, done: int) -> None:
+        super().__init__(str(error))
+        self.error, self.done = error, done
+
+
+def _restarting(remote: Any, what: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` again when it was interrupted mid-body (requests are retried by the store)."""
+    attempts = max(int(getattr(remote, "attempts", 3) or 1), 1)
+    sleep = getattr(remote, "sleep", time.sleep)
+    for number in range(1, attempts + 1):
+        try:
+            return fn()
+        except _Interrupted as exc:
+            if number == attempts:
+                raise exc.error from None
+            LOG.warning(
+                "%s interrupted after %d bytes (%s); starting it again (attempt %d of %d)",
+                what,
+                exc.done,
+                exc.error,
+                number + 1,
+                attempts,
+            )
+            sleep(min(0.5 * 2**number, 10.0))
+    raise AssertionError("unreachable")
+
+
+def _download_stream(
+    remote: Any, key: str, fd: int, progress: Callable[[int], None] | None
+) -> tuple[Any, int]:
+    """One streamed GET; a writer thread hashes and writes while the next chunk arrives."""
+    sha = hashlib.sha256()
+    count = 0
+    with remote.open(key) as body:
+        sink = _Writer(fd, sha)
+        try:
+            while True:
+                try:
+                    chunk = body.read(DOWNLOAD_CHUNK)
+                except TransientStorageError as exc:
+                    raise _Interrupted(exc, count) from exc
+                if not chunk:
+                    break
+                sink.put(chunk)
+                count += len(chunk)
+                if progress:
+                    progress(len(chunk))
+        finally:
+            sink.close()
+    return sha, count
+
+
+class _Writer:
+    """Hashes and writes chunks on its own thread (hashlib and os.write release the GIL)."""
+
+    def __init__(self, fd: int, sha: Any) -> None:
+        self.fd, self.sha = fd, sha
+        self.error: BaseException | None = None
+        self._chunks: list[bytes | None] = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="restore-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._chunks:
+                    self._cond.wait()
+                chunk = self._chunks.pop(0)
+                self._cond.notify_all()
+            if chunk is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                self.sha.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(self.fd, view) :]
+            except BaseException as exc:  # surfaced on the caller's thread
+                self.error = exc
+
+    def put(self, chunk: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        with self._cond:
+            while len(self._chunks) >= 16:  # bounded memory: 16 chunks in flight
+                self._cond.wait()
+            self._chunks.append(chunk)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._chunks.append(None)
+            self._cond.notify_all()
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _download_ranged(
+    remote: Any,
+    key: str,
+    fd: int,
+    size: int,
+    workers: int,
+    part_size: int,
+    progress: Callable[[int], None] | None,
+) -> Any:
+    """Parallel ranged GETs; each part is written at its offset and hashed in order."""
+    sha = hashlib.sha256()
+    count = -(-size // part_size)
+
+    def fetch(number: int) -> bytes:
+        start = number * part_size
+        end = min(start + part_size, size) - 1
+
+        def attempt() -> bytes:
+            try:
+                return bytes(remote.open_range(key, start, end))
+            except TransientStorageError as exc:  # the body read is not retried by the store
+                raise _Interrupted(exc, 0) from exc
+
+        data = _restarting(remote, f"GET of {key} part {number + 1}/{count}", attempt)
+        if len(data) != end - start + 1:
+            raise IntegrityError(
+                f"ranged GET of {key} bytes {start}-{end} returned {len(data)} bytes",
+                _INTEGRITY_HINT,
+            )
+        view = memoryview(data)
+        offset = start
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view, offset = view[written:], offset + written
+        return data
+
+    done_parts: dict[int, bytes] = {}
+    next_to_hash = 0
+    window = max(workers * 2, 2)  # bounded memory: parts in flight or waiting to be hashed
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="download") as pool:
+        pending: dict[Future[bytes], int] = {}
+        submitted = 0
+        try:
+            while next_to_hash < count:
+                while submitted < count and len(pending) + len(done_parts) < window:
+                    pending[pool.submit(fetch, submitted)] = submitted
+                    submitted += 1
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    number = pending.pop(future)
+                    done_parts[number] = future.result()
+                while next_to_hash in done_parts:
+                    data = done_parts.pop(next_to_hash)
+                    sha.update(data)
+                    if progress:
+                        progress(len(data))
+                    next_to_hash += 1
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+    return sha
+
+
+# ---------------------------------------------------------------- targets and workspace
+
+
+@dataclass
+class _Target:
+    kind: str  # "dir" | "file" | "stdout" | "postgresql"
+    path: Path | None  # final path (dir or file)
+    url: str | None = None  # postgresql target
+    workdir: Path = Path(".")  # where temp files and staging go (same filesystem as path)
+    mount_point: bool = False  # an empty mount point: staged inside, entries moved in
+
+    def show(self) -> str:
+        if self.kind == "stdout":
+            return "stdout"
+        if self.kind == "postgresql":
+            from cloudbackup.sources import redact_url
+
+            return redact_url(self.url or "")
+        return str(self.path)
+
+
+def _is_nonempty_dir(path: Path, *, ignore_ours: bool = False) -> bool:
+    """True when ``path`` holds anything (``ignore_ours``: but a dead restore's leftovers)."""
+    with os.scandir(path) as it:
+        for entry in it:
+            match = _STALE_RE.match(entry.name) if ignore_ours else None
+            if match is None or _pid_alive(int(match["pid"])):
+                return True
+    return False
+
+
+def _plan_target(
+    ctx: Context, manifest: Manifest, to: str | None, force: bool, includes: Sequence[str]
+) -> _Target:
+    kind = manifest.kind
+    if includes and kind not in DIRECTORY_KINDS:
+        raise UsageError(
+            f"--include applies to directory and glob sources; {manifest.source} is {kind}"
+        )
+    if kind in DIRECTORY_KINDS:
+        if to in ("-",) or (to or "").startswith(("postgresql://", "postgres://")):
+            raise UsageError(
+                f"{manifest.source} is a {kind} source: restore it into a directory (--to DIR)"
+            )
+        path = Path(os.path.abspath(to if to else manifest.id))
+        if path.is_symlink():
+            real = Path(os.path.realpath(path))
+            LOG.info("--to %s is a symlink; restoring into %s", path, real)
+            path = real
+        target = _Target("dir", path, workdir=path.parent)
+        if path.exists() or path.is_symlink():
+            if not path.is_dir():
+                if not force:
+                    raise UsageError(
+                        f"target {path} exists and is not a directory",
+                        "pass --force to move it aside, or choose another --to",
+                    )
+            elif _is_nonempty_dir(path, ignore_ours=os.path.ismount(path)):
+                if os.path.ismount(path):
+                    raise UsageError(
+                        f"target {path} is a non-empty mount point",
+                        "restore into an empty directory (or an empty volume) and move the data",
+                    )
+                if not force:
+                    raise UsageError(
+                        f"target {path} is not empty",
+                        f"pass --force to move it aside to {path.name}.before-restore-<time>, "
+                        "or choose another --to",
+                    )
+            elif os.path.ismount(path):
+                target.mount_point = True
+                target.workdir = path
+        return target
+    if kind == "postgresql":
+        if not to or not to.startswith(("postgresql://", "postgres://")):
+            raise UsageError(
+                f"{manifest.source} is a PostgreSQL backup: give --to postgresql://user@host/dbname"
+            )
+        return _Target("postgresql", None, url=to, workdir=ctx.settings.local_dir)
+    if kind in FILE_KINDS:
+        if not to or to.startswith(("postgresql://", "postgres://")):
+            extra = " or --to - (stdout)" if kind == "command" else ""
+            raise UsageError(f"{manifest.source} is a {kind} backup: give --to FILE{extra}")
+        if to == "-":
+            if kind != "command":
+                raise UsageError("--to - (stdout) is for command sources only; give --to FILE")
+            return _Target("stdout", None, workdir=ctx.settings.local_dir)
+        path = Path(os.path.abspath(to))
+        if path.is_dir() and not path.is_symlink():
+            raise UsageError(f"target {path} is a directory; give the file to restore into")
+        return _Target("file", path, workdir=path.parent)
+    raise CloudBackupError(
+        f"{manifest.id}: unknown source kind {kind!r} in its manifest",
+        "restore it with a newer cloudbackup",
+    )
+
+
+_STALE_RE = re.compile(r"^\.(?P<name>.+)\.(?:restore|cloudbackup-download)-(?P<pid>\d+)-[0-9a-f]+")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_tree(path: Path) -> None:
+    """``rm -rf`` that also removes read-only directories a restored tree may contain."""
+    try:
+        shutil.rmtree(path)
+        return
+    except FileNotFoundError:
+        return
+    except OSError:
+        pass
+    for dirpath, dirnames, _ in os.walk(path):
+        for name in dirnames:
+            full = os.path.join(dirpath, name)
+            if not os.path.islink(full):
+                try:
+                    os.chmod(full, 0o700)
+                except OSError:
+                    pass
+    os.chmod(path, 0o700)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class _Workspace:
+    """Hidden temp files and staging directories beside the target; removed on exit."""
+
+    def __init__(self, workdir: Path, name: str) -> None:
+        self.workdir = workdir
+        self.name = name
+        self.token = f"{os.getpid()}-{os.urandom(4).hex()}"
+        self.paths: list[Path] = []
+
+    def __enter__(self) -> _Workspace:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._clean_stale()
+        return self
+
+    def _clean_stale(self) -> None:
+        try:
+            entries = list(os.scandir(self.workdir))
+        except OSError:
+            return
+        for entry in entries:
+            match = _STALE_RE.match(entry.name)
+            if not match or match["name"] != self.name or _pid_alive(int(match["pid"])):
+                continue
+            LOG.info("removing %s left by an interrupted restore", entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                remove_tree(Path(entry.path))
+            else:
+                Path(entry.path).unlink(missing_ok=True)
+
+    def download_path(self) -> Path:
+        path = self.workdir / f".{self.name}.cloudbackup-download-{self.token}.partial"
+        self.paths.append(path)
+        return path
+
+    def staging(self) -> Path:
+        path = self.workdir / f".{self.name}.restore-{self.token}"
+        os.mkdir(path, 0o777)  # the umask's default mode, unless the archive has a root entry
+        self.paths.append(path)
+        return path
+
+    def __exit__(self, *exc: object) -> None:
+        for path in reversed(self.paths):
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    remove_tree(path)
+                else:
+                    path.unlink(missing_ok=True)
+            except OSError as error:
+                LOG.warning("cannot remove %s: %s", path, error.strerror)
+
+
+# ---------------------------------------------------------------- extraction
+
+
+def _open_archive(path: Path, compression: str) -> tuple[BinaryIO, Any]:
+    raw = open(path, "rb", buffering=0)
+    return raw, open_decompressed(raw, compression)
+
+
+def _extract_file(
+    path: Path,
+    compression: str,
+    into: Path,
+    *,
+    includes: Sequence[str] = (),
+    dry_run: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> ExtractResult:
+    # Decompression stays on this thread: python-zstandard holds the GIL while it works, so
+    # a read-ahead thread measured slower, not faster (see benchmarks/RESULTS.md, Restore).
+    raw, stream = _open_archive(path, compression)
+    try:
+        return extract(stream, into, include=includes, dry_run=dry_run, progress=progress)
+    except _DECOMPRESS_ERRORS as exc:
+        raise IntegrityError(f"cannot decompress {path.name}: {exc}", _INTEGRITY_HINT) from None
+    finally:
+        raw.close()
+
+
+@dataclass
+class Tally:
+    files: int = 0  # non-directory entries
+    bytes: int = 0  # regular-file bytes, each inode once
+    dirs: int = 0
+
+
+def tally_tree(root: Path) -> Tally:
+    """Count what is on disk under ``root`` (no symlink followed): the restore's own check."""
+    tally = Tally()
+    seen: set[tuple[int, int]] = set()
+    stack = [os.fspath(root)]
+    while stack:
+        directory = stack.pop()
+        with os.scandir(directory) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    tally.dirs += 1
+                    stack.append(entry.path)
+                    continue
+                tally.files += 1
+                if entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    ident = (st.st_dev, st.st_ino)
+                    if st.st_nlink > 1:
+                        if ident in seen:
+                            continue
+                        seen.add(ident)
+                    tally.bytes += st.st_size
+    return tally
+
+
+def _stream_member(
+    path: Path, compression: str, member_name: str, out: IO[bytes]
+) -> tuple[int, list[str]]:
+    """Copy one regular member of a verified archive to ``out``; returns its size."""
+    raw, stream = _open_archive(path, compression)
+    written = 0
+    found = False
+    others: list[str] = []
+    try:
+        with tarfile.open(
+            fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape"
+        ) as tar:
+            for member in tar:
+                name = member.name.removeprefix("./")
+                if name != member_name or not member.isreg() or found:
+                    others.append(member.name)
+                    continue
+                data = tar.extractfile(member)
+                assert data is not None
+                while chunk := data.read(DOWNLOAD_CHUNK):
+                    out.write(chunk)
+                    written += len(chunk)
+                found = True
+        out.flush()
+    except _TAR_ERRORS as exc:
+        raise IntegrityError(f"cannot read {path.name}: {exc}", _INTEGRITY_HINT) from None
+    except BrokenPipeError:
+        raise CloudBackupError(
+            f"stdout was closed after {written} bytes", "check the command reading from the pipe"
+        ) from None
+    finally:
+        raw.close()
+    if not found:
+        raise IntegrityError(f"{path.name} holds no member {member_name!r}", _INTEGRITY_HINT)
+    return written, others
+
+
+# ---------------------------------------------------------------- the use case
+
+
+def _stamp(ctx: Context) -> str:
+    return ctx.now().astimezone(UTC).strftime(_STAMP)
+
+
+def _aside_path(path: Path, stamp: str) -> Path:
+    candidate = path.with_name(f"{path.name}.before-restore-{stamp}")
+    n = 2
+    while candidate.exists() or candidate.is_symlink():
+        candidate = path.with_name(f"{path.name}.before-restore-{stamp}-{n}")
+        n += 1
+    return candidate
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def restore(
+    ctx: Context,
+    what: str,
+    *,
+    host: str | None = None,
+    at: datetime | None = None,
+    to: str | None = None,
+    from_: str | None = None,
+    includes: Sequence[str] = (),
+    force: bool = False,
+    dry_run: bool = False,
+    stdout: IO[bytes] | None = None,
+    ranged: bool = False,
+) -> RestoreResult:
+    """Restore backup ``what`` (a source name or a backup id) of ``host``.
+
+    Raises UsageError (2) before anything is read when the backup cannot be found or the
+    target is not acceptable, IntegrityError (3) when no verified copy exists. Refused
+    members and count mismatches are reported in the result (exit 1), the rest restored.
+    ``stdout`` receives a command source's output for ``to == "-"``. ``ranged`` uses
+    parallel ranged GETs (``settings.s3_concurrency``) for archives over 64 MiB.
+    """
+    started = time.monotonic()
+    host = host or ctx.host
+    if from_ not in (None, "local", "remote"):
+        raise UsageError(f"--from {from_!r}: use remote or local")
+    cand = find_backup(ctx, what, host=host, at=at, from_=from_)
+    result = RestoreResult(cand.id, cand.host, cand.backup_id.source, dry_run=dry_run)
+    # A cheap plan first: a bad target fails before anything is downloaded or hashed.
+    manifest = _peek_manifest(ctx, cand, from_)
+    target = _plan_target(ctx, manifest, to, force, includes)
+    copy = _choose_copy(ctx, cand, from_, manifest)
+    manifest = copy.manifest
+    result.kind = manifest.kind
+    result.where_from = copy.where
+    result.target = target.show()
+    result.expected_files = manifest.file_count
+    result.expected_bytes = manifest.uncompressed_bytes
+    if manifest.warnings:
+        result.warnings.append(
+            f"the backup recorded {len(manifest.warnings)} warning(s) when it was made"
+        )
+    LOG.info(
+        "restoring %s (host %s) from %s into %s", cand.id, cand.host, copy.where, result.target
+    )
+    try:
+        if dry_run:
+            _dry_run(ctx, copy, target, includes, force, result)
+        else:
+            _run(ctx, copy, target, includes, force, result, stdout, ranged)
+    except OSError as exc:
+        raise _os_error(exc, result.target) from exc
+    finally:
+        result.seconds = time.monotonic() - started
+    if not dry_run and not result.ok:
+        LOG.error(
+            "restore of %s is incomplete (exit %d): see the summary", cand.id, result.exit_code
+        )
+    return result
+
+
+def _peek_manifest(ctx: Context, cand: Candidate, from_: str | None) -> Manifest:
+    """The manifest of whichever copy is at hand (no archive read), to plan the target."""
+    if cand.local is not None and from_ != "remote":
+        return read_local_manifest(ctx, cand.local)
+    assert cand.remote is not None
+    return _read_remote_manifest(ctx, cand.remote)
+
+
+def _os_error(exc: OSError, target: str) -> CloudBackupError:
+    if exc.errno == errno.ENOSPC:
+        return CloudBackupError(
+            f"no space left on the device while restoring into {target}",
+            "free space or restore elsewhere (--to); nothing was put in place",
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        where = exc.filename or target
+        return CloudBackupError(
+            f"cannot write {where}: {exc.strerror}", "run as a user who may write there"
+        )
+    return CloudBackupError(
+        f"restore into {target} failed: {exc.strerror or exc}"
+        + (f" ({exc.filename})" if exc.filename else "")
+    )
+
+
+def _archive_path(ctx: Context, copy: _Copy, ws: _Workspace, ranged: bool) -> Path:
+    if copy.local_path is not None:
+        return copy.local_path
+    manifest = copy.manifest
+    assert copy.ref.archive_key
+    dest = ws.download_path()
+    concurrency = int(getattr(ctx.settings, "s3_concurrency", 1) or 1)
+    parts = concurrency if ranged and concurrency > 1 and manifest.size > RANGED_MIN_SIZE else 0
+    progress = ctx.progress(f"download {manifest.id}", manifest.size)
+    try:
+        download(
+            ctx.remote,
+            copy.ref.archive_key,
+            dest,
+            size=manifest.size,
+            sha256=manifest.sha256,
+            progress=progress,
+            ranged_parts=parts,
+        )
+    finally:
+        getattr(progress, "close", lambda: None)()
+    LOG.info(
+        "downloaded and verified %s (%d bytes, sha256 matches)", manifest.archive, manifest.size
+    )
+    return dest
+
+
+def _run(
+    ctx: Context,
+    copy: _Copy,
+    target: _Target,
+    includes: Sequence[str],
+    force: bool,
+    result: RestoreResult,
+    stdout: IO[bytes] | None,
+    ranged: bool,
+) -> None:
+    manifest = copy.manifest
+    name = target.path.name if target.path is not None else manifest.id
+    if target.mount_point:
+        name = "cloudbackup"
+    with _Workspace(target.workdir, name) as ws:
+        archive = _archive_path(ctx, copy, ws, ranged)
+        if target.kind == "stdout":
+            out = stdout
+            if out is None:
+                raise UsageError("--to - needs a standard output to write to")
+            member = f"{manifest.source}.out"
+            written, _ = _stream_member(archive, manifest.compression, member, out)
+            result.files, result.bytes = 1, written
+            _conclude(
+                result,
+                Tally(1, written),
+                expected=(manifest.file_count, manifest.uncompressed_bytes),
+            )
+            return
+        staging = ws.staging()
+        progress = ctx.progress(f"restore {manifest.id}", manifest.uncompressed_bytes)
+        try:
+            extracted = _extract_file(
+                archive, manifest.compression, staging, includes=includes, progress=progress
+            )
+        finally:
+            getattr(progress, "close", lambda: None)()
+        if copy.local_path is None:
+            Path(archive).unlink(missing_ok=True)  # free the space before anything else
+        result.refused = list(extracted.refused)
+        result.warnings += extracted.warnings
+        on_disk = tally_tree(staging)
+        if includes:
+            expected = (
+                extracted.files + extracted.symlinks + extracted.hardlinks,
+                extracted.bytes,
+            )
+        else:
+            expected = (manifest.file_count, manifest.uncompressed_bytes)
+        result.files, result.bytes = on_disk.files, on_disk.bytes
+        if on_disk.files == 0 and on_disk.dirs == 0:
+            result.exit_code = 1
+            result.detail = (
+                f"nothing restored: --include {' '.join(includes)} matched no member"
+                if includes
+                else "nothing restored: the archive holds no member that could be restored"
+            )
+            if result.refused:
+                result.detail += f"; {len(result.refused)} member(s) refused"
+            return
+        if target.kind == "dir":
+            _put_dir_in_place(ctx, staging, target, result)
+        elif target.kind == "file":
+            _put_file_in_place(ctx, staging, target, manifest, result)
+        elif target.kind == "postgresql":
+            _restore_postgres(staging, target, manifest, force)
+        _conclude(result, on_disk, expected=expected, includes=includes)
+
+
+def _conclude(
+    result: RestoreResult,
+    on_disk: Tally,
+    *,
+    expected: tuple[int, int],
+    includes: Sequence[str] = (),
+) -> None:
+    files, size = expected
+    result.expected_files, result.expected_bytes = files, size
+    counts = f"{on_disk.files} files, {on_disk.bytes} bytes"
+    where = f" into {result.target}"
+    aside = f"; the old one was moved aside to {result.moved_aside}" if result.moved_aside else ""
+    if result.refused:
+        result.exit_code = max(result.exit_code, 1)
+        result.detail = (
+            f"{counts}{where}; {len(result.refused)} member(s) refused (not restored){aside}"
+        )
+        return
+    basis = "the selection (--include)" if includes else "the manifest"
+    if (on_disk.files, on_disk.bytes) == (files, size):
+        result.ok = True
+        result.detail = f"{counts}{where}, as {basis} says{aside}"
+    else:
+        result.exit_code = max(result.exit_code, 1)
+        result.detail = (
+            f"{counts}{where}, but {basis} says {files} files, {size} bytes — "
+            f"check the restored data{aside}"
+        )
+
+
+def _put_dir_in_place(ctx: Context, staging: Path, target: _Target, result: RestoreResult) -> None:
+    assert target.path is not None
+    path = target.path
+    if target.mount_point:
+        # An empty mount point cannot be renamed over: move the staged entries in, one rename
+        # each (atomic per top-level entry only), then drop the staging directory.
+        for entry in sorted(os.listdir(staging)):
+            os.rename(staging / entry, path / entry)
+        shutil.copymode(staging, path)
+        os.rmdir(staging)
+        _fsync_dir(path)
+        return
+    if path.is_dir() and not path.is_symlink() and not _is_nonempty_dir(path):
+        try:
+            os.rmdir(path)  # an empty directory is simply replaced
+        except OSError:
+            pass
+    if path.exists() or path.is_symlink():
+        aside = _aside_path(path, _stamp(ctx))
+        os.rename(path, aside)
+        result.moved_aside = str(aside)
+        LOG.info("moved the existing %s aside to %s", path, aside)
+    os.rename(staging, path)
+    _fsync_dir(path.parent)
+
+
+def _put_file_in_place(
+    ctx: Context, staging: Path, target: _Target, manifest: Manifest, result: RestoreResult
+) -> None:
+    assert target.path is not None
+    suffix = ".sqlite3" if manifest.kind == "sqlite" else ".out"
+    member = staging / f"{manifest.source}{suffix}"
+    if not member.is_file() or member.is_symlink():
+        found = [p for p in staging.iterdir() if p.name.endswith(suffix) and p.is_file()]
+        if len(found) != 1:
+            raise IntegrityError(
+                f"{manifest.archive} holds no {manifest.source}{suffix}", _INTEGRITY_HINT
+            )
+        member = found[0]
+    if manifest.kind == "sqlite":
+        from cloudbackup.dbsources import restore_sqlite
+
+        moved = restore_sqlite(member, target.path, now_stamp=_stamp(ctx))
+        if moved is not None:
+            result.moved_aside = str(moved)
+        return
+    path = target.path
+    if path.exists() or path.is_symlink():
+        aside = _aside_path(path, _stamp(ctx))
+        os.rename(path, aside)
+        result.moved_aside = str(aside)
+    os.rename(member, path)
+    _fsync_dir(path.parent)
+
+
+def _restore_postgres(staging: Path, target: _Target, manifest: Manifest, force: bool) -> None:
+    from cloudbackup import postgres
+
+    try:
+        dump_name, globals_name = postgres.members_of(manifest.members)
+    except CloudBackupError:
+        # An older manifest without member facts: the one ``*.dump`` and ``globals.sql``.
+        dumps = sorted(p.name for p in staging.iterdir() if p.name.endswith(".dump"))
+        if len(dumps) != 1:
+            raise IntegrityError(
+                f"{manifest.archive} holds {len(dumps)} .dump members, expected one",
+                _INTEGRITY_HINT,
+            ) from None
+        dump_name, globals_name = dumps[0], "globals.sql"
+    dump = staging / dump_name
+    if "/" in dump_name or not dump.is_file() or dump.is_symlink():
+        raise IntegrityError(f"{manifest.archive} holds no {dump_name!r}", _INTEGRITY_HINT)
+    globals_sql = staging / globals_name if globals_name and "/" not in globals_name else None
+    assert target.url
+    postgres.restore_dump(
+        dump,
+        globals_sql if globals_sql is not None and globals_sql.is_file() else None,
+        target.url,
+        force=force,
+        log=lambda message: LOG.info("%s", message),
+    )
+
+
+def _dry_run(
+    ctx: Context,
+    copy: _Copy,
+    target: _Target,
+    includes: Sequence[str],
+    force: bool,
+    result: RestoreResult,
+) -> None:
+    manifest = copy.manifest
+    result.ok = True
+    basis = "manifest"
+    if includes:
+        extracted = _dry_walk(ctx, copy, includes)
+        result.files = extracted.files + extracted.symlinks + extracted.hardlinks
+        result.bytes = extracted.bytes
+        result.refused = list(extracted.refused)
+        basis = "archive walked"
+        if result.files == 0:
+            result.ok = False
+            result.exit_code = 1
+    else:
+        result.files, result.bytes = manifest.file_count, manifest.uncompressed_bytes
+    what = f"{result.files} files, {result.bytes} bytes"
+    if includes:
+        what += f" (--include {' '.join(includes)})"
+    action = f"would restore {what} of {copy.manifest.id} from {copy.where} into {result.target}"
+    if target.path is not None and (target.path.exists() or target.path.is_symlink()):
+        if target.kind == "file" or (target.kind == "dir" and force and _nonempty(target.path)):
+            action += f"; the existing {target.path.name} would be moved aside"
+    result.detail = f"{action} ({basis})"
+    if result.refused:
+        result.detail += f"; {len(result.refused)} member(s) would be refused"
+        result.exit_code = 1
+
+
+def _nonempty(path: Path) -> bool:
+    return not path.is_dir() or _is_nonempty_dir(path)
+
+
+def _dry_walk(ctx: Context, copy: _Copy, includes: Sequence[str]) -> ExtractResult:
+    manifest = copy.manifest
+    if copy.local_path is not None:
+        return _extract_file(
+            copy.local_path, manifest.compression, Path("."), includes=includes, dry_run=True
+        )
+    # Remote: stream the object (no temp file), hash it on the way, check it at the end.
+    assert copy.ref.archive_key
+    with ctx.remote.open(copy.ref.archive_key) as body:
+        hashing = HashingReader(body)
+        stream = open_decompressed(hashing, manifest.compression)
+        try:
+            walked = extract(stream, Path("."), include=includes, dry_run=True)
+        except _DECOMPRESS_ERRORS as exc:
+            raise IntegrityError(f"cannot decompress {manifest.archive}: {exc}") from None
+        hashing.drain()
+    if hashing.count != manifest.size or hashing.sha.hexdigest() != manifest.sha256:
+        raise IntegrityError(
+            f"the remote {manifest.archive} fails its checksum (sha256 {hashing.sha.hexdigest()}, "
+            f"{hashing.count} bytes)",
+            _INTEGRITY_HINT,
+        )
+    return walked
+
+
+__all__ = [
+    "Candidate",
+    "RestoreResult",
+    "download",
+    "find_backup",
+    "parse_at",
+    "remove_tree",
+    "restore",
+    "tally_tree",
+]

@@ -1,0 +1,384 @@
+"""Unit tests of cloudbackup.restore: --at parsing, choosing the backup from listings,
+downloads (streamed, restarted, ranged), the on-disk tally, workspaces and results."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cloudbackup import config
+from cloudbackup.errors import (
+    ConfigError,
+    IntegrityError,
+    PermanentStorageError,
+    TransientStorageError,
+    UsageError,
+)
+from cloudbackup.model import BackupId, archive_name, manifest_name
+from cloudbackup.operations import Context
+from cloudbackup.restore import (
+    RestoreResult,
+    _aside_path,
+    _Workspace,
+    download,
+    find_backup,
+    parse_at,
+    remove_tree,
+    tally_tree,
+)
+from cloudbackup.storage.base import ObjectInfo
+from cloudbackup.storage.local import LocalStore
+
+NOW = datetime(2026, 11, 21, 2, 15, tzinfo=UTC)
+
+
+# ---------------------------------------------------------------- --at
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-11-01T00:00:00Z", datetime(2026, 11, 1, tzinfo=UTC)),
+        ("2026-11-01t00:00:00z", datetime(2026, 11, 1, tzinfo=UTC)),
+        ("2026-11-01T02:30:00+02:00", datetime(2026, 11, 1, 0, 30, tzinfo=UTC)),
+        ("2026-11-01T00:30:00-01:00", datetime(2026, 11, 1, 1, 30, tzinfo=UTC)),
+        ("2026-11-01T00:00:00.5Z", datetime(2026, 11, 1, 0, 0, 0, 500000, tzinfo=UTC)),
+        ("2026-11-01", datetime(2026, 11, 1, 23, 59, 59, tzinfo=UTC)),
+        (" 2026-02-28 ", datetime(2026, 2, 28, 23, 59, 59, tzinfo=UTC)),
+    ],
+)
+def test_parse_at(text: str, expected: datetime) -> None:
+    assert parse_at(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["", "yesterday", "2026-11-01T00:00:00", "2026-02-30", "2026-11-01 00:00", "12:00Z"]
+)
+def test_parse_at_rejects(text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_at(text)
+    assert info.value.exit_code == 2
+    assert "--at" in str(info.value)
+
+
+# ---------------------------------------------------------------- choosing
+
+
+class FakeRemote:
+    """Just enough of a remote store for listing."""
+
+    where = "remote"
+
+    def __init__(self, keys: list[str], fail: bool = False) -> None:
+        self.keys = keys
+        self.fail = fail
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        if self.fail:
+            raise PermanentStorageError("s3://b: list: AccessDenied", code="AccessDenied")
+        for key in self.keys:
+            if key.startswith(prefix):
+                yield ObjectInfo(key, 10, NOW)
+
+
+def make_ctx(tmp_path: Path, remote: Any = None, host: str = "here") -> Context:
+    settings = config.load(
+        {},
+        {"CLOUDBACKUP_LOCAL_DIR": str(tmp_path / "local"), "CLOUDBACKUP_HOST": host},
+        {},
+        hostname="unused",
+        home=tmp_path,
+    )
+    return Context(
+        settings=settings,
+        local=LocalStore(settings.local_dir),
+        now=lambda: NOW,
+        machine_id="m",
+        remote=remote,
+    )
+
+
+def local_backup(tmp_path: Path, host: str, backup_id: str) -> None:
+    bid = BackupId.parse(backup_id)
+    directory = tmp_path / "local" / host / bid.source
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / archive_name(bid, "zstd")).write_bytes(b"x")
+    (directory / manifest_name(bid)).write_bytes(b"{}")
+
+
+def remote_keys(host: str, *ids: str) -> list[str]:
+    keys = []
+    for text in ids:
+        bid = BackupId.parse(text)
+        keys += [
+            f"cloudbackup/{host}/{bid.source}/{archive_name(bid, 'zstd')}",
+            f"cloudbackup/{host}/{bid.source}/{manifest_name(bid)}",
+        ]
+    return keys
+
+
+def test_find_newest_across_local_and_remote(tmp_path: Path) -> None:
+    local_backup(tmp_path, "here", "www-20261119T000000Z")
+    remote = FakeRemote(
+        remote_keys("here", "www-20261119T000000Z", "www-20261120T000000Z")
+        + remote_keys("here", "www-20261120T000000Z-2")
+        + remote_keys("here", "other-20261125T000000Z")
+    )
+    ctx = make_ctx(tmp_path, remote)
+    newest = find_backup(ctx, "www", host="here")
+    assert newest.id == "www-20261120T000000Z-2"  # same second: the -2 is newer
+    assert newest.local is None and newest.remote is not None
+    both = find_backup(ctx, "www-20261119T000000Z", host="here")
+    assert both.local is not None and both.remote is not None
+    at = find_backup(ctx, "www", host="here", at=datetime(2026, 11, 19, 12, tzinfo=UTC))
+    assert at.id == "www-20261119T000000Z"
+    local_only = find_backup(ctx, "www", host="here", from_="local")
+    assert local_only.id == "www-20261119T000000Z"
+
+
+def test_find_on_a_fresh_machine_needs_no_local_dir(tmp_path: Path) -> None:
+    ctx = make_ctx(tmp_path, FakeRemote(remote_keys("old", "db-20261101T000000Z")))
+    assert find_backup(ctx, "db", host="old").remote is not None
+    assert not (tmp_path / "local").exists()
+
+
+def test_find_errors(tmp_path: Path) -> None:
+    remote = FakeRemote(
+        remote_keys("web1", "www-20261120T000000Z") + remote_keys("web2", "www-20261121T000000Z")
+    )
+    ctx = make_ctx(tmp_path, remote)
+    with pytest.raises(UsageError, match=r"source www not found for host here; hosts with it: "):
+        find_backup(ctx, "www", host="here")
+    with pytest.raises(UsageError, match="web1, web2 — pass --host"):
+        find_backup(ctx, "www", host="here")
+    with pytest.raises(UsageError, match="backup www-20261120T000000Z not found for host web2"):
+        find_backup(ctx, "www-20261120T000000Z", host="web2")
+    with pytest.raises(UsageError, match="source nothing not found"):
+        find_backup(ctx, "nothing", host="web1")
+    with pytest.raises(UsageError, match="at or before 2026-11-19T00:00:00Z"):
+        find_backup(ctx, "www", host="web1", at=datetime(2026, 11, 19, tzinfo=UTC))
+    with pytest.raises(UsageError, match="not a source name"):
+        find_backup(ctx, "../etc", host="web1")
+    with pytest.raises(UsageError, match="--from remote needs a bucket"):
+        find_backup(make_ctx(tmp_path), "www", host="web1", from_="remote")
+
+
+def test_unlistable_bucket_falls_back_to_local_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    local_backup(tmp_path, "here", "www-20261119T000000Z")
+    ctx = make_ctx(tmp_path, FakeRemote([], fail=True))
+    with caplog.at_level(logging.WARNING, logger="cloudbackup"):
+        logging.getLogger("cloudbackup").propagate = True
+        try:
+            assert find_backup(ctx, "www", host="here").id == "www-20261119T000000Z"
+        finally:
+            logging.getLogger("cloudbackup").propagate = False
+    assert "cannot list the bucket" in caplog.text
+    with pytest.raises(PermanentStorageError):
+        find_backup(ctx, "www", host="here", from_="remote")
+
+
+# ---------------------------------------------------------------- downloads
+
+
+class Body:
+    def __init__(self, data: bytes, fail_at: int | None = None, chunk: int = 7_777) -> None:
+        self.data, self.pos, self.fail_at, self.chunk = data, 0, fail_at, chunk
+
+    def read(self, size: int = -1) -> bytes:
+        if self.fail_at is not None and self.pos >= self.fail_at:
+            raise TransientStorageError("connection reset by peer")
+        step = min(size if size >= 0 else len(self.data), self.chunk)
+        out = self.data[self.pos : self.pos + step]
+        self.pos += len(out)
+        return out
+
+    def __enter__(self) -> Body:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+class DataRemote:
+    """open() bodies (the first ``failures`` break mid-stream) and ranged GETs."""
+
+    def __init__(self, data: bytes, failures: int = 0) -> None:
+        self.data = data
+        self.failures = failures
+        self.opens = 0
+        self.ranges: list[tuple[int, int]] = []
+        self.attempts = 3
+        self.slept: list[float] = []
+        self.sleep = self.slept.append
+        self.lock = threading.Lock()
+
+    def open(self, key: str) -> Body:
+        self.opens += 1
+        if self.opens <= self.failures:
+            return Body(self.data, fail_at=len(self.data) // 2)
+        return Body(self.data)
+
+    def open_range(self, key: str, start: int, end: int) -> bytes:
+        time.sleep(random.random() / 500)  # complete out of order
+        with self.lock:
+            self.ranges.append((start, end))
+        return self.data[start : end + 1]
+
+
+DATA = os.urandom(300_000)
+DIGEST = hashlib.sha256(DATA).hexdigest()
+
+
+def test_download_streams_and_verifies(tmp_path: Path) -> None:
+    dest = tmp_path / "d"
+    seen: list[int] = []
+    download(DataRemote(DATA), "k", dest, size=len(DATA), sha256=DIGEST, progress=seen.append)
+    assert dest.read_bytes() == DATA and sum(seen) == len(DATA)
+
+
+def test_download_restarts_after_a_mid_stream_reset(tmp_path: Path) -> None:
+    remote = DataRemote(DATA, failures=2)
+    dest = tmp_path / "d"
+    download(remote, "k", dest, size=len(DATA), sha256=DIGEST)
+    assert dest.read_bytes() == DATA and remote.opens == 3 and len(remote.slept) == 2
+    broken = DataRemote(DATA, failures=5)
+    with pytest.raises(TransientStorageError):
+        download(broken, "k", tmp_path / "e", size=len(DATA), sha256=DIGEST)
+    assert broken.opens == 3 and not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize(("size", "digest"), [(len(DATA), "0" * 64), (len(DATA) + 1, DIGEST)])
+def test_download_mismatch_is_an_integrity_error_and_leaves_nothing(
+    tmp_path: Path, size: int, digest: str
+) -> None:
+    remote = DataRemote(DATA)
+    dest = tmp_path / "d"
+    with pytest.raises(IntegrityError) as info:
+        download(remote, "k", dest, size=size, sha256=digest)
+    assert info.value.exit_code == 3
+    assert not dest.exists() and remote.opens == 1  # never retried into success
+
+
+def test_download_refuses_to_overwrite(tmp_path: Path) -> None:
+    dest = tmp_path / "d"
+    dest.write_bytes(b"mine")
+    with pytest.raises(FileExistsError):
+        download(DataRemote(DATA), "k", dest, size=len(DATA), sha256=DIGEST)
+    assert dest.read_bytes() == b"mine"
+
+
+@pytest.mark.parametrize(("parts", "part_size"), [(2, 50_000), (4, 1_000), (3, 299_999)])
+def test_ranged_download(tmp_path: Path, parts: int, part_size: int) -> None:
+    remote = DataRemote(DATA)
+    dest = tmp_path / "d"
+    seen: list[int] = []
+    download(
+        remote,
+        "k",
+        dest,
+        size=len(DATA),
+        sha256=DIGEST,
+        ranged_parts=parts,
+        part_size=part_size,
+        progress=seen.append,
+    )
+    assert dest.read_bytes() == DATA and sum(seen) == len(DATA)
+    assert sorted(remote.ranges) == [
+        (start, min(start + part_size, len(DATA)) - 1) for start in range(0, len(DATA), part_size)
+    ]
+    assert remote.opens == 0
+    with pytest.raises(IntegrityError):
+        download(
+            remote,
+            "k",
+            tmp_path / "bad",
+            size=len(DATA),
+            sha256="f" * 64,
+            ranged_parts=parts,
+            part_size=part_size,
+        )
+    assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------- tally, workspace, results
+
+
+def test_tally_counts_entries_and_each_inode_once(tmp_path: Path) -> None:
+    root = tmp_path / "t"
+    (root / "a/b").mkdir(parents=True)
+    (root / "a/f").write_bytes(b"12345")
+    (root / "a/b/g").write_bytes(b"123")
+    os.link(root / "a/f", root / "a/b/hard")
+    os.symlink("/nowhere", root / "link")
+    os.symlink("a", root / "dirlink")
+    (root / "empty").mkdir()
+    tally = tally_tree(root)
+    assert (tally.files, tally.bytes, tally.dirs) == (5, 8, 3)
+
+
+def test_remove_tree_handles_read_only_directories(tmp_path: Path) -> None:
+    root = tmp_path / "t"
+    (root / "ro/inner").mkdir(parents=True)
+    (root / "ro/inner/f").write_text("x")
+    os.chmod(root / "ro/inner", 0o500)
+    os.chmod(root / "ro", 0o500)
+    remove_tree(root)
+    assert not root.exists()
+    remove_tree(root)  # already gone: fine
+
+
+def test_workspace_removes_only_dead_restores_leftovers(tmp_path: Path) -> None:
+    dead_pid = 2**22 + 12345  # above the default pid_max: never alive
+    stale_dir = tmp_path / f".site.restore-{dead_pid}-abcd1234"
+    (stale_dir / "x").mkdir(parents=True)
+    stale_file = tmp_path / f".site.cloudbackup-download-{dead_pid}-00ff.partial"
+    stale_file.write_bytes(b"x")
+    alive = tmp_path / f".site.restore-{os.getpid()}-0000"
+    alive.mkdir()
+    other = tmp_path / f".other.restore-{dead_pid}-abcd"
+    other.mkdir()
+    with _Workspace(tmp_path, "site") as ws:
+        staging = ws.staging()
+        download_path = ws.download_path()
+        download_path.write_bytes(b"partial")
+        assert staging.is_dir()
+    assert not stale_dir.exists() and not stale_file.exists()
+    assert alive.exists() and other.exists()
+    assert not staging.exists() and not download_path.exists()
+
+
+def test_aside_path_never_reuses_a_name(tmp_path: Path) -> None:
+    target = tmp_path / "site"
+    first = _aside_path(target, "20261121T021500Z")
+    assert first.name == "site.before-restore-20261121T021500Z"
+    first.mkdir()
+    assert _aside_path(target, "20261121T021500Z").name == "site.before-restore-20261121T021500Z-2"
+
+
+def test_result_dict_and_summary() -> None:
+    result = RestoreResult("www-20261121T021500Z", "web1", "www", where_from="remote")
+    keys = set(result.to_dict())
+    assert {"id", "host", "source", "where_from", "target", "files", "bytes", "refused"} <= keys
+    assert {"moved_aside", "seconds", "ok", "exit_code", "detail"} <= keys
+    result.detail = "nothing restored"
+    assert result.summary().startswith(
+        "restore of www-20261121T021500Z (host web1) from remote FAILED"
+    )
+    result.files, result.detail = 3, "3 files; 1 member(s) refused"
+    assert result.summary().startswith("PARTLY restored")
+    result.ok = True
+    assert result.summary().startswith("restored www-20261121T021500Z")
+    result.dry_run = True
+    assert result.summary().startswith("dry run:") and result.summary().endswith("nothing written")
