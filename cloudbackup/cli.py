@@ -408,7 +408,7 @@ def restore(**kwargs: Any) -> None:
         force=kwargs["force"],
         dry_run=kwargs["dry_run"],
         stdout=sys.stdout.buffer if to == "-" else None,
-        ranged=getattr(settings, "s3_download", "single") == "ranged",
+        ranged=settings.s3_download == "ranged",
     )
     if as_json:
         _emit_json(result.to_dict())

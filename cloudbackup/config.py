@@ -91,6 +91,7 @@ class Settings:
     s3_part_size: int | None = None
     s3_concurrency: int = 4
     s3_addressing: str = "auto"
+    s3_download: str = "single"
     local_retention: retention.Policy = field(
         default_factory=lambda: retention.parse_policy("last=3")
     )
@@ -367,6 +368,11 @@ def load(
     if addressing not in ("auto", "path", "virtual"):
         raise _fail("CLOUDBACKUP_S3_ADDRESSING", addressing, where, "use auto, path or virtual")
 
+    value, where = r.get("CLOUDBACKUP_S3_DOWNLOAD")
+    download = (value or "single").strip().lower()
+    if download not in ("single", "ranged"):
+        raise _fail("CLOUDBACKUP_S3_DOWNLOAD", download, where, "use single or ranged")
+
     def policy(var: str, default: str | None) -> retention.Policy | None:
         value, where = r.get(var)
         text = default if value is None else value
@@ -427,6 +433,7 @@ def load(
         s3_part_size=part_size,
         s3_concurrency=concurrency,
         s3_addressing=addressing,
+        s3_download=download,
         local_retention=local_policy,
         remote_retention=remote_policy,
         shrink_guard=shrink,
