@@ -998,6 +998,7 @@ def _archive_path(ctx: Context, copy: _Copy, ws: _Workspace, ranged: bool) -> Pa
             sha256=manifest.sha256,
             progress=progress,
             ranged_parts=parts,
+            part_size=RANGED_PART_SIZE,
         )
     finally:
         getattr(progress, "close", lambda: None)()
@@ -1076,6 +1077,10 @@ def _run(
         _conclude(result, on_disk, expected=expected, includes=includes)
 
 
+def _counts(files: int, size: int) -> str:
+    return f"{files} file{'' if files == 1 else 's'}, {size} byte{'' if size == 1 else 's'}"
+
+
 def _conclude(
     result: RestoreResult,
     on_disk: Tally,
@@ -1085,7 +1090,7 @@ def _conclude(
 ) -> None:
     files, size = expected
     result.expected_files, result.expected_bytes = files, size
-    counts = f"{on_disk.files} files, {on_disk.bytes} bytes"
+    counts = _counts(on_disk.files, on_disk.bytes)
     where = f" into {result.target}"
     aside = f"; the old one was moved aside to {result.moved_aside}" if result.moved_aside else ""
     if result.refused:
@@ -1101,7 +1106,7 @@ def _conclude(
     else:
         result.exit_code = max(result.exit_code, 1)
         result.detail = (
-            f"{counts}{where}, but {basis} says {files} files, {size} bytes — "
+            f"{counts}{where}, but {basis} says {_counts(files, size)} — "
             f"check the restored data{aside}"
         )
 
@@ -1211,7 +1216,7 @@ def _dry_run(
             result.exit_code = 1
     else:
         result.files, result.bytes = manifest.file_count, manifest.uncompressed_bytes
-    what = f"{result.files} files, {result.bytes} bytes"
+    what = _counts(result.files, result.bytes)
     if includes:
         what += f" (--include {' '.join(includes)})"
     action = f"would restore {what} of {copy.manifest.id} from {copy.where} into {result.target}"

@@ -580,6 +580,32 @@ def test_ranged_download_of_a_multipart_object(env: Env, bucket: str, moto_endpo
     assert not bad.exists()
 
 
+def test_cli_ranged_download_setting(
+    env: Env, bucket: str, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CLOUDBACKUP_S3_DOWNLOAD=ranged: parallel ranged GETs (thresholds shrunk for the test)."""
+    from cloudbackup import restore as restoring
+
+    src = make_tree(env.tmp / "www", {"big.bin": os.urandom(3 << 20), "small.txt": "s"})
+    assert cli("backup", src).exit_code == 0
+    shutil.rmtree(env.local_dir)
+    monkeypatch.setattr(restoring, "RANGED_MIN_SIZE", 0)
+    monkeypatch.setattr(restoring, "RANGED_PART_SIZE", 256 << 10)
+    calls: list[tuple[int, int]] = []
+    real = restoring._download_ranged
+
+    def spy(remote: Any, key: str, fd: int, size: int, workers: int, part: int, *a: Any) -> Any:
+        calls.append((workers, part))
+        return real(remote, key, fd, size, workers, part, *a)
+
+    monkeypatch.setattr(restoring, "_download_ranged", spy)
+    monkeypatch.setenv("CLOUDBACKUP_S3_DOWNLOAD", "ranged")
+    result = cli("restore", "www", "--to", env.work / "t")
+    assert result.exit_code == 0, result.stderr
+    assert calls == [(4, 256 << 10)]
+    assert snapshot(env.work / "t") == snapshot(src)
+
+
 # ---------------------------------------------------------------- databases
 
 
