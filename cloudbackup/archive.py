@@ -459,7 +459,7 @@ def open_decompressed(stream: Any, compression: str) -> Any:
     """A readable stream of the tar bytes inside a compressed archive stream."""
     if compression == "zstd":
         return zstandard.ZstdDecompressor().stream_reader(
-            stream, read_size=CHUNK, read_across_frames=True
+            stream, read_size=1024 * 1024, read_across_frames=True
         )  # type: ignore[return-value]
     if compression == "gzip":
         import gzip

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlsplit
 
 from cloudbackup.dbsources import create_private, describe_exit, run_logged
-from cloudbackup.errors import SourceError
+from cloudbackup.errors import SourceError, UsageError
 from cloudbackup.sources import FileEntry, SourceContext
 
 if TYPE_CHECKING:
@@ -937,7 +937,8 @@ def restore_dump(
             objects = int(out.stdout.strip() or 0)
             nonempty = objects > 0
             if nonempty and not force:
-                raise SourceError(
+                # The same refusal as a non-empty directory: a usage error, exit 2.
+                raise UsageError(
                     f"restore: target database {conn.dbname} at {conn.where} is not empty "
                     f"({objects} object{'' if objects == 1 else 's'})",
                     "restore into a new database, or use --force to replace the backup's "

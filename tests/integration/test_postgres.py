@@ -22,7 +22,7 @@ import zstandard
 
 from cloudbackup import postgres
 from cloudbackup.dbsources import PostgresSource
-from cloudbackup.errors import SourceError
+from cloudbackup.errors import SourceError, UsageError
 from cloudbackup.model import Manifest
 from cloudbackup.patterns import PathMatcher
 from cloudbackup.sources import SourceContext, make_source, parse_spec
@@ -267,9 +267,10 @@ def test_restore_refuses_a_non_empty_database_unless_forced(
         "DELETE FROM sales.orders WHERE id > 100; CREATE TABLE extra (x int);", db="shop_force"
     )
 
-    with pytest.raises(SourceError) as refused:
+    with pytest.raises(UsageError) as refused:
         postgres.restore_dump(dump, globals_sql, target, force=False, log=lambda m: None)
     assert "not empty" in str(refused.value) and "--force" in str(refused.value)
+    assert refused.value.exit_code == 2  # the same refusal as a non-empty directory
     assert pg_server.psql("SELECT count(*) FROM sales.orders", db="shop_force") == "100"
 
     lines: list[str] = []

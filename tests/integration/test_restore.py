@@ -668,7 +668,7 @@ def test_postgres_restore_into_a_new_database_then_force(
 
     pg_server.psql("DELETE FROM items WHERE id > 5", db=target_db)
     refused = cli("restore", "shopdb", "--to", target)
-    assert refused.exit_code == 1
+    assert refused.exit_code == 2  # like a non-empty directory
     refused.assert_one_error("not empty", "--force")
     assert pg_server.psql("SELECT count(*) FROM items", db=target_db) == "5"
     forced = cli("restore", "shopdb", "--to", target, "--force")
