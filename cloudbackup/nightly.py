@@ -263,7 +263,34 @@ def _check_bucket(ctx: Context) -> list[CheckLine]:
         return lines
     probe_key = f"{host_prefix}.cloudbackup-check-{operations.new_token()}"
     try:
-        store.probe_write(probe_key)
+        from cloudbackup.storage.s3 import UploadSpec
+
+        refused = store.probe_write(
+            probe_key,
+            UploadSpec(
+                tags=[("cloudbackup:kind", "check")],
+                storage_class=settings.s3_storage_class,
+            ),
+        )
+        if refused:
+            lines.append(
+                CheckLine(
+                    "bucket features",
+                    False,
+                    "the store rejects uploads carrying "
+                    + ", ".join(refused)
+                    + ": set CLOUDBACKUP_S3_COMPAT=1 (checksums only when required, no tagging)",
+                )
+            )
+        else:
+            features = "tagging, SHA-256 checksums" if not settings.s3_compat else "compat mode"
+            lines.append(
+                CheckLine(
+                    "bucket features",
+                    True,
+                    f"the store accepts {features}, {settings.s3_storage_class}",
+                )
+            )
         lines.append(
             CheckLine(
                 "bucket write",

@@ -391,8 +391,35 @@ class S3Store:
             if exc.code != "NoSuchUpload":
                 raise
 
-    def probe_write(self, key: str) -> None:
-        """Prove write access without leaving an object: create, then abort an upload."""
+    def probe_write(self, key: str, spec: UploadSpec | None = None) -> list[str]:
+        """Prove write access without leaving an object: create, then abort an upload.
+
+        The probe carries what a real upload sends (checksum algorithm, tags, storage class,
+        SSE). When the store rejects that, the bare request is tried too, so the caller can
+        say which features the endpoint refused. Returns the refused feature names.
+        """
+        full = self._write_args(spec or UploadSpec())
+        if not self.compat:
+            full["ChecksumAlgorithm"] = "SHA256"
+        try:
+            resp = self._call(
+                f"create upload {key}",
+                self.client.create_multipart_upload,
+                Bucket=self.bucket,
+                Key=key,
+                **full,
+            )
+            self.abort(key, resp["UploadId"])
+            return []
+        except PermanentStorageError as exc:
+            if exc.code in (
+                "AccessDenied",
+                "NoSuchBucket",
+                "InvalidAccessKeyId",
+                "SignatureDoesNotMatch",
+            ):
+                raise
+            first = exc
         resp = self._call(
             f"create upload {key}",
             self.client.create_multipart_upload,
@@ -401,6 +428,11 @@ class S3Store:
             **self._sse_args(),
         )
         self.abort(key, resp["UploadId"])
+        refused = [
+            name for name in ("ChecksumAlgorithm", "Tagging", "StorageClass") if name in full
+        ]
+        LOG.debug("the store refused the full probe: %s", first)
+        return refused
 
     def _list_parts(self, key: str, upload_id: str) -> dict[int, dict[str, Any]]:
         parts: dict[int, dict[str, Any]] = {}

@@ -1,0 +1,54 @@
+"""Every command is documented in the README and answers --help."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from click.testing import CliRunner
+
+from cloudbackup.cli import cli
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def _commands(group: click.Group, prefix: str = "") -> list[str]:
+    names = []
+    for name, command in sorted(group.commands.items()):
+        full = f"{prefix}{name}"
+        if isinstance(command, click.Group):
+            names += _commands(command, full + " ")
+        else:
+            names.append(full)
+    return names
+
+
+def test_every_command_is_in_the_readme_and_has_help() -> None:
+    commands = _commands(cli)
+    assert {
+        "backup",
+        "upload",
+        "list",
+        "verify",
+        "restore",
+        "prune",
+        "run",
+        "status",
+        "check",
+        "iam render",
+    } <= set(commands)
+    runner = CliRunner()
+    for name in commands:
+        assert f"`{name}" in README, f"README does not document `{name}`"
+        result = runner.invoke(cli, [*name.split(), "--help"])
+        assert result.exit_code == 0, name
+        assert "Usage:" in result.output
+
+
+def test_every_variable_is_in_the_readme_and_env_example() -> None:
+    from cloudbackup.config import KNOWN_VARIABLES
+
+    example = (Path(__file__).resolve().parent.parent / ".env.example").read_text()
+    for var in KNOWN_VARIABLES:
+        assert f"`{var}`" in README, var
+        assert var in example, var
