@@ -391,7 +391,7 @@ class S3Store:
             if exc.code != "NoSuchUpload":
                 raise
 
-    def probe_write(self, key: str, spec: UploadSpec | None = None) -> list[str]:
+    def probe_write(self, key: str, spec: UploadSpec | None = None) -> builtins.list[str]:
         """Prove write access without leaving an object: create, then abort an upload.
 
         The probe carries what a real upload sends (checksum algorithm, tags, storage class,
@@ -401,15 +401,19 @@ class S3Store:
         full = self._write_args(spec or UploadSpec())
         if not self.compat:
             full["ChecksumAlgorithm"] = "SHA256"
-        try:
+
+        def create_and_abort(args: dict[str, Any]) -> None:
             resp = self._call(
                 f"create upload {key}",
                 self.client.create_multipart_upload,
                 Bucket=self.bucket,
                 Key=key,
-                **full,
+                **args,
             )
             self.abort(key, resp["UploadId"])
+
+        try:
+            create_and_abort(full)
             return []
         except PermanentStorageError as exc:
             if exc.code in (
@@ -419,20 +423,9 @@ class S3Store:
                 "SignatureDoesNotMatch",
             ):
                 raise
-            first = exc
-        resp = self._call(
-            f"create upload {key}",
-            self.client.create_multipart_upload,
-            Bucket=self.bucket,
-            Key=key,
-            **self._sse_args(),
-        )
-        self.abort(key, resp["UploadId"])
-        refused = [
-            name for name in ("ChecksumAlgorithm", "Tagging", "StorageClass") if name in full
-        ]
-        LOG.debug("the store refused the full probe: %s", first)
-        return refused
+            LOG.debug("the store refused the full probe: %s", exc)
+        create_and_abort(self._sse_args())
+        return [name for name in ("ChecksumAlgorithm", "Tagging", "StorageClass") if name in full]
 
     def _list_parts(self, key: str, upload_id: str) -> dict[int, dict[str, Any]]:
         parts: dict[int, dict[str, Any]] = {}
