@@ -737,3 +737,33 @@ def test_conditional_writes_never_overwrite(moto_store: S3Store) -> None:
         moto_store.put_bytes("m", b"second")
     assert caught.value.code == "PreconditionFailed"
     assert moto_store.get_bytes("m") == b"first"
+
+
+def test_open_range_retries_a_reset_in_the_middle_of_the_body() -> None:
+    """The body read is part of the retried attempt: a reset mid-body is not fatal."""
+    import botocore.exceptions as bexc
+
+    from cloudbackup.storage.retry import RetryingStore
+    from cloudbackup.storage.s3 import S3Store as Store
+
+    class Body:
+        def __init__(self, fail: bool) -> None:
+            self.fail = fail
+
+        def read(self) -> bytes:
+            if self.fail:
+                raise bexc.ResponseStreamingError(error="connection reset")
+            return b"abc"
+
+    class Client:
+        calls = 0
+
+        def get_object(self, **kwargs: object) -> dict[str, object]:
+            Client.calls += 1
+            assert kwargs["Range"] == "bytes=0-2"
+            return {"Body": Body(fail=Client.calls == 1)}
+
+    waits: list[float] = []
+    store = RetryingStore(Store(Client(), "bkt"), attempts=3, sleep=waits.append)
+    assert store.open_range("k", 0, 2) == b"abc"
+    assert Client.calls == 2 and len(waits) == 1

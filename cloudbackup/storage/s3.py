@@ -312,21 +312,19 @@ class S3Store:
         return _ClassifyingBody(resp["Body"], f"get {key}", self.bucket)
 
     def open_range(self, key: str, start: int, end: int) -> bytes:
-        resp = self._call(
-            f"get {key} bytes {start}-{end}",
-            self.client.get_object,
-            Bucket=self.bucket,
-            Key=key,
-            Range=f"bytes={start}-{end}",
-        )
+        """One ranged GET, body included in the retried attempt (a reset mid-body retries)."""
+        what = f"get {key} bytes {start}-{end}"
 
-        def read() -> bytes:
+        def attempt() -> bytes:
             try:
+                resp = self.client.get_object(
+                    Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end}"
+                )
                 return resp["Body"].read()  # type: ignore[no-any-return]
             except Exception as exc:  # noqa: BLE001
-                raise classify(exc, f"get {key}", self.bucket) from exc
+                raise classify(exc, what, self.bucket) from exc
 
-        return read()
+        return self.retrying(what, attempt)  # type: ignore[no-any-return]
 
     def get_bytes(self, key: str) -> bytes:
         def attempt() -> bytes:
