@@ -353,6 +353,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _remove_dead_restore_temps(target: Path) -> None:
+    """A restore killed with SIGKILL leaves its temp copy; remove it once its process is gone."""
+    import re
+
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.restore-(\d+)-.*\.partial$")
+    try:
+        siblings = list(target.parent.iterdir())
+    except OSError:
+        return
+    for path in siblings:
+        match = pattern.match(path.name)
+        if match is None:
+            continue
+        try:
+            os.kill(int(match[1]), 0)
+            continue  # still running
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except PermissionError:
+            continue
+
+
 def restore_sqlite(db_file_in_archive: Path, target: Path, *, now_stamp: str) -> Path | None:
     """Put the archived database file at ``target``; return where the old file was kept.
 
@@ -380,7 +402,8 @@ def restore_sqlite(db_file_in_archive: Path, target: Path, *, now_stamp: str) ->
     aside = target.with_name(f"{target.name}.before-restore-{now_stamp}")
     if existing and (aside.exists() or aside.is_symlink()):
         raise SourceError(f"{aside} already exists", "move it away or try again in a second")
-    temp = target.with_name(f".{target.name}.restore-{now_stamp}.partial")
+    _remove_dead_restore_temps(target)
+    temp = target.with_name(f".{target.name}.restore-{os.getpid()}-{now_stamp}.partial")
     mode = 0o644
     owner: tuple[int, int] | None = None
     if existing:

@@ -259,3 +259,25 @@ def test_restore_refuses_to_overwrite_an_earlier_copy_aside(tmp_path: Path) -> N
     with pytest.raises(SourceError, match="already exists"):
         restore_sqlite(archived, target, now_stamp=STAMP)
     assert ids(target) == [1, 2, 3]
+
+
+def test_a_dead_restore_temp_file_is_removed_by_the_next_restore(tmp_path: Path) -> None:
+    import sqlite3 as _sqlite3
+    import subprocess
+
+    from cloudbackup.dbsources import restore_sqlite
+
+    archived = tmp_path / "archived.sqlite3"
+    conn = _sqlite3.connect(archived)
+    conn.execute("CREATE TABLE t (x)")
+    conn.execute("INSERT INTO t VALUES (1)")
+    conn.commit()
+    conn.close()
+    target = tmp_path / "app.db"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftover = tmp_path / f".app.db.restore-{dead.pid}-20261121T000000Z.partial"
+    leftover.write_bytes(b"half a database")
+    restore_sqlite(archived, target, now_stamp="20261122T000000Z")
+    assert not leftover.exists()
+    assert _sqlite3.connect(target).execute("SELECT x FROM t").fetchall() == [(1,)]
