@@ -10,7 +10,6 @@ import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from cloudbackup import monitor, operations, transfer
@@ -360,15 +359,7 @@ def _own_machine_id(ctx: Context) -> str | None:
     nothing locally; the CLI builds its context with a placeholder id)."""
     if ctx.machine_id and ctx.machine_id != "unknown":
         return ctx.machine_id
-    stored = ctx.settings.local_dir / ".machine-id"
-    for path in (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"), stored):
-        try:
-            text = path.read_text().strip()
-        except OSError:
-            continue
-        if text:
-            return text
-    return None
+    return operations.read_machine_id(ctx.settings.local_dir)
 
 
 def check_exit(lines: Sequence[CheckLine]) -> int:

@@ -161,25 +161,27 @@ def worst_exit(codes: Iterable[int]) -> int:
 # ---------------------------------------------------------------- machine facts
 
 
-def machine_id(local_dir: Path, candidates: Sequence[Path] | None = None) -> str:
-    """``/etc/machine-id``, else dbus's, else a random id stored once in the local dir."""
-    for path in candidates or (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id")):
+def read_machine_id(local_dir: Path, candidates: Sequence[Path] | None = None) -> str | None:
+    """``/etc/machine-id``, else dbus's, else the id stored in the local dir; never writes."""
+    paths = candidates or (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
+    for path in (*paths, local_dir / ".machine-id"):
         try:
             text = path.read_text().strip()
         except OSError:
             continue
         if text:
             return text
-    stored = local_dir / ".machine-id"
-    try:
-        text = stored.read_text().strip()
-        if text:
-            return text
-    except OSError:
-        pass
+    return None
+
+
+def machine_id(local_dir: Path, candidates: Sequence[Path] | None = None) -> str:
+    """The machine id; when there is none, a random one is stored once in the local dir."""
+    found = read_machine_id(local_dir, candidates)
+    if found:
+        return found
     new = uuid.uuid4().hex
     local_dir.mkdir(parents=True, exist_ok=True)
-    write_file_atomic(stored, (new + "\n").encode(), 0o644)
+    write_file_atomic(local_dir / ".machine-id", (new + "\n").encode(), 0o644)
     return new
 
 
