@@ -115,16 +115,19 @@ class ArchiveStats:
         return {"dirs": self.dirs, "symlinks": self.symlinks, "hardlinks": self.hardlinks}
 
 
-class _Sink:
-    """Hashes and writes compressed chunks on its own thread."""
+class HashingSink:
+    """Hashes and writes chunks to ``fd`` on its own thread (hashlib and os.write release
+    the GIL); at most ``depth`` chunks wait, so memory stays bounded."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(
+        self, fd: int, *, sha: Any = None, depth: int = 8, name: str = "archive-writer"
+    ) -> None:
         self.fd = fd
-        self.sha = hashlib.sha256()
+        self.sha = sha if sha is not None else hashlib.sha256()
         self.size = 0
         self.error: BaseException | None = None
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
-        self._thread = threading.Thread(target=self._run, name="archive-writer", daemon=True)
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
@@ -138,8 +141,7 @@ class _Sink:
                 self.sha.update(chunk)
                 view = memoryview(chunk)
                 while view:
-                    written = os.write(self.fd, view)
-                    view = view[written:]
+                    view = view[os.write(self.fd, view) :]
                 self.size += len(chunk)
             except BaseException as exc:  # surfaced on the main thread
                 self.error = exc
@@ -161,7 +163,7 @@ class _TarOut:
     """Accumulates tar bytes in a fixed buffer and feeds the compressor in big chunks."""
 
     def __init__(
-        self, compressor: Compressor, sink: _Sink, progress: Callable[[int], None] | None
+        self, compressor: Compressor, sink: HashingSink, progress: Callable[[int], None] | None
     ) -> None:
         self.compressor = compressor
         self.sink = sink
@@ -364,7 +366,7 @@ def write_archive(
         warn(category, message)
 
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    sink = _Sink(fd)
+    sink = HashingSink(fd)
     try:
         out = _TarOut(make_compressor(compression, level, sink.put), sink, progress)
         try:
@@ -387,10 +389,19 @@ def write_archive(
     return stats
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_dir(path: Path, *, best_effort: bool = False) -> None:
+    """Make a rename in ``path`` durable; ``best_effort`` ignores filesystems that refuse."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        if best_effort:
+            return
+        raise
     try:
         os.fsync(fd)
+    except OSError:
+        if not best_effort:
+            raise
     finally:
         os.close(fd)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote
 
+from cloudbackup.archive import fsync_dir
 from cloudbackup.errors import IntegrityError, SourceError
 from cloudbackup.sources import FileEntry, Source, SourceContext, SourceSpec
 
@@ -345,14 +346,6 @@ def _integrity(path: Path) -> str:
     return "; ".join(str(row[0]) for row in rows[:5]) if rows else "no result"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _remove_dead_restore_temps(target: Path) -> None:
     """A restore killed with SIGKILL leaves its temp copy; remove it once its process is gone."""
     import re
@@ -440,7 +433,7 @@ def restore_sqlite(db_file_in_archive: Path, target: Path, *, now_stamp: str) ->
                 if sidecar.exists():
                     os.rename(sidecar, aside.with_name(aside.name + suffix))
         os.rename(temp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return kept
     finally:
         temp.unlink(missing_ok=True)

@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import tarfile
-import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -38,7 +37,13 @@ from typing import IO, Any, BinaryIO, TypeVar
 
 import zstandard
 
-from cloudbackup.archive import HashingReader, open_decompressed, sha256_file
+from cloudbackup.archive import (
+    HashingReader,
+    HashingSink,
+    fsync_dir,
+    open_decompressed,
+    sha256_file,
+)
 from cloudbackup.errors import (
     CloudBackupError,
     ConfigError,
@@ -454,7 +459,7 @@ def _download_stream(
     sha = hashlib.sha256()
     count = 0
     with remote.open(key) as body:
-        sink = _Writer(fd, sha)
+        sink = HashingSink(fd, sha=sha, depth=16, name="restore-writer")
         try:
             while True:
                 try:
@@ -470,54 +475,6 @@ def _download_stream(
         finally:
             sink.close()
     return sha, count
-
-
-class _Writer:
-    """Hashes and writes chunks on its own thread (hashlib and os.write release the GIL)."""
-
-    def __init__(self, fd: int, sha: Any) -> None:
-        self.fd, self.sha = fd, sha
-        self.error: BaseException | None = None
-        self._chunks: list[bytes | None] = []
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="restore-writer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._chunks:
-                    self._cond.wait()
-                chunk = self._chunks.pop(0)
-                self._cond.notify_all()
-            if chunk is None:
-                return
-            if self.error is not None:
-                continue
-            try:
-                self.sha.update(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(self.fd, view) :]
-            except BaseException as exc:  # surfaced on the caller's thread
-                self.error = exc
-
-    def put(self, chunk: bytes) -> None:
-        if self.error is not None:
-            raise self.error
-        with self._cond:
-            while len(self._chunks) >= 16:  # bounded memory: 16 chunks in flight
-                self._cond.wait()
-            self._chunks.append(chunk)
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        with self._cond:
-            self._chunks.append(None)
-            self._cond.notify_all()
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
 
 
 def _download_ranged(
@@ -881,19 +838,6 @@ def _aside_path(path: Path, stamp: str) -> Path:
     return candidate
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def restore(
     ctx: Context,
     what: str,
@@ -1121,7 +1065,7 @@ def _put_dir_in_place(ctx: Context, staging: Path, target: _Target, result: Rest
             os.rename(staging / entry, path / entry)
         shutil.copymode(staging, path)
         os.rmdir(staging)
-        _fsync_dir(path)
+        fsync_dir(path, best_effort=True)
         return
     if path.is_dir() and not path.is_symlink() and not _is_nonempty_dir(path):
         try:
@@ -1134,7 +1078,7 @@ def _put_dir_in_place(ctx: Context, staging: Path, target: _Target, result: Rest
         result.moved_aside = str(aside)
         LOG.info("moved the existing %s aside to %s", path, aside)
     os.rename(staging, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent, best_effort=True)
 
 
 def _put_file_in_place(
@@ -1163,7 +1107,7 @@ def _put_file_in_place(
         os.rename(path, aside)
         result.moved_aside = str(aside)
     os.rename(member, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent, best_effort=True)
 
 
 def _restore_postgres(staging: Path, target: _Target, manifest: Manifest, force: bool) -> None:
