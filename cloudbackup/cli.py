@@ -143,25 +143,24 @@ def cli(ctx: click.Context, env_file: Path | None, verbose: bool, quiet: bool) -
 # ---------------------------------------------------------------- backup
 
 
+def _result_row(r: operations.SourceResult, *, local_only: bool) -> list[str]:
+    """source, id, result, size, time, uploaded, notes: one row of a backup or run summary."""
+    state = "ok" if r.ok and not r.exit_code else ("ok (warnings)" if r.ok else "FAILED")
+    return [
+        r.source,
+        r.id or "-",
+        state,
+        human_size(r.size) if r.size is not None else "-",
+        f"{r.seconds:.1f}s",
+        "yes" if r.uploaded else ("local-only" if local_only else "no"),
+        r.error or (f"{len(r.warnings)} warning(s)" if r.warnings else ""),
+    ]
+
+
 def _print_results(
     results: Sequence[operations.SourceResult], *, local_only: bool, dry_run: bool
 ) -> None:
-    rows = []
-    for r in results:
-        state = "ok" if r.ok else "FAILED"
-        if r.ok and r.exit_code:
-            state = "ok (warnings)"
-        rows.append(
-            [
-                r.source,
-                r.id or "-",
-                state,
-                human_size(r.size) if r.size is not None else "-",
-                f"{r.seconds:.1f}s",
-                "yes" if r.uploaded else ("local-only" if local_only else "no"),
-                r.error or (f"{len(r.warnings)} warning(s)" if r.warnings else ""),
-            ]
-        )
+    rows = [_result_row(r, local_only=local_only) for r in results]
     click.echo(table(rows, ["source", "id", "result", "size", "time", "uploaded", "notes"]))
     failed = [r.source for r in results if not r.ok]
     summary = f"{len(results) - len(failed)} of {len(results)} source(s) backed up"
@@ -532,19 +531,8 @@ def _raw_ping_url(state: AppState) -> str | None:
 def _run_summary(report: Any) -> str:
     rows = []
     for r in report.results:
-        state = "ok" if r.ok and not r.exit_code else ("ok (warnings)" if r.ok else "FAILED")
-        rows.append(
-            [
-                r.source,
-                r.id or "-",
-                state,
-                human_size(r.size) if r.size is not None else "-",
-                f"{r.seconds:.1f}s",
-                "yes" if r.uploaded else ("local-only" if r.local_only else "no"),
-                str(len(r.pruned)),
-                r.error or (f"{len(r.warnings)} warning(s)" if r.warnings else ""),
-            ]
-        )
+        *cells, notes = _result_row(r, local_only=r.local_only)
+        rows.append([*cells, str(len(r.pruned)), notes])
     lines = [
         table(rows, ["source", "id", "result", "size", "time", "uploaded", "pruned", "errors"])
     ]
