@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import stat
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,8 +278,8 @@ def walk_tree(
     yield from scan(root, "")
 
 
-class Source:
-    """Base of every source kind."""
+class Source(ABC):
+    """Base of every source kind: each kind says how to check itself and what to archive."""
 
     kind = ""
 
@@ -296,12 +297,13 @@ class Source:
     def real_path(self) -> str | None:
         return None
 
+    @abstractmethod
     def check(self) -> str:
         """Raise SourceError when the source cannot be backed up; return a detail line."""
-        raise NotImplementedError
 
+    @abstractmethod
     def entries(self, ctx: SourceContext) -> Iterator[FileEntry]:
-        raise NotImplementedError
+        """What to archive, in order; spool files are cleaned up when the iterator closes."""
 
 
 class DirectorySource(Source):
