@@ -158,13 +158,8 @@ def upload_backup(ctx: Context, ref: BackupRef) -> UploadResult:
     upload_id = record.upload_id if record else None
     part_size = record.part_size if record and record.upload_id else None
     if upload_id is None:
+        # No local record: the part size is inferred from the upload's own first part.
         upload_id = _find_in_progress(ctx, key)
-        if upload_id:
-            part_size = None  # unknown: inferred from the first part below
-    if upload_id and part_size is None:
-        parts = ctx.remote._list_parts(key, upload_id) if hasattr(ctx.remote, "_list_parts") else {}
-        if 1 in parts:
-            part_size = int(parts[1]["Size"])
     if upload_id:
         LOG.info("%s: resuming upload %s…", ref.id, upload_id[:12])
     lock_mode, until = _lock(ctx, manifest)

@@ -455,14 +455,6 @@ class S3Store:
         multipart upload in place (expired credentials, a kill): the next run resumes it.
         """
         size = path.stat().st_size
-        part_size = part_size or choose_part_size(size, self.part_size)
-        if size <= part_size and upload_id is None:
-            return self._put_small(key, path, size, spec, part_size, progress)
-        part_count = max(1, -(-size // part_size))
-        if part_count > MAX_PARTS:
-            raise PermanentStorageError(
-                f"{path} needs {part_count} parts of {part_size} bytes; S3 allows 10,000"
-            )
         existing: dict[int, dict[str, Any]] = {}
         if upload_id is not None:
             try:
@@ -471,7 +463,9 @@ class S3Store:
                 if exc.code not in ("NoSuchUpload", "NoSuchKey", "404", "NotFound"):
                     raise
                 # Gone: completed by a run that died before recording it, or aborted.
-                present = self._already_present(key, path, size, part_size, spec)
+                present = self._already_present(
+                    key, path, size, part_size or choose_part_size(size, self.part_size), spec
+                )
                 if present is not None:
                     LOG.info("%s is already complete in S3; not sending it again", key)
                     if progress:
@@ -479,6 +473,16 @@ class S3Store:
                     return present
                 LOG.info("upload %s of %s is gone; starting over", upload_id[:12], key)
                 upload_id, existing = None, {}
+        if part_size is None and 1 in existing:
+            part_size = int(existing[1]["Size"])  # an upload found without its local record
+        part_size = part_size or choose_part_size(size, self.part_size)
+        if size <= part_size and upload_id is None:
+            return self._put_small(key, path, size, spec, part_size, progress)
+        part_count = max(1, -(-size // part_size))
+        if part_count > MAX_PARTS:
+            raise PermanentStorageError(
+                f"{path} needs {part_count} parts of {part_size} bytes; S3 allows 10,000"
+            )
         if upload_id is None:
             args = self._write_args(spec)
             if not self.compat:
