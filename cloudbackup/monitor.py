@@ -340,7 +340,7 @@ def parse_max_age(text: str) -> timedelta:
 
 
 def newest_archive_size(ctx: Context, source: str) -> int | None:
-    ref = ctx.local_listing().newest(ctx.host, source)
+    ref = ctx.local_listing(source).newest(ctx.host, source)
     return ref.archive_size if ref else None
 
 

@@ -79,8 +79,10 @@ class Context:
     def local_dir_for(self, source: str, host: str | None = None) -> Path:
         return self.settings.local_dir / (host or self.host) / source
 
-    def local_listing(self) -> Listing:
-        return build_listing(self.local.list(""), prefix="", where="local")
+    def local_listing(self, source: str | None = None) -> Listing:
+        """Every local backup, or only this host's backups of ``source`` (one directory)."""
+        prefix = f"{self.host}/{source}" if source else ""
+        return build_listing(self.local.list(prefix), prefix="", where="local")
 
     def remote_listing_or_empty(self) -> Listing:
         """The remote listing for guards before archiving; an unusable bucket is discovered
@@ -259,7 +261,7 @@ def _skip_inodes(settings: Settings) -> frozenset[tuple[int, int]]:
 
 def previous_manifest(ctx: Context, source: str) -> Manifest | None:
     """The newest complete backup of this host and source, local or remote."""
-    local = ctx.local_listing().newest(ctx.host, source)
+    local = ctx.local_listing(source).newest(ctx.host, source)
     remote = ctx.remote_listing_or_empty().newest(ctx.host, source)
     candidates = [r for r in (local, remote) if r is not None]
     if not candidates:

@@ -298,7 +298,7 @@ def _compare(head: Any, size: int, sha256: str, checksum: str | None) -> list[st
 def upload_after_backup(ctx: Context, result: SourceResult) -> None:
     """Called by ``backup`` right after a source's archive is complete."""
     assert result.id
-    listing = ctx.local_listing()
+    listing = ctx.local_listing(result.source)
     ref = listing.find(result.id, ctx.host)
     if ref is None:
         return
