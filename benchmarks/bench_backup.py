@@ -25,12 +25,11 @@ import common  # noqa: E402
 import gen_dataset  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+log = common.log
+ours_base_command = common.ours_base_command
+dir_bytes = common.dir_bytes
 BENCH_ROOT = Path("/tmp/cb-bench")
 SOURCE_NAME = "bench"
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def size_label(size: int) -> str:
@@ -98,26 +97,6 @@ class Datasets:
         for path in self.generated:
             log(f"removing generated dataset {path} (use --keep to keep it)")
             shutil.rmtree(path, ignore_errors=True)
-
-
-def ours_base_command(override: str | None) -> tuple[list[str], dict[str, str]]:
-    """The ``cloudbackup`` command: ``--ours-cmd``, else ``<python dir>/cloudbackup``, else ``python -m``."""
-    if override:
-        return shlex.split(override), {}
-    exe = Path(sys.executable).parent / "cloudbackup"
-    if exe.is_file() and os.access(exe, os.X_OK):
-        return [str(exe)], {}
-    # Not installed: run the package from this checkout.
-    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return [sys.executable, "-m", "cloudbackup"], {"PYTHONPATH": pythonpath}
-
-
-def dir_bytes(root: Path) -> int:
-    total = 0
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            total += os.lstat(os.path.join(dirpath, name)).st_size
-    return total
 
 
 def make_ours(

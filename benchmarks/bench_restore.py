@@ -31,12 +31,9 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +43,17 @@ import common  # noqa: E402
 import gen_dataset  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+log = common.log
+free_port = common.free_port
+MotoServer = common.MotoServer
+ours_base_command = common.ours_base_command
+aws_command = common.aws_command
+
+
+def append_results(path: Path, text: str) -> None:
+    common.append_under_heading(path, "Restore", text)
+
+
 BENCH_ROOT = Path("/tmp/cb-bench")
 SOURCE = "bench"
 HOST = "bench"
@@ -55,76 +63,6 @@ AWS_ENV = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class MotoServer:
-    """``python -m moto.server`` in its own process, stopped by its pid."""
-
-    def __init__(self, work: Path, port: int | None) -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = work / "moto.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"moto server exited; see {self.log_path}")
-            try:
-                urllib.request.urlopen(self.url + "/moto-api/", timeout=1).close()
-                log(f"moto server pid {self.proc.pid} on {self.url}")
-                return
-            except OSError:
-                time.sleep(0.2)
-        raise SystemExit(f"moto server did not answer on {self.url}; see {self.log_path}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def ours_base_command(override: str | None) -> tuple[list[str], dict[str, str]]:
-    if override:
-        return shlex.split(override), {}
-    exe = Path(sys.executable).parent / "cloudbackup"
-    if exe.is_file() and os.access(exe, os.X_OK):
-        return [str(exe)], {}
-    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return [sys.executable, "-m", "cloudbackup"], {"PYTHONPATH": pythonpath}
-
-
-def aws_command() -> list[str]:
-    exe = Path(sys.executable).parent / "aws"
-    if exe.is_file():
-        return [str(exe)]
-    found = shutil.which("aws")
-    if not found:
-        raise SystemExit("the AWS CLI (aws) is needed for the reference side; pip install awscli")
-    return [found]
 
 
 def base_env(endpoint: str) -> dict[str, str]:
@@ -298,24 +236,6 @@ def runs_table(samples: dict[str, list[common.Sample]]) -> str:
                     f"{(s.output_bytes or 0) / common.MiB:.1f} |"
                 )
     return "\n".join(lines)
-
-
-def append_results(path: Path, text: str) -> None:
-    """Append under a ``## Restore`` heading (created if missing, kept before the next ``## ``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    existing = path.read_text() if path.exists() else ""
-    lines = existing.splitlines()
-    if "## Restore" not in lines:
-        body = existing.rstrip("\n")
-        body = (body + "\n\n" if body else "") + "## Restore\n\n" + text
-        path.write_text(body.rstrip("\n") + "\n")
-        return
-    start = lines.index("## Restore")
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    before = "\n".join(lines[:end]).rstrip("\n")
-    after = "\n".join(lines[end:])
-    merged = before + "\n\n" + text.rstrip("\n") + "\n" + ("\n" + after if after else "")
-    path.write_text(merged.rstrip("\n") + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -336,3 +339,110 @@ def environment() -> dict[str, str]:
 
 def which(name: str) -> str | None:
     return shutil.which(name)
+
+
+# ---------------------------------------------------------------- shared by the bench_* scripts
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ours_base_command(override: str | None) -> tuple[list[str], dict[str, str]]:
+    """The ``cloudbackup`` command: ``--ours-cmd``, else ``<python dir>/cloudbackup``, else ``python -m``."""
+    if override:
+        return shlex.split(override), {}
+    exe = Path(sys.executable).parent / "cloudbackup"
+    if exe.is_file() and os.access(exe, os.X_OK):
+        return [str(exe)], {}
+    # Not installed: run the package from this checkout.
+    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return [sys.executable, "-m", "cloudbackup"], {"PYTHONPATH": pythonpath}
+
+
+def aws_command() -> list[str]:
+    exe = Path(sys.executable).parent / "aws"
+    if exe.is_file():
+        return [str(exe)]
+    found = shutil.which("aws")
+    if not found:
+        raise SystemExit("the AWS CLI (aws) is needed for the reference side; pip install awscli")
+    return [found]
+
+
+def dir_bytes(root: Path) -> int:
+    total = 0
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def append_under_heading(path: Path, heading: str, text: str) -> None:
+    """Append ``text`` under ``## heading`` (created if missing, kept before the next ``## ``)."""
+    title = f"## {heading}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existing = path.read_text() if path.exists() else ""
+    lines = existing.splitlines()
+    if title not in lines:
+        body = existing.rstrip("\n")
+        body = (body + "\n\n" if body else "") + title + "\n\n" + text
+        path.write_text(body.rstrip("\n") + "\n")
+        return
+    start = lines.index(title)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    before = "\n".join(lines[:end]).rstrip("\n")
+    after = "\n".join(lines[end:])
+    merged = before + "\n\n" + text.rstrip("\n") + "\n" + ("\n" + after if after else "")
+    path.write_text(merged.rstrip("\n") + "\n")
+
+
+class MotoServer:
+    """A moto S3 server in its own process (so it does not share our GIL), stopped by its pid."""
+
+    def __init__(self, work: Path, port: int | None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = work / "moto.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        exe = Path(sys.executable).parent / "moto_server"
+        if exe.is_file() and os.access(exe, os.X_OK):
+            return [str(exe), "-H", "127.0.0.1", "-p", str(self.port)]
+        return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen(
+                self.command(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"moto server exited; see {self.log_path}")
+            try:
+                urllib.request.urlopen(self.url + "/moto-api/", timeout=1).close()
+                log(f"moto server pid {self.proc.pid} on {self.url}")
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise SystemExit(f"moto server did not answer on {self.url}; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
