@@ -4,27 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import click
 from click.testing import CliRunner
 
 from cloudbackup.cli import cli
+from tests.test_cli_backup import _command_paths as command_paths
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
-def _commands(group: click.Group, prefix: str = "") -> list[str]:
-    names = []
-    for name, command in sorted(group.commands.items()):
-        full = f"{prefix}{name}"
-        if isinstance(command, click.Group):
-            names += _commands(command, full + " ")
-        else:
-            names.append(full)
-    return names
-
-
 def test_every_command_is_in_the_readme_and_has_help() -> None:
-    commands = _commands(cli)
+    commands = [" ".join(path) for path in command_paths(cli) if path]
     assert {
         "backup",
         "upload",
