@@ -190,12 +190,8 @@ def s3_test_client(endpoint: str) -> Any:
     )
 
 
-@pytest.fixture
-def s3_env(env: Env, moto_server: str, monkeypatch: pytest.MonkeyPatch) -> S3Env:
-    """Fake AWS credentials, a fresh bucket per test, CLOUDBACKUP_S3_BUCKET and
-    CLOUDBACKUP_S3_ENDPOINT_URL set (point the endpoint at a fault proxy to inject faults)."""
-    import uuid
-
+def fake_aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only fake credentials: no real AWS variable, profile or config file can leak in."""
     for name in list(os.environ):
         if name.startswith("AWS_"):
             monkeypatch.delenv(name)
@@ -204,6 +200,15 @@ def s3_env(env: Env, moto_server: str, monkeypatch: pytest.MonkeyPatch) -> S3Env
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+
+
+@pytest.fixture
+def s3_env(env: Env, moto_server: str, monkeypatch: pytest.MonkeyPatch) -> S3Env:
+    """Fake AWS credentials, a fresh bucket per test, CLOUDBACKUP_S3_BUCKET and
+    CLOUDBACKUP_S3_ENDPOINT_URL set (point the endpoint at a fault proxy to inject faults)."""
+    import uuid
+
+    fake_aws_credentials(monkeypatch)
     bucket = f"cb-test-{uuid.uuid4().hex[:16]}"
     client = s3_test_client(moto_server)
     client.create_bucket(Bucket=bucket)

@@ -23,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cloudbackup import archive, monitor
-from tests.conftest import Clock, Env, make_tree
+from tests.conftest import Clock, Env, fake_aws_credentials, make_tree
 
 STATUS_KEYS = {"source", "newest", "age_seconds", "local_count", "remote_count", "bytes", "state"}
 
@@ -343,12 +343,7 @@ def test_status_unknown_when_the_bucket_cannot_be_listed(
     env: Env, cli: Any, clock: Clock, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert cli("run").exit_code == 0
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    fake_aws_credentials(monkeypatch)
     monkeypatch.delenv("CLOUDBACKUP_LOCAL_ONLY")
     monkeypatch.setenv("CLOUDBACKUP_S3_BUCKET", "backups")
     monkeypatch.setenv("CLOUDBACKUP_S3_ENDPOINT_URL", closed_port_url().removesuffix("/ping"))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from cloudbackup.storage.s3 import (
     make_client,
     sha256_b64,
 )
+from tests.conftest import fake_aws_credentials
 from tests.s3_helpers import Sleeps
 
 BUCKET = "unit-bucket"
@@ -45,14 +45,7 @@ TiB = 1024**4
 
 @pytest.fixture(autouse=True)
 def _fake_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    fake_aws_credentials(monkeypatch)
 
 
 def client_error(code: str, status: int, message: str = "") -> bexc.ClientError:
