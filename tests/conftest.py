@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -232,3 +235,26 @@ def pg_server() -> Iterator[Any]:
         yield server
     finally:
         server.stop()
+
+
+def kill_when(
+    proc: subprocess.Popen[bytes],
+    ready: Callable[[], Any],
+    timeout: float = 60,
+    settle: float = 0.0,
+) -> None:
+    """SIGKILL ``proc`` as soon as ``ready()`` is true (``settle`` seconds later), asserting it
+    was still running then; always reaps it."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.005)
+        assert ready(), "the process never reached the point where it should be killed"
+        time.sleep(settle)
+        assert proc.poll() is None, "the process finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+    assert proc.returncode == -signal.SIGKILL

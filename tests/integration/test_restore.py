@@ -13,12 +13,10 @@ import io
 import json
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
 import tarfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,16 @@ import pytest
 import zstandard
 
 from cloudbackup.model import Manifest, archive_name, manifest_name
-from tests.conftest import HOST, CliResult, Clock, Env, S3Env, make_tree, s3_test_client
+from tests.conftest import (
+    HOST,
+    CliResult,
+    Clock,
+    Env,
+    S3Env,
+    kill_when,
+    make_tree,
+    s3_test_client,
+)
 from tests.integration.pgserver import SUPERUSER_PASSWORD
 
 pytestmark = pytest.mark.slow
@@ -512,22 +519,11 @@ def test_kill_9_mid_restore_leaves_no_partial_tree(env: Env, cli: Callable[..., 
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    try:
-        deadline = time.monotonic() + 30
-        staged: list[Path] = []
-        while time.monotonic() < deadline and proc.poll() is None:
-            staged = [p for p in env.work.glob(".t.restore-*") if any(p.iterdir())]
-            if staged:
-                break
-            time.sleep(0.005)
-        assert staged, "no staging directory appeared while the restore ran"
-        assert proc.poll() is None, "the restore finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
-    assert proc.returncode == -signal.SIGKILL
+    kill_when(
+        proc,
+        lambda: any(any(p.iterdir()) for p in env.work.glob(".t.restore-*")),
+        timeout=30,
+    )
     assert not target.exists(), "a half-restored tree is under the target's name"
 
     # The next restore removes the dead one's staging directory and succeeds.

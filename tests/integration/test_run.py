@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 
 from cloudbackup.lock import DirLock
-from tests.conftest import Clock, Env, S3Env, make_tree
+from tests.conftest import Clock, Env, S3Env, kill_when, make_tree
 from tests.s3_helpers import Fault, fault_proxy
 from tests.test_monitor import PingServer, closed_port_url, hanging_server
 
@@ -276,22 +275,6 @@ def start_run(env: Env, **extra: str) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-
-
-def kill_when(proc: subprocess.Popen[bytes], ready: Any, timeout: float = 60) -> None:
-    """SIGKILL ``proc`` as soon as ``ready()`` is true (it must still be running then)."""
-    try:
-        deadline = time.monotonic() + timeout
-        while not ready() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.01)
-        assert ready(), "the run never reached the point where it should be killed"
-        assert proc.poll() is None, "the run finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
-    assert proc.returncode == -signal.SIGKILL
 
 
 def assert_each_backup_once_and_complete(
