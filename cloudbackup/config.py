@@ -57,6 +57,8 @@ EXTRA_VARIABLES = (
     "CLOUDBACKUP_S3_PART_SIZE",
     "CLOUDBACKUP_S3_CONCURRENCY",
     "CLOUDBACKUP_S3_ADDRESSING",
+    "CLOUDBACKUP_S3_DOWNLOAD",
+    "CLOUDBACKUP_S3_UPLOAD",
 )
 
 
@@ -92,6 +94,7 @@ class Settings:
     s3_concurrency: int = 4
     s3_addressing: str = "auto"
     s3_download: str = "single"
+    s3_upload: str = "stream"
     local_retention: retention.Policy = field(
         default_factory=lambda: retention.parse_policy("last=3")
     )
@@ -372,6 +375,10 @@ def load(
     download = (value or "single").strip().lower()
     if download not in ("single", "ranged"):
         raise _fail("CLOUDBACKUP_S3_DOWNLOAD", download, where, "use single or ranged")
+    value, where = r.get("CLOUDBACKUP_S3_UPLOAD")
+    upload = (value or "stream").strip().lower()
+    if upload not in ("stream", "after"):
+        raise _fail("CLOUDBACKUP_S3_UPLOAD", upload, where, "use stream or after")
 
     def policy(var: str, default: str | None) -> retention.Policy | None:
         value, where = r.get(var)
@@ -434,6 +441,7 @@ def load(
         s3_concurrency=concurrency,
         s3_addressing=addressing,
         s3_download=download,
+        s3_upload=upload,
         local_retention=local_policy,
         remote_retention=remote_policy,
         shrink_guard=shrink,

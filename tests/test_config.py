@@ -273,6 +273,26 @@ def test_unknown_variable_warned_by_name() -> None:
     assert len(settings.warnings) == 2
 
 
+def test_every_variable_the_loader_reads_is_known() -> None:
+    """A variable read by ``load`` but missing from the lists would be warned as a typo."""
+    import inspect
+    import re
+
+    read = set(re.findall(r'"(CLOUDBACKUP_[A-Z0-9_]+)"', inspect.getsource(config.load)))
+    read |= set(re.findall(r'"(CLOUDBACKUP_[A-Z0-9_]+)"', inspect.getsource(config)))
+    known = set(config.KNOWN_VARIABLES) | set(config.EXTRA_VARIABLES)
+    assert "CLOUDBACKUP_S3_DOWNLOAD" in read
+    assert read - known == set()
+    assert load({}, {"CLOUDBACKUP_S3_DOWNLOAD": "ranged"}).warnings == ()
+
+
+def test_upload_mode_knob() -> None:
+    assert load().s3_upload == "stream"
+    assert load({}, {"CLOUDBACKUP_S3_UPLOAD": "After"}).s3_upload == "after"
+    message = load_error({"CLOUDBACKUP_S3_UPLOAD": "later"})
+    assert "CLOUDBACKUP_S3_UPLOAD" in message and "later" in message
+
+
 # ---------------------------------------------------------------- sources
 
 
