@@ -115,16 +115,82 @@ class ArchiveStats:
         return {"dirs": self.dirs, "symlinks": self.symlinks, "hardlinks": self.hardlinks}
 
 
+class ArchiveAbandoned(CloudBackupError):
+    """The archive a tail follows was not completed (the backup failed or was refused)."""
+
+
+class ArchiveTail:
+    """Follows an archive while it is written, for a reader that must not wait for the end
+    (the streaming uploader sends parts while later ones are still being compressed).
+
+    The writer reports how many bytes are on disk; the reader waits for a range and reads it
+    back with ``pread`` on its own descriptor (from the page cache), so the tail holds no
+    data and survives the rename of the ``.partial`` file.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.fd: int | None = None
+        self.written = 0
+        self.size: int | None = None  # set once the archive is complete and fsynced
+        self.failed = False
+
+    def attach(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def advance(self, total: int) -> None:
+        with self._cond:
+            self.written = total
+            self._cond.notify_all()
+
+    def finish(self, size: int) -> None:
+        with self._cond:
+            self.written = self.size = size
+            self._cond.notify_all()
+
+    def fail(self) -> None:
+        with self._cond:
+            self.failed = True
+            self._cond.notify_all()
+
+    def wait_for(self, end: int) -> tuple[int, int | None]:
+        """Block until ``end`` bytes are written or the archive is complete.
+
+        Returns (bytes written, final size or None); raises ArchiveAbandoned when the
+        writer failed or the backup was given up.
+        """
+        with self._cond:
+            while not self.failed and self.size is None and self.written < end:
+                self._cond.wait()
+            if self.failed:
+                raise ArchiveAbandoned("the archive was not completed")
+            return self.written, self.size
+
+    def close(self) -> None:
+        self.fail()  # wakes a reader still waiting
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class HashingSink:
     """Hashes and writes chunks to ``fd`` on its own thread (hashlib and os.write release
-    the GIL); at most ``depth`` chunks wait, so memory stays bounded."""
+    the GIL); at most ``depth`` chunks wait, so memory stays bounded. A ``tail`` is told
+    how far the file has been written."""
 
     def __init__(
-        self, fd: int, *, sha: Any = None, depth: int = 8, name: str = "archive-writer"
+        self,
+        fd: int,
+        *,
+        sha: Any = None,
+        depth: int = 8,
+        name: str = "archive-writer",
+        tail: ArchiveTail | None = None,
     ) -> None:
         self.fd = fd
         self.sha = sha if sha is not None else hashlib.sha256()
         self.size = 0
+        self.tail = tail
         self.error: BaseException | None = None
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -143,6 +209,8 @@ class HashingSink:
                 while view:
                     view = view[os.write(self.fd, view) :]
                 self.size += len(chunk)
+                if self.tail is not None:
+                    self.tail.advance(self.size)
             except BaseException as exc:  # surfaced on the main thread
                 self.error = exc
 
@@ -350,10 +418,13 @@ def write_archive(
     level: int | None,
     warn: Warn,
     progress: Callable[[int], None] | None = None,
+    tail: ArchiveTail | None = None,
 ) -> ArchiveStats:
     """Write ``partial`` in one pass and fsync it; the caller renames it into place.
 
-    On any error the partial file is removed and the error re-raised.
+    ``tail`` follows the bytes as they are written (it is finished once the file is
+    fsynced, failed on error). On any error the partial file is removed and the error
+    re-raised.
     """
     stats = ArchiveStats()
 
@@ -366,7 +437,14 @@ def write_archive(
         warn(category, message)
 
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    sink = HashingSink(fd)
+    try:
+        if tail is not None:
+            tail.attach(partial)
+        sink = HashingSink(fd, tail=tail)
+    except BaseException:
+        os.close(fd)
+        partial.unlink(missing_ok=True)
+        raise
     try:
         out = _TarOut(make_compressor(compression, level, sink.put), sink, progress)
         try:
@@ -378,6 +456,8 @@ def write_archive(
     except BaseException as exc:
         os.close(fd)
         partial.unlink(missing_ok=True)
+        if tail is not None:
+            tail.fail()
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             raise SourceError(
                 f"no space left on {partial.parent} while writing the archive", "free space"
@@ -386,6 +466,8 @@ def write_archive(
     os.close(fd)
     stats.size = sink.size
     stats.sha256 = sink.sha.hexdigest()
+    if tail is not None:
+        tail.finish(stats.size)
     return stats
 
 

@@ -221,12 +221,13 @@ def backup(
     from cloudbackup.lock import DirLock
 
     with DirLock(settings.local_dir):
-        uploader = _uploader() if upload else None
+        uploader, streamer = _uploader() if upload else (None, None)
         results = operations.backup(
             ctx,
             settings.sources,
             operations.BackupOptions(upload=upload, dry_run=dry_run, allow_shrink=allow_shrink),
             uploader=uploader,
+            streamer=streamer,
         )
     if as_json:
         _emit_json(
@@ -241,10 +242,12 @@ def backup(
     _exit(operations.worst_exit(r.exit_code for r in results))
 
 
-def _uploader() -> Callable[[operations.Context, operations.SourceResult], None] | None:
+def _uploader() -> tuple[
+    Callable[[operations.Context, operations.SourceResult], None], operations.Streamer
+]:
     from cloudbackup import transfer
 
-    return transfer.upload_after_backup
+    return transfer.upload_after_backup, transfer.start_stream
 
 
 # ---------------------------------------------------------------- list / verify
@@ -343,7 +346,9 @@ def _not_built(name: str) -> NoReturn:
 
 @cli.command()
 @click.option("--source", help="Only this source.")
-@click.option("--host", help="Upload as this host (explicit: allowed under another machine's claim).")
+@click.option(
+    "--host", help="Upload as this host (explicit: allowed under another machine's claim)."
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def upload(source: str | None, host: str | None, as_json: bool) -> None:
     """Push every complete local backup not yet verified remotely; resumes interrupted uploads."""
@@ -650,10 +655,14 @@ def iam() -> None:
 @click.option("--bucket", help="Bucket name (default: CLOUDBACKUP_S3_BUCKET).")
 @click.option("--prefix", help="Key prefix (default: CLOUDBACKUP_S3_PREFIX).")
 @click.option("--host", help="Scope the policy to this host's prefix.")
-@click.option("--object-lock", is_flag=True, help="Add s3:PutObjectRetention (CLOUDBACKUP_S3_OBJECT_LOCK).")
+@click.option(
+    "--object-lock", is_flag=True, help="Add s3:PutObjectRetention (CLOUDBACKUP_S3_OBJECT_LOCK)."
+)
 @click.option("--kms-key-arn", metavar="ARN", help="Add KMS permissions on this key (SSE-KMS).")
 @click.option(
-    "--require-conditional-writes", is_flag=True, help="bucket-policy: deny PUTs without If-None-Match."
+    "--require-conditional-writes",
+    is_flag=True,
+    help="bucket-policy: deny PUTs without If-None-Match.",
 )
 def render(
     role: str,
@@ -674,7 +683,9 @@ def render(
         raise UsageError("no bucket given", "pass --bucket or set CLOUDBACKUP_S3_BUCKET")
     if role == "bucket-policy":
         text = iam_templates.render_bucket_policy(
-            settings.s3_bucket, settings.s3_prefix, require_conditional_writes=require_conditional_writes
+            settings.s3_bucket,
+            settings.s3_prefix,
+            require_conditional_writes=require_conditional_writes,
         )
     else:
         text = iam_templates.render(

@@ -96,6 +96,7 @@ def run(ctx: Context, *, allow_shrink: bool = False, deep: bool = False) -> RunR
             specs,
             BackupOptions(upload=uploader is not None, allow_shrink=allow_shrink),
             uploader=uploader,
+            streamer=transfer.start_stream if uploader is not None else None,
         )
         if specs
         else []

@@ -15,12 +15,14 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from glob import escape as glob_escape
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cloudbackup import __version__
 from cloudbackup.archive import (
     ArchiveStats,
+    ArchiveTail,
     commit,
     sha256_file,
     write_archive,
@@ -35,6 +37,7 @@ from cloudbackup.errors import (
     UsageError,
 )
 from cloudbackup.model import (
+    UPLOAD_SUFFIX,
     BackupId,
     BackupRef,
     Listing,
@@ -136,6 +139,8 @@ class SourceResult:
     pruned: list[str] = field(default_factory=list)
     dry_run: bool = False
     local_only: bool = False
+    # The upload that ran while the archive was written; the uploader completes it.
+    stream: ArchiveStream | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -188,7 +193,8 @@ def machine_id(local_dir: Path, candidates: Sequence[Path] | None = None) -> str
 
 
 def cleanup_partials(ctx: Context) -> list[Path]:
-    """Remove ``*.partial`` files a killed run left behind (we hold the lock)."""
+    """Remove ``*.partial`` files a killed run left behind (we hold the lock), and the
+    multipart upload a killed streamed backup had started for an archive never finished."""
     removed: list[Path] = []
     host_dir = ctx.settings.local_dir / ctx.host
     if not host_dir.is_dir():
@@ -203,7 +209,35 @@ def cleanup_partials(ctx: Context) -> list[Path]:
                 LOG.info("removed %s left by an interrupted run", path)
             except OSError as exc:
                 LOG.warning("cannot remove stale %s: %s", path, exc.strerror)
+        for path in sorted(source_dir.glob("*" + UPLOAD_SUFFIX)):
+            stem = path.name[: -len(UPLOAD_SUFFIX)]
+            if any(p != path for p in source_dir.glob(glob_escape(stem) + ".*")):
+                continue  # its backup exists: a record of an upload, not a leftover
+            if _abort_stray_upload(ctx, path):
+                path.unlink(missing_ok=True)
+                removed.append(path)
     return removed
+
+
+def _abort_stray_upload(ctx: Context, record_path: Path) -> bool:
+    """Abort the multipart upload a record names whose archive was never completed."""
+    import json
+
+    try:
+        record = UploadRecord.from_dict(json.loads(record_path.read_bytes()))
+    except (OSError, ValueError, TypeError):
+        return True  # unreadable and without an archive: nothing to resume from it
+    if not record.upload_id:
+        return True
+    if ctx.remote is None:
+        return False  # kept: a run with the bucket aborts it (or it is aborted after 7 days)
+    try:
+        ctx.remote.abort(record.key, record.upload_id)
+    except CloudBackupError as exc:
+        LOG.warning("cannot abort the unfinished upload of %s: %s", record.key, exc)
+        return False
+    LOG.info("aborted the upload of %s left by an interrupted backup", record.key)
+    return True
 
 
 def read_local_manifest(ctx: Context, ref: BackupRef) -> Manifest:
@@ -214,10 +248,14 @@ def read_local_manifest(ctx: Context, ref: BackupRef) -> Manifest:
         raise IntegrityError(f"manifest {ref.manifest_key} is unreadable: {exc}") from None
 
 
+def upload_record_path(ctx: Context, source: str, backup_id: str, host: str | None = None) -> Path:
+    return ctx.local_dir_for(source, host) / upload_name(BackupId.parse(backup_id))
+
+
 def read_upload_record(
     ctx: Context, backup_id: str, source: str, host: str | None = None
 ) -> UploadRecord | None:
-    path = ctx.local_dir_for(source, host) / upload_name(BackupId.parse(backup_id))
+    path = upload_record_path(ctx, source, backup_id, host)
     try:
         import json
 
@@ -229,13 +267,27 @@ def read_upload_record(
 def write_upload_record(ctx: Context, source: str, backup_id: str, record: UploadRecord) -> None:
     import json
 
-    path = ctx.local_dir_for(source) / upload_name(BackupId.parse(backup_id))
+    path = upload_record_path(ctx, source, backup_id)
     write_file_atomic(
         path, (json.dumps(record.to_dict(), indent=2, sort_keys=True) + "\n").encode()
     )
 
 
 # ---------------------------------------------------------------- backup
+
+
+class ArchiveStream(Protocol):
+    """An upload that follows an archive while it is written (``transfer.StreamedUpload``)."""
+
+    tail: ArchiveTail
+
+    def abandon(self) -> None:
+        """The archive will not be kept: stop, and leave nothing behind in S3."""
+        ...
+
+
+# (ctx, source name, backup id, archive file name, previous manifest) → a stream, or None
+Streamer = Callable[["Context", str, BackupId, str, Manifest | None], ArchiveStream | None]
 
 
 @dataclass
@@ -338,7 +390,9 @@ def shrink_check(
         )
 
 
-def backup_source(ctx: Context, source: Source, options: BackupOptions) -> SourceResult:
+def backup_source(
+    ctx: Context, source: Source, options: BackupOptions, streamer: Streamer | None = None
+) -> SourceResult:
     settings = ctx.settings
     result = SourceResult(source=source.name, dry_run=options.dry_run)
     started = time.monotonic()
@@ -398,47 +452,55 @@ def backup_source(ctx: Context, source: Source, options: BackupOptions) -> Sourc
             warn=source_warn,
             log=lambda m: LOG.info("%s", m),
         )
-        progress = ctx.progress(f"archive {source.name}", None)
-        stats = write_archive(
-            source.entries(sctx),
-            partial,
-            compression=settings.compression,
-            level=settings.compression_level,
-            warn=warn,
-            progress=progress,
-        )
-        getattr(progress, "close", lambda: None)()
-        stats.warnings = walk_warnings + stats.warnings
-        stats.unreadable += walk_unreadable
+        stream = streamer(ctx, source.name, backup_id, final.name, previous) if streamer else None
         try:
-            if not options.allow_shrink:
-                shrink_check(source, stats, previous, settings.shrink_guard)
-        except ShrinkGuardError:
-            partial.unlink(missing_ok=True)
+            progress = ctx.progress(f"archive {source.name}", None)
+            stats = write_archive(
+                source.entries(sctx),
+                partial,
+                compression=settings.compression,
+                level=settings.compression_level,
+                warn=warn,
+                progress=progress,
+                tail=stream.tail if stream is not None else None,
+            )
+            getattr(progress, "close", lambda: None)()
+            stats.warnings = walk_warnings + stats.warnings
+            stats.unreadable += walk_unreadable
+            try:
+                if not options.allow_shrink:
+                    shrink_check(source, stats, previous, settings.shrink_guard)
+            except ShrinkGuardError:
+                partial.unlink(missing_ok=True)
+                raise
+            commit(partial, final)
+            manifest = Manifest(
+                id=str(backup_id),
+                host=ctx.host,
+                source=source.name,
+                kind=source.kind,
+                spec=source.spec.redacted,
+                created_at=format_time(backup_id.created_at),
+                archive=final.name,
+                size=stats.size,
+                sha256=stats.sha256,
+                compression=settings.compression,
+                compression_level=settings.compression_level,
+                file_count=stats.file_count,
+                uncompressed_bytes=stats.uncompressed_bytes,
+                machine_id=ctx.machine_id,
+                tool_version=__version__,
+                warnings=stats.warnings,
+                root_device=device,
+                root=source.real_path,
+                members=stats.members() | getattr(source, "manifest_members", dict)(),
+            )
+            write_file_atomic(directory / manifest_name(backup_id), manifest.to_json())
+        except BaseException:
+            if stream is not None:
+                stream.abandon()
             raise
-        commit(partial, final)
-        manifest = Manifest(
-            id=str(backup_id),
-            host=ctx.host,
-            source=source.name,
-            kind=source.kind,
-            spec=source.spec.redacted,
-            created_at=format_time(backup_id.created_at),
-            archive=final.name,
-            size=stats.size,
-            sha256=stats.sha256,
-            compression=settings.compression,
-            compression_level=settings.compression_level,
-            file_count=stats.file_count,
-            uncompressed_bytes=stats.uncompressed_bytes,
-            machine_id=ctx.machine_id,
-            tool_version=__version__,
-            warnings=stats.warnings,
-            root_device=device,
-            root=source.real_path,
-            members=stats.members() | getattr(source, "manifest_members", dict)(),
-        )
-        write_file_atomic(directory / manifest_name(backup_id), manifest.to_json())
+        result.stream = stream
         result.ok = True
         result.size = stats.size
         result.file_count = stats.file_count
@@ -523,8 +585,13 @@ def backup(
     options: BackupOptions,
     *,
     uploader: Callable[[Context, SourceResult], None] | None = None,
+    streamer: Streamer | None = None,
 ) -> list[SourceResult]:
-    """Archive each source; one failing source does not stop the others."""
+    """Archive each source; one failing source does not stop the others.
+
+    ``streamer`` starts an upload that follows each archive while it is written;
+    ``uploader`` then completes (or performs) the upload of each archive kept.
+    """
     if not specs:
         raise UsageError(
             "no sources to back up",
@@ -540,7 +607,7 @@ def backup(
             results.append(SourceResult(source=spec.name, error=str(exc), exit_code=1))
             LOG.error("source %s: %s", spec.name, exc)
             continue
-        result = backup_source(ctx, source, options)
+        result = backup_source(ctx, source, options, streamer)
         if result.ok and not options.dry_run and uploader is not None:
             uploader(ctx, result)
         results.append(result)

@@ -4,12 +4,14 @@ remote copies without downloading, and clean up stale multipart uploads."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cloudbackup import __version__
+from cloudbackup.archive import ArchiveAbandoned, ArchiveTail
 from cloudbackup.errors import (
     CloudBackupError,
     IntegrityError,
@@ -31,11 +33,15 @@ from cloudbackup.operations import (
     VerifyResult,
     read_local_manifest,
     read_upload_record,
+    upload_record_path,
     write_upload_record,
 )
 from cloudbackup.storage.s3 import (
+    SentParts,
+    UploadOutcome,
     UploadSpec,
     checksums_match,
+    choose_part_size,
     hex_to_b64,
     lock_until,
 )
@@ -54,9 +60,25 @@ def host_claim_key(ctx: Context, host: str | None = None) -> str:
 
 
 def claim_host(ctx: Context) -> None:
-    """Write ``<prefix>/<host>/.host-id`` once; refuse a prefix another machine claimed."""
+    """Write ``<prefix>/<host>/.host-id`` once; refuse a prefix another machine claimed.
+
+    The outcome holds for the whole run: a failure (after its retries) is raised again at
+    once rather than retried for every backup.
+    """
     if getattr(ctx, "_claimed", False):
         return
+    failed = getattr(ctx, "_claim_error", None)
+    if failed is not None:
+        raise failed
+    try:
+        _claim(ctx)
+    except CloudBackupError as exc:
+        ctx._claim_error = exc  # type: ignore[attr-defined]
+        raise
+    ctx._claimed = True  # type: ignore[attr-defined]
+
+
+def _claim(ctx: Context) -> None:
     key = host_claim_key(ctx)
     # Existence by LIST, not HEAD: with a prefix-scoped role, AWS answers a HEAD of a missing
     # key with 403 rather than 404.
@@ -89,7 +111,6 @@ def claim_host(ctx: Context) -> None:
                 "set CLOUDBACKUP_HOST to a unique name, or pass --host explicitly on a DR machine",
                 code="HostClaimed",
             )
-    ctx._claimed = True  # type: ignore[attr-defined]
 
 
 def object_tags(ctx: Context, source: str, kind: str) -> list[tuple[str, str]]:
@@ -103,11 +124,30 @@ def object_tags(ctx: Context, source: str, kind: str) -> list[tuple[str, str]]:
     return tags
 
 
-def _lock(ctx: Context, manifest: Manifest) -> tuple[str | None, datetime | None]:
+def _lock(ctx: Context, created: datetime) -> tuple[str | None, datetime | None]:
     lock = ctx.settings.s3_object_lock
     if lock is None:
         return None, None
-    return lock.mode, lock_until(manifest.created, lock.days)
+    return lock.mode, lock_until(created, lock.days)
+
+
+def archive_spec(ctx: Context, source: str, created: datetime, sha256: str | None) -> UploadSpec:
+    """Metadata, tags, class and lock of an archive object (``sha256`` once it is known)."""
+    lock_mode, until = _lock(ctx, created)
+    metadata = {"sha256": sha256} if sha256 else {}
+    metadata |= {
+        "source": source,
+        "host": ctx.host,
+        "created-at": format_time(created),
+        "cloudbackup-version": __version__,
+    }
+    return UploadSpec(
+        metadata=metadata,
+        tags=object_tags(ctx, source, "archive"),
+        storage_class=ctx.settings.s3_storage_class,
+        lock_mode=lock_mode,
+        lock_until=until,
+    )
 
 
 def _find_in_progress(ctx: Context, key: str) -> str | None:
@@ -141,8 +181,25 @@ class UploadResult:
         }
 
 
-def upload_backup(ctx: Context, ref: BackupRef) -> UploadResult:
-    """Upload one complete local backup, resuming an interrupted multipart upload."""
+def _in_progress(key: str, upload_id: str, part_size: int) -> UploadRecord:
+    return UploadRecord(
+        key=key,
+        part_size=part_size,
+        part_count=0,
+        checksum_algorithm="SHA256",
+        checksum=None,
+        upload_id=upload_id,
+    )
+
+
+def upload_backup(
+    ctx: Context, ref: BackupRef, streamed: UploadOutcome | None = None
+) -> UploadResult:
+    """Upload one complete local backup, resuming an interrupted multipart upload.
+
+    ``streamed`` is the archive upload a :class:`StreamedUpload` already completed: only
+    the confirmation and the manifest remain.
+    """
     started = time.monotonic()
     result = UploadResult(ref.id, ref.source, False, "")
     manifest = read_local_manifest(ctx, ref)
@@ -160,40 +217,15 @@ def upload_backup(ctx: Context, ref: BackupRef) -> UploadResult:
     if upload_id is None:
         # No local record: the part size is inferred from the upload's own first part.
         upload_id = _find_in_progress(ctx, key)
-    if upload_id:
+    if upload_id and streamed is None:
         LOG.info("%s: resuming upload %s…", ref.id, upload_id[:12])
-    lock_mode, until = _lock(ctx, manifest)
-    spec = UploadSpec(
-        metadata={
-            "sha256": manifest.sha256,
-            "source": manifest.source,
-            "host": manifest.host,
-            "created-at": manifest.created_at,
-            "cloudbackup-version": __version__,
-        },
-        tags=object_tags(ctx, ref.source, "archive"),
-        storage_class=ctx.settings.s3_storage_class,
-        lock_mode=lock_mode,
-        lock_until=until,
-    )
+    spec = archive_spec(ctx, manifest.source, manifest.created, manifest.sha256)
 
     def on_created(new_id: str, size: int) -> None:
-        write_upload_record(
-            ctx,
-            ref.source,
-            ref.id,
-            UploadRecord(
-                key=key,
-                part_size=size,
-                part_count=0,
-                checksum_algorithm="SHA256",
-                checksum=None,
-                upload_id=new_id,
-            ),
-        )
+        write_upload_record(ctx, ref.source, ref.id, _in_progress(key, new_id, size))
 
     progress = ctx.progress(f"upload {ref.id}", manifest.size)
-    outcome = ctx.remote.upload_file(
+    outcome = streamed or ctx.remote.upload_file(
         key,
         path,
         spec,
@@ -231,8 +263,8 @@ def upload_backup(ctx: Context, ref: BackupRef) -> UploadResult:
                 tags=object_tags(ctx, ref.source, "manifest"),
                 storage_class="STANDARD",
                 content_type="application/json",
-                lock_mode=lock_mode,
-                lock_until=until,
+                lock_mode=spec.lock_mode,
+                lock_until=spec.lock_until,
             ),
         )
     except PermanentStorageError as exc:
@@ -286,8 +318,12 @@ def _compare(head: Any, size: int, sha256: str, checksum: str | None) -> list[st
     problems = []
     if head.size != size:
         problems.append(f"size {head.size} ≠ {size}")
-    if head.metadata.get("sha256") != sha256:
-        problems.append(f"sha256 metadata {head.metadata.get('sha256')} ≠ {sha256}")
+    meta_sha256 = head.metadata.get("sha256")
+    if meta_sha256 is not None and meta_sha256 != sha256:
+        problems.append(f"sha256 metadata {meta_sha256} ≠ {sha256}")
+    if meta_sha256 is None and not checksum:
+        # A streamed archive has no sha256 metadata; its S3 checksum must then be checked.
+        problems.append("the object has no sha256 metadata and no S3 checksum to compare")
     if checksum and head.checksum_sha256 and not checksums_match(checksum, head.checksum_sha256):
         problems.append(f"S3 checksum {head.checksum_sha256} ≠ expected {checksum}")
     if checksum and not head.checksum_sha256:
@@ -295,15 +331,138 @@ def _compare(head: Any, size: int, sha256: str, checksum: str | None) -> list[st
     return problems
 
 
+class StreamedUpload:
+    """Sends an archive's parts to S3 while the archive is still being written.
+
+    Backup and upload overlap: each part leaves as soon as it is on disk, so the upload
+    ends shortly after the archive does. Nothing is completed before the archive is
+    durable and kept (``finish``); a failed or refused archive aborts the upload
+    (``abandon``). S3 takes user metadata when a multipart upload is created, before the
+    archive's SHA-256 exists, so a streamed archive object carries no ``sha256`` metadata:
+    its SHA-256 is in the manifest object (body and metadata), and S3's composite
+    checksum, checked by S3 part by part on receipt, is what remote verify compares.
+    """
+
+    def __init__(
+        self,
+        ctx: Context,
+        source: str,
+        backup_id: BackupId,
+        archive_name: str,
+        previous: Manifest | None,
+    ) -> None:
+        self.ctx = ctx
+        self.source = source
+        self.backup_id = backup_id
+        self.key = key_for(_prefix(ctx), ctx.host, backup_id, archive_name)
+        # The part size is fixed before the first byte: from the last archive of this
+        # source, with room to double (a larger archive falls back to a whole upload).
+        estimate = 2 * previous.size if previous else 0
+        self.part_size = choose_part_size(estimate, ctx.settings.s3_part_size)
+        self.spec = archive_spec(ctx, source, backup_id.created_at, None)
+        self.tail = ArchiveTail()
+        self.sent: SentParts | None = None
+        self.upload_id: str | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="stream-upload", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.sent = self.ctx.remote.upload_growing(
+                self.key, self.tail, self.spec, self.part_size, on_created=self._created
+            )
+        except ArchiveAbandoned:
+            pass
+        except BaseException as exc:  # surfaced by finish()
+            self.error = exc
+
+    def _created(self, upload_id: str, part_size: int) -> None:
+        self.upload_id = upload_id
+        write_upload_record(
+            self.ctx,
+            self.source,
+            str(self.backup_id),
+            _in_progress(self.key, upload_id, part_size),
+        )
+
+    def _discard(self) -> None:
+        if self.upload_id is not None:
+            try:
+                self.ctx.remote.abort(self.key, self.upload_id)
+            except CloudBackupError as exc:
+                LOG.warning(
+                    "cannot abort the streamed upload of %s: %s (it is aborted after 7 days)",
+                    self.key,
+                    exc,
+                )
+        upload_record_path(self.ctx, self.source, str(self.backup_id)).unlink(missing_ok=True)
+
+    def abandon(self) -> None:
+        self.tail.fail()
+        self._thread.join()
+        self.tail.close()
+        self._discard()
+
+    def finish(self) -> UploadOutcome | None:
+        """Send the last parts and complete the upload; ``None`` leaves the archive to the
+        regular upload: it fit in one part (one PUT, with ``sha256`` metadata), outgrew
+        10,000 parts, or the stream failed (its parts are resumed, not sent again)."""
+        self._thread.join()
+        size = self.tail.size
+        self.tail.close()
+        if self.error is not None:
+            if getattr(self.error, "code", None) == "TooManyParts":
+                LOG.info("%s: %s; uploading it whole instead", self.backup_id, self.error)
+                self._discard()
+            else:
+                LOG.warning(
+                    "%s: the streamed upload stopped (%s); finishing it from the local archive",
+                    self.backup_id,
+                    self.error,
+                )
+            return None
+        if self.sent is None or size is None:
+            return None
+        return self.ctx.remote.complete_parts(self.key, self.sent, size, self.part_size, self.spec)
+
+
+def start_stream(
+    ctx: Context,
+    source: str,
+    backup_id: BackupId,
+    archive_name: str,
+    previous: Manifest | None,
+) -> StreamedUpload | None:
+    """The streamer ``backup`` and ``run`` use unless ``CLOUDBACKUP_S3_UPLOAD=after``.
+
+    Not with ``CLOUDBACKUP_S3_COMPAT`` (no checksums there: the ``sha256`` metadata is the
+    only record S3 keeps). A prefix that cannot be claimed is left to the regular upload,
+    which reports it.
+    """
+    if ctx.remote is None or ctx.settings.s3_upload != "stream" or ctx.settings.s3_compat:
+        return None
+    try:
+        claim_host(ctx)
+    except CloudBackupError as exc:
+        LOG.debug("not streaming %s: %s", backup_id, exc)
+        return None
+    return StreamedUpload(ctx, source, backup_id, archive_name, previous)
+
+
 def upload_after_backup(ctx: Context, result: SourceResult) -> None:
     """Called by ``backup`` right after a source's archive is complete."""
     assert result.id
+    stream, result.stream = result.stream, None
     listing = ctx.local_listing(result.source)
     ref = listing.find(result.id, ctx.host)
     if ref is None:
+        if stream is not None:
+            stream.abandon()
         return
     try:
-        up = upload_backup(ctx, ref)
+        streamed = stream.finish() if isinstance(stream, StreamedUpload) else None
+        up = upload_backup(ctx, ref, streamed)
         result.uploaded = up.ok
     except CloudBackupError as exc:
         result.error = f"upload failed: {exc} (the local archive is kept; run `cloudbackup upload`)"
@@ -400,7 +559,11 @@ def verify_remote_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> Ve
         if problems:
             result.detail = "; ".join(problems)
             return result
-        detail = f"size, sha256 metadata and S3 checksum match ({size} bytes)"
+        detail = (
+            f"size, sha256 metadata and S3 checksum match ({size} bytes)"
+            if "sha256" in head.metadata
+            else f"size and S3 checksum match ({size} bytes; streamed: sha256 in the manifest)"
+        )
         if deep:
             manifest = Manifest.from_json(ctx.remote.get_bytes(ref.manifest_key))
             progress = ctx.progress(f"verify {ref.id}", size)

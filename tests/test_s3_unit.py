@@ -6,6 +6,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -760,3 +763,118 @@ def test_open_range_retries_a_reset_in_the_middle_of_the_body() -> None:
     store = RetryingStore(Store(Client(), "bkt"), attempts=3, sleep=waits.append)
     assert store.open_range("k", 0, 2) == b"abc"
     assert Client.calls == 2 and len(waits) == 1
+
+
+# ---------------------------------------------------------------- a file still being written
+
+
+class Writer:
+    """Writes ``data`` to ``path`` in steps, telling an ArchiveTail as the archive writer does."""
+
+    def __init__(self, path: Path, data: bytes) -> None:
+        from cloudbackup.archive import ArchiveTail
+
+        self.path, self.data = path, data
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.tail = ArchiveTail()
+        self.tail.attach(path)
+        self.written = 0
+
+    def write_to(self, end: int) -> None:
+        os.write(self.fd, self.data[self.written : end])
+        self.written = end
+        self.tail.advance(end)
+
+    def finish(self) -> None:
+        self.write_to(len(self.data))
+        os.close(self.fd)
+        self.tail.finish(len(self.data))
+
+
+def test_a_tail_waits_for_bytes_and_reports_the_end(tmp_path: Path) -> None:
+    from cloudbackup.archive import ArchiveAbandoned
+
+    writer = Writer(tmp_path / "a", b"x" * 100)
+    got: list[tuple[int, int | None]] = []
+    reader = threading.Thread(target=lambda: got.append(writer.tail.wait_for(60)))
+    reader.start()
+    writer.write_to(50)
+    reader.join(0.2)
+    assert reader.is_alive() and got == []  # 50 of the 60 bytes: still waiting
+    writer.write_to(70)
+    reader.join(5)
+    assert got == [(70, None)]
+    writer.finish()
+    assert writer.tail.wait_for(1000) == (100, 100)  # complete: no waiting past the end
+    failed = Writer(tmp_path / "b", b"y" * 10)
+    waiter = threading.Thread(
+        target=lambda: pytest.raises(ArchiveAbandoned, failed.tail.wait_for, 5)
+    )
+    waiter.start()
+    failed.tail.fail()
+    waiter.join(5)
+    assert not waiter.is_alive()
+    with pytest.raises(ArchiveAbandoned):
+        failed.tail.wait_for(5)
+
+
+def test_parts_of_a_growing_file_are_sent_as_it_grows(moto_store: S3Store, tmp_path: Path) -> None:
+    data = archive(tmp_path, 17 * MiB).read_bytes()  # 4 parts of 5 MiB
+    writer = Writer(tmp_path / "growing", data)
+    sent: list[int] = []
+
+    def progress(n: int) -> None:
+        sent.append(n)
+
+    result: list[Any] = []
+    uploader = threading.Thread(
+        target=lambda: result.append(
+            moto_store.upload_growing("g", writer.tail, UploadSpec(), 5 * MiB, progress=progress)
+        )
+    )
+    uploader.start()
+    writer.write_to(5 * MiB)  # exactly one part: it could still be a one-PUT archive
+    time.sleep(0.3)
+    assert moto_store.list_uploads("g") == []
+    writer.write_to(11 * MiB)
+    deadline = time.monotonic() + 10
+    while len(sent) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sent == [5 * MiB, 5 * MiB]  # parts 1 and 2 left before the file was complete
+    writer.finish()
+    uploader.join(10)
+    (parts,) = result
+    assert parts.count == 4
+    outcome = moto_store.complete_parts("g", parts, len(data), 5 * MiB, UploadSpec())
+    body = moto_store.client.get_object(Bucket=BUCKET, Key="g")["Body"].read()
+    assert body == data
+    assert outcome.checksum == composite_checksum([sha256_b64(p) for p in parts_of_bytes(data)])
+
+
+def parts_of_bytes(data: bytes, part_size: int = 5 * MiB) -> list[bytes]:
+    return [data[i : i + part_size] for i in range(0, len(data), part_size)]
+
+
+def test_a_growing_file_of_one_part_starts_no_multipart_upload(
+    stubbed: tuple[S3Store, Stubber, Calls, Sleeps], tmp_path: Path
+) -> None:
+    store, _, calls, _ = stubbed
+    writer = Writer(tmp_path / "small", b"z" * (5 * MiB))
+    writer.finish()
+    assert store.upload_growing("s", writer.tail, UploadSpec(), 5 * MiB) is None
+    assert calls.names == []  # no request at all: the caller PUTs it whole with its sha256
+
+
+def test_a_growing_file_stops_before_part_10001(
+    moto_store: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("cloudbackup.storage.s3.MAX_PARTS", 2)
+    writer = Writer(tmp_path / "big", archive(tmp_path, 12 * MiB).read_bytes())
+    writer.finish()
+    with pytest.raises(PermanentStorageError) as caught:
+        moto_store.upload_growing("t", writer.tail, UploadSpec(), 5 * MiB)
+    assert caught.value.code == "TooManyParts"
+    (upload,) = moto_store.list_uploads("t")
+    listed = moto_store.client.list_parts(Bucket=BUCKET, Key="t", UploadId=upload["UploadId"])
+    numbers = {p["PartNumber"] for p in listed["Parts"]}
+    assert 1 in numbers and 3 not in numbers  # stopped before part 3 was sent

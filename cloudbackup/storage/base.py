@@ -33,6 +33,16 @@ class ObjectHead:
     lock_until: datetime | None = None
 
 
+class GrowingFile(Protocol):
+    """A file still being written (an archive followed by the streaming uploader)."""
+
+    fd: int | None
+
+    def wait_for(self, end: int) -> tuple[int, int | None]:
+        """Block until ``end`` bytes exist or the file is complete: (written, final size)."""
+        ...
+
+
 class Store(Protocol):
     """Keys are ``/``-separated paths; ``where`` is ``local`` or ``remote``."""
 

@@ -34,7 +34,7 @@ from cloudbackup.errors import (
     StorageError,
     TransientStorageError,
 )
-from cloudbackup.storage.base import ObjectHead, ObjectInfo
+from cloudbackup.storage.base import GrowingFile, ObjectHead, ObjectInfo
 
 LOG = logging.getLogger("cloudbackup")
 T = TypeVar("T")
@@ -196,6 +196,17 @@ class UploadOutcome:
     parts_reused: int = 0
     parts_sent: int = 0
     already_present: bool = False
+
+
+@dataclass
+class SentParts:
+    """The parts of one multipart upload that are in S3, ready to complete."""
+
+    upload_id: str
+    count: int = 0
+    checksums: dict[int, str] = field(default_factory=dict)
+    etags: dict[int, str] = field(default_factory=dict)
+    reused: int = 0
 
 
 class S3Store:
@@ -484,132 +495,212 @@ class S3Store:
                 f"{path} needs {part_count} parts of {part_size} bytes; S3 allows 10,000"
             )
         if upload_id is None:
-            args = self._write_args(spec)
-            if not self.compat:
-                args["ChecksumAlgorithm"] = "SHA256"
-                args["ChecksumType"] = "COMPOSITE"
-            resp = self._call(
-                f"create upload {key}",
-                self.client.create_multipart_upload,
-                Bucket=self.bucket,
-                Key=key,
-                **args,
-            )
-            upload_id = resp["UploadId"]
+            upload_id = self._create_upload(key, spec)
             if on_created:
                 on_created(upload_id, part_size)
         assert upload_id is not None
-        checksums: dict[int, str] = {}
-        etags: dict[int, str] = {}
-        reused = 0
-        lock = threading.Lock()
+        ranges = (
+            (n, (n - 1) * part_size, min(part_size, size - (n - 1) * part_size))
+            for n in range(1, part_count + 1)
+        )
         fd = os.open(path, os.O_RDONLY)
         try:
-
-            def read_part(number: int) -> bytes:
-                offset = (number - 1) * part_size
-                length = min(part_size, size - offset)
-                data = os.pread(fd, length, offset)
-                if len(data) != length:
-                    raise IntegrityError(f"{path} changed while uploading (short read)")
-                return data
-
-            def reusable(previous: dict[str, Any] | None, data: bytes, checksum: str) -> bool:
-                """A part already in S3 is kept only when it provably holds these bytes."""
-                if previous is None or previous.get("Size") != len(data):
-                    return False
-                if previous.get("ChecksumSHA256"):
-                    return bool(previous["ChecksumSHA256"] == checksum)
-                if self.sse == "aws:kms":  # the ETag is not the MD5 of the data then
-                    return False
-                md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
-                return bool(previous.get("ETag", "").strip('"') == md5)
-
-            def send(number: int) -> None:
-                nonlocal reused
-                data = read_part(number)
-                checksum = sha256_b64(data)
-                previous = existing.get(number)
-                if reusable(previous, data, checksum):
-                    assert previous is not None
-                    with lock:
-                        reused += 1
-                        checksums[number] = checksum
-                        etags[number] = previous["ETag"]
-                    if progress:
-                        progress(len(data))
-                    return
-                args: dict[str, Any] = {}
-                if not self.compat:
-                    args = {"ChecksumAlgorithm": "SHA256", "ChecksumSHA256": checksum}
-                resp = self._call(
-                    f"upload part {number}/{part_count} of {key}",
-                    self.client.upload_part,
-                    Bucket=self.bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                    PartNumber=number,
-                    Body=data,
-                    **args,
-                )
-                returned = resp.get("ChecksumSHA256")
-                if returned and returned != checksum:
-                    raise IntegrityError(
-                        f"S3 stored part {number} of {key} with checksum {returned}, sent {checksum}"
-                    )
-                with lock:
-                    checksums[number] = checksum
-                    etags[number] = resp["ETag"]
-                if progress:
-                    progress(len(data))
-
-            errors: builtins.list[BaseException] = []
-
-            def guarded(number: int) -> None:
-                if errors:  # an earlier part failed: send nothing more
-                    return
-                try:
-                    send(number)
-                except BaseException as exc:
-                    with lock:
-                        errors.append(exc)
-
-            with ThreadPoolExecutor(
-                max_workers=self.concurrency, thread_name_prefix="upload"
-            ) as pool:
-                # Bounded memory: each running worker holds one part; at most 2×concurrency
-                # parts are queued. The first error stops the queue; it is the one raised.
-                pending: set[Future[None]] = set()
-                try:
-                    for number in range(1, part_count + 1):
-                        while len(pending) >= self.concurrency * 2 and not errors:
-                            _, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        if errors:
-                            break
-                        pending.add(pool.submit(guarded, number))
-                    while pending and not errors:
-                        _, pending = wait(pending, return_when=FIRST_COMPLETED)
-                finally:
-                    for future in pending:
-                        future.cancel()
-            if errors:
-                raise errors[0]
+            sent = self._send_parts(
+                key, upload_id, fd, ranges, existing, progress, f"/{part_count}", str(path)
+            )
         finally:
             os.close(fd)
-        parts = []
-        for number in range(1, part_count + 1):
-            part: dict[str, Any] = {"PartNumber": number, "ETag": etags[number]}
+        return self.complete_parts(key, sent, size, part_size, spec)
+
+    def upload_growing(
+        self,
+        key: str,
+        tail: GrowingFile,
+        spec: UploadSpec,
+        part_size: int,
+        *,
+        on_created: Callable[[str, int], None] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> SentParts | None:
+        """Send the parts of a file that is still being written, each once it exists.
+
+        The multipart upload is created only when the file outgrows one part: a smaller
+        file returns ``None`` (the caller PUTs it whole, once complete). Completing is left
+        to :meth:`complete_parts`, so the caller decides whether the file is kept. A file
+        that would need part 10,001 raises PermanentStorageError (code ``TooManyParts``)
+        before sending it; the upload is left for the caller to abort.
+        """
+        created: list[str] = []
+
+        def ranges() -> Iterator[tuple[int, int, int]]:
+            number = 1
+            while True:
+                offset = (number - 1) * part_size
+                # Part 1 waits for one byte more: a file of exactly one part is one PUT.
+                written, final = tail.wait_for(offset + part_size + (number == 1))
+                if final is not None and final <= offset and number > 1:
+                    return
+                if number == 1 and final is not None and final <= part_size:
+                    return
+                if number > MAX_PARTS:
+                    raise PermanentStorageError(
+                        f"{key} outgrew {MAX_PARTS} parts of {part_size} bytes while streaming",
+                        code="TooManyParts",
+                    )
+                if not created:
+                    created.append(self._create_upload(key, spec))
+                    if on_created:
+                        on_created(created[0], part_size)
+                yield number, offset, min(part_size, written - offset)
+                number += 1
+
+        parts = ranges()
+        first = next(parts, None)
+        if first is None:
+            return None
+        assert tail.fd is not None  # open since the first byte was written
+
+        def all_parts() -> Iterator[tuple[int, int, int]]:
+            yield first
+            yield from parts
+
+        return self._send_parts(key, created[0], tail.fd, all_parts(), {}, progress, "", key)
+
+    def _create_upload(self, key: str, spec: UploadSpec) -> str:
+        args = self._write_args(spec)
+        if not self.compat:
+            args["ChecksumAlgorithm"] = "SHA256"
+            args["ChecksumType"] = "COMPOSITE"
+        resp = self._call(
+            f"create upload {key}",
+            self.client.create_multipart_upload,
+            Bucket=self.bucket,
+            Key=key,
+            **args,
+        )
+        return str(resp["UploadId"])
+
+    def _send_parts(
+        self,
+        key: str,
+        upload_id: str,
+        fd: int,
+        ranges: Iterator[tuple[int, int, int]],
+        existing: dict[int, dict[str, Any]],
+        progress: Callable[[int], None] | None,
+        of: str,
+        what: str,
+    ) -> SentParts:
+        """Send ``(number, offset, length)`` ranges of ``fd``, ``concurrency`` at a time.
+
+        Memory stays bounded: each running worker holds one part; at most 2×concurrency
+        parts are queued. ``ranges`` may block (a growing file). The first error stops the
+        queue; it is the one raised. A part already in ``existing`` is kept when it provably
+        holds the same bytes.
+        """
+        sent = SentParts(upload_id)
+        lock = threading.Lock()
+
+        def reusable(previous: dict[str, Any] | None, data: bytes, checksum: str) -> bool:
+            """A part already in S3 is kept only when it provably holds these bytes."""
+            if previous is None or previous.get("Size") != len(data):
+                return False
+            if previous.get("ChecksumSHA256"):
+                return bool(previous["ChecksumSHA256"] == checksum)
+            if self.sse == "aws:kms":  # the ETag is not the MD5 of the data then
+                return False
+            md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+            return bool(previous.get("ETag", "").strip('"') == md5)
+
+        def send(number: int, offset: int, length: int) -> None:
+            data = os.pread(fd, length, offset)
+            if len(data) != length:
+                raise IntegrityError(f"{what} changed while uploading (short read)")
+            checksum = sha256_b64(data)
+            previous = existing.get(number)
+            if reusable(previous, data, checksum):
+                assert previous is not None
+                with lock:
+                    sent.reused += 1
+                    sent.checksums[number] = checksum
+                    sent.etags[number] = previous["ETag"]
+                if progress:
+                    progress(len(data))
+                return
+            args: dict[str, Any] = {}
             if not self.compat:
-                part["ChecksumSHA256"] = checksums[number]
+                args = {"ChecksumAlgorithm": "SHA256", "ChecksumSHA256": checksum}
+            resp = self._call(
+                f"upload part {number}{of} of {key}",
+                self.client.upload_part,
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=data,
+                **args,
+            )
+            returned = resp.get("ChecksumSHA256")
+            if returned and returned != checksum:
+                raise IntegrityError(
+                    f"S3 stored part {number} of {key} with checksum {returned}, sent {checksum}"
+                )
+            with lock:
+                sent.checksums[number] = checksum
+                sent.etags[number] = resp["ETag"]
+            if progress:
+                progress(len(data))
+
+        errors: builtins.list[BaseException] = []
+
+        def guarded(number: int, offset: int, length: int) -> None:
+            if errors:  # an earlier part failed: send nothing more
+                return
+            try:
+                send(number, offset, length)
+            except BaseException as exc:
+                with lock:
+                    errors.append(exc)
+
+        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="upload") as pool:
+            pending: set[Future[None]] = set()
+            try:
+                for number, offset, length in ranges:
+                    while len(pending) >= self.concurrency * 2 and not errors:
+                        _, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    if errors:
+                        break
+                    pending.add(pool.submit(guarded, number, offset, length))
+                    sent.count = number
+                while pending and not errors:
+                    _, pending = wait(pending, return_when=FIRST_COMPLETED)
+            finally:
+                for future in pending:
+                    future.cancel()
+        if errors:
+            raise errors[0]
+        return sent
+
+    def complete_parts(
+        self, key: str, sent: SentParts, size: int, part_size: int, spec: UploadSpec
+    ) -> UploadOutcome:
+        """Complete a multipart upload with ``If-None-Match: *``; accept an object that is
+        already there only when it is provably these bytes."""
+        numbers = range(1, sent.count + 1)
+        parts = []
+        for number in numbers:
+            part: dict[str, Any] = {"PartNumber": number, "ETag": sent.etags[number]}
+            if not self.compat:
+                part["ChecksumSHA256"] = sent.checksums[number]
             parts.append(part)
-        expected = composite_checksum([checksums[n] for n in range(1, part_count + 1)])
+        expected = composite_checksum([sent.checksums[n] for n in numbers])
         try:
             resp = self._call(
                 f"complete upload {key}",
                 self.client.complete_multipart_upload,
                 Bucket=self.bucket,
                 Key=key,
-                UploadId=upload_id,
+                UploadId=sent.upload_id,
                 MultipartUpload={"Parts": parts},
                 IfNoneMatch="*",
             )
@@ -626,17 +717,17 @@ class S3Store:
             assert head is not None
             etag = head.etag
             if exc.code == "PreconditionFailed":
-                self._abort_quietly(key, upload_id)
+                self._abort_quietly(key, sent.upload_id)
         return UploadOutcome(
             key=key,
             size=size,
             part_size=part_size,
-            part_count=part_count,
+            part_count=sent.count,
             checksum=None if self.compat else expected,
             etag=etag,
-            upload_id=upload_id,
-            parts_reused=reused,
-            parts_sent=part_count - reused,
+            upload_id=sent.upload_id,
+            parts_reused=sent.reused,
+            parts_sent=sent.count - sent.reused,
         )
 
     def _same_object(

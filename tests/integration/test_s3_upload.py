@@ -229,9 +229,11 @@ def test_backup_keeps_the_local_archive_when_the_bucket_is_unusable(
 # ---------------------------------------------------------------- what lands in S3
 
 
+@pytest.mark.parametrize("mode", ["stream", "after"])
 def test_objects_carry_metadata_tags_storage_class_checksums_and_conditional_writes(
-    cli: Cli, env: Env, s3_env: S3Env, proxy: FaultProxy, monkeypatch: Any
+    cli: Cli, env: Env, s3_env: S3Env, proxy: FaultProxy, monkeypatch: Any, mode: str
 ) -> None:
+    monkeypatch.setenv("CLOUDBACKUP_S3_UPLOAD", mode)
     monkeypatch.setenv("CLOUDBACKUP_S3_PART_SIZE", "5MiB")
     monkeypatch.setenv("CLOUDBACKUP_S3_TAGS", "team=ops,env=prod")
     monkeypatch.setenv("CLOUDBACKUP_S3_STORAGE_CLASS", "STANDARD_IA")
@@ -246,13 +248,19 @@ def test_objects_carry_metadata_tags_storage_class_checksums_and_conditional_wri
         head = s3_env.client.head_object(
             Bucket=s3_env.bucket, Key=archive_key, ChecksumMode="ENABLED"
         )
-        assert head["Metadata"] == {
+        expected = {
             "sha256": manifest["sha256"],
             "source": source,
             "host": HOST,
             "created-at": manifest["created_at"],
             "cloudbackup-version": manifest["tool_version"],
         }
+        if mode == "stream" and source == "big":
+            # Parts left while the archive was written: its SHA-256 did not exist yet when
+            # S3 took the metadata. It is on the manifest object, and S3's composite
+            # checksum (asserted below) covers the bytes.
+            del expected["sha256"]
+        assert head["Metadata"] == expected
         assert head["StorageClass"] == "STANDARD_IA"
         assert head.get("ChecksumSHA256")
         assert tags(s3_env, archive_key) == {
@@ -268,6 +276,14 @@ def test_objects_carry_metadata_tags_storage_class_checksums_and_conditional_wri
         assert mhead.get("StorageClass", "STANDARD") == "STANDARD"
         assert mhead.get("ChecksumSHA256")
         assert mhead["Metadata"]["sha256"] == manifest["sha256"]
+        remote_manifest = json.loads(
+            s3_env.client.get_object(Bucket=s3_env.bucket, Key=manifest_key)["Body"].read()
+        )
+        assert remote_manifest["sha256"] == manifest["sha256"]
+        assert (
+            head["ChecksumSHA256"].split("-")[0]
+            == (remote_manifest["upload"]["checksum"].split("-")[0])
+        )
         assert tags(s3_env, manifest_key) == {
             "cloudbackup:source": source,
             "cloudbackup:host": HOST,
@@ -286,6 +302,10 @@ def test_objects_carry_metadata_tags_storage_class_checksums_and_conditional_wri
     # Conditional writes: an existing backup object is never overwritten.
     for request in proxy.requests("PutObject") + proxy.requests("CompleteMultipartUpload"):
         assert request.headers.get("if-none-match") == "*", request.path
+    proxy.clear()
+    verified = cli("verify", "--where", "remote")
+    assert verified.exit_code == 0, verified.stdout + verified.stderr
+    assert verified.stdout.count("ok ") == 2
     assert proxy.count("GetObject") == 0
 
 
@@ -565,3 +585,256 @@ def test_object_lock_retention_on_archive_and_manifest(
             assert head["ObjectLockRetainUntilDate"].astimezone(UTC) == until, key
             # (moto 5.2 answers GetObjectRetention with a 500, so HEAD is the witness here.)
     assert proxy.count("CreateMultipartUpload") == 1  # the big archive went multipart
+
+
+# ---------------------------------------------------------------- streamed upload
+
+
+def gate_after(monkeypatch: Any, name: str, wait: Callable[[], bool]) -> list[bool]:
+    """Hold the archive writer right after the entry ``name``: ``wait()`` runs before the
+    next entry is read (with everything before it on disk), and its result is recorded."""
+    import cloudbackup.operations as operations
+
+    outcomes: list[bool] = []
+    real = operations.write_archive
+
+    def gated_write_archive(entries: Any, *args: Any, **kwargs: Any) -> Any:
+        def gated() -> Iterator[Any]:
+            for entry in entries:
+                yield entry
+                if entry.arcname.endswith(name):
+                    outcomes.append(wait())
+
+        return real(gated(), *args, **kwargs)
+
+    monkeypatch.setattr(operations, "write_archive", gated_write_archive)
+    return outcomes
+
+
+def test_parts_leave_while_the_archive_is_still_being_written(
+    cli: Cli, env: Env, s3_env: S3Env, proxy: FaultProxy, monkeypatch: Any
+) -> None:
+    monkeypatch.setenv("CLOUDBACKUP_S3_PART_SIZE", "5MiB")
+    # zstd's workers hold up to a few jobs (~30 MiB) before output appears: 64 MiB of
+    # input puts several parts on disk by the time the writer is held.
+    src = source_tree(env.tmp / "www", big=64 * MiB)
+    (src / "zz-last.txt").write_text("written after the first parts left\n")
+
+    def first_part_in_s3() -> bool:
+        return proxy.wait_for(
+            lambda p: any(r.status == 200 for r in p.requests("UploadPart")), timeout=30
+        )
+
+    # The writer stops after the big file until part 1 is in S3: that can only happen when
+    # parts are sent while the archive is still being written.
+    gate = gate_after(monkeypatch, "big.bin", first_part_in_s3)
+    # Completed only once the archive is durable and its manifest written.
+    manifest_there: list[bool] = []
+    proxy.inject(
+        Fault(
+            "delay",
+            operation="CompleteMultipartUpload",
+            when=lambda r: manifest_there.append(bool(env.manifests("www"))) is None,
+        )
+    )
+    result, doc = backup(cli, src)
+    assert result.exit_code == 0, result.stderr
+    assert gate == [True]
+    assert manifest_there == [True]
+    (entry,) = doc["results"]
+    assert entry["ok"] and entry["uploaded"], entry
+    manifest = local_manifest(env, "www")
+    archive_key, manifest_key = keys_of(s3_env, manifest)
+    (archive,) = env.archives("www")
+    assert remote_sha256(s3_env, archive_key) == manifest["sha256"] == sha256_file(archive)
+    assert proxy.count("CreateMultipartUpload") == 1
+    parts = sorted(r.part_number or 0 for r in proxy.requests("UploadPart"))
+    assert parts == list(range(1, -(-manifest["size"] // (5 * MiB)) + 1))
+    assert proxy.count("CompleteMultipartUpload") == 1
+    assert [r.key for r in proxy.requests("PutObject")][-1] == manifest_key  # manifest last
+    record = json.loads((env.source_dir("www") / f"{manifest['id']}.upload.json").read_bytes())
+    assert record["verified_at"] and record["upload_id"] is None
+    assert record["checksum"].endswith(f"-{len(parts)}")
+    verified = cli("verify", "--where", "remote", "--deep")
+    assert verified.exit_code == 0, verified.stdout
+    assert f"ok   remote {manifest['id']}" in verified.stdout
+
+
+def test_after_mode_uploads_once_the_archive_is_complete(
+    cli: Cli, env: Env, s3_env: S3Env, proxy: FaultProxy, monkeypatch: Any
+) -> None:
+    monkeypatch.setenv("CLOUDBACKUP_S3_PART_SIZE", "5MiB")
+    monkeypatch.setenv("CLOUDBACKUP_S3_UPLOAD", "after")
+    src = source_tree(env.tmp / "www", big=12 * MiB)
+    (src / "zz-last.txt").write_text("last\n")
+    gate = gate_after(monkeypatch, "big.bin", lambda: proxy.count("UploadPart") == 0)
+    result, _ = backup(cli, src)
+    assert result.exit_code == 0, result.stderr
+    assert gate == [True]  # nothing was sent while the archive was being written
+    manifest = local_manifest(env, "www")
+    archive_key, _ = keys_of(s3_env, manifest)
+    head = s3_env.client.head_object(Bucket=s3_env.bucket, Key=archive_key)
+    assert head["Metadata"]["sha256"] == manifest["sha256"]
+    assert proxy.count("UploadPart") == 3
+
+
+def test_a_refused_archive_aborts_its_streamed_upload(
+    cli: Cli, env: Env, s3_env: S3Env, proxy: FaultProxy, monkeypatch: Any
+) -> None:
+    monkeypatch.setenv("CLOUDBACKUP_S3_PART_SIZE", "5MiB")
+    src = source_tree(env.tmp / "www", big=20 * MiB)
+    assert backup(cli, src)[0].exit_code == 0
+    first = local_manifest(env, "www")
+    for doc in list((src / "docs").iterdir())[:15]:
+        doc.unlink()  # 20 → 5 small files: the shrink guard refuses the next archive
+    proxy.clear()
+    result, doc = backup(cli, src)
+    assert result.exit_code == 1
+    assert "shrank" in doc["results"][0]["error"]
+    # Parts had left while the archive was written; the refusal aborted that upload.
+    assert proxy.count("UploadPart") >= 1
+    assert proxy.count("AbortMultipartUpload") == 1
+    assert proxy.count("CompleteMultipartUpload") == 0
+    assert not s3_env.client.list_multipart_uploads(Bucket=s3_env.bucket).get("Uploads")
+    keys = [
+        o["Key"] for o in s3_env.client.list_objects_v2(Bucket=s3_env.bucket).get("Contents", [])
+    ]
+    assert {k for k in keys if "/www/" in k} == set(keys_of(s3_env, first))
+    assert sorted(p.name for p in env.files("www")) == sorted(
+        [first["archive"], f"{first['id']}.manifest.json", f"{first['id']}.upload.json"]
+    )
+
+
+def test_a_streamed_upload_that_fails_is_finished_from_the_local_archive(
+    cli: Cli, env: Env, s3_env: S3Env, proxy: FaultProxy, sleeps: Sleeps, monkeypatch: Any
+) -> None:
+    monkeypatch.setenv("CLOUDBACKUP_S3_PART_SIZE", "5MiB")
+    monkeypatch.setenv("CLOUDBACKUP_RETRY_ATTEMPTS", "1")
+    src = source_tree(env.tmp / "www", big=20 * MiB)
+    proxy.inject(Fault("slowdown", operation="UploadPart", when=lambda r: r.part_number == 2))
+    result, doc = backup(cli, src)
+    assert result.exit_code == 0, result.stderr
+    assert "finishing it from the local archive" in result.stderr
+    assert doc["results"][0]["uploaded"] is True
+    manifest = local_manifest(env, "www")
+    archive_key, _ = keys_of(s3_env, manifest)
+    assert remote_sha256(s3_env, archive_key) == manifest["sha256"]
+    # The same multipart upload was resumed: its parts were listed, part 1 not sent again.
+    assert proxy.count("CreateMultipartUpload") == 1
+    assert proxy.count("ListParts") == 1
+    sent = [r.part_number for r in proxy.requests("UploadPart") if r.status == 200]
+    assert sent.count(1) == 1 and sent.count(2) == 1
+    assert not s3_env.client.list_multipart_uploads(Bucket=s3_env.bucket).get("Uploads")
+
+
+def test_a_streamed_upload_left_uncompleted_is_completed_by_upload(
+    cli: Cli, env: Env, s3_env: S3Env, proxy: FaultProxy, monkeypatch: Any
+) -> None:
+    monkeypatch.setenv("CLOUDBACKUP_S3_PART_SIZE", "5MiB")
+    src = source_tree(env.tmp / "www", big=20 * MiB)
+    proxy.inject(
+        Fault("error", operation="CompleteMultipartUpload", status=403, code="AccessDenied")
+    )
+    result, _ = backup(cli, src)
+    assert result.exit_code == 1
+    line = result.assert_one_error("AccessDenied", "local archive is kept")
+    assert "upload failed" in line
+    manifest = local_manifest(env, "www")
+    record_path = env.source_dir("www") / f"{manifest['id']}.upload.json"
+    assert json.loads(record_path.read_bytes())["upload_id"]
+    part_count = proxy.count("UploadPart")
+    assert part_count == -(-manifest["size"] // (5 * MiB))
+    proxy.clear()
+
+    result = cli("upload", "--json")
+    assert result.exit_code == 0, result.stderr
+    (entry,) = json.loads(result.stdout)["results"]
+    assert entry["ok"] and entry["parts_reused"] == part_count and entry["parts_sent"] == 0
+    assert proxy.count("UploadPart") == 0 and proxy.count("CreateMultipartUpload") == 0
+    archive_key, _ = keys_of(s3_env, manifest)
+    assert remote_sha256(s3_env, archive_key) == manifest["sha256"]
+    assert (
+        "sha256" not in s3_env.client.head_object(Bucket=s3_env.bucket, Key=archive_key)["Metadata"]
+    )
+    assert cli("verify", "--where", "remote").exit_code == 0
+
+
+def test_an_archive_that_outgrows_the_part_count_is_uploaded_whole(
+    cli: Cli, env: Env, s3_env: S3Env, proxy: FaultProxy, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr("cloudbackup.storage.s3.MAX_PARTS", 3)
+    monkeypatch.setenv("CLOUDBACKUP_S3_PART_SIZE", "5MiB")
+    src = source_tree(env.tmp / "www", big=22 * MiB)  # 5 parts of 5 MiB
+    result, _ = backup(cli, src)
+    assert result.exit_code == 0, result.stderr
+    assert "uploading it whole instead" in result.stderr
+    # The stream stopped before part 4 and was aborted; the whole archive then went up in
+    # parts large enough for the limit, with its sha256 metadata.
+    creates = proxy.requests("CreateMultipartUpload")
+    assert len(creates) == 2 and proxy.count("AbortMultipartUpload") == 1
+    streamed = [
+        r.part_number for r in proxy.requests("UploadPart") if r.started < creates[1].started
+    ]
+    assert max(streamed) == 3
+    manifest = local_manifest(env, "www")
+    archive_key, _ = keys_of(s3_env, manifest)
+    head = s3_env.client.head_object(Bucket=s3_env.bucket, Key=archive_key)
+    assert head["Metadata"]["sha256"] == manifest["sha256"]
+    assert remote_sha256(s3_env, archive_key) == manifest["sha256"]
+
+
+def test_a_kill_during_a_streamed_backup_leaves_nothing_behind_after_the_next_run(
+    cli: Cli, env: Env, s3_env: S3Env, proxy: FaultProxy, monkeypatch: Any
+) -> None:
+    monkeypatch.setenv("CLOUDBACKUP_S3_PART_SIZE", "5MiB")
+    src = source_tree(env.tmp / "www", big=64 * MiB)
+    # Part 2 hangs in the proxy; the kill comes while the archive is still being written
+    # (the writer is held after the big file by a slow source read, see below).
+    proxy.inject(Fault("hold", operation="UploadPart", when=lambda r: r.part_number == 2))
+    script = (
+        "import time, cloudbackup.operations as o\n"
+        "real = o.write_archive\n"
+        "def slow(entries, *a, **k):\n"
+        "    def gen():\n"
+        "        for e in entries:\n"
+        "            yield e\n"
+        "            if e.arcname.endswith('big.bin'):\n"
+        "                time.sleep(60)\n"
+        "    return real(gen(), *a, **k)\n"
+        "o.write_archive = slow\n"
+        "from cloudbackup.cli import main\n"
+        f"main(['backup', {str(src)!r}])\n"
+    )
+    (src / "zz-last.txt").write_text("last\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=env.work,
+        env=dict(os.environ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    from tests.conftest import kill_when
+
+    kill_when(proc, lambda: any(r.action == "hold" for r in proxy.requests("UploadPart")))
+    proxy.release()
+    (partial,) = env.files("www", "*.partial")
+    (record,) = env.files("www", "*.upload.json")
+    upload_id = json.loads(record.read_bytes())["upload_id"]
+    uploads = s3_env.client.list_multipart_uploads(Bucket=s3_env.bucket).get("Uploads", [])
+    assert [u["UploadId"] for u in uploads] == [upload_id]
+    proxy.clear()
+
+    (src / "zz-last.txt").unlink()
+    result, _ = backup(cli, src)
+    assert result.exit_code == 0, result.stderr
+    assert not partial.exists()
+    assert "aborted the upload of" in result.stderr
+    # The new backup may reuse the id (same second); every record left is of a kept backup.
+    (manifest_path,) = env.manifests("www")
+    (record,) = env.files("www", "*.upload.json")
+    assert record.name == manifest_path.name.replace(".manifest.json", ".upload.json")
+    assert json.loads(record.read_bytes())["verified_at"]
+    uploads = s3_env.client.list_multipart_uploads(Bucket=s3_env.bucket).get("Uploads", [])
+    assert upload_id not in [u["UploadId"] for u in uploads]
+    assert not uploads
+    assert len(env.manifests("www")) == 1
