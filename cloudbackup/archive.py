@@ -19,7 +19,8 @@ import stat
 import tarfile
 import threading
 import zlib
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -34,6 +35,9 @@ BLOCK = tarfile.BLOCKSIZE
 RECORD = tarfile.RECORDSIZE
 _ZEROS = bytes(CHUNK)
 _NOATIME = getattr(os, "O_NOATIME", 0)
+PREFETCH_BYTES = 64 * 1024 * 1024
+PREFETCH_FILES = 1024
+_FADVISE = getattr(os, "posix_fadvise", None)
 
 
 class Compressor(Protocol):
@@ -267,9 +271,22 @@ class _TarOut:
             count -= step
 
     def copy_from(self, reader: io.FileIO, remaining: int) -> int:
-        """Read up to ``remaining`` bytes straight into the buffer; returns bytes read."""
+        """Read up to ``remaining`` bytes straight into the buffer; returns bytes read.
+
+        A file larger than the prefetch window (whose head :func:`prefetched` asked for)
+        keeps the kernel reading ``PREFETCH_BYTES`` ahead of us, so the disk stays busy
+        while the data read so far is compressed.
+        """
         got = 0
+        advised = min(remaining, PREFETCH_BYTES)
+        total = remaining
         while remaining > 0:
+            if _FADVISE is not None and advised < total and got + PREFETCH_BYTES // 2 >= advised:
+                try:
+                    _FADVISE(reader.fileno(), advised, PREFETCH_BYTES // 2, os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    pass
+                advised += PREFETCH_BYTES // 2
             if self.pos == CHUNK:
                 self.flush()
             want = min(remaining, CHUNK - self.pos)
@@ -292,7 +309,9 @@ class _TarOut:
 
 
 def _open_nofollow(path: str) -> int:
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    # O_NONBLOCK: a file replaced by a FIFO since the walk must not hang the backup (the
+    # caller checks the type); it changes nothing for regular files.
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
         return os.open(path, flags | _NOATIME)
     except PermissionError:
@@ -303,6 +322,60 @@ def _open_nofollow(path: str) -> int:
         if exc.errno == errno.EPERM and _NOATIME:
             return os.open(path, flags)
         raise
+
+
+def prefetched(entries: Iterable[FileEntry]) -> Iterator[FileEntry]:
+    """Yield ``entries`` while the kernel reads the next ones into the page cache.
+
+    Archiving reads one file at a time, so the disk has one request in flight (as with GNU
+    tar); on a cold cache with many small files that is mostly waiting. A helper thread
+    opens the regular files up to 1,024 entries / 64 MiB ahead and calls
+    ``posix_fadvise(WILLNEED)``, so the disk works on many requests at once. The data lands
+    in the page cache, not in our memory; the archive still reads every byte itself.
+    """
+    if _FADVISE is None:
+        yield from entries
+        return
+    paths: queue.SimpleQueue[tuple[str, int] | None] = queue.SimpleQueue()
+
+    def advise() -> None:
+        while (item := paths.get()) is not None:
+            path, length = item
+            try:
+                fd = _open_nofollow(path)
+            except OSError:
+                continue  # the archive reports what it cannot read
+            try:
+                _FADVISE(fd, 0, length, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+    helper = threading.Thread(target=advise, name="prefetch", daemon=True)
+    helper.start()
+    window: deque[tuple[FileEntry, int]] = deque()
+    ahead = 0
+    source = iter(entries)
+    try:
+        while True:
+            while len(window) < PREFETCH_FILES and ahead < PREFETCH_BYTES:
+                entry = next(source, None)
+                if entry is None:
+                    break
+                length = 0
+                if stat.S_ISREG(entry.st.st_mode) and entry.st.st_size:
+                    length = min(entry.st.st_size, PREFETCH_BYTES)
+                    paths.put((entry.path, length))
+                window.append((entry, length))
+                ahead += length
+            if not window:
+                return
+            entry, length = window.popleft()
+            ahead -= length
+            yield entry
+    finally:
+        paths.put(None)
 
 
 def _tarinfo(entry: FileEntry) -> tarfile.TarInfo:
@@ -374,6 +447,10 @@ def write_tar(
             else:
                 warn("unreadable", f"{entry.path}: cannot open ({exc.strerror})")
             continue
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            warn("vanished", f"{entry.path}: replaced by a special file while reading; skipped")
+            continue
         with io.FileIO(fd, "rb", closefd=True) as reader:
             size = st.st_size
             info.type = tarfile.REGTYPE
@@ -419,11 +496,14 @@ def write_archive(
     warn: Warn,
     progress: Callable[[int], None] | None = None,
     tail: ArchiveTail | None = None,
+    prefetch: bool = False,
 ) -> ArchiveStats:
     """Write ``partial`` in one pass and fsync it; the caller renames it into place.
 
     ``tail`` follows the bytes as they are written (it is finished once the file is
-    fsynced, failed on error). On any error the partial file is removed and the error
+    fsynced, failed on error). ``prefetch`` reads ahead of ``entries`` (see
+    :func:`prefetched`): only for sources whose entries stay valid once the next one is
+    asked for (files on disk, not a spool removed after its entry). On any error the partial file is removed and the error
     re-raised.
     """
     stats = ArchiveStats()
@@ -448,7 +528,7 @@ def write_archive(
     try:
         out = _TarOut(make_compressor(compression, level, sink.put), sink, progress)
         try:
-            write_tar(entries, out, stats, record)
+            write_tar(prefetched(entries) if prefetch else entries, out, stats, record)
             out.finish()
         finally:
             sink.close()

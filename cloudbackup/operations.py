@@ -463,6 +463,7 @@ def backup_source(
                 warn=warn,
                 progress=progress,
                 tail=stream.tail if stream is not None else None,
+                prefetch=source.kind in ("directory", "glob"),
             )
             getattr(progress, "close", lambda: None)()
             stats.warnings = walk_warnings + stats.warnings

@@ -12,6 +12,7 @@ import stat
 import subprocess
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -315,7 +316,7 @@ def test_numeric_owners_only(tmp_path: Path) -> None:
 
 
 def _write_entries(
-    tmp_path: Path, entries: list[FileEntry]
+    tmp_path: Path, entries: list[FileEntry], *, prefetch: bool = False
 ) -> tuple[archive.ArchiveStats, list[tuple[str, str]]]:
     warnings: list[tuple[str, str]] = []
     partial = tmp_path / "out.tar.partial"
@@ -325,6 +326,7 @@ def _write_entries(
         compression="none",
         level=None,
         warn=lambda c, m: warnings.append((c, m)),
+        prefetch=prefetch,
     )
     return stats, warnings
 
@@ -527,3 +529,84 @@ def test_walk_archive_counts_like_the_writer(tmp_path: Path) -> None:
         )
         == (3, 8)
     )
+
+
+# ---------------------------------------------------------------- prefetch
+
+
+class Advice:
+    """Records posix_fadvise(WILLNEED) calls: (file name, offset, length)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, int]] = []
+
+    def __call__(self, fd: int, offset: int, length: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_WILLNEED
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        self.calls.append((name, offset, length))
+
+
+def test_prefetch_asks_for_upcoming_files_and_keeps_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    advice = Advice()
+    monkeypatch.setattr(archive, "_FADVISE", advice)
+    monkeypatch.setattr(archive, "PREFETCH_FILES", 3)
+    names = [f"f{i}" for i in range(8)]
+    for name in names:
+        (tmp_path / name).write_bytes(name.encode() * 10)
+    (tmp_path / "empty").write_bytes(b"")
+    entries = [FileEntry(str(tmp_path / n), n, os.lstat(tmp_path / n)) for n in [*names, "empty"]]
+    seen: list[str] = []
+    gen = archive.prefetched(iter(entries))
+    seen.append(next(gen).arcname)
+    # The first entry is handed out while the next two (the window of 3) are being asked for.
+    deadline = time.monotonic() + 5
+    while len(advice.calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [c[0] for c in advice.calls] == ["f0", "f1", "f2"]
+    seen += [e.arcname for e in gen]
+    assert seen == [*names, "empty"]  # same entries, same order
+    deadline = time.monotonic() + 5
+    while len(advice.calls) < 8 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(c[0] for c in advice.calls) == names  # the empty file is not asked for
+    assert {c[1:] for c in advice.calls} == {(0, 20)}
+
+
+def test_a_file_replaced_by_a_fifo_after_the_walk_is_skipped_not_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(archive, "_FADVISE", Advice())
+    data = tmp_path / "data"
+    data.write_bytes(b"x" * 100)
+    entry = FileEntry(str(data), "data", os.lstat(data))
+    data.unlink()
+    os.mkfifo(data)  # after the walk: neither the prefetch helper nor the reader may block
+    started = time.monotonic()
+    with time_limit(20):
+        stats, warnings = _write_entries(tmp_path, [entry], prefetch=True)
+    assert time.monotonic() - started < 10
+    assert stats.file_count == 0
+    assert warnings == [("vanished", f"{data}: replaced by a special file while reading; skipped")]
+
+
+def test_a_large_file_is_read_ahead_in_a_sliding_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    advice = Advice()
+    monkeypatch.setattr(archive, "_FADVISE", advice)
+    monkeypatch.setattr(archive, "PREFETCH_BYTES", 64 * 1024)
+    monkeypatch.setattr(archive, "CHUNK", 16 * 1024)  # reads smaller than the window
+    big = tmp_path / "big"
+    payload = os.urandom(1024 * 1024)
+    big.write_bytes(payload)
+    stats, warnings = _write_entries(
+        tmp_path, [FileEntry(str(big), "big", os.lstat(big))], prefetch=True
+    )
+    assert warnings == [] and stats.uncompressed_bytes == len(payload)
+    assert _read_members(tmp_path / "out.tar.partial")["big"] == payload
+    offsets = sorted(offset for name, offset, _ in advice.calls if name == "big")
+    # The head by the prefetch helper, then 32 KiB steps kept ahead of the reads to the end.
+    assert offsets[0] == 0
+    assert offsets[1:] == list(range(64 * 1024, len(payload), 32 * 1024))
