@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- Dataset: `{args.dataset}`, {info['files']:,} files, {info['bytes']:,} bytes "
         f"({common.fmt_bytes(info['bytes'])})",
         f"- ours: `{shlex.join(ours_cmd)} backup --json {SOURCE}=DATASET` (fresh "
-        "`CLOUDBACKUP_LOCAL_DIR` and bucket per run, defaults otherwise: 16 MiB parts, 4 at a time)",
+        "`CLOUDBACKUP_LOCAL_DIR` and bucket per run, defaults otherwise: 8 MiB parts, 4 at a time, sent while the archive is written)",
         f"- theirs: `tar -cf - -C DATASET . | zstd -{args.level} -T0 -q -o OUT.tar.zst && "
         "sha256sum OUT.tar.zst && aws s3 cp OUT.tar.zst s3://BUCKET/KEY --endpoint-url URL` "
         "(fresh bucket per run; AWS CLI defaults: 8 MiB parts, 10 at a time)",

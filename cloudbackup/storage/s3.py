@@ -40,7 +40,7 @@ LOG = logging.getLogger("cloudbackup")
 T = TypeVar("T")
 
 MIN_PART = 5 * 1024**2
-DEFAULT_PART = 16 * 1024**2
+DEFAULT_PART = 8 * 1024**2  # as the AWS CLI; parts in flight are held in memory
 MIN_CHOSEN_PART = 8 * 1024**2
 MAX_PART = 5 * 1024**3
 MAX_PARTS = 10_000
