@@ -388,7 +388,49 @@ def _tarinfo(entry: FileEntry) -> tarfile.TarInfo:
     return info
 
 
+_USTAR_TAIL = b"ustar\x0000" + bytes(32 + 32 + 8 + 8 + 155 + 12)  # magic, owners, dev, prefix, pad
+_FAST_TYPES = (tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE)
+
+
 def _header(info: tarfile.TarInfo) -> bytes:
+    """The tar header of ``info``, byte for byte what ``tobuf(PAX_FORMAT)`` writes.
+
+    Most entries fit a plain ustar block (ASCII names up to 100 bytes, numbers within the
+    octal fields, numeric owners): that block is built directly, several times faster
+    than tarfile's generic path, which costs about a second per 35,000 files. Anything
+    else (long or non-ASCII names, huge sizes) goes through tarfile and gets its pax
+    extended header.
+    """
+    name = (
+        info.name + "/"
+        if info.type == tarfile.DIRTYPE and not info.name.endswith("/")
+        else info.name
+    )
+    if (
+        info.type in _FAST_TYPES
+        and len(name) <= 100
+        and len(info.linkname) <= 100
+        and name.isascii()
+        and info.linkname.isascii()
+        and not info.uname
+        and not info.gname
+        and not info.pax_headers
+        and 0 <= info.uid < 0o7777777
+        and 0 <= info.gid < 0o7777777
+        and 0 <= info.size < 0o77777777777
+        and isinstance(info.mtime, int)
+        and 0 <= info.mtime < 0o77777777777
+    ):
+        head = b"%s%07o\0%07o\0%07o\0%011o\0%011o\0" % (
+            name.encode("ascii").ljust(100, b"\0"),
+            info.mode & 0o7777,
+            info.uid,
+            info.gid,
+            info.size,
+            info.mtime,
+        )
+        tail = info.type + info.linkname.encode("ascii").ljust(100, b"\0") + _USTAR_TAIL
+        return b"%s%06o\0 %s" % (head, 256 + sum(head) + sum(tail), tail)
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 

@@ -610,3 +610,31 @@ def test_a_large_file_is_read_ahead_in_a_sliding_window(
     # The head by the prefetch helper, then 32 KiB steps kept ahead of the reads to the end.
     assert offsets[0] == 0
     assert offsets[1:] == list(range(64 * 1024, len(payload), 32 * 1024))
+
+
+# ---------------------------------------------------------------- tar headers
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    name=st.text(
+        alphabet=st.sampled_from("abcXYZ019._-/é\udcff"), min_size=1, max_size=130
+    ).filter(lambda n: not n.startswith("/")),
+    kind=st.sampled_from([tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE]),
+    linkname=st.text(alphabet=st.sampled_from("ab/.é"), max_size=120),
+    mode=st.integers(0, 0o177777),
+    uid=st.sampled_from([0, 1000, 0o7777776, 0o7777777, 2**32 - 1]),
+    size=st.sampled_from([0, 1, 511, 512, 10**9, 0o77777777777, 0o77777777777 + 1]),
+    mtime=st.sampled_from([0, 1_700_000_000, 0o77777777777, 2**40]),
+)
+def test_fast_tar_headers_are_byte_identical_to_tarfile(
+    name: str, kind: bytes, linkname: str, mode: int, uid: int, size: int, mtime: int
+) -> None:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
+    info.mode, info.uid, info.gid = mode, uid, uid
+    info.size = size if kind == tarfile.REGTYPE else 0
+    info.mtime = mtime
+    info.uname = info.gname = ""
+    assert archive._header(info) == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
