@@ -611,6 +611,9 @@ def backup(
         result = backup_source(ctx, source, options, streamer)
         if result.ok and not options.dry_run and uploader is not None:
             uploader(ctx, result)
+        elif result.stream is not None:  # started but nobody will complete it
+            result.stream.abandon()
+            result.stream = None
         results.append(result)
     return results
 

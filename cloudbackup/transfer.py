@@ -224,17 +224,19 @@ def upload_backup(
     def on_created(new_id: str, size: int) -> None:
         write_upload_record(ctx, ref.source, ref.id, _in_progress(key, new_id, size))
 
-    progress = ctx.progress(f"upload {ref.id}", manifest.size)
-    outcome = streamed or ctx.remote.upload_file(
-        key,
-        path,
-        spec,
-        upload_id=upload_id,
-        part_size=part_size,
-        on_created=on_created,
-        progress=progress,
-    )
-    getattr(progress, "close", lambda: None)()
+    outcome = streamed
+    if outcome is None:
+        progress = ctx.progress(f"upload {ref.id}", manifest.size)
+        outcome = ctx.remote.upload_file(
+            key,
+            path,
+            spec,
+            upload_id=upload_id,
+            part_size=part_size,
+            on_created=on_created,
+            progress=progress,
+        )
+        getattr(progress, "close", lambda: None)()
     result.parts_sent, result.parts_reused = outcome.parts_sent, outcome.parts_reused
     if outcome.part_count == 1 and outcome.checksum is not None:
         # One PUT: S3's SHA-256 is the archive's own digest.

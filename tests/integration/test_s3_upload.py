@@ -590,6 +590,21 @@ def test_object_lock_retention_on_archive_and_manifest(
 # ---------------------------------------------------------------- streamed upload
 
 
+def record_progress(monkeypatch: Any) -> list[str]:
+    """The labels of the progress displays the CLI opens."""
+    labels: list[str] = []
+
+    def factory() -> Callable[[str, int | None], Callable[[int], None]]:
+        def make(label: str, total: int | None) -> Callable[[int], None]:
+            labels.append(label)
+            return lambda n: None
+
+        return make
+
+    monkeypatch.setattr("cloudbackup.cli._progress_factory", factory)
+    return labels
+
+
 def gate_after(monkeypatch: Any, name: str, wait: Callable[[], bool]) -> list[bool]:
     """Hold the archive writer right after the entry ``name``: ``wait()`` runs before the
     next entry is read (with everything before it on disk), and its result is recorded."""
@@ -628,6 +643,7 @@ def test_parts_leave_while_the_archive_is_still_being_written(
     # The writer stops after the big file until part 1 is in S3: that can only happen when
     # parts are sent while the archive is still being written.
     gate = gate_after(monkeypatch, "big.bin", first_part_in_s3)
+    labels = record_progress(monkeypatch)
     # Completed only once the archive is durable and its manifest written.
     manifest_there: list[bool] = []
     proxy.inject(
@@ -641,6 +657,7 @@ def test_parts_leave_while_the_archive_is_still_being_written(
     assert result.exit_code == 0, result.stderr
     assert gate == [True]
     assert manifest_there == [True]
+    assert labels == ["archive www"]  # no second display for an upload already done
     (entry,) = doc["results"]
     assert entry["ok"] and entry["uploaded"], entry
     manifest = local_manifest(env, "www")
@@ -668,9 +685,11 @@ def test_after_mode_uploads_once_the_archive_is_complete(
     src = source_tree(env.tmp / "www", big=12 * MiB)
     (src / "zz-last.txt").write_text("last\n")
     gate = gate_after(monkeypatch, "big.bin", lambda: proxy.count("UploadPart") == 0)
+    labels = record_progress(monkeypatch)
     result, _ = backup(cli, src)
     assert result.exit_code == 0, result.stderr
     assert gate == [True]  # nothing was sent while the archive was being written
+    assert labels[0] == "archive www" and labels[1].startswith("upload www-")
     manifest = local_manifest(env, "www")
     archive_key, _ = keys_of(s3_env, manifest)
     head = s3_env.client.head_object(Bucket=s3_env.bucket, Key=archive_key)
