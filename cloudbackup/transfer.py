@@ -37,6 +37,7 @@ from cloudbackup.operations import (
     write_upload_record,
 )
 from cloudbackup.storage.s3 import (
+    MAX_OBJECT,
     SentParts,
     UploadOutcome,
     UploadSpec,
@@ -359,7 +360,7 @@ class StreamedUpload:
         self.key = key_for(_prefix(ctx), ctx.host, backup_id, archive_name)
         # The part size is fixed before the first byte: from the last archive of this
         # source, with room to double (a larger archive falls back to a whole upload).
-        estimate = 2 * previous.size if previous else 0
+        estimate = min(2 * previous.size, MAX_OBJECT) if previous else 0
         self.part_size = choose_part_size(estimate, ctx.settings.s3_part_size)
         self.spec = archive_spec(ctx, source, backup_id.created_at, None)
         self.tail = ArchiveTail()

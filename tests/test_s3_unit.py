@@ -878,3 +878,51 @@ def test_a_growing_file_stops_before_part_10001(
     listed = moto_store.client.list_parts(Bucket=BUCKET, Key="t", UploadId=upload["UploadId"])
     numbers = {p["PartNumber"] for p in listed["Parts"]}
     assert 1 in numbers and 3 not in numbers  # stopped before part 3 was sent
+
+
+@pytest.mark.parametrize(
+    ("previous_size", "preferred", "expected"),
+    [
+        (None, None, 8 * MiB),  # first backup of the source: the default
+        (40 * GiB, None, 9 * MiB),  # room to double: 80 GiB in 10,000 parts
+        (300 * GiB, 64 * MiB, 64 * MiB),  # a preferred size that already fits is kept
+        (4 * TiB, None, 525 * MiB),  # doubling past S3's 5 TiB is capped, not an error
+    ],
+)
+def test_a_streamed_upload_fixes_its_part_size_from_the_previous_archive(
+    tmp_path: Path, previous_size: int | None, preferred: int | None, expected: int
+) -> None:
+    from cloudbackup import transfer
+    from cloudbackup.config import Settings
+    from cloudbackup.model import BackupId
+    from cloudbackup.operations import Context
+    from cloudbackup.storage.local import LocalStore
+
+    class Remote:
+        def upload_growing(
+            self, key: str, tail: Any, spec: UploadSpec, part_size: int, **_: Any
+        ) -> None:
+            self.part_size = part_size
+            tail.wait_for(1)  # until abandoned
+
+        def abort(self, key: str, upload_id: str) -> None:
+            raise AssertionError("nothing was created")
+
+    remote = Remote()
+    settings = Settings(local_dir=tmp_path, host="h", s3_bucket="b", s3_part_size=preferred)
+    ctx = Context(
+        settings=settings,
+        local=LocalStore(tmp_path),
+        now=lambda: None,
+        machine_id="m",
+        remote=remote,
+    )  # type: ignore[arg-type]
+    previous = None
+    if previous_size is not None:
+        previous = type("M", (), {"size": previous_size})()
+    backup_id = BackupId.parse("www-20261122T021500Z")
+    stream = transfer.StreamedUpload(
+        ctx, "www", backup_id, "www-20261122T021500Z.tar.zst", previous
+    )  # type: ignore[arg-type]
+    stream.abandon()
+    assert stream.part_size == remote.part_size == expected
