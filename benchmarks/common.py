@@ -181,12 +181,41 @@ class Contender:
     cleanup: Callable[[], None] = lambda: None
 
 
+def _io_stall_us() -> int | None:
+    try:
+        with open("/proc/pressure/io") as fh:
+            return int(fh.readline().split("total=")[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def settle_disk(limit: float = 60.0) -> float:
+    """Wait (untimed) until the disk is idle — tasks stalled on I/O for under 2% of a
+    second, as /proc/pressure/io counts it — at most ``limit`` seconds; returns the wait.
+
+    Deleting the previous run's output (a GiB of files, on a filesystem mounted with online
+    discard) keeps the disk busy for seconds after ``rm`` returns; file creation in the next
+    run then stalls on the journal, so whichever side ran after a deletion paid for it.
+    """
+    started = time.monotonic()
+    before = _io_stall_us()
+    if before is None:
+        return 0.0  # no pressure information here: nothing to wait for
+    while time.monotonic() - started < limit:
+        time.sleep(1.0)
+        now = _io_stall_us() or before
+        if now - before < 20_000:
+            break
+        before = now
+    return time.monotonic() - started
+
+
 def measure_once(contender: Contender, cache_mode: str) -> Sample:
     contender.prepare()
+    os.sync()  # do not let the previous run's dirty pages be written back during this one
+    settle_disk()
     if cache_mode == "cold":
         drop_caches()
-    else:
-        os.sync()  # do not let the previous run's dirty pages be written back during this one
     argv, env, cwd = contender.command()
     sample = run_measured(argv, name=contender.name, env=env, cwd=cwd)
     sample.output_bytes = contender.output_bytes()
