@@ -676,9 +676,14 @@ def render(
     """Print the IAM policy for a role with bucket, prefix and host filled in."""
     from cloudbackup import iam as iam_templates
 
-    settings = load_settings(
-        _state(), {"CLOUDBACKUP_S3_BUCKET": bucket, "CLOUDBACKUP_S3_PREFIX": prefix}
-    )
+    given = {"CLOUDBACKUP_S3_BUCKET": bucket, "CLOUDBACKUP_S3_PREFIX": prefix}
+    if bucket is not None and prefix is not None:
+        # Everything the policy needs is on the command line: validate just that, so an
+        # unrelated broken variable (say, a retention policy) does not stop an operator
+        # writing IAM policies on another machine.
+        settings = config.load(given, {}, {}, hostname=socket.gethostname(), home=Path.home())
+    else:
+        settings = load_settings(_state(), given)
     if not settings.s3_bucket:
         raise UsageError("no bucket given", "pass --bucket or set CLOUDBACKUP_S3_BUCKET")
     if role == "bucket-policy":

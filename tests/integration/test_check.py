@@ -197,6 +197,23 @@ def test_iam_render_every_role_is_json(env: Env, cli: Any, role: str) -> None:
     assert "arn:aws:s3:::bkt" in result.stdout
 
 
+def test_iam_render_with_bucket_and_prefix_ignores_unrelated_broken_settings(
+    env: Env, cli: Any, monkeypatch: Any
+) -> None:
+    monkeypatch.setenv("CLOUDBACKUP_LOCAL_RETENTION", "keep-everything")
+    result = cli("iam", "render", "--role", "writer", "--bucket", "bkt", "--prefix", "p")
+    assert result.exit_code == 0, result.stderr
+    assert "arn:aws:s3:::bkt/p/" in result.stdout
+    # Without --prefix the configuration is read, and its error is reported.
+    result = cli("iam", "render", "--role", "writer", "--bucket", "bkt")
+    assert result.exit_code == 2
+    result.assert_one_error("CLOUDBACKUP_LOCAL_RETENTION")
+    # The given values themselves are still validated.
+    result = cli("iam", "render", "--role", "writer", "--bucket", "b", "--prefix", "p")
+    assert result.exit_code == 2
+    result.assert_one_error("CLOUDBACKUP_S3_BUCKET")
+
+
 def test_iam_render_needs_a_bucket(env: Env, cli: Any) -> None:
     result = cli("iam", "render", "--role", "writer")
     assert result.exit_code == 2
