@@ -308,16 +308,26 @@ class _TarOut:
         self.sink.put(self.compressor.flush())
 
 
-def _open_nofollow(path: str) -> int:
-    # O_NONBLOCK: a file replaced by a FIFO since the walk must not hang the backup (the
-    # caller checks the type); it changes nothing for regular files.
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+def _open_nofollow(path: str, *, nonblocking: bool = True, wait_for_lease: bool = True) -> int:
+    """Open ``path`` for reading, never following a symlink and never waiting on a FIFO.
+
+    O_NONBLOCK: a file replaced by a FIFO since the walk must not hang the backup (the
+    caller checks the type, then makes the descriptor blocking again for its reads). A
+    regular file under a kernel lease (Samba, an NFS server) answers EWOULDBLOCK to a
+    non-blocking open: it is opened again, blocking, which waits for the lease to break
+    (unless ``wait_for_lease`` is false: the prefetch helper skips such a file).
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_NONBLOCK if nonblocking else 0)
     try:
         return os.open(path, flags | _NOATIME)
     except PermissionError:
         if not _NOATIME:
             raise
         return os.open(path, flags)  # O_NOATIME needs ownership
+    except BlockingIOError:
+        if not (nonblocking and wait_for_lease):
+            raise
+        return _open_nofollow(path, nonblocking=False)
     except OSError as exc:
         if exc.errno == errno.EPERM and _NOATIME:
             return os.open(path, flags)
@@ -342,7 +352,7 @@ def prefetched(entries: Iterable[FileEntry]) -> Iterator[FileEntry]:
         while (item := paths.get()) is not None:
             path, length = item
             try:
-                fd = _open_nofollow(path)
+                fd = _open_nofollow(path, wait_for_lease=False)
             except OSError:
                 continue  # the archive reports what it cannot read
             try:
@@ -493,6 +503,7 @@ def write_tar(
             os.close(fd)
             warn("vanished", f"{entry.path}: replaced by a special file while reading; skipped")
             continue
+        os.set_blocking(fd, True)  # a short read must mean end of file, never EAGAIN
         with io.FileIO(fd, "rb", closefd=True) as reader:
             size = st.st_size
             info.type = tarfile.REGTYPE

@@ -250,10 +250,10 @@ def test_unreadable_file_exit_1_with_warnings_and_backup_kept(
     (www / "private.key").write_text("k")
     original = archive._open_nofollow
 
-    def deny(path: str) -> int:
+    def deny(path: str, **kwargs: Any) -> int:
         if path.endswith("private.key"):
             raise PermissionError(13, "Permission denied", path)
-        return original(path)
+        return original(path, **kwargs)
 
     monkeypatch.setattr(archive, "_open_nofollow", deny)
     result = cli("backup", www)
@@ -274,10 +274,10 @@ def test_vanished_file_is_a_warning_exit_0(
     doomed.write_text("about to go")
     original = archive._open_nofollow
 
-    def vanish(path: str) -> int:
-        if path == str(doomed):
+    def vanish(path: str, **kwargs: Any) -> int:
+        if path == str(doomed) and os.path.exists(path):
             os.unlink(path)  # deleted between listing and reading
-        return original(path)
+        return original(path, **kwargs)
 
     monkeypatch.setattr(archive, "_open_nofollow", vanish)
     result = cli("backup", "--json", www)

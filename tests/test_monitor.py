@@ -286,10 +286,10 @@ def test_status_warns_when_the_last_run_had_unreadable_files(
     unreadable = str(sources["www"] / "page2.html")
     real_open = archive._open_nofollow
 
-    def fake_open(path: str) -> int:
+    def fake_open(path: str, **kwargs: Any) -> int:
         if path == unreadable:
             raise PermissionError(errno.EACCES, "Permission denied", path)
-        return real_open(path)
+        return real_open(path, **kwargs)
 
     monkeypatch.setattr(archive, "_open_nofollow", fake_open)
     result = cli("run")
