@@ -394,11 +394,9 @@ class StreamedUpload:
             try:
                 self.ctx.remote.abort(self.key, self.upload_id)
             except CloudBackupError as exc:
-                LOG.warning(
-                    "cannot abort the streamed upload of %s: %s (it is aborted after 7 days)",
-                    self.key,
-                    exc,
-                )
+                # The record stays: the next run aborts (or replaces) the upload it names.
+                LOG.warning("cannot abort the streamed upload of %s: %s", self.key, exc)
+                return
         upload_record_path(self.ctx, self.source, str(self.backup_id)).unlink(missing_ok=True)
 
     def abandon(self) -> None:
@@ -457,21 +455,28 @@ def upload_after_backup(ctx: Context, result: SourceResult) -> None:
     """Called by ``backup`` right after a source's archive is complete."""
     assert result.id
     stream, result.stream = result.stream, None
-    listing = ctx.local_listing(result.source)
-    ref = listing.find(result.id, ctx.host)
-    if ref is None:
-        if stream is not None:
-            stream.abandon()
-        return
     try:
-        streamed = stream.finish() if isinstance(stream, StreamedUpload) else None
+        ref = ctx.local_listing(result.source).find(result.id, ctx.host)
+        if ref is None:
+            return
+        streamed = None
+        if isinstance(stream, StreamedUpload):
+            # Finished (or failed finishing): either way the stream is done with.
+            current, stream = stream, None
+            streamed = current.finish()
         up = upload_backup(ctx, ref, streamed)
         result.uploaded = up.ok
-    except CloudBackupError as exc:
-        result.error = f"upload failed: {exc} (the local archive is kept; run `cloudbackup upload`)"
+    except (CloudBackupError, OSError) as exc:
+        reason = str(exc) if isinstance(exc, CloudBackupError) else (exc.strerror or str(exc))
+        result.error = (
+            f"upload failed: {reason} (the local archive is kept; run `cloudbackup upload`)"
+        )
         result.ok = False  # the backup's offsite half failed: never summarised as a success
         result.exit_code = max(result.exit_code, 3 if isinstance(exc, IntegrityError) else 1)
-        LOG.error("%s: %s", ref.id, result.error)
+        LOG.error("%s: %s", result.id, result.error)
+    finally:
+        if stream is not None:  # never reached finish: leave nothing in progress behind
+            stream.abandon()
 
 
 def pending_uploads(ctx: Context, source: str | None = None) -> list[BackupRef]:

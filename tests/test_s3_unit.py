@@ -926,3 +926,30 @@ def test_a_streamed_upload_fixes_its_part_size_from_the_previous_archive(
     )  # type: ignore[arg-type]
     stream.abandon()
     assert stream.part_size == remote.part_size == expected
+
+
+def test_resuming_an_upload_whose_parts_are_too_small_starts_over(
+    moto_store: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A streamed upload sized its parts from an estimate the archive outgrew: resuming it
+    must not fail on every run; it is aborted and the archive sent in parts that fit."""
+    monkeypatch.setattr("cloudbackup.storage.s3.MAX_PARTS", 3)
+    path = archive(tmp_path, 22 * MiB)  # 5 parts of 5 MiB: more than 3
+    old = moto_store.client.create_multipart_upload(Bucket=BUCKET, Key="big")["UploadId"]
+    moto_store.client.upload_part(
+        Bucket=BUCKET, Key="big", UploadId=old, PartNumber=1, Body=parts_of(path)[0]
+    )
+    created: list[tuple[str, int]] = []
+    outcome = moto_store.upload_file(
+        "big",
+        path,
+        UploadSpec(),
+        upload_id=old,
+        part_size=5 * MiB,
+        on_created=lambda uid, size: created.append((uid, size)),
+    )
+    ((new, part_size),) = created
+    assert new != old and part_size == 8 * MiB and outcome.part_count == 3
+    assert [u["UploadId"] for u in moto_store.list_uploads("big")] == []
+    body = moto_store.client.get_object(Bucket=BUCKET, Key="big")["Body"].read()
+    assert body == path.read_bytes()

@@ -487,6 +487,19 @@ class S3Store:
         if part_size is None and 1 in existing:
             part_size = int(existing[1]["Size"])  # an upload found without its local record
         part_size = part_size or choose_part_size(size, self.part_size)
+        if upload_id is not None and -(-size // part_size) > MAX_PARTS:
+            # A streamed upload sized its parts from an estimate the archive outgrew: its
+            # parts cannot make this archive. Start over with parts that fit.
+            LOG.info(
+                "upload %s of %s has %d-byte parts, too small for %d bytes; starting over",
+                upload_id[:12],
+                key,
+                part_size,
+                size,
+            )
+            self._abort_quietly(key, upload_id)
+            upload_id, existing = None, {}
+            part_size = choose_part_size(size, self.part_size)
         if size <= part_size and upload_id is None:
             return self._put_small(key, path, size, spec, part_size, progress)
         part_count = max(1, -(-size // part_size))

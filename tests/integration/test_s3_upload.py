@@ -857,3 +857,33 @@ def test_a_kill_during_a_streamed_backup_leaves_nothing_behind_after_the_next_ru
     assert upload_id not in [u["UploadId"] for u in uploads]
     assert not uploads
     assert len(env.manifests("www")) == 1
+
+
+def test_a_local_error_during_one_upload_fails_that_source_only(
+    cli: Cli, env: Env, s3_env: S3Env, proxy: FaultProxy, monkeypatch: Any
+) -> None:
+    import errno
+
+    from cloudbackup import transfer
+
+    monkeypatch.setenv("CLOUDBACKUP_S3_PART_SIZE", "5MiB")
+    real = transfer.upload_backup
+
+    def disk_full_for_a(ctx: Any, ref: Any, streamed: Any = None) -> Any:
+        if ref.source == "a":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(ctx, ref, streamed)
+
+    monkeypatch.setattr(transfer, "upload_backup", disk_full_for_a)
+    a = source_tree(env.tmp / "a", big=12 * MiB)  # streamed: its parts were already sent
+    b = source_tree(env.tmp / "b")
+    result, doc = backup(cli, a, b)
+    assert result.exit_code == 1
+    line = result.assert_one_error("No space left on device", "local archive is kept")
+    assert "upload failed" in line
+    by_source = {r["source"]: r for r in doc["results"]}
+    assert by_source["a"]["uploaded"] is False and by_source["b"]["uploaded"] is True
+    assert len(env.archives("a")) == 1 and len(env.manifests("a")) == 1
+    # The source after it was backed up and uploaded, and nothing was left half-way.
+    assert proxy.count("CompleteMultipartUpload") == 1
+    assert not s3_env.client.list_multipart_uploads(Bucket=s3_env.bucket).get("Uploads")
