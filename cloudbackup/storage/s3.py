@@ -519,7 +519,14 @@ class S3Store:
         fd = os.open(path, os.O_RDONLY)
         try:
             sent = self._send_parts(
-                key, upload_id, fd, ranges, existing, progress, f"/{part_count}", str(path)
+                key,
+                upload_id,
+                fd,
+                ranges,
+                existing,
+                progress,
+                total_label=f"/{part_count}",
+                file_label=str(path),
             )
         finally:
             os.close(fd)
@@ -577,7 +584,9 @@ class S3Store:
             yield first
             yield from parts
 
-        return self._send_parts(key, created[0], tail.fd, all_parts(), {}, progress, "", key)
+        return self._send_parts(
+            key, created[0], tail.fd, all_parts(), {}, progress, total_label="", file_label=key
+        )
 
     def _create_upload(self, key: str, spec: UploadSpec) -> str:
         args = self._write_args(spec)
@@ -601,10 +610,14 @@ class S3Store:
         ranges: Iterator[tuple[int, int, int]],
         existing: dict[int, dict[str, Any]],
         progress: Callable[[int], None] | None,
-        of: str,
-        what: str,
+        *,
+        total_label: str,
+        file_label: str,
     ) -> SentParts:
         """Send ``(number, offset, length)`` ranges of ``fd``, ``concurrency`` at a time.
+
+        ``total_label`` follows the part number in messages (``"/12"``, or ``""`` while the
+        count is unknown); ``file_label`` names the local file in a short-read error.
 
         Memory stays bounded: each running worker holds one part; at most 2×concurrency
         parts are queued. ``ranges`` may block (a growing file). The first error stops the
@@ -628,7 +641,7 @@ class S3Store:
         def send(number: int, offset: int, length: int) -> None:
             data = os.pread(fd, length, offset)
             if len(data) != length:
-                raise IntegrityError(f"{what} changed while uploading (short read)")
+                raise IntegrityError(f"{file_label} changed while uploading (short read)")
             checksum = sha256_b64(data)
             previous = existing.get(number)
             if reusable(previous, data, checksum):
@@ -644,7 +657,7 @@ class S3Store:
             if not self.compat:
                 args = {"ChecksumAlgorithm": "SHA256", "ChecksumSHA256": checksum}
             resp = self._call(
-                f"upload part {number}{of} of {key}",
+                f"upload part {number}{total_label} of {key}",
                 self.client.upload_part,
                 Bucket=self.bucket,
                 Key=key,
