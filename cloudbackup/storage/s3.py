@@ -619,8 +619,8 @@ class S3Store:
         ``total_label`` follows the part number in messages (``"/12"``, or ``""`` while the
         count is unknown); ``file_label`` names the local file in a short-read error.
 
-        Memory stays bounded: each running worker holds one part; at most 2×concurrency
-        parts are queued. ``ranges`` may block (a growing file). The first error stops the
+        Memory stays bounded: each running worker reads and holds one part; at most
+        2×concurrency part numbers are queued (no data). ``ranges`` may block (a growing file). The first error stops the
         queue; it is the one raised. A part already in ``existing`` is kept when it provably
         holds the same bytes.
         """
