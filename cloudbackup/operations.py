@@ -213,21 +213,21 @@ def cleanup_partials(ctx: Context) -> list[Path]:
             stem = path.name[: -len(UPLOAD_SUFFIX)]
             if any(p != path for p in source_dir.glob(glob_escape(stem) + ".*")):
                 continue  # its backup exists: a record of an upload, not a leftover
-            if _abort_stray_upload(ctx, path):
+            try:
+                record = read_upload_record(ctx, stem, source_dir.name)
+            except ValueError:
+                continue  # not named after a backup id: not ours
+            if _abort_stray_upload(ctx, record):
                 path.unlink(missing_ok=True)
                 removed.append(path)
     return removed
 
 
-def _abort_stray_upload(ctx: Context, record_path: Path) -> bool:
-    """Abort the multipart upload a record names whose archive was never completed."""
-    import json
+def _abort_stray_upload(ctx: Context, record: UploadRecord | None) -> bool:
+    """Abort the multipart upload a record names whose archive was never completed.
 
-    try:
-        record = UploadRecord.from_dict(json.loads(record_path.read_bytes()))
-    except (OSError, ValueError, TypeError):
-        return True  # unreadable and without an archive: nothing to resume from it
-    if not record.upload_id:
+    ``None`` (unreadable) or a record without an upload: nothing to resume from it."""
+    if record is None or not record.upload_id:
         return True
     if ctx.remote is None:
         return False  # kept: a run with the bucket aborts it (or it is aborted after 7 days)
