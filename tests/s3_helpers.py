@@ -330,21 +330,18 @@ class _Handler(BaseHTTPRequestHandler):
         fault = owner._fault_for(probe)
         started = time.monotonic()
         owner._enter(operation)
+
+        def seen(body: bytes) -> Request:
+            action = fault.action if fault else "forward"
+            digest = hashlib.sha256(body).digest()
+            return Request(
+                self.command, probe.path, query, headers, len(body), digest, action, None, started
+            )
+
         try:
             if fault is not None and fault.action in ("reset", "hold"):
                 expected = int(headers.get("content-length") or 0)
-                body = self._read_body(limit=expected // 2)
-                request = Request(
-                    self.command,
-                    probe.path,
-                    query,
-                    headers,
-                    len(body),
-                    hashlib.sha256(body).digest(),
-                    fault.action,
-                    None,
-                    started,
-                )
+                request = seen(self._read_body(limit=expected // 2))
                 owner._record(request)  # visible while it hangs
                 if fault.action == "hold":
                     owner.released.wait(fault.seconds or None)
@@ -352,17 +349,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._reset()
                 return
             body = self._read_body()
-            request = Request(
-                self.command,
-                probe.path,
-                query,
-                headers,
-                len(body),
-                hashlib.sha256(body).digest(),
-                fault.action if fault else "forward",
-                None,
-                started,
-            )
+            request = seen(body)
             if fault is not None and fault.action in ("slowdown", "error", "deny"):
                 status, code, message = {
                     "slowdown": (503, "SlowDown", "Please reduce your request rate."),

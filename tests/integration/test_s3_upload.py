@@ -93,6 +93,21 @@ def keys_of(s3: S3Env, manifest: dict[str, Any]) -> tuple[str, str]:
     return archive, s3.key(HOST, manifest["source"], f"{manifest['id']}.manifest.json")
 
 
+def tamper_with_archive(env: Env, s3: S3Env, source: str) -> dict[str, Any]:
+    """Overwrite a source's archive object with random bytes of the same size and the same
+    metadata; returns its local manifest."""
+    manifest = local_manifest(env, source)
+    key, _ = keys_of(s3, manifest)
+    head = s3.client.head_object(Bucket=s3.bucket, Key=key)
+    s3.client.put_object(
+        Bucket=s3.bucket,
+        Key=key,
+        Body=os.urandom(head["ContentLength"]),
+        Metadata=head["Metadata"],
+    )
+    return manifest
+
+
 def assert_checksummed(requests: list[Request]) -> None:
     """Every object write carries x-amz-checksum-sha256, and it is the SHA-256 of the body."""
     assert requests
@@ -433,15 +448,7 @@ def test_list_and_verify_issue_no_get_and_tampering_is_caught(
 
     # Tamper with the big archive behind our back: same size, same metadata, other bytes
     # (S3 now reports another checksum, or none; the compat test covers a store without them).
-    big = local_manifest(env, "big")
-    big_key, _ = keys_of(s3_env, big)
-    head = s3_env.client.head_object(Bucket=s3_env.bucket, Key=big_key)
-    s3_env.client.put_object(
-        Bucket=s3_env.bucket,
-        Key=big_key,
-        Body=os.urandom(head["ContentLength"]),
-        Metadata=head["Metadata"],
-    )
+    big = tamper_with_archive(env, s3_env, "big")
     for deep in ((), ("--deep",)):
         tampered = cli("verify", "--where", "remote", "--json", *deep, big["id"])
         assert tampered.exit_code == 3, tampered.stdout
@@ -536,15 +543,7 @@ def test_compat_mode_sends_no_checksums_and_no_tags(
 
     # Without S3 checksums, tampering that keeps size and metadata passes the HEAD checks;
     # --deep streams the object and catches it.
-    big = local_manifest(env, "big")
-    big_key, _ = keys_of(s3_env, big)
-    head = s3_env.client.head_object(Bucket=s3_env.bucket, Key=big_key)
-    s3_env.client.put_object(
-        Bucket=s3_env.bucket,
-        Key=big_key,
-        Body=os.urandom(head["ContentLength"]),
-        Metadata=head["Metadata"],
-    )
+    big = tamper_with_archive(env, s3_env, "big")
     assert cli("verify", "--where", "remote", big["id"]).exit_code == 0
     proxy.clear()
     deep = cli("verify", "--where", "remote", "--deep", "--json", big["id"])
