@@ -246,12 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     if 0 < args.runs < 5:
         log(f"note: --runs {args.runs} is below the 5 the method asks for; medians will be noisy")
 
-    extra_env = {}
-    for item in args.ours_env:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--ours-env wants KEY=VALUE, got {item!r}")
-        extra_env[key] = value
+    extra_env = common.env_pairs(parser, args.ours_env)
     ours_cmd, ours_env = ours_base_command(args.ours_cmd)
     sides = [args.only] if args.only else ["ours", "theirs"]
 

@@ -191,51 +191,13 @@ def make_theirs(work: Path, endpoint: str, manifest: dict[str, Any]) -> common.C
     return common.Contender("theirs", command, prepare, output_bytes, cleanup)
 
 
-def results_table(samples: dict[str, list[common.Sample]], input_bytes: int) -> str:
-    names = [n for n in ("ours", "theirs") if samples.get(n)]
-    rows = {
+def restore_metrics(restored_bytes: int) -> dict[str, common.Metric]:
+    return {
         "Wall time (s)": (lambda s: s.wall, 2),
         "CPU time, user+sys (s)": (lambda s: s.cpu, 2),
         "Peak RSS (MiB)": (lambda s: s.maxrss_mib, 1),
-        "Throughput (MB/s of restored data)": (lambda s: input_bytes / common.MB / s.wall, 1),
+        "Throughput (MB/s of restored data)": (lambda s: restored_bytes / common.MB / s.wall, 1),
     }
-    header = "| Metric | " + " | ".join(f"{n} median (min–max)" for n in names) + " |"
-    rule = "|---|" + "---:|" * len(names)
-    if len(names) == 2:
-        header = header[:-1] + "| ours/theirs |"
-        rule += "---:|"
-    lines = [header, rule]
-    for metric, (get, digits) in rows.items():
-        values = {n: [get(s) for s in samples[n]] for n in names}
-        cells = []
-        for n in names:
-            med = statistics.median(values[n])
-            cells.append(
-                f"{med:.{digits}f} ({min(values[n]):.{digits}f}–{max(values[n]):.{digits}f})"
-            )
-        row = f"| {metric} | " + " | ".join(cells) + " |"
-        if len(names) == 2:
-            a, b = (statistics.median(values[n]) for n in names)
-            row += f" {a / b:.2f} |" if b else " – |"
-        lines.append(row)
-    return "\n".join(lines)
-
-
-def runs_table(samples: dict[str, list[common.Sample]]) -> str:
-    lines = [
-        "| Run | Command | Wall (s) | CPU (s) | Peak RSS (MiB) | Restored (MiB) |",
-        "|---:|---|---:|---:|---:|---:|",
-    ]
-    longest = max((len(v) for v in samples.values()), default=0)
-    for i in range(longest):
-        for name, runs in samples.items():
-            if i < len(runs):
-                s = runs[i]
-                lines.append(
-                    f"| {i + 1} | {name} | {s.wall:.2f} | {s.cpu:.2f} | {s.maxrss_mib:.1f} | "
-                    f"{(s.output_bytes or 0) / common.MiB:.1f} |"
-                )
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,12 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--results", type=Path, help="append the report to this file")
     args = parser.parse_args(argv)
-    extra: dict[str, str] = {}
-    for item in args.ours_env:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--ours-env wants KEY=VALUE, got {item!r}")
-        extra[key] = value
+    extra = common.env_pairs(parser, args.ours_env)
 
     dataset: Path = args.dataset
     info = gen_dataset.read_info(dataset)
@@ -325,11 +282,11 @@ def main(argv: list[str] | None = None) -> int:
         f"({' → '.join(sides)} → ...), medians (min–max); MB = 10⁶ bytes; output dirs removed "
         "between runs (untimed)",
         "",
-        results_table(samples, restored),
+        common.comparison_table(samples, restored, metrics=restore_metrics(restored)),
         "",
         "<details><summary>All runs</summary>",
         "",
-        runs_table(samples),
+        common.runs_table(samples, None, output_label="Restored"),
         "",
         "</details>",
     ]

@@ -18,6 +18,7 @@ What is measured, per command (see README.md):
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import shlex
@@ -160,6 +161,17 @@ def resolve_cache_mode(mode: str) -> str:
     return mode
 
 
+def env_pairs(parser: argparse.ArgumentParser, items: Sequence[str]) -> dict[str, str]:
+    """``--ours-env KEY=VALUE`` options as a dict; a malformed one is a usage error."""
+    env: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--ours-env wants KEY=VALUE, got {item!r}")
+        env[key] = value
+    return env
+
+
 # --------------------------------------------------------------------------
 # Interleaved runs
 
@@ -260,28 +272,23 @@ def _spread(values: list[float], digits: int) -> str:
     return f"{med:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
 
-def metrics(samples: list[Sample], input_bytes: int) -> dict[str, list[float]]:
-    """Per-run values of every reported metric."""
+# A reported metric: its value for one run, and the digits it is shown with.
+Metric = tuple[Callable[[Sample], float], int]
+
+
+def archive_metrics(input_bytes: int) -> dict[str, Metric]:
+    """The metrics of the backup and upload benchmarks (output = the archive)."""
     return {
-        "Wall time (s)": [s.wall for s in samples],
-        "CPU time, user+sys (s)": [s.cpu for s in samples],
-        "Peak RSS (MiB)": [s.maxrss_mib for s in samples],
-        "Output size (MiB)": [(s.output_bytes or 0) / MiB for s in samples],
-        "Throughput (MB/s of input)": [input_bytes / MB / s.wall for s in samples],
-        "Compression ratio (input/output)": [
-            input_bytes / s.output_bytes if s.output_bytes else 0.0 for s in samples
-        ],
+        "Wall time (s)": (lambda s: s.wall, 2),
+        "CPU time, user+sys (s)": (lambda s: s.cpu, 2),
+        "Peak RSS (MiB)": (lambda s: s.maxrss_mib, 1),
+        "Output size (MiB)": (lambda s: (s.output_bytes or 0) / MiB, 1),
+        "Throughput (MB/s of input)": (lambda s: input_bytes / MB / s.wall, 1),
+        "Compression ratio (input/output)": (
+            lambda s: input_bytes / s.output_bytes if s.output_bytes else 0.0,
+            3,
+        ),
     }
-
-
-_DIGITS = {
-    "Wall time (s)": 2,
-    "CPU time, user+sys (s)": 2,
-    "Peak RSS (MiB)": 1,
-    "Output size (MiB)": 1,
-    "Throughput (MB/s of input)": 1,
-    "Compression ratio (input/output)": 3,
-}
 
 
 def comparison_table(
@@ -289,10 +296,10 @@ def comparison_table(
     input_bytes: int,
     ours: str = "ours",
     theirs: str = "theirs",
+    metrics: Mapping[str, Metric] | None = None,
 ) -> str:
     """Markdown table: median (min–max) per side and the ratio of medians ours/theirs."""
     names = [n for n in (ours, theirs) if samples.get(n)]
-    per = {n: metrics(samples[n], input_bytes) for n in names}
     header = "| Metric | " + " | ".join(f"{n} median (min–max)" for n in names)
     rule = "|---|" + "---:|" * len(names)
     if len(names) == 2:
@@ -301,31 +308,40 @@ def comparison_table(
     else:
         header += " |"
     lines = [header, rule]
-    for metric, digits in _DIGITS.items():
-        row = f"| {metric} | " + " | ".join(_spread(per[n][metric], digits) for n in names)
+    for metric, (value, digits) in (metrics or archive_metrics(input_bytes)).items():
+        per = {n: [value(s) for s in samples[n]] for n in names}
+        row = f"| {metric} | " + " | ".join(_spread(per[n], digits) for n in names)
         if len(names) == 2:
-            a = statistics.median(per[ours][metric])
-            b = statistics.median(per[theirs][metric])
+            a, b = statistics.median(per[ours]), statistics.median(per[theirs])
             row += f" | {a / b:.2f}" if b else " | –"
         lines.append(row + " |")
     return "\n".join(lines)
 
 
-def runs_table(samples: Mapping[str, list[Sample]], input_bytes: int) -> str:
-    """Markdown table of every run, in the order they ran."""
-    lines = [
-        "| Run | Command | Wall (s) | CPU (s) | Peak RSS (MiB) | Output (MiB) | MB/s |",
-        "|---:|---|---:|---:|---:|---:|---:|",
-    ]
+def runs_table(
+    samples: Mapping[str, list[Sample]],
+    input_bytes: int | None,
+    output_label: str = "Output",
+) -> str:
+    """Markdown table of every run, in the order they ran (MB/s of input when given)."""
+    header = f"| Run | Command | Wall (s) | CPU (s) | Peak RSS (MiB) | {output_label} (MiB) |"
+    rule = "|---:|---|---:|---:|---:|---:|"
+    if input_bytes is not None:
+        header += " MB/s |"
+        rule += "---:|"
+    lines = [header, rule]
     longest = max((len(v) for v in samples.values()), default=0)
     for i in range(longest):
         for name, runs in samples.items():
             if i < len(runs):
                 s = runs[i]
-                lines.append(
+                row = (
                     f"| {i + 1} | {name} | {s.wall:.2f} | {s.cpu:.2f} | {s.maxrss_mib:.1f} | "
-                    f"{(s.output_bytes or 0) / MiB:.1f} | {input_bytes / MB / s.wall:.1f} |"
+                    f"{(s.output_bytes or 0) / MiB:.1f} |"
                 )
+                if input_bytes is not None:
+                    row += f" {input_bytes / MB / s.wall:.1f} |"
+                lines.append(row)
     return "\n".join(lines)
 
 
