@@ -550,42 +550,31 @@ class S3Store:
         that would need part 10,001 raises PermanentStorageError (code ``TooManyParts``)
         before sending it; the upload is left for the caller to abort.
         """
-        created: list[str] = []
+        # One byte more than a part: a file of exactly one part is one PUT.
+        written, final = tail.wait_for(part_size + 1)
+        if final is not None and final <= part_size:
+            return None
+        upload_id = self._create_upload(key, spec)
+        if on_created:
+            on_created(upload_id, part_size)
 
-        def ranges() -> Iterator[tuple[int, int, int]]:
-            number = 1
+        def ranges(written: int) -> Iterator[tuple[int, int, int]]:
+            number, offset = 1, 0  # part 1 is there already
             while True:
-                offset = (number - 1) * part_size
-                # Part 1 waits for one byte more: a file of exactly one part is one PUT.
-                written, final = tail.wait_for(offset + part_size + (number == 1))
-                if final is not None and final <= offset and number > 1:
-                    return
-                if number == 1 and final is not None and final <= part_size:
-                    return
                 if number > MAX_PARTS:
                     raise PermanentStorageError(
                         f"{key} outgrew {MAX_PARTS} parts of {part_size} bytes while streaming",
                         code="TooManyParts",
                     )
-                if not created:
-                    created.append(self._create_upload(key, spec))
-                    if on_created:
-                        on_created(created[0], part_size)
                 yield number, offset, min(part_size, written - offset)
-                number += 1
+                number, offset = number + 1, offset + part_size
+                written, final = tail.wait_for(offset + part_size)
+                if final is not None and final <= offset:
+                    return
 
-        parts = ranges()
-        first = next(parts, None)
-        if first is None:
-            return None
         assert tail.fd is not None  # open since the first byte was written
-
-        def all_parts() -> Iterator[tuple[int, int, int]]:
-            yield first
-            yield from parts
-
         return self._send_parts(
-            key, created[0], tail.fd, all_parts(), {}, progress, total_label="", file_label=key
+            key, upload_id, tail.fd, ranges(written), {}, progress, total_label="", file_label=key
         )
 
     def _create_upload(self, key: str, spec: UploadSpec) -> str:
