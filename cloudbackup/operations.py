@@ -74,6 +74,9 @@ class Context:
     _remote_listing: Listing | None = None
     _remote_listing_all: Listing | None = None
     _remote_warned: bool = False
+    # The host claim's outcome for this run (transfer.claim_host): claimed, or the error.
+    _host_claimed: bool = False
+    _host_claim_error: CloudBackupError | None = None
 
     @property
     def host(self) -> str:

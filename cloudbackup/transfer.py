@@ -66,17 +66,16 @@ def claim_host(ctx: Context) -> None:
     The outcome holds for the whole run: a failure (after its retries) is raised again at
     once rather than retried for every backup.
     """
-    if getattr(ctx, "_claimed", False):
+    if ctx._host_claimed:
         return
-    failed = getattr(ctx, "_claim_error", None)
-    if failed is not None:
-        raise failed
+    if ctx._host_claim_error is not None:
+        raise ctx._host_claim_error
     try:
         _claim(ctx)
     except CloudBackupError as exc:
-        ctx._claim_error = exc  # type: ignore[attr-defined]
+        ctx._host_claim_error = exc
         raise
-    ctx._claimed = True  # type: ignore[attr-defined]
+    ctx._host_claimed = True
 
 
 def _claim(ctx: Context) -> None:
