@@ -323,8 +323,7 @@ def archive(tmp_path: Path, size: int, seed: int = 1) -> Path:
 
 
 def parts_of(path: Path, part_size: int = 5 * MiB) -> list[bytes]:
-    data = path.read_bytes()
-    return [data[i : i + part_size] for i in range(0, len(data), part_size)]
+    return parts_of_bytes(path.read_bytes(), part_size)
 
 
 def test_resume_lists_parts_before_uploading_and_reuses_only_matching_ones(
