@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import socket
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,10 +28,13 @@ from cloudbackup.output import (
     setup_logging,
     table,
 )
+from cloudbackup.sources import url_secrets
 from cloudbackup.storage.local import LocalStore
 
 LOG = logging.getLogger("cloudbackup")
 WHERE = click.Choice(["local", "remote", "all"])
+#: A .env file larger than this is not one (a wrong path, or a device behind a symlink).
+MAX_ENV_FILE = 1024 * 1024
 
 
 @dataclass
@@ -45,28 +50,83 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def load_settings(state: AppState, overrides: dict[str, Any] | None = None) -> Settings:
-    """Resolve settings once per command: CLI > environment > .env > default."""
-    env_file = state.env_file
-    dotenv: dict[str, str | None] = {}
-    if env_file is not None:
-        if not env_file.is_file():
-            raise ConfigError(
-                f"--env-file {env_file} does not exist", "give the path of your .env file"
-            )
-        dotenv = dict(dotenv_values(env_file))
-    elif Path(".env").is_file():
-        env_file = Path(".env").resolve()
-        dotenv = dict(dotenv_values(env_file))
+def read_env_file(path: Path, label: str) -> dict[str, str | None]:
+    """The variables of a .env file. Anything but a readable UTF-8 text file without NUL
+    bytes is a ConfigError (exit 2) naming ``label``; never a traceback."""
+    try:
+        # O_NONBLOCK: a FIFO in its place must not hang the run (it is refused below).
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise ConfigError(f"{label} does not exist", "give the path of your .env file") from None
+    except OSError as exc:
+        raise ConfigError(
+            f"{label} cannot be read: {exc.strerror or exc}", "check its permissions"
+        ) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError(f"{label} is a directory", "give the path of your .env file")
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"{label} is not a regular file", "give the path of your .env file")
+        data = b""
+        while len(data) <= MAX_ENV_FILE and (chunk := os.read(fd, MAX_ENV_FILE + 1 - len(data))):
+            data += chunk
+    except OSError as exc:
+        raise ConfigError(f"{label} cannot be read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_ENV_FILE:
+        raise ConfigError(f"{label} is larger than 1 MiB: not an env file")
+    if b"\0" in data:
+        line = data[: data.index(b"\0")].count(b"\n") + 1
+        raise ConfigError(f"{label} holds a NUL byte (line {line})", "it must be a text file")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{label} is not valid UTF-8 (line {line})", "save it as UTF-8 text"
+        ) from None
+    return dict(dotenv_values(stream=io.StringIO(text)))
+
+
+def _dotenv(state: AppState) -> tuple[Path | None, dict[str, str | None]]:
+    """``--env-file``, else a ``.env`` file in the current directory (a directory named
+    ``.env``, such as a virtualenv, is not one), else nothing."""
+    if state.env_file is not None:
+        return state.env_file, read_env_file(state.env_file, f"--env-file {state.env_file}")
+    try:
+        regular = stat.S_ISREG(os.stat(".env").st_mode)
+    except OSError:
+        regular = False
+    if not regular:
+        return None, {}
+    env_file = Path(".env").absolute()
+    return env_file, read_env_file(env_file, f".env in the current directory ({env_file})")
+
+
+def _home() -> Path | None:
+    try:
+        return Path.home()
+    except (RuntimeError, KeyError):  # no HOME and no passwd entry
+        return None
+
+
+def load_settings(
+    state: AppState, overrides: dict[str, Any] | None = None, *, secrets: Sequence[str] = ()
+) -> Settings:
+    """Resolve settings once per command: CLI > environment > .env > default. The process
+    environment is read here, once: below the CLI nothing reads ``os.environ``."""
+    env_file, dotenv = _dotenv(state)
     settings = config.load(
         overrides or {},
         os.environ,
         dotenv,
         hostname=socket.gethostname(),
-        home=Path.home(),
+        home=_home(),
         env_file=env_file,
     )
-    secrets = [s for spec in settings.sources for s in spec.secrets]
+    secrets = [*secrets, *(s for spec in settings.sources for s in spec.secrets)]
     setup_logging(
         level=settings.log_level,
         verbose=state.verbose,
@@ -127,17 +187,27 @@ def _exit(code: int) -> NoReturn:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option(
-    "--env-file", type=click.Path(path_type=Path), help="Read settings from this .env file."
+    "--env-file",
+    "env_files",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Read settings from this .env file.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Debug output, with tracebacks.")
 @click.option("-q", "--quiet", is_flag=True, help="Errors only.")
 @click.version_option(__version__, prog_name="cloudbackup")
 @click.pass_context
-def cli(ctx: click.Context, env_file: Path | None, verbose: bool, quiet: bool) -> None:
+def cli(ctx: click.Context, env_files: tuple[Path, ...], verbose: bool, quiet: bool) -> None:
     """Compressed, checksummed backups of directories and databases, pushed to S3 and
     pruned by one retention planner."""
-    ctx.obj = AppState(env_file=env_file, verbose=verbose, quiet=quiet)
     setup_logging(verbose=verbose, quiet=quiet)
+    if len(env_files) > 1:
+        # Silently using the last one would hide the others' settings.
+        raise UsageError(
+            "--env-file is given more than once (" + ", ".join(map(str, env_files)) + ")",
+            "give one .env file",
+        )
+    ctx.obj = AppState(env_file=env_files[0] if env_files else None, verbose=verbose, quiet=quiet)
 
 
 # ---------------------------------------------------------------- backup
@@ -398,7 +468,10 @@ def restore(**kwargs: Any) -> None:
     to, as_json = kwargs["to"], kwargs["as_json"]
     if to == "-" and as_json:
         raise UsageError("--json cannot be used with --to -", "stdout carries the data alone")
-    settings = load_settings(_state(), {"CLOUDBACKUP_HOST": kwargs["host"]})
+    target_secrets = url_secrets(to) if to and "://" in to else []
+    settings = load_settings(
+        _state(), {"CLOUDBACKUP_HOST": kwargs["host"]}, secrets=target_secrets
+    )
     at = restoring.parse_at(kwargs["at"]) if kwargs["at"] is not None else None
     ctx = make_context(settings, remote=kwargs["from_"] != "local", need_local=False)
     result = restoring.restore(  # no lock: restore only reads the local dir (SPEC)
@@ -450,6 +523,10 @@ def prune(
         chosen = parse_policy(policy) if policy is not None else None
     except ConfigError as exc:
         raise ConfigError(f"--policy: {exc.message}", exc.hint) from None
+    except ValueError:  # a number too long for int() (over 4,300 digits)
+        raise ConfigError(
+            f"--policy {config.shown(policy or '')} is invalid: a number in it is far too long"
+        ) from None
     settings = load_settings(_state(), {"CLOUDBACKUP_HOST": host})
     pruning.validate(settings, where=where, policy=chosen, host=host, all_hosts=all_hosts)
     ctx = make_context(settings, remote=where != "local")
@@ -468,6 +545,32 @@ def prune(
     else:
         click.echo("\n".join(pruning.describe(results, dry_run=dry_run)))
     _exit(pruning.exit_code(results))
+
+
+@cli.command()
+@click.argument("ids", nargs=-1, required=True, metavar="ID...")
+@click.option("--where", type=WHERE, default="local", show_default=True)
+@click.option("--host", help="Backups of this host.")
+@click.option("--dry-run", is_flag=True, help="Print what would be deleted; delete nothing.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def forget(
+    ids: tuple[str, ...], where: str, host: str | None, dry_run: bool, as_json: bool
+) -> None:
+    """Delete the named backups (manifest first); refuses unknown or locked ones."""
+    from cloudbackup import forget as forgetting
+    from cloudbackup.lock import DirLock
+
+    settings = load_settings(_state(), {"CLOUDBACKUP_HOST": host})
+    if where == "remote" and not settings.s3_bucket:
+        raise UsageError("--where remote needs a bucket", "set CLOUDBACKUP_S3_BUCKET")
+    ctx = make_context(settings, remote=where != "local")
+    with DirLock(settings.local_dir):
+        results = forgetting.forget(ctx, ids, where=where, dry_run=dry_run)
+    if as_json:
+        _emit_json({"dry_run": dry_run, "results": [r.to_dict() for r in results]})
+    else:
+        click.echo("\n".join(forgetting.describe(results, dry_run=dry_run)))
+    _exit(forgetting.exit_code(results))
 
 
 @cli.command()
@@ -526,10 +629,15 @@ def _raw_ping_url(state: AppState) -> str | None:
     """The ping URL even when other settings are invalid (so exit 2 still pings /fail)."""
     url = os.environ.get("CLOUDBACKUP_PING_URL")
     if url is None:
-        path = state.env_file or (Path(".env") if Path(".env").is_file() else None)
-        if path is not None and path.is_file():
-            url = dotenv_values(path).get("CLOUDBACKUP_PING_URL")
+        try:
+            url = _dotenv(state)[1].get("CLOUDBACKUP_PING_URL")
+        except ConfigError:
+            url = None  # the unreadable .env is what is being reported
     url = (url or "").strip()
+    try:
+        url.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
     return url if url.startswith(("http://", "https://")) else None
 
 
@@ -681,7 +789,7 @@ def render(
         # Everything the policy needs is on the command line: validate just that, so an
         # unrelated broken variable (say, a retention policy) does not stop an operator
         # writing IAM policies on another machine.
-        settings = config.load(given, {}, {}, hostname=socket.gethostname(), home=Path.home())
+        settings = config.load(given, {}, {}, hostname=socket.gethostname(), home=_home())
     else:
         settings = load_settings(_state(), given)
     if not settings.s3_bucket:

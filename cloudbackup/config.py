@@ -6,14 +6,16 @@ machine facts (hostname, home); nothing here reads ``os.environ`` or the clock.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from cloudbackup import retention
+from cloudbackup import childenv, retention
 from cloudbackup.errors import ConfigError
 from cloudbackup.model import valid_name
 from cloudbackup.sources import SourceSpec, parse_spec, redact_url, split_list
@@ -25,6 +27,8 @@ STORAGE_CLASSES = ("STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING
 SSE_MODES = ("AES256", "aws:kms")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 MAX_USER_TAGS = 7
+MAX_PART_SIZE = 5 * 1024**3  # S3's largest part
+MAX_LOCK_DAYS = 36500  # S3's longest Object Lock retention: 100 years
 _TAG_RE = re.compile(r"^[\w .:/=+\-@]{1,128}$")
 
 KNOWN_VARIABLES = (
@@ -106,6 +110,11 @@ class Settings:
     log_level: str = "INFO"
     env_file: Path | None = None
     warnings: tuple[str, ...] = ()
+    #: The base environment of every child process: this process's environment without its
+    #: secrets (``childenv.scrub``); children get ``childenv.build(child_env, extra)``.
+    child_env: Mapping[str, str] = field(
+        default_factory=dict, repr=False, compare=False, hash=False
+    )
 
     @property
     def remote_enabled(self) -> bool:
@@ -138,8 +147,39 @@ class _Resolver:
         return None, "default"
 
 
+def shown(value: str, limit: int = 100) -> str:
+    """``repr(value)``, cut short when long: an error line stays one readable line."""
+    if len(value) <= limit:
+        return repr(value)
+    return repr(value[:limit])[:-1] + f"...' ({len(value)} characters)"
+
+
 def _fail(var: str, value: str, where: str, why: str) -> ConfigError:
-    return ConfigError(f"{var}={value!r} ({where}) is invalid: {why}")
+    return ConfigError(f"{var}={shown(value)} ({where}) is invalid: {why}")
+
+
+def _not_utf8(var: str, value: str, where: str) -> ConfigError | None:
+    """Bytes that are not UTF-8 reach Python as lone surrogates: refuse them by name."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return ConfigError(
+            f"{var} ({where}) is not valid UTF-8: {shown(value)}",
+            "write the value in UTF-8",
+        )
+    return None
+
+
+def _http_url(var: str, value: str, where: str) -> str:
+    """An http(s) URL with a host (and a valid port, if any)."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise _fail(var, value, where, f"not a URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or re.search(r"\s", value):
+        raise _fail(var, value, where, "use an http(s)://host[:port] URL")
+    return value
 
 
 def _flag(var: str, value: str | None, where: str) -> bool:
@@ -155,6 +195,8 @@ def _flag(var: str, value: str | None, where: str) -> bool:
 
 def _int(var: str, value: str, where: str, low: int, high: int | None = None) -> int:
     try:
+        if len(value.strip()) > 30:
+            raise ValueError("too many digits")
         number = int(value.strip())
     except ValueError:
         raise _fail(var, value, where, "not a whole number") from None
@@ -165,17 +207,20 @@ def _int(var: str, value: str, where: str, low: int, high: int | None = None) ->
 
 
 def parse_size(text: str) -> int:
-    match = re.fullmatch(r"\s*(\d+)\s*([KMG]i?B?|B)?\s*", text, re.IGNORECASE)
+    match = re.fullmatch(r"\s*(\d{1,30})\s*([KMG]i?B?|B)?\s*", text, re.IGNORECASE)
     if not match:
-        raise ValueError(f"{text!r} is not a size like 64MiB")
+        raise ValueError(f"{shown(text)} is not a size like 64MiB")
     unit = (match[2] or "B").upper().rstrip("B").rstrip("I")
     return int(match[1]) * {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}[unit]
 
 
 def parse_object_lock(text: str) -> ObjectLock:
-    match = re.fullmatch(r"(governance|compliance):(\d+)d", text.strip(), re.IGNORECASE)
-    if not match or int(match[2]) < 1:
-        raise ValueError("use governance:<days>d or compliance:<days>d, e.g. governance:30d")
+    match = re.fullmatch(r"(governance|compliance):(\d{1,9})d", text.strip(), re.IGNORECASE)
+    if not match or not 1 <= int(match[2]) <= MAX_LOCK_DAYS:
+        raise ValueError(
+            "use governance:<days>d or compliance:<days>d, e.g. governance:30d "
+            f"(1 to {MAX_LOCK_DAYS} days)"
+        )
     return ObjectLock(match[1].upper(), int(match[2]))
 
 
@@ -216,21 +261,24 @@ def load(
     dotenv: Mapping[str, str | None],
     *,
     hostname: str,
-    home: Path,
+    home: Path | None,
     env_file: Path | None = None,
 ) -> Settings:
     """Resolve every setting once and validate it; raise ConfigError naming the culprit.
 
     ``cli`` maps variable names to command-line values (``None`` = not given), except
     ``extra_exclude`` (added to ``CLOUDBACKUP_EXCLUDE``) and ``sources`` (replacing
-    ``CLOUDBACKUP_SOURCES``).
+    ``CLOUDBACKUP_SOURCES``). ``home`` is None when this user has no home directory.
     """
     r = _Resolver(cli, environ, dotenv)
     warnings: list[str] = []
     known = set(KNOWN_VARIABLES) | set(EXTRA_VARIABLES)
     for var in sorted({*environ, *(k for k, v in dotenv.items() if v is not None)}):
         if var.startswith("CLOUDBACKUP_") and var not in known:
-            warnings.append(f"unknown variable {var} ignored (check its spelling)")
+            warnings.append(f"unknown variable {shown(var)} ignored (check its spelling)")
+    for name, text in sorted(environ.items()):
+        if name.startswith("CLOUDBACKUP_") and (error := _not_utf8(name, text, "environment")):
+            raise error
 
     # Sources: arguments replace CLOUDBACKUP_SOURCES.
     sources: list[SourceSpec] = []
@@ -240,7 +288,7 @@ def load(
     else:
         value, where = r.get("CLOUDBACKUP_SOURCES")
         if value:
-            raw_specs = [(s, where) for s in split_list(value)]
+            raw_specs = [(s, f"CLOUDBACKUP_SOURCES, {where}") for s in split_list(value)]
     for text, where in raw_specs:
         try:
             sources.append(parse_spec(text))
@@ -264,8 +312,18 @@ def load(
         if not local_dir.is_absolute():
             raise _fail("CLOUDBACKUP_LOCAL_DIR", value, where, "use an absolute path")
     else:
-        xdg = environ.get("XDG_DATA_HOME")
-        local_dir = (Path(xdg) if xdg else home / ".local" / "share") / "cloudbackup"
+        # The XDG spec: a relative XDG_DATA_HOME is invalid and ignored.
+        xdg = environ.get("XDG_DATA_HOME", "")
+        if os.path.isabs(xdg):
+            local_dir = Path(xdg) / "cloudbackup"
+        elif home is not None:
+            local_dir = home / ".local" / "share" / "cloudbackup"
+        else:
+            raise ConfigError(
+                "no local dir: CLOUDBACKUP_LOCAL_DIR is not set and this user has no home "
+                "directory (HOME)",
+                "set CLOUDBACKUP_LOCAL_DIR to an absolute path",
+            )
 
     value, where = r.get("CLOUDBACKUP_HOST")
     host_explicit = cli.get("CLOUDBACKUP_HOST") is not None
@@ -313,8 +371,8 @@ def load(
 
     endpoint, where = r.get("CLOUDBACKUP_S3_ENDPOINT_URL")
     endpoint = (endpoint or "").strip() or None
-    if endpoint and not re.match(r"^https?://[^/\s]+", endpoint):
-        raise _fail("CLOUDBACKUP_S3_ENDPOINT_URL", endpoint, where, "use http(s)://host[:port]")
+    if endpoint:
+        _http_url("CLOUDBACKUP_S3_ENDPOINT_URL", endpoint, where)
 
     value, where = r.get("CLOUDBACKUP_S3_STORAGE_CLASS")
     storage_class = (value or "STANDARD").strip().upper()
@@ -364,6 +422,8 @@ def load(
             raise _fail("CLOUDBACKUP_S3_PART_SIZE", value, where, str(exc)) from None
         if part_size < 5 * 1024**2:
             raise _fail("CLOUDBACKUP_S3_PART_SIZE", value, where, "S3 parts are at least 5MiB")
+        if part_size > MAX_PART_SIZE:
+            raise _fail("CLOUDBACKUP_S3_PART_SIZE", value, where, "S3 parts are at most 5GiB")
     value, where = r.get("CLOUDBACKUP_S3_CONCURRENCY")
     concurrency = _int("CLOUDBACKUP_S3_CONCURRENCY", value, where, 1, 64) if value else 4
     value, where = r.get("CLOUDBACKUP_S3_ADDRESSING")
@@ -389,8 +449,10 @@ def load(
             return retention.parse_policy(text)
         except ConfigError as exc:
             raise ConfigError(
-                f"{var}={text!r} ({where}) is invalid: {exc.message}", exc.hint
+                f"{var}={shown(text)} ({where}) is invalid: {exc.message}", exc.hint
             ) from None
+        except ValueError:  # a number too long for int() (over 4,300 digits)
+            raise _fail(var, text, where, "a number in it is far too long") from None
 
     local_policy = policy("CLOUDBACKUP_LOCAL_RETENTION", "last=3")
     assert local_policy is not None
@@ -407,8 +469,8 @@ def load(
 
     ping, where = r.get("CLOUDBACKUP_PING_URL")
     ping = (ping or "").strip().rstrip("/") or None
-    if ping and not re.match(r"^https?://[^/\s]+", ping):
-        raise _fail("CLOUDBACKUP_PING_URL", ping, where, "use an http(s):// URL")
+    if ping:
+        _http_url("CLOUDBACKUP_PING_URL", ping, where)
 
     value, where = r.get("CLOUDBACKUP_LOG_FILE")
     log_file = Path(value).expanduser() if value and value.strip() else None
@@ -451,6 +513,7 @@ def load(
         log_level=log_level,
         env_file=env_file,
         warnings=tuple(warnings),
+        child_env=childenv.scrub(environ),
     )
 
 

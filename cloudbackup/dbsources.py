@@ -19,11 +19,12 @@ import signal
 import sqlite3
 import subprocess
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote
 
+from cloudbackup import childenv
 from cloudbackup.archive import fsync_dir
 from cloudbackup.errors import IntegrityError, SourceError
 from cloudbackup.sources import FileEntry, Source, SourceContext, SourceSpec
@@ -138,9 +139,15 @@ class SQLiteSource(Source):
 
 
 class CommandSource(Source):
-    """A command's standard output, run without a shell, spooled then archived."""
+    """A command's standard output, run without a shell, spooled then archived.
+
+    The command gets ``env`` (the CLI's scrubbed environment), never this process's own."""
 
     kind = "command"
+
+    def __init__(self, spec: SourceSpec, *, env: Mapping[str, str] = childenv.NO_ENV) -> None:
+        super().__init__(spec)
+        self.env = env
 
     @property
     def argv(self) -> list[str]:
@@ -156,7 +163,8 @@ class CommandSource(Source):
 
     def check(self) -> str:
         program = self.argv[0]
-        if shutil.which(program) is None:
+        # The PATH the command will run with (the scrubbed environment's), not ours.
+        if shutil.which(program, path=self.env.get("PATH") or os.defpath) is None:
             raise SourceError(
                 f"source {self.name}: command {program!r} not found", "install it or fix PATH"
             )
@@ -166,7 +174,11 @@ class CommandSource(Source):
         spool = ctx.spool_dir / f"{ctx.backup_id}.out.partial"
         try:
             run_to_file(
-                self.argv, spool, ctx, label=f"source {self.name}: command {self.argv[0]!r}"
+                self.argv,
+                spool,
+                ctx,
+                label=f"source {self.name}: command {self.argv[0]!r}",
+                env=childenv.build(self.env),
             )
             yield FileEntry(str(spool), self.member_name, os.lstat(spool))
         finally:
@@ -190,20 +202,21 @@ def run_logged(
     stdout: int | IO[bytes],
     label: str,
     log: Callable[[str], None],
-    env: dict[str, str] | None = None,
+    env: Mapping[str, str],
     pass_fds: Sequence[int] = (),
     keep: int = 50,
 ) -> tuple[int, list[str]]:
-    """Run ``argv`` without a shell (stdin from /dev/null); every stderr line goes to ``log``
-    as ``label: line``. Returns the exit status (negative: killed by that signal) and the
-    last ``keep`` stderr lines. Raises SourceError when the program cannot be started."""
+    """Run ``argv`` without a shell (stdin from /dev/null) in exactly the environment ``env``
+    (built by ``childenv.build``; never inherited); every stderr line goes to ``log`` as
+    ``label: line``. Returns the exit status (negative: killed by that signal) and the last
+    ``keep`` stderr lines. Raises SourceError when the program cannot be started."""
     try:
         proc = subprocess.Popen(
             list(argv),
             stdout=stdout,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
-            env=env,
+            env=dict(env),
             pass_fds=tuple(pass_fds),
         )
     except FileNotFoundError:
@@ -240,10 +253,11 @@ def run_to_file(
     ctx: SourceContext,
     *,
     label: str,
-    env: dict[str, str] | None = None,
+    env: Mapping[str, str],
 ) -> None:
-    """Run ``argv`` without a shell, its stdout into ``dest`` (created 0600), stderr to the
-    log; fail on a non-zero exit or a signal. Never leaves a "successful" half-output behind."""
+    """Run ``argv`` without a shell in the environment ``env``, its stdout into ``dest``
+    (created 0600), stderr to the log; fail on a non-zero exit or a signal. Never leaves a
+    "successful" half-output behind."""
     try:
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     except OSError as exc:
@@ -267,8 +281,9 @@ class PostgresSource(Source):
 
     kind = "postgresql"
 
-    def __init__(self, spec: SourceSpec) -> None:
+    def __init__(self, spec: SourceSpec, *, env: Mapping[str, str] = childenv.NO_ENV) -> None:
         super().__init__(spec)
+        self.env = env  # the base environment of pg_dump, pg_dumpall and psql
         self.dump_facts: dict[str, Any] = {}  # filled by the dump, recorded in the manifest
 
     def manifest_members(self) -> dict[str, Any]:

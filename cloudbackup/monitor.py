@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from cloudbackup.archive import write_file_atomic
-from cloudbackup.errors import CloudBackupError
+from cloudbackup.config import shown
+from cloudbackup.errors import CloudBackupError, ConfigError
 from cloudbackup.model import format_time, parse_time
 from cloudbackup.operations import Context, read_upload_record
 
@@ -69,6 +70,8 @@ class SourceStatus:
     reasons: list[str] = field(default_factory=list)
     last_success: datetime | None = None
     newest_size: int | None = None
+    #: Backups dated after ``now``: they take no part in freshness (SPEC "Clock").
+    future_dated: list[str] = field(default_factory=list)
 
     def worsen(self, state: int, reason: str) -> None:
         self.state = max(self.state, state)
@@ -88,6 +91,7 @@ class SourceStatus:
             "offsite": self.newest_offsite,
             "state": STATE_NAMES[self.state],
             "reasons": self.reasons,
+            "future_dated": sorted(self.future_dated),
         }
 
 
@@ -144,7 +148,7 @@ def status(ctx: Context, *, max_age: timedelta, all_hosts: bool = False) -> Stat
         verified = bool(record and record.verified_at)
         if settings.s3_bucket and not verified:
             st.pinned_local += 1
-        _consider(st, ref.id, ref.created_at, ref.archive_size, offsite=verified)
+        _consider(st, ref.id, ref.created_at, ref.archive_size, offsite=verified, now=now)
     if remote_listing is not None:
         for ref in remote_listing.refs:
             if wanted and ref.host != wanted:
@@ -152,17 +156,20 @@ def status(ctx: Context, *, max_age: timedelta, all_hosts: bool = False) -> Stat
             st = entry(ref.host, ref.source)
             st.remote_count += 1
             st.remote_bytes += ref.archive_size or 0
-            _consider(st, ref.id, ref.created_at, ref.archive_size, offsite=True)
+            _consider(st, ref.id, ref.created_at, ref.archive_size, offsite=True, now=now)
 
     last_run = read_last_run(settings.local_dir, ctx.host)
     run_sources = {r.get("source"): r for r in (last_run or {}).get("results", [])}
     for (host, _source), st in sorted(statuses.items()):
         if st.newest_at is None:
-            st.worsen(CRITICAL, "no backup")
+            st.worsen(CRITICAL, "no backup at or before now" if st.future_dated else "no backup")
         else:
             st.age_seconds = (now - st.newest_at).total_seconds()
             if st.age_seconds > max_age.total_seconds():
                 st.worsen(CRITICAL, f"newest backup is older than {_fmt(max_age)}")
+        if st.future_dated:
+            st.future_dated.sort()
+            st.worsen(WARNING, _future_reason(st.future_dated, now))
         if settings.s3_bucket and st.newest_at is not None and not st.newest_offsite:
             st.worsen(WARNING, "newest backup is not offsite yet")
         if st.pinned_local > PINNED_WARN_THRESHOLD:
@@ -188,9 +195,29 @@ def status(ctx: Context, *, max_age: timedelta, all_hosts: bool = False) -> Stat
     return StatusReport(hosts=hosts, state=overall, detail=detail, last_run=last_run)
 
 
+def _future_reason(ids: list[str], now: datetime) -> str:
+    """Names the backups dated after ``now`` and the way out (they block the next backup)."""
+    shown_ids = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
+    return (
+        f"{len(ids)} backup(s) dated in the future (after {format_time(now)}): {shown_ids}; "
+        f"if the clock was wrong when they were made: cloudbackup forget {ids[0]} --where all"
+    )
+
+
 def _consider(
-    st: SourceStatus, backup_id: str, created: datetime, size: int | None, *, offsite: bool
+    st: SourceStatus,
+    backup_id: str,
+    created: datetime,
+    size: int | None,
+    *,
+    offsite: bool,
+    now: datetime,
 ) -> None:
+    """Count one copy of a backup towards freshness, unless it is dated after ``now``."""
+    if created > now:
+        if backup_id not in st.future_dated:
+            st.future_dated.append(backup_id)
+        return
     if (
         st.newest_at is None
         or created > st.newest_at
@@ -231,7 +258,7 @@ def prometheus_text(report: StatusReport) -> str:
     family(
         "cloudbackup_last_success_timestamp_seconds",
         "gauge",
-        "Creation time of the newest complete backup (Unix seconds).",
+        "Creation time of the newest complete backup at or before now (Unix seconds).",
         [
             ({"host": h, "source": s.source}, s.newest_at.timestamp())
             for h, s in rows
@@ -253,6 +280,12 @@ def prometheus_text(report: StatusReport) -> str:
         samples.append(({"host": h, "source": s.source, "where": "local"}, float(s.local_count)))
         samples.append(({"host": h, "source": s.source, "where": "remote"}, float(s.remote_count)))
     family("cloudbackup_backups", "gauge", "Number of complete backups kept.", samples)
+    family(
+        "cloudbackup_future_dated_backups",
+        "gauge",
+        "Backups dated after now (a clock that was ahead); they do not count as fresh.",
+        [({"host": h, "source": s.source}, float(len(s.future_dated))) for h, s in rows],
+    )
     family(
         "cloudbackup_source_state",
         "gauge",
@@ -333,10 +366,28 @@ def _strip_query(url: str) -> str:
     return url.split("?", 1)[0]
 
 
+#: ``status --max-age`` bounds: 0 would make every source CRITICAL, centuries none ever.
+MIN_MAX_AGE = timedelta(minutes=1)
+MAX_MAX_AGE = timedelta(days=3650)
+
+
 def parse_max_age(text: str) -> timedelta:
+    """``--max-age``: a duration between 1 minute and 10 years; ConfigError otherwise."""
     from cloudbackup.retention import parse_duration
 
-    return parse_duration(text)
+    clean = text.strip()
+    if len(clean) > 20:  # int() refuses over 4,300 digits with a ValueError of its own
+        raise ConfigError(f"--max-age {shown(text)} is far too long", _MAX_AGE_HINT)
+    try:
+        age = parse_duration(clean)
+    except ConfigError as exc:
+        raise ConfigError(f"--max-age: {exc.message}", exc.hint) from None
+    if not MIN_MAX_AGE <= age <= MAX_MAX_AGE:
+        raise ConfigError(f"--max-age {shown(text)} is out of range", _MAX_AGE_HINT)
+    return age
+
+
+_MAX_AGE_HINT = "give a duration between 1m and 3650d, e.g. 26h or 8d"
 
 
 def newest_archive_size(ctx: Context, source: str) -> int | None:

@@ -208,7 +208,7 @@ def check(ctx: Context) -> list[CheckLine]:
         lines.append(CheckLine("sources", False, "no sources configured: set CLOUDBACKUP_SOURCES"))
     for spec in settings.sources:
         try:
-            detail = make_source(spec).check()
+            detail = make_source(spec, env=settings.child_env).check()
             lines.append(CheckLine(f"source {spec.name}", True, detail))
         except (SourceError, CloudBackupError, ValueError) as exc:
             lines.append(CheckLine(f"source {spec.name}", False, str(exc)))

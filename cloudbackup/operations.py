@@ -405,9 +405,11 @@ def backup_source(
         moment = ctx.now()
         if previous is not None and previous.created > moment:
             raise SourceError(
-                f"source {source.name}: the clock ({format_time(moment)}) is behind the newest backup "
-                f"{previous.id}",
-                "fix the system clock (NTP) before backing up",
+                f"source {source.name}: the newest backup {previous.id} is dated in the future "
+                f"({format_time(previous.created)}; the clock says {format_time(moment)})",
+                "if the clock was wrong when it was made, delete it with "
+                f"`cloudbackup forget {previous.id} --where all`; if the clock is wrong now, "
+                "fix it (NTP)",
             )
         device = source.root_device()
         if (
@@ -606,7 +608,7 @@ def backup(
         cleanup_partials(ctx)
     for spec in specs:
         try:
-            source = make_source(spec)
+            source = make_source(spec, env=ctx.settings.child_env)
         except (ValueError, CloudBackupError) as exc:
             results.append(SourceResult(source=spec.name, error=str(exc), exit_code=1))
             LOG.error("source %s: %s", spec.name, exc)

@@ -2,8 +2,9 @@
 restore, through the client binaries (no driver).
 
 Secrets: the URL's password reaches libpq only through a temporary passfile (``PGPASSFILE``,
-mode 0600, in the spool or restore directory, deleted right after; ``PGPASSWORD`` is removed
-from the children's environment). Connections are passed as a libpq conninfo string that
+mode 0600, in the spool or restore directory, deleted right after). Every client program
+gets the CLI's scrubbed environment (``cloudbackup.childenv``: no ``PGPASSWORD``, no inherited
+``PGPASSFILE``, no AWS or cloudbackup variables) plus that passfile. Connections are passed as a libpq conninfo string that
 never holds a password; every message is scrubbed of the password before it is raised.
 
 Spooling: the dump is written to ``<spool>/<id>.dump.partial`` (a seekable custom-format
@@ -25,17 +26,17 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import unquote
 
+from cloudbackup import childenv
 from cloudbackup.dbsources import create_private, describe_exit, run_logged
 from cloudbackup.errors import SourceError, UsageError
-from cloudbackup.sources import FileEntry, SourceContext
+from cloudbackup.sources import DbUrl, FileEntry, SourceContext, secret_forms
 
 if TYPE_CHECKING:
     from cloudbackup.dbsources import PostgresSource
@@ -87,59 +88,30 @@ class ConnInfo:
 
     @property
     def secrets(self) -> list[str]:
-        if not self.password:
-            return []
-        return [self.password, quote(self.password, safe=""), quote(self.password)]
+        return secret_forms(self.password) if self.password else []
 
 
 def _quote_value(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _split_hosts(text: str) -> tuple[str | None, str | None]:
-    """``h1:5432,h2:5433`` (libpq's multi-host URLs) → ``("h1,h2", "5432,5433")``."""
-    if "," not in text:
-        return _split_hostport(text)
-    pairs = [_split_hostport(item) for item in text.split(",")]
-    hosts = ",".join(host or "" for host, _port in pairs)
-    ports = ",".join(port or "" for _host, port in pairs)
-    return hosts or None, ports.strip(",") and ports or None
-
-
-def _split_hostport(text: str) -> tuple[str | None, str | None]:
-    if text.startswith("["):  # [IPv6]:port
-        end = text.find("]")
-        if end < 0:
-            raise SourceError("bad host in the PostgreSQL URL: unbalanced '['")
-        host, rest = text[1:end], text[end + 1 :]
-        port = rest[1:] if rest.startswith(":") else None
-        return host or None, port or None
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        return unquote(text) or None, None
-    return unquote(host) or None, port or None
-
-
 def parse_url(url: str) -> ConnInfo:
     """Parse ``postgresql://user[:password]@host[:port]/db[?key=value...]``.
 
-    Query keywords are libpq's (``sslmode``, ``host=/socket/dir``, ``connect_timeout``...);
-    they override the URL's parts, as in libpq. Raises SourceError; messages never hold the
-    password.
+    The URL is split by :class:`cloudbackup.sources.DbUrl`, the same value redaction uses
+    (the password ends at the authority's last ``@``). Query keywords are libpq's
+    (``sslmode``, ``host=/socket/dir``, ``connect_timeout``...); they override the URL's
+    parts, as in libpq. Raises SourceError; messages never hold the password.
     """
     try:
-        parts = urlsplit(url)
-    except ValueError:
-        raise SourceError("cannot parse the PostgreSQL URL", "check its syntax") from None
+        parts = DbUrl.parse(url)
+    except ValueError as exc:
+        raise SourceError(f"cannot use the PostgreSQL URL: {exc}", "check its syntax") from None
     if parts.scheme not in ("postgresql", "postgres"):
         raise SourceError("not a postgresql:// URL", "use postgresql://user@host:5432/dbname")
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    user = password = None
-    if userinfo:
-        raw_user, sep, raw_password = userinfo.partition(":")
-        user = unquote(raw_user) or None
-        password = unquote(raw_password) if sep else None
-    host, port = _split_hosts(hostport)
+    user = unquote(parts.user) if parts.user else None
+    password = unquote(parts.password) if parts.password is not None else None
+    host, port = parts.hosts()
     params: dict[str, str] = {}
     if host:
         params["host"] = host
@@ -149,9 +121,8 @@ def parse_url(url: str) -> ConnInfo:
         params["user"] = user
     dbname = unquote(parts.path.lstrip("/"))
     # Not parse_qsl: libpq decodes %XX only, a "+" stays a "+" (it may be in a password).
-    for item in filter(None, parts.query.split("&")):
-        raw_key, _, raw_value = item.partition("=")
-        key, value = unquote(raw_key), unquote(raw_value)
+    for key, _raw_key, raw_value in parts.query_items():
+        value = unquote(raw_value)
         if not _KEY_RE.match(key):
             raise SourceError(f"unknown connection parameter {key!r} in the PostgreSQL URL")
         if key == "password":
@@ -167,8 +138,6 @@ def parse_url(url: str) -> ConnInfo:
             params[key] = value
     if not dbname:
         raise SourceError("the PostgreSQL URL names no database", "add /dbname to it")
-    if port is not None and not all(p.isdigit() for p in port.split(",") if p):
-        raise SourceError(f"bad port {port!r} in the PostgreSQL URL")
     if password is not None and ("\n" in password or "\r" in password):
         raise SourceError(
             "a password with a line break cannot be used", "change it or use ~/.pgpass"
@@ -193,16 +162,17 @@ class PgEnv:
     pass_fds: tuple[int, ...] = ()
 
 
-def _child_env(passfile: str | None) -> dict[str, str]:
-    env = dict(os.environ)
-    if passfile is not None:
-        env.pop("PGPASSWORD", None)  # it would win over the passfile
-        env["PGPASSFILE"] = passfile
+def child_env(base: Mapping[str, str], passfile: str | None = None) -> dict[str, str]:
+    """The environment of a libpq client: ``base`` scrubbed (no ``PGPASSWORD``, no inherited
+    ``PGPASSFILE``: see ``cloudbackup.childenv``), plus the passfile the tool made."""
     # English messages: they are parsed for hints (password, server not running, version).
-    lc_all = env.pop("LC_ALL", None)
-    if lc_all:
-        env.setdefault("LC_CTYPE", lc_all)
-    env["LC_MESSAGES"] = "C"
+    extra = {"LC_MESSAGES": "C"}
+    if base.get("LC_ALL"):
+        extra["LC_CTYPE"] = base.get("LC_CTYPE") or base["LC_ALL"]
+    if passfile is not None:
+        extra["PGPASSFILE"] = passfile
+    env = childenv.build(base, extra)
+    env.pop("LC_ALL", None)  # it would override LC_MESSAGES
     return env
 
 
@@ -212,15 +182,22 @@ def _passfile_line(password: str) -> str:
 
 
 @contextmanager
-def pg_env(password: str | None, directory: Path | None, stem: str) -> Iterator[PgEnv]:
-    """Yield the children's environment; with a password, a passfile exists meanwhile.
+def pg_env(
+    password: str | None,
+    directory: Path | None,
+    stem: str,
+    *,
+    base: Mapping[str, str] = childenv.NO_ENV,
+) -> Iterator[PgEnv]:
+    """Yield the children's environment (``base``, scrubbed); with a password, a passfile
+    exists meanwhile.
 
     The passfile is ``<directory>/<stem>.pgpass.partial`` (mode 0600, so a crash leaves it
     to the stale-partial cleanup), deleted on exit. Without a directory (``check``), it is
     an anonymous in-memory file (``memfd``) handed to the child as ``/dev/fd/N``.
     """
     if password is None:
-        yield PgEnv(_child_env(None))
+        yield PgEnv(child_env(base))
         return
     data = _passfile_line(password).encode()
     if directory is None and hasattr(os, "memfd_create"):
@@ -228,7 +205,7 @@ def pg_env(password: str | None, directory: Path | None, stem: str) -> Iterator[
         try:
             os.write(fd, data)
             os.fchmod(fd, 0o600)  # libpq ignores a passfile others could read
-            yield PgEnv(_child_env(f"/dev/fd/{fd}"), (fd,))
+            yield PgEnv(child_env(base, f"/dev/fd/{fd}"), (fd,))
         finally:
             os.close(fd)
         return
@@ -245,7 +222,7 @@ def pg_env(password: str | None, directory: Path | None, stem: str) -> Iterator[
         create_private(path)
         with open(path, "wb") as handle:
             handle.write(data)
-        yield PgEnv(_child_env(str(path)))
+        yield PgEnv(child_env(base, str(path)))
     finally:
         path.unlink(missing_ok=True)
         if cleanup_dir:
@@ -270,23 +247,22 @@ def _major_of(path: str) -> int:
     return int(next(g for g in match.groups() if g)) if match else 0
 
 
-def candidate_dirs() -> list[Path]:
+def _search_path(env: Mapping[str, str]) -> str:
+    return env.get("PATH") or os.defpath
+
+
+def candidate_dirs(env: Mapping[str, str] = childenv.NO_ENV) -> list[Path]:
     """Where client binaries may live, in order of preference: ``pg_config --bindir``, the
-    versioned directories (newest first), then every PATH entry holding ``pg_dump``."""
+    versioned directories (newest first), then every entry of ``env``'s PATH holding
+    ``pg_dump``."""
     found: list[Path] = []
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        try:
-            out = subprocess.run(
-                [pg_config, "--bindir"], capture_output=True, text=True, timeout=30, check=False
-            )
-            if out.returncode == 0 and out.stdout.strip():
-                found.append(Path(out.stdout.strip()))
-        except (OSError, subprocess.SubprocessError):
-            pass
+    pg_config = shutil.which("pg_config", path=_search_path(env))
+    out = _ask(pg_config, "--bindir", env) if pg_config else None
+    if out is not None and out.returncode == 0 and out.stdout.strip():
+        found.append(Path(out.stdout.strip()))
     versioned = glob.glob("/usr/lib/postgresql/*/bin") + glob.glob("/usr/pgsql-*/bin")
     found.extend(Path(p) for p in sorted(versioned, key=_major_of, reverse=True))
-    for entry in os.environ.get("PATH", "").split(os.pathsep):
+    for entry in _search_path(env).split(os.pathsep):
         if entry and os.access(os.path.join(entry, "pg_dump"), os.X_OK):
             found.append(Path(entry))
     unique: list[Path] = []
@@ -299,13 +275,30 @@ def candidate_dirs() -> list[Path]:
     return unique
 
 
-@lru_cache(maxsize=64)
-def _tool_version(path: str, mtime: float) -> tuple[str, int] | None:
+#: ``--version`` answers by (path, mtime): a program replaced in place is asked again.
+_VERSIONS: dict[tuple[str, float], tuple[str, int] | None] = {}
+
+
+def _ask(
+    program: str, option: str, env: Mapping[str, str]
+) -> subprocess.CompletedProcess[str] | None:
+    """``program option`` (``--version``, ``--bindir``) in the scrubbed environment."""
     try:
-        out = subprocess.run(
-            [path, "--version"], capture_output=True, text=True, timeout=30, check=False
+        return subprocess.run(
+            [program, option],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            env=childenv.build(env),
         )
     except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _probe_version(path: str, env: Mapping[str, str]) -> tuple[str, int] | None:
+    out = _ask(path, "--version", env)
+    if out is None:
         return None
     match = re.search(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?", out.stdout)
     if out.returncode != 0 or not match:
@@ -314,13 +307,18 @@ def _tool_version(path: str, mtime: float) -> tuple[str, int] | None:
     return (f"{major}.{match[2]}" if match[2] else str(major)), major
 
 
-def tool_version(path: str) -> tuple[str, int] | None:
+def tool_version(
+    path: str, env: Mapping[str, str] = childenv.NO_ENV
+) -> tuple[str, int] | None:
     """``("15.8", 15)`` from ``path --version``; None when it does not run."""
     try:
         mtime = os.stat(path).st_mtime
     except OSError:
         return None
-    return _tool_version(path, mtime)
+    key = (path, mtime)
+    if key not in _VERSIONS:
+        _VERSIONS[key] = _probe_version(path, env)
+    return _VERSIONS[key]
 
 
 def install_hint(major: int | None) -> str:
@@ -336,15 +334,19 @@ def install_hint(major: int | None) -> str:
 
 
 def find_tools(
-    names: Sequence[str], *, min_major: int | None = None, server_version: str | None = None
+    names: Sequence[str],
+    *,
+    env: Mapping[str, str] = childenv.NO_ENV,
+    min_major: int | None = None,
+    server_version: str | None = None,
 ) -> Tools:
     """The first candidate directory holding every program in ``names`` whose version
     (of ``names[0]``) is at least ``min_major``. SourceError with the package to install."""
     available: list[Tools] = []
-    for directory in candidate_dirs():
+    for directory in candidate_dirs(env):
         if not all(os.access(directory / name, os.X_OK) for name in names):
             continue
-        version = tool_version(str(directory / names[0]))
+        version = tool_version(str(directory / names[0]), env)
         if version is None:
             continue
         tools = Tools(directory, *version)
@@ -499,15 +501,15 @@ def _probe(psql: str, conn: ConnInfo, pgenv: PgEnv, label: str) -> ServerInfo:
         ) from None
 
 
-def _any_psql() -> str | None:
-    for directory in candidate_dirs():
+def _any_psql(env: Mapping[str, str]) -> str | None:
+    for directory in candidate_dirs(env):
         if os.access(directory / "psql", os.X_OK):
             return str(directory / "psql")
-    return shutil.which("psql")
+    return shutil.which("psql", path=_search_path(env))
 
 
-def _psql_or_fail(what: str) -> str:
-    psql = _any_psql()
+def _psql_or_fail(what: str, env: Mapping[str, str]) -> str:
+    psql = _any_psql(env)
     if psql is None:
         raise SourceError(
             f"{what} not found (looked in pg_config --bindir, /usr/lib/postgresql/*/bin and PATH)",
@@ -539,12 +541,15 @@ def check_source(source: PostgresSource, workdir: Path | None = None) -> str:
     SourceError saying what to fix."""
     label = f"source {source.name}"
     conn = _conn_of(source)
-    psql = _psql_or_fail("pg_dump (and psql)")
-    with pg_env(conn.password, workdir, "check") as pgenv:
+    psql = _psql_or_fail("pg_dump (and psql)", source.env)
+    with pg_env(conn.password, workdir, "check", base=source.env) as pgenv:
         info = _probe(psql, conn, pgenv, label)
     try:
         tools = find_tools(
-            ("pg_dump", "pg_dumpall"), min_major=info.major, server_version=info.version
+            ("pg_dump", "pg_dumpall"),
+            env=source.env,
+            min_major=info.major,
+            server_version=info.version,
         )
     except SourceError as exc:
         raise SourceError(f"{label}: {exc.message}", exc.hint) from None
@@ -621,12 +626,15 @@ def dump_entries(source: PostgresSource, ctx: SourceContext) -> Iterator[FileEnt
     globals_path = spool / f"{ctx.backup_id}.globals.sql.partial"
     member = conn.dbname.replace("/", "_").replace("\0", "_") + ".dump"
     try:
-        psql = _psql_or_fail("pg_dump (and psql)")
-        with pg_env(conn.password, spool, ctx.backup_id) as pgenv:
+        psql = _psql_or_fail("pg_dump (and psql)", source.env)
+        with pg_env(conn.password, spool, ctx.backup_id, base=source.env) as pgenv:
             info = _probe(psql, conn, pgenv, label)
             try:
                 tools = find_tools(
-                    ("pg_dump", "pg_dumpall"), min_major=info.major, server_version=info.version
+                    ("pg_dump", "pg_dumpall"),
+                    env=source.env,
+                    min_major=info.major,
+                    server_version=info.version,
                 )
             except SourceError as exc:
                 raise SourceError(f"{label}: {exc.message}", exc.hint) from None
@@ -846,7 +854,7 @@ def _admin_conn(psql: str, conn: ConnInfo, pgenv: PgEnv) -> ConnInfo:
     raise _restore_error(f"cannot connect to PostgreSQL at {conn.where}", conn, last)
 
 
-def _dump_owner(tools: Tools, dump_path: Path) -> str | None:
+def _dump_owner(tools: Tools, dump_path: Path, pgenv: PgEnv) -> str | None:
     """The owner of the dumped database, from the archive's table of contents."""
     try:
         out = subprocess.run(
@@ -855,6 +863,8 @@ def _dump_owner(tools: Tools, dump_path: Path) -> str | None:
             text=True,
             timeout=PROBE_TIMEOUT,
             check=False,
+            env=pgenv.env,
+            pass_fds=pgenv.pass_fds,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -893,8 +903,11 @@ def restore_dump(
     *,
     force: bool,
     log: Log,
+    env: Mapping[str, str] = childenv.NO_ENV,
 ) -> None:
     """Restore a ``pg_dump -Fc`` file into the database ``target_url`` names.
+
+    Every client program gets ``env`` (the CLI's scrubbed environment) plus the passfile.
 
     Missing roles are created first from ``globals.sql`` (without passwords); a missing
     database is created (through the ``postgres`` maintenance database); a database that
@@ -906,15 +919,16 @@ def restore_dump(
     dump_path = Path(dump_path)
     if not dump_path.is_file():
         raise SourceError(f"restore: {dump_path} does not exist")
-    psql = _psql_or_fail("psql")
+    psql = _psql_or_fail("psql", env)
     workdir = dump_path.parent
-    with pg_env(conn.password, workdir, f".restore-{os.getpid()}") as pgenv:
+    with pg_env(conn.password, workdir, f".restore-{os.getpid()}", base=env) as pgenv:
         admin = _admin_conn(psql, conn, pgenv)
         info = _probe(psql, admin, pgenv, "restore")
         try:
-            tools = find_tools(("pg_restore", "psql"), min_major=info.major)
+            tools = find_tools(("pg_restore", "psql"), env=env, min_major=info.major)
         except SourceError:
-            tools = find_tools(("pg_restore", "psql"))  # older than the server: may still work
+            # Older than the server: may still work.
+            tools = find_tools(("pg_restore", "psql"), env=env)
             log(
                 f"restore: pg_restore {tools.version} is older than the server "
                 f"(PostgreSQL {info.version}); {install_hint(info.major)}"
@@ -948,7 +962,8 @@ def restore_dump(
         if globals_path is not None and globals_path.is_file():
             _create_missing_roles(psql, admin, pgenv, globals_path, log)
         if exists.stdout.strip() != "1":
-            _create_database(psql, admin, pgenv, conn.dbname, _dump_owner(tools, dump_path), log)
+            owner = _dump_owner(tools, dump_path, pgenv)
+            _create_database(psql, admin, pgenv, conn.dbname, owner, log)
         argv = [tools.path("pg_restore"), "-w", "-d", conn.conninfo()]
         if nonempty:
             argv += ["--clean", "--if-exists"]

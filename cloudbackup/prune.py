@@ -45,10 +45,15 @@ from cloudbackup.storage.dryrun import DryRunStore
 __all__ = [
     "ORPHAN_AGE",
     "PruneResult",
+    "claim_problem",
     "describe",
+    "execute",
     "exit_code",
+    "local_keys",
+    "lock_until",
     "prune",
     "prune_for_run",
+    "remote_keys",
     "validate",
 ]
 
@@ -203,13 +208,7 @@ def _prune_local(
     listing = build_listing(ctx.local.list(target), prefix="", where="local")
     store: Any = DryRunStore(ctx.local) if dry_run else ctx.local
     offsite_expected = ctx.settings.s3_bucket is not None
-    upload_keys = set(listing.upload_keys.values())
-
-    def keys(ref: BackupRef) -> list[str]:
-        upload_key = key_for("", ref.host, ref.backup_id, upload_name(ref.backup_id))
-        found = [ref.manifest_key, ref.archive_key]
-        return [k for k in found if k] + ([upload_key] if upload_key in upload_keys else [])
-
+    keys = local_keys(listing)
     results = []
     for (group_host, group_source), refs, orphans in _groups(listing, {target}, source):
         pins: dict[str, list[str]] = {}
@@ -221,9 +220,36 @@ def _prune_local(
         result = _plan_group("local", group_host, group_source, refs, policy, now, pins)
         result.dry_run = dry_run
         _classify_orphans(result, orphans, now, lambda ref: None)
-        _execute(ctx, store, result, refs, orphans, keys)
+        execute(ctx, store, result, refs, orphans, keys)
         results.append(result)
     return results
+
+
+def local_keys(listing: Listing) -> Callable[[BackupRef], list[str]]:
+    """What deleting a local backup removes: manifest first, then archive, then the upload
+    record (when ``listing`` has one)."""
+    upload_keys = set(listing.upload_keys.values())
+
+    def keys(ref: BackupRef) -> list[str]:
+        upload_key = key_for("", ref.host, ref.backup_id, upload_name(ref.backup_id))
+        found = [ref.manifest_key, ref.archive_key]
+        return [k for k in found if k] + ([upload_key] if upload_key in upload_keys else [])
+
+    return keys
+
+
+def remote_keys(ref: BackupRef) -> list[str]:
+    """What deleting a remote backup removes: manifest first, then archive."""
+    return [k for k in (ref.manifest_key, ref.archive_key) if k]
+
+
+def lock_until(settings: Settings, ref: BackupRef, now: datetime) -> datetime | None:
+    """When the configured Object Lock on ``ref``'s objects ends, if after ``now``."""
+    lock = settings.s3_object_lock
+    if lock is None:
+        return None
+    until = ref.created_at + timedelta(days=lock.days)
+    return until if until > now else None
 
 
 def _prune_remote(
@@ -242,22 +268,12 @@ def _prune_remote(
     target = host or settings.host
     hosts = None if all_hosts else {target}
     explicit = all_hosts or host is not None or settings.host_explicit
-    claim_problem = None if explicit else _claim_problem(ctx, target)
+    problem = None if explicit else claim_problem(ctx, target)
     store: Any = DryRunStore(ctx.remote) if dry_run else ctx.remote
-    lock = settings.s3_object_lock
-
-    def locked_until(ref: BackupRef) -> datetime | None:
-        if lock is None:
-            return None
-        until = ref.created_at + timedelta(days=lock.days)
-        return until if until > now else None
 
     def lock_reason(ref: BackupRef) -> str | None:
-        until = locked_until(ref)
+        until = lock_until(settings, ref, now)
         return f"object lock until {format_time(until)}" if until else None
-
-    def keys(ref: BackupRef) -> list[str]:
-        return [k for k in (ref.manifest_key, ref.archive_key) if k]  # manifest first
 
     results = []
     for (group_host, group_source), refs, orphans in _groups(listing, hosts, source):
@@ -265,18 +281,18 @@ def _prune_remote(
         result = _plan_group("remote", group_host, group_source, refs, policy, now, pins)
         result.dry_run = dry_run
         _classify_orphans(result, orphans, now, lock_reason)
-        if claim_problem:
-            result.errors.append(claim_problem)
-            LOG.error("remote %s/%s: %s", group_host, group_source, claim_problem)
+        if problem:
+            result.errors.append(problem)
+            LOG.error("remote %s/%s: %s", group_host, group_source, problem)
         else:
-            _execute(ctx, store, result, refs, orphans, keys)
+            execute(ctx, store, result, refs, orphans, remote_keys)
         results.append(result)
     if not dry_run and any(r.deleted_keys for r in results):
         ctx._remote_listing = ctx._remote_listing_all = None  # stale: the next caller lists again
     return results
 
 
-def _claim_problem(ctx: Context, host: str) -> str | None:
+def claim_problem(ctx: Context, host: str) -> str | None:
     """Refuse a prefix claimed by another machine (one HEAD on ``.host-id``, no GET)."""
     parts = [p for p in ctx.settings.s3_prefix.split("/") if p] + [host, HOST_CLAIM]
     key = "/".join(parts)
@@ -392,7 +408,7 @@ def _lock_until_text(ctx: Context, store: Any, ref: BackupRef, key: str) -> str:
     return "its retention date"
 
 
-def _execute(
+def execute(
     ctx: Context,
     store: Any,
     result: PruneResult,
@@ -400,7 +416,9 @@ def _execute(
     orphans: Sequence[BackupRef],
     keys: Callable[[BackupRef], list[str]],
 ) -> None:
-    """Delete exactly the plan (oldest first), then the swept orphans; stop on a failure."""
+    """Delete exactly ``result.delete`` (oldest first), then the swept orphans, each
+    backup's ``keys`` in order; stop on a failure. The one executor: prune and forget call
+    it, over ``DryRunStore`` on a dry run."""
     by_id = {ref.id: ref for ref in [*refs, *orphans]}
     work = [(by_id[ident], False) for ident in reversed(result.delete)]
     work += [(by_id[ident], True) for ident in result.orphans]

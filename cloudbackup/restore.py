@@ -27,7 +27,7 @@ import shutil
 import tarfile
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -168,7 +168,13 @@ def parse_at(text: str) -> datetime:
             f"--at {text!r} has no time zone",
             f"add Z for UTC ({value}Z) or an offset such as +01:00",
         )
-    return moment.astimezone(UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:59:59-23:59 is after the last UTC instant
+        raise ConfigError(
+            f"--at {text!r} is outside the calendar once converted to UTC",
+            "give a time between 0001-01-02 and 9999-12-30",
+        ) from None
 
 
 # ---------------------------------------------------------------- choosing the backup
@@ -1017,7 +1023,7 @@ def _run(
         elif target.kind == "file":
             _put_file_in_place(ctx, staging, target, manifest, result)
         elif target.kind == "postgresql":
-            _restore_postgres(staging, target, manifest, force)
+            _restore_postgres(staging, target, manifest, force, ctx.settings.child_env)
         _conclude(result, on_disk, expected=expected, includes=includes)
 
 
@@ -1110,7 +1116,9 @@ def _put_file_in_place(
     fsync_dir(path.parent, best_effort=True)
 
 
-def _restore_postgres(staging: Path, target: _Target, manifest: Manifest, force: bool) -> None:
+def _restore_postgres(
+    staging: Path, target: _Target, manifest: Manifest, force: bool, env: Mapping[str, str]
+) -> None:
     from cloudbackup import postgres
 
     try:
@@ -1135,6 +1143,7 @@ def _restore_postgres(staging: Path, target: _Target, manifest: Manifest, force:
         target.url,
         force=force,
         log=lambda message: LOG.info("%s", message),
+        env=env,
     )
 
 

@@ -13,11 +13,12 @@ import re
 import shlex
 import stat
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote
 
+from cloudbackup import childenv
 from cloudbackup.errors import SourceError
 from cloudbackup.model import valid_name
 from cloudbackup.patterns import PathMatcher, compile_glob, has_wildcard, split_glob
@@ -49,32 +50,150 @@ def split_list(value: str) -> list[str]:
     return [item for item in items if item]
 
 
-def redact_url(text: str) -> str:
-    """Replace URL passwords (``user:pw@``) and ``password=`` values with ``***``.
+_SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+_ENCODE_HINT = (
+    "URL-encode '@', '/', '?', '#' and '%' in the user name and password "
+    "(%40, %2F, %3F, %23, %25)"
+)
 
-    Works on any text (no URL parsing, which may fail on the very input being reported).
+
+def secret_forms(secret: str) -> list[str]:
+    """A secret as written and decoded, and URL-encoded as a person or a tool writes it:
+    every form the log filter must replace."""
+    decoded = unquote(secret)
+    forms = (secret, decoded, quote(decoded, safe=""), quote(decoded))
+    return [form for index, form in enumerate(forms) if form and form not in forms[:index]]
+
+
+@dataclass(frozen=True)
+class DbUrl:
+    """``scheme://[user[:password]@]host[:port][,host[:port]...][/path][?query]``, split once.
+
+    The one parser of database URLs: the authority ends at the first ``/``, ``?`` or ``#``;
+    the user part ends at the authority's LAST ``@`` (so a password may hold an unencoded
+    ``@``) and the user name at its first ``:``; the password is everything in between.
+    Fields stay as written (percent-encoded). An ``@`` after the authority, a ``#`` or a bad
+    port is refused: each means a special character of the password was not encoded, and
+    guessing would connect somewhere else or leave part of the password in plain sight.
+    ``redacted`` and ``secrets`` come from these fields, so what is hidden is exactly what
+    the connection uses (``cloudbackup.postgres.parse_url`` connects from the same value).
     """
-    text = re.sub(r"(://[^/@\s:]*:)[^@\s]*@", r"\1***@", text)
-    return re.sub(r"(?i)(password=)[^&\s]*", r"\1***", text)
+
+    scheme: str
+    user: str | None  # None: no user part (no "@")
+    password: str | None = field(repr=False)  # None: no ":" in the user part
+    hostport: str
+    path: str  # "" or "/..."
+    query: str  # without the "?"
+
+    @classmethod
+    def parse(cls, text: str) -> DbUrl:
+        """Raise ValueError (whose message never holds the password) for what cannot be used."""
+        match = _SCHEME_RE.match(text)  # at the start only
+        if not match:
+            raise ValueError("not a URL: use scheme://user@host:port/dbname")
+        rest = text[match.end() :]
+        end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+        authority, tail = rest[:end], rest[end:]
+        if "@" in tail or "#" in tail:
+            raise ValueError(f"an '@' or '#' after the host: {_ENCODE_HINT}")
+        userinfo, at, hostport = authority.rpartition("@")
+        user = password = None
+        if at:
+            user, colon, secret = userinfo.partition(":")
+            password = secret if colon else None
+        path, _, query = tail.partition("?")
+        url = cls(match[1], user, password, hostport, path, query)
+        url.hosts()  # validates every host and port
+        return url
+
+    def hosts(self) -> tuple[str | None, str | None]:
+        """``h1:5432,h2:5433`` (libpq's multi-host form) → ``("h1,h2", "5432,5433")``,
+        decoded; None for no host / no port. ValueError for a bad port or bracket."""
+        pairs = [_split_hostport(item) for item in self.hostport.split(",")]
+        if len(pairs) == 1:
+            return pairs[0]
+        hosts = ",".join(host or "" for host, _port in pairs)
+        ports = ",".join(port or "" for _host, port in pairs)
+        return hosts or None, ports.strip(",") and ports or None
+
+    def query_items(self) -> list[tuple[str, str, str]]:
+        """``(decoded key, raw key, raw value)`` for every ``key=value`` of the query."""
+        items = []
+        for item in filter(None, self.query.split("&")):
+            raw_key, _, raw_value = item.partition("=")
+            items.append((unquote(raw_key), raw_key, raw_value))
+        return items
+
+    @property
+    def redacted(self) -> str:
+        """The URL with its password and every ``password``-like query value as ``***``."""
+        text = f"{self.scheme}://"
+        if self.user is not None:
+            text += self.user + (":***" if self.password is not None else "") + "@"
+        text += self.hostport + self.path
+        if self.query:
+            items = []
+            for key, raw_key, raw_value in self.query_items():
+                secret = "password" in key.lower()
+                items.append(f"{raw_key}={'***' if secret else raw_value}")
+            text += "?" + "&".join(items)
+        return text
+
+    @property
+    def secrets(self) -> list[str]:
+        """Every form of the password and of ``password``-like query values."""
+        raw = [self.password] if self.password else []
+        raw += [value for key, _raw_key, value in self.query_items() if "password" in key.lower()]
+        found: list[str] = []
+        for secret in raw:
+            found += [form for form in secret_forms(secret) if form not in found]
+        return found
+
+
+def _split_hostport(text: str) -> tuple[str | None, str | None]:
+    if text.startswith("["):  # [IPv6]:port
+        end = text.find("]")
+        if end < 0:
+            raise ValueError("bad host: unbalanced '['")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ValueError("bad host: text after ']'")
+        port = rest[1:] or None
+    else:
+        raw_host, sep, raw_port = text.rpartition(":")
+        host, port = (unquote(raw_host), raw_port or None) if sep else (unquote(text), None)
+    if port is not None and not _PORT_RE.fullmatch(port):
+        raise ValueError(f"bad port (or an unencoded character in the password): {_ENCODE_HINT}")
+    return host or None, port
+
+
+def redact_url(text: str) -> str:
+    """Any text holding a URL (a spec, a restore target), with the password hidden.
+
+    A URL that parses is redacted from its parsed value (:attr:`DbUrl.redacted`); one that
+    does not is cut after its host's first characters whenever it could hold a secret (an
+    ``@`` or a ``password``), since where its password ends cannot be known.
+    """
+    scheme = _SCHEME_RE.search(text)
+    if scheme is None:
+        return text
+    try:
+        return text[: scheme.start()] + DbUrl.parse(text[scheme.start() :]).redacted
+    except ValueError:
+        pass
+    if "@" not in text and "password" not in unquote(text).lower():
+        return text
+    return re.sub(r"(://[^:@/?#\s]*).*", r"\1***", text, count=1, flags=re.DOTALL)
 
 
 def url_secrets(url: str) -> list[str]:
     """Every form of the secrets in a URL, raw and URL-encoded, for the log filter."""
-    found: list[str] = []
     try:
-        parts = urlsplit(url)
+        return DbUrl.parse(url).secrets
     except ValueError:
-        return found
-    raw = []
-    if parts.password:
-        raw.append(parts.password)
-    for match in re.finditer(r"(?i)password=([^&]*)", parts.query):
-        raw.append(match[1])
-    for secret in raw:
-        for form in {secret, unquote(secret), quote(unquote(secret), safe="")}:
-            if form and form not in found:
-                found.append(form)
-    return found
+        return []
 
 
 @dataclass(frozen=True)
@@ -86,14 +205,19 @@ class SourceSpec:
     spec: str = field(repr=False)
 
     @property
+    def url(self) -> DbUrl | None:
+        """The parsed URL of a database source (the one value connection and redaction use)."""
+        return DbUrl.parse(self.spec) if self.kind == "postgresql" else None
+
+    @property
     def redacted(self) -> str:
-        if self.kind == "postgresql":
-            return redact_url(self.spec)
-        return self.spec
+        url = self.url
+        return url.redacted if url is not None else self.spec
 
     @property
     def secrets(self) -> list[str]:
-        return url_secrets(self.spec) if self.kind == "postgresql" else []
+        url = self.url
+        return url.secrets if url is not None else []
 
     def __repr__(self) -> str:
         return f"SourceSpec(name={self.name!r}, kind={self.kind!r}, spec={self.redacted!r})"
@@ -115,19 +239,12 @@ def parse_spec(text: str) -> SourceSpec:
         kind = "sqlite"
         default = Path(path).stem
     elif raw.startswith(("postgresql://", "postgres://")):
-        try:
-            parts = urlsplit(raw)
-        except ValueError:
-            raise ValueError(f"cannot parse {redact_url(raw)!r} as a URL") from None
-        dbname = unquote(parts.path.lstrip("/"))
+        if re.search(r"\s", raw):
+            raise ValueError("a PostgreSQL URL cannot contain spaces (URL-encode them as %20)")
+        url = DbUrl.parse(raw)  # its ValueError says what to encode, never the password
+        dbname = unquote(url.path.lstrip("/"))
         if not dbname:
             raise ValueError("the URL names no database: use postgresql://user@host:5432/dbname")
-        try:
-            parts.port  # noqa: B018 - validates the port
-        except ValueError:
-            raise ValueError(f"bad port in {redact_url(raw)!r}") from None
-        if "\n" in raw or " " in raw:
-            raise ValueError("a PostgreSQL URL cannot contain spaces")
         kind = "postgresql"
         default = dbname
     elif raw.startswith("cmd:"):
@@ -367,14 +484,16 @@ class GlobSource(Source):
         )
 
 
-def make_source(spec: SourceSpec) -> Source:
+def make_source(spec: SourceSpec, *, env: Mapping[str, str] = childenv.NO_ENV) -> Source:
+    """The source a spec names. ``env`` is the base environment of the programs a source
+    runs (``Settings.child_env``); sources that run none do not get it."""
     from cloudbackup import dbsources  # database and command sources live beside this module
 
     factories: dict[str, Callable[[SourceSpec], Source]] = {
         "directory": DirectorySource,
         "glob": GlobSource,
         "sqlite": dbsources.SQLiteSource,
-        "postgresql": dbsources.PostgresSource,
-        "command": dbsources.CommandSource,
+        "postgresql": lambda s: dbsources.PostgresSource(s, env=env),
+        "command": lambda s: dbsources.CommandSource(s, env=env),
     }
     return factories[spec.kind](spec)
