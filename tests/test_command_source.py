@@ -4,6 +4,7 @@ a non-zero exit or a signal fails the source and leaves no archive and no spool 
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -11,12 +12,15 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from cloudbackup import childenv
 from cloudbackup.dbsources import CommandSource, run_to_file
 from cloudbackup.errors import SourceError
 from cloudbackup.model import Manifest
 from cloudbackup.patterns import PathMatcher
 from cloudbackup.sources import SourceContext, parse_spec
 from tests.conftest import CliResult, Env, make_tree
+
+CHILD_ENV = childenv.scrub(os.environ)
 
 
 def read_archive(path: Path) -> dict[str, bytes]:
@@ -100,7 +104,9 @@ def test_run_to_file_streams_stdout_and_logs_stderr(tmp_path: Path) -> None:
     lines: list[str] = []
     dest = tmp_path / "out.partial"
     script = "import sys; sys.stdout.write('x' * 3_000_000); print('warn 1', file=sys.stderr)"
-    run_to_file(["python3", "-c", script], dest, _ctx(tmp_path, lines), label="cmd")
+    run_to_file(
+        ["python3", "-c", script], dest, _ctx(tmp_path, lines), label="cmd", env=CHILD_ENV
+    )
     assert dest.stat().st_size == 3_000_000 and oct(dest.stat().st_mode & 0o777) == oct(0o600)
     assert lines == ["cmd: warn 1"]
 
@@ -113,6 +119,7 @@ def test_run_to_file_removes_output_on_failure(tmp_path: Path) -> None:
             dest,
             _ctx(tmp_path, []),
             label="cmd",
+            env=CHILD_ENV,
         )
     assert not dest.exists()
 

@@ -153,7 +153,12 @@ def test_dotenv_key_without_value_is_unset() -> None:
         ("CLOUDBACKUP_HOST", "my host"),
         ("CLOUDBACKUP_LOCAL_ONLY", "maybe"),
         ("CLOUDBACKUP_S3_ENDPOINT_URL", "minio:9000"),
+        ("CLOUDBACKUP_S3_ENDPOINT_URL", "http://[::1"),
+        ("CLOUDBACKUP_S3_ENDPOINT_URL", "https://:9000"),
         ("CLOUDBACKUP_PING_URL", "hc-ping.com/uuid"),
+        ("CLOUDBACKUP_PING_URL", "https://hc-ping.com:port/uuid"),
+        ("CLOUDBACKUP_S3_PART_SIZE", "6GiB"),
+        ("CLOUDBACKUP_S3_OBJECT_LOCK", "governance:36501d"),
     ],
 )
 def test_invalid_value_names_variable_and_value(var: str, value: str) -> None:
@@ -383,3 +388,23 @@ def test_postgres_password_not_in_repr() -> None:
     assert "s3cretPW" not in repr(source)
     assert "s3cretPW" not in source.redacted
     assert "s3cretPW" in source.secrets
+
+
+def test_a_long_bad_value_is_cut_short_in_the_message() -> None:
+    message = load_error({"CLOUDBACKUP_S3_BUCKET": "B" * 10_000})
+    assert "CLOUDBACKUP_S3_BUCKET" in message and "(10000 characters)" in message
+    assert len(message) < 300
+
+
+def test_a_bad_source_names_the_variable_it_came_from() -> None:
+    message = load_error({"CLOUDBACKUP_SOURCES": "/srv/www,x=cmd:"})
+    assert "CLOUDBACKUP_SOURCES, environment" in message
+    assert "command line" in load_error({}, {"sources": ["x=cmd:"]})
+
+
+def test_largest_accepted_part_size_and_lock() -> None:
+    settings = load(
+        {}, {"CLOUDBACKUP_S3_PART_SIZE": "5GiB", "CLOUDBACKUP_S3_OBJECT_LOCK": "compliance:36500d"}
+    )
+    assert settings.s3_part_size == 5 * 1024**3
+    assert settings.s3_object_lock == ObjectLock("COMPLIANCE", 36500)

@@ -25,7 +25,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from cloudbackup import archive, monitor
 from tests.conftest import Clock, Env, fake_aws_credentials, make_tree
 
-STATUS_KEYS = {"source", "newest", "age_seconds", "local_count", "remote_count", "bytes", "state"}
+STATUS_KEYS = {
+    "source",
+    "newest",
+    "age_seconds",
+    "local_count",
+    "remote_count",
+    "bytes",
+    "state",
+    "future_dated",
+}
 
 
 # ---------------------------------------------------------------- a healthchecks-style server
@@ -465,3 +474,29 @@ def test_prometheus_write_leaves_no_temp_file_on_failure(
     with pytest.raises(OSError):
         monitor.write_prometheus(tmp_path / "m.prom", "x 1\n")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("1m", 60), ("26h", 93600), ("3650d", 315360000)])
+def test_max_age_bounds_are_inclusive(text: str, seconds: int) -> None:
+    assert monitor.parse_max_age(text).total_seconds() == seconds
+
+
+def test_future_dated_backups_never_reach_the_freshness_metrics(
+    env: Env, cli: Any, clock: Clock, sources: dict[str, Path]
+) -> None:
+    now = clock.now
+    assert cli("run").exit_code == 0
+    clock.advance(days=3650)  # a clock ten years ahead for one run
+    assert cli("run").exit_code == 0
+    clock.now = now
+    code, doc = status_json(cli)
+    assert code == 1 and doc["state"] == "WARNING"
+    for name, row in by_source(doc).items():
+        assert row["newest"] == f"{name}-20261121T021500Z" and row["age_seconds"] == 0
+        assert row["future_dated"] == [f"{name}-20361118T021500Z"]
+    prom = env.tmp / "m.prom"
+    cli("status", "--prometheus", prom)
+    fams = families(prom)
+    for sample in fams["cloudbackup_last_success_timestamp_seconds"].samples:
+        assert sample.value == now.timestamp()
+    assert {s.value for s in fams["cloudbackup_future_dated_backups"].samples} == {1.0}

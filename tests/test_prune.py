@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from cloudbackup import forget as forgetting
 from cloudbackup import prune as pruning
 from cloudbackup.config import ObjectLock, Settings
 from cloudbackup.errors import PermanentStorageError, UsageError
@@ -326,6 +327,7 @@ class FakeRemote:
         self.objects: dict[str, tuple[datetime, dict[str, str]]] = {}
         self.calls: list[tuple[str, str]] = []
         self.refuse: Callable[[str], Exception | None] = lambda key: None
+        self.locks: dict[str, datetime] = {}  # key -> Object Lock retain-until date
 
     def add(self, key: str, modified: datetime = NOW, **metadata: str) -> None:
         self.objects[key] = (modified, metadata)
@@ -347,7 +349,9 @@ class FakeRemote:
         self.calls.append(("head", key))
         if key not in self.objects:
             return None
-        return ObjectHead(key=key, size=10, metadata=self.objects[key][1])
+        return ObjectHead(
+            key=key, size=10, metadata=self.objects[key][1], lock_until=self.locks.get(key)
+        )
 
     def get_bytes(self, key: str) -> bytes:
         raise AssertionError(f"prune downloaded {key}")
@@ -596,3 +600,121 @@ def test_dry_run_store_passes_reads_and_records_writes(tmp_path: Path) -> None:
     assert (tmp_path / "h/s/a.json").exists() and not (tmp_path / "h/s/b.json").exists()
     with pytest.raises(AttributeError, match="dry-run"):
         store.something_new  # noqa: B018 - an unknown (maybe writing) method is refused
+
+
+# ---------------------------------------------------------------- forget (prune's executor)
+
+
+def local_backup(tmp_path: Path, ident: str, *, uploaded: bool = True) -> list[Path]:
+    """A local backup of ``www`` for host h1: archive, manifest and (uploaded) its record."""
+    directory = tmp_path / "local" / "h1" / "www"
+    directory.mkdir(parents=True, exist_ok=True)
+    files = [directory / f"{ident}.tar.zst", directory / f"{ident}.manifest.json"]
+    if uploaded:
+        files.append(directory / f"{ident}.upload.json")
+    for path in files:
+        path.write_text("{}")
+    return files
+
+
+def test_forget_deletes_manifest_first_oldest_first(tmp_path: Path, bucket: FakeRemote) -> None:
+    ctx = make_ctx(tmp_path, bucket)
+    named = ["www-20261117T021500Z", "www-20261116T021500Z", "www-20261117T021500Z"]
+    (result,) = forgetting.forget(ctx, named, where="remote")
+    prefix = "cloudbackup/h1/www/"
+    assert bucket.deletes == [
+        f"{prefix}www-20261116T021500Z.manifest.json",
+        f"{prefix}www-20261116T021500Z.tar.zst",
+        f"{prefix}www-20261117T021500Z.manifest.json",
+        f"{prefix}www-20261117T021500Z.tar.zst",
+    ]
+    assert result.deleted == ["www-20261116T021500Z", "www-20261117T021500Z"]
+    assert result.policy == "forget" and forgetting.exit_code([result]) == 0
+    assert set(result.to_dict()) >= RESULT_KEYS
+
+
+def test_forget_dry_run_records_the_same_deletes(tmp_path: Path, bucket: FakeRemote) -> None:
+    ctx = make_ctx(tmp_path, bucket)
+    (dry,) = forgetting.forget(ctx, ["www-20261118T021500Z"], where="remote", dry_run=True)
+    assert bucket.deletes == [] and dry.deleted == [] and dry.delete == ["www-20261118T021500Z"]
+    lines = forgetting.describe([dry], dry_run=True)
+    assert "remote www-20261118T021500Z  would delete" in lines
+    assert any(line.strip().endswith("www-20261118T021500Z.tar.zst") for line in lines)
+    (real,) = forgetting.forget(ctx, ["www-20261118T021500Z"], where="remote")
+    assert dry.deleted_keys == real.deleted_keys == bucket.deletes
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [["www-20261101T000000Z"], ["www-20261116T021500Z", "www-20261101T000000Z"], ["www"]],
+)
+def test_forget_refuses_unknown_ids_before_deleting_anything(
+    tmp_path: Path, bucket: FakeRemote, ids: list[str]
+) -> None:
+    ctx = make_ctx(tmp_path, bucket)
+    with pytest.raises(UsageError, match="nothing deleted") as info:
+        forgetting.forget(ctx, ids, where="all")
+    assert info.value.exit_code == 2 and bucket.deletes == []
+
+
+def test_forget_refuses_a_locked_backup_configured_or_reported(
+    tmp_path: Path, bucket: FakeRemote
+) -> None:
+    ctx = make_ctx(tmp_path, bucket, s3_object_lock=ObjectLock("GOVERNANCE", 3))
+    # 11-20 + 3 days is after NOW: refused, and the unlocked one named with it stays too.
+    with pytest.raises(UsageError, match="object lock until 2026-11-23T02:15:00Z"):
+        forgetting.forget(ctx, ["www-20261116T021500Z", "www-20261120T021500Z"], where="remote")
+    assert bucket.deletes == []
+    # Locked by another writer's setting: S3's HEAD says so.
+    bucket.locks["cloudbackup/h1/www/www-20261119T021500Z.tar.zst"] = NOW + timedelta(days=9)
+    ctx = make_ctx(tmp_path, bucket)
+    with pytest.raises(UsageError, match="object lock until 2026-11-30T02:15:00Z"):
+        forgetting.forget(ctx, ["www-20261119T021500Z"], where="remote")
+    assert bucket.deletes == []
+    (result,) = forgetting.forget(ctx, ["www-20261116T021500Z"], where="remote")  # expired
+    assert result.deleted == ["www-20261116T021500Z"]
+
+
+def test_forget_where_all_leaves_local_copies_when_the_bucket_refuses(
+    tmp_path: Path, bucket: FakeRemote
+) -> None:
+    files = local_backup(tmp_path, "www-20261116T021500Z")
+    bucket.refuse = lambda key: PermanentStorageError(
+        "s3://bkt: delete: AccessDenied Access Denied", code="AccessDenied"
+    )
+    ctx = make_ctx(tmp_path, bucket)
+    remote, local = forgetting.forget(ctx, ["www-20261116T021500Z"], where="all")
+    assert (remote.where, local.where) == ("remote", "local")
+    assert "s3:DeleteObject" in remote.errors[0] and local.deleted == []
+    assert local.errors == ["not deleted: an earlier deletion failed"]
+    assert all(path.exists() for path in files)
+    assert forgetting.exit_code([remote, local]) == 1
+    assert "not all deleted" in forgetting.describe([remote, local], dry_run=False)[-1]
+
+
+def test_forget_where_all_deletes_every_copy_and_the_upload_record(
+    tmp_path: Path, bucket: FakeRemote
+) -> None:
+    files = local_backup(tmp_path, "www-20261116T021500Z")
+    kept = local_backup(tmp_path, "www-20261117T021500Z")
+    ctx = make_ctx(tmp_path, bucket)
+    remote, local = forgetting.forget(ctx, ["www-20261116T021500Z"], where="all")
+    assert remote.deleted == local.deleted == ["www-20261116T021500Z"]
+    assert local.deleted_keys == [
+        "h1/www/www-20261116T021500Z.manifest.json",
+        "h1/www/www-20261116T021500Z.tar.zst",
+        "h1/www/www-20261116T021500Z.upload.json",
+    ]
+    assert not any(path.exists() for path in files) and all(path.exists() for path in kept)
+    assert "www-20261116T021500Z" not in bucket.ids()
+
+
+def test_forget_remote_only_makes_the_local_copy_not_offsite(
+    tmp_path: Path, bucket: FakeRemote
+) -> None:
+    archive, manifest, record = local_backup(tmp_path, "www-20261116T021500Z")
+    ctx = make_ctx(tmp_path, bucket)
+    (result,) = forgetting.forget(ctx, ["www-20261116T021500Z"], where="remote")
+    assert result.deleted == ["www-20261116T021500Z"]
+    assert archive.exists() and manifest.exists()
+    assert not record.exists(), "the local copy is pinned and uploaded again"

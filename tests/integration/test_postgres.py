@@ -445,7 +445,7 @@ def test_old_pg_dump_names_the_client_package(
     tmp_path: Path,
 ) -> None:
     bindir = _fake_bindir(tmp_path, "12.3")
-    monkeypatch.setattr(postgres, "candidate_dirs", lambda: [bindir])
+    monkeypatch.setattr(postgres, "candidate_dirs", lambda *_: [bindir])
     major = pg_server.psql("SHOW server_version_num")[:-4]
     result = cli("backup", "--no-upload", shop)
     assert result.exit_code == 1
@@ -461,14 +461,14 @@ def test_missing_pg_dump_names_the_client_package(
     source = make_source(parse_spec(shop))
     # psql present (the server's version is known): the exact package.
     bindir = _fake_bindir(tmp_path, None)
-    monkeypatch.setattr(postgres, "candidate_dirs", lambda: [bindir])
+    monkeypatch.setattr(postgres, "candidate_dirs", lambda *_: [bindir])
     with pytest.raises(SourceError) as exc:
         source.check()
     assert "pg_dump and pg_dumpall not found" in str(exc.value)
     assert f"postgresql-client-{major}" in str(exc.value)
     # Nothing at all: the generic advice.
-    monkeypatch.setattr(postgres, "candidate_dirs", lambda: [])
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(postgres, "candidate_dirs", lambda *_: [])
+    source = make_source(parse_spec(shop), env={"PATH": str(tmp_path / "empty")})
     with pytest.raises(SourceError) as exc:
         source.check()
     assert "not found" in str(exc.value) and "postgresql-client" in str(exc.value)
@@ -485,7 +485,7 @@ def test_pg_dump_version_mismatch_error_is_recognised(
         dump_error=f"pg_dump: error: aborting because of server version mismatch\n"
         f"pg_dump: detail: server version: {major + 1}.2; pg_dump version: {major}.0",
     )
-    monkeypatch.setattr(postgres, "candidate_dirs", lambda: [bindir])
+    monkeypatch.setattr(postgres, "candidate_dirs", lambda *_: [bindir])
     spool = tmp_path / "spool"
     spool.mkdir()
     with pytest.raises(SourceError) as exc:
