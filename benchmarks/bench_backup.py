@@ -2,6 +2,8 @@
 """Benchmark ``cloudbackup backup --no-upload`` against ``tar | zstd -3 -T0 && sha256sum``.
 
     python benchmarks/bench_backup.py [--size 1GiB] [--runs 5] [--dataset DIR] [--keep]
+                                      [--dataset-kind mixed|small] [--files N]
+                                      [--reference auto|plain|pax] [--scratch disk|tmpfs]
                                       [--cache auto|cold|warm] [--only ours|theirs]
                                       [--rss-scaling] [--results benchmarks/RESULTS.md]
 
@@ -15,6 +17,7 @@ import datetime as dt
 import os
 import shlex
 import shutil
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,81 +31,33 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 log = common.log
 ours_base_command = common.ours_base_command
 dir_bytes = common.dir_bytes
+size_label = gen_dataset.size_label
+dataset_bytes = common.regular_files
+Datasets = common.Datasets
 BENCH_ROOT = Path("/tmp/cb-bench")
 SOURCE_NAME = "bench"
-
-
-def size_label(size: int) -> str:
-    """1 GiB -> ``1g``, 256 MiB -> ``256m`` (the default dataset directories are ``ds-<label>``)."""
-    if size % gen_dataset.GiB == 0:
-        return f"{size // gen_dataset.GiB}g"
-    if size % gen_dataset.MiB == 0:
-        return f"{size // gen_dataset.MiB}m"
-    return f"{size}b"
+SMALL_TREE_BAR = 2.0  # local backup of the small-file tree: at most 2x tar --format=pax | zstd
+# The reference pipelines: plain tar (the original reference) or tar doing the per-file work
+# that ours does (PAX headers, extended attributes).
+REFERENCE_TAR = {
+    "plain": "tar -cf -",
+    "pax": "tar --format=pax --xattrs -cf -",
+}
 
 
 def default_dataset(size: int, seed: int) -> Path:
-    return BENCH_ROOT / (f"ds-{size_label(size)}" + ("" if seed == 1 else f"-s{seed}"))
-
-
-def dataset_bytes(root: Path) -> tuple[int, int]:
-    """(regular files, their bytes) under ``root``, not following symlinks."""
-    files = total = 0
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            st = os.lstat(os.path.join(dirpath, name))
-            if not os.path.islink(os.path.join(dirpath, name)):
-                files += 1
-                total += st.st_size
-    return files, total
-
-
-class Datasets:
-    """Generates or reuses datasets; removes at the end the ones it generated (unless --keep)."""
-
-    def __init__(self, seed: int, keep: bool) -> None:
-        self.seed = seed
-        self.keep = keep
-        self.generated: list[Path] = []
-
-    def get(self, size: int, explicit: Path | None = None) -> tuple[Path, dict[str, Any]]:
-        path = explicit or default_dataset(size, self.seed)
-        info = gen_dataset.read_info(path)
-        if explicit is not None and path.exists():
-            if info is None:  # someone else's directory: use it as it is
-                files, total = dataset_bytes(path)
-                info = {"files": files, "bytes": total}
-            log(f"using dataset {path}")
-            return path, info
-        wanted = (gen_dataset.GENERATOR_VERSION, self.seed, size)
-        if (
-            info is not None
-            and (info.get("generator_version"), info.get("seed"), info.get("size")) == wanted
-        ):
-            log(f"reusing dataset {path}")
-            return path, info
-        if path.exists() and info is None:
-            raise SystemExit(
-                f"{path} exists and was not made by gen_dataset.py; pass --dataset or remove it"
-            )
-        log(f"generating dataset {path} ({gen_dataset.format_size(size)}, seed {self.seed}) ...")
-        info = gen_dataset.generate(path, size, self.seed, force=True, quiet=True)
-        log(gen_dataset.summary_line(path, info))
-        self.generated.append(path)
-        return path, info
-
-    def cleanup(self) -> None:
-        if self.keep:
-            return
-        for path in self.generated:
-            log(f"removing generated dataset {path} (use --keep to keep it)")
-            shutil.rmtree(path, ignore_errors=True)
+    return gen_dataset.default_path("mixed", size, seed)
 
 
 def make_ours(
-    dataset: Path, work: Path, base: list[str], base_env: dict[str, str], extra_env: dict[str, str]
+    dataset: Path,
+    work: Path,
+    base: list[str],
+    base_env: dict[str, str],
+    extra_env: dict[str, str],
+    scratch: Path | None = None,
 ) -> common.Contender:
-    local = work / "ours-local"
+    local = (scratch or work) / "ours-local"
     cwd = work / "ours-cwd"  # empty, so no stray .env file is picked up
 
     def prepare() -> None:
@@ -126,15 +81,19 @@ def make_ours(
     return common.Contender("ours", command, prepare, output_bytes)
 
 
-def make_theirs(dataset: Path, work: Path, level: int) -> common.Contender:
-    out = work / "theirs.tar.zst"
+def make_theirs(
+    dataset: Path, work: Path, level: int, scratch: Path | None = None, reference: str = "plain"
+) -> common.Contender:
+    out = (scratch or work) / "theirs.tar.zst"
     script = (
-        f"tar -cf - -C {shlex.quote(str(dataset))} . | zstd -{level} -T0 -q -o {shlex.quote(str(out))}"
+        f"{REFERENCE_TAR[reference]} -C {shlex.quote(str(dataset))} . "
+        f"| zstd -{level} -T0 -q -o {shlex.quote(str(out))}"
         f" && sha256sum {shlex.quote(str(out))}"
     )
 
     def prepare() -> None:
         work.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.unlink(missing_ok=True)
 
     def command() -> tuple[list[str], None, str]:
@@ -143,7 +102,13 @@ def make_theirs(dataset: Path, work: Path, level: int) -> common.Contender:
     return common.Contender("theirs", command, prepare, lambda: out.stat().st_size)
 
 
-def header(args: argparse.Namespace, cache_mode: str, ours_cmd: list[str], sides: list[str]) -> str:
+def header(
+    args: argparse.Namespace,
+    cache_mode: str,
+    ours_cmd: list[str],
+    sides: list[str],
+    scratch: common.Scratch | None = None,
+) -> str:
     env = common.environment()
     lines = [
         f"### Backup benchmark, {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
@@ -159,9 +124,15 @@ def header(args: argparse.Namespace, cache_mode: str, ours_cmd: list[str], sides
         )
     if "theirs" in sides:
         lines.append(
-            f"- theirs: `tar -cf - -C DATASET . | zstd -{args.level} -T0 -q -o OUT.tar.zst "
-            "&& sha256sum OUT.tar.zst`"
+            f"- theirs ({args.reference} reference): `{REFERENCE_TAR[args.reference]} -C DATASET . "
+            f"| zstd -{args.level} -T0 -q -o OUT.tar.zst && sha256sum OUT.tar.zst`"
         )
+    if scratch is not None:
+        lines.append(
+            f"- Outputs (ours' `CLOUDBACKUP_LOCAL_DIR`, theirs' OUT.tar.zst): {scratch.describe()}"
+        )
+    if args.ours_env:
+        lines.append(f"- ours' extra environment: `{' '.join(args.ours_env)}`")
     lines += [
         f"- Page cache: **{cache_mode}** "
         + (
@@ -175,34 +146,23 @@ def header(args: argparse.Namespace, cache_mode: str, ours_cmd: list[str], sides
 
 
 def dataset_line(path: Path, info: dict[str, Any]) -> str:
-    text = f"- Dataset: `{path}`, {info['files']:,} files, {info['bytes']:,} bytes ({common.fmt_bytes(info['bytes'])})"
-    if "seed" in info:
-        text += (
-            f"; gen_dataset.py --size {size_label(info['size'])} --seed {info['seed']}: "
-            f"text {common.fmt_bytes(info['text']['bytes'])} in {info['text']['files']} files, "
-            f"incompressible {common.fmt_bytes(info['large_incompressible']['bytes'])} in "
-            f"{info['large_incompressible']['files']} files, {info['small']['files']:,} small files "
-            f"({common.fmt_bytes(info['small']['bytes'])}), {info['symlinks']} symlinks, "
-            f"{info['empty_dirs']} empty dirs"
-        )
-    return text
+    return common.dataset_description(path, info)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--size",
-        type=gen_dataset.parse_size,
-        default=gen_dataset.parse_size("1GiB"),
-        help="dataset size (default 1GiB)",
-    )
-    parser.add_argument("--seed", type=int, default=1, help="dataset seed (default 1)")
+    common.add_dataset_args(parser, "use this directory (generated there if missing)")
     parser.add_argument(
         "--runs", type=int, default=5, help="timed runs per side, interleaved (default 5; 0 skips)"
     )
     parser.add_argument(
-        "--dataset", type=Path, help="use this directory (generated there if missing)"
+        "--reference",
+        choices=("auto", "plain", "pax"),
+        default="auto",
+        help="theirs: plain `tar -cf -`, or `tar --format=pax --xattrs -cf -`; "
+        "auto (default): pax for the small-file tree, plain otherwise",
     )
+    common.add_scratch_args(parser)
     parser.add_argument(
         "--keep",
         action="store_true",
@@ -243,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--results", type=Path, help="append the markdown report to this file")
     args = parser.parse_args(argv)
+    common.check_dataset_args(parser, args)
+    if args.reference == "auto":
+        args.reference = "pax" if args.dataset_kind == "small" else "plain"
     if 0 < args.runs < 5:
         log(f"note: --runs {args.runs} is below the 5 the method asks for; medians will be noisy")
 
@@ -253,10 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     cache_mode = common.resolve_cache_mode(args.cache)
     datasets = Datasets(args.seed, args.keep)
     work = args.workdir / f"run-{os.getpid()}"  # only this directory is removed at the end
-    report: list[str] = [header(args, cache_mode, ours_cmd, sides)]
+    scratch = common.Scratch(args.scratch, work / "scratch", args.tmpfs_size)
+    report: list[str] = [header(args, cache_mode, ours_cmd, sides, scratch)]
     try:
+        scratch_dir = scratch.__enter__()
         if args.runs > 0:
-            dataset, info = datasets.get(args.size, args.dataset)
+            dataset, info = datasets.get(
+                args.size, args.dataset, kind=args.dataset_kind, files=args.files
+            )
             input_bytes = info["bytes"]
             # One untimed read first, in both modes: with "cold" it still matters, because on a VM the
             # host may cache the disk image and would otherwise make only the very first run slow.
@@ -264,9 +231,13 @@ def main(argv: list[str] | None = None) -> int:
             common.warm_cache(dataset)
             contenders = []
             if "ours" in sides:
-                contenders.append(make_ours(dataset, work, ours_cmd, ours_env, extra_env))
+                contenders.append(
+                    make_ours(dataset, work, ours_cmd, ours_env, extra_env, scratch_dir)
+                )
             if "theirs" in sides:
-                contenders.append(make_theirs(dataset, work, args.level))
+                contenders.append(
+                    make_theirs(dataset, work, args.level, scratch_dir, args.reference)
+                )
             samples = common.run_interleaved(contenders, args.runs, cache_mode)
             report += [
                 dataset_line(dataset, info),
@@ -281,6 +252,18 @@ def main(argv: list[str] | None = None) -> int:
                 "",
                 "</details>",
             ]
+            if args.dataset_kind == "small" and len(sides) == 2:
+                ratio = statistics.median(s.wall for s in samples["ours"]) / statistics.median(
+                    s.wall for s in samples["theirs"]
+                )
+                report.append(
+                    "\n"
+                    + common.bar_line(
+                        f"Small-file tree, wall time ours/theirs ({args.reference} reference)",
+                        ratio,
+                        SMALL_TREE_BAR,
+                    )
+                )
             if "theirs" in sides:
                 digest = (
                     samples["theirs"][-1].stdout.split()[0] if samples["theirs"][-1].stdout else "?"
@@ -289,9 +272,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.rss_scaling:
             report += [
                 "",
-                rss_scaling(args, datasets, work, cache_mode, sides, ours_cmd, ours_env, extra_env),
+                rss_scaling(
+                    args,
+                    datasets,
+                    work,
+                    cache_mode,
+                    sides,
+                    ours_cmd,
+                    ours_env,
+                    extra_env,
+                    scratch_dir,
+                ),
             ]
     finally:
+        scratch.unmount()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
         datasets.cleanup()
@@ -315,8 +309,9 @@ def rss_scaling(
     ours_cmd: list[str],
     ours_env: dict[str, str],
     extra_env: dict[str, str],
+    scratch: Path | None = None,
 ) -> str:
-    """One run per side on 0.25 GiB and on 1 GiB: does peak RSS grow with the input?"""
+    """One run per side on 0.25 GiB and on 1 GiB (mixed tree): does peak RSS grow with the input?"""
     rows: dict[str, dict[int, common.Sample]] = {s: {} for s in sides}
     infos = {}
     sizes = [gen_dataset.parse_size("0.25GiB"), gen_dataset.parse_size("1GiB")]
@@ -326,9 +321,9 @@ def rss_scaling(
         common.warm_cache(dataset)  # untimed, as in the main comparison
         for side in sides:
             contender = (
-                make_ours(dataset, work, ours_cmd, ours_env, extra_env)
+                make_ours(dataset, work, ours_cmd, ours_env, extra_env, scratch)
                 if side == "ours"
-                else make_theirs(dataset, work, args.level)
+                else make_theirs(dataset, work, args.level, scratch, args.reference)
             )
             sample = common.measure_once(contender, cache_mode)
             rows[side][size] = sample

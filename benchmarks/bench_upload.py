@@ -58,58 +58,11 @@ def append_results(path: Path, text: str) -> None:
 BENCH_ROOT = Path("/tmp/cb-bench")
 SOURCE = "bench"
 HOST = "bench"
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_CONFIG_FILE": os.devnull,
-    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-}
+AWS_ENV = common.AWS_ENV
 WALL_BAR = 0.85  # ours' median wall time at most this share of theirs
 RSS_BAR_MIB = 250.0
-
-
-class Buckets:
-    """A fresh bucket per run, emptied and deleted afterwards (untimed)."""
-
-    def __init__(self, endpoint: str) -> None:
-        import boto3
-        from botocore.config import Config
-
-        self.client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-            config=Config(s3={"addressing_style": "path"}),
-        )
-        self.counter = 0
-
-    def create(self, side: str) -> str:
-        self.counter += 1
-        name = f"bench-{side}-{os.getpid()}-{self.counter}"
-        self.client.create_bucket(Bucket=name)
-        return name
-
-    def objects(self, bucket: str) -> list[dict[str, Any]]:
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-        return [obj for page in pages for obj in page.get("Contents", [])]
-
-    def remove(self, bucket: str) -> None:
-        for upload in self.client.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
-            self.client.abort_multipart_upload(
-                Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-            )
-        for obj in self.objects(bucket):
-            self.client.delete_object(Bucket=bucket, Key=obj["Key"])
-        self.client.delete_bucket(Bucket=bucket)
-
-
-def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLOUDBACKUP_", "AWS_"))}
-    env.update(AWS_ENV)
-    return env
+Buckets = common.Buckets  # a fresh bucket per run, emptied and deleted afterwards (untimed)
+clean_env = common.clean_env
 
 
 class Side:

@@ -19,11 +19,14 @@ What is measured, per command (see README.md):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import socket
+import stat
 import statistics
 import subprocess
 import sys
@@ -33,6 +36,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 MB = 1000**2
 MiB = 1024**2
@@ -431,6 +435,27 @@ def dir_bytes(root: Path) -> int:
     return total
 
 
+def add_harness_args(parser: argparse.ArgumentParser, bench_root: Path) -> None:
+    """``--cache``, ``--ours-cmd``, ``--ours-env``, ``--port``, ``--workdir``, ``--keep``, ``--results``."""
+    parser.add_argument("--cache", choices=("auto", "cold", "warm"), default="auto")
+    parser.add_argument("--ours-cmd", help="command for cloudbackup")
+    parser.add_argument(
+        "--ours-env", action="append", default=[], metavar="KEY=VALUE", help="extra env for ours"
+    )
+    parser.add_argument("--port", type=int, help="moto server port (default: a free one)")
+    parser.add_argument("--workdir", type=Path, default=bench_root / "work")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--results", type=Path, help="append the report to this file")
+
+
+def emit_report(text: str, results: Path | None, heading: str) -> None:
+    """Print the report; with ``--results``, append it under ``## heading`` there too."""
+    print(text)
+    if results:
+        append_under_heading(results, heading, text)
+        log(f"appended to {results} under '## {heading}'")
+
+
 def append_under_heading(path: Path, heading: str, text: str) -> None:
     """Append ``text`` under ``## heading`` (created if missing, kept before the next ``## ``)."""
     title = f"## {heading}"
@@ -491,3 +516,434 @@ class MotoServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+# ---------------------------------------------------------------- datasets
+
+
+@dataclass
+class Datasets:
+    """Generates or reuses datasets; ``cleanup()`` removes the ones it generated (unless ``keep``).
+
+    A dataset at the default path (``gen_dataset.default_path``) is reused when its
+    ``.dataset-info.json`` matches the generator version, kind, seed, size (and file count);
+    otherwise it is generated again.  An explicit directory that exists is used as it is.
+    """
+
+    seed: int
+    keep: bool
+    generated: list[Path] = field(default_factory=list)
+
+    def get(
+        self,
+        size: int | None,
+        explicit: Path | None = None,
+        kind: str = "mixed",
+        files: int | None = None,
+    ) -> tuple[Path, dict[str, object]]:
+        import gen_dataset
+
+        if kind == "small":
+            files = files or gen_dataset.SMALL_TREE_FILES
+            size = gen_dataset.default_small_size(files) if size is None else size
+        else:
+            size = gen_dataset.GiB if size is None else size
+        path = explicit or gen_dataset.default_path(kind, size, self.seed, files)
+        info = gen_dataset.read_info(path)
+        if explicit is not None and path.exists():
+            if info is None:  # someone else's directory: use it as it is
+                files_found, total = regular_files(path)
+                info = {"files": files_found, "bytes": total}
+            log(f"using dataset {path}")
+            return path, info
+        wanted = (gen_dataset.GENERATOR_VERSION, kind, self.seed, size, files)
+        if info is not None:
+            small = info.get("small")
+            have = (
+                info.get("generator_version"),
+                gen_dataset.kind_of(info),
+                info.get("seed"),
+                info.get("size"),
+                small.get("files") if kind == "small" and isinstance(small, dict) else None,
+            )
+            if have == wanted:
+                log(f"reusing dataset {path}")
+                return path, info
+        if path.exists() and info is None:
+            raise SystemExit(
+                f"{path} exists and was not made by gen_dataset.py; pass --dataset or remove it"
+            )
+        what = f"{files:,} small files, " if kind == "small" else ""
+        log(f"generating dataset {path} ({what}{fmt_bytes(size)}, seed {self.seed}) ...")
+        info = gen_dataset.generate(
+            path, size, self.seed, force=True, quiet=True, kind=kind, files=files
+        )
+        log(gen_dataset.summary_line(path, info))
+        self.generated.append(path)
+        return path, info
+
+    def cleanup(self) -> None:
+        if self.keep:
+            return
+        for path in self.generated:
+            log(f"removing generated dataset {path} (use --keep to keep it)")
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def add_dataset_args(parser: argparse.ArgumentParser, default_help: str) -> None:
+    """``--dataset``, ``--dataset-kind``, ``--size``, ``--files``, ``--seed`` (see README.md)."""
+    parser.add_argument("--dataset", type=Path, help=default_help)
+    parser.add_argument(
+        "--dataset-kind",
+        choices=("mixed", "small"),
+        default="mixed",
+        help="mixed: the 1 GiB mixed tree (default); small: the small-file tree "
+        "(200,000 files, 790 MB, in /tmp/cb-bench/ds-small)",
+    )
+    parser.add_argument(
+        "--size",
+        type=_parse_size,
+        default=None,
+        help="dataset size (default 1GiB for mixed; 3,950 bytes per file for small)",
+    )
+    parser.add_argument(
+        "--files",
+        type=int,
+        help="files in the small-file tree (default 200,000; --dataset-kind small)",
+    )
+    parser.add_argument("--seed", type=int, default=1, help="dataset seed (default 1)")
+
+
+def _parse_size(text: str) -> int:
+    import gen_dataset
+
+    return gen_dataset.parse_size(text)
+
+
+def check_dataset_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.files is not None and args.dataset_kind != "small":
+        parser.error("--files applies to --dataset-kind small only")
+
+
+def regular_files(root: Path) -> tuple[int, int]:
+    """(regular files, their bytes) under ``root``, not following symlinks."""
+    files = total = 0
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISREG(st.st_mode):
+                files += 1
+                total += st.st_size
+    return files, total
+
+
+def tree_stats(root: Path) -> tuple[int, int]:
+    """(non-directory entries, regular-file bytes) under ``root``, no symlink followed."""
+    files = total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            files += 1
+            st = os.lstat(os.path.join(dirpath, name))
+            if not os.path.islink(os.path.join(dirpath, name)):
+                total += st.st_size
+    return files, total
+
+
+def dataset_description(path: Path, info: Mapping[str, object]) -> str:
+    """``- Dataset: ...`` for a report: path, counts, what the generator put in, where it lives."""
+    import gen_dataset
+
+    files, nbytes = int(info["files"]), int(info["bytes"])  # type: ignore[call-overload]
+    text = f"- Dataset: `{path}`, {files:,} files, {nbytes:,} bytes ({fmt_bytes(nbytes)})"
+    if "seed" in info:
+        inf: dict[str, Any] = dict(info)
+        if gen_dataset.kind_of(inf) == "small":
+            text += (
+                f"; gen_dataset.py --kind small --files {inf['small']['files']} --size "
+                f"{inf['size']} --seed {inf['seed']}: small-file tree, {inf['dirs']:,} directories "
+                f"up to {inf['max_depth']} deep (at most {inf['max_files_in_a_dir']:,} files in one), "
+                f"{fmt_bytes(inf['small']['incompressible_bytes'])} of it random, "
+                f"{inf['symlinks']} symlinks, {inf['empty_dirs']} empty dirs"
+            )
+        else:
+            text += (
+                f"; gen_dataset.py --size {gen_dataset.size_label(inf['size'])} --seed {inf['seed']}: "
+                f"text {fmt_bytes(inf['text']['bytes'])} in {inf['text']['files']} files, "
+                f"incompressible {fmt_bytes(inf['large_incompressible']['bytes'])} in "
+                f"{inf['large_incompressible']['files']} files, {inf['small']['files']:,} small files "
+                f"({fmt_bytes(inf['small']['bytes'])}), {inf['symlinks']} symlinks, "
+                f"{inf['empty_dirs']} empty dirs"
+            )
+    return text + f"; stored on {storage_of(path)}"
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """``cp -a SRC DST`` (DST must not exist): modes, mtimes, symlinks kept; new inodes, ctimes."""
+    if dst.exists() or dst.is_symlink():
+        raise FileExistsError(f"{dst} exists; copy_tree wants a new path")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["cp", "-a", "--", str(src), str(dst)], check=True)
+
+
+# ---------------------------------------------------------------- where things live; tmpfs scratch
+
+
+def _unescape_mount(text: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), text)
+
+
+def fs_type(path: str | os.PathLike[str]) -> str:
+    """The type of the filesystem holding ``path`` (or its nearest existing ancestor): ext4, tmpfs..."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    real = os.path.realpath(probe)
+    best, kind = "", "?"
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return kind
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) < 5 or not right:
+            continue
+        mount_point = _unescape_mount(fields[4])
+        inside = real == mount_point or real.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= len(best):
+            best, kind = mount_point, right.split()[0]
+    return kind
+
+
+def storage_of(path: str | os.PathLike[str]) -> str:
+    """``tmpfs`` or ``disk (ext4)``, for reports."""
+    kind = fs_type(path)
+    return "**tmpfs**" if kind == "tmpfs" else f"**disk** ({kind})"
+
+
+def add_scratch_args(parser: argparse.ArgumentParser, default: str = "disk") -> None:
+    parser.add_argument(
+        "--scratch",
+        choices=("disk", "tmpfs"),
+        default=default,
+        help="where outputs and restore targets go: the workdir's disk, or a tmpfs the harness "
+        f"mounts under the workdir and unmounts at the end (needs root; default {default})",
+    )
+    parser.add_argument(
+        "--tmpfs-size",
+        default=None,
+        metavar="SIZE",
+        help="size= option of the tmpfs mount (default: the kernel's, half of RAM)",
+    )
+
+
+class Scratch:
+    """The directory that receives outputs: ``WORK/scratch`` on disk, or a tmpfs mounted there.
+
+    Use as a context manager; a tmpfs is unmounted (and its contents discarded) on exit.
+    """
+
+    def __init__(self, kind: str, path: Path, tmpfs_size: str | None = None) -> None:
+        self.kind = kind
+        self.path = path
+        self.tmpfs_size = tmpfs_size
+        self.mounted = False
+
+    def __enter__(self) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.kind == "tmpfs":
+            options = "mode=0755" + (f",size={self.tmpfs_size}" if self.tmpfs_size else "")
+            try:
+                done = subprocess.run(
+                    ["mount", "-t", "tmpfs", "-o", options, "cb-bench-scratch", str(self.path)],
+                    capture_output=True,
+                    text=True,
+                )
+                error = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[0]
+                ok = done.returncode == 0
+            except OSError as exc:
+                error, ok = str(exc), False
+            if not ok:
+                self.path.rmdir()
+                raise SystemExit(
+                    f"--scratch tmpfs: cannot mount a tmpfs on {self.path}: {error.rstrip('.')}. Mounting needs "
+                    "root (or CAP_SYS_ADMIN): run the benchmark as root, or use --scratch disk"
+                )
+            self.mounted = True
+            log(f"tmpfs mounted on {self.path}")
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        self.unmount()
+
+    def unmount(self) -> None:
+        if not self.mounted:
+            return
+        done = subprocess.run(["umount", str(self.path)], capture_output=True, text=True)
+        if done.returncode != 0:
+            log(
+                f"warning: could not unmount the tmpfs on {self.path}: {done.stderr.strip()}; "
+                f"unmount it by hand: umount {self.path}"
+            )
+            return
+        self.mounted = False
+        log(f"tmpfs on {self.path} unmounted")
+
+    def describe(self) -> str:
+        if self.kind == "tmpfs":
+            size = f", size={self.tmpfs_size}" if self.tmpfs_size else ""
+            return f"**tmpfs** (mounted by the harness for this run{size})"
+        return storage_of(self.path)
+
+
+# ---------------------------------------------------------------- S3 (moto) buckets
+
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+}
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without ``CLOUDBACKUP_*``/``AWS_*``, plus moto's credentials."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLOUDBACKUP_", "AWS_"))}
+    env.update(AWS_ENV)
+    return env
+
+
+class Buckets:
+    """Buckets on the moto server: create, list, measure, roll back, remove (all untimed)."""
+
+    def __init__(self, endpoint: str) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            config=Config(s3={"addressing_style": "path"}),
+        )
+        self.counter = 0
+
+    def create(self, side: str) -> str:
+        self.counter += 1
+        name = f"bench-{side}-{os.getpid()}-{self.counter}"
+        self.client.create_bucket(Bucket=name)
+        return name
+
+    def objects(self, bucket: str) -> list[dict[str, Any]]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        return [obj for page in pages for obj in page.get("Contents", [])]
+
+    def total_bytes(self, bucket: str) -> int:
+        """The bucket's size, from a LIST (what S3 would bill as stored bytes)."""
+        return sum(int(o["Size"]) for o in self.objects(bucket))
+
+    def abort_uploads(self, bucket: str) -> None:
+        for upload in self.client.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
+            self.client.abort_multipart_upload(
+                Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+            )
+
+    def roll_back(self, bucket: str, keep: set[str]) -> int:
+        """Delete every object whose key is not in ``keep`` (and open uploads); return how many."""
+        self.abort_uploads(bucket)
+        extra = [o["Key"] for o in self.objects(bucket) if o["Key"] not in keep]
+        for key in extra:
+            self.client.delete_object(Bucket=bucket, Key=key)
+        return len(extra)
+
+    def remove(self, bucket: str) -> None:
+        self.abort_uploads(bucket)
+        for obj in self.objects(bucket):
+            self.client.delete_object(Bucket=bucket, Key=obj["Key"])
+        self.client.delete_bucket(Bucket=bucket)
+
+
+# ---------------------------------------------------------------- reading our --json output
+
+# The restore stages we expect, in pipeline order (others are shown after them, as reported).
+STAGE_ORDER = ("download", "hash", "decrypt", "decompress", "extract", "install")
+
+
+def json_document(sample: Sample) -> dict[str, Any] | None:
+    """Our ``--json`` stdout as a dict, or None when stdout is not one JSON object."""
+    try:
+        doc = json.loads(sample.stdout)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def reported_stages(sample: Sample) -> dict[str, float] | None:
+    """Stage timings from ``restore --json``, when the version under test reports them.
+
+    Expected (optional) shape: ``{"stages": {"download": 1.2, "hash": 1.1, "decompress": 2.0,
+    "extract": 3.1, "install": 0.01}}`` — seconds per stage, each stage's own busy (or
+    elapsed) time; with streaming they overlap, so their sum may exceed the wall time.  A
+    stage may also be an object with a ``seconds`` key (``{"download": {"seconds": 1.2,
+    "bytes": 6.7e8}}``).  Anything else is ignored.
+    """
+    doc = json_document(sample)
+    stages = doc.get("stages") if doc else None
+    if not isinstance(stages, dict):
+        return None
+    found: dict[str, float] = {}
+    for name, value in stages.items():
+        if isinstance(value, dict):
+            value = value.get("seconds")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            found[str(name)] = float(value)
+    return found or None
+
+
+def stages_table(samples: Mapping[str, list[Sample]], names: Sequence[str]) -> str:
+    """Median seconds per reported stage for the given contenders, or a "not reported" line."""
+    per = {n: [st for s in samples.get(n, []) if (st := reported_stages(s))] for n in names}
+    if not any(per.values()):
+        return (
+            "- Restore stages: **not reported** (this version's `restore --json` carries no "
+            "`stages` object)"
+        )
+    seen: list[str] = [s for s in STAGE_ORDER if any(s in r for runs in per.values() for r in runs)]
+    for runs in per.values():
+        for r in runs:
+            seen += [s for s in r if s not in seen]
+    lines = [
+        "| Stage, median s (runs reporting it) | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for stage in seen:
+        cells = []
+        for n in names:
+            values = [r[stage] for r in per[n] if stage in r]
+            cells.append(
+                f"{statistics.median(values):.2f} ({len(values)})" if values else "not reported"
+            )
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    sums = [
+        f"{statistics.median(sum(r.values()) for r in per[n]):.2f}" if per[n] else "not reported"
+        for n in names
+    ]
+    walls = [
+        f"{statistics.median(s.wall for s in samples[n]):.2f}" if samples.get(n) else "–"
+        for n in names
+    ]
+    lines.append("| sum of stages | " + " | ".join(sums) + " |")
+    lines.append("| wall time of the command | " + " | ".join(walls) + " |")
+    return "\n".join(lines)
+
+
+def bar_line(
+    label: str, value: float, bar: float, unit: str = "×", digits: int = 2, sign: str = ""
+) -> str:
+    """``- label: **value** (meets the bar of ≤ bar)`` or ``(does not meet ...)``."""
+    mark = "meets" if value <= bar else "does not meet"
+    shown = f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+    return f"- {label}: **{shown}{unit}** ({mark} the bar of ≤ {sign}{bar:g}{unit})"

@@ -1,14 +1,20 @@
 #!/usr/bin/env python3
-"""Generate a deterministic, mixed benchmark dataset.
+"""Generate a deterministic benchmark dataset: the mixed tree, or the small-file tree.
 
-    python benchmarks/gen_dataset.py DEST [--size 1GiB] [--seed 1] [--jobs N] [--force]
+    python benchmarks/gen_dataset.py [DEST] [--size 1GiB] [--seed 1] [--jobs N] [--force]
+    python benchmarks/gen_dataset.py [DEST] --kind small [--files 200000] [--size 790MB]
 
-The same ``--seed`` and ``--size`` always give a byte-identical tree: the same
-paths, contents, modes, symlink targets and mtimes (the only things that differ
-between two runs are inode numbers, ctimes/atimes and the owner, which is
-whoever ran the script).
+DEST defaults to ``/tmp/cb-bench/ds-<size>`` (``ds-1g``) for the mixed tree and
+``/tmp/cb-bench/ds-small`` for the default small-file tree (``ds-small-20k`` for
+``--files 20000``, and so on).
 
-What is in it (shares of ``--size``, by file bytes):
+The same ``--kind``, ``--seed``, ``--size`` (and ``--files``) always give a
+byte-identical tree: the same paths, contents, modes, symlink targets and
+mtimes (the only things that differ between two runs are inode numbers,
+ctimes/atimes and the owner, which is whoever ran the script).
+
+What is in the mixed tree (``--kind mixed``, the default; shares of ``--size``,
+by file bytes):
 
 * ~40 % compressible text in ``logs/``, ``data/`` and ``docs/``: application
   and access logs, CSV exports, JSON / JSON-lines, and prose.  The content is
@@ -25,6 +31,18 @@ What is in it (shares of ``--size``, by file bytes):
 * a few empty directories, empty files, executable scripts and relative
   symlinks to files and to directories (all of them resolve inside the tree).
 
+What is in the small-file tree (``--kind small``): ``--files`` files (default
+200,000) holding ``--size`` bytes in total (default 3,950 bytes per file:
+790 MB for 200,000), with log-normal sizes (median ~1.7 KB, a long tail up to
+about 1 MiB, a few empty files) rescaled to hit the total exactly; the same
+mix of kinds as the mixed tree's ``src/`` (code, configuration, JSON, Markdown,
+CSV, logs: compressible; about a fifth by count random "images" and blobs);
+spread over a random directory tree about 20 files per directory on average,
+up to 7 levels deep, where a few directories hold hundreds or thousands of
+files (a Pareto-weighted share, like mail or cache directories); plus empty
+directories, executable scripts, private (0600) configuration files and
+relative symlinks to files and directories.
+
 Content is generated from ``random.Random`` streams seeded from strings (which
 Python hashes with SHA-512, so seeding is stable across runs and versions), in
 ``--jobs`` worker processes; each file's or batch's content depends only on
@@ -37,6 +55,7 @@ counts) is written at the top of the tree and is part of it.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -683,6 +702,138 @@ def make_plan(size: int, seed: int) -> Plan:
 
 
 # --------------------------------------------------------------------------
+# The small-file tree (``--kind small``)
+
+KINDS = ("mixed", "small")
+SMALL_TREE_FILES = 200_000
+SMALL_TREE_MEAN = 3_950  # bytes per file by default: 200,000 files = 790 MB
+SMALL_TREE_MEDIAN = 1_700  # log-normal file sizes, before rescaling to the total
+SMALL_TREE_SIGMA = 1.3
+SMALL_TREE_MAX_FILE = 1 * MiB  # before rescaling
+SMALL_TREE_EMPTY = 0.005  # share of empty files
+SMALL_TREE_FILES_PER_DIR = 20  # on average
+SMALL_TREE_DEPTH = 7  # directory levels at most below the root
+SMALL_TREE_MTIME_KEY = "cloudbackup-bench-small-mtimes"
+
+
+def default_small_size(files: int) -> int:
+    """The default ``--size`` of a small-file tree of ``files`` files (790 MB for 200,000)."""
+    return files * SMALL_TREE_MEAN
+
+
+def make_small_plan(files: int, size: int, seed: int) -> Plan:
+    """``files`` small files, ``size`` bytes in all, in a random tree with a realistic fan-out."""
+    if files < 100:
+        raise ValueError(f"a small-file tree needs at least 100 files, not {files}")
+    rng = random.Random(f"cloudbackup-bench-small-plan:{GENERATOR_VERSION}:{seed}:{files}:{size}")
+    plan = Plan(seed, size)
+
+    # A random recursive tree: each new directory hangs under a directory picked uniformly
+    # among those above the depth limit, so the early ones fan out (~ln n children at the
+    # top) and most end up with none or one: a shape file systems really have.
+    n_dirs = max(10, files // SMALL_TREE_FILES_PER_DIR)
+    dirs: list[tuple[str, int]] = [("", 0)]
+    seen: set[str] = set()
+    eligible = [0]
+    while len(dirs) < n_dirs + 1:
+        parent, depth = dirs[rng.choice(eligible)]
+        name = rng.choice(IDENTS[:800])
+        if rng.random() < 0.25:
+            name += f"-{rng.randint(1, 999)}"
+        elif rng.random() < 0.1:
+            name = "." + name  # dot-directories exist too (.git, .cache, .config)
+        path = f"{parent}/{name}" if parent else name
+        if path in seen:
+            continue
+        seen.add(path)
+        dirs.append((path, depth + 1))
+        if depth + 1 < SMALL_TREE_DEPTH:
+            eligible.append(len(dirs) - 1)
+    plan.dirs = [d for d, _ in dirs[1:]]
+
+    # Files go to directories with Pareto weights: most hold a handful, a few hundreds.
+    weights = [min(rng.paretovariate(1.2), 150.0) for _ in dirs]
+    homes = rng.choices(range(len(dirs)), weights, k=files)
+    kinds = list(SMALL_KINDS)
+    kind_weights = [k[2] for k in SMALL_KINDS]
+    mu = math.log(SMALL_TREE_MEDIAN)
+    raw: list[int] = []
+    for i in range(files):
+        ext, gen, _ = rng.choices(kinds, kind_weights)[0]
+        if rng.random() < SMALL_TREE_EMPTY:
+            fsize = 0
+        else:
+            fsize = max(1, min(SMALL_TREE_MAX_FILE, int(rng.lognormvariate(mu, SMALL_TREE_SIGMA))))
+        raw.append(fsize)
+        parent = dirs[homes[i]][0]
+        name = f"{rng.choice(IDENTS)}_{i:06d}{ext}"
+        mode = 0o644
+        if ext == ".py" and rng.random() < 0.05:
+            mode = 0o755
+        elif ext == ".yaml" and rng.random() < 0.05:
+            mode = 0o600
+        plan.small.append(
+            FileSpec(f"{parent}/{name}" if parent else name, gen if fsize else "empty", fsize, mode)
+        )
+    # Rescale the non-empty files so that the total is exactly ``size``.
+    total = sum(raw)
+    scale = size / total if total else 0.0
+    sizes = [max(1, int(r * scale)) if r else 0 for r in raw]
+    last = max(i for i, r in enumerate(raw) if r) if total else None
+    if last is not None:
+        sizes[last] = max(1, sizes[last] + size - sum(sizes))
+    for spec, fsize in zip(plan.small, sizes, strict=True):
+        spec.size = fsize
+
+    # Empty directories (besides those the draw left without files) and symlinks.
+    deep_enough = [d for d, depth in dirs[1:] if depth < SMALL_TREE_DEPTH]
+    plan.empty_dirs = ["empty", ".cache/tmp"] + [
+        f"{rng.choice(deep_enough)}/tmp-{i}" for i in range(1, 6)
+    ]
+    for i in range(20):
+        link_dir = rng.choice(plan.dirs)
+        target = rng.choice(plan.small).path
+        plan.symlinks.append((f"{link_dir}/link-{i}", os.path.relpath(target, link_dir)))
+    for i in range(3):
+        link_dir = rng.choice(plan.dirs)
+        target = rng.choice(plan.dirs)
+        related = (target + "/").startswith(link_dir + "/") or link_dir.startswith(target + "/")
+        if not related:  # never a link to its own ancestor or descendant: no cycles
+            plan.symlinks.append((f"{link_dir}/dirlink-{i}", os.path.relpath(target, link_dir)))
+    return plan
+
+
+def default_path(
+    kind: str = "mixed", size: int | None = None, seed: int = 1, files: int | None = None
+) -> Path:
+    """Where a dataset lives by default: ``/tmp/cb-bench/ds-1g``, ``ds-small``, ``ds-small-20k``..."""
+    if kind == "small":
+        files = files or SMALL_TREE_FILES
+        name = "ds-small"
+        if files != SMALL_TREE_FILES:
+            name += f"-{files // 1000}k" if files % 1000 == 0 else f"-{files}"
+        if size is not None and size != default_small_size(files):
+            name += f"-{size_label(size)}"
+    else:
+        name = f"ds-{size_label(size if size is not None else GiB)}"
+    return BENCH_ROOT / (name + ("" if seed == 1 else f"-s{seed}"))
+
+
+def size_label(size: int) -> str:
+    """1 GiB -> ``1g``, 256 MiB -> ``256m``, 790 MB -> ``790mb`` (dataset directory names)."""
+    if size % GiB == 0:
+        return f"{size // GiB}g"
+    if size % MiB == 0:
+        return f"{size // MiB}m"
+    if size % 1000**2 == 0:
+        return f"{size // 1000**2}mb"
+    return f"{size}b"
+
+
+BENCH_ROOT = Path("/tmp/cb-bench")
+
+
+# --------------------------------------------------------------------------
 # Writing
 
 TEXT_GENERATORS: dict[str, Callable[[random.Random, int], str]] = {
@@ -780,8 +931,8 @@ def _task(args: tuple[str, int, str, bool, list[FileSpec]]) -> int:
     return sum(s.size for s in specs)
 
 
-def _set_times(root: Path, plan: Plan) -> None:
-    rng = random.Random(f"cloudbackup-bench-mtimes:{plan.seed}:{plan.size}")
+def _set_times(root: Path, plan: Plan, key: str = "cloudbackup-bench-mtimes") -> None:
+    rng = random.Random(f"{key}:{plan.seed}:{plan.size}")
     entries: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -806,13 +957,24 @@ def hash_str(text: str) -> int:
 
 def generate(
     dest: str | os.PathLike[str],
-    size: int,
+    size: int | None = None,
     seed: int = 1,
     jobs: int | None = None,
     force: bool = False,
     quiet: bool = False,
+    *,
+    kind: str = "mixed",
+    files: int | None = None,
 ) -> dict[str, Any]:
-    """Build the dataset at ``dest``; return its summary (also stored in ``dest/.dataset-info.json``)."""
+    """Build the dataset at ``dest``; return its summary (also stored in ``dest/.dataset-info.json``).
+
+    ``kind`` is ``mixed`` (``size`` defaults to 1 GiB; ``files`` does not apply) or ``small``
+    (``files`` defaults to 200,000 and ``size`` to 3,950 bytes per file).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown dataset kind {kind!r} (one of {', '.join(KINDS)})")
+    if kind == "mixed" and files is not None:
+        raise ValueError("--files applies to --kind small only")
     dest = Path(dest)
     if dest.exists() or dest.is_symlink():
         if not force:
@@ -822,15 +984,24 @@ def generate(
     if partial.exists():
         shutil.rmtree(partial)
     started = time.perf_counter()
-    plan = make_plan(size, seed)
+    if kind == "small":
+        files = files or SMALL_TREE_FILES
+        size = default_small_size(files) if size is None else size
+        plan = make_small_plan(files, size, seed)
+        batch_key = "small-tree-batch"
+    else:
+        size = GiB if size is None else size
+        plan = make_plan(size, seed)
+        batch_key = "small-batch"
     partial.mkdir(parents=True)
     all_files = plan.large + plan.text + plan.small
-    for d in sorted(
+    dir_set = (
         {str(Path(f.path).parent) for f in all_files}
         | set(plan.dirs)
         | set(plan.empty_dirs)
         | {str(Path(s).parent) for s, _ in plan.symlinks}
-    ):
+    )
+    for d in sorted(dir_set):
         (partial / d).mkdir(parents=True, exist_ok=True)
         os.chmod(partial / d, 0o755)
     os.chmod(partial, 0o755)
@@ -840,7 +1011,7 @@ def generate(
         tasks.append((str(partial), seed, spec.path, True, [spec]))
     batch = 1000
     for i in range(0, len(plan.small), batch):
-        tasks.append((str(partial), seed, f"small-batch-{i}", False, plan.small[i : i + batch]))
+        tasks.append((str(partial), seed, f"{batch_key}-{i}", False, plan.small[i : i + batch]))
     tasks.sort(key=lambda t: -sum(s.size for s in t[4]))  # biggest first, for load balance
     jobs = jobs or os.cpu_count() or 1
     if jobs == 1:
@@ -877,17 +1048,37 @@ def generate(
             "incompressible_bytes": sum(s.size for s in plan.small if s.gen is None),
         },
     }
+    if kind == "small":  # the mixed tree's info stays as it always was (it is part of the tree)
+        info["kind"] = "small"
+        all_dirs = (dir_set | {"."}) - {""}
+        info["dirs"] = len(all_dirs)
+        info["empty_dirs"] = _count_empty_dirs(partial)
+        info["max_files_in_a_dir"] = max(
+            collections.Counter(str(Path(f.path).parent) for f in all_files).values()
+        )
+        info["max_depth"] = max(d.count("/") + 1 for d in all_dirs if d != ".")
     info_text = json.dumps(info, indent=2, sort_keys=True) + "\n"
     info["bytes"] += len(info_text.encode())  # the info file counts too (it says so about itself)
     info_text = json.dumps(info, indent=2, sort_keys=True) + "\n"
     (partial / INFO_NAME).write_text(info_text)
     os.chmod(partial / INFO_NAME, 0o644)
-    _set_times(partial, plan)
+    _set_times(
+        partial, plan, SMALL_TREE_MTIME_KEY if kind == "small" else "cloudbackup-bench-mtimes"
+    )
     os.rename(partial, dest)
     info["seconds"] = round(time.perf_counter() - started, 2)
     if not quiet:
         print(summary_line(dest, info))
     return info
+
+
+def _count_empty_dirs(root: Path) -> int:
+    return sum(1 for _, dirnames, filenames in os.walk(root) if not dirnames and not filenames)
+
+
+def kind_of(info: dict[str, Any] | None) -> str:
+    """The kind recorded in a dataset's info (the mixed tree's info has no ``kind`` key)."""
+    return str((info or {}).get("kind", "mixed"))
 
 
 def read_info(dest: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -902,12 +1093,22 @@ def summary_line(dest: str | os.PathLike[str], info: dict[str, Any]) -> str:
     parts = [
         f"{dest}: {info['files']:,} files, {info['bytes']:,} bytes ({format_size(info['bytes'])}), "
         f"{info['dirs']:,} dirs ({info['empty_dirs']} empty), {info['symlinks']} symlinks",
-        f"  text: {info['text']['files']} files, {format_size(info['text']['bytes'])}",
-        f"  large incompressible: {info['large_incompressible']['files']} files, "
-        f"{format_size(info['large_incompressible']['bytes'])}",
-        f"  small (0.5-16 KiB): {info['small']['files']:,} files, {format_size(info['small']['bytes'])} "
-        f"(of which {format_size(info['small']['incompressible_bytes'])} random)",
     ]
+    if kind_of(info) == "small":
+        parts.append(
+            f"  small-file tree: {info['small']['files']:,} files, "
+            f"{format_size(info['small']['bytes'])} (of which "
+            f"{format_size(info['small']['incompressible_bytes'])} random), up to "
+            f"{info['max_depth']} levels deep, at most {info['max_files_in_a_dir']:,} files in a directory"
+        )
+    else:
+        parts += [
+            f"  text: {info['text']['files']} files, {format_size(info['text']['bytes'])}",
+            f"  large incompressible: {info['large_incompressible']['files']} files, "
+            f"{format_size(info['large_incompressible']['bytes'])}",
+            f"  small (0.5-16 KiB): {info['small']['files']:,} files, {format_size(info['small']['bytes'])} "
+            f"(of which {format_size(info['small']['incompressible_bytes'])} random)",
+        ]
     if "seconds" in info:
         parts.append(f"  generated in {info['seconds']:.1f} s")
     return "\n".join(parts)
@@ -915,12 +1116,30 @@ def summary_line(dest: str | os.PathLike[str], info: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("dest", help="directory to create")
+    parser.add_argument(
+        "dest",
+        nargs="?",
+        help="directory to create (default /tmp/cb-bench/ds-<size>, or ds-small for --kind small)",
+    )
+    parser.add_argument(
+        "--kind",
+        choices=KINDS,
+        default="mixed",
+        help="mixed: text, large incompressible and small files (default); "
+        "small: the small-file tree",
+    )
     parser.add_argument(
         "--size",
-        default="1GiB",
+        default=None,
         type=parse_size,
-        help="total file bytes, e.g. 1GiB, 256MiB, 0.25GiB",
+        help="total file bytes, e.g. 1GiB, 256MiB, 0.25GiB, 790MB "
+        "(default 1GiB; for --kind small 3,950 bytes per file)",
+    )
+    parser.add_argument(
+        "--files",
+        type=int,
+        default=None,
+        help=f"number of files of --kind small (default {SMALL_TREE_FILES:,})",
     )
     parser.add_argument("--seed", default=1, type=int)
     parser.add_argument(
@@ -928,9 +1147,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--force", action="store_true", help="replace DEST if it exists")
     args = parser.parse_args(argv)
+    if args.files is not None and args.kind != "small":
+        parser.error("--files applies to --kind small only")
+    dest = args.dest or default_path(args.kind, args.size, args.seed, args.files)
     try:
-        generate(args.dest, args.size, args.seed, jobs=args.jobs, force=args.force)
-    except FileExistsError as exc:
+        generate(
+            dest,
+            args.size,
+            args.seed,
+            jobs=args.jobs,
+            force=args.force,
+            kind=args.kind,
+            files=args.files,
+        )
+    except (FileExistsError, ValueError) as exc:
         print(f"gen_dataset: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from cloudbackup.errors import IntegrityError
+
 MANIFEST_FORMAT = 1
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 _TS_FORMAT = "%Y%m%dT%H%M%SZ"
@@ -66,7 +68,7 @@ class BackupId:
 
     @classmethod
     def parse(cls, text: str) -> BackupId:
-        match = _ID_RE.match(text)
+        match = _ID_RE.fullmatch(text)
         if not match:
             raise ValueError(f"not a backup id: {text!r}")
         moment = datetime.strptime(match["ts"], _TS_FORMAT).replace(tzinfo=UTC)
@@ -177,15 +179,13 @@ class UploadRecord:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> UploadRecord:
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
-
-@dataclass
+@dataclass(frozen=True)
 class Manifest:
-    """The immutable record of one archive; written after the archive is durable."""
+    """The immutable record of one archive; written after the archive is durable.
+
+    Built by the backup that wrote the archive, or by :func:`parse_manifest` from bytes
+    read back (never trusted as they are)."""
 
     id: str
     host: str
@@ -229,18 +229,6 @@ class Manifest:
             json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=True) + "\n"
         ).encode()
 
-    @classmethod
-    def from_json(cls, raw: bytes | str) -> Manifest:
-        data = json.loads(raw)
-        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-            raise ValueError("not a cloudbackup manifest (format version missing or unknown)")
-        upload = data.pop("upload", None)
-        known = {f for f in cls.__dataclass_fields__}
-        manifest = cls(**{k: v for k, v in data.items() if k in known})
-        if upload:
-            manifest.upload = UploadRecord.from_dict(upload)
-        return manifest
-
 
 @dataclass
 class BackupRef:
@@ -256,6 +244,7 @@ class BackupRef:
     compression: str | None = None
     archive_mtime: datetime | None = None
     verified: bool = False
+    manifest_size: int | None = None
 
     @property
     def id(self) -> str:
@@ -335,6 +324,7 @@ def build_listing(objects: Any, *, prefix: str, where: str) -> Listing:
             manifest_key=manifest.key if manifest else None,
             compression=name.compression,
             archive_mtime=archive.modified if archive else None,
+            manifest_size=manifest.size if manifest else None,
         )
         if archive and manifest:
             listing.refs.append(ref)
@@ -346,3 +336,316 @@ def build_listing(objects: Any, *, prefix: str, where: str) -> Listing:
     listing.refs.sort(key=key)
     listing.orphans.sort(key=key)
     return listing
+
+
+# ---------------------------------------------------------------- parsing what was read back
+#
+# Manifests and upload records come back from the bucket and the local dir, which others
+# can write: they are parsed into validated values here, once, against the key they were
+# read from. Nothing downstream re-reads JSON, and no field of a manifest ever becomes a
+# path or a key: those come from the key (a BackupRef built from a listing) alone.
+
+SOURCE_KINDS = ("directory", "glob", "sqlite", "postgresql", "command")
+#: A manifest is a few KiB (its warnings list can grow); anything this large is not one.
+MAX_MANIFEST_BYTES = 64 * 1024**2
+GLOBALS_MEMBER = "globals.sql"
+_MAX_INT = 2**63 - 1
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_RFC3339_RE = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})$"
+)
+MANIFEST_HINT = (
+    "it is damaged or was not written by cloudbackup: do not rely on this backup (restore "
+    "an older one with --at, or the other copy with --from), and find out what changed it"
+)
+_MISSING: Any = object()
+
+
+class _Invalid(Exception):
+    """What is wrong with a document; the caller says which object it is."""
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _take(data: dict[str, Any], name: str, default: Any = _MISSING, within: str = "") -> Any:
+    if name in data:
+        return data[name]
+    if default is _MISSING:
+        raise _Invalid(f"has no {within + '.' if within else ''}{name}")
+    return default
+
+
+def _int(value: Any, name: str, *, optional: bool = False) -> Any:
+    if value is None and optional:
+        return None
+    # bool is an int subclass: true/false is never a count.
+    if type(value) is not int or not 0 <= value <= _MAX_INT:
+        raise _Invalid(f"has {name} {_show(value)}, not a non-negative integer")
+    return value
+
+
+def _str(value: Any, name: str, *, optional: bool = False) -> Any:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise _Invalid(f"has {name} {_show(value)}, not a string")
+    return value
+
+
+def _time(value: Any, name: str, *, optional: bool = False) -> Any:
+    """An RFC 3339 time, returned in the canonical form ``format_time`` writes."""
+    if value is None and optional:
+        return None
+    text = _str(value, name)
+    if not _RFC3339_RE.fullmatch(text):
+        raise _Invalid(f"has {name} {_show(text)}, not an RFC 3339 time")
+    try:
+        moment = parse_time(text.upper())
+    except (ValueError, OverflowError):
+        raise _Invalid(f"has {name} {_show(text)}, not a time in the calendar") from None
+    if moment.microsecond:
+        raise _Invalid(f"has {name} {_show(text)}, not a whole second")
+    return format_time(moment)
+
+
+def _plain_member(value: Any, name: str) -> str:
+    """A member name that is one path component, nothing else."""
+    text = _str(value, name)
+    if (
+        text in ("", ".", "..")
+        or "/" in text
+        or "\0" in text
+        or len(text.encode(errors="surrogateescape")) > 255
+    ):
+        raise _Invalid(f"has {name} {_show(text)}, not a plain member name")
+    return text
+
+
+def _exact(value: Any, name: str, expected: str) -> str:
+    if value != expected:
+        raise _Invalid(f"has {name} {_show(value)}, not {expected!r}")
+    return expected
+
+
+def _members(value: Any, kind: str, source: str) -> dict[str, Any]:
+    """The member facts each kind writes (unknown ones are dropped, as unknown fields are)."""
+    if not isinstance(value, dict):
+        raise _Invalid(f"has members {_show(value)}, not an object")
+    members: dict[str, Any] = {}
+    for name in ("dirs", "symlinks", "hardlinks"):
+        if name in value:
+            members[name] = _int(value[name], f"members.{name}")
+    if kind == "command" and "output" in value:
+        members["output"] = _exact(value["output"], "members.output", f"{source}.out")
+    if kind == "sqlite" and "database_file" in value:
+        members["database_file"] = _exact(
+            value["database_file"], "members.database_file", f"{source}.sqlite3"
+        )
+    if kind == "postgresql":
+        for name in ("database", "pg_dump_version", "server_version"):
+            if name in value:
+                members[name] = _str(value[name], f"members.{name}")
+        if "dump" in value:
+            dump = _plain_member(value["dump"], "members.dump")
+            if not dump.endswith(".dump"):
+                raise _Invalid(f"has members.dump {_show(dump)}, not a .dump member")
+            members["dump"] = dump
+        if "globals" in value:
+            members["globals"] = _exact(value["globals"], "members.globals", GLOBALS_MEMBER)
+        if "dump_format" in value:
+            members["dump_format"] = _exact(value["dump_format"], "members.dump_format", "custom")
+        if "dump_bytes" in value:
+            members["dump_bytes"] = _int(value["dump_bytes"], "members.dump_bytes")
+    return members
+
+
+def _upload_from(
+    data: Any, backup_id: BackupId, host: str, archive: str | None, what: str = "upload"
+) -> UploadRecord:
+    """An upload record that names this backup's archive (``archive``: exactly that one)."""
+    if not isinstance(data, dict):
+        raise _Invalid(f"has {what} {_show(data)}, not an object")
+    key = _str(_take(data, "key", within=what), f"{what}.key")
+    parts = key.split("/")
+    names = {archive} if archive else {archive_name(backup_id, c) for c in COMPRESSION_EXT}
+    if (
+        len(parts) < 3
+        or any(p in ("", ".", "..") for p in parts)
+        or parts[-3:-1] != [host, backup_id.source]
+        or parts[-1] not in names
+    ):
+        raise _Invalid(f"has {what}.key {_show(key)}, not the key of this backup's archive")
+    algorithm = _str(
+        _take(data, "checksum_algorithm", None), f"{what}.checksum_algorithm", optional=True
+    )
+    if algorithm not in (None, "SHA256"):
+        raise _Invalid(f"has {what}.checksum_algorithm {_show(algorithm)}, not SHA256")
+    text = {
+        name: _str(_take(data, name, None), f"{what}.{name}", optional=True)
+        for name in ("checksum", "etag", "upload_id")
+    }
+    return UploadRecord(
+        key=key,
+        part_size=_int(_take(data, "part_size", within=what), f"{what}.part_size"),
+        part_count=_int(_take(data, "part_count", within=what), f"{what}.part_count"),
+        checksum_algorithm=algorithm,
+        checksum=text["checksum"],
+        etag=text["etag"],
+        upload_id=text["upload_id"],
+        uploaded_at=_time(_take(data, "uploaded_at", None), f"{what}.uploaded_at", optional=True),
+        verified_at=_time(_take(data, "verified_at", None), f"{what}.verified_at", optional=True),
+    )
+
+
+def _manifest_from(data: Any, ref: BackupRef) -> Manifest:
+    if not isinstance(data, dict):
+        raise _Invalid(f"is a JSON {type(data).__name__}, not an object")
+    version = data.get("format")
+    if type(version) is not int or version != MANIFEST_FORMAT:
+        raise _Invalid(
+            f"has format {_show(version)}; this cloudbackup reads format {MANIFEST_FORMAT}"
+        )
+    expected_id = str(ref.backup_id)
+    if _str(_take(data, "id"), "id") != expected_id:
+        raise _Invalid(f"describes backup {_show(data['id'])}, not {expected_id} as its key says")
+    if _str(_take(data, "host"), "host") != ref.host:
+        raise _Invalid(f"names host {_show(data['host'])}, not {ref.host} as its key says")
+    if _str(_take(data, "source"), "source") != ref.source:
+        raise _Invalid(f"names source {_show(data['source'])}, not {ref.source} as its key says")
+    kind = _str(_take(data, "kind"), "kind")
+    if kind not in SOURCE_KINDS:
+        raise _Invalid(f"has an unknown source kind {_show(kind)}")
+    compression = _str(_take(data, "compression"), "compression")
+    if compression not in COMPRESSION_EXT:
+        raise _Invalid(f"has an unknown compression {_show(compression)}")
+    archive = archive_name(ref.backup_id, compression)
+    if _str(_take(data, "archive"), "archive") != archive:
+        raise _Invalid(f"names archive {_show(data['archive'])}, not {archive} as its key says")
+    if ref.archive_key is not None and ref.archive_key.rsplit("/", 1)[-1] != archive:
+        raise _Invalid(f"names archive {archive}, but the archive listed is {ref.archive_key}")
+    created_at = _time(_take(data, "created_at"), "created_at")
+    if parse_time(created_at) != ref.backup_id.created_at:
+        raise _Invalid(f"has created_at {created_at}, not the time its id says")
+    sha256 = _str(_take(data, "sha256"), "sha256")
+    if not _SHA256_RE.fullmatch(sha256):
+        raise _Invalid(f"has sha256 {_show(sha256)}, not 64 lowercase hex digits")
+    warnings = _take(data, "warnings", [])
+    if not isinstance(warnings, list) or not all(isinstance(w, str) for w in warnings):
+        raise _Invalid(f"has warnings {_show(warnings)}, not a list of strings")
+    upload = data.get("upload")
+    return Manifest(
+        id=expected_id,
+        host=ref.host,
+        source=ref.source,
+        kind=kind,
+        spec=_str(_take(data, "spec"), "spec"),
+        created_at=created_at,
+        archive=archive,
+        size=_int(_take(data, "size"), "size"),
+        sha256=sha256,
+        compression=compression,
+        compression_level=_int(
+            _take(data, "compression_level", None), "compression_level", optional=True
+        ),
+        file_count=_int(_take(data, "file_count"), "file_count"),
+        uncompressed_bytes=_int(_take(data, "uncompressed_bytes"), "uncompressed_bytes"),
+        machine_id=_str(_take(data, "machine_id"), "machine_id"),
+        tool_version=_str(_take(data, "tool_version"), "tool_version"),
+        warnings=list(warnings),
+        root_device=_int(_take(data, "root_device", None), "root_device", optional=True),
+        root=_str(_take(data, "root", None), "root", optional=True),
+        members=_members(_take(data, "members", {}), kind, ref.source),
+        upload=None if upload is None else _upload_from(upload, ref.backup_id, ref.host, archive),
+    )
+
+
+def _load_json(raw: bytes | str) -> Any:
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise _Invalid(f"is {len(raw)} bytes, more than any manifest holds")
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise _Invalid("is not JSON (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, too many digits
+        raise _Invalid(f"is not JSON ({exc})") from None
+
+
+def parse_manifest(raw: bytes | str, ref: BackupRef) -> Manifest:
+    """The one way bytes read back become a :class:`Manifest`.
+
+    ``ref`` is the backup as its key (a listing) names it. Every field is checked: a JSON
+    object of a known format whose ``id``, ``host``, ``source``, ``archive`` and
+    ``created_at`` agree with the key; known ``kind`` and ``compression``; non-negative
+    integers; a lowercase hex ``sha256``; ``warnings`` a list of strings; ``members`` and
+    ``upload`` of the shapes cloudbackup writes. Anything else — or bytes that are not JSON
+    at all — is an :class:`IntegrityError` (exit 3) naming the key. Unknown fields are
+    dropped, so the value is the same whatever else a newer writer added.
+    """
+    key = ref.manifest_key or manifest_name(ref.backup_id)
+    try:
+        return _manifest_from(_load_json(raw), ref)
+    except _Invalid as exc:
+        raise IntegrityError(f"the {ref.where} manifest {key} {exc}", MANIFEST_HINT) from None
+
+
+def check_manifest_size(ref: BackupRef) -> None:
+    """Refuse, before reading it, a manifest the listing says is far too large to be one."""
+    if ref.manifest_size is not None and ref.manifest_size > MAX_MANIFEST_BYTES:
+        raise IntegrityError(
+            f"the {ref.where} manifest {ref.manifest_key} is {ref.manifest_size} bytes, "
+            "more than any manifest holds",
+            MANIFEST_HINT,
+        )
+
+
+def parse_upload_record(raw: bytes | str, backup_id: BackupId, host: str) -> UploadRecord:
+    """A local ``<id>.upload.json`` (the local dir is untrusted too); IntegrityError when it
+    is not a record of this backup's upload."""
+    try:
+        return _upload_from(_load_json(raw), backup_id, host, None, what="record")
+    except _Invalid as exc:
+        raise IntegrityError(f"the upload record of {backup_id} {exc}") from None
+
+
+@dataclass(frozen=True)
+class ManifestFacts:
+    """What remote verify needs, as the manifest object's metadata carries it (HEAD, no GET)."""
+
+    sha256: str
+    size: int
+    checksum: str | None
+
+
+def parse_manifest_metadata(metadata: dict[str, str], ref: BackupRef) -> ManifestFacts | None:
+    """The facts in a manifest object's user metadata; ``None`` when it carries none (an
+    object written without them: read the body). Metadata is read back from the bucket as
+    well: facts that are malformed or disagree with the key are an IntegrityError."""
+    if "sha256" not in metadata or "size" not in metadata:
+        return None
+    sha256, size = metadata["sha256"], metadata["size"]
+    problem = None
+    if not _SHA256_RE.fullmatch(sha256):
+        problem = f"sha256 {_show(sha256)}, not 64 lowercase hex digits"
+    elif not (size.isascii() and size.isdigit()) or len(size) > 19 or int(size) > _MAX_INT:
+        problem = f"size {_show(size)}, not a byte count"
+    else:
+        for name, expected in (("source", ref.source), ("host", ref.host)):
+            if metadata.get(name, expected) != expected:
+                problem = f"{name} {_show(metadata[name])}, not {expected} as its key says"
+    if problem is not None:
+        raise IntegrityError(
+            f"the {ref.where} manifest {ref.manifest_key} has metadata {problem}", MANIFEST_HINT
+        )
+    return ManifestFacts(sha256, int(size), metadata.get("s3-checksum"))
+
+
+def manifest_ref(key: str, *, prefix: str = "", where: str = "local") -> BackupRef | None:
+    """The BackupRef of a manifest known by its key alone (``None``: not a manifest key), to
+    parse a manifest found without a listing (``<host>/<source>/<id>.manifest.json`` locally)."""
+    name = parse_name(key, prefix)
+    if name is None or name.kind != "manifest":
+        return None
+    return BackupRef(name.host, name.source, name.backup_id, where, manifest_key=key)

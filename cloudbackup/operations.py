@@ -45,8 +45,11 @@ from cloudbackup.model import (
     UploadRecord,
     archive_name,
     build_listing,
+    check_manifest_size,
     format_time,
     manifest_name,
+    parse_manifest,
+    parse_upload_record,
     upload_name,
 )
 from cloudbackup.patterns import PathMatcher
@@ -244,11 +247,26 @@ def _abort_stray_upload(ctx: Context, record: UploadRecord | None) -> bool:
 
 
 def read_local_manifest(ctx: Context, ref: BackupRef) -> Manifest:
+    """The manifest of a local backup, parsed against its key (the local dir is untrusted)."""
+    return _read_manifest(ctx.local, ref)
+
+
+def read_remote_manifest(ctx: Context, ref: BackupRef) -> Manifest:
+    """The manifest of a remote backup, parsed against its key: one GET."""
+    return _read_manifest(ctx.remote, ref)
+
+
+def _read_manifest(store: Any, ref: BackupRef) -> Manifest:
     assert ref.manifest_key
+    check_manifest_size(ref)
     try:
-        return Manifest.from_json(ctx.local.get_bytes(ref.manifest_key))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise IntegrityError(f"manifest {ref.manifest_key} is unreadable: {exc}") from None
+        raw = store.get_bytes(ref.manifest_key)
+    except OSError as exc:  # the local dir: unreadable, or not a file
+        raise CloudBackupError(
+            f"cannot read the {ref.where} manifest {ref.manifest_key}: {exc.strerror or exc}",
+            "check the local dir's permissions",
+        ) from None
+    return parse_manifest(raw, ref)
 
 
 def upload_record_path(ctx: Context, source: str, backup_id: str, host: str | None = None) -> Path:
@@ -258,12 +276,13 @@ def upload_record_path(ctx: Context, source: str, backup_id: str, host: str | No
 def read_upload_record(
     ctx: Context, backup_id: str, source: str, host: str | None = None
 ) -> UploadRecord | None:
+    """The local record of a backup's upload; ``None`` when there is none or it does not
+    parse as one (the local dir is untrusted: a bad record proves nothing)."""
+    parsed = BackupId.parse(backup_id)
     path = upload_record_path(ctx, source, backup_id, host)
     try:
-        import json
-
-        return UploadRecord.from_dict(json.loads(path.read_bytes()))
-    except (OSError, ValueError, TypeError):
+        return parse_upload_record(path.read_bytes(), parsed, host or ctx.host)
+    except (OSError, IntegrityError):
         return None
 
 
@@ -314,25 +333,38 @@ def _skip_inodes(settings: Settings) -> frozenset[tuple[int, int]]:
     return frozenset(skip)
 
 
-def previous_manifest(ctx: Context, source: str) -> Manifest | None:
-    """The newest complete backup of this host and source, local or remote."""
-    local = ctx.local_listing(source).newest(ctx.host, source)
-    remote = ctx.remote_listing_or_empty().newest(ctx.host, source)
-    candidates = [r for r in (local, remote) if r is not None]
-    if not candidates:
+#: How many unreadable manifests ``previous_manifest`` skips before it gives up.
+PREVIOUS_TRIES = 5
+
+
+def previous_manifest(
+    ctx: Context, source: str, problems: list[str] | None = None
+) -> Manifest | None:
+    """The manifest of the newest complete backup of this host and source, local (preferred)
+    or remote. A manifest that fails to parse (damaged, or forged in the bucket) is skipped
+    and reported in ``problems``: the guards then compare with the newest good one."""
+    refs = ctx.local_listing(source).for_source(ctx.host, source)
+    refs += ctx.remote_listing_or_empty().for_source(ctx.host, source)
+    refs.sort(key=lambda r: (r.created_at, r.backup_id.seq, r.where == "local"), reverse=True)
+    if not refs:
         return None
-    newest = max(candidates, key=lambda r: (r.created_at, r.backup_id.seq))
-    try:
-        if newest is local or (local is not None and local.id == newest.id):
-            assert local is not None
-            return read_local_manifest(ctx, local)
-        assert newest.manifest_key
-        return Manifest.from_json(ctx.remote.get_bytes(newest.manifest_key))
-    except (CloudBackupError, ValueError) as exc:
-        LOG.warning(
-            "cannot read the previous manifest of %s (%s); shrink guard skipped", source, exc
-        )
-        return None
+    reason = "none of the newest parses"
+    for ref in refs[:PREVIOUS_TRIES]:
+        try:
+            if ref.where == "local":
+                return read_local_manifest(ctx, ref)
+            return read_remote_manifest(ctx, ref)
+        except IntegrityError as exc:
+            LOG.error("%s; the guards compare with an older backup", exc.message)
+            if problems is not None:
+                problems.append(exc.message)
+        except CloudBackupError as exc:
+            reason = str(exc)
+            break
+    LOG.warning(
+        "cannot read the previous manifest of %s (%s); shrink guard skipped", source, reason
+    )
+    return None
 
 
 def _new_id(ctx: Context, source: str, moment: datetime) -> BackupId:
@@ -401,7 +433,8 @@ def backup_source(
     started = time.monotonic()
     try:
         source.check()
-        previous = previous_manifest(ctx, source.name)
+        manifest_problems: list[str] = []
+        previous = previous_manifest(ctx, source.name, manifest_problems)
         moment = ctx.now()
         if previous is not None and previous.created > moment:
             raise SourceError(
@@ -513,6 +546,9 @@ def backup_source(
         result.warnings = stats.warnings
         if stats.unreadable:
             result.exit_code = 1
+        if manifest_problems:  # backed up all the same; a bad manifest is still exit 3
+            result.warnings = result.warnings + manifest_problems
+            result.exit_code = 3
         LOG.info(
             "%s: archived %d files, %d bytes → %s (%d bytes)",
             source.name,
@@ -774,7 +810,7 @@ def verify_local_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> Ver
                 if deep
                 else ""
             )
-    except IntegrityError as exc:
+    except CloudBackupError as exc:  # IntegrityError, or a manifest that cannot be read
         result.detail = str(exc)
     except OSError as exc:
         result.detail = f"cannot read: {exc.strerror}"

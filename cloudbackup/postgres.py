@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import glob
-import json
 import os
 import re
 import shutil
@@ -35,7 +34,8 @@ from urllib.parse import unquote
 
 from cloudbackup import childenv
 from cloudbackup.dbsources import create_private, describe_exit, run_logged
-from cloudbackup.errors import SourceError, UsageError
+from cloudbackup.errors import IntegrityError, SourceError, UsageError
+from cloudbackup.model import manifest_ref, parse_manifest
 from cloudbackup.sources import DbUrl, FileEntry, SourceContext, secret_forms
 
 if TYPE_CHECKING:
@@ -562,13 +562,15 @@ def check_source(source: PostgresSource, workdir: Path | None = None) -> str:
 def _previous_dump_bytes(spool_dir: Path) -> int | None:
     """The dump size the newest local manifest of this source recorded, if any."""
     for path in sorted(spool_dir.glob("*.manifest.json"), reverse=True):
-        try:
-            members = json.loads(path.read_bytes()).get("members") or {}
-            value = members.get("dump_bytes")
-        except (OSError, ValueError, AttributeError):
+        ref = manifest_ref("/".join(path.parts[-3:]))
+        if ref is None:
             continue
-        if isinstance(value, int) and value > 0:
-            return value
+        try:
+            value = parse_manifest(path.read_bytes(), ref).members.get("dump_bytes")
+        except (OSError, IntegrityError):
+            continue
+        if value:
+            return int(value)
     return None
 
 

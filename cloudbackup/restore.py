@@ -24,7 +24,7 @@ import lzma
 import os
 import re
 import shutil
-import tarfile
+import stat
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -53,8 +53,15 @@ from cloudbackup.errors import (
     UsageError,
 )
 from cloudbackup.extract import ExtractResult, extract
-from cloudbackup.model import BackupId, BackupRef, Listing, Manifest, valid_name
-from cloudbackup.operations import Context, read_local_manifest
+from cloudbackup.model import (
+    GLOBALS_MEMBER,
+    BackupId,
+    BackupRef,
+    Listing,
+    Manifest,
+    valid_name,
+)
+from cloudbackup.operations import Context, read_local_manifest, read_remote_manifest
 
 LOG = logging.getLogger("cloudbackup")
 T = TypeVar("T")
@@ -75,7 +82,6 @@ _DECOMPRESS_ERRORS: tuple[type[BaseException], ...] = (
     gzip.BadGzipFile,
     EOFError,
 )
-_TAR_ERRORS: tuple[type[BaseException], ...] = (tarfile.TarError, *_DECOMPRESS_ERRORS)
 _INTEGRITY_HINT = "restore another copy (--from local/remote) or an older backup (--at)"
 
 
@@ -287,28 +293,6 @@ def _where_words(ctx: Context, from_: str | None) -> str:
 # ---------------------------------------------------------------- verified copies
 
 
-def _read_remote_manifest(ctx: Context, ref: BackupRef) -> Manifest:
-    assert ref.manifest_key
-    try:
-        return Manifest.from_json(ctx.remote.get_bytes(ref.manifest_key))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise IntegrityError(
-            f"remote manifest {ref.manifest_key} is unreadable: {exc}", _INTEGRITY_HINT
-        ) from None
-
-
-def _check_manifest(manifest: Manifest, cand: Candidate, where: str) -> None:
-    if manifest.id != cand.id:
-        raise IntegrityError(
-            f"the {where} manifest of {cand.id} describes {manifest.id}", _INTEGRITY_HINT
-        )
-    if manifest.compression not in ("zstd", "gzip", "xz", "bzip2", "none"):
-        raise CloudBackupError(
-            f"{cand.id}: unknown compression {manifest.compression!r} in its manifest",
-            "restore it with a newer cloudbackup",
-        )
-
-
 def _local_copy_ok(ctx: Context, ref: BackupRef, manifest: Manifest) -> str | None:
     """None when the local archive re-hashes to its manifest, else what is wrong."""
     assert ref.archive_key
@@ -335,11 +319,11 @@ class _Copy:
     local_path: Path | None = None  # verified local archive
 
 
-def _choose_copy(
-    ctx: Context, cand: Candidate, from_: str | None, peeked: Manifest | None = None
-) -> _Copy:
-    """The copy to restore from: local when it re-hashes to its manifest (unless --from
-    remote), else remote. ``peeked`` is the manifest ``_peek_manifest`` already read."""
+def _peek_manifest(ctx: Context, cand: Candidate, from_: str | None) -> _Copy:
+    """The parsed manifest of the copy to try first (no archive read), to plan the target.
+
+    A local manifest that does not parse (the local dir is untrusted) falls back to the
+    remote copy unless ``--from local``, as a local archive that fails its checksum does."""
     if from_ == "local" and cand.local is None:
         raise UsageError(
             f"backup {cand.id} is not in the local dir {ctx.settings.local_dir}",
@@ -347,14 +331,28 @@ def _choose_copy(
         )
     if from_ == "remote" and cand.remote is None:
         raise UsageError(f"backup {cand.id} is not in the bucket", "restore it --from local")
+    remote_usable = from_ != "local" and cand.remote is not None and ctx.remote is not None
     if from_ != "remote" and cand.local is not None:
-        manifest = peeked if peeked is not None else read_local_manifest(ctx, cand.local)
-        peeked = None
-        _check_manifest(manifest, cand, "local")
-        problem = _local_copy_ok(ctx, cand.local, manifest)
+        try:
+            return _Copy("local", read_local_manifest(ctx, cand.local), cand.local)
+        except IntegrityError as exc:
+            if not remote_usable:
+                raise
+            LOG.warning("%s; restoring from remote", exc.message)
+    assert cand.remote is not None
+    return _Copy("remote", read_remote_manifest(ctx, cand.remote), cand.remote)
+
+
+def _choose_copy(ctx: Context, cand: Candidate, from_: str | None, peeked: _Copy) -> _Copy:
+    """The copy to restore from: the local one when its archive re-hashes to its manifest
+    (unless --from remote), else the remote one. ``peeked`` is what ``_peek_manifest`` read."""
+    if peeked.where == "local":
+        problem = _local_copy_ok(ctx, peeked.ref, peeked.manifest)
         if problem is None:
-            assert cand.local.archive_key
-            return _Copy("local", manifest, cand.local, ctx.local.path(cand.local.archive_key))
+            assert peeked.ref.archive_key
+            return _Copy(
+                "local", peeked.manifest, peeked.ref, ctx.local.path(peeked.ref.archive_key)
+            )
         if from_ == "local" or cand.remote is None or ctx.remote is None:
             raise IntegrityError(
                 f"{cand.id}: local archive fails its checksum: {problem}", _INTEGRITY_HINT
@@ -362,16 +360,23 @@ def _choose_copy(
         LOG.warning(
             "%s: the local copy fails its checksum (%s); restoring from remote", cand.id, problem
         )
-    assert cand.remote is not None
-    manifest = peeked if peeked is not None else _read_remote_manifest(ctx, cand.remote)
-    _check_manifest(manifest, cand, "remote")
-    if cand.remote.archive_size is not None and cand.remote.archive_size != manifest.size:
+        manifest = read_remote_manifest(ctx, cand.remote)
+        if manifest.kind != peeked.manifest.kind:
+            # The target was planned for the local manifest's kind.
+            raise IntegrityError(
+                f"{cand.id}: the remote manifest says a {manifest.kind} backup, the local one "
+                f"a {peeked.manifest.kind} backup",
+                _INTEGRITY_HINT,
+            )
+        peeked = _Copy("remote", manifest, cand.remote)
+    manifest = peeked.manifest
+    if peeked.ref.archive_size is not None and peeked.ref.archive_size != manifest.size:
         raise IntegrityError(
-            f"{cand.id}: the remote archive has {cand.remote.archive_size} bytes, "
+            f"{cand.id}: the remote archive has {peeked.ref.archive_size} bytes, "
             f"its manifest says {manifest.size}",
             _INTEGRITY_HINT,
         )
-    return _Copy("remote", manifest, cand.remote)
+    return peeked
 
 
 # ---------------------------------------------------------------- download
@@ -791,43 +796,6 @@ def tally_tree(root: Path) -> Tally:
     return tally
 
 
-def _stream_member(
-    path: Path, compression: str, member_name: str, out: IO[bytes]
-) -> tuple[int, list[str]]:
-    """Copy one regular member of a verified archive to ``out``; returns its size."""
-    raw, stream = _open_archive(path, compression)
-    written = 0
-    found = False
-    others: list[str] = []
-    try:
-        with tarfile.open(
-            fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape"
-        ) as tar:
-            for member in tar:
-                name = member.name.removeprefix("./")
-                if name != member_name or not member.isreg() or found:
-                    others.append(member.name)
-                    continue
-                data = tar.extractfile(member)
-                assert data is not None
-                while chunk := data.read(DOWNLOAD_CHUNK):
-                    out.write(chunk)
-                    written += len(chunk)
-                found = True
-        out.flush()
-    except _TAR_ERRORS as exc:
-        raise IntegrityError(f"cannot read {path.name}: {exc}", _INTEGRITY_HINT) from None
-    except BrokenPipeError:
-        raise CloudBackupError(
-            f"stdout was closed after {written} bytes", "check the command reading from the pipe"
-        ) from None
-    finally:
-        raw.close()
-    if not found:
-        raise IntegrityError(f"{path.name} holds no member {member_name!r}", _INTEGRITY_HINT)
-    return written, others
-
-
 # ---------------------------------------------------------------- the use case
 
 
@@ -873,9 +841,9 @@ def restore(
     cand = find_backup(ctx, what, host=host, at=at, from_=from_)
     result = RestoreResult(cand.id, cand.host, cand.backup_id.source, dry_run=dry_run)
     # A cheap plan first: a bad target fails before anything is downloaded or hashed.
-    manifest = _peek_manifest(ctx, cand, from_)
-    target = _plan_target(ctx, manifest, to, force, includes)
-    copy = _choose_copy(ctx, cand, from_, manifest)
+    peeked = _peek_manifest(ctx, cand, from_)
+    target = _plan_target(ctx, peeked.manifest, to, force, includes)
+    copy = _choose_copy(ctx, cand, from_, peeked)
     manifest = copy.manifest
     result.kind = manifest.kind
     result.where_from = copy.where
@@ -903,14 +871,6 @@ def restore(
             "restore of %s is incomplete (exit %d): see the summary", cand.id, result.exit_code
         )
     return result
-
-
-def _peek_manifest(ctx: Context, cand: Candidate, from_: str | None) -> Manifest:
-    """The manifest of whichever copy is at hand (no archive read), to plan the target."""
-    if cand.local is not None and from_ != "remote":
-        return read_local_manifest(ctx, cand.local)
-    assert cand.remote is not None
-    return _read_remote_manifest(ctx, cand.remote)
 
 
 def _os_error(exc: OSError, target: str) -> CloudBackupError:
@@ -972,21 +932,10 @@ def _run(
     name = target.path.name if target.path is not None else manifest.id
     if target.mount_point:
         name = "cloudbackup"
+    if target.kind == "stdout" and stdout is None:
+        raise UsageError("--to - needs a standard output to write to")
     with _Workspace(target.workdir, name) as ws:
         archive = _archive_path(ctx, copy, ws, ranged)
-        if target.kind == "stdout":
-            out = stdout
-            if out is None:
-                raise UsageError("--to - needs a standard output to write to")
-            member = f"{manifest.source}.out"
-            written, _ = _stream_member(archive, manifest.compression, member, out)
-            result.files, result.bytes = 1, written
-            _conclude(
-                result,
-                Tally(1, written),
-                expected=(manifest.file_count, manifest.uncompressed_bytes),
-            )
-            return
         staging = ws.staging()
         progress = ctx.progress(f"restore {manifest.id}", manifest.uncompressed_bytes)
         try:
@@ -997,6 +946,7 @@ def _run(
             getattr(progress, "close", lambda: None)()
         if copy.local_path is None:
             Path(archive).unlink(missing_ok=True)  # free the space before anything else
+        members = _single_file_members(staging, copy) if target.kind != "dir" else []
         result.refused = list(extracted.refused)
         result.warnings += extracted.warnings
         on_disk = tally_tree(staging)
@@ -1021,9 +971,12 @@ def _run(
         if target.kind == "dir":
             _put_dir_in_place(ctx, staging, target, result)
         elif target.kind == "file":
-            _put_file_in_place(ctx, staging, target, manifest, result)
+            _put_file_in_place(ctx, members[0], target, manifest, result)
+        elif target.kind == "stdout":
+            assert stdout is not None
+            _copy_to_stdout(members[0], stdout)
         elif target.kind == "postgresql":
-            _restore_postgres(staging, target, manifest, force, ctx.settings.child_env)
+            _restore_postgres(members, target, force, ctx.settings.child_env)
         _conclude(result, on_disk, expected=expected, includes=includes)
 
 
@@ -1087,19 +1040,66 @@ def _put_dir_in_place(ctx: Context, staging: Path, target: _Target, result: Rest
     fsync_dir(path.parent, best_effort=True)
 
 
+def _single_file_members(staging: Path, copy: _Copy) -> list[Path]:
+    """The staged members a single-file restore hands on, each checked to be a regular file.
+
+    Their names come from the key (``NAME.out``, ``NAME.sqlite3``, after the source name the
+    key says) or, for a dump, from the parsed manifest (one plain member name), never from a
+    path. The staging directory is made private first, so nothing can be swapped in between
+    the check and the use. A PostgreSQL backup gives ``[dump, globals]`` (globals optional).
+    """
+    os.chmod(staging, 0o700)
+    manifest = copy.manifest
+    archive = manifest.archive
+    if manifest.kind == "command":
+        return [_regular_member(staging, f"{copy.ref.source}.out", archive)]
+    if manifest.kind == "sqlite":
+        return [_regular_member(staging, f"{copy.ref.source}.sqlite3", archive)]
+    dump_name = manifest.members.get("dump")
+    if dump_name is None:
+        # An older manifest without member facts: the one ``*.dump`` the archive holds.
+        dumps = sorted(name for name in os.listdir(staging) if name.endswith(".dump"))
+        if len(dumps) != 1:
+            raise IntegrityError(
+                f"{archive} holds {len(dumps)} .dump members, expected one", _INTEGRITY_HINT
+            )
+        dump_name = dumps[0]
+    members = [_regular_member(staging, dump_name, archive)]
+    if os.path.lexists(staging / GLOBALS_MEMBER):
+        members.append(_regular_member(staging, GLOBALS_MEMBER, archive))
+    return members
+
+
+def _regular_member(staging: Path, name: str, archive: str) -> Path:
+    """``staging/name`` when the archive put a regular file with one name there, else exit 3:
+    a symlink, hard link, device or directory is never what a single-file restore hands on."""
+    path = staging / name
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise IntegrityError(
+            f"{archive} holds no regular file {name}; nothing was restored", _INTEGRITY_HINT
+        ) from None
+    if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+        return path
+    if stat.S_ISREG(st.st_mode):
+        what = f"a hard link ({st.st_nlink} names)"
+    elif stat.S_ISLNK(st.st_mode):
+        what = "a symlink"
+    elif stat.S_ISDIR(st.st_mode):
+        what = "a directory"
+    else:
+        what = "a special file"
+    raise IntegrityError(
+        f"{archive}: {name} is {what}, not a regular file; nothing was restored",
+        _INTEGRITY_HINT,
+    )
+
+
 def _put_file_in_place(
-    ctx: Context, staging: Path, target: _Target, manifest: Manifest, result: RestoreResult
+    ctx: Context, member: Path, target: _Target, manifest: Manifest, result: RestoreResult
 ) -> None:
     assert target.path is not None
-    suffix = ".sqlite3" if manifest.kind == "sqlite" else ".out"
-    member = staging / f"{manifest.source}{suffix}"
-    if not member.is_file() or member.is_symlink():
-        found = [p for p in staging.iterdir() if p.name.endswith(suffix) and p.is_file()]
-        if len(found) != 1:
-            raise IntegrityError(
-                f"{manifest.archive} holds no {manifest.source}{suffix}", _INTEGRITY_HINT
-            )
-        member = found[0]
     if manifest.kind == "sqlite":
         from cloudbackup.dbsources import restore_sqlite
 
@@ -1116,30 +1116,30 @@ def _put_file_in_place(
     fsync_dir(path.parent, best_effort=True)
 
 
+def _copy_to_stdout(member: Path, out: IO[bytes]) -> None:
+    """The verified, checked member, to stdout (only now: nothing reached the pipe before)."""
+    written = 0
+    try:
+        with open(member, "rb") as data:
+            while chunk := data.read(DOWNLOAD_CHUNK):
+                out.write(chunk)
+                written += len(chunk)
+        out.flush()
+    except BrokenPipeError:
+        raise CloudBackupError(
+            f"stdout was closed after {written} bytes", "check the command reading from the pipe"
+        ) from None
+
+
 def _restore_postgres(
-    staging: Path, target: _Target, manifest: Manifest, force: bool, env: Mapping[str, str]
+    members: list[Path], target: _Target, force: bool, env: Mapping[str, str]
 ) -> None:
     from cloudbackup import postgres
 
-    try:
-        dump_name, globals_name = postgres.members_of(manifest.members)
-    except CloudBackupError:
-        # An older manifest without member facts: the one ``*.dump`` and ``globals.sql``.
-        dumps = sorted(p.name for p in staging.iterdir() if p.name.endswith(".dump"))
-        if len(dumps) != 1:
-            raise IntegrityError(
-                f"{manifest.archive} holds {len(dumps)} .dump members, expected one",
-                _INTEGRITY_HINT,
-            ) from None
-        dump_name, globals_name = dumps[0], "globals.sql"
-    dump = staging / dump_name
-    if "/" in dump_name or not dump.is_file() or dump.is_symlink():
-        raise IntegrityError(f"{manifest.archive} holds no {dump_name!r}", _INTEGRITY_HINT)
-    globals_sql = staging / globals_name if globals_name and "/" not in globals_name else None
     assert target.url
     postgres.restore_dump(
-        dump,
-        globals_sql if globals_sql is not None and globals_sql.is_file() else None,
+        members[0],
+        members[1] if len(members) > 1 else None,
         target.url,
         force=force,
         log=lambda message: LOG.info("%s", message),

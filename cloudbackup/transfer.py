@@ -3,6 +3,7 @@ remote copies without downloading, and clean up stale multipart uploads."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -26,12 +27,14 @@ from cloudbackup.model import (
     format_time,
     key_for,
     manifest_name,
+    parse_manifest_metadata,
 )
 from cloudbackup.operations import (
     Context,
     SourceResult,
     VerifyResult,
     read_local_manifest,
+    read_remote_manifest,
     read_upload_record,
     upload_record_path,
     write_upload_record,
@@ -252,8 +255,7 @@ def upload_backup(
         uploaded_at=format_time(ctx.now()),
     )
     _confirm_archive(ctx, key, manifest, upload)
-    remote_manifest = Manifest.from_json(manifest.to_json())
-    remote_manifest.upload = upload
+    remote_manifest = dataclasses.replace(manifest, upload=upload)
     mkey = key_for(_prefix(ctx), ctx.host, backup_id, manifest_name(backup_id))
     body = remote_manifest.to_json()
     try:
@@ -272,7 +274,16 @@ def upload_backup(
     except PermanentStorageError as exc:
         if exc.code != "PreconditionFailed":
             raise
-        existing = Manifest.from_json(ctx.remote.get_bytes(mkey))
+        remote_ref = BackupRef(
+            ref.host,
+            ref.source,
+            backup_id,
+            "remote",
+            archive_key=key,
+            manifest_key=mkey,
+            compression=manifest.compression,
+        )
+        existing = read_remote_manifest(ctx, remote_ref)
         if existing.sha256 != manifest.sha256:
             raise IntegrityError(
                 f"s3 manifest {mkey} exists and describes another archive"
@@ -550,14 +561,20 @@ def verify_remote_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> Ve
         if mhead is None:
             result.detail = "manifest object is missing"
             return result
-        meta = mhead.metadata
-        if "sha256" not in meta or "size" not in meta:
-            manifest = Manifest.from_json(ctx.remote.get_bytes(ref.manifest_key))
+        manifest: Manifest | None = None
+        facts = parse_manifest_metadata(mhead.metadata, ref)
+        if facts is None or deep:
+            manifest = read_remote_manifest(ctx, ref)
+        if facts is None:
+            assert manifest is not None
             upload = manifest.upload
             sha256, size = manifest.sha256, manifest.size
             checksum = upload.checksum if upload else None
         else:
-            sha256, size, checksum = meta["sha256"], int(meta["size"]), meta.get("s3-checksum")
+            sha256, size, checksum = facts.sha256, facts.size, facts.checksum
+            if manifest is not None and (manifest.sha256, manifest.size) != (sha256, size):
+                result.detail = "the manifest object's metadata disagrees with its body"
+                return result
         head = ctx.remote.head(ref.archive_key)
         if head is None:
             result.detail = "archive object is missing"
@@ -572,7 +589,7 @@ def verify_remote_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> Ve
             else f"size and S3 checksum match ({size} bytes; streamed: sha256 in the manifest)"
         )
         if deep:
-            manifest = Manifest.from_json(ctx.remote.get_bytes(ref.manifest_key))
+            assert manifest is not None
             progress = ctx.progress(f"verify {ref.id}", size)
             corrupt: IntegrityError | None = None
             with ctx.remote.open(ref.archive_key) as body:

@@ -28,6 +28,7 @@ from cloudbackup.model import COMPRESSION_EXT, BackupId, Manifest, archive_name
 from cloudbackup.sources import FileEntry
 from cloudbackup.storage.local import LocalStore
 from tests.conftest import make_tree
+from tests.manifests import load_manifest
 
 FIXED_NOW = datetime(2026, 11, 21, 2, 15, tzinfo=UTC)
 COMPRESSIONS = ("zstd", "gzip", "xz", "bzip2", "none")
@@ -80,7 +81,7 @@ def backup_with(
     assert result.ok, result.error
     assert result.id is not None
     directory = settings_.local_dir / "testhost" / result.source
-    manifest = Manifest.from_json((directory / f"{result.id}.manifest.json").read_bytes())
+    manifest = load_manifest(directory / f"{result.id}.manifest.json")
     return Backup(
         result, manifest, directory / archive_name(BackupId.parse(result.id), compression)
     )
@@ -246,7 +247,7 @@ def test_each_codec_through_the_cli_and_system_tar(
     result = cli("backup", "--no-upload", "--compression", compression, src)
     assert result.exit_code == 0, result.stderr
     (path,) = env.archives("www")
-    manifest = Manifest.from_json(env.manifests("www")[0].read_bytes())
+    manifest = load_manifest(env.manifests("www")[0])
     assert path.name == manifest.id + COMPRESSION_EXT[compression]
     assert manifest.compression == compression
     assert_manifest_matches_file(

@@ -15,8 +15,8 @@ import pytest
 from cloudbackup import __version__, archive
 from cloudbackup.cli import cli as cli_group
 from cloudbackup.lock import DirLock
-from cloudbackup.model import Manifest
 from tests.conftest import CliResult, Clock, Env, make_tree
+from tests.manifests import load_manifest
 
 BACKUP_KEYS = {"source", "id", "ok", "size", "seconds", "uploaded", "warnings", "error"}
 LIST_KEYS = {"id", "host", "source", "created_at", "size", "local", "remote", "verified"}
@@ -46,7 +46,7 @@ def test_backup_one_source(env: Env, cli: Any, www: Path, clock: Clock) -> None:
     assert "local-only" in result.stdout
     assert "www-20261121T021500Z" in result.stdout
     assert "error" not in result.stderr.lower() and "Traceback" not in result.stderr
-    manifest = Manifest.from_json(env.manifests("www")[0].read_bytes())
+    manifest = load_manifest(env.manifests("www")[0])
     assert (manifest.host, manifest.source, manifest.kind) == ("testhost", "www", "directory")
     assert manifest.file_count == 3
     assert manifest.created_at == "2026-11-21T02:15:00Z"
@@ -127,7 +127,7 @@ def test_top_level_symlink_resolved_and_real_path_recorded(env: Env, cli: Any) -
     current.symlink_to(real)
     assert cli("backup", current).exit_code == 0
     (manifest_path,) = env.manifests("current")  # named after the link
-    manifest = Manifest.from_json(manifest_path.read_bytes())
+    manifest = load_manifest(manifest_path)
     assert manifest.file_count == 1
     # SPEC: "a top-level symlink is resolved once and the real path recorded"
     assert str(real) in manifest_path.read_text()
@@ -262,7 +262,7 @@ def test_unreadable_file_exit_1_with_warnings_and_backup_kept(
     assert "private.key" in result.stderr
     assert "Traceback" not in result.stderr
     assert len(env.archives("www")) == 1 and len(env.manifests("www")) == 1
-    manifest = Manifest.from_json(env.manifests("www")[0].read_bytes())
+    manifest = load_manifest(env.manifests("www")[0])
     assert any("private.key" in w for w in manifest.warnings)
     assert manifest.file_count == 3
 

@@ -15,10 +15,10 @@ import zstandard
 from cloudbackup import childenv
 from cloudbackup.dbsources import CommandSource, run_to_file
 from cloudbackup.errors import SourceError
-from cloudbackup.model import Manifest
 from cloudbackup.patterns import PathMatcher
 from cloudbackup.sources import SourceContext, parse_spec
 from tests.conftest import CliResult, Env, make_tree
+from tests.manifests import load_manifest
 
 CHILD_ENV = childenv.scrub(os.environ)
 
@@ -45,7 +45,7 @@ def test_good_command_archives_its_stdout(
     assert result.exit_code == 0, result.stderr
     (archive,) = env.archives("dump")
     assert read_archive(archive) == {"dump.out": b"data\nline2\n"}
-    manifest = Manifest.from_json(env.manifests("dump")[0].read_bytes())
+    manifest = load_manifest(env.manifests("dump")[0])
     assert manifest.kind == "command" and manifest.members["output"] == "dump.out"
     assert "source dump: command 'sh': progress" in log_file.read_text()
     assert not list(env.source_dir("dump").glob("*.partial"))

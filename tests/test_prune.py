@@ -149,7 +149,7 @@ def test_not_yet_offsite_is_pinned_while_a_bucket_is_configured(
     # The two oldest reached S3 and were verified; the third is mid-upload (not verified).
     for ident, verified in ((all_ids[0], True), (all_ids[1], True), (all_ids[2], False)):
         record = UploadRecord(
-            key=f"x/{ident}",
+            key=f"cloudbackup/testhost/www/{ident}.tar.zst",
             part_size=1,
             part_count=1,
             checksum_algorithm=None,

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from cloudbackup.operations import Context
 from cloudbackup.restore import (
     RestoreResult,
     _aside_path,
+    _regular_member,
     _Workspace,
     download,
     find_backup,
@@ -382,3 +384,32 @@ def test_result_dict_and_summary() -> None:
     assert result.summary().startswith("restored www-20261121T021500Z")
     result.dry_run = True
     assert result.summary().startswith("dry run:") and result.summary().endswith("nothing written")
+
+
+# ---------------------------------------------------------------- single-file members
+
+
+def test_a_single_file_member_must_be_a_regular_file_with_one_name(tmp_path: Path) -> None:
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "ok.out").write_text("data")
+    assert _regular_member(staging, "ok.out", "a.tar.zst") == staging / "ok.out"
+    victim = tmp_path / "passwd"
+    victim.write_text("root")
+    (staging / "link.out").symlink_to(victim)
+    (staging / "dir.out").mkdir()
+    (staging / "first").write_text("x")
+    os.link(staging / "first", staging / "hard.out")
+    os.mkfifo(staging / "fifo.out")
+    cases = {
+        "link.out": "is a symlink",
+        "dir.out": "is a directory",
+        "hard.out": "is a hard link (2 names)",
+        "fifo.out": "is a special file",
+        "missing.out": "holds no regular file missing.out",
+    }
+    for name, words in cases.items():
+        with pytest.raises(IntegrityError, match=re.escape(words)) as caught:
+            _regular_member(staging, name, "a.tar.zst")
+        assert caught.value.exit_code == 3
+    assert victim.read_text() == "root"

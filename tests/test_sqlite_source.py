@@ -21,10 +21,10 @@ import zstandard
 
 from cloudbackup.dbsources import SQLiteSource, restore_sqlite
 from cloudbackup.errors import IntegrityError, SourceError
-from cloudbackup.model import Manifest
 from cloudbackup.patterns import PathMatcher
 from cloudbackup.sources import SourceContext, parse_spec
 from tests.conftest import CliResult, Env
+from tests.manifests import load_manifest
 
 STAMP = "20261121T021500Z"
 
@@ -99,7 +99,7 @@ def test_backup_while_another_thread_writes(
     (archive,) = env.archives("app")
     members = read_archive(archive)
     assert list(members) == ["app.sqlite3"]
-    manifest = Manifest.from_json(env.manifests("app")[0].read_bytes())
+    manifest = load_manifest(env.manifests("app")[0])
     assert manifest.kind == "sqlite" and manifest.members["database_file"] == "app.sqlite3"
     assert not list(env.source_dir("app").glob("*.partial"))
 

@@ -28,6 +28,7 @@ from cloudbackup.patterns import PathMatcher
 from cloudbackup.sources import SourceContext, make_source, parse_spec
 from tests.conftest import CliResult, Env, S3Env, make_tree
 from tests.integration.pgserver import PgServer, _free_port
+from tests.manifests import load_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -199,7 +200,7 @@ def test_backup_through_cli_then_restore_into_a_new_database(
     globals_sql = members["globals.sql"].decode()
     assert f"CREATE ROLE {OWNER};" in globals_sql and f"CREATE ROLE {READER};" in globals_sql
     assert "PASSWORD" not in globals_sql.upper().replace("NOBYPASSRLS", "")
-    manifest = Manifest.from_json(manifest_path.read_bytes())
+    manifest = load_manifest(manifest_path)
     assert manifest.kind == "postgresql" and manifest.file_count == 2
     assert manifest.spec == f"postgresql://{OWNER}:***@127.0.0.1:{pg_server.port}/shop"
     facts = manifest.members
@@ -509,11 +510,33 @@ def test_required_space_prefers_the_previous_dump(tmp_path: Path) -> None:
     assert postgres.required_space(10_000, None) == (10_000, "the database's size on disk")
     needed, basis = postgres.required_space(10_000, 1_000)
     assert needed == 2_500 and "previous dump" in basis
-    (tmp_path / "s-20260101T000000Z.manifest.json").write_text(
-        json.dumps({"members": {"dump_bytes": 1234}})
+    spool = tmp_path / "testhost" / "s"
+    spool.mkdir(parents=True)
+    for when, members in (("20260101T000000Z", {"dump_bytes": 1234}), ("20260102T000000Z", {})):
+        manifest = Manifest(
+            id=f"s-{when}",
+            host="testhost",
+            source="s",
+            kind="postgresql",
+            spec="postgresql://u@h/db",
+            created_at=f"{when[:4]}-{when[4:6]}-{when[6:8]}T00:00:00Z",
+            archive=f"s-{when}.tar.zst",
+            size=1,
+            sha256="0" * 64,
+            compression="zstd",
+            compression_level=None,
+            file_count=2,
+            uncompressed_bytes=1,
+            machine_id="m",
+            tool_version="t",
+            members=members,
+        )
+        (spool / f"s-{when}.manifest.json").write_bytes(manifest.to_json())
+    # The newest manifest does not parse (damaged, or not written by cloudbackup): skipped.
+    (spool / "s-20260103T000000Z.manifest.json").write_text(
+        json.dumps({"members": {"dump_bytes": 9}})
     )
-    (tmp_path / "s-20260102T000000Z.manifest.json").write_text(json.dumps({"members": {}}))
-    assert postgres._previous_dump_bytes(tmp_path) == 1234
+    assert postgres._previous_dump_bytes(spool) == 1234
 
 
 # ---------------------------------------------------------------- S3: no password in metadata or tags
