@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import re
 import stat
 import tarfile
 from collections import OrderedDict, deque
@@ -26,6 +27,7 @@ from typing import IO, Any, BinaryIO, Protocol, cast
 
 from cloudbackup.errors import IntegrityError
 from cloudbackup.patterns import PathMatcher
+from cloudbackup.walk import default_capacity
 
 __all__ = ["CHUNK_SIZE", "ExtractResult", "extract"]
 
@@ -33,12 +35,15 @@ CHUNK_SIZE = 1 << 20
 _READ_AHEAD = 1 << 16
 _BLOCK = tarfile.BLOCKSIZE
 _DIR_FD_CACHE = 128
+_CLIMB = 16  # at most this many ``..`` steps to reopen a directory (see _RealTree._climb)
 _IMPLICIT_DIR_MODE = 0o755
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # Errors that concern one member (its name or its place in the tree), not the whole restore.
 _MEMBER_ERRNOS = {errno.ENAMETOOLONG, errno.EILSEQ, errno.EMLINK, errno.EINVAL}
 _INTEGRITY_HINT = "restore another copy (--from local/remote) or an older backup"
+_XATTR_PREFIX = "SCHILY.xattr."
+_PAX_TIME_RE = re.compile(r"(-?)([0-9]{1,30})(?:\.([0-9]*))?", re.ASCII)
 
 Parts = tuple[str, ...]
 
@@ -60,13 +65,25 @@ class ExtractResult:
 @dataclass(frozen=True)
 class _Attrs:
     mode: int
-    mtime: float
+    mtime_ns: int
     uid: int
     gid: int
+    xattrs: tuple[tuple[str, bytes], ...] = ()
 
     @classmethod
     def of(cls, member: tarfile.TarInfo) -> _Attrs:
-        return cls(member.mode & 0o7777, member.mtime, member.uid, member.gid)
+        pax = member.pax_headers
+        if not pax:
+            return cls(member.mode & 0o7777, _ns(member.mtime), member.uid, member.gid)
+        xattrs = tuple(
+            (key[len(_XATTR_PREFIX) :], value.encode("utf-8", "surrogateescape"))
+            for key, value in pax.items()
+            if key.startswith(_XATTR_PREFIX)
+        )
+        mtime_ns = _pax_time_ns(pax.get("mtime"))
+        if mtime_ns is None:
+            mtime_ns = _ns(member.mtime)
+        return cls(member.mode & 0o7777, mtime_ns, member.uid, member.gid, xattrs)
 
 
 class _Refused(Exception):
@@ -195,10 +212,17 @@ class _RealTree:
     ) -> None:
         self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._fds: OrderedDict[Parts, int] = OrderedDict()
+        self._capacity = min(_DIR_FD_CACHE, default_capacity())
+        self._ids: dict[Parts, tuple[int, int]] = {}  # (st_dev, st_ino) of each dir opened
+        self._last: Parts | None = None  # the directory _dir() returned last
         self._same_owner = same_owner
         self._mode_mask = 0o7777 if same_owner else 0o1777
         self._progress = progress
         self._warnings = warnings
+        # user.* always; security.* and trusted.* need root (as when they were archived).
+        root_user = os.geteuid() == 0
+        self._xattr_prefixes = ("user.", "security.", "trusted.") if root_user else ("user.",)
+        self._xattr_failures: dict[str, tuple[int, str]] = {}  # reason -> (count, example)
         self.created_dirs: set[Parts] = set()
 
     def close(self) -> None:
@@ -206,19 +230,78 @@ class _RealTree:
             os.close(fd)
         self._fds.clear()
         os.close(self._root_fd)
+        for reason, (count, example) in self._xattr_failures.items():
+            more = f" (and {count - 1} more)" if count > 1 else ""
+            self._warnings.append(f"cannot set extended attribute {example}{more}: {reason}")
 
     def _dir(self, parts: Parts) -> int:
         """The fd of directory ``parts``, creating missing components; never follows a link.
 
-        The returned fd stays valid until the next call (the cache is an LRU of at least 2).
+        Iterative: from the nearest ancestor whose fd is cached (or the root), each
+        component is created or opened relative to its parent. The returned fd stays valid
+        until the next call (the cache is an LRU of at least 2).
         """
         if not parts:
             return self._root_fd
-        fd = self._fds.get(parts)
+        fds = self._fds
+        fd = fds.get(parts)
+        if fd is None:
+            fd = self._climb(parts)
         if fd is not None:
-            self._fds.move_to_end(parts)
+            fds.move_to_end(parts)
+            self._last = parts
             return fd
-        parent = self._dir(parts[:-1])
+        depth = len(parts) - 1
+        while depth and parts[:depth] not in fds:
+            depth -= 1
+        parent = self._root_fd
+        if depth:
+            parent = fds[parts[:depth]]
+            fds.move_to_end(parts[:depth])
+        for end in range(depth + 1, len(parts) + 1):
+            parent = self._open_dir(parent, parts[:end])
+        self._last = parts
+        return parent
+
+    def _climb(self, parts: Parts) -> int | None:
+        """Reopen ``parts`` by ``..`` from the directory used last when that is a cached
+        descendant a few levels down (archives list a deep tree's files on the way back up,
+        which would otherwise reopen the whole path from the root for every level once the
+        cache is full). Each level must be the directory opened before (same device and
+        inode); otherwise None, and the caller opens it by name."""
+        last = self._last
+        depth = len(parts)
+        if last is None or not depth < len(last) <= depth + _CLIMB or last[:depth] != parts:
+            return None
+        fd = self._fds.get(last)
+        if fd is None:
+            return None
+        owned = False
+        for end in range(len(last) - 1, depth - 1, -1):
+            expected = self._ids.get(last[:end])
+            try:
+                up = os.open("..", _DIR_FLAGS, dir_fd=fd) if expected is not None else -1
+            except OSError:
+                up = -1
+            if owned:
+                os.close(fd)
+            if up < 0:
+                return None
+            st = os.fstat(up)
+            if (st.st_dev, st.st_ino) != expected:
+                os.close(up)
+                return None
+            fd, owned = up, True
+        self._cache(parts, fd)
+        return fd
+
+    def _cache(self, parts: Parts, fd: int) -> None:
+        self._fds[parts] = fd
+        if len(self._fds) > self._capacity:
+            os.close(self._fds.popitem(last=False)[1])
+
+    def _open_dir(self, parent: int, parts: Parts) -> int:
+        """Create (if missing) and open directory ``parts`` in its parent's fd; cache it."""
         name = parts[-1]
         try:
             os.mkdir(name, 0o700, dir_fd=parent)
@@ -237,9 +320,13 @@ class _RealTree:
             if exc.errno in _MEMBER_ERRNOS:
                 raise _Refused(f"cannot open directory {_show(parts)}: {exc.strerror}") from None
             raise
-        self._fds[parts] = fd
-        if len(self._fds) > _DIR_FD_CACHE:
-            os.close(self._fds.popitem(last=False)[1])
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._ids[parts] = (st.st_dev, st.st_ino)
+        self._cache(parts, fd)
         return fd
 
     def make_dir(self, parts: Parts) -> None:
@@ -261,8 +348,18 @@ class _RealTree:
             except OSError as exc:
                 self._warnings.append(f"cannot set owner of {_show(parts)}: {exc.strerror}")
         os.fchmod(fd, attrs.mode & self._mode_mask)
+        # After chown, which clears security.capability; before utime (it changes ctime only).
+        for name, value in attrs.xattrs:
+            if not name.startswith(self._xattr_prefixes):
+                continue
+            try:
+                os.setxattr(fd, name, value)
+            except (OSError, ValueError) as exc:
+                reason = getattr(exc, "strerror", None) or str(exc)
+                count, example = self._xattr_failures.get(reason, (0, f"{name} of {_show(parts)}"))
+                self._xattr_failures[reason] = (count + 1, example)
         try:
-            os.utime(fd, ns=(_ns(attrs.mtime), _ns(attrs.mtime)))
+            os.utime(fd, ns=(attrs.mtime_ns, attrs.mtime_ns))
         except (OSError, OverflowError, ValueError) as exc:
             self._warnings.append(f"cannot set mtime of {_show(parts)}: {exc}")
 
@@ -344,7 +441,7 @@ class _RealTree:
             except OSError as exc:
                 self._warnings.append(f"cannot set owner of {_show(parts)}: {exc.strerror}")
         try:
-            mtime = _ns(attrs.mtime)
+            mtime = attrs.mtime_ns
             os.utime(name, ns=(mtime, mtime), dir_fd=parent, follow_symlinks=False)
         except (OSError, OverflowError, ValueError) as exc:
             self._warnings.append(f"cannot set mtime of {_show(parts)}: {exc}")
@@ -369,14 +466,18 @@ class _DryTree:
         pass
 
     def make_dir(self, parts: Parts) -> None:
-        for depth in range(1, len(parts) + 1):
-            prefix = parts[:depth]
-            kind = self._kinds.get(prefix)
-            if kind is None:
-                self._kinds[prefix] = "d"
-                self.created_dirs.add(prefix)
-            elif kind != "d":
-                raise _Refused(f"{_show(prefix)} is not a directory")
+        # Every prefix of a known path is known, and only directories have children: the
+        # deepest known prefix is the only one to check (work linear in the depth).
+        kinds = self._kinds
+        depth = len(parts)
+        while depth and parts[:depth] not in kinds:
+            depth -= 1
+        if depth and kinds[parts[:depth]] != "d":
+            raise _Refused(f"{_show(parts[:depth])} is not a directory")
+        for end in range(depth + 1, len(parts) + 1):
+            prefix = parts[:end]
+            kinds[prefix] = "d"
+            self.created_dirs.add(prefix)
 
     def _place(self, parts: Parts, kind: str, what: str) -> None:
         self.make_dir(parts[:-1])
@@ -408,13 +509,32 @@ def _ns(mtime: float) -> int:
     return int(mtime * 1e9)
 
 
+def _pax_time_ns(text: str | None) -> int | None:
+    """A PAX time (``1700000000.123456789``, ``-1.5``) in exact nanoseconds, or None.
+
+    tarfile turns it into a float, which keeps only about 0.2 microseconds of today's
+    times; the string is read here digit for digit (digits past nanoseconds dropped).
+    """
+    if text is None:
+        return None
+    match = _PAX_TIME_RE.fullmatch(text)
+    if match is None:
+        return None
+    sign, seconds, fraction = match.groups()
+    ns = int(seconds) * 1_000_000_000 + int((fraction or "")[:9].ljust(9, "0"))
+    return -ns if sign else ns
+
+
 def _split_name(name: str, what: str = "path") -> Parts:
     """Normalised components of a member name or link target; raises _Refused if unsafe."""
     if "\0" in name:
         raise _Refused(f"{what} contains a NUL byte")
     if name.startswith("/"):
         raise _Refused(f"{what} is absolute")
-    parts = tuple(part for part in name.split("/") if part not in ("", "."))
+    split = name.split("/")
+    if "" in split or "." in split:
+        split = [part for part in split if part not in ("", ".")]
+    parts = tuple(split)
     if ".." in parts:
         raise _Refused(f"{what} escapes the target")
     return parts
