@@ -469,7 +469,8 @@ def _pax_header(pax: Mapping[str, str]) -> bytes:
     """The extended header (``x`` block and records) that tarfile writes for ``pax``.
 
     A value holding surrogate escapes (bytes that are not UTF-8, e.g. a binary xattr) makes
-    the whole header ``hdrcharset=BINARY`` with the raw bytes, as tarfile and GNU tar do.
+    the whole header ``hdrcharset=BINARY`` with the raw bytes, as tarfile does (POSIX's way
+    to say the values are not UTF-8; GNU tar ignores the record and keeps the raw bytes).
     """
     binary = False
     for value in pax.values():
@@ -497,6 +498,29 @@ def pax_time(ns: int) -> str:
     return f"{sign}{seconds}.{fraction:09d}".rstrip("0")
 
 
+class _MtimeHeaders:
+    """The extended header of a member whose only record is its sub-second mtime: the
+    common case (every file written since ext4/XFS/btrfs keep nanoseconds). Its ``x`` block
+    and record prefix depend only on the value's length, so they are built once per length;
+    a header then costs one formatting of the time instead of a generic record encoding."""
+
+    def __init__(self) -> None:
+        self._parts: dict[int, tuple[bytes, bytes]] = {}
+
+    def __call__(self, ns: int) -> bytes:
+        value = (b"%d.%09d" % divmod(ns, _NS)).rstrip(b"0")
+        parts = self._parts.get(len(value))
+        if parts is None:
+            record = _pax_record(b"mtime", value)
+            prefix = record[: record.index(b"=") + 1]
+            head = _ustar(_PAX_NAME, 0, 0, 0, len(record), 0, tarfile.XHDTYPE, b"")
+            parts = self._parts[len(value)] = (head + prefix, b"\n" + bytes(-len(record) % BLOCK))
+        return parts[0] + value + parts[1]
+
+
+_mtime_header = _MtimeHeaders()
+
+
 def member_header(
     name: str,
     kind: bytes,
@@ -504,21 +528,24 @@ def member_header(
     uid: int,
     gid: int,
     size: int,
-    mtime: int,
+    mtime_ns: int,
     linkname: str = "",
-    pax: Mapping[str, str] | None = None,
+    xattrs: Mapping[str, str] | None = None,
 ) -> bytes:
-    """The header of one member, byte for byte what tarfile's ``tobuf(PAX_FORMAT)`` writes
-    for a TarInfo with these fields, empty owner names and ``pax_headers=pax``.
+    """The header of one member: byte for byte what tarfile's ``tobuf(PAX_FORMAT)`` writes
+    for a TarInfo with these fields, ``mtime = mtime_ns // 10**9``, empty owner names and
+    ``pax_headers`` holding ``mtime`` (``pax_time``) when it has a fraction of a second,
+    then ``xattrs`` (``SCHILY.xattr.NAME`` keys).
 
     Most entries fit a plain ustar block (ASCII names up to 100 bytes, numbers within the
-    octal fields), preceded by an extended header when ``pax`` holds records (sub-second
-    mtime, xattrs): both are built directly, several times faster than tarfile's generic
-    path, which costs about a second per 35,000 files. Anything else (long or non-ASCII
-    names, huge numbers, negative mtimes) goes through tarfile.
+    octal fields), preceded by an extended header for a sub-second mtime or xattrs: both
+    are built directly, several times faster than tarfile's generic path, which costs
+    about a second per 35,000 files. Anything else (long or non-ASCII names, huge numbers,
+    times before 1970) goes through tarfile.
     """
     if kind == tarfile.DIRTYPE and not name.endswith("/"):
         name += "/"
+    mtime, fraction = divmod(mtime_ns, _NS)
     if (
         kind in _FAST_TYPES
         and len(name) <= 100
@@ -533,32 +560,21 @@ def member_header(
         block = _ustar(
             name.encode("ascii"), mode, uid, gid, size, mtime, kind, linkname.encode("ascii")
         )
-        return _pax_header(pax) + block if pax else block
+        if xattrs:
+            pax = {"mtime": pax_time(mtime_ns)} if fraction else {}
+            pax.update(xattrs)
+            return _pax_header(pax) + block
+        return _mtime_header(mtime_ns) + block if fraction else block
     info = tarfile.TarInfo(name)
     info.type = kind
     info.mode, info.uid, info.gid, info.size, info.mtime = mode, uid, gid, size, mtime
     info.linkname = linkname
     info.uname = info.gname = ""  # numeric owners only
-    if pax:
-        info.pax_headers = dict(pax)
+    records = {"mtime": pax_time(mtime_ns)} if fraction else {}
+    if xattrs:
+        records.update(xattrs)
+    info.pax_headers = records
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-
-
-def _header(info: tarfile.TarInfo) -> bytes:
-    """``member_header`` of a TarInfo (owner names must be empty)."""
-    assert not info.uname and not info.gname
-    assert isinstance(info.mtime, int)
-    return member_header(
-        info.name,
-        info.type,
-        info.mode,
-        info.uid,
-        info.gid,
-        info.size,
-        info.mtime,
-        info.linkname,
-        info.pax_headers,
-    )
 
 
 _XATTR_UNSUPPORTED = {errno.ENOTSUP, errno.EOPNOTSUPP}
@@ -576,19 +592,21 @@ class _Xattrs:
         root = os.geteuid() == 0
         self.prefixes: tuple[str, ...] = ("user.", "security.", "trusted.") if root else ("user.",)
 
-    def read(self, fd: int, path: str, pax: dict[str, str] | None) -> dict[str, str] | None:
-        """``pax`` with the attributes of ``fd`` added (a new dict when there are any)."""
+    def read(self, fd: int, entry: FileEntry) -> dict[str, str] | None:
+        """The attributes of ``fd`` as PAX records, or None when it has none."""
         try:
             names = os.listxattr(fd)
         except OSError as exc:
             if exc.errno not in _XATTR_UNSUPPORTED:
                 self.warn(
-                    "unreadable", f"{path}: cannot list extended attributes ({exc.strerror})"
+                    "unreadable",
+                    f"{entry.path}: cannot list extended attributes ({exc.strerror})",
                 )
-            return pax
+            return None
         if not names:
-            return pax
-        out = dict(pax) if pax else {}
+            return None
+        path = entry.path
+        out: dict[str, str] = {}
         for name in sorted(names):
             if not name.startswith(self.prefixes):
                 continue
@@ -605,7 +623,7 @@ class _Xattrs:
                     )
                 continue
             out[XATTR_PREFIX + name] = value.decode("utf-8", "surrogateescape")
-        return out or pax
+        return out or None
 
 
 def _encodable(text: str) -> bool:
@@ -630,10 +648,10 @@ def write_tar(
     """
     hardlinks: dict[tuple[int, int], str] = {}
     cursor = DirCursor()
-    xattrs = _Xattrs(warn)
+    xattr_reader = _Xattrs(warn)
     try:
         for entry in entries:
-            _write_member(entry, out, stats, warn, hardlinks, cursor, xattrs)
+            _write_member(entry, out, stats, warn, hardlinks, cursor, xattr_reader)
     finally:
         cursor.release()
 
@@ -645,13 +663,12 @@ def _write_member(
     warn: Warn,
     hardlinks: dict[tuple[int, int], str],
     cursor: DirCursor,
-    xattrs: _Xattrs,
+    xattr_reader: _Xattrs,
 ) -> None:
     st = entry.st
     mode = st.st_mode
-    ns = st.st_mtime_ns
-    mtime = ns // _NS
-    pax = {"mtime": pax_time(ns)} if ns % _NS or not 0 <= mtime < _OCTAL_11 else None
+    mtime = st.st_mtime_ns
+    xattrs: dict[str, str] | None = None
     perm = stat.S_IMODE(mode)
     if stat.S_ISDIR(mode):
         handle = entry.handle
@@ -662,12 +679,12 @@ def _write_member(
                 pass  # replaced since it was listed: its metadata is what the walk saw
             else:
                 try:
-                    pax = xattrs.read(fd, entry.path, pax)
+                    xattrs = xattr_reader.read(fd, entry)
                 finally:
                     handle.unpin()
         out.write(
             member_header(
-                entry.arcname, tarfile.DIRTYPE, perm, st.st_uid, st.st_gid, 0, mtime, "", pax
+                entry.arcname, tarfile.DIRTYPE, perm, st.st_uid, st.st_gid, 0, mtime, "", xattrs
             )
         )
         stats.dirs += 1
@@ -690,7 +707,7 @@ def _write_member(
         # Symlinks keep no extended attributes: Linux allows no user.* on them.
         out.write(
             member_header(
-                entry.arcname, tarfile.SYMTYPE, perm, st.st_uid, st.st_gid, 0, mtime, linkname, pax
+                entry.arcname, tarfile.SYMTYPE, perm, st.st_uid, st.st_gid, 0, mtime, linkname
             )
         )
         stats.symlinks += 1
@@ -710,7 +727,6 @@ def _write_member(
                 0,
                 mtime,
                 hardlinks[key],
-                pax,
             )
         )
         stats.hardlinks += 1
@@ -738,11 +754,11 @@ def _write_member(
         return
     os.set_blocking(fd, True)  # a short read must mean end of file, never EAGAIN
     with io.FileIO(fd, "rb", closefd=True) as reader:
-        pax = xattrs.read(fd, entry.path, pax)
+        xattrs = xattr_reader.read(fd, entry)
         size = st.st_size
         out.write(
             member_header(
-                entry.arcname, tarfile.REGTYPE, perm, st.st_uid, st.st_gid, size, mtime, "", pax
+                entry.arcname, tarfile.REGTYPE, perm, st.st_uid, st.st_gid, size, mtime, "", xattrs
             )
         )
         try:

@@ -207,14 +207,16 @@ def _open_root(root: str) -> DirHandle:
         raise SourceError(
             f"source path {root} is not readable", "run as a user who can read it"
         ) from None
-    except NotADirectoryError:
-        raise SourceError(
-            f"source path {root} is not a directory", "give a directory or a glob"
-        ) from None
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
+        # O_NOFOLLOW | O_DIRECTORY on a symlink: ENOTDIR (or ELOOP) rather than a follow.
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(root):
             raise SourceError(
-                f"source path {root} was replaced by a symlink", "check the path"
+                f"source path {root} was replaced by a symlink since it was resolved",
+                "check the path",
+            ) from None
+        if exc.errno == errno.ENOTDIR:
+            raise SourceError(
+                f"source path {root} is not a directory", "give a directory or a glob"
             ) from None
         raise SourceError(f"source path {root}: {exc.strerror}", "check the path") from None
 

@@ -161,14 +161,23 @@ class DirTable:
             assert current.parent is not None  # the root is never closed while alive
             current = current.parent
         fd: int | None = None
-        if up is not None and (current.fd is None or len(up) < len(down)):
+        climbed = up is not None and (current.fd is None or len(up) < len(down))
+        if climbed:
+            assert up is not None
             fd = _climb(up, handle)
         if fd is None:
             while current.fd is None:
                 down.append(current)
                 assert current.parent is not None
                 current = current.parent
-            fd = _descend(current, down)
+            try:
+                fd = _descend(current, down)
+            except Replaced:
+                # Its name now leads elsewhere; from the directory in use, ".." may still
+                # lead to it (moved, not replaced).
+                fd = _climb(up, handle) if up is not None and not climbed else None
+                if fd is None:
+                    raise
         self._register(handle, fd)
         return fd
 

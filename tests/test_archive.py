@@ -540,11 +540,13 @@ class Advice:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, int, int]] = []
+        self.paths: list[str] = []  # where each file advised really was
 
     def __call__(self, fd: int, offset: int, length: int, advice: int) -> None:
         assert advice == os.POSIX_FADV_WILLNEED
-        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
-        self.calls.append((name, offset, length))
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        self.paths.append(path)
+        self.calls.append((os.path.basename(path), offset, length))
 
 
 def test_prefetch_asks_for_upcoming_files_and_keeps_order(
@@ -573,6 +575,34 @@ def test_prefetch_asks_for_upcoming_files_and_keeps_order(
         time.sleep(0.01)
     assert sorted(c[0] for c in advice.calls) == names  # the empty file is not asked for
     assert {c[1:] for c in advice.calls} == {(0, 20)}
+
+
+def test_prefetch_opens_walked_files_through_their_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Walked entries are opened by the read-ahead helper relative to their directory's
+    descriptor: a directory swapped for a symlink after the walk listed it changes nothing."""
+    from cloudbackup.patterns import PathMatcher
+    from cloudbackup.sources import SourceContext, walk_tree
+
+    advice = Advice()
+    monkeypatch.setattr(archive, "_FADVISE", advice)
+    root = make_tree(tmp_path / "src", {f"sub/f{i}": f"data {i}" for i in range(5)})
+    outside = make_tree(tmp_path / "outside", {f"f{i}": f"OUTSIDE {i}" for i in range(5)})
+    ctx = SourceContext(tmp_path, "x", PathMatcher(()), frozenset(), lambda c, m: None)
+    entries = list(walk_tree(str(root), ctx))
+    (root / "sub").rename(tmp_path / "moved")
+    (root / "sub").symlink_to(outside)
+    stats, warnings = _write_entries(tmp_path, entries, prefetch=True)
+    assert warnings == [] and stats.file_count == 5
+    assert _read_members(tmp_path / "out.tar.partial") == {
+        f"sub/f{i}": f"data {i}".encode() for i in range(5)
+    }
+    deadline = time.monotonic() + 5
+    while len(advice.calls) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(name for name, _, _ in advice.calls) == [f"f{i}" for i in range(5)]
+    assert {os.path.dirname(path) for path in advice.paths} == {str(tmp_path / "moved")}
 
 
 def test_a_file_replaced_by_a_fifo_after_the_walk_is_skipped_not_waited_for(
@@ -616,6 +646,25 @@ def test_a_large_file_is_read_ahead_in_a_sliding_window(
 # ---------------------------------------------------------------- tar headers
 
 
+NS = 1_000_000_000
+
+
+def _without_dev_and_checksum(block: bytes) -> bytes:
+    return block[:148] + bytes(8) + block[156:329] + bytes(16) + block[345:]
+
+
+def _header_blocks(data: bytes) -> list[int]:
+    """Offsets of the header blocks of one member's header bytes (extended header first)."""
+    offsets, offset = [], 0
+    while offset < len(data):
+        offsets.append(offset)
+        info = tarfile.TarInfo.frombuf(data[offset : offset + 512], "utf-8", "surrogateescape")
+        offset += 512
+        if info.type in (tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME):
+            offset += -(-info.size // 512) * 512
+    return offsets
+
+
 @settings(max_examples=400, deadline=None)
 @given(
     name=st.text(
@@ -626,30 +675,75 @@ def test_a_large_file_is_read_ahead_in_a_sliding_window(
     mode=st.integers(0, 0o177777),
     uid=st.sampled_from([0, 1000, 0o7777776, 0o7777777, 2**32 - 1]),
     size=st.sampled_from([0, 1, 511, 512, 10**9, 0o77777777777, 0o77777777777 + 1]),
-    mtime=st.sampled_from([0, 1_700_000_000, 0o77777777777, 2**40]),
+    mtime_ns=st.one_of(
+        st.sampled_from([0, 1_700_000_000 * NS, 0o77777777777 * NS, 2**40 * NS]),
+        st.integers(-(2**35) * NS, 2**40 * NS),
+        st.integers(0, 2**33).map(lambda s: s * NS + 500_000_000),
+    ),
+    xattrs=st.dictionaries(
+        st.sampled_from(["user.a", "user.comment", "security.selinux", "trusted.x"]),
+        st.one_of(st.binary(max_size=60), st.text(max_size=20).map(str.encode)),
+        max_size=3,
+    ),
 )
-def test_fast_tar_headers_are_byte_identical_to_tarfile(
-    name: str, kind: bytes, linkname: str, mode: int, uid: int, size: int, mtime: int
+def test_tar_headers_are_byte_identical_to_tarfile(
+    name: str,
+    kind: bytes,
+    linkname: str,
+    mode: int,
+    uid: int,
+    size: int,
+    mtime_ns: int,
+    xattrs: dict[str, bytes],
 ) -> None:
+    """Our headers (the fast ustar path, the cached sub-second mtime header, xattr records
+    with hdrcharset=BINARY) are what tarfile writes for the same member."""
+    records = {
+        archive.XATTR_PREFIX + key: value.decode("utf-8", "surrogateescape")
+        for key, value in sorted(xattrs.items())
+    }
+    linkname = linkname if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
+    size = size if kind == tarfile.REGTYPE else 0
+    ours = archive.member_header(name, kind, mode, uid, uid, size, mtime_ns, linkname, records)
     info = tarfile.TarInfo(name)
     info.type = kind
-    info.linkname = linkname if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
+    info.linkname = linkname
     info.mode, info.uid, info.gid = mode, uid, uid
-    info.size = size if kind == tarfile.REGTYPE else 0
-    info.mtime = mtime
+    info.size = size
+    info.mtime = mtime_ns // NS
     info.uname = info.gname = ""
-    ours = archive._header(info)
+    info.pax_headers = {"mtime": archive.pax_time(mtime_ns)} if mtime_ns % NS else {}
+    info.pax_headers.update(records)
     expected = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-    if len(expected) > 512 or expected[329:345] == bytes(16):
-        assert ours == expected
-    else:
+    if ours != expected:
         # Early 3.11 patch releases wrote "0000000\0" into the device fields of every header;
-        # both are valid tar. Compare the rest, and check our checksum on its own.
-        def without_dev_and_checksum(block: bytes) -> bytes:
-            return block[:148] + bytes(8) + block[156:329] + bytes(16) + block[345:]
-
-        assert without_dev_and_checksum(ours) == without_dev_and_checksum(expected)
-        tarfile.TarInfo.frombuf(ours, "utf-8", "surrogateescape")  # raises on a bad checksum
+        # both are valid tar. Compare the rest, and check our checksums on their own.
+        assert len(ours) == len(expected)
+        blocks = _header_blocks(expected)
+        assert _header_blocks(ours) == blocks
+        for offset in blocks:
+            tarfile.TarInfo.frombuf(ours[offset : offset + 512], "utf-8", "surrogateescape")
+            ours = (
+                ours[:offset]
+                + _without_dev_and_checksum(ours[offset : offset + 512])
+                + ours[offset + 512 :]
+            )
+            expected = (
+                expected[:offset]
+                + _without_dev_and_checksum(expected[offset : offset + 512])
+                + expected[offset + 512 :]
+            )
+        assert ours == expected
+    # And tarfile reads back the exact time and attributes.
+    with tarfile.open(fileobj=io.BytesIO(ours), mode="r:", errors="surrogateescape") as tar:
+        member = tar.next()  # reads the headers only
+        assert member is not None
+    if mtime_ns % NS:
+        assert member.pax_headers["mtime"] == archive.pax_time(mtime_ns)
+    for key, value in records.items():
+        assert member.pax_headers[key].encode("utf-8", "surrogateescape") == value.encode(
+            "utf-8", "surrogateescape"
+        )
 
 
 def test_a_file_under_a_kernel_lease_is_read_once_the_lease_is_released(
