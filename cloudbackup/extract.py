@@ -27,7 +27,7 @@ from typing import IO, Any, BinaryIO, Protocol, cast
 
 from cloudbackup.errors import IntegrityError
 from cloudbackup.patterns import PathMatcher
-from cloudbackup.walk import default_capacity
+from cloudbackup.walk import default_capacity, identity, open_parent
 
 __all__ = ["CHUNK_SIZE", "ExtractResult", "extract"]
 
@@ -279,17 +279,10 @@ class _RealTree:
         owned = False
         for end in range(len(last) - 1, depth - 1, -1):
             expected = self._ids.get(last[:end])
-            try:
-                up = os.open("..", _DIR_FLAGS, dir_fd=fd) if expected is not None else -1
-            except OSError:
-                up = -1
+            up = open_parent(fd, expected) if expected is not None else None
             if owned:
                 os.close(fd)
-            if up < 0:
-                return None
-            st = os.fstat(up)
-            if (st.st_dev, st.st_ino) != expected:
-                os.close(up)
+            if up is None:
                 return None
             fd, owned = up, True
         self._cache(parts, fd)
@@ -320,12 +313,7 @@ class _RealTree:
             if exc.errno in _MEMBER_ERRNOS:
                 raise _Refused(f"cannot open directory {_show(parts)}: {exc.strerror}") from None
             raise
-        try:
-            st = os.fstat(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._ids[parts] = (st.st_dev, st.st_ino)
+        self._ids[parts] = identity(fd)
         self._cache(parts, fd)
         return fd
 

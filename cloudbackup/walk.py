@@ -42,6 +42,8 @@ __all__ = [
     "OTHER",
     "Visit",
     "default_capacity",
+    "identity",
+    "open_parent",
     "visit_tree",
 ]
 
@@ -94,12 +96,7 @@ class DirTable:
         """
         flags = DIR_FLAGS & ~os.O_NOFOLLOW if follow else DIR_FLAGS
         fd = os.open(self.root, flags)
-        try:
-            st = os.fstat(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        handle = DirHandle(self, None, "", st.st_dev, st.st_ino)
+        handle = DirHandle(self, None, "", *identity(fd))
         handle.fd = fd
         handle.pins = 1
         return handle
@@ -194,17 +191,10 @@ def _climb(chain: list[DirHandle], target: DirHandle) -> int | None:
                 os.close(fd)
             fd, owned = level.fd, False
             continue
-        try:
-            parent = os.open("..", DIR_FLAGS, dir_fd=fd)
-        except OSError:
-            parent = -1
+        parent = open_parent(fd, (level.dev, level.ino))
         if owned:
             os.close(fd)
-        if parent < 0:
-            return None
-        st = os.fstat(parent)
-        if (st.st_dev, st.st_ino) != (level.dev, level.ino):
-            os.close(parent)
+        if parent is None:
             return None
         fd, owned = parent, True
     return fd
@@ -226,6 +216,30 @@ def _descend(ancestor: DirHandle, chain: list[DirHandle]) -> int:
     return fd
 
 
+def identity(fd: int) -> tuple[int, int]:
+    """``(st_dev, st_ino)`` of an open descriptor, which is closed if fstat fails."""
+    try:
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return st.st_dev, st.st_ino
+
+
+def open_parent(fd: int, expected: tuple[int, int]) -> int | None:
+    """A new descriptor of ``..`` of the directory ``fd`` when that is the directory
+    ``expected`` (``(st_dev, st_ino)``), else None. ``..`` is never a symlink; the check
+    makes sure a directory moved elsewhere does not lead anywhere new."""
+    try:
+        parent = os.open("..", DIR_FLAGS, dir_fd=fd)
+    except OSError:
+        return None
+    if identity(parent) != expected:
+        os.close(parent)
+        return None
+    return parent
+
+
 def _open_dir(name: str, dir_fd: int, expected: DirHandle) -> int:
     """Open ``name`` in ``dir_fd`` as the directory ``expected`` stands for, or raise Replaced."""
     try:
@@ -234,12 +248,7 @@ def _open_dir(name: str, dir_fd: int, expected: DirHandle) -> int:
         if exc.errno in _GONE_ERRNOS:
             raise Replaced(expected.path) from None
         raise
-    try:
-        st = os.fstat(fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    if (st.st_dev, st.st_ino) != (expected.dev, expected.ino):
+    if identity(fd) != (expected.dev, expected.ino):
         os.close(fd)
         raise Replaced(expected.path)
     return fd
