@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bz2
 import errno
+import functools
 import hashlib
 import io
 import lzma
@@ -453,6 +454,13 @@ def _ustar(
     )
 
 
+@functools.lru_cache(maxsize=1024)
+def pax_block(size: int) -> bytes:
+    """The ``x`` block announcing an extended header of ``size`` bytes, as tarfile writes it
+    (the extractor recognises ours by comparing with it)."""
+    return _ustar(_PAX_NAME, 0, 0, 0, size, 0, tarfile.XHDTYPE, b"")
+
+
 def _pax_record(keyword: bytes, value: bytes) -> bytes:
     """``"%d %s=%s\\n"`` whose length counts its own digits (tarfile's loop, exactly)."""
     length = len(keyword) + len(value) + 3
@@ -484,8 +492,7 @@ def _pax_header(pax: Mapping[str, str]) -> bytes:
         raw = value.encode("utf-8", "surrogateescape") if binary else value.encode("utf-8")
         records.append(_pax_record(keyword.encode("utf-8"), raw))
     payload = b"".join(records)
-    head = _ustar(_PAX_NAME, 0, 0, 0, len(payload), 0, tarfile.XHDTYPE, b"")
-    return head + payload + bytes(-len(payload) % BLOCK)
+    return pax_block(len(payload)) + payload + bytes(-len(payload) % BLOCK)
 
 
 def pax_time(ns: int) -> str:
@@ -513,8 +520,10 @@ class _MtimeHeaders:
         if parts is None:
             record = _pax_record(b"mtime", value)
             prefix = record[: record.index(b"=") + 1]
-            head = _ustar(_PAX_NAME, 0, 0, 0, len(record), 0, tarfile.XHDTYPE, b"")
-            parts = self._parts[len(value)] = (head + prefix, b"\n" + bytes(-len(record) % BLOCK))
+            parts = self._parts[len(value)] = (
+                pax_block(len(record)) + prefix,
+                b"\n" + bytes(-len(record) % BLOCK),
+            )
         return parts[0] + value + parts[1]
 
 
