@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import bz2
 import errno
-import functools
 import hashlib
 import io
 import lzma
@@ -21,14 +20,15 @@ import tarfile
 import threading
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, BinaryIO, Protocol, cast
 
 import zstandard
 
 from cloudbackup.errors import CloudBackupError, IntegrityError, SourceError
+from cloudbackup.tarformat import XATTR_PREFIX, TarReader, member_header
 from cloudbackup.walk import DirCursor, FileEntry
 
 CHUNK = 4 * 1024 * 1024
@@ -424,168 +424,6 @@ def prefetched(entries: Iterable[FileEntry]) -> Iterator[FileEntry]:
         work.put(None)
 
 
-# ---------------------------------------------------------------- tar headers
-
-_NS = 1_000_000_000
-_USTAR_TAIL = b"ustar\x0000" + bytes(32 + 32 + 8 + 8 + 155 + 12)  # magic, owners, dev, prefix, pad
-_USTAR_TAIL_SUM = sum(_USTAR_TAIL)
-_FAST_TYPES = (tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE)
-_PAX_NAME = b"././@PaxHeader"  # what tarfile writes (star's convention)
-_OCTAL_7 = 0o7777777
-_OCTAL_11 = 0o77777777777
-XATTR_PREFIX = "SCHILY.xattr."
-
-
-def _ustar(
-    name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int, kind: bytes, link: bytes
-) -> bytes:
-    """One ustar block with no prefix, owner names or device numbers. The checksum adds up
-    the variable fields only (the rest is constant): summing the 512-byte block costs more
-    than building it."""
-    numbers = b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (mode & 0o7777, uid, gid, size, mtime)
-    checksum = 256 + sum(name) + sum(numbers) + kind[0] + sum(link) + _USTAR_TAIL_SUM
-    return b"%s%s%06o\0 %s%s%s" % (
-        name.ljust(100, b"\0"),
-        numbers,
-        checksum,
-        kind,
-        link.ljust(100, b"\0"),
-        _USTAR_TAIL,
-    )
-
-
-@functools.lru_cache(maxsize=1024)
-def pax_block(size: int) -> bytes:
-    """The ``x`` block announcing an extended header of ``size`` bytes, as tarfile writes it
-    (the extractor recognises ours by comparing with it)."""
-    return _ustar(_PAX_NAME, 0, 0, 0, size, 0, tarfile.XHDTYPE, b"")
-
-
-def _pax_record(keyword: bytes, value: bytes) -> bytes:
-    """``"%d %s=%s\\n"`` whose length counts its own digits (tarfile's loop, exactly)."""
-    length = len(keyword) + len(value) + 3
-    n = p = 0
-    while True:
-        n = length + len(str(p))
-        if n == p:
-            break
-        p = n
-    return b"%d %s=%s\n" % (p, keyword, value)
-
-
-def _pax_header(pax: Mapping[str, str]) -> bytes:
-    """The extended header (``x`` block and records) that tarfile writes for ``pax``.
-
-    A value holding surrogate escapes (bytes that are not UTF-8, e.g. a binary xattr) makes
-    the whole header ``hdrcharset=BINARY`` with the raw bytes, as tarfile does (POSIX's way
-    to say the values are not UTF-8; GNU tar ignores the record and keeps the raw bytes).
-    """
-    binary = False
-    for value in pax.values():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            binary = True
-            break
-    records = [b"21 hdrcharset=BINARY\n"] if binary else []
-    for keyword, value in pax.items():
-        raw = value.encode("utf-8", "surrogateescape") if binary else value.encode("utf-8")
-        records.append(_pax_record(keyword.encode("utf-8"), raw))
-    payload = b"".join(records)
-    return pax_block(len(payload)) + payload + bytes(-len(payload) % BLOCK)
-
-
-def pax_time(ns: int) -> str:
-    """A PAX time value for ``ns`` nanoseconds: ``1700000000.123456789``, trailing zeros
-    dropped (as GNU tar writes it)."""
-    sign = "-" if ns < 0 else ""
-    seconds, fraction = divmod(abs(ns), _NS)
-    if not fraction:
-        return f"{sign}{seconds}"
-    return f"{sign}{seconds}.{fraction:09d}".rstrip("0")
-
-
-class _MtimeHeaders:
-    """The extended header of a member whose only record is its sub-second mtime: the
-    common case (every file written since ext4/XFS/btrfs keep nanoseconds). Its ``x`` block
-    and record prefix depend only on the value's length, so they are built once per length;
-    a header then costs one formatting of the time instead of a generic record encoding."""
-
-    def __init__(self) -> None:
-        self._parts: dict[int, tuple[bytes, bytes]] = {}
-
-    def __call__(self, ns: int) -> bytes:
-        value = (b"%d.%09d" % divmod(ns, _NS)).rstrip(b"0")
-        parts = self._parts.get(len(value))
-        if parts is None:
-            record = _pax_record(b"mtime", value)
-            prefix = record[: record.index(b"=") + 1]
-            parts = self._parts[len(value)] = (
-                pax_block(len(record)) + prefix,
-                b"\n" + bytes(-len(record) % BLOCK),
-            )
-        return parts[0] + value + parts[1]
-
-
-_mtime_header = _MtimeHeaders()
-
-
-def member_header(
-    name: str,
-    kind: bytes,
-    mode: int,
-    uid: int,
-    gid: int,
-    size: int,
-    mtime_ns: int,
-    linkname: str = "",
-    xattrs: Mapping[str, str] | None = None,
-) -> bytes:
-    """The header of one member: byte for byte what tarfile's ``tobuf(PAX_FORMAT)`` writes
-    for a TarInfo with these fields, ``mtime = mtime_ns // 10**9``, empty owner names and
-    ``pax_headers`` holding ``mtime`` (``pax_time``) when it has a fraction of a second,
-    then ``xattrs`` (``SCHILY.xattr.NAME`` keys).
-
-    Most entries fit a plain ustar block (ASCII names up to 100 bytes, numbers within the
-    octal fields), preceded by an extended header for a sub-second mtime or xattrs: both
-    are built directly, several times faster than tarfile's generic path, which costs
-    about a second per 35,000 files. Anything else (long or non-ASCII names, huge numbers,
-    times before 1970) goes through tarfile.
-    """
-    if kind == tarfile.DIRTYPE and not name.endswith("/"):
-        name += "/"
-    mtime, fraction = divmod(mtime_ns, _NS)
-    if (
-        kind in _FAST_TYPES
-        and len(name) <= 100
-        and len(linkname) <= 100
-        and name.isascii()
-        and linkname.isascii()
-        and 0 <= uid < _OCTAL_7
-        and 0 <= gid < _OCTAL_7
-        and 0 <= size < _OCTAL_11
-        and 0 <= mtime < _OCTAL_11
-    ):
-        block = _ustar(
-            name.encode("ascii"), mode, uid, gid, size, mtime, kind, linkname.encode("ascii")
-        )
-        if xattrs:
-            pax = {"mtime": pax_time(mtime_ns)} if fraction else {}
-            pax.update(xattrs)
-            return _pax_header(pax) + block
-        return _mtime_header(mtime_ns) + block if fraction else block
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.mode, info.uid, info.gid, info.size, info.mtime = mode, uid, gid, size, mtime
-    info.linkname = linkname
-    info.uname = info.gname = ""  # numeric owners only
-    records = {"mtime": pax_time(mtime_ns)} if fraction else {}
-    if xattrs:
-        records.update(xattrs)
-    info.pax_headers = records
-    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-
-
 _XATTR_UNSUPPORTED = {errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
@@ -971,12 +809,11 @@ class WalkStats:
 
 
 def walk_archive(stream: IO[bytes]) -> WalkStats:
-    """Read a tar stream to its end, counting members as the writer counted them."""
+    """Read a tar stream to its end, counting members as the writer counted them (member
+    data is read through, not looked at; the stream must end with an end-of-archive block)."""
     stats = WalkStats()
     try:
-        with tarfile.open(
-            fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape"
-        ) as tar:
+        with TarReader(cast(BinaryIO, stream)) as tar:
             for member in tar:
                 if member.isdir():
                     stats.dirs += 1
@@ -984,10 +821,6 @@ def walk_archive(stream: IO[bytes]) -> WalkStats:
                 stats.file_count += 1
                 if member.isreg():
                     stats.uncompressed_bytes += member.size
-                    reader = tar.extractfile(member)
-                    if reader is not None:
-                        while reader.read(CHUNK):
-                            pass
     except (
         tarfile.TarError,
         EOFError,

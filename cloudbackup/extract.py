@@ -14,27 +14,24 @@ links that do not point at a regular file this run extracted; a refused member i
 from __future__ import annotations
 
 import errno
-import io
 import os
 import re
 import stat
 import tarfile
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, BinaryIO, Protocol, cast
+from typing import IO, BinaryIO, Protocol
 
-from cloudbackup.archive import pax_block
 from cloudbackup.errors import IntegrityError
 from cloudbackup.patterns import PathMatcher
+from cloudbackup.tarformat import XATTR_PREFIX, TarReader
 from cloudbackup.walk import default_capacity, identity, open_parent
 
 __all__ = ["CHUNK_SIZE", "ExtractResult", "extract"]
 
 CHUNK_SIZE = 1 << 20
-_READ_AHEAD = 1 << 16
-_BLOCK = tarfile.BLOCKSIZE
 _DIR_FD_CACHE = 128
 _CLIMB = 16  # at most this many ``..`` steps to reopen a directory (see _RealTree._climb)
 _IMPLICIT_DIR_MODE = 0o755
@@ -43,7 +40,6 @@ _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXE
 # Errors that concern one member (its name or its place in the tree), not the whole restore.
 _MEMBER_ERRNOS = {errno.ENAMETOOLONG, errno.EILSEQ, errno.EMLINK, errno.EINVAL}
 _INTEGRITY_HINT = "restore another copy (--from local/remote) or an older backup"
-_XATTR_PREFIX = "SCHILY.xattr."
 _PAX_TIME_RE = re.compile(r"(-?)([0-9]{1,30})(?:\.([0-9]*))?", re.ASCII)
 
 Parts = tuple[str, ...]
@@ -77,9 +73,9 @@ class _Attrs:
         if not pax:
             return cls(member.mode & 0o7777, _ns(member.mtime), member.uid, member.gid)
         xattrs = tuple(
-            (key[len(_XATTR_PREFIX) :], value.encode("utf-8", "surrogateescape"))
+            (key[len(XATTR_PREFIX) :], value.encode("utf-8", "surrogateescape"))
             for key, value in pax.items()
-            if key.startswith(_XATTR_PREFIX)
+            if key.startswith(XATTR_PREFIX)
         )
         mtime_ns = _pax_time_ns(pax.get("mtime"))
         if mtime_ns is None:
@@ -93,251 +89,6 @@ class _Refused(Exception):
 
 def _show(parts: Parts) -> str:
     return repr("/".join(parts))
-
-
-class _TailReader(io.RawIOBase):
-    """The raw layer under tarfile: passes reads through, counts them, keeps the last bytes
-    read to check the end-of-archive block, and seeks forward only (by reading).
-
-    ``tarfile`` silently stops at a truncated or corrupt header after the first member; the
-    only proof that a stream is complete is the zero block where the next header would be.
-
-    Forward seeks let tarfile run in its plain ``r:`` mode over a C ``BufferedReader``
-    instead of its ``r|`` stream mode, whose pure-Python buffer reads the archive in 10 KiB
-    steps (most of the extractor's CPU time on archives of many small files). tarfile reads
-    members sequentially either way; a backward seek raises ``StreamError``, as in ``r|``.
-    """
-
-    _KEEP = 1 << 19  # more than the BufferedReader's read-ahead (_READ_AHEAD) plus a block
-
-    def __init__(self, stream: BinaryIO) -> None:
-        super().__init__()
-        self._stream = stream
-        self._chunks: deque[bytes] = deque()
-        self._kept = 0
-        self.position = 0  # bytes read so far
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.position
-
-    def _take(self, size: int) -> bytes:
-        data = self._stream.read(size)
-        if data:
-            self._chunks.append(data)
-            self._kept += len(data)
-            self.position += len(data)
-            while len(self._chunks) > 1 and self._kept - len(self._chunks[0]) >= self._KEEP:
-                self._kept -= len(self._chunks.popleft())
-        return data
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._take(len(buffer))
-        n = len(data)
-        buffer[:n] = data
-        return n
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        if whence == os.SEEK_CUR:
-            offset += self.position
-        elif whence != os.SEEK_SET:
-            raise tarfile.StreamError("seeking from the end is not possible in a stream")
-        if offset < self.position:
-            raise tarfile.StreamError("seeking backwards is not allowed")
-        while self.position < offset:
-            if not self._take(min(offset - self.position, CHUNK_SIZE)):
-                break  # past the end: the next read returns nothing, as with a file
-        return self.position
-
-    def window(self, offset: int, size: int) -> bytes:
-        """Up to ``size`` bytes of the stream from ``offset``, from what was read and kept:
-        fewer when the stream was not read that far yet, none when ``offset`` is gone."""
-        pos = self.position - self._kept  # the stream offset of the first byte kept
-        if offset < pos:
-            return b""
-        parts: list[bytes] = []
-        for chunk in self._chunks:
-            end = pos + len(chunk)
-            if end > offset:
-                start = offset - pos if offset > pos else 0
-                parts.append(chunk[start : start + size])
-                size -= len(parts[-1])
-                if size <= 0:
-                    break
-            pos = end
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def is_zero_block_at(self, offset: int) -> bool:
-        start = offset - (self.position - self._kept)
-        if start < 0:
-            return False
-        block = b"".join(self._chunks)[start : start + _BLOCK]
-        return len(block) == _BLOCK and not block.strip(b"\0")
-
-
-class _MemberData:
-    """Reads one member's ``size`` bytes at ``offset`` of the (forward-only) stream."""
-
-    def __init__(self, fileobj: io.BufferedReader, offset: int, size: int) -> None:
-        self._fileobj, self._position, self._remaining = fileobj, offset, size
-
-    def read(self, size: int = -1) -> bytes:
-        if size < 0 or size > self._remaining:
-            size = self._remaining
-        if size <= 0:
-            return b""
-        self._fileobj.seek(self._position)  # a no-op unless the reader moved on
-        data = self._fileobj.read(size)
-        if len(data) != size:
-            raise tarfile.ReadError("unexpected end of data")
-        self._position += size
-        self._remaining -= size
-        return data
-
-
-# ---------------------------------------------------------------- fast headers
-
-_FAST_KINDS = frozenset((tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE))
-_FAST_PAX_KEYS = frozenset(("mtime", "atime", "ctime", "path", "linkpath", "hdrcharset"))
-_PAX_LENGTH_RE = re.compile(rb"[1-9][0-9]{0,8} ")
-_USTAR_MAGIC = b"ustar\x0000"  # POSIX ustar/pax (GNU's "ustar  \0" is tarfile's job)
-# The most header bytes parsed here: an extended header of up to 7 blocks, then the member's.
-FAST_HEADER_BYTES = 9 * _BLOCK
-
-
-def _name(field: bytes) -> str:
-    """tarfile's nts(): up to the first NUL, UTF-8 with surrogate escapes."""
-    end = field.find(b"\0")
-    return (field if end < 0 else field[:end]).decode("utf-8", "surrogateescape")
-
-
-def _number(field: bytes) -> int:
-    """tarfile's nti() for plain octal fields; ValueError for base-256 or garbage."""
-    if field[:1] in (b"\x80", b"\xff"):
-        raise ValueError("base-256 number")
-    end = field.find(b"\0")
-    return int((field if end < 0 else field[:end]).strip() or b"0", 8)
-
-
-# The six fixed-width octal fields (mode, uid, gid, size, mtime, checksum) as written here.
-_OUR_NUMBERS = re.compile(
-    rb"([0-7]{7})\0([0-7]{7})\0([0-7]{7})\0([0-7]{11})\0([0-7]{11})\0([0-7]{6})\0 "
-)
-_EMPTY_TAIL = bytes(_BLOCK - 265)  # no owner names, device numbers or prefix
-
-
-def _ustar(raw: bytes, offset: int) -> tarfile.TarInfo:
-    """The TarInfo tarfile's ``frombuf`` makes of a valid POSIX ustar block (ValueError
-    when it is not one: bad checksum, odd magic or numbers). Blocks laid out as the writer
-    lays them out (fixed-width numbers, nothing past the version field) take a short cut."""
-    if raw[257:265] != _USTAR_MAGIC:
-        raise ValueError("not a POSIX ustar header")
-    numbers = _OUR_NUMBERS.match(raw, 100)
-    if numbers is not None and raw[265:] == _EMPTY_TAIL:
-        mode, uid, gid, size, mtime, checksum = (int(field, 8) for field in numbers.groups())
-        if checksum != 256 + sum(raw[:148]) + sum(raw[156:265]):
-            raise ValueError("bad checksum")
-        info = tarfile.TarInfo(_name(raw[:100]))
-        info.mode, info.uid, info.gid, info.size, info.mtime = mode, uid, gid, size, mtime
-        info.chksum = checksum
-        info.type = raw[156:157]
-        info.linkname = _name(raw[157:257])
-        info.uname = info.gname = ""
-        info.devmajor = info.devminor = 0
-        prefix = ""
-    else:
-        if _number(raw[148:156]) != 256 + sum(raw[:148]) + sum(raw[156:]):
-            raise ValueError("bad checksum (or a signed one)")
-        info = tarfile.TarInfo(_name(raw[:100]))
-        info.mode = _number(raw[100:108])
-        info.uid = _number(raw[108:116])
-        info.gid = _number(raw[116:124])
-        info.size = _number(raw[124:136])
-        info.mtime = _number(raw[136:148])
-        info.chksum = _number(raw[148:156])
-        info.type = raw[156:157]
-        info.linkname = _name(raw[157:257])
-        info.uname = _name(raw[265:297])
-        info.gname = _name(raw[297:329])
-        info.devmajor = _number(raw[329:337])
-        info.devminor = _number(raw[337:345])
-        prefix = _name(raw[345:500])
-    if info.type == tarfile.DIRTYPE:
-        info.name = info.name.rstrip("/")
-    if prefix:
-        info.name = prefix + "/" + info.name
-    info.offset = offset
-    return info
-
-
-def _pax_records(payload: bytes) -> dict[str, str]:
-    """Well-formed records of the keys written here, decoded as tarfile decodes them
-    (ValueError for anything else: other keys are left to tarfile)."""
-    # tarfile first looks for "hdrcharset=" anywhere in the payload (inside a value too):
-    # only the record this tool writes, first, gives the same answer here.
-    if b"hdrcharset=" in payload and not payload.startswith(b"21 hdrcharset=BINARY\n"):
-        raise ValueError("hdrcharset is left to tarfile")
-    records: dict[str, str] = {}
-    pos = 0
-    while pos < len(payload):
-        match = _PAX_LENGTH_RE.match(payload, pos)
-        if match is None:
-            raise ValueError("not a record")
-        length = int(match[0])
-        end = pos + length
-        equals = payload.find(b"=", match.end(), end)
-        if equals < 0 or end > len(payload) or payload[end - 1 : end] != b"\n":
-            raise ValueError("malformed record")
-        keyword = payload[match.end() : equals].decode("utf-8", "surrogateescape")
-        if keyword not in _FAST_PAX_KEYS and not keyword.startswith(_XATTR_PREFIX):
-            raise ValueError(f"record {keyword!r} is left to tarfile")
-        records[keyword] = payload[equals + 1 : end - 1].decode("utf-8", "surrogateescape")
-        pos = end
-    if records.get("hdrcharset", "BINARY") != "BINARY":
-        raise ValueError("unknown hdrcharset")
-    return records
-
-
-def _fast_member(data: bytes, offset: int) -> tuple[tarfile.TarInfo, int] | None:
-    """The member whose headers start ``data`` (at archive ``offset``) and the offset of
-    the next header, for what this tool writes: a POSIX ustar block of a regular file,
-    directory, symlink or hard link, optionally after an extended header of mtime, atime,
-    ctime, path, linkpath, hdrcharset and SCHILY.xattr.* records. The TarInfo is the one
-    tarfile (3.11+) makes of the same bytes, in a fraction of the time; None for any other
-    header, or when ``data`` is too short: tarfile then parses (or refuses) it.
-    """
-    try:
-        start = 0
-        records = None
-        if data[156:157] == tarfile.XHDTYPE:
-            size = _number(data[124:136])
-            if data[:_BLOCK] != pax_block(size):
-                _ustar(data[:_BLOCK], offset)  # another writer's: validated as tarfile would
-            start = _BLOCK + -(-size // _BLOCK) * _BLOCK
-            if len(data) < start + _BLOCK or data[_BLOCK + size : start].strip(b"\0"):
-                return None
-            records = _pax_records(data[_BLOCK : _BLOCK + size])
-        if len(data) < start + _BLOCK or data[start + 156 : start + 157] not in _FAST_KINDS:
-            return None
-        info = _ustar(data[start : start + _BLOCK], offset)
-        if records:
-            if "path" in records:
-                info.name = records["path"].rstrip("/")
-            if "linkpath" in records:
-                info.linkname = records["linkpath"]
-            if "mtime" in records:
-                info.mtime = float(records["mtime"])
-            info.pax_headers = records
-    except ValueError:
-        return None
-    info.offset_data = offset + start + _BLOCK
-    size = -(-info.size // _BLOCK) * _BLOCK if info.type == tarfile.REGTYPE else 0
-    return info, info.offset_data + size
 
 
 class _Tree(Protocol):
@@ -711,51 +462,24 @@ class _Extraction:
         self.symlinks: dict[Parts, _PendingSymlink] = {}
         self.dir_attrs: dict[Parts, _Attrs] = {}  # every directory member, included or not
         self.root_attrs: _Attrs | None = None
-        self.buffered: io.BufferedReader | None = None  # the stream tarfile reads
+        self.tar: TarReader | None = None  # the archive being read
 
     def refuse(self, name: str, reason: str) -> None:
         self.result.refused.append(f"refused {name!r}: {reason}")
 
     def run(self, stream: BinaryIO) -> None:
-        reader = _TailReader(stream)
-        buffered = self.buffered = io.BufferedReader(reader, _READ_AHEAD)
         try:
-            archive = tarfile.open(
-                fileobj=cast(BinaryIO, buffered),  # read(), tell() and forward seek() only
-                mode="r:",
-                encoding="utf-8",
-                errors="surrogateescape",
-            )
-            with archive:
-                member = archive.next()
-                while member is not None:
-                    # tarfile keeps every member it reads; drop them to stay flat on huge archives.
-                    archive.members.clear()  # type: ignore[attr-defined]
-                    self.member(archive, member)
-                    member = self.next_member(archive, reader)
-                if not reader.is_zero_block_at(archive.offset):
-                    raise tarfile.ReadError(
-                        f"no valid header or end-of-archive marker at offset {archive.offset}"
-                    )
+            with TarReader(stream) as tar:
+                self.tar = tar
+                for member in tar:
+                    self.member(member)
         except (tarfile.TarError, EOFError) as exc:
             raise IntegrityError(
                 f"archive is truncated or corrupt: {exc}", _INTEGRITY_HINT
             ) from exc
         self.finish()
 
-    def next_member(self, archive: tarfile.TarFile, reader: _TailReader) -> tarfile.TarInfo | None:
-        """The next member: parsed here when its headers were already read ahead and are of
-        the kinds this tool writes (tarfile's generic parsing of a PAX header costs more
-        than extracting a small file), else by tarfile, from the same offset."""
-        if not archive.pax_headers:  # a global header applies to every member: tarfile's job
-            offset = archive.offset
-            parsed = _fast_member(reader.window(offset, FAST_HEADER_BYTES), offset)
-            if parsed is not None:
-                member, archive.offset = parsed
-                return member
-        return archive.next()
-
-    def member(self, archive: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+    def member(self, member: tarfile.TarInfo) -> None:
         name = member.name
         try:
             parts = _split_name(name)
@@ -794,7 +518,7 @@ class _Extraction:
                 self.hard_link(parts, member)
             else:
                 self.regular.discard(parts)
-                data = None if self.dry_run else self.data_of(archive, member)
+                data = None if self.dry_run or self.tar is None else self.tar.data(member)
                 self.result.bytes += self.tree.write_file(
                     parts, data, member.size, _Attrs.of(member)
                 )
@@ -802,13 +526,6 @@ class _Extraction:
                 self.result.files += 1
         except _Refused as exc:
             self.refuse(name, str(exc))
-
-    def data_of(self, archive: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes] | None:
-        """A regular member's data, read straight from the buffered stream (what tarfile's
-        ``extractfile`` does, minus two layers of Python per read); sparse ones via tarfile."""
-        if member.issparse() or self.buffered is None:
-            return archive.extractfile(member)
-        return cast(IO[bytes], _MemberData(self.buffered, member.offset_data, member.size))
 
     def hard_link(self, parts: Parts, member: tarfile.TarInfo) -> None:
         try:
