@@ -464,3 +464,19 @@ def test_a_path_longer_than_4096_bytes_is_backed_up_and_restored(
     assert contents["/".join(["n" * 250] * 20 + ["far.txt"])] == b"far away"
     restore_ok(cli, "src", env.tmp / "out")
     assert tree_snapshot(env.tmp / "out") == before
+
+
+def test_a_deep_tree_planted_in_the_local_dir_does_not_stop_listing_or_backups(
+    env: Env, cli: Callable[..., CliResult], deep_cleanup: list[Path]
+) -> None:
+    """The local dir is untrusted too: its listing (list, backup's id choice, prune) walks
+    it iteratively."""
+    src = make_tree(env.tmp / "src", {"f.txt": "x"})
+    backup_ok(cli, src)
+    planted = env.local_dir / "testhost" / "src" / "junk"
+    deep_cleanup.append(planted)
+    make_chain(planted, 2000)
+    backup_ok(cli, src)
+    listed = cli("list", "--where", "local", "--json")
+    assert listed.exit_code == 0, listed.stderr
+    assert len(json.loads(listed.stdout)["backups"]) == 2
