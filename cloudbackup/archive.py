@@ -23,12 +23,13 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, BinaryIO, Protocol, cast
 
 import zstandard
 
 from cloudbackup.errors import CloudBackupError, IntegrityError, SourceError
-from cloudbackup.sources import FileEntry
+from cloudbackup.tarformat import XATTR_PREFIX, TarReader, member_header
+from cloudbackup.walk import DirCursor, FileEntry
 
 CHUNK = 4 * 1024 * 1024
 BLOCK = tarfile.BLOCKSIZE
@@ -38,6 +39,9 @@ _NOATIME = getattr(os, "O_NOATIME", 0)
 PREFETCH_BYTES = 64 * 1024 * 1024
 PREFETCH_FILES = 1024
 _FADVISE = getattr(os, "posix_fadvise", None)
+
+
+Warn = Callable[[str, str], None]  # (category, message)
 
 
 class Compressor(Protocol):
@@ -114,6 +118,7 @@ class ArchiveStats:
     warnings: list[str] = field(default_factory=list)
     unreadable: int = 0
     vanished: int = 0
+    changed: int = 0  # files that shrank or grew while read (GNU tar exits 1 for those)
 
     def members(self) -> dict[str, int]:
         return {"dirs": self.dirs, "symlinks": self.symlinks, "hardlinks": self.hardlinks}
@@ -308,30 +313,53 @@ class _TarOut:
         self.sink.put(self.compressor.flush())
 
 
-def _open_nofollow(path: str, *, nonblocking: bool = True, wait_for_lease: bool = True) -> int:
-    """Open ``path`` for reading, never following a symlink and never waiting on a FIFO.
+def _open_nofollow(
+    path: str,
+    *,
+    dir_fd: int | None = None,
+    name: str | None = None,
+    nonblocking: bool = True,
+    wait_for_lease: bool = True,
+) -> int:
+    """Open a file for reading, never following a symlink and never waiting on a FIFO.
 
+    With ``dir_fd``, ``name`` is opened relative to that directory descriptor and ``path``
+    only names the file in errors; without it, ``path`` itself is opened (a spooled file).
     O_NONBLOCK: a file replaced by a FIFO since the walk must not hang the backup (the
     caller checks the type, then makes the descriptor blocking again for its reads). A
     regular file under a kernel lease (Samba, an NFS server) answers EWOULDBLOCK to a
     non-blocking open: it is opened again, blocking, which waits for the lease to break
     (unless ``wait_for_lease`` is false: the prefetch helper skips such a file).
     """
+    target = path if dir_fd is None else name
+    assert target is not None
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_NONBLOCK if nonblocking else 0)
     try:
-        return os.open(path, flags | _NOATIME)
+        return os.open(target, flags | _NOATIME, dir_fd=dir_fd)
     except PermissionError:
         if not _NOATIME:
             raise
-        return os.open(path, flags)  # O_NOATIME needs ownership
+        return os.open(target, flags, dir_fd=dir_fd)  # O_NOATIME needs ownership
     except BlockingIOError:
         if not (nonblocking and wait_for_lease):
             raise
-        return _open_nofollow(path, nonblocking=False)
+        return _open_nofollow(path, dir_fd=dir_fd, name=name, nonblocking=False)
     except OSError as exc:
         if exc.errno == errno.EPERM and _NOATIME:
-            return os.open(path, flags)
+            return os.open(target, flags, dir_fd=dir_fd)
         raise
+
+
+def _open_entry(entry: FileEntry, cursor: DirCursor, *, wait_for_lease: bool = True) -> int:
+    """Open ``entry`` through its directory's descriptor (``cursor`` keeps it pinned)."""
+    if entry.parent is None:
+        return _open_nofollow(entry.path, wait_for_lease=wait_for_lease)
+    return _open_nofollow(
+        entry.path,
+        dir_fd=cursor.fd_for(entry.parent),
+        name=entry.name,
+        wait_for_lease=wait_for_lease,
+    )
 
 
 def prefetched(entries: Iterable[FileEntry]) -> Iterator[FileEntry]:
@@ -339,28 +367,35 @@ def prefetched(entries: Iterable[FileEntry]) -> Iterator[FileEntry]:
 
     Archiving reads one file at a time, so the disk has one request in flight (as with GNU
     tar); on a cold cache with many small files that is mostly waiting. A helper thread
-    opens the regular files up to 1,024 entries / 64 MiB ahead and calls
-    ``posix_fadvise(WILLNEED)``, so the disk works on many requests at once. The data lands
-    in the page cache, not in our memory; the archive still reads every byte itself.
+    opens the regular files up to 1,024 entries / 64 MiB ahead (through their directory
+    handles, as the writer does) and calls ``posix_fadvise(WILLNEED)``, so the disk works
+    on many requests at once. The data lands in the page cache, not in our memory; the
+    archive still reads every byte itself. Member names count against the 64 MiB too, so
+    a window of very deep paths stays small.
     """
     if _FADVISE is None:
         yield from entries
         return
-    paths: queue.SimpleQueue[tuple[str, int] | None] = queue.SimpleQueue()
+    work: queue.SimpleQueue[tuple[FileEntry, int] | None] = queue.SimpleQueue()
 
     def advise() -> None:
-        while (item := paths.get()) is not None:
-            path, length = item
-            try:
-                fd = _open_nofollow(path, wait_for_lease=False)
-            except OSError:
-                continue  # the archive reports what it cannot read
-            try:
-                _FADVISE(fd, 0, length, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+        cursor = DirCursor()
+        try:
+            while (item := work.get()) is not None:
+                entry, length = item
+                try:
+                    fd = _open_entry(entry, cursor, wait_for_lease=False)
+                except OSError:
+                    continue  # the archive reports what it cannot read
+                try:
+                    _FADVISE(fd, 0, length, os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
+                del entry, item
+        finally:
+            cursor.release()
 
     helper = threading.Thread(target=advise, name="prefetch", daemon=True)
     helper.start()
@@ -373,78 +408,77 @@ def prefetched(entries: Iterable[FileEntry]) -> Iterator[FileEntry]:
                 entry = next(source, None)
                 if entry is None:
                     break
-                length = 0
+                cost = len(entry.arcname)
                 if stat.S_ISREG(entry.st.st_mode) and entry.st.st_size:
                     length = min(entry.st.st_size, PREFETCH_BYTES)
-                    paths.put((entry.path, length))
-                window.append((entry, length))
-                ahead += length
+                    work.put((entry, length))
+                    cost += length
+                window.append((entry, cost))
+                ahead += cost
             if not window:
                 return
-            entry, length = window.popleft()
-            ahead -= length
+            entry, cost = window.popleft()
+            ahead -= cost
             yield entry
     finally:
-        paths.put(None)
+        work.put(None)
 
 
-def _tarinfo(entry: FileEntry) -> tarfile.TarInfo:
-    st = entry.st
-    info = tarfile.TarInfo(entry.arcname)
-    info.mode = stat.S_IMODE(st.st_mode)
-    info.uid, info.gid = st.st_uid, st.st_gid
-    info.uname = info.gname = ""  # numeric owners only
-    info.mtime = int(st.st_mtime)
-    return info
+_XATTR_UNSUPPORTED = {errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
-_USTAR_TAIL = b"ustar\x0000" + bytes(32 + 32 + 8 + 8 + 155 + 12)  # magic, owners, dev, prefix, pad
-_FAST_TYPES = (tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE)
+class _Xattrs:
+    """Extended attributes read from an open descriptor as PAX ``SCHILY.xattr.*`` records.
 
-
-def _header(info: tarfile.TarInfo) -> bytes:
-    """The tar header of ``info``, byte for byte what ``tobuf(PAX_FORMAT)`` writes.
-
-    Most entries fit a plain ustar block (ASCII names up to 100 bytes, numbers within the
-    octal fields, numeric owners): that block is built directly, several times faster
-    than tarfile's generic path, which costs about a second per 35,000 files. Anything
-    else (long or non-ASCII names, huge sizes) goes through tarfile and gets its pax
-    extended header.
+    ``user.*`` always; ``security.*`` and ``trusted.*`` when running as root (as GNU tar
+    ``--xattrs`` would need them to restore). System attributes (POSIX ACLs) are not kept.
     """
-    name = (
-        info.name + "/"
-        if info.type == tarfile.DIRTYPE and not info.name.endswith("/")
-        else info.name
-    )
-    if (
-        info.type in _FAST_TYPES
-        and len(name) <= 100
-        and len(info.linkname) <= 100
-        and name.isascii()
-        and info.linkname.isascii()
-        and not info.uname
-        and not info.gname
-        and not info.pax_headers
-        and 0 <= info.uid < 0o7777777
-        and 0 <= info.gid < 0o7777777
-        and 0 <= info.size < 0o77777777777
-        and isinstance(info.mtime, int)
-        and 0 <= info.mtime < 0o77777777777
-    ):
-        head = b"%s%07o\0%07o\0%07o\0%011o\0%011o\0" % (
-            name.encode("ascii").ljust(100, b"\0"),
-            info.mode & 0o7777,
-            info.uid,
-            info.gid,
-            info.size,
-            info.mtime,
-        )
-        tail = info.type + info.linkname.encode("ascii").ljust(100, b"\0") + _USTAR_TAIL
-        return b"%s%06o\0 %s" % (head, 256 + sum(head) + sum(tail), tail)
-    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+    def __init__(self, warn: Warn) -> None:
+        self.warn = warn
+        root = os.geteuid() == 0
+        self.prefixes: tuple[str, ...] = ("user.", "security.", "trusted.") if root else ("user.",)
+
+    def read(self, fd: int, entry: FileEntry) -> dict[str, str] | None:
+        """The attributes of ``fd`` as PAX records, or None when it has none."""
+        try:
+            names = os.listxattr(fd)
+        except OSError as exc:
+            if exc.errno not in _XATTR_UNSUPPORTED:
+                self.warn(
+                    "unreadable",
+                    f"{entry.path}: cannot list extended attributes ({exc.strerror})",
+                )
+            return None
+        if not names:
+            return None
+        path = entry.path
+        out: dict[str, str] = {}
+        for name in sorted(names):
+            if not name.startswith(self.prefixes):
+                continue
+            if "=" in name or not name.isprintable() or not _encodable(name):
+                self.warn("skipped", f"{path}: extended attribute {name!r} cannot be archived")
+                continue
+            try:
+                value = os.getxattr(fd, name)
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:  # removed since it was listed: churn
+                    self.warn(
+                        "unreadable",
+                        f"{path}: cannot read extended attribute {name} ({exc.strerror})",
+                    )
+                continue
+            out[XATTR_PREFIX + name] = value.decode("utf-8", "surrogateescape")
+        return out or None
 
 
-Warn = Callable[[str, str], None]
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def write_tar(
@@ -453,91 +487,156 @@ def write_tar(
     stats: ArchiveStats,
     warn: Warn,
 ) -> None:
+    """Write each entry as a tar member (data read through its directory's descriptor).
+
+    A regular file is archived only when the object opened is the one the walk saw (type
+    and ``(st_dev, st_ino)``); one that changed size while read is padded or truncated to
+    the header's size, as GNU tar does, with a ``changed`` warning.
+    """
     hardlinks: dict[tuple[int, int], str] = {}
-    for entry in entries:
-        st = entry.st
-        info = _tarinfo(entry)
-        mode = st.st_mode
-        if stat.S_ISDIR(mode):
-            info.type = tarfile.DIRTYPE
-            out.write(_header(info))
-            stats.dirs += 1
-            continue
-        if stat.S_ISLNK(mode):
+    cursor = DirCursor()
+    xattr_reader = _Xattrs(warn)
+    try:
+        for entry in entries:
+            _write_member(entry, out, stats, warn, hardlinks, cursor, xattr_reader)
+    finally:
+        cursor.release()
+
+
+def _write_member(
+    entry: FileEntry,
+    out: _TarOut,
+    stats: ArchiveStats,
+    warn: Warn,
+    hardlinks: dict[tuple[int, int], str],
+    cursor: DirCursor,
+    xattr_reader: _Xattrs,
+) -> None:
+    st = entry.st
+    mode = st.st_mode
+    mtime = st.st_mtime_ns
+    xattrs: dict[str, str] | None = None
+    perm = stat.S_IMODE(mode)
+    if stat.S_ISDIR(mode):
+        handle = entry.handle
+        if handle is not None:
             try:
-                info.linkname = os.readlink(entry.path)
-            except FileNotFoundError:
-                warn("vanished", f"{entry.path}: vanished while reading")
-                continue
-            except OSError as exc:
-                warn("unreadable", f"{entry.path}: cannot read link ({exc.strerror})")
-                continue
-            info.type = tarfile.SYMTYPE
-            out.write(_header(info))
-            stats.symlinks += 1
-            stats.file_count += 1
-            continue
-        if not stat.S_ISREG(mode):
-            continue  # sources already skip FIFOs, sockets and devices with a note
-        key = (st.st_dev, st.st_ino)
-        if st.st_nlink > 1 and key in hardlinks:
-            info.type = tarfile.LNKTYPE
-            info.linkname = hardlinks[key]
-            info.size = 0
-            out.write(_header(info))
-            stats.hardlinks += 1
-            stats.file_count += 1
-            continue
+                fd = handle.pin()
+            except OSError:
+                pass  # replaced since it was listed: its metadata is what the walk saw
+            else:
+                try:
+                    xattrs = xattr_reader.read(fd, entry)
+                finally:
+                    handle.unpin()
+        out.write(
+            member_header(
+                entry.arcname, tarfile.DIRTYPE, perm, st.st_uid, st.st_gid, 0, mtime, "", xattrs
+            )
+        )
+        stats.dirs += 1
+        return
+    if stat.S_ISLNK(mode):
         try:
-            fd = _open_nofollow(entry.path)
+            if entry.parent is None:
+                linkname = os.readlink(entry.path)
+            else:
+                linkname = os.readlink(entry.name, dir_fd=cursor.fd_for(entry.parent))
         except FileNotFoundError:
             warn("vanished", f"{entry.path}: vanished while reading")
-            continue
+            return
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                warn("vanished", f"{entry.path}: replaced by a symlink while reading; skipped")
+            if exc.errno == errno.EINVAL:
+                warn("vanished", f"{entry.path}: no longer a symlink while reading; skipped")
             else:
-                warn("unreadable", f"{entry.path}: cannot open ({exc.strerror})")
-            continue
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            warn("vanished", f"{entry.path}: replaced by a special file while reading; skipped")
-            continue
-        os.set_blocking(fd, True)  # a short read must mean end of file, never EAGAIN
-        with io.FileIO(fd, "rb", closefd=True) as reader:
-            size = st.st_size
-            info.type = tarfile.REGTYPE
-            info.size = size
-            out.write(_header(info))
-            try:
-                got = out.copy_from(reader, size)
-            except OSError as exc:
-                # Header already written: keep the tar consistent, as GNU tar does.
-                got = -1
-                warn(
-                    "unreadable",
-                    f"{entry.path}: read error ({exc.strerror}); rest filled with zeros",
-                )
-            if got >= 0 and got < size:
+                warn("unreadable", f"{entry.path}: cannot read link ({exc.strerror})")
+            return
+        # Symlinks keep no extended attributes: Linux allows no user.* on them.
+        out.write(
+            member_header(
+                entry.arcname, tarfile.SYMTYPE, perm, st.st_uid, st.st_gid, 0, mtime, linkname
+            )
+        )
+        stats.symlinks += 1
+        stats.file_count += 1
+        return
+    if not stat.S_ISREG(mode):
+        return  # sources already skip FIFOs, sockets and devices with a note
+    key = (st.st_dev, st.st_ino)
+    if st.st_nlink > 1 and key in hardlinks:
+        out.write(
+            member_header(
+                entry.arcname,
+                tarfile.LNKTYPE,
+                perm,
+                st.st_uid,
+                st.st_gid,
+                0,
+                mtime,
+                hardlinks[key],
+            )
+        )
+        stats.hardlinks += 1
+        stats.file_count += 1
+        return
+    try:
+        fd = _open_entry(entry, cursor)
+    except FileNotFoundError:
+        warn("vanished", f"{entry.path}: vanished while reading")
+        return
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            warn("vanished", f"{entry.path}: replaced by a symlink while reading; skipped")
+        else:
+            warn("unreadable", f"{entry.path}: cannot open ({exc.strerror})")
+        return
+    opened = os.fstat(fd)
+    if not stat.S_ISREG(opened.st_mode):
+        os.close(fd)
+        warn("vanished", f"{entry.path}: replaced by a special file while reading; skipped")
+        return
+    if (opened.st_dev, opened.st_ino) != key:
+        os.close(fd)
+        warn("vanished", f"{entry.path}: replaced by another file while reading; skipped")
+        return
+    os.set_blocking(fd, True)  # a short read must mean end of file, never EAGAIN
+    with io.FileIO(fd, "rb", closefd=True) as reader:
+        xattrs = xattr_reader.read(fd, entry)
+        size = st.st_size
+        out.write(
+            member_header(
+                entry.arcname, tarfile.REGTYPE, perm, st.st_uid, st.st_gid, size, mtime, "", xattrs
+            )
+        )
+        try:
+            got = out.copy_from(reader, size)
+        except OSError as exc:
+            # Header already written: keep the tar consistent, as GNU tar does.
+            got = -1
+            warn(
+                "unreadable",
+                f"{entry.path}: read error ({exc.strerror}); rest filled with zeros",
+            )
+        if got >= 0 and got < size:
+            warn(
+                "changed",
+                f"{entry.path}: shrank from {size} to {got} bytes while reading; padded with zeros",
+            )
+        if got < size:
+            out.zeros(size - max(got, 0))
+        elif got == size:
+            now = os.fstat(reader.fileno()).st_size
+            if now > size:
                 warn(
                     "changed",
-                    f"{entry.path}: shrank from {size} to {got} bytes while reading; padded with zeros",
+                    f"{entry.path}: grew from {size} to {now} bytes while reading; truncated",
                 )
-            if got < size:
-                out.zeros(size - max(got, 0))
-            elif got == size:
-                now = os.fstat(reader.fileno()).st_size
-                if now > size:
-                    warn(
-                        "changed",
-                        f"{entry.path}: grew from {size} to {now} bytes while reading; truncated",
-                    )
-        if size % BLOCK:
-            out.write(bytes(BLOCK - size % BLOCK))
-        if st.st_nlink > 1:
-            hardlinks[key] = entry.arcname
-        stats.file_count += 1
-        stats.uncompressed_bytes += size
+    if size % BLOCK:
+        out.write(bytes(BLOCK - size % BLOCK))
+    if st.st_nlink > 1:
+        hardlinks[key] = entry.arcname
+    stats.file_count += 1
+    stats.uncompressed_bytes += size
 
 
 def write_archive(
@@ -567,6 +666,8 @@ def write_archive(
             stats.unreadable += 1
         elif category == "vanished":
             stats.vanished += 1
+        elif category == "changed":
+            stats.changed += 1
         warn(category, message)
 
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -708,12 +809,11 @@ class WalkStats:
 
 
 def walk_archive(stream: IO[bytes]) -> WalkStats:
-    """Read a tar stream to its end, counting members as the writer counted them."""
+    """Read a tar stream to its end, counting members as the writer counted them (member
+    data is read through, not looked at; the stream must end with an end-of-archive block)."""
     stats = WalkStats()
     try:
-        with tarfile.open(
-            fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape"
-        ) as tar:
+        with TarReader(cast(BinaryIO, stream)) as tar:
             for member in tar:
                 if member.isdir():
                     stats.dirs += 1
@@ -721,10 +821,6 @@ def walk_archive(stream: IO[bytes]) -> WalkStats:
                 stats.file_count += 1
                 if member.isreg():
                     stats.uncompressed_bytes += member.size
-                    reader = tar.extractfile(member)
-                    if reader is not None:
-                        while reader.read(CHUNK):
-                            pass
     except (
         tarfile.TarError,
         EOFError,

@@ -14,31 +14,33 @@ links that do not point at a regular file this run extracted; a refused member i
 from __future__ import annotations
 
 import errno
-import io
 import os
+import re
 import stat
 import tarfile
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, BinaryIO, Protocol, cast
+from typing import IO, BinaryIO, Protocol
 
 from cloudbackup.errors import IntegrityError
 from cloudbackup.patterns import PathMatcher
+from cloudbackup.tarformat import XATTR_PREFIX, TarReader
+from cloudbackup.walk import default_capacity, identity, open_parent
 
 __all__ = ["CHUNK_SIZE", "ExtractResult", "extract"]
 
 CHUNK_SIZE = 1 << 20
-_READ_AHEAD = 1 << 16
-_BLOCK = tarfile.BLOCKSIZE
 _DIR_FD_CACHE = 128
+_CLIMB = 16  # at most this many ``..`` steps to reopen a directory (see _RealTree._climb)
 _IMPLICIT_DIR_MODE = 0o755
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # Errors that concern one member (its name or its place in the tree), not the whole restore.
 _MEMBER_ERRNOS = {errno.ENAMETOOLONG, errno.EILSEQ, errno.EMLINK, errno.EINVAL}
 _INTEGRITY_HINT = "restore another copy (--from local/remote) or an older backup"
+_PAX_TIME_RE = re.compile(r"(-?)([0-9]{1,30})(?:\.([0-9]*))?", re.ASCII)
 
 Parts = tuple[str, ...]
 
@@ -60,13 +62,25 @@ class ExtractResult:
 @dataclass(frozen=True)
 class _Attrs:
     mode: int
-    mtime: float
+    mtime_ns: int
     uid: int
     gid: int
+    xattrs: tuple[tuple[str, bytes], ...] = ()
 
     @classmethod
     def of(cls, member: tarfile.TarInfo) -> _Attrs:
-        return cls(member.mode & 0o7777, member.mtime, member.uid, member.gid)
+        pax = member.pax_headers
+        if not pax:
+            return cls(member.mode & 0o7777, _ns(member.mtime), member.uid, member.gid)
+        xattrs = tuple(
+            (key[len(XATTR_PREFIX) :], value.encode("utf-8", "surrogateescape"))
+            for key, value in pax.items()
+            if key.startswith(XATTR_PREFIX)
+        )
+        mtime_ns = _pax_time_ns(pax.get("mtime"))
+        if mtime_ns is None:
+            mtime_ns = _ns(member.mtime)
+        return cls(member.mode & 0o7777, mtime_ns, member.uid, member.gid, xattrs)
 
 
 class _Refused(Exception):
@@ -75,93 +89,6 @@ class _Refused(Exception):
 
 def _show(parts: Parts) -> str:
     return repr("/".join(parts))
-
-
-class _TailReader(io.RawIOBase):
-    """The raw layer under tarfile: passes reads through, counts them, keeps the last bytes
-    read to check the end-of-archive block, and seeks forward only (by reading).
-
-    ``tarfile`` silently stops at a truncated or corrupt header after the first member; the
-    only proof that a stream is complete is the zero block where the next header would be.
-
-    Forward seeks let tarfile run in its plain ``r:`` mode over a C ``BufferedReader``
-    instead of its ``r|`` stream mode, whose pure-Python buffer reads the archive in 10 KiB
-    steps (most of the extractor's CPU time on archives of many small files). tarfile reads
-    members sequentially either way; a backward seek raises ``StreamError``, as in ``r|``.
-    """
-
-    _KEEP = 1 << 19  # more than the BufferedReader's read-ahead (_READ_AHEAD) plus a block
-
-    def __init__(self, stream: BinaryIO) -> None:
-        super().__init__()
-        self._stream = stream
-        self._chunks: deque[bytes] = deque()
-        self._kept = 0
-        self.position = 0  # bytes read so far
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.position
-
-    def _take(self, size: int) -> bytes:
-        data = self._stream.read(size)
-        if data:
-            self._chunks.append(data)
-            self._kept += len(data)
-            self.position += len(data)
-            while len(self._chunks) > 1 and self._kept - len(self._chunks[0]) >= self._KEEP:
-                self._kept -= len(self._chunks.popleft())
-        return data
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._take(len(buffer))
-        n = len(data)
-        buffer[:n] = data
-        return n
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        if whence == os.SEEK_CUR:
-            offset += self.position
-        elif whence != os.SEEK_SET:
-            raise tarfile.StreamError("seeking from the end is not possible in a stream")
-        if offset < self.position:
-            raise tarfile.StreamError("seeking backwards is not allowed")
-        while self.position < offset:
-            if not self._take(min(offset - self.position, CHUNK_SIZE)):
-                break  # past the end: the next read returns nothing, as with a file
-        return self.position
-
-    def is_zero_block_at(self, offset: int) -> bool:
-        start = offset - (self.position - self._kept)
-        if start < 0:
-            return False
-        block = b"".join(self._chunks)[start : start + _BLOCK]
-        return len(block) == _BLOCK and not block.strip(b"\0")
-
-
-class _MemberData:
-    """Reads one member's ``size`` bytes at ``offset`` of the (forward-only) stream."""
-
-    def __init__(self, fileobj: io.BufferedReader, offset: int, size: int) -> None:
-        self._fileobj, self._position, self._remaining = fileobj, offset, size
-
-    def read(self, size: int = -1) -> bytes:
-        if size < 0 or size > self._remaining:
-            size = self._remaining
-        if size <= 0:
-            return b""
-        self._fileobj.seek(self._position)  # a no-op unless the reader moved on
-        data = self._fileobj.read(size)
-        if len(data) != size:
-            raise tarfile.ReadError("unexpected end of data")
-        self._position += size
-        self._remaining -= size
-        return data
 
 
 class _Tree(Protocol):
@@ -195,10 +122,17 @@ class _RealTree:
     ) -> None:
         self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._fds: OrderedDict[Parts, int] = OrderedDict()
+        self._capacity = min(_DIR_FD_CACHE, default_capacity())
+        self._ids: dict[Parts, tuple[int, int]] = {}  # (st_dev, st_ino) of each dir opened
+        self._last: Parts | None = None  # the directory _dir() returned last
         self._same_owner = same_owner
         self._mode_mask = 0o7777 if same_owner else 0o1777
         self._progress = progress
         self._warnings = warnings
+        # user.* always; security.* and trusted.* need root (as when they were archived).
+        root_user = os.geteuid() == 0
+        self._xattr_prefixes = ("user.", "security.", "trusted.") if root_user else ("user.",)
+        self._xattr_failures: dict[str, tuple[int, str]] = {}  # reason -> (count, example)
         self.created_dirs: set[Parts] = set()
 
     def close(self) -> None:
@@ -206,19 +140,71 @@ class _RealTree:
             os.close(fd)
         self._fds.clear()
         os.close(self._root_fd)
+        for reason, (count, example) in self._xattr_failures.items():
+            more = f" (and {count - 1} more)" if count > 1 else ""
+            self._warnings.append(f"cannot set extended attribute {example}{more}: {reason}")
 
     def _dir(self, parts: Parts) -> int:
         """The fd of directory ``parts``, creating missing components; never follows a link.
 
-        The returned fd stays valid until the next call (the cache is an LRU of at least 2).
+        Iterative: from the nearest ancestor whose fd is cached (or the root), each
+        component is created or opened relative to its parent. The returned fd stays valid
+        until the next call (the cache is an LRU of at least 2).
         """
         if not parts:
             return self._root_fd
-        fd = self._fds.get(parts)
+        fds = self._fds
+        fd = fds.get(parts)
+        if fd is None:
+            fd = self._climb(parts)
         if fd is not None:
-            self._fds.move_to_end(parts)
+            fds.move_to_end(parts)
+            self._last = parts
             return fd
-        parent = self._dir(parts[:-1])
+        depth = len(parts) - 1
+        while depth and parts[:depth] not in fds:
+            depth -= 1
+        parent = self._root_fd
+        if depth:
+            parent = fds[parts[:depth]]
+            fds.move_to_end(parts[:depth])
+        for end in range(depth + 1, len(parts) + 1):
+            parent = self._open_dir(parent, parts[:end])
+        self._last = parts
+        return parent
+
+    def _climb(self, parts: Parts) -> int | None:
+        """Reopen ``parts`` by ``..`` from the directory used last when that is a cached
+        descendant a few levels down (archives list a deep tree's files on the way back up,
+        which would otherwise reopen the whole path from the root for every level once the
+        cache is full). Each level must be the directory opened before (same device and
+        inode); otherwise None, and the caller opens it by name."""
+        last = self._last
+        depth = len(parts)
+        if last is None or not depth < len(last) <= depth + _CLIMB or last[:depth] != parts:
+            return None
+        fd = self._fds.get(last)
+        if fd is None:
+            return None
+        owned = False
+        for end in range(len(last) - 1, depth - 1, -1):
+            expected = self._ids.get(last[:end])
+            up = open_parent(fd, expected) if expected is not None else None
+            if owned:
+                os.close(fd)
+            if up is None:
+                return None
+            fd, owned = up, True
+        self._cache(parts, fd)
+        return fd
+
+    def _cache(self, parts: Parts, fd: int) -> None:
+        self._fds[parts] = fd
+        if len(self._fds) > self._capacity:
+            os.close(self._fds.popitem(last=False)[1])
+
+    def _open_dir(self, parent: int, parts: Parts) -> int:
+        """Create (if missing) and open directory ``parts`` in its parent's fd; cache it."""
         name = parts[-1]
         try:
             os.mkdir(name, 0o700, dir_fd=parent)
@@ -237,9 +223,8 @@ class _RealTree:
             if exc.errno in _MEMBER_ERRNOS:
                 raise _Refused(f"cannot open directory {_show(parts)}: {exc.strerror}") from None
             raise
-        self._fds[parts] = fd
-        if len(self._fds) > _DIR_FD_CACHE:
-            os.close(self._fds.popitem(last=False)[1])
+        self._ids[parts] = identity(fd)
+        self._cache(parts, fd)
         return fd
 
     def make_dir(self, parts: Parts) -> None:
@@ -261,8 +246,18 @@ class _RealTree:
             except OSError as exc:
                 self._warnings.append(f"cannot set owner of {_show(parts)}: {exc.strerror}")
         os.fchmod(fd, attrs.mode & self._mode_mask)
+        # After chown, which clears security.capability; before utime (it changes ctime only).
+        for name, value in attrs.xattrs:
+            if not name.startswith(self._xattr_prefixes):
+                continue
+            try:
+                os.setxattr(fd, name, value)
+            except (OSError, ValueError) as exc:
+                reason = getattr(exc, "strerror", None) or str(exc)
+                count, example = self._xattr_failures.get(reason, (0, f"{name} of {_show(parts)}"))
+                self._xattr_failures[reason] = (count + 1, example)
         try:
-            os.utime(fd, ns=(_ns(attrs.mtime), _ns(attrs.mtime)))
+            os.utime(fd, ns=(attrs.mtime_ns, attrs.mtime_ns))
         except (OSError, OverflowError, ValueError) as exc:
             self._warnings.append(f"cannot set mtime of {_show(parts)}: {exc}")
 
@@ -344,7 +339,7 @@ class _RealTree:
             except OSError as exc:
                 self._warnings.append(f"cannot set owner of {_show(parts)}: {exc.strerror}")
         try:
-            mtime = _ns(attrs.mtime)
+            mtime = attrs.mtime_ns
             os.utime(name, ns=(mtime, mtime), dir_fd=parent, follow_symlinks=False)
         except (OSError, OverflowError, ValueError) as exc:
             self._warnings.append(f"cannot set mtime of {_show(parts)}: {exc}")
@@ -369,14 +364,18 @@ class _DryTree:
         pass
 
     def make_dir(self, parts: Parts) -> None:
-        for depth in range(1, len(parts) + 1):
-            prefix = parts[:depth]
-            kind = self._kinds.get(prefix)
-            if kind is None:
-                self._kinds[prefix] = "d"
-                self.created_dirs.add(prefix)
-            elif kind != "d":
-                raise _Refused(f"{_show(prefix)} is not a directory")
+        # Every prefix of a known path is known, and only directories have children: the
+        # deepest known prefix is the only one to check (work linear in the depth).
+        kinds = self._kinds
+        depth = len(parts)
+        while depth and parts[:depth] not in kinds:
+            depth -= 1
+        if depth and kinds[parts[:depth]] != "d":
+            raise _Refused(f"{_show(parts[:depth])} is not a directory")
+        for end in range(depth + 1, len(parts) + 1):
+            prefix = parts[:end]
+            kinds[prefix] = "d"
+            self.created_dirs.add(prefix)
 
     def _place(self, parts: Parts, kind: str, what: str) -> None:
         self.make_dir(parts[:-1])
@@ -408,13 +407,32 @@ def _ns(mtime: float) -> int:
     return int(mtime * 1e9)
 
 
+def _pax_time_ns(text: str | None) -> int | None:
+    """A PAX time (``1700000000.123456789``, ``-1.5``) in exact nanoseconds, or None.
+
+    tarfile turns it into a float, which keeps only about 0.2 microseconds of today's
+    times; the string is read here digit for digit (digits past nanoseconds dropped).
+    """
+    if text is None:
+        return None
+    match = _PAX_TIME_RE.fullmatch(text)
+    if match is None:
+        return None
+    sign, seconds, fraction = match.groups()
+    ns = int(seconds) * 1_000_000_000 + int((fraction or "")[:9].ljust(9, "0"))
+    return -ns if sign else ns
+
+
 def _split_name(name: str, what: str = "path") -> Parts:
     """Normalised components of a member name or link target; raises _Refused if unsafe."""
     if "\0" in name:
         raise _Refused(f"{what} contains a NUL byte")
     if name.startswith("/"):
         raise _Refused(f"{what} is absolute")
-    parts = tuple(part for part in name.split("/") if part not in ("", "."))
+    split = name.split("/")
+    if "" in split or "." in split:
+        split = [part for part in split if part not in ("", ".")]
+    parts = tuple(split)
     if ".." in parts:
         raise _Refused(f"{what} escapes the target")
     return parts
@@ -444,37 +462,24 @@ class _Extraction:
         self.symlinks: dict[Parts, _PendingSymlink] = {}
         self.dir_attrs: dict[Parts, _Attrs] = {}  # every directory member, included or not
         self.root_attrs: _Attrs | None = None
-        self.buffered: io.BufferedReader | None = None  # the stream tarfile reads
+        self.tar: TarReader | None = None  # the archive being read
 
     def refuse(self, name: str, reason: str) -> None:
         self.result.refused.append(f"refused {name!r}: {reason}")
 
     def run(self, stream: BinaryIO) -> None:
-        reader = _TailReader(stream)
-        buffered = self.buffered = io.BufferedReader(reader, _READ_AHEAD)
         try:
-            archive = tarfile.open(
-                fileobj=cast(BinaryIO, buffered),  # read(), tell() and forward seek() only
-                mode="r:",
-                encoding="utf-8",
-                errors="surrogateescape",
-            )
-            with archive:
-                while (member := archive.next()) is not None:
-                    # tarfile keeps every member it reads; drop them to stay flat on huge archives.
-                    archive.members.clear()  # type: ignore[attr-defined]
-                    self.member(archive, member)
-                if not reader.is_zero_block_at(archive.offset):
-                    raise tarfile.ReadError(
-                        f"no valid header or end-of-archive marker at offset {archive.offset}"
-                    )
+            with TarReader(stream) as tar:
+                self.tar = tar
+                for member in tar:
+                    self.member(member)
         except (tarfile.TarError, EOFError) as exc:
             raise IntegrityError(
                 f"archive is truncated or corrupt: {exc}", _INTEGRITY_HINT
             ) from exc
         self.finish()
 
-    def member(self, archive: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+    def member(self, member: tarfile.TarInfo) -> None:
         name = member.name
         try:
             parts = _split_name(name)
@@ -513,7 +518,7 @@ class _Extraction:
                 self.hard_link(parts, member)
             else:
                 self.regular.discard(parts)
-                data = None if self.dry_run else self.data_of(archive, member)
+                data = None if self.dry_run or self.tar is None else self.tar.data(member)
                 self.result.bytes += self.tree.write_file(
                     parts, data, member.size, _Attrs.of(member)
                 )
@@ -521,13 +526,6 @@ class _Extraction:
                 self.result.files += 1
         except _Refused as exc:
             self.refuse(name, str(exc))
-
-    def data_of(self, archive: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes] | None:
-        """A regular member's data, read straight from the buffered stream (what tarfile's
-        ``extractfile`` does, minus two layers of Python per read); sparse ones via tarfile."""
-        if member.issparse() or self.buffered is None:
-            return archive.extractfile(member)
-        return cast(IO[bytes], _MemberData(self.buffered, member.offset_data, member.size))
 
     def hard_link(self, parts: Parts, member: tarfile.TarInfo) -> None:
         try:

@@ -544,7 +544,9 @@ def backup_source(
         result.size = stats.size
         result.file_count = stats.file_count
         result.warnings = stats.warnings
-        if stats.unreadable:
+        if stats.unreadable or stats.changed:
+            # Completed with warnings: unreadable files, or files that changed size while
+            # read (stored as GNU tar does, which also exits 1 for them).
             result.exit_code = 1
         if manifest_problems:  # backed up all the same; a bad manifest is still exit 3
             result.warnings = result.warnings + manifest_problems
@@ -572,6 +574,16 @@ def backup_source(
         )
         result.exit_code = 1
         LOG.error("%s", result.error)
+        LOG.debug("details", exc_info=True)
+    except Exception as exc:
+        # A bug or an exhausted resource (RecursionError, MemoryError) in one source fails
+        # that source alone, in one line; the next sources are still backed up.
+        detail = " ".join(str(exc).split())[:300]
+        result.error = f"source {source.name} failed unexpectedly: {type(exc).__name__}" + (
+            f" ({detail})" if detail else ""
+        )
+        result.exit_code = 1
+        LOG.error("%s; run with -v for details", result.error)
         LOG.debug("details", exc_info=True)
     finally:
         result.seconds = time.monotonic() - started

@@ -253,6 +253,14 @@ class PathMatcher:
                     return True
         return False
 
+    def matches_child(self, relpath: str, name: str) -> bool:
+        """``matches(relpath)`` for a walk that never enters a matched directory: the parents
+        of ``relpath`` are known not to match, so only its last component (``name``) and the
+        whole path are tried. Constant work per entry, whatever the depth."""
+        if self._name_re is not None and self._name_re.fullmatch(name):
+            return True
+        return self._path_re is not None and self._path_re.fullmatch(relpath) is not None
+
 
 def has_wildcard(text: str) -> bool:
     """Whether ``text`` holds ``*``, ``?``, a ``[...]`` class or an expandable ``{a,b}``."""

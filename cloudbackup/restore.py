@@ -16,6 +16,7 @@ counts what it wrote against the manifest and says so.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import hashlib
@@ -62,6 +63,7 @@ from cloudbackup.model import (
     valid_name,
 )
 from cloudbackup.operations import Context, read_local_manifest, read_remote_manifest
+from cloudbackup.walk import ENTER, LEAVE, OTHER, visit_tree
 
 LOG = logging.getLogger("cloudbackup")
 T = TypeVar("T")
@@ -665,24 +667,30 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_tree(path: Path) -> None:
-    """``rm -rf`` that also removes read-only directories a restored tree may contain."""
+    """``rm -rf`` that also removes read-only directories a restored tree may contain.
+
+    Best effort, like ``rm -rf`` (what cannot be removed stays); iterative and by directory
+    descriptor, so no depth or path length stops it and no symlink is ever followed.
+    """
+    top = os.fspath(path)
     try:
-        shutil.rmtree(path)
-        return
+        for visit in visit_tree(top, make_accessible=True, onerror=lambda exc: None):
+            try:
+                if visit.kind == LEAVE:
+                    os.rmdir(visit.name, dir_fd=visit.fd)
+                elif visit.kind == OTHER:
+                    os.unlink(visit.name, dir_fd=visit.fd)
+            except OSError:
+                pass
     except FileNotFoundError:
         return
-    except OSError:
-        pass
-    for dirpath, dirnames, _ in os.walk(path):
-        for name in dirnames:
-            full = os.path.join(dirpath, name)
-            if not os.path.islink(full):
-                try:
-                    os.chmod(full, 0o700)
-                except OSError:
-                    pass
-    os.chmod(path, 0o700)
-    shutil.rmtree(path, ignore_errors=True)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # not a directory: remove the name
+            with contextlib.suppress(OSError):
+                os.unlink(top)
+        return
+    with contextlib.suppress(OSError):
+        os.rmdir(top)
 
 
 class _Workspace:
@@ -772,27 +780,24 @@ class Tally:
 
 
 def tally_tree(root: Path) -> Tally:
-    """Count what is on disk under ``root`` (no symlink followed): the restore's own check."""
+    """Count what is on disk under ``root`` (no symlink followed): the restore's own check.
+
+    Iterative and by directory descriptor: any depth, any path length.
+    """
     tally = Tally()
     seen: set[tuple[int, int]] = set()
-    stack = [os.fspath(root)]
-    while stack:
-        directory = stack.pop()
-        with os.scandir(directory) as it:
-            for entry in it:
-                if entry.is_dir(follow_symlinks=False):
-                    tally.dirs += 1
-                    stack.append(entry.path)
-                    continue
-                tally.files += 1
-                if entry.is_file(follow_symlinks=False):
-                    st = entry.stat(follow_symlinks=False)
+    for kind, _fd, _name, st, _parent in visit_tree(os.fspath(root)):
+        if kind == ENTER:
+            tally.dirs += 1
+        elif kind == OTHER:
+            tally.files += 1
+            if stat.S_ISREG(st.st_mode):
+                if st.st_nlink > 1:
                     ident = (st.st_dev, st.st_ino)
-                    if st.st_nlink > 1:
-                        if ident in seen:
-                            continue
-                        seen.add(ident)
-                    tally.bytes += st.st_size
+                    if ident in seen:
+                        continue
+                    seen.add(ident)
+                tally.bytes += st.st_size
     return tally
 
 

@@ -1,13 +1,15 @@
 """Source specs and the entries each kind of source feeds to the archive writer.
 
-A source yields ``FileEntry`` objects (a path on disk, the member name it gets in the
-archive and its ``lstat``); the archive writer turns them into tar members. Database and
-command sources first spool a consistent copy into the local dir (never ``/tmp``) and
-yield that file.
+A source yields ``FileEntry`` objects (the member name, the ``lstat`` and the directory
+handle to open it through: see cloudbackup.walk); the archive writer turns them into tar
+members. Directory and glob sources walk by directory descriptor. Database and command
+sources first spool a consistent copy into the local dir (never ``/tmp``) and yield that
+file by path.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shlex
@@ -22,6 +24,7 @@ from cloudbackup import childenv
 from cloudbackup.errors import SourceError
 from cloudbackup.model import valid_name
 from cloudbackup.patterns import PathMatcher, compile_glob, has_wildcard, split_glob
+from cloudbackup.walk import DirCursor, DirHandle, DirTable, FileEntry
 
 KINDS = ("directory", "glob", "sqlite", "postgresql", "command")
 _NAMED_RE = re.compile(r"^([A-Za-z0-9._-]+)=(.+)$", re.DOTALL)
@@ -281,16 +284,8 @@ def parse_spec(text: str) -> SourceSpec:
     return SourceSpec(name=name, kind=kind, spec=raw)
 
 
-@dataclass(frozen=True)
-class FileEntry:
-    """A filesystem object to archive: its path, member name and ``lstat``."""
-
-    path: str
-    arcname: str
-    st: os.stat_result
-
-
-Warn = Callable[[str, str], None]  # (category, message); categories: vanished, unreadable, skipped
+Warn = Callable[[str, str], None]
+"""(category, message); categories: vanished, unreadable, skipped (and the writer's changed)."""
 
 
 @dataclass
@@ -317,17 +312,10 @@ def _kind_name(mode: int) -> str:
     return "device"
 
 
-def walk_tree(
-    root: str,
-    ctx: SourceContext,
-    *,
-    select: Callable[[str], bool] | None = None,
-) -> Iterator[FileEntry]:
-    """Depth-first, sorted, never following symlinks. ``select`` filters non-directories
-    (glob sources); parent directories of selected entries are emitted before them."""
-    visited: set[tuple[int, int]] = set()
+def _open_root(root: str) -> DirHandle:
+    """The walk's root, opened once by path (a symlink there was resolved by the source)."""
     try:
-        root_st = os.stat(root)
+        return DirTable(root).open_root()
     except FileNotFoundError:
         raise SourceError(
             f"source path {root} does not exist", "check the path or the mount"
@@ -336,63 +324,153 @@ def walk_tree(
         raise SourceError(
             f"source path {root} is not readable", "run as a user who can read it"
         ) from None
-    if not stat.S_ISDIR(root_st.st_mode):
-        raise SourceError(f"source path {root} is not a directory", "give a directory or a glob")
-    visited.add((root_st.st_dev, root_st.st_ino))
-    pending_dirs: list[FileEntry] = []  # glob mode: parents not yet emitted
+    except OSError as exc:
+        # O_NOFOLLOW | O_DIRECTORY on a symlink: ENOTDIR (or ELOOP) rather than a follow.
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(root):
+            raise SourceError(
+                f"source path {root} was replaced by a symlink since it was resolved",
+                "check the path",
+            ) from None
+        if exc.errno == errno.ENOTDIR:
+            raise SourceError(
+                f"source path {root} is not a directory", "give a directory or a glob"
+            ) from None
+        raise SourceError(f"source path {root}: {exc.strerror}", "check the path") from None
 
-    def scan(directory: str, rel: str) -> Iterator[FileEntry]:
+
+@dataclass
+class _Level:
+    """One directory on the walk's stack: its handle, sorted names and entry (glob mode)."""
+
+    handle: DirHandle
+    names: list[str]
+    entry: FileEntry | None
+    index: int = 0
+
+
+def walk_tree(
+    root: str,
+    ctx: SourceContext,
+    *,
+    select: Callable[[str], bool] | None = None,
+) -> Iterator[FileEntry]:
+    """Depth-first and sorted, by directory descriptor, iterative, never following symlinks.
+
+    Every directory is opened relative to its parent with O_NOFOLLOW and must be the
+    directory the parent's listing showed; one that was swapped (for a symlink or anything
+    else) is skipped with a warning. ``select`` filters non-directories (glob sources);
+    parent directories of selected entries are emitted before them. Holds one name list
+    per level and a bounded number of descriptors (see cloudbackup.walk), whatever the depth.
+    """
+    top = _open_root(root)
+    warn = ctx.warn
+    exclude = ctx.exclude if ctx.exclude else None
+    skip = ctx.skip_inodes
+    visited: set[tuple[int, int]] = {(top.dev, top.ino)}
+    pending: list[FileEntry] = []  # glob mode: directories of the current path not yet emitted
+    cursor = DirCursor()
+    try:
         try:
-            with os.scandir(directory) as it:
-                names = sorted(entry.name for entry in it)
-        except FileNotFoundError:
-            ctx.warn("vanished", f"{directory}: vanished while reading")
-            return
+            names = sorted(os.listdir(cursor.fd_for(top)))
         except OSError as exc:
-            ctx.warn("unreadable", f"{directory}: cannot list directory ({exc.strerror})")
+            warn("unreadable", f"{root}: cannot list directory ({exc.strerror})")
             return
-        for name in names:
-            path = os.path.join(directory, name)
+        stack = [_Level(top, names, None)]
+        rel = ""  # the member name of the directory on top of the stack
+        while stack:
+            level = stack[-1]
+            names = level.names
+            if level.index >= len(names):
+                stack.pop()
+                if pending and pending[-1] is level.entry:
+                    pending.pop()
+                rel = rel[: len(rel) - len(level.handle.name) - 1] if len(stack) > 1 else ""
+                continue
+            name = names[level.index]
+            level.index += 1
             arcname = f"{rel}/{name}" if rel else name
-            if ctx.exclude and ctx.exclude.matches(arcname):
+            if exclude is not None and exclude.matches_child(arcname, name):
                 continue
             try:
-                st = os.lstat(path)
+                fd = cursor.fd_for(level.handle)
+            except OSError as exc:
+                # Its descriptor had been closed (bounded window) and it moved since.
+                gone = isinstance(exc, FileNotFoundError)
+                warn(
+                    "vanished" if gone else "unreadable",
+                    f"{level.handle.path}: "
+                    + ("replaced during the walk" if gone else f"cannot reopen ({exc.strerror})")
+                    + "; the rest of it skipped",
+                )
+                level.index = len(names)
+                continue
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
-                ctx.warn("vanished", f"{path}: vanished while reading")
+                warn("vanished", f"{level.handle.child_path(name)}: vanished while reading")
                 continue
             except OSError as exc:
-                ctx.warn("unreadable", f"{path}: cannot stat ({exc.strerror})")
+                warn("unreadable", f"{level.handle.child_path(name)}: cannot stat ({exc.strerror})")
                 continue
-            if (st.st_dev, st.st_ino) in ctx.skip_inodes:
+            key = (st.st_dev, st.st_ino)
+            if key in skip:
                 continue
-            if stat.S_ISDIR(st.st_mode):
-                if (st.st_dev, st.st_ino) in visited:
-                    ctx.warn("skipped", f"{path}: directory loop (bind mount?) skipped")
+            mode = st.st_mode
+            if stat.S_ISDIR(mode):
+                if key in visited:
+                    warn(
+                        "skipped",
+                        f"{level.handle.child_path(name)}: directory loop (bind mount?) skipped",
+                    )
                     continue
-                visited.add((st.st_dev, st.st_ino))
-                entry = FileEntry(path, arcname, st)
+                visited.add(key)
+                try:
+                    child = level.handle.open_child(name, st, fd)
+                except FileNotFoundError:
+                    warn(
+                        "vanished",
+                        f"{level.handle.child_path(name)}: replaced during the walk; "
+                        "skipped (never followed)",
+                    )
+                    continue
+                except OSError as exc:
+                    entry = FileEntry(None, arcname, st, level.handle, name)
+                    warn("unreadable", f"{entry.path}: cannot list directory ({exc.strerror})")
+                    if select is None:
+                        yield entry
+                    continue
+                entry = FileEntry(None, arcname, st, level.handle, name, child)
                 if select is None:
                     yield entry
-                    yield from scan(path, arcname)
                 else:
-                    pending_dirs.append(entry)
-                    depth = len(pending_dirs)
-                    yield from scan(path, arcname)
-                    del pending_dirs[depth - 1 :]
-            elif _is_special(st.st_mode):
-                ctx.warn("skipped", f"{path}: {_kind_name(st.st_mode)} skipped")
+                    pending.append(entry)
+                try:
+                    child_names = sorted(os.listdir(cursor.fd_for(child)))
+                except OSError as exc:
+                    gone = isinstance(exc, FileNotFoundError)
+                    warn(
+                        "vanished" if gone else "unreadable",
+                        f"{entry.path}: "
+                        + ("replaced during the walk" if gone else "cannot list directory")
+                        + ("" if gone else f" ({exc.strerror})"),
+                    )
+                    if pending and pending[-1] is entry:
+                        pending.pop()
+                    continue
+                stack.append(_Level(child, child_names, entry))
+                rel = arcname
+            elif _is_special(mode):
+                warn("skipped", f"{level.handle.child_path(name)}: {_kind_name(mode)} skipped")
             else:
                 if select is not None:
                     if not select(arcname):
                         continue
-                    yield from pending_dirs
-                    pending_dirs.clear()
-                yield FileEntry(path, arcname, st)
-
-    # In glob mode, parents are emitted lazily: a cleared entry must not be re-emitted,
-    # so ``pending_dirs`` only ever holds the not-yet-emitted tail of the current path.
-    yield from scan(root, "")
+                    if pending:
+                        yield from pending
+                        pending.clear()
+                yield FileEntry(None, arcname, st, level.handle, name)
+    finally:
+        cursor.release()
 
 
 class Source(ABC):

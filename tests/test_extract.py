@@ -19,6 +19,9 @@ from hypothesis import strategies as st
 
 from cloudbackup.errors import IntegrityError
 from cloudbackup.extract import CHUNK_SIZE, ExtractResult, extract
+from tests.test_hostile_tree import deep_cleanup
+
+__all__ = ["deep_cleanup"]  # a fixture
 
 MTIME = 1_700_000_000
 IS_ROOT = os.geteuid() == 0
@@ -362,6 +365,103 @@ def test_fractional_and_old_mtimes(target: Path) -> None:
     run(data, target)
     assert os.stat(target / "new").st_mtime_ns == (MTIME * 10**9) + 500_000_000
     assert os.stat(target / "old").st_mtime == 0
+
+
+def _pax_member(tar: Tar, name: str, kind: bytes, pax: dict[str, str], data: bytes = b"") -> None:
+    info = tar._info(name, kind, 0o644 if kind == tarfile.REGTYPE else 0o755, MTIME)
+    info.size = len(data)
+    if kind == tarfile.SYMTYPE:
+        info.linkname = "f"
+    info.pax_headers = pax
+    tar.tf.addfile(info, io.BytesIO(data))
+
+
+def test_pax_mtimes_are_restored_to_the_nanosecond(target: Path) -> None:
+    """tarfile reads a PAX mtime as a float (about 0.2 us of precision today): the extractor
+    reads the string itself."""
+    tar = Tar()
+    _pax_member(tar, "d", tarfile.DIRTYPE, {"mtime": "1400000000.000000007"})
+    _pax_member(tar, "d/f", tarfile.REGTYPE, {"mtime": "1700000000.123456789"}, b"x")
+    _pax_member(tar, "d/link", tarfile.SYMTYPE, {"mtime": "1650000000.5"})
+    _pax_member(tar, "old", tarfile.REGTYPE, {"mtime": "-1.25"})
+    _pax_member(tar, "odd", tarfile.REGTYPE, {"mtime": "1700000000.1234567891234"})
+    run(tar.bytes(), target)
+    mtimes = {
+        name: os.lstat(target / name).st_mtime_ns for name in ("d", "d/f", "d/link", "old", "odd")
+    }
+    assert mtimes == {
+        "d": 1_400_000_000_000_000_007,
+        "d/f": 1_700_000_000_123_456_789,
+        "d/link": 1_650_000_000_500_000_000,
+        "old": -1_250_000_000,
+        "odd": 1_700_000_000_123_456_789,  # digits past the nanosecond dropped
+    }
+
+
+def test_xattrs_are_restored_and_refusals_reported_once(target: Path) -> None:
+    tar = Tar()
+    blob = b"\x00\xff binary\n=value".decode("utf-8", "surrogateescape")
+    _pax_member(tar, "d", tarfile.DIRTYPE, {"SCHILY.xattr.user.dir": "on a directory"})
+    _pax_member(
+        tar,
+        "d/f",
+        tarfile.REGTYPE,
+        {"SCHILY.xattr.user.comment": "plain", "SCHILY.xattr.user.blob": blob},
+        b"data",
+    )
+    too_long = "SCHILY.xattr.user." + "x" * 300  # over XATTR_NAME_MAX: every filesystem refuses
+    for index in range(3):
+        _pax_member(tar, f"refused{index}", tarfile.REGTYPE, {too_long: "v"}, b"r")
+    result = run(tar.bytes(), target)
+    assert result.refused == [] and result.files == 4
+    assert os.getxattr(target / "d", "user.dir") == b"on a directory"
+    assert os.getxattr(target / "d/f", "user.comment") == b"plain"
+    assert os.getxattr(target / "d/f", "user.blob") == b"\x00\xff binary\n=value"
+    (warning,) = result.warnings
+    assert warning.startswith("cannot set extended attribute user.xxx")
+    assert "'refused0' (and 2 more):" in warning
+
+
+def test_a_2000_level_archive_is_extracted_with_a_few_descriptors(
+    target: Path, monkeypatch: pytest.MonkeyPatch, deep_cleanup: list[Path]
+) -> None:
+    from cloudbackup import extract as extract_module
+
+    deep_cleanup.append(target)
+
+    monkeypatch.setattr(extract_module, "default_capacity", lambda: 8)
+    tar = Tar()
+    names = ["d" * (k % 3 + 1) for k in range(2000)]
+    for depth in range(1, 2001):
+        tar.dir("/".join(names[:depth]), mode=0o750)
+    for depth in range(2000, 0, -1):  # the files on the way back up: directories reopened
+        tar.file("/".join([*names[:depth], "f"]), b"%d" % depth)
+    data = tar.bytes()
+    assert run(data, target, dry_run=True).files == 2000
+    opened = 0
+    real_open = os.open
+
+    def counting_open(*args: object, **kwargs: object) -> int:
+        nonlocal opened
+        opened += 1
+        return real_open(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", counting_open)
+    result = run(data, target)
+    monkeypatch.undo()
+    assert result.refused == [] and result.files == 2000 and result.dirs == 2000
+    assert opened < 4 * 4000  # linear in the members, not quadratic in the depth
+    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for depth, name in enumerate(names, start=1):
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = child
+            assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o750
+            with open(os.open("f", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd), "rb") as handle:
+                assert handle.read() == b"%d" % depth
+    finally:
+        os.close(fd)
 
 
 def test_a_file_streams_in_chunks(target: Path) -> None:

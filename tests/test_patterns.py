@@ -294,3 +294,21 @@ def test_a_literal_path_matches_itself(path: str) -> None:
 def test_text_without_specials_expands_to_itself(text: str) -> None:
     assert expand_braces(text) == [text]
     assert not has_wildcard(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    patterns=st.lists(_PATTERNS, max_size=3),
+    names=st.lists(_NAMES.filter(lambda n: n not in (".", "..")), min_size=1, max_size=5),
+)
+def test_matches_child_is_matches_for_a_walk_that_prunes_matched_directories(
+    patterns: list[str], names: list[str]
+) -> None:
+    """The walk asks only about paths whose parents did not match (a matched directory is
+    not entered): there, one match on the last name and the whole path says the same."""
+    matcher = PathMatcher(patterns)
+    for depth in range(1, len(names) + 1):
+        path = "/".join(names[:depth])
+        assert matcher.matches_child(path, names[depth - 1]) == matcher.matches(path)
+        if matcher.matches(path):
+            break

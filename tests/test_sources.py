@@ -227,3 +227,63 @@ def test_glob_check_missing_base(tmp_path: Path) -> None:
     source = make_source(parse_spec(f"conf={tmp_path}/nope/*.conf"))
     with pytest.raises(SourceError, match="does not exist"):
         source.check()
+
+
+def test_a_directory_swapped_for_a_symlink_before_it_is_opened_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The walk saw ``a_user`` as a directory; by the time it opens it (relative to its
+    parent, O_NOFOLLOW) it is a symlink to a directory outside: skipped, never followed."""
+    from cloudbackup.walk import DirHandle
+
+    root = make_tree(tmp_path / "src", {"a_user/mine.txt": "m", "b.txt": "b"})
+    outside = make_tree(tmp_path / "outside", {"secret": "s"})
+    original = DirHandle.open_child
+
+    def swap_then_open(self: DirHandle, name: str, st: os.stat_result, fd: int) -> DirHandle:
+        if name == "a_user":
+            (root / "a_user").rename(tmp_path / "moved")
+            (root / "a_user").symlink_to(outside)
+        return original(self, name, st, fd)
+
+    monkeypatch.setattr(DirHandle, "open_child", swap_then_open)
+    ctx, recorder = ctx_for(tmp_path)
+    names = [e.arcname for e in DirectorySource(parse_spec(str(root))).entries(ctx)]
+    assert names == ["b.txt"]
+    assert recorder.warnings == [
+        ("vanished", f"{root}/a_user: replaced during the walk; skipped (never followed)")
+    ]
+
+
+def test_walked_entries_open_through_their_directory(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "src", {"d/e/f.txt": "f", "g.txt": "g"})
+    ctx, _ = ctx_for(tmp_path)
+    entries = list(DirectorySource(parse_spec(str(root))).entries(ctx))
+    assert [(e.arcname, e.name) for e in entries] == [
+        ("d", "d"),
+        ("d/e", "e"),
+        ("d/e/f.txt", "f.txt"),
+        ("g.txt", "g.txt"),
+    ]
+    for entry in entries:
+        assert entry.parent is not None
+        assert entry.path == f"{root}/{entry.arcname}"
+        fd = entry.parent.pin()
+        try:
+            st = os.stat(entry.name, dir_fd=fd, follow_symlinks=False)
+        finally:
+            entry.parent.unpin()
+        assert (st.st_dev, st.st_ino) == (entry.st.st_dev, entry.st.st_ino)
+    directory = entries[1]
+    assert directory.handle is not None and directory.handle.ino == directory.st.st_ino
+
+
+def test_a_symlink_as_the_root_is_refused_when_opened(tmp_path: Path) -> None:
+    """The root was resolved once; a symlink there at walk time is not followed."""
+    from cloudbackup.sources import walk_tree
+
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "root").symlink_to(tmp_path / "elsewhere")
+    ctx, _ = ctx_for(tmp_path)
+    with pytest.raises(SourceError, match="replaced by a symlink"):
+        list(walk_tree(str(tmp_path / "root"), ctx))

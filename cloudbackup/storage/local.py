@@ -30,12 +30,26 @@ class LocalStore:
         base = self.root / prefix if prefix else self.root
         if not base.is_dir():
             return
-        for dirpath, dirnames, filenames in os.walk(base):
-            rel = os.path.relpath(dirpath, self.root)
-            if rel == ".":
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        # os.walk's order and results, iteratively: os.walk recurses, and a deep tree
+        # planted in the (untrusted) local dir must not stop listing.
+        stack = [os.fspath(base)]
+        while stack:
+            dirpath = stack.pop()
+            try:
+                with os.scandir(dirpath) as it:
+                    found = list(it)
+            except OSError:
                 continue
-            dirnames.sort()
+            rel = os.path.relpath(dirpath, self.root)
+            filenames = [e.name for e in found if not _is_dir(e)]
+            subdirs = [e.name for e in found if _is_dir(e) and not e.is_symlink()]
+            if rel == ".":
+                subdirs = [d for d in subdirs if not d.startswith(".")]
+            else:
+                subdirs.sort()
+            stack.extend(os.path.join(dirpath, d) for d in reversed(subdirs))
+            if rel == ".":
+                continue
             for name in sorted(filenames):
                 path = os.path.join(dirpath, name)
                 try:
@@ -74,3 +88,10 @@ class LocalStore:
         except FileNotFoundError:
             return
         fsync_dir(path.parent)
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
