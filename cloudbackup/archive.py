@@ -835,12 +835,23 @@ def walk_archive(stream: IO[bytes]) -> WalkStats:
     return stats
 
 
+def open_regular(path: Path) -> io.FileIO:
+    """Open a file of the local dir for reading: never through a symlink (the local dir can
+    be written by others: a planted link must not make us read, upload or restore the file
+    it points to), and only a regular file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return io.FileIO(fd, "rb", closefd=True)
+
+
 def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> tuple[str, int]:
     sha = hashlib.sha256()
     size = 0
     buf = bytearray(CHUNK)
     view = memoryview(buf)
-    with open(path, "rb", buffering=0) as handle:
+    with open_regular(path) as handle:
         while True:
             n = handle.readinto(view)  # type: ignore[attr-defined]
             if not n:

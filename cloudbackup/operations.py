@@ -24,6 +24,7 @@ from cloudbackup.archive import (
     ArchiveStats,
     ArchiveTail,
     commit,
+    open_regular,
     sha256_file,
     write_archive,
     write_file_atomic,
@@ -795,7 +796,7 @@ def verify_local_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> Ver
         if deep:
             from cloudbackup.archive import HashingReader
 
-            with open(path, "rb") as raw:
+            with open_regular(path) as raw:
                 hashing = HashingReader(raw, progress)
                 walked = walk_archive(open_decompressed(hashing, manifest.compression))
                 hashing.drain()

@@ -43,6 +43,7 @@ from cloudbackup.archive import (
     HashingSink,
     fsync_dir,
     open_decompressed,
+    open_regular,
     sha256_file,
 )
 from cloudbackup.errors import (
@@ -748,7 +749,7 @@ class _Workspace:
 
 
 def _open_archive(path: Path, compression: str) -> tuple[BinaryIO, Any]:
-    raw = open(path, "rb", buffering=0)
+    raw = open_regular(path)
     return raw, open_decompressed(raw, compression)
 
 

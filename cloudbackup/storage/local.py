@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
-from cloudbackup.archive import fsync_dir, write_file_atomic
+from cloudbackup.archive import fsync_dir, open_regular, write_file_atomic
 from cloudbackup.errors import NotFound
 from cloudbackup.storage.base import ObjectHead, ObjectInfo
 
@@ -53,22 +54,26 @@ class LocalStore:
             for name in sorted(filenames):
                 path = os.path.join(dirpath, name)
                 try:
-                    st = os.stat(path)
+                    st = os.lstat(path)
                 except FileNotFoundError:
                     continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue  # a symlink or special file planted in the local dir: never ours
                 key = f"{rel.replace(os.sep, '/')}/{name}"
                 yield ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC))
 
     def head(self, key: str) -> ObjectHead | None:
         try:
-            st = self.path(key).stat()
+            st = self.path(key).lstat()
         except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
             return None
         return ObjectHead(key=key, size=st.st_size)
 
     def open(self, key: str) -> IO[bytes]:
         try:
-            return open(self.path(key), "rb")
+            return open_regular(self.path(key))
         except FileNotFoundError:
             raise NotFound(f"{self.path(key)} does not exist") from None
 

@@ -516,7 +516,7 @@ class S3Store:
             (n, (n - 1) * part_size, min(part_size, size - (n - 1) * part_size))
             for n in range(1, part_count + 1)
         )
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # never a planted link
         try:
             sent = self._send_parts(
                 key,
@@ -779,7 +779,7 @@ class S3Store:
             return None
         part_count = max(1, -(-size // part_size))
         digests = []
-        with open(path, "rb") as handle:
+        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as handle:
             for _ in range(part_count):
                 digests.append(sha256_b64(handle.read(part_size)))
         expected = composite_checksum(digests)

@@ -623,3 +623,43 @@ def test_run_with_a_hostile_previous_manifest_backs_up_and_says_so(
     assert any(forged in w and "manifest" in w for w in source["warnings"])
     bad_lines = [line for line in result.stderr.splitlines() if f"{forged}.manifest.json" in line]
     assert len(bad_lines) == 1, result.stderr
+
+
+# ---------------------------------------------------------------- the local dir: planted links
+
+
+def test_a_symlink_planted_in_the_local_dir_is_never_listed_uploaded_or_restored(
+    env: Env, s3_env: S3Env, cli: Cli
+) -> None:
+    """Someone who can write the local dir links a backup's archive name to a file only root
+    may read: it is not a backup (never listed), never uploaded, and never read by a restore."""
+    secret = env.tmp / "shadow"
+    secret.write_bytes(b"root:$6$secret-hash:19000:0:99999:7:::\n")
+    secret.chmod(0o600)
+    tree = make_tree(env.tmp / "www", {"a.txt": "a"})
+    assert cli("backup", "--no-upload", tree).exit_code == 0
+    (archive,) = env.archives("www")
+    (manifest,) = env.manifests("www")
+    # The genuine archive is replaced by a link to the secret, with a manifest to match it.
+    real = json.loads(manifest.read_bytes())
+    real["sha256"] = hashlib.sha256(secret.read_bytes()).hexdigest()
+    real["size"] = secret.stat().st_size
+    manifest.write_text(json.dumps(real))
+    archive.unlink()
+    archive.symlink_to(secret)
+
+    listed = cli("list", "--where", "local", "--json")
+    assert listed.exit_code == 0, listed.stderr
+    assert json.loads(listed.stdout)["backups"] == []
+
+    uploaded = cli("upload")
+    assert "Traceback" not in uploaded.stderr
+    assert not [k for k in s3_env.keys() if k.endswith(archive.name)]
+    everything = b"".join(
+        s3_env.client.get_object(Bucket=s3_env.bucket, Key=k)["Body"].read() for k in s3_env.keys()
+    )
+    assert b"secret-hash" not in everything
+
+    restored = cli("restore", "www", "--from", "local", "--to", env.tmp / "out")
+    assert restored.exit_code == 2, restored.stderr  # not found: the link is no backup
+    assert not (env.tmp / "out").exists()
