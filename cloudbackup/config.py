@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from cloudbackup import childenv, retention
-from cloudbackup.errors import ConfigError
-from cloudbackup.model import valid_name
-from cloudbackup.sources import SourceSpec, parse_spec, redact_url, split_list
+from cloudbackup.core import childenv, retention
+from cloudbackup.core.errors import ConfigError
+from cloudbackup.core.model import valid_name
+from cloudbackup.sources.base import SourceSpec, parse_spec, redact_url, split_list
 
 COMPRESSIONS = ("zstd", "gzip", "xz", "bzip2", "none")
 LEVEL_RANGES = {"zstd": (1, 19), "gzip": (1, 9), "bzip2": (1, 9), "xz": (0, 9), "none": (0, 0)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cloudbackup.model import Manifest, manifest_ref, parse_manifest
+from cloudbackup.core.model import Manifest, manifest_ref, parse_manifest
 
 
 def load_manifest(path: Path) -> Manifest:

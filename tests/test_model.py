@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloudbackup.errors import IntegrityError
-from cloudbackup.model import (
+from cloudbackup.core.errors import IntegrityError
+from cloudbackup.core.model import (
     COMPRESSION_EXT,
     MAX_MANIFEST_BYTES,
     SOURCE_KINDS,

@@ -26,7 +26,7 @@ import boto3
 import botocore.exceptions as bexc
 from botocore.config import Config
 
-from cloudbackup.errors import (
+from cloudbackup.core.errors import (
     CloudBackupError,
     IntegrityError,
     NotFound,

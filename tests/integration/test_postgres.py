@@ -20,12 +20,13 @@ from typing import Any
 import pytest
 import zstandard
 
-from cloudbackup import postgres
-from cloudbackup.dbsources import PostgresSource
-from cloudbackup.errors import SourceError, UsageError
-from cloudbackup.model import Manifest
-from cloudbackup.patterns import PathMatcher
-from cloudbackup.sources import SourceContext, make_source, parse_spec
+from cloudbackup.core.errors import SourceError, UsageError
+from cloudbackup.core.model import Manifest
+from cloudbackup.core.patterns import PathMatcher
+from cloudbackup.sources import pgtools as postgres
+from cloudbackup.sources.base import SourceContext, parse_spec
+from cloudbackup.sources.postgres import PostgresSource
+from cloudbackup.sources.registry import make_source
 from tests.conftest import CliResult, Env, S3Env, make_tree
 from tests.integration.pgserver import PgServer, _free_port
 from tests.manifests import load_manifest

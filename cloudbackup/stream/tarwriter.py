@@ -1,35 +1,26 @@
-"""The streaming archive writer: entries → tar → compressor → SHA-256 + size → ``.partial``.
-
-One pass over the data with bounded memory. The main thread walks, encodes tar headers
-and reads file data into a 4 MiB buffer that goes to the compressor (zstd compresses on
-its own worker threads); a writer thread hashes the compressed output and writes it, so
-hashing and disk writes overlap with reading.
+"""The tar writer: each ``FileEntry`` becomes a tar member (PAX headers from ``tarformat``),
+its data read through its directory's descriptor, into a 4 MiB buffer that feeds the
+compressor; ``prefetched`` keeps the kernel reading ahead of it. The pipeline around it
+(compressor, hashing, the ``.partial`` file) is ``cloudbackup.stream.pipeline``.
 """
 
 from __future__ import annotations
 
-import bz2
 import errno
-import hashlib
 import io
-import lzma
 import os
 import queue
 import stat
 import tarfile
 import threading
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO, Any, BinaryIO, Protocol, cast
 
-import zstandard
-
-from cloudbackup.errors import CloudBackupError, IntegrityError, SourceError
-from cloudbackup.tarformat import XATTR_PREFIX, TarReader, member_header
-from cloudbackup.walk import DirCursor, FileEntry
+from cloudbackup.fs.walk import DirCursor, FileEntry
+from cloudbackup.stream.compress import Compressor
+from cloudbackup.stream.hashing import HashingSink
+from cloudbackup.stream.tarformat import XATTR_PREFIX, member_header
 
 CHUNK = 4 * 1024 * 1024
 BLOCK = tarfile.BLOCKSIZE
@@ -42,68 +33,6 @@ _FADVISE = getattr(os, "posix_fadvise", None)
 
 
 Warn = Callable[[str, str], None]  # (category, message)
-
-
-class Compressor(Protocol):
-    def compress(self, data: Any, /) -> bytes: ...
-
-    def flush(self) -> bytes: ...
-
-
-class _Identity:
-    def compress(self, data: Any) -> bytes:
-        return bytes(data)
-
-    def flush(self) -> bytes:
-        return b""
-
-
-class _Zstd:
-    """zstd through a stream writer: output goes to ``emit`` in 1 MiB pieces as it is
-    produced (a compressobj would hand back multi-MiB chunks and hold more memory)."""
-
-    class _Out:
-        def __init__(self, emit: Callable[[bytes], None]) -> None:
-            self.emit = emit
-
-        def write(self, data: Any) -> int:
-            self.emit(bytes(data))
-            return len(data)
-
-    def __init__(self, level: int, emit: Callable[[bytes], None]) -> None:
-        # threads=-1: one worker per core; compression overlaps with our reading.
-        cctx = zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True)
-        self._writer = cctx.stream_writer(
-            self._Out(emit),  # type: ignore[arg-type]
-            write_size=1024 * 1024,
-            closefd=False,
-        )
-
-    def compress(self, data: Any) -> bytes:
-        self._writer.write(data)
-        return b""
-
-    def flush(self) -> bytes:
-        self._writer.flush(zstandard.FLUSH_FRAME)
-        return b""
-
-
-def make_compressor(
-    compression: str, level: int | None, emit: Callable[[bytes], None] | None = None
-) -> Compressor:
-    if compression == "zstd":
-        if emit is None:
-            raise ValueError("zstd needs an output callback")
-        return _Zstd(level or 3, emit)
-    if compression == "gzip":
-        return zlib.compressobj(level or 6, zlib.DEFLATED, 31)  # 31: gzip container
-    if compression == "xz":
-        return lzma.LZMACompressor(preset=6 if level is None else level)
-    if compression == "bzip2":
-        return bz2.BZ2Compressor(level or 9)
-    if compression == "none":
-        return _Identity()
-    raise ValueError(f"unknown compression {compression!r}")
 
 
 @dataclass
@@ -124,119 +53,7 @@ class ArchiveStats:
         return {"dirs": self.dirs, "symlinks": self.symlinks, "hardlinks": self.hardlinks}
 
 
-class ArchiveAbandoned(CloudBackupError):
-    """The archive a tail follows was not completed (the backup failed or was refused)."""
-
-
-class ArchiveTail:
-    """Follows an archive while it is written, for a reader that must not wait for the end
-    (the streaming uploader sends parts while later ones are still being compressed).
-
-    The writer reports how many bytes are on disk; the reader waits for a range and reads it
-    back with ``pread`` on its own descriptor (from the page cache), so the tail holds no
-    data and survives the rename of the ``.partial`` file.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self.fd: int | None = None
-        self.written = 0
-        self.size: int | None = None  # set once the archive is complete and fsynced
-        self.failed = False
-
-    def attach(self, path: Path) -> None:
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-
-    def advance(self, total: int) -> None:
-        with self._cond:
-            self.written = total
-            self._cond.notify_all()
-
-    def finish(self, size: int) -> None:
-        with self._cond:
-            self.written = self.size = size
-            self._cond.notify_all()
-
-    def fail(self) -> None:
-        with self._cond:
-            self.failed = True
-            self._cond.notify_all()
-
-    def wait_for(self, end: int) -> tuple[int, int | None]:
-        """Block until ``end`` bytes are written or the archive is complete.
-
-        Returns (bytes written, final size or None); raises ArchiveAbandoned when the
-        writer failed or the backup was given up.
-        """
-        with self._cond:
-            while not self.failed and self.size is None and self.written < end:
-                self._cond.wait()
-            if self.failed:
-                raise ArchiveAbandoned("the archive was not completed")
-            return self.written, self.size
-
-    def close(self) -> None:
-        self.fail()  # wakes a reader still waiting
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-class HashingSink:
-    """Hashes and writes chunks to ``fd`` on its own thread (hashlib and os.write release
-    the GIL); at most ``depth`` chunks wait, so memory stays bounded. A ``tail`` is told
-    how far the file has been written."""
-
-    def __init__(
-        self,
-        fd: int,
-        *,
-        sha: Any = None,
-        depth: int = 8,
-        name: str = "archive-writer",
-        tail: ArchiveTail | None = None,
-    ) -> None:
-        self.fd = fd
-        self.sha = sha if sha is not None else hashlib.sha256()
-        self.size = 0
-        self.tail = tail
-        self.error: BaseException | None = None
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            chunk = self._queue.get()
-            if chunk is None:
-                return
-            if self.error is not None:
-                continue
-            try:
-                self.sha.update(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(self.fd, view) :]
-                self.size += len(chunk)
-                if self.tail is not None:
-                    self.tail.advance(self.size)
-            except BaseException as exc:  # surfaced on the main thread
-                self.error = exc
-
-    def put(self, chunk: bytes) -> None:
-        if self.error is not None:
-            raise self.error
-        if chunk:
-            self._queue.put(chunk)
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
-
-
-class _TarOut:
+class TarOut:
     """Accumulates tar bytes in a fixed buffer and feeds the compressor in big chunks."""
 
     def __init__(
@@ -483,7 +300,7 @@ def _encodable(text: str) -> bool:
 
 def write_tar(
     entries: Iterable[FileEntry],
-    out: _TarOut,
+    out: TarOut,
     stats: ArchiveStats,
     warn: Warn,
 ) -> None:
@@ -505,7 +322,7 @@ def write_tar(
 
 def _write_member(
     entry: FileEntry,
-    out: _TarOut,
+    out: TarOut,
     stats: ArchiveStats,
     warn: Warn,
     hardlinks: dict[tuple[int, int], str],
@@ -639,225 +456,3 @@ def _write_member(
     stats.uncompressed_bytes += size
 
 
-def write_archive(
-    entries: Iterable[FileEntry],
-    partial: Path,
-    *,
-    compression: str,
-    level: int | None,
-    warn: Warn,
-    progress: Callable[[int], None] | None = None,
-    tail: ArchiveTail | None = None,
-    prefetch: bool = False,
-) -> ArchiveStats:
-    """Write ``partial`` in one pass and fsync it; the caller renames it into place.
-
-    ``tail`` follows the bytes as they are written (it is finished once the file is
-    fsynced, failed on error). ``prefetch`` reads ahead of ``entries`` (see
-    :func:`prefetched`): only for sources whose entries stay valid once the next one is
-    asked for (files on disk, not a spool removed after its entry). On any error the partial file is removed and the error
-    re-raised.
-    """
-    stats = ArchiveStats()
-
-    def record(category: str, message: str) -> None:
-        stats.warnings.append(message)
-        if category == "unreadable":
-            stats.unreadable += 1
-        elif category == "vanished":
-            stats.vanished += 1
-        elif category == "changed":
-            stats.changed += 1
-        warn(category, message)
-
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        if tail is not None:
-            tail.attach(partial)
-        sink = HashingSink(fd, tail=tail)
-    except BaseException:
-        os.close(fd)
-        partial.unlink(missing_ok=True)
-        raise
-    try:
-        out = _TarOut(make_compressor(compression, level, sink.put), sink, progress)
-        try:
-            write_tar(prefetched(entries) if prefetch else entries, out, stats, record)
-            out.finish()
-        finally:
-            sink.close()
-        os.fsync(fd)
-    except BaseException as exc:
-        os.close(fd)
-        partial.unlink(missing_ok=True)
-        if tail is not None:
-            tail.fail()
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise SourceError(
-                f"no space left on {partial.parent} while writing the archive", "free space"
-            ) from None
-        raise
-    os.close(fd)
-    stats.size = sink.size
-    stats.sha256 = sink.sha.hexdigest()
-    if tail is not None:
-        tail.finish(stats.size)
-    return stats
-
-
-def fsync_dir(path: Path, *, best_effort: bool = False) -> None:
-    """Make a rename in ``path`` durable; ``best_effort`` ignores filesystems that refuse."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        if best_effort:
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not best_effort:
-            raise
-    finally:
-        os.close(fd)
-
-
-def commit(partial: Path, final: Path) -> None:
-    """Atomically publish a fsynced partial file and make the rename durable."""
-    os.rename(partial, final)
-    fsync_dir(final.parent)
-
-
-def write_file_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """temp → fsync → rename → fsync dir, for manifests and state files."""
-    partial = path.with_name(path.name + ".partial")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    commit(partial, path)
-
-
-# ---------------------------------------------------------------- reading
-
-
-class HashingReader(io.RawIOBase):
-    """Wraps a stream; hashes and counts every byte read through it."""
-
-    def __init__(self, raw: IO[bytes], progress: Callable[[int], None] | None = None) -> None:
-        self.raw = raw
-        self.sha = hashlib.sha256()
-        self.count = 0
-        self.progress = progress
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.raw.read(len(buffer))
-        n = len(data)
-        buffer[:n] = data
-        if n:
-            self.sha.update(data)
-            self.count += n
-            if self.progress:
-                self.progress(n)
-        return n
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size if size is not None and size >= 0 else CHUNK)
-        if data:
-            self.sha.update(data)
-            self.count += len(data)
-            if self.progress:
-                self.progress(len(data))
-        return data
-
-    def drain(self) -> None:
-        while self.read(CHUNK):
-            pass
-
-
-def open_decompressed(stream: Any, compression: str) -> Any:
-    """A readable stream of the tar bytes inside a compressed archive stream."""
-    if compression == "zstd":
-        return zstandard.ZstdDecompressor().stream_reader(
-            stream, read_size=1024 * 1024, read_across_frames=True
-        )  # type: ignore[return-value]
-    if compression == "gzip":
-        import gzip
-
-        return gzip.GzipFile(fileobj=stream, mode="rb")
-    if compression == "xz":
-        return lzma.LZMAFile(stream, "rb")
-    if compression == "bzip2":
-        return bz2.BZ2File(stream, "rb")
-    if compression == "none":
-        return stream
-    raise ValueError(f"unknown compression {compression!r}")
-
-
-@dataclass
-class WalkStats:
-    file_count: int = 0
-    uncompressed_bytes: int = 0
-    dirs: int = 0
-
-
-def walk_archive(stream: IO[bytes]) -> WalkStats:
-    """Read a tar stream to its end, counting members as the writer counted them (member
-    data is read through, not looked at; the stream must end with an end-of-archive block)."""
-    stats = WalkStats()
-    try:
-        with TarReader(cast(BinaryIO, stream)) as tar:
-            for member in tar:
-                if member.isdir():
-                    stats.dirs += 1
-                    continue
-                stats.file_count += 1
-                if member.isreg():
-                    stats.uncompressed_bytes += member.size
-    except (
-        tarfile.TarError,
-        EOFError,
-        zstandard.ZstdError,
-        lzma.LZMAError,
-        OSError,
-        zlib.error,
-    ) as exc:
-        if isinstance(exc, OSError) and not isinstance(exc, EOFError) and exc.errno is not None:
-            raise CloudBackupError(f"cannot read the archive: {exc}") from exc
-        raise IntegrityError(f"the archive is truncated or corrupt ({exc})") from exc
-    return stats
-
-
-def open_regular(path: Path) -> io.FileIO:
-    """Open a file of the local dir for reading: never through a symlink (the local dir can
-    be written by others: a planted link must not make us read, upload or restore the file
-    it points to), and only a regular file."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, "not a regular file", str(path))
-    return io.FileIO(fd, "rb", closefd=True)
-
-
-def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> tuple[str, int]:
-    sha = hashlib.sha256()
-    size = 0
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    with open_regular(path) as handle:
-        while True:
-            n = handle.readinto(view)  # type: ignore[attr-defined]
-            if not n:
-                break
-            sha.update(view[:n])
-            size += n
-            if progress:
-                progress(n)
-    return sha.hexdigest(), size

@@ -4,7 +4,7 @@ The way out of a backup that should not exist (one dated in the future by a cloc
 wrong for a night blocks every later backup of its source). Everything is checked before
 anything is deleted: an id that names no backup, a backup under Object Lock, or one that
 other backups still need is refused (exit 2) and nothing is deleted. Then prune's executor
-(:func:`cloudbackup.prune.execute`) deletes each backup, manifest first (then archive, and
+(:func:`cloudbackup.ops.prune.execute`) deletes each backup, manifest first (then archive, and
 locally the upload record), over :class:`DryRunStore` on a dry run. The caller holds the
 local-dir lock.
 """
@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from cloudbackup.errors import CloudBackupError, UsageError
-from cloudbackup.model import BackupId, BackupRef, Listing, build_listing, format_time
-from cloudbackup.operations import Context
-from cloudbackup.prune import (
+from cloudbackup.context import Context
+from cloudbackup.core.errors import CloudBackupError, UsageError
+from cloudbackup.core.model import BackupId, BackupRef, Listing, build_listing, format_time
+from cloudbackup.ops.prune import (
     PruneResult,
     claim_problem,
     execute,

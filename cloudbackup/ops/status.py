@@ -14,11 +14,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from cloudbackup.archive import write_file_atomic
 from cloudbackup.config import shown
-from cloudbackup.errors import CloudBackupError, ConfigError
-from cloudbackup.model import format_time, parse_time
-from cloudbackup.operations import Context, read_upload_record
+from cloudbackup.context import Context, read_upload_record
+from cloudbackup.core.errors import CloudBackupError, ConfigError
+from cloudbackup.core.model import format_time, parse_time
+from cloudbackup.fs.files import write_file_atomic
 
 LOG = logging.getLogger("cloudbackup")
 
@@ -373,7 +373,7 @@ MAX_MAX_AGE = timedelta(days=3650)
 
 def parse_max_age(text: str) -> timedelta:
     """``--max-age``: a duration between 1 minute and 10 years; ConfigError otherwise."""
-    from cloudbackup.retention import parse_duration
+    from cloudbackup.core.retention import parse_duration
 
     clean = text.strip()
     if len(clean) > 20:  # int() refuses over 4,300 digits with a ValueError of its own

@@ -1,6 +1,6 @@
 """Prune: apply the retention plan to local and remote copies, per host and source.
 
-One planner (:func:`cloudbackup.retention.plan`) decides; one executor deletes exactly
+One planner (:func:`cloudbackup.core.retention.plan`) decides; one executor deletes exactly
 ``plan.remove``. A dry run is the same code path over :class:`DryRunStore`, so it prints the
 plan the real run would execute. Everything is planned from LIST results alone (names carry
 host, source and time): a remote prune issues no GetObject, and pins need no extra request.
@@ -28,8 +28,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from cloudbackup.config import Settings
-from cloudbackup.errors import CloudBackupError, PermanentStorageError, UsageError
-from cloudbackup.model import (
+from cloudbackup.context import Context, read_upload_record
+from cloudbackup.core.errors import CloudBackupError, PermanentStorageError, UsageError
+from cloudbackup.core.model import (
     HOST_CLAIM,
     BackupRef,
     Listing,
@@ -38,8 +39,7 @@ from cloudbackup.model import (
     key_for,
     upload_name,
 )
-from cloudbackup.operations import Context, read_upload_record
-from cloudbackup.retention import Policy, plan
+from cloudbackup.core.retention import Policy, plan
 from cloudbackup.storage.dryrun import DryRunStore
 
 __all__ = [

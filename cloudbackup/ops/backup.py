@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets as _secrets
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,114 +18,38 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cloudbackup import __version__
-from cloudbackup.archive import (
-    ArchiveStats,
-    ArchiveTail,
-    commit,
-    open_regular,
-    sha256_file,
-    write_archive,
-    write_file_atomic,
-)
 from cloudbackup.config import Settings
-from cloudbackup.errors import (
+from cloudbackup.context import (
+    Context,
+    read_local_manifest,
+    read_remote_manifest,
+    read_upload_record,
+)
+from cloudbackup.core.errors import (
     CloudBackupError,
     IntegrityError,
     ShrinkGuardError,
     SourceError,
     UsageError,
 )
-from cloudbackup.model import (
+from cloudbackup.core.model import (
     UPLOAD_SUFFIX,
     BackupId,
-    BackupRef,
-    Listing,
     Manifest,
     UploadRecord,
     archive_name,
-    build_listing,
-    check_manifest_size,
     format_time,
     manifest_name,
-    parse_manifest,
-    parse_upload_record,
-    upload_name,
 )
-from cloudbackup.patterns import PathMatcher
-from cloudbackup.sources import Source, SourceContext, make_source
-from cloudbackup.storage.local import LocalStore
+from cloudbackup.core.patterns import PathMatcher
+from cloudbackup.fs.files import commit, write_file_atomic
+from cloudbackup.sources.base import Source, SourceContext
+from cloudbackup.sources.registry import make_source
+from cloudbackup.stream.hashing import ArchiveTail
+from cloudbackup.stream.pipeline import write_archive
+from cloudbackup.stream.tarwriter import ArchiveStats
 
 LOG = logging.getLogger("cloudbackup")
-ProgressFactory = Callable[[str, int | None], Callable[[int], None]]
-
-
-def _no_progress(label: str, total: int | None) -> Callable[[int], None]:
-    return lambda n: None
-
-
-@dataclass
-class Context:
-    """What every use case needs; built once by the CLI."""
-
-    settings: Settings
-    local: LocalStore
-    now: Callable[[], datetime]
-    machine_id: str
-    remote: Any = None  # a remote store (S3Store behind the retry wrapper) or None
-    progress: ProgressFactory = _no_progress
-    _remote_listing: Listing | None = None
-    _remote_listing_all: Listing | None = None
-    _remote_warned: bool = False
-    # The host claim's outcome for this run (transfer.claim_host): claimed, or the error.
-    _host_claimed: bool = False
-    _host_claim_error: CloudBackupError | None = None
-
-    @property
-    def host(self) -> str:
-        return self.settings.host
-
-    def local_dir_for(self, source: str, host: str | None = None) -> Path:
-        return self.settings.local_dir / (host or self.host) / source
-
-    def local_listing(self, source: str | None = None) -> Listing:
-        """Every local backup, or only this host's backups of ``source`` (one directory)."""
-        prefix = f"{self.host}/{source}" if source else ""
-        return build_listing(self.local.list(prefix), prefix="", where="local")
-
-    def remote_listing_or_empty(self) -> Listing:
-        """The remote listing for guards before archiving; an unusable bucket is discovered
-        (and reported) at upload, so the local archive is still made and kept."""
-        if self.remote is None:
-            return Listing()
-        try:
-            return self.remote_listing()
-        except CloudBackupError as exc:
-            if not self._remote_warned:
-                LOG.warning("cannot list the bucket (%s); checking against local backups only", exc)
-                self._remote_warned = True
-            return Listing()
-
-    def remote_listing(self, *, refresh: bool = False, all_hosts: bool = False) -> Listing:
-        """This host's backups (LIST ``<prefix>/<host>/``: all a host-scoped writer may list),
-        or every host's with ``all_hosts``. Cached until ``refresh``."""
-        if self.remote is None:
-            return Listing()
-        parts = [p for p in self.settings.s3_prefix.split("/") if p]
-        if all_hosts:
-            if self._remote_listing_all is None or refresh:
-                self._remote_listing_all = build_listing(
-                    self.remote.list("/".join(parts) + "/" if parts else ""),
-                    prefix=self.settings.s3_prefix,
-                    where="remote",
-                )
-            return self._remote_listing_all
-        if self._remote_listing is None or refresh:
-            self._remote_listing = build_listing(
-                self.remote.list("/".join([*parts, self.host]) + "/"),
-                prefix=self.settings.s3_prefix,
-                where="remote",
-            )
-        return self._remote_listing
 
 
 @dataclass
@@ -170,33 +92,6 @@ def worst_exit(codes: Iterable[int]) -> int:
         if code in codes:
             return code
     return 0
-
-
-# ---------------------------------------------------------------- machine facts
-
-
-def read_machine_id(local_dir: Path, candidates: Sequence[Path] | None = None) -> str | None:
-    """``/etc/machine-id``, else dbus's, else the id stored in the local dir; never writes."""
-    paths = candidates or (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
-    for path in (*paths, local_dir / ".machine-id"):
-        try:
-            text = path.read_text().strip()
-        except OSError:
-            continue
-        if text:
-            return text
-    return None
-
-
-def machine_id(local_dir: Path, candidates: Sequence[Path] | None = None) -> str:
-    """The machine id; when there is none, a random one is stored once in the local dir."""
-    found = read_machine_id(local_dir, candidates)
-    if found:
-        return found
-    new = uuid.uuid4().hex
-    local_dir.mkdir(parents=True, exist_ok=True)
-    write_file_atomic(local_dir / ".machine-id", (new + "\n").encode(), 0o644)
-    return new
 
 
 def cleanup_partials(ctx: Context) -> list[Path]:
@@ -245,55 +140,6 @@ def _abort_stray_upload(ctx: Context, record: UploadRecord | None) -> bool:
         return False
     LOG.info("aborted the upload of %s left by an interrupted backup", record.key)
     return True
-
-
-def read_local_manifest(ctx: Context, ref: BackupRef) -> Manifest:
-    """The manifest of a local backup, parsed against its key (the local dir is untrusted)."""
-    return _read_manifest(ctx.local, ref)
-
-
-def read_remote_manifest(ctx: Context, ref: BackupRef) -> Manifest:
-    """The manifest of a remote backup, parsed against its key: one GET."""
-    return _read_manifest(ctx.remote, ref)
-
-
-def _read_manifest(store: Any, ref: BackupRef) -> Manifest:
-    assert ref.manifest_key
-    check_manifest_size(ref)
-    try:
-        raw = store.get_bytes(ref.manifest_key)
-    except OSError as exc:  # the local dir: unreadable, or not a file
-        raise CloudBackupError(
-            f"cannot read the {ref.where} manifest {ref.manifest_key}: {exc.strerror or exc}",
-            "check the local dir's permissions",
-        ) from None
-    return parse_manifest(raw, ref)
-
-
-def upload_record_path(ctx: Context, source: str, backup_id: str, host: str | None = None) -> Path:
-    return ctx.local_dir_for(source, host) / upload_name(BackupId.parse(backup_id))
-
-
-def read_upload_record(
-    ctx: Context, backup_id: str, source: str, host: str | None = None
-) -> UploadRecord | None:
-    """The local record of a backup's upload; ``None`` when there is none or it does not
-    parse as one (the local dir is untrusted: a bad record proves nothing)."""
-    parsed = BackupId.parse(backup_id)
-    path = upload_record_path(ctx, source, backup_id, host)
-    try:
-        return parse_upload_record(path.read_bytes(), parsed, host or ctx.host)
-    except (OSError, IntegrityError):
-        return None
-
-
-def write_upload_record(ctx: Context, source: str, backup_id: str, record: UploadRecord) -> None:
-    import json
-
-    path = upload_record_path(ctx, source, backup_id)
-    write_file_atomic(
-        path, (json.dumps(record.to_dict(), indent=2, sort_keys=True) + "\n").encode()
-    )
 
 
 # ---------------------------------------------------------------- backup
@@ -670,173 +516,3 @@ def backup(
             result.stream = None
         results.append(result)
     return results
-
-
-# ---------------------------------------------------------------- list
-
-
-@dataclass
-class ListedBackup:
-    id: str
-    host: str
-    source: str
-    created_at: datetime
-    size: int | None
-    local: bool
-    remote: bool
-    verified: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "host": self.host,
-            "source": self.source,
-            "created_at": format_time(self.created_at),
-            "size": self.size,
-            "local": self.local,
-            "remote": self.remote,
-            "verified": self.verified,
-        }
-
-
-def list_backups(
-    ctx: Context,
-    *,
-    where: str = "all",
-    source: str | None = None,
-    host: str | None = None,
-    all_hosts: bool = False,
-) -> list[ListedBackup]:
-    """Backups from LIST results only (zero GETs)."""
-    wanted_host = None if all_hosts else (host or ctx.host)
-    merged: dict[tuple[str, str], ListedBackup] = {}
-    if where in ("local", "all"):
-        listing = ctx.local_listing()
-        for ref in listing.refs:
-            if wanted_host and ref.host != wanted_host:
-                continue
-            if source and ref.source != source:
-                continue
-            record = read_upload_record(ctx, ref.id, ref.source, ref.host)
-            merged[(ref.host, ref.id)] = ListedBackup(
-                ref.id,
-                ref.host,
-                ref.source,
-                ref.created_at,
-                ref.archive_size,
-                True,
-                False,
-                bool(record and record.verified_at),
-            )
-    if where in ("remote", "all") and ctx.remote is not None:
-        for ref in ctx.remote_listing(all_hosts=all_hosts).refs:
-            if wanted_host and ref.host != wanted_host:
-                continue
-            if source and ref.source != source:
-                continue
-            existing = merged.get((ref.host, ref.id))
-            # A remote manifest is uploaded only after HEAD confirmed the archive: verified.
-            if existing:
-                existing.remote = True
-                existing.verified = True
-            else:
-                merged[(ref.host, ref.id)] = ListedBackup(
-                    ref.id,
-                    ref.host,
-                    ref.source,
-                    ref.created_at,
-                    ref.archive_size,
-                    False,
-                    True,
-                    True,
-                )
-    return sorted(merged.values(), key=lambda b: (b.host, b.source, b.created_at, b.id))
-
-
-# ---------------------------------------------------------------- verify
-
-
-@dataclass
-class VerifyResult:
-    id: str
-    where: str
-    ok: bool
-    detail: str
-    host: str = ""
-    source: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "where": self.where, "ok": self.ok, "detail": self.detail}
-
-
-def select_refs(
-    refs: Iterable[BackupRef], ids: Sequence[str], source: str | None, host: str | None
-) -> list[BackupRef]:
-    chosen = []
-    for ref in refs:
-        if host and ref.host != host:
-            continue
-        if source and ref.source != source:
-            continue
-        if ids and ref.id not in ids:
-            continue
-        chosen.append(ref)
-    return chosen
-
-
-def verify_local_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> VerifyResult:
-    from cloudbackup.archive import open_decompressed, walk_archive
-
-    result = VerifyResult(ref.id, "local", False, "", ref.host, ref.source)
-    try:
-        manifest = read_local_manifest(ctx, ref)
-        assert ref.archive_key
-        path = ctx.local.path(ref.archive_key)
-        progress = ctx.progress(f"verify {ref.id}", manifest.size)
-        if deep:
-            from cloudbackup.archive import HashingReader
-
-            with open_regular(path) as raw:
-                hashing = HashingReader(raw, progress)
-                walked = walk_archive(open_decompressed(hashing, manifest.compression))
-                hashing.drain()
-                digest, size = hashing.sha.hexdigest(), hashing.count
-        else:
-            digest, size = sha256_file(path, progress)
-        getattr(progress, "close", lambda: None)()
-        if size != manifest.size:
-            result.detail = f"size {size} differs from the manifest's {manifest.size}"
-        elif digest != manifest.sha256:
-            result.detail = f"sha256 {digest} differs from the manifest's {manifest.sha256}"
-        elif deep and (walked.file_count, walked.uncompressed_bytes) != (
-            manifest.file_count,
-            manifest.uncompressed_bytes,
-        ):
-            result.detail = (
-                f"archive holds {walked.file_count} files / {walked.uncompressed_bytes} bytes, "
-                f"the manifest says {manifest.file_count} / {manifest.uncompressed_bytes}"
-            )
-        else:
-            result.ok = True
-            result.detail = f"sha256 and size match ({size} bytes)" + (
-                f"; {walked.file_count} files, {walked.uncompressed_bytes} bytes walked"
-                if deep
-                else ""
-            )
-    except CloudBackupError as exc:  # IntegrityError, or a manifest that cannot be read
-        result.detail = str(exc)
-    except OSError as exc:
-        result.detail = f"cannot read: {exc.strerror}"
-    return result
-
-
-def verify_exit(results: Sequence[VerifyResult]) -> int:
-    if any(not r.ok and not r.detail.startswith("cannot") for r in results):
-        return 3
-    if any(not r.ok for r in results):
-        return 1
-    return 0
-
-
-def new_token() -> str:
-    return _secrets.token_hex(4)

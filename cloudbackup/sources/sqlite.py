@@ -1,11 +1,9 @@
-"""Database and command sources: each spools a consistent copy, then yields that file.
+"""SQLite sources: a consistent online copy through SQLite's backup API, spooled, then
+archived; and the SQLite side of restore (:func:`restore_sqlite`).
 
-The spool lives in the source's local directory with a ``.partial`` name (never ``/tmp``,
-often a small tmpfs); a crash leaves it to the stale-partial cleanup. Spool files are
-created mode 0600: they hold the same data as the archive.
-
-Also the SQLite side of restore (:func:`restore_sqlite`); PostgreSQL's lives in
-``cloudbackup.postgres``.
+Database and command sources spool into the source's local directory with a ``.partial``
+name (never ``/tmp``, often a small tmpfs); a crash leaves it to the stale-partial cleanup.
+Spool files are created mode 0600: they hold the same data as the archive.
 """
 
 from __future__ import annotations
@@ -13,21 +11,17 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import shlex
 import shutil
-import signal
 import sqlite3
-import subprocess
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 from urllib.parse import quote
 
-from cloudbackup import childenv
-from cloudbackup.archive import fsync_dir
-from cloudbackup.errors import IntegrityError, SourceError
-from cloudbackup.sources import FileEntry, Source, SourceContext, SourceSpec
+from cloudbackup.core.errors import IntegrityError, SourceError
+from cloudbackup.fs.files import create_private, fsync_dir
+from cloudbackup.fs.walk import FileEntry
+from cloudbackup.sources.base import Source, SourceContext
 
 # One step: the copy holds a read snapshot, so a busy writer cannot restart it forever.
 _PAGES_PER_STEP = -1
@@ -46,12 +40,6 @@ def _sqlite_uri(path: str | Path, **params: str) -> str:
     """A ``file:`` URI for ``path``: ``?``, ``#`` and ``%`` in names must be escaped."""
     query = "&".join(f"{key}={value}" for key, value in params.items())
     return f"file:{quote(os.fspath(path))}" + (f"?{query}" if query else "")
-
-
-def create_private(path: Path) -> None:
-    """Create an empty file only its owner can read (fails if it already exists)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    os.close(fd)
 
 
 class SQLiteSource(Source):
@@ -136,168 +124,6 @@ class SQLiteSource(Source):
         finally:
             conn.close()
             spool.unlink(missing_ok=True)
-
-
-class CommandSource(Source):
-    """A command's standard output, run without a shell, spooled then archived.
-
-    The command gets ``env`` (the CLI's scrubbed environment), never this process's own."""
-
-    kind = "command"
-
-    def __init__(self, spec: SourceSpec, *, env: Mapping[str, str] = childenv.NO_ENV) -> None:
-        super().__init__(spec)
-        self.env = env
-
-    @property
-    def argv(self) -> list[str]:
-        return shlex.split(self.spec.spec[4:])
-
-    @property
-    def member_name(self) -> str:
-        return f"{self.name}.out"
-
-    def manifest_members(self) -> dict[str, Any]:
-        """Tells restore which member holds the command's output."""
-        return {"output": self.member_name}
-
-    def check(self) -> str:
-        program = self.argv[0]
-        # The PATH the command will run with (the scrubbed environment's), not ours.
-        if shutil.which(program, path=self.env.get("PATH") or os.defpath) is None:
-            raise SourceError(
-                f"source {self.name}: command {program!r} not found", "install it or fix PATH"
-            )
-        return f"command {program}"
-
-    def entries(self, ctx: SourceContext) -> Iterator[FileEntry]:
-        spool = ctx.spool_dir / f"{ctx.backup_id}.out.partial"
-        try:
-            run_to_file(
-                self.argv,
-                spool,
-                ctx,
-                label=f"source {self.name}: command {self.argv[0]!r}",
-                env=childenv.build(self.env),
-            )
-            yield FileEntry(str(spool), self.member_name, os.lstat(spool))
-        finally:
-            spool.unlink(missing_ok=True)
-
-
-def describe_exit(code: int) -> str:
-    """``exited with status 3`` / ``was killed by signal 9 (SIGKILL)``."""
-    if code < 0:
-        try:
-            name = f" ({signal.Signals(-code).name})"
-        except ValueError:
-            name = ""
-        return f"was killed by signal {-code}{name}"
-    return f"exited with status {code}"
-
-
-def run_logged(
-    argv: Sequence[str],
-    *,
-    stdout: int | IO[bytes],
-    label: str,
-    log: Callable[[str], None],
-    env: Mapping[str, str],
-    pass_fds: Sequence[int] = (),
-    keep: int = 50,
-) -> tuple[int, list[str]]:
-    """Run ``argv`` without a shell (stdin from /dev/null) in exactly the environment ``env``
-    (built by ``childenv.build``; never inherited); every stderr line goes to ``log`` as
-    ``label: line``. Returns the exit status (negative: killed by that signal) and the last
-    ``keep`` stderr lines. Raises SourceError when the program cannot be started."""
-    try:
-        proc = subprocess.Popen(
-            list(argv),
-            stdout=stdout,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            env=dict(env),
-            pass_fds=tuple(pass_fds),
-        )
-    except FileNotFoundError:
-        raise SourceError(f"{label} not found", "install it or give its full path") from None
-    except PermissionError:
-        raise SourceError(f"{label} is not executable", "check its permissions") from None
-    tail: list[str] = []
-
-    def drain() -> None:
-        assert proc.stderr is not None
-        for raw in proc.stderr:
-            line = raw.decode(errors="replace").rstrip()
-            if line:
-                log(f"{label}: {line}")
-                tail.append(line)
-                del tail[:-keep]
-
-    reader = threading.Thread(target=drain, name="stderr-reader", daemon=True)
-    reader.start()
-    try:
-        code = proc.wait()
-    except BaseException:  # interrupted: do not leave the child running on its own
-        proc.kill()
-        proc.wait()
-        raise
-    # A grandchild may keep stderr open after the command exits: do not wait for it forever.
-    reader.join(timeout=5)
-    return code, list(tail)
-
-
-def run_to_file(
-    argv: list[str],
-    dest: Path,
-    ctx: SourceContext,
-    *,
-    label: str,
-    env: Mapping[str, str],
-) -> None:
-    """Run ``argv`` without a shell in the environment ``env``, its stdout into ``dest``
-    (created 0600), stderr to the log; fail on a non-zero exit or a signal. Never leaves a
-    "successful" half-output behind."""
-    try:
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise SourceError(f"{label}: cannot create {dest}: {exc.strerror}") from None
-    try:
-        with open(fd, "wb") as out:
-            code, tail = run_logged(argv, stdout=out, label=label, log=ctx.log, env=env)
-    except BaseException:
-        dest.unlink(missing_ok=True)
-        raise
-    if code != 0:
-        dest.unlink(missing_ok=True)
-        detail = f": {tail[-1]}" if tail else ""
-        raise SourceError(
-            f"{label} {describe_exit(code)}{detail}", "see the log for its error output"
-        )
-
-
-class PostgresSource(Source):
-    """``pg_dump -Fc`` plus ``pg_dumpall --globals-only``; see ``cloudbackup.postgres``."""
-
-    kind = "postgresql"
-
-    def __init__(self, spec: SourceSpec, *, env: Mapping[str, str] = childenv.NO_ENV) -> None:
-        super().__init__(spec)
-        self.env = env  # the base environment of pg_dump, pg_dumpall and psql
-        self.dump_facts: dict[str, Any] = {}  # filled by the dump, recorded in the manifest
-
-    def manifest_members(self) -> dict[str, Any]:
-        return dict(self.dump_facts)
-
-    def check(self) -> str:
-        from cloudbackup import postgres
-
-        return postgres.check_source(self)
-
-    def entries(self, ctx: SourceContext) -> Iterator[FileEntry]:
-        from cloudbackup import postgres
-
-        yield from postgres.dump_entries(self, ctx)
 
 
 # ---------------------------------------------------------------- SQLite restore

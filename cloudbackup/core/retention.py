@@ -51,7 +51,7 @@ from datetime import UTC, datetime, timedelta
 from operator import attrgetter
 from typing import Generic, Protocol, TypeVar
 
-from cloudbackup.errors import ConfigError
+from cloudbackup.core.errors import ConfigError
 
 __all__ = [
     "COUNT_KEYS",

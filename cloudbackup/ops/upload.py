@@ -12,13 +12,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cloudbackup import __version__
-from cloudbackup.archive import ArchiveAbandoned, ArchiveTail
-from cloudbackup.errors import (
-    CloudBackupError,
-    IntegrityError,
-    PermanentStorageError,
+from cloudbackup.context import (
+    Context,
+    read_local_manifest,
+    read_remote_manifest,
+    read_upload_record,
+    upload_record_path,
+    write_upload_record,
 )
-from cloudbackup.model import (
+from cloudbackup.core.errors import CloudBackupError, IntegrityError, PermanentStorageError
+from cloudbackup.core.model import (
     HOST_CLAIM,
     BackupId,
     BackupRef,
@@ -27,18 +30,8 @@ from cloudbackup.model import (
     format_time,
     key_for,
     manifest_name,
-    parse_manifest_metadata,
 )
-from cloudbackup.operations import (
-    Context,
-    SourceResult,
-    VerifyResult,
-    read_local_manifest,
-    read_remote_manifest,
-    read_upload_record,
-    upload_record_path,
-    write_upload_record,
-)
+from cloudbackup.ops.backup import SourceResult
 from cloudbackup.storage.s3 import (
     MAX_OBJECT,
     SentParts,
@@ -49,6 +42,7 @@ from cloudbackup.storage.s3 import (
     hex_to_b64,
     lock_until,
 )
+from cloudbackup.stream.hashing import ArchiveAbandoned, ArchiveTail
 
 LOG = logging.getLogger("cloudbackup")
 STALE_UPLOAD_AGE = timedelta(days=7)
@@ -550,75 +544,3 @@ def abort_stale_uploads(ctx: Context) -> list[str]:
     return aborted
 
 
-def verify_remote_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> VerifyResult:
-    """HEAD the manifest and the archive (no GET); ``deep`` streams and walks the archive."""
-    from cloudbackup.archive import HashingReader, open_decompressed, walk_archive
-
-    result = VerifyResult(ref.id, "remote", False, "", ref.host, ref.source)
-    try:
-        assert ref.manifest_key and ref.archive_key
-        mhead = ctx.remote.head(ref.manifest_key)
-        if mhead is None:
-            result.detail = "manifest object is missing"
-            return result
-        manifest: Manifest | None = None
-        facts = parse_manifest_metadata(mhead.metadata, ref)
-        if facts is None or deep:
-            manifest = read_remote_manifest(ctx, ref)
-        if facts is None:
-            assert manifest is not None
-            upload = manifest.upload
-            sha256, size = manifest.sha256, manifest.size
-            checksum = upload.checksum if upload else None
-        else:
-            sha256, size, checksum = facts.sha256, facts.size, facts.checksum
-            if manifest is not None and (manifest.sha256, manifest.size) != (sha256, size):
-                result.detail = "the manifest object's metadata disagrees with its body"
-                return result
-        head = ctx.remote.head(ref.archive_key)
-        if head is None:
-            result.detail = "archive object is missing"
-            return result
-        problems = _compare(head, size, sha256, checksum)
-        if problems:
-            result.detail = "; ".join(problems)
-            return result
-        detail = (
-            f"size, sha256 metadata and S3 checksum match ({size} bytes)"
-            if "sha256" in head.metadata
-            else f"size and S3 checksum match ({size} bytes; streamed: sha256 in the manifest)"
-        )
-        if deep:
-            assert manifest is not None
-            progress = ctx.progress(f"verify {ref.id}", size)
-            corrupt: IntegrityError | None = None
-            with ctx.remote.open(ref.archive_key) as body:
-                hashing = HashingReader(body, progress)
-                try:
-                    walked = walk_archive(open_decompressed(hashing, manifest.compression))
-                except IntegrityError as exc:
-                    corrupt = exc  # report the checksum first: it says the bytes changed
-                hashing.drain()
-            getattr(progress, "close", lambda: None)()
-            if hashing.count != size or hashing.sha.hexdigest() != sha256:
-                result.detail = f"downloaded sha256 {hashing.sha.hexdigest()} ({hashing.count} bytes) ≠ manifest {sha256}"
-                return result
-            if corrupt is not None:
-                raise corrupt
-            if (walked.file_count, walked.uncompressed_bytes) != (
-                manifest.file_count,
-                manifest.uncompressed_bytes,
-            ):
-                result.detail = (
-                    f"archive holds {walked.file_count} files / {walked.uncompressed_bytes} bytes, "
-                    f"manifest says {manifest.file_count} / {manifest.uncompressed_bytes}"
-                )
-                return result
-            detail = f"streamed and re-hashed {size} bytes; {walked.file_count} files, {walked.uncompressed_bytes} bytes walked"
-        result.ok = True
-        result.detail = detail
-    except IntegrityError as exc:
-        result.detail = str(exc)
-    except CloudBackupError as exc:
-        result.detail = f"cannot verify: {exc}"
-    return result

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, BinaryIO, Protocol
 
-from cloudbackup.errors import IntegrityError
-from cloudbackup.patterns import PathMatcher
-from cloudbackup.tarformat import XATTR_PREFIX, TarReader
-from cloudbackup.walk import default_capacity, identity, open_parent
+from cloudbackup.core.errors import IntegrityError
+from cloudbackup.core.patterns import PathMatcher
+from cloudbackup.fs.walk import default_capacity, identity, open_parent
+from cloudbackup.stream.tarformat import XATTR_PREFIX, TarReader
 
 __all__ = ["CHUNK_SIZE", "ExtractResult", "extract"]
 

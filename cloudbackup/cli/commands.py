@@ -17,10 +17,9 @@ from typing import Any, NoReturn
 import click
 from dotenv import dotenv_values
 
-from cloudbackup import __version__, config, operations
-from cloudbackup.config import Settings
-from cloudbackup.errors import CloudBackupError, ConfigError, UsageError
-from cloudbackup.output import (
+from cloudbackup import __version__, config
+from cloudbackup import context as contexts
+from cloudbackup.cli.output import (
     Progress,
     human_duration,
     human_size,
@@ -28,7 +27,12 @@ from cloudbackup.output import (
     setup_logging,
     table,
 )
-from cloudbackup.sources import url_secrets
+from cloudbackup.config import Settings
+from cloudbackup.core.errors import CloudBackupError, ConfigError, UsageError
+from cloudbackup.ops import backup as backing
+from cloudbackup.ops import list as listing
+from cloudbackup.ops import verify as verifying
+from cloudbackup.sources.base import url_secrets
 from cloudbackup.storage.local import LocalStore
 
 LOG = logging.getLogger("cloudbackup")
@@ -142,10 +146,10 @@ def load_settings(
 
 def make_context(
     settings: Settings, *, remote: bool = True, need_local: bool = True
-) -> operations.Context:
+) -> contexts.Context:
     local = LocalStore(settings.local_dir)
-    machine = operations.machine_id(settings.local_dir) if need_local else "unknown"
-    ctx = operations.Context(
+    machine = contexts.machine_id(settings.local_dir) if need_local else "unknown"
+    ctx = contexts.Context(
         settings=settings,
         local=local,
         now=_now,
@@ -213,7 +217,7 @@ def cli(ctx: click.Context, env_files: tuple[Path, ...], verbose: bool, quiet: b
 # ---------------------------------------------------------------- backup
 
 
-def _result_row(r: operations.SourceResult, *, local_only: bool) -> list[str]:
+def _result_row(r: backing.SourceResult, *, local_only: bool) -> list[str]:
     """source, id, result, size, time, uploaded, notes: one row of a backup or run summary."""
     state = "ok" if r.ok and not r.exit_code else ("ok (warnings)" if r.ok else "FAILED")
     return [
@@ -228,7 +232,7 @@ def _result_row(r: operations.SourceResult, *, local_only: bool) -> list[str]:
 
 
 def _print_results(
-    results: Sequence[operations.SourceResult], *, local_only: bool, dry_run: bool
+    results: Sequence[backing.SourceResult], *, local_only: bool, dry_run: bool
 ) -> None:
     rows = [_result_row(r, local_only=local_only) for r in results]
     click.echo(table(rows, ["source", "id", "result", "size", "time", "uploaded", "notes"]))
@@ -292,10 +296,10 @@ def backup(
 
     with DirLock(settings.local_dir):
         uploader, streamer = _uploader() if upload else (None, None)
-        results = operations.backup(
+        results = backing.backup(
             ctx,
             settings.sources,
-            operations.BackupOptions(upload=upload, dry_run=dry_run, allow_shrink=allow_shrink),
+            backing.BackupOptions(upload=upload, dry_run=dry_run, allow_shrink=allow_shrink),
             uploader=uploader,
             streamer=streamer,
         )
@@ -309,15 +313,15 @@ def backup(
         )
     else:
         _print_results(results, local_only=local_only, dry_run=dry_run)
-    _exit(operations.worst_exit(r.exit_code for r in results))
+    _exit(backing.worst_exit(r.exit_code for r in results))
 
 
 def _uploader() -> tuple[
-    Callable[[operations.Context, operations.SourceResult], None], operations.Streamer
+    Callable[[contexts.Context, backing.SourceResult], None], backing.Streamer
 ]:
-    from cloudbackup import transfer
+    from cloudbackup.ops import upload as uploading
 
-    return transfer.upload_after_backup, transfer.start_stream
+    return uploading.upload_after_backup, uploading.start_stream
 
 
 # ---------------------------------------------------------------- list / verify
@@ -337,7 +341,7 @@ def list_cmd(
     if where == "remote" and not settings.s3_bucket:
         raise UsageError("--where remote needs a bucket", "set CLOUDBACKUP_S3_BUCKET")
     ctx = make_context(settings, remote=where != "local", need_local=False)
-    backups = operations.list_backups(ctx, where=where, source=source, all_hosts=all_hosts)
+    backups = listing.list_backups(ctx, where=where, source=source, all_hosts=all_hosts)
     if as_json:
         _emit_json({"backups": [b.to_dict() for b in backups]})
         return
@@ -385,13 +389,11 @@ def verify(
     ctx = make_context(settings, remote=where != "local", need_local=False)
     results = []
     if where in ("local", "all"):
-        refs = operations.select_refs(ctx.local_listing().refs, ids, source, settings.host)
-        results += [operations.verify_local_ref(ctx, ref, deep=deep) for ref in refs]
+        refs = verifying.select_refs(ctx.local_listing().refs, ids, source, settings.host)
+        results += [verifying.verify_local_ref(ctx, ref, deep=deep) for ref in refs]
     if where in ("remote", "all"):
-        from cloudbackup import transfer
-
-        refs = operations.select_refs(ctx.remote_listing().refs, ids, source, settings.host)
-        results += [transfer.verify_remote_ref(ctx, ref, deep=deep) for ref in refs]
+        refs = verifying.select_refs(ctx.remote_listing().refs, ids, source, settings.host)
+        results += [verifying.verify_remote_ref(ctx, ref, deep=deep) for ref in refs]
     if ids:
         found = {r.id for r in results}
         for missing in ids:
@@ -404,7 +406,7 @@ def verify(
             click.echo("nothing to verify")
         for r in results:
             click.echo(f"{'ok  ' if r.ok else 'FAIL'} {r.where:6} {r.id}: {r.detail}")
-    _exit(operations.verify_exit(results))
+    _exit(verifying.verify_exit(results))
 
 
 # ---------------------------------------------------------------- not yet built
@@ -422,15 +424,15 @@ def _not_built(name: str) -> NoReturn:
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def upload(source: str | None, host: str | None, as_json: bool) -> None:
     """Push every complete local backup not yet verified remotely; resumes interrupted uploads."""
-    from cloudbackup import transfer
     from cloudbackup.lock import DirLock
+    from cloudbackup.ops import upload as uploading
 
     settings = load_settings(_state(), {"CLOUDBACKUP_HOST": host})
     if not settings.s3_bucket:
         raise UsageError("no bucket configured", "set CLOUDBACKUP_S3_BUCKET")
     ctx = make_context(settings)
     with DirLock(settings.local_dir):
-        results = transfer.upload_pending(ctx, source)
+        results = uploading.upload_pending(ctx, source)
     if as_json:
         _emit_json({"results": [r.to_dict() for r in results]})
     else:
@@ -438,7 +440,7 @@ def upload(source: str | None, host: str | None, as_json: bool) -> None:
             click.echo("nothing to upload: every local backup is verified offsite")
         for r in results:
             click.echo(f"{'ok  ' if r.ok else 'FAIL'} {r.id}: {r.detail}")
-    _exit(operations.worst_exit(r.exit_code for r in results))
+    _exit(backing.worst_exit(r.exit_code for r in results))
 
 
 @cli.command()
@@ -463,7 +465,8 @@ def upload(source: str | None, host: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def restore(**kwargs: Any) -> None:
     """Restore the newest backup of SOURCE (or backup ID), verified before anything is written."""
-    from cloudbackup import restore as restoring
+    from cloudbackup.restore import apply as restoring
+    from cloudbackup.restore import select as selecting
 
     to, as_json = kwargs["to"], kwargs["as_json"]
     if to == "-" and as_json:
@@ -472,7 +475,7 @@ def restore(**kwargs: Any) -> None:
     settings = load_settings(
         _state(), {"CLOUDBACKUP_HOST": kwargs["host"]}, secrets=target_secrets
     )
-    at = restoring.parse_at(kwargs["at"]) if kwargs["at"] is not None else None
+    at = selecting.parse_at(kwargs["at"]) if kwargs["at"] is not None else None
     ctx = make_context(settings, remote=kwargs["from_"] != "local", need_local=False)
     result = restoring.restore(  # no lock: restore only reads the local dir (SPEC)
         ctx,
@@ -515,9 +518,9 @@ def prune(
     as_json: bool,
 ) -> None:
     """Apply the retention plan: print kept (with reasons), pinned and deleted backups."""
-    from cloudbackup import prune as pruning
+    from cloudbackup.core.retention import parse_policy
     from cloudbackup.lock import DirLock
-    from cloudbackup.retention import parse_policy
+    from cloudbackup.ops import prune as pruning
 
     try:
         chosen = parse_policy(policy) if policy is not None else None
@@ -557,8 +560,8 @@ def forget(
     ids: tuple[str, ...], where: str, host: str | None, dry_run: bool, as_json: bool
 ) -> None:
     """Delete the named backups (manifest first); refuses unknown or locked ones."""
-    from cloudbackup import forget as forgetting
     from cloudbackup.lock import DirLock
+    from cloudbackup.ops import forget as forgetting
 
     settings = load_settings(_state(), {"CLOUDBACKUP_HOST": host})
     if where == "remote" and not settings.s3_bucket:
@@ -582,8 +585,9 @@ def forget(
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def run(allow_shrink: bool, deep: bool, host: str | None, as_json: bool) -> None:
     """The nightly job: recover, back up, upload, verify, prune, ping; one summary."""
-    from cloudbackup import monitor, nightly
     from cloudbackup.lock import DirLock
+    from cloudbackup.ops import run as nightly
+    from cloudbackup.ops import status as monitor
 
     state = _state()
     try:
@@ -679,7 +683,7 @@ def _run_summary(report: Any) -> str:
 )
 def status(max_age: str, all_hosts: bool, as_json: bool, prometheus: Path | None) -> None:
     """Per host/source: newest backup, age, counts, sizes; monitoring exit codes."""
-    from cloudbackup import monitor
+    from cloudbackup.ops import status as monitor
 
     try:
         age = monitor.parse_max_age(max_age)
@@ -732,20 +736,20 @@ def status(max_age: str, all_hosts: bool, as_json: bool, prometheus: Path | None
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def check(as_json: bool) -> None:
     """Validate configuration, sources, the local dir and bucket access, one line per check."""
-    from cloudbackup import nightly
+    from cloudbackup.ops import check as checking
 
     settings = load_settings(_state())
     ctx = make_context(settings, need_local=False)
-    lines = nightly.check(ctx)
+    lines = checking.check(ctx)
     if as_json:
         _emit_json(
-            {"checks": [line.to_dict() for line in lines], "ok": nightly.check_exit(lines) == 0}
+            {"checks": [line.to_dict() for line in lines], "ok": checking.check_exit(lines) == 0}
         )
     else:
         for line in lines:
             mark = "ok  " if line.ok and not line.warning else ("warn" if line.ok else "FAIL")
             click.echo(f"{mark} {line.name}: {line.detail}")
-    _exit(nightly.check_exit(lines))
+    _exit(checking.check_exit(lines))
 
 
 @cli.group()

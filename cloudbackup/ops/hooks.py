@@ -36,9 +36,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
 
-from cloudbackup import childenv
-from cloudbackup.errors import ConfigError
-from cloudbackup.retention import Duration, format_duration
+from cloudbackup.core import childenv
+from cloudbackup.core.errors import ConfigError
+from cloudbackup.core.retention import Duration, format_duration
 
 __all__ = [
     "DEFAULT_TIMEOUT",

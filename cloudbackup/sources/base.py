@@ -1,7 +1,8 @@
-"""Source specs and the entries each kind of source feeds to the archive writer.
+"""What every kind of source shares: the ``Source`` base class, its context, parsed specs
+and the redaction of the secrets a spec may hold.
 
 A source yields ``FileEntry`` objects (the member name, the ``lstat`` and the directory
-handle to open it through: see cloudbackup.walk); the archive writer turns them into tar
+handle to open it through: see cloudbackup.fs.walk); the archive writer turns them into tar
 members. Directory and glob sources walk by directory descriptor. Database and command
 sources first spool a consistent copy into the local dir (never ``/tmp``) and yield that
 file by path.
@@ -9,22 +10,18 @@ file by path.
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import shlex
-import stat
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote
 
-from cloudbackup import childenv
-from cloudbackup.errors import SourceError
-from cloudbackup.model import valid_name
-from cloudbackup.patterns import PathMatcher, compile_glob, has_wildcard, split_glob
-from cloudbackup.walk import DirCursor, DirHandle, DirTable, FileEntry
+from cloudbackup.core.model import valid_name
+from cloudbackup.core.patterns import PathMatcher, has_wildcard, split_glob
+from cloudbackup.fs.walk import FileEntry
 
 KINDS = ("directory", "glob", "sqlite", "postgresql", "command")
 _NAMED_RE = re.compile(r"^([A-Za-z0-9._-]+)=(.+)$", re.DOTALL)
@@ -80,7 +77,7 @@ class DbUrl:
     port is refused: each means a special character of the password was not encoded, and
     guessing would connect somewhere else or leave part of the password in plain sight.
     ``redacted`` and ``secrets`` come from these fields, so what is hidden is exactly what
-    the connection uses (``cloudbackup.postgres.parse_url`` connects from the same value).
+    the connection uses (``cloudbackup.sources.pgtools.parse_url`` connects from the same value).
     """
 
     scheme: str
@@ -300,179 +297,6 @@ class SourceContext:
     log: Callable[[str], None] = lambda message: None
 
 
-def _is_special(mode: int) -> bool:
-    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-
-
-def _kind_name(mode: int) -> str:
-    if stat.S_ISFIFO(mode):
-        return "FIFO"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    return "device"
-
-
-def _open_root(root: str) -> DirHandle:
-    """The walk's root, opened once by path (a symlink there was resolved by the source)."""
-    try:
-        return DirTable(root).open_root()
-    except FileNotFoundError:
-        raise SourceError(
-            f"source path {root} does not exist", "check the path or the mount"
-        ) from None
-    except PermissionError:
-        raise SourceError(
-            f"source path {root} is not readable", "run as a user who can read it"
-        ) from None
-    except OSError as exc:
-        # O_NOFOLLOW | O_DIRECTORY on a symlink: ENOTDIR (or ELOOP) rather than a follow.
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(root):
-            raise SourceError(
-                f"source path {root} was replaced by a symlink since it was resolved",
-                "check the path",
-            ) from None
-        if exc.errno == errno.ENOTDIR:
-            raise SourceError(
-                f"source path {root} is not a directory", "give a directory or a glob"
-            ) from None
-        raise SourceError(f"source path {root}: {exc.strerror}", "check the path") from None
-
-
-@dataclass
-class _Level:
-    """One directory on the walk's stack: its handle, sorted names and entry (glob mode)."""
-
-    handle: DirHandle
-    names: list[str]
-    entry: FileEntry | None
-    index: int = 0
-
-
-def walk_tree(
-    root: str,
-    ctx: SourceContext,
-    *,
-    select: Callable[[str], bool] | None = None,
-) -> Iterator[FileEntry]:
-    """Depth-first and sorted, by directory descriptor, iterative, never following symlinks.
-
-    Every directory is opened relative to its parent with O_NOFOLLOW and must be the
-    directory the parent's listing showed; one that was swapped (for a symlink or anything
-    else) is skipped with a warning. ``select`` filters non-directories (glob sources);
-    parent directories of selected entries are emitted before them. Holds one name list
-    per level and a bounded number of descriptors (see cloudbackup.walk), whatever the depth.
-    """
-    top = _open_root(root)
-    warn = ctx.warn
-    exclude = ctx.exclude if ctx.exclude else None
-    skip = ctx.skip_inodes
-    visited: set[tuple[int, int]] = {(top.dev, top.ino)}
-    pending: list[FileEntry] = []  # glob mode: directories of the current path not yet emitted
-    cursor = DirCursor()
-    try:
-        try:
-            names = sorted(os.listdir(cursor.fd_for(top)))
-        except OSError as exc:
-            warn("unreadable", f"{root}: cannot list directory ({exc.strerror})")
-            return
-        stack = [_Level(top, names, None)]
-        rel = ""  # the member name of the directory on top of the stack
-        while stack:
-            level = stack[-1]
-            names = level.names
-            if level.index >= len(names):
-                stack.pop()
-                if pending and pending[-1] is level.entry:
-                    pending.pop()
-                rel = rel[: len(rel) - len(level.handle.name) - 1] if len(stack) > 1 else ""
-                continue
-            name = names[level.index]
-            level.index += 1
-            arcname = f"{rel}/{name}" if rel else name
-            if exclude is not None and exclude.matches_child(arcname, name):
-                continue
-            try:
-                fd = cursor.fd_for(level.handle)
-            except OSError as exc:
-                # Its descriptor had been closed (bounded window) and it moved since.
-                gone = isinstance(exc, FileNotFoundError)
-                warn(
-                    "vanished" if gone else "unreadable",
-                    f"{level.handle.path}: "
-                    + ("replaced during the walk" if gone else f"cannot reopen ({exc.strerror})")
-                    + "; the rest of it skipped",
-                )
-                level.index = len(names)
-                continue
-            try:
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            except FileNotFoundError:
-                warn("vanished", f"{level.handle.child_path(name)}: vanished while reading")
-                continue
-            except OSError as exc:
-                warn("unreadable", f"{level.handle.child_path(name)}: cannot stat ({exc.strerror})")
-                continue
-            key = (st.st_dev, st.st_ino)
-            if key in skip:
-                continue
-            mode = st.st_mode
-            if stat.S_ISDIR(mode):
-                if key in visited:
-                    warn(
-                        "skipped",
-                        f"{level.handle.child_path(name)}: directory loop (bind mount?) skipped",
-                    )
-                    continue
-                visited.add(key)
-                try:
-                    child = level.handle.open_child(name, st, fd)
-                except FileNotFoundError:
-                    warn(
-                        "vanished",
-                        f"{level.handle.child_path(name)}: replaced during the walk; "
-                        "skipped (never followed)",
-                    )
-                    continue
-                except OSError as exc:
-                    entry = FileEntry(None, arcname, st, level.handle, name)
-                    warn("unreadable", f"{entry.path}: cannot list directory ({exc.strerror})")
-                    if select is None:
-                        yield entry
-                    continue
-                entry = FileEntry(None, arcname, st, level.handle, name, child)
-                if select is None:
-                    yield entry
-                else:
-                    pending.append(entry)
-                try:
-                    child_names = sorted(os.listdir(cursor.fd_for(child)))
-                except OSError as exc:
-                    gone = isinstance(exc, FileNotFoundError)
-                    warn(
-                        "vanished" if gone else "unreadable",
-                        f"{entry.path}: "
-                        + ("replaced during the walk" if gone else "cannot list directory")
-                        + ("" if gone else f" ({exc.strerror})"),
-                    )
-                    if pending and pending[-1] is entry:
-                        pending.pop()
-                    continue
-                stack.append(_Level(child, child_names, entry))
-                rel = arcname
-            elif _is_special(mode):
-                warn("skipped", f"{level.handle.child_path(name)}: {_kind_name(mode)} skipped")
-            else:
-                if select is not None:
-                    if not select(arcname):
-                        continue
-                    if pending:
-                        yield from pending
-                        pending.clear()
-                yield FileEntry(None, arcname, st, level.handle, name)
-    finally:
-        cursor.release()
-
-
 class Source(ABC):
     """Base of every source kind: each kind says how to check itself and what to archive."""
 
@@ -501,77 +325,3 @@ class Source(ABC):
         """What to archive, in order; spool files are cleaned up when the iterator closes."""
 
 
-class DirectorySource(Source):
-    kind = "directory"
-
-    def __init__(self, spec: SourceSpec) -> None:
-        super().__init__(spec)
-        # A top-level symlink is resolved once; the real path is recorded in the manifest.
-        self.root = os.path.realpath(spec.spec)
-
-    @property
-    def real_path(self) -> str:
-        return self.root
-
-    def root_device(self) -> int | None:
-        try:
-            return os.stat(self.root).st_dev
-        except OSError:
-            return None
-
-    def check(self) -> str:
-        root = self.root
-        if not os.path.exists(root):
-            raise SourceError(
-                f"source {self.name}: {self.spec.spec} does not exist", "check the path"
-            )
-        if not os.path.isdir(root):
-            raise SourceError(f"source {self.name}: {root} is not a directory", "give a directory")
-        if not os.access(root, os.R_OK | os.X_OK):
-            raise SourceError(f"source {self.name}: {root} is not readable", "fix its permissions")
-        return f"directory {root}"
-
-    def entries(self, ctx: SourceContext) -> Iterator[FileEntry]:
-        yield from walk_tree(self.root, ctx)
-
-
-class GlobSource(Source):
-    kind = "glob"
-
-    def __init__(self, spec: SourceSpec) -> None:
-        super().__init__(spec)
-        self.base, self.pattern = split_glob(spec.spec)
-        self.regex = compile_glob(self.pattern)
-
-    def root_device(self) -> int | None:
-        try:
-            return os.stat(os.path.realpath(self.base)).st_dev
-        except OSError:
-            return None
-
-    def check(self) -> str:
-        if not os.path.isdir(self.base):
-            raise SourceError(
-                f"source {self.name}: {self.base} does not exist", "check the glob's directory"
-            )
-        return f"glob {self.pattern} under {self.base}"
-
-    def entries(self, ctx: SourceContext) -> Iterator[FileEntry]:
-        yield from walk_tree(
-            os.path.realpath(self.base), ctx, select=lambda rel: bool(self.regex.fullmatch(rel))
-        )
-
-
-def make_source(spec: SourceSpec, *, env: Mapping[str, str] = childenv.NO_ENV) -> Source:
-    """The source a spec names. ``env`` is the base environment of the programs a source
-    runs (``Settings.child_env``); sources that run none do not get it."""
-    from cloudbackup import dbsources  # database and command sources live beside this module
-
-    factories: dict[str, Callable[[SourceSpec], Source]] = {
-        "directory": DirectorySource,
-        "glob": GlobSource,
-        "sqlite": dbsources.SQLiteSource,
-        "postgresql": lambda s: dbsources.PostgresSource(s, env=env),
-        "command": lambda s: dbsources.CommandSource(s, env=env),
-    }
-    return factories[spec.kind](spec)

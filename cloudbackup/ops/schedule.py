@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from cloudbackup.errors import ConfigError, UsageError
+from cloudbackup.core.errors import ConfigError, UsageError
 
 __all__ = [
     "DEFAULT_AT",

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from cloudbackup.errors import IntegrityError
+from cloudbackup.core.errors import IntegrityError
 
 MANIFEST_FORMAT = 1
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")

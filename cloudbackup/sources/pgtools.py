@@ -3,7 +3,7 @@ restore, through the client binaries (no driver).
 
 Secrets: the URL's password reaches libpq only through a temporary passfile (``PGPASSFILE``,
 mode 0600, in the spool or restore directory, deleted right after). Every client program
-gets the CLI's scrubbed environment (``cloudbackup.childenv``: no ``PGPASSWORD``, no inherited
+gets the CLI's scrubbed environment (``cloudbackup.core.childenv``: no ``PGPASSWORD``, no inherited
 ``PGPASSFILE``, no AWS or cloudbackup variables) plus that passfile. Connections are passed as a libpq conninfo string that
 never holds a password; every message is scrubbed of the password before it is raised.
 
@@ -32,14 +32,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-from cloudbackup import childenv
-from cloudbackup.dbsources import create_private, describe_exit, run_logged
-from cloudbackup.errors import IntegrityError, SourceError, UsageError
-from cloudbackup.model import manifest_ref, parse_manifest
-from cloudbackup.sources import DbUrl, FileEntry, SourceContext, secret_forms
+from cloudbackup.core import childenv
+from cloudbackup.core.errors import IntegrityError, SourceError, UsageError
+from cloudbackup.core.model import manifest_ref, parse_manifest
+from cloudbackup.fs.files import create_private
+from cloudbackup.fs.walk import FileEntry
+from cloudbackup.sources.base import DbUrl, SourceContext, secret_forms
+from cloudbackup.sources.process import describe_exit, run_logged
 
 if TYPE_CHECKING:
-    from cloudbackup.dbsources import PostgresSource
+    from cloudbackup.sources.postgres import PostgresSource
 
 GLOBALS_MEMBER = "globals.sql"
 CONNECT_TIMEOUT = "10"  # seconds; libpq's default is to wait forever on a silent host
@@ -164,7 +166,7 @@ class PgEnv:
 
 def child_env(base: Mapping[str, str], passfile: str | None = None) -> dict[str, str]:
     """The environment of a libpq client: ``base`` scrubbed (no ``PGPASSWORD``, no inherited
-    ``PGPASSFILE``: see ``cloudbackup.childenv``), plus the passfile the tool made."""
+    ``PGPASSFILE``: see ``cloudbackup.core.childenv``), plus the passfile the tool made."""
     # English messages: they are parsed for hints (password, server not running, version).
     extra = {"LC_MESSAGES": "C"}
     if base.get("LC_ALL"):

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import unquote
 
-from cloudbackup.errors import ConfigError
-from cloudbackup.sources import secret_forms
+from cloudbackup.core.errors import ConfigError
+from cloudbackup.sources.base import secret_forms
 
 __all__ = [
     "FAILED_EXIT_CODES",

@@ -16,10 +16,8 @@ counts what it wrote against the manifest and says so.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import gzip
-import hashlib
 import logging
 import lzma
 import os
@@ -29,55 +27,37 @@ import stat
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from datetime import time as dtime
 from pathlib import Path
 from typing import IO, Any, BinaryIO, TypeVar
 
 import zstandard
 
-from cloudbackup.archive import (
-    HashingReader,
-    HashingSink,
-    fsync_dir,
-    open_decompressed,
-    open_regular,
-    sha256_file,
-)
-from cloudbackup.errors import (
+from cloudbackup.context import Context
+from cloudbackup.core.errors import (
     CloudBackupError,
-    ConfigError,
     IntegrityError,
-    StorageError,
-    TransientStorageError,
     UsageError,
 )
-from cloudbackup.extract import ExtractResult, extract
-from cloudbackup.model import (
+from cloudbackup.core.model import (
     GLOBALS_MEMBER,
-    BackupId,
-    BackupRef,
-    Listing,
     Manifest,
-    valid_name,
 )
-from cloudbackup.operations import Context, read_local_manifest, read_remote_manifest
-from cloudbackup.walk import ENTER, LEAVE, OTHER, visit_tree
+from cloudbackup.fs.files import fsync_dir, open_regular
+from cloudbackup.fs.tree import Tally, remove_tree, tally_tree
+from cloudbackup.restore.download import DOWNLOAD_CHUNK, fetch_archive
+from cloudbackup.restore.select import _choose_copy, _Copy, _peek_manifest, find_backup
+from cloudbackup.stream.compress import open_decompressed
+from cloudbackup.stream.extract import ExtractResult, extract
+from cloudbackup.stream.hashing import HashingReader
 
 LOG = logging.getLogger("cloudbackup")
 T = TypeVar("T")
 
 DIRECTORY_KINDS = ("directory", "glob")
 FILE_KINDS = ("sqlite", "command")
-RANGED_MIN_SIZE = 64 * 1024**2  # below this, one streamed GET is always used
-RANGED_PART_SIZE = 8 * 1024**2
-# 1 MiB reads: 4 MiB ones allocate (mmap) and fault in fresh pages for every chunk, which
-# doubled the download's wall time in the benchmark (see benchmarks/RESULTS.md).
-DOWNLOAD_CHUNK = 1024**2
 _STAMP = "%Y%m%dT%H%M%SZ"
-_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _DECOMPRESS_ERRORS: tuple[type[BaseException], ...] = (
     zstandard.ZstdError,
     lzma.LZMAError,
@@ -148,413 +128,6 @@ class RestoreResult:
         return f"restore of {what} FAILED: {self.detail}"
 
 
-# ---------------------------------------------------------------- --at
-
-
-def parse_at(text: str) -> datetime:
-    """RFC 3339 with ``Z`` or an offset, or a bare date meaning the end of that day (UTC)."""
-    value = text.strip()
-    if _DATE_RE.match(value):
-        try:
-            day = datetime.strptime(value, "%Y-%m-%d").date()
-        except ValueError:
-            raise ConfigError(
-                f"--at {text!r} is not a valid date", "use YYYY-MM-DD or 2026-11-01T00:00:00Z"
-            ) from None
-        return datetime.combine(day, dtime(23, 59, 59), tzinfo=UTC)
-    normalized = value[:-1] + "+00:00" if value[-1:] in ("Z", "z") else value
-    try:
-        moment = datetime.fromisoformat(normalized.replace("t", "T", 1))
-    except ValueError:
-        moment = None
-    if moment is None or "T" not in normalized.upper():
-        raise ConfigError(
-            f"--at {text!r} is not an RFC 3339 time",
-            "use 2026-11-01T00:00:00Z, 2026-11-01T02:00:00+01:00 or a date (end of that day, UTC)",
-        )
-    if moment.tzinfo is None:
-        raise ConfigError(
-            f"--at {text!r} has no time zone",
-            f"add Z for UTC ({value}Z) or an offset such as +01:00",
-        )
-    try:
-        return moment.astimezone(UTC)
-    except OverflowError:  # 9999-12-31T23:59:59-23:59 is after the last UTC instant
-        raise ConfigError(
-            f"--at {text!r} is outside the calendar once converted to UTC",
-            "give a time between 0001-01-02 and 9999-12-30",
-        ) from None
-
-
-# ---------------------------------------------------------------- choosing the backup
-
-
-@dataclass
-class Candidate:
-    """One backup with the copies of it that were listed."""
-
-    backup_id: BackupId
-    host: str
-    local: BackupRef | None = None
-    remote: BackupRef | None = None
-
-    @property
-    def id(self) -> str:
-        return str(self.backup_id)
-
-
-def _order(candidate: Candidate) -> tuple[datetime, int]:
-    return candidate.backup_id.created_at, candidate.backup_id.seq
-
-
-def _listings(ctx: Context, from_: str | None) -> tuple[Listing, Listing]:
-    local = ctx.local_listing() if from_ != "remote" else Listing()
-    remote = Listing()
-    if from_ != "local" and ctx.remote is not None:
-        try:
-            # Every host: a DR machine has a new hostname, and the error lists who has it.
-            try:
-                remote = ctx.remote_listing(all_hosts=True)
-            except StorageError:
-                remote = ctx.remote_listing()  # a host-scoped role may list only its own prefix
-        except StorageError as exc:
-            if from_ == "remote":
-                raise
-            LOG.warning("cannot list the bucket (%s); choosing among local backups only", exc)
-    return local, remote
-
-
-def find_backup(
-    ctx: Context,
-    what: str,
-    *,
-    host: str,
-    at: datetime | None = None,
-    from_: str | None = None,
-) -> Candidate:
-    """The backup to restore: ``what`` is a backup id or a source name (its newest backup
-    at or before ``at``), under ``host``. Found by LIST alone, locally and remotely."""
-    if not valid_name(what):
-        raise UsageError(f"{what!r} is not a source name or backup id", "see `cloudbackup list`")
-    if from_ == "remote" and ctx.remote is None:
-        raise UsageError("--from remote needs a bucket", "set CLOUDBACKUP_S3_BUCKET")
-    try:
-        wanted_id: BackupId | None = BackupId.parse(what)
-    except ValueError:
-        wanted_id = None
-    source = wanted_id.source if wanted_id else what
-    local, remote = _listings(ctx, from_)
-    candidates: dict[tuple[str, str], Candidate] = {}
-    hosts_with_it: set[str] = set()
-    for listing in (local, remote):
-        for ref in listing.refs:
-            if ref.source != source or (wanted_id and ref.backup_id != wanted_id):
-                continue
-            hosts_with_it.add(ref.host)
-            if ref.host != host:
-                continue
-            cand = candidates.setdefault((ref.host, ref.id), Candidate(ref.backup_id, ref.host))
-            if ref.where == "local":
-                cand.local = ref
-            else:
-                cand.remote = ref
-    thing = f"backup {what}" if wanted_id else f"source {what}"
-    if not candidates:
-        where = _where_words(ctx, from_)
-        if hosts_with_it:
-            raise UsageError(
-                f"{thing} not found for host {host}; hosts with it: "
-                f"{', '.join(sorted(hosts_with_it))} — pass --host",
-                None,
-            )
-        hint = "see `cloudbackup list --all-hosts`"
-        if ctx.remote is None and from_ != "local":
-            hint = "no bucket is configured: set CLOUDBACKUP_S3_BUCKET to look in the bucket"
-        raise UsageError(f"{thing} not found ({where})", hint)
-    chosen = sorted(candidates.values(), key=_order)
-    if at is not None:
-        before = [c for c in chosen if c.backup_id.created_at <= at]
-        if not before:
-            raise UsageError(
-                f"no backup of {source} for host {host} at or before "
-                f"{at.strftime('%Y-%m-%dT%H:%M:%SZ')}; the oldest is {chosen[0].id}",
-                "pick a later --at (see `cloudbackup list`)",
-            )
-        chosen = before
-    return chosen[-1]
-
-
-def _where_words(ctx: Context, from_: str | None) -> str:
-    places = []
-    if from_ != "remote":
-        places.append(f"local dir {ctx.settings.local_dir}")
-    if from_ != "local" and ctx.remote is not None:
-        places.append(f"bucket {ctx.settings.s3_bucket}")
-    return " or ".join(places) or "nowhere to look"
-
-
-# ---------------------------------------------------------------- verified copies
-
-
-def _local_copy_ok(ctx: Context, ref: BackupRef, manifest: Manifest) -> str | None:
-    """None when the local archive re-hashes to its manifest, else what is wrong."""
-    assert ref.archive_key
-    path = ctx.local.path(ref.archive_key)
-    progress = ctx.progress(f"verify {ref.id}", manifest.size)
-    try:
-        digest, size = sha256_file(path, progress)
-    except OSError as exc:
-        return f"cannot read {path}: {exc.strerror}"
-    finally:
-        getattr(progress, "close", lambda: None)()
-    if size != manifest.size:
-        return f"{path} has {size} bytes, the manifest says {manifest.size}"
-    if digest != manifest.sha256:
-        return f"{path} has sha256 {digest}, the manifest says {manifest.sha256}"
-    return None
-
-
-@dataclass
-class _Copy:
-    where: str  # "local" | "remote"
-    manifest: Manifest
-    ref: BackupRef
-    local_path: Path | None = None  # verified local archive
-
-
-def _peek_manifest(ctx: Context, cand: Candidate, from_: str | None) -> _Copy:
-    """The parsed manifest of the copy to try first (no archive read), to plan the target.
-
-    A local manifest that does not parse (the local dir is untrusted) falls back to the
-    remote copy unless ``--from local``, as a local archive that fails its checksum does."""
-    if from_ == "local" and cand.local is None:
-        raise UsageError(
-            f"backup {cand.id} is not in the local dir {ctx.settings.local_dir}",
-            "restore it --from remote",
-        )
-    if from_ == "remote" and cand.remote is None:
-        raise UsageError(f"backup {cand.id} is not in the bucket", "restore it --from local")
-    remote_usable = from_ != "local" and cand.remote is not None and ctx.remote is not None
-    if from_ != "remote" and cand.local is not None:
-        try:
-            return _Copy("local", read_local_manifest(ctx, cand.local), cand.local)
-        except IntegrityError as exc:
-            if not remote_usable:
-                raise
-            LOG.warning("%s; restoring from remote", exc.message)
-    assert cand.remote is not None
-    return _Copy("remote", read_remote_manifest(ctx, cand.remote), cand.remote)
-
-
-def _choose_copy(ctx: Context, cand: Candidate, from_: str | None, peeked: _Copy) -> _Copy:
-    """The copy to restore from: the local one when its archive re-hashes to its manifest
-    (unless --from remote), else the remote one. ``peeked`` is what ``_peek_manifest`` read."""
-    if peeked.where == "local":
-        problem = _local_copy_ok(ctx, peeked.ref, peeked.manifest)
-        if problem is None:
-            assert peeked.ref.archive_key
-            return _Copy(
-                "local", peeked.manifest, peeked.ref, ctx.local.path(peeked.ref.archive_key)
-            )
-        if from_ == "local" or cand.remote is None or ctx.remote is None:
-            raise IntegrityError(
-                f"{cand.id}: local archive fails its checksum: {problem}", _INTEGRITY_HINT
-            )
-        LOG.warning(
-            "%s: the local copy fails its checksum (%s); restoring from remote", cand.id, problem
-        )
-        manifest = read_remote_manifest(ctx, cand.remote)
-        if manifest.kind != peeked.manifest.kind:
-            # The target was planned for the local manifest's kind.
-            raise IntegrityError(
-                f"{cand.id}: the remote manifest says a {manifest.kind} backup, the local one "
-                f"a {peeked.manifest.kind} backup",
-                _INTEGRITY_HINT,
-            )
-        peeked = _Copy("remote", manifest, cand.remote)
-    manifest = peeked.manifest
-    if peeked.ref.archive_size is not None and peeked.ref.archive_size != manifest.size:
-        raise IntegrityError(
-            f"{cand.id}: the remote archive has {peeked.ref.archive_size} bytes, "
-            f"its manifest says {manifest.size}",
-            _INTEGRITY_HINT,
-        )
-    return peeked
-
-
-# ---------------------------------------------------------------- download
-
-
-def download(
-    remote: Any,
-    key: str,
-    dest: Path,
-    *,
-    size: int,
-    sha256: str,
-    progress: Callable[[int], None] | None = None,
-    ranged_parts: int = 0,
-    part_size: int = RANGED_PART_SIZE,
-) -> None:
-    """GET ``key`` into the new file ``dest``, hashing on the way; raise IntegrityError (and
-    remove ``dest``) unless it has ``size`` bytes with SHA-256 ``sha256``.
-
-    ``ranged_parts`` > 1 fetches ``part_size`` ranges with that many parallel GETs (written
-    with ``pwrite``, hashed in order as they complete); otherwise one streamed GET. The
-    store retries each request; a transient error in the middle of a body starts that
-    download (or that part) again, up to the store's attempts. An integrity failure is
-    never retried.
-    """
-    fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        if ranged_parts > 1 and size > part_size:
-            sha = _download_ranged(remote, key, fd, size, ranged_parts, part_size, progress)
-            count = size
-        else:
-
-            def attempt() -> tuple[Any, int]:
-                os.ftruncate(fd, 0)
-                os.lseek(fd, 0, os.SEEK_SET)
-                return _download_stream(remote, key, fd, progress)
-
-            sha, count = _restarting(remote, f"download of {key}", attempt)
-        if count != size:
-            raise IntegrityError(
-                f"downloaded {count} bytes of {key}, the manifest says {size}", _INTEGRITY_HINT
-            )
-        digest = sha.hexdigest()
-        if digest != sha256:
-            raise IntegrityError(
-                f"downloaded {key} has sha256 {digest}, the manifest says {sha256}; "
-                "nothing was restored",
-                _INTEGRITY_HINT,
-            )
-    except BaseException:
-        os.close(fd)
-        dest.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-
-
-class _Interrupted(Exception):
-    """A body read failed transiently after the request itself succeeded."""
-
-    def __init__(self, error: TransientStorageError, done: int) -> None:
-        super().__init__(str(error))
-        self.error, self.done = error, done
-
-
-def _restarting(remote: Any, what: str, fn: Callable[[], T]) -> T:
-    """Run ``fn`` again when it was interrupted mid-body (requests are retried by the store)."""
-    attempts = max(int(getattr(remote, "attempts", 3) or 1), 1)
-    sleep = getattr(remote, "sleep", time.sleep)
-    for number in range(1, attempts + 1):
-        try:
-            return fn()
-        except _Interrupted as exc:
-            if number == attempts:
-                raise exc.error from None
-            LOG.warning(
-                "%s interrupted after %d bytes (%s); starting it again (attempt %d of %d)",
-                what,
-                exc.done,
-                exc.error,
-                number + 1,
-                attempts,
-            )
-            sleep(min(0.5 * 2**number, 10.0))
-    raise AssertionError("unreachable")
-
-
-def _download_stream(
-    remote: Any, key: str, fd: int, progress: Callable[[int], None] | None
-) -> tuple[Any, int]:
-    """One streamed GET; a writer thread hashes and writes while the next chunk arrives."""
-    sha = hashlib.sha256()
-    count = 0
-    with remote.open(key) as body:
-        sink = HashingSink(fd, sha=sha, depth=16, name="restore-writer")
-        try:
-            while True:
-                try:
-                    chunk = body.read(DOWNLOAD_CHUNK)
-                except TransientStorageError as exc:
-                    raise _Interrupted(exc, count) from exc
-                if not chunk:
-                    break
-                sink.put(chunk)
-                count += len(chunk)
-                if progress:
-                    progress(len(chunk))
-        finally:
-            sink.close()
-    return sha, count
-
-
-def _download_ranged(
-    remote: Any,
-    key: str,
-    fd: int,
-    size: int,
-    workers: int,
-    part_size: int,
-    progress: Callable[[int], None] | None,
-) -> Any:
-    """Parallel ranged GETs; each part is written at its offset and hashed in order."""
-    sha = hashlib.sha256()
-    count = -(-size // part_size)
-
-    def fetch(number: int) -> bytes:
-        start = number * part_size
-        end = min(start + part_size, size) - 1
-
-        def attempt() -> bytes:
-            try:
-                return bytes(remote.open_range(key, start, end))
-            except TransientStorageError as exc:  # the body read is not retried by the store
-                raise _Interrupted(exc, 0) from exc
-
-        data = _restarting(remote, f"GET of {key} part {number + 1}/{count}", attempt)
-        if len(data) != end - start + 1:
-            raise IntegrityError(
-                f"ranged GET of {key} bytes {start}-{end} returned {len(data)} bytes",
-                _INTEGRITY_HINT,
-            )
-        view = memoryview(data)
-        offset = start
-        while view:
-            written = os.pwrite(fd, view, offset)
-            view, offset = view[written:], offset + written
-        return data
-
-    done_parts: dict[int, bytes] = {}
-    next_to_hash = 0
-    window = max(workers * 2, 2)  # bounded memory: parts in flight or waiting to be hashed
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="download") as pool:
-        pending: dict[Future[bytes], int] = {}
-        submitted = 0
-        try:
-            while next_to_hash < count:
-                while submitted < count and len(pending) + len(done_parts) < window:
-                    pending[pool.submit(fetch, submitted)] = submitted
-                    submitted += 1
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    number = pending.pop(future)
-                    done_parts[number] = future.result()
-                while next_to_hash in done_parts:
-                    data = done_parts.pop(next_to_hash)
-                    sha.update(data)
-                    if progress:
-                        progress(len(data))
-                    next_to_hash += 1
-        except BaseException:
-            for future in pending:
-                future.cancel()
-            raise
-    return sha
-
-
 # ---------------------------------------------------------------- targets and workspace
 
 
@@ -570,7 +143,7 @@ class _Target:
         if self.kind == "stdout":
             return "stdout"
         if self.kind == "postgresql":
-            from cloudbackup.sources import redact_url
+            from cloudbackup.sources.base import redact_url
 
             return redact_url(self.url or "")
         return str(self.path)
@@ -667,33 +240,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_tree(path: Path) -> None:
-    """``rm -rf`` that also removes read-only directories a restored tree may contain.
-
-    Best effort, like ``rm -rf`` (what cannot be removed stays); iterative and by directory
-    descriptor, so no depth or path length stops it and no symlink is ever followed.
-    """
-    top = os.fspath(path)
-    try:
-        for visit in visit_tree(top, make_accessible=True, onerror=lambda exc: None):
-            try:
-                if visit.kind == LEAVE:
-                    os.rmdir(visit.name, dir_fd=visit.fd)
-                elif visit.kind == OTHER:
-                    os.unlink(visit.name, dir_fd=visit.fd)
-            except OSError:
-                pass
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # not a directory: remove the name
-            with contextlib.suppress(OSError):
-                os.unlink(top)
-        return
-    with contextlib.suppress(OSError):
-        os.rmdir(top)
-
-
 class _Workspace:
     """Hidden temp files and staging directories beside the target; removed on exit."""
 
@@ -771,35 +317,6 @@ def _extract_file(
         raise IntegrityError(f"cannot decompress {path.name}: {exc}", _INTEGRITY_HINT) from None
     finally:
         raw.close()
-
-
-@dataclass
-class Tally:
-    files: int = 0  # non-directory entries
-    bytes: int = 0  # regular-file bytes, each inode once
-    dirs: int = 0
-
-
-def tally_tree(root: Path) -> Tally:
-    """Count what is on disk under ``root`` (no symlink followed): the restore's own check.
-
-    Iterative and by directory descriptor: any depth, any path length.
-    """
-    tally = Tally()
-    seen: set[tuple[int, int]] = set()
-    for kind, _fd, _name, st, _parent in visit_tree(os.fspath(root)):
-        if kind == ENTER:
-            tally.dirs += 1
-        elif kind == OTHER:
-            tally.files += 1
-            if stat.S_ISREG(st.st_mode):
-                if st.st_nlink > 1:
-                    ident = (st.st_dev, st.st_ino)
-                    if ident in seen:
-                        continue
-                    seen.add(ident)
-                tally.bytes += st.st_size
-    return tally
 
 
 # ---------------------------------------------------------------- the use case
@@ -902,19 +419,16 @@ def _archive_path(ctx: Context, copy: _Copy, ws: _Workspace, ranged: bool) -> Pa
     manifest = copy.manifest
     assert copy.ref.archive_key
     dest = ws.download_path()
-    concurrency = int(getattr(ctx.settings, "s3_concurrency", 1) or 1)
-    parts = concurrency if ranged and concurrency > 1 and manifest.size > RANGED_MIN_SIZE else 0
     progress = ctx.progress(f"download {manifest.id}", manifest.size)
     try:
-        download(
+        fetch_archive(
             ctx.remote,
             copy.ref.archive_key,
             dest,
             size=manifest.size,
             sha256=manifest.sha256,
             progress=progress,
-            ranged_parts=parts,
-            part_size=RANGED_PART_SIZE,
+            concurrency=ctx.settings.s3_concurrency if ranged else 1,
         )
     finally:
         getattr(progress, "close", lambda: None)()
@@ -1107,7 +621,7 @@ def _put_file_in_place(
 ) -> None:
     assert target.path is not None
     if manifest.kind == "sqlite":
-        from cloudbackup.dbsources import restore_sqlite
+        from cloudbackup.sources.sqlite import restore_sqlite
 
         moved = restore_sqlite(member, target.path, now_stamp=_stamp(ctx))
         if moved is not None:
@@ -1140,7 +654,7 @@ def _copy_to_stdout(member: Path, out: IO[bytes]) -> None:
 def _restore_postgres(
     members: list[Path], target: _Target, force: bool, env: Mapping[str, str]
 ) -> None:
-    from cloudbackup import postgres
+    from cloudbackup.sources import pgtools as postgres
 
     assert target.url
     postgres.restore_dump(
@@ -1215,15 +729,3 @@ def _dry_walk(ctx: Context, copy: _Copy, includes: Sequence[str]) -> ExtractResu
             _INTEGRITY_HINT,
         )
     return walked
-
-
-__all__ = [
-    "Candidate",
-    "RestoreResult",
-    "download",
-    "find_backup",
-    "parse_at",
-    "remove_tree",
-    "restore",
-    "tally_tree",
-]
