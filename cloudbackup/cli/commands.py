@@ -147,18 +147,20 @@ def load_settings(
 def make_context(
     settings: Settings, *, remote: bool = True, need_local: bool = True
 ) -> contexts.Context:
-    local = LocalStore(settings.local_dir)
-    machine = contexts.machine_id(settings.local_dir) if need_local else "unknown"
-    ctx = contexts.Context(
+    """The context of one command. ``need_local``: the command writes to the local dir (a
+    machine id is then made if there is none); otherwise nothing is created there."""
+    if need_local:
+        machine: str | None = contexts.machine_id(settings.local_dir)
+    else:
+        machine = contexts.read_machine_id(settings.local_dir)
+    return contexts.Context(
         settings=settings,
-        local=local,
+        local=LocalStore(settings.local_dir),
         now=_now,
         machine_id=machine,
+        remote=make_remote(settings) if remote and settings.s3_bucket else None,
         progress=_progress_factory(),
     )
-    if remote and settings.s3_bucket:
-        ctx.remote = make_remote(settings)
-    return ctx
 
 
 def make_remote(settings: Settings) -> Any:
@@ -317,7 +319,7 @@ def backup(
 
 
 def _uploader() -> tuple[
-    Callable[[contexts.Context, backing.SourceResult], None], backing.Streamer
+    backing.Uploader, backing.Streamer
 ]:
     from cloudbackup.ops import upload as uploading
 
@@ -389,10 +391,10 @@ def verify(
     ctx = make_context(settings, remote=where != "local", need_local=False)
     results = []
     if where in ("local", "all"):
-        refs = verifying.select_refs(ctx.local_listing().refs, ids, source, settings.host)
+        refs = verifying.select_refs(ctx.local_catalog.listing().refs, ids, source, settings.host)
         results += [verifying.verify_local_ref(ctx, ref, deep=deep) for ref in refs]
     if where in ("remote", "all"):
-        refs = verifying.select_refs(ctx.remote_listing().refs, ids, source, settings.host)
+        refs = verifying.select_refs(ctx.remote_catalog.listing().refs, ids, source, settings.host)
         results += [verifying.verify_remote_ref(ctx, ref, deep=deep) for ref in refs]
     if ids:
         found = {r.id for r in results}

@@ -107,6 +107,11 @@ def key_for(prefix: str, host: str, backup_id: BackupId, name: str) -> str:
     return "/".join(parts)
 
 
+def host_claim_key(prefix: str, host: str) -> str:
+    """``<prefix>/<host>/.host-id``: the key of a host's claim (see SPEC "Host")."""
+    return "/".join([p for p in prefix.strip("/").split("/") if p] + [host, HOST_CLAIM])
+
+
 def name_for(
     prefix: str, host: str, backup_id: BackupId, kind: str, compression: str = "zstd"
 ) -> str:

@@ -21,9 +21,6 @@ from cloudbackup import __version__
 from cloudbackup.config import Settings
 from cloudbackup.context import (
     Context,
-    read_local_manifest,
-    read_remote_manifest,
-    read_upload_record,
 )
 from cloudbackup.core.errors import (
     CloudBackupError,
@@ -116,7 +113,7 @@ def cleanup_partials(ctx: Context) -> list[Path]:
             if any(p != path for p in source_dir.glob(glob_escape(stem) + ".*")):
                 continue  # its backup exists: a record of an upload, not a leftover
             try:
-                record = read_upload_record(ctx, stem, source_dir.name)
+                record = ctx.local_catalog.upload_record(stem, source_dir.name)
             except ValueError:
                 continue  # not named after a backup id: not ours
             if _abort_stray_upload(ctx, record):
@@ -159,6 +156,19 @@ class ArchiveStream(Protocol):
 Streamer = Callable[["Context", str, BackupId, str, Manifest | None], ArchiveStream | None]
 
 
+class Uploaded(Protocol):
+    """What the uploader says about one archive (an ``ops.upload.UploadResult``)."""
+
+    ok: bool
+    detail: str
+    exit_code: int
+
+
+# (ctx, source name, backup id, the stream that followed the archive) → what happened, or
+# None when there was nothing to upload.
+Uploader = Callable[[Context, str, str, ArchiveStream | None], Uploaded | None]
+
+
 @dataclass
 class BackupOptions:
     upload: bool = True
@@ -190,8 +200,8 @@ def previous_manifest(
     """The manifest of the newest complete backup of this host and source, local (preferred)
     or remote. A manifest that fails to parse (damaged, or forged in the bucket) is skipped
     and reported in ``problems``: the guards then compare with the newest good one."""
-    refs = ctx.local_listing(source).for_source(ctx.host, source)
-    refs += ctx.remote_listing_or_empty().for_source(ctx.host, source)
+    refs = ctx.local_catalog.listing(source).for_source(ctx.host, source)
+    refs += ctx.remote_catalog.listing_or_empty().for_source(ctx.host, source)
     refs.sort(key=lambda r: (r.created_at, r.backup_id.seq, r.where == "local"), reverse=True)
     if not refs:
         return None
@@ -199,8 +209,8 @@ def previous_manifest(
     for ref in refs[:PREVIOUS_TRIES]:
         try:
             if ref.where == "local":
-                return read_local_manifest(ctx, ref)
-            return read_remote_manifest(ctx, ref)
+                return ctx.local_catalog.manifest(ref)
+            return ctx.remote_catalog.manifest(ref)
         except IntegrityError as exc:
             LOG.error("%s; the guards compare with an older backup", exc.message)
             if problems is not None:
@@ -216,8 +226,8 @@ def previous_manifest(
 
 def _new_id(ctx: Context, source: str, moment: datetime) -> BackupId:
     backup_id = BackupId.new(source, moment)
-    directory = ctx.local_dir_for(source)
-    listing = ctx.remote_listing_or_empty()
+    directory = ctx.local_catalog.source_dir(source)
+    listing = ctx.remote_catalog.listing_or_empty()
     remote_ids = {r.id for r in listing.for_source(ctx.host, source)}
     remote_ids |= {r.id for r in listing.orphans if r.host == ctx.host}
     while True:
@@ -276,6 +286,8 @@ def backup_source(
     ctx: Context, source: Source, options: BackupOptions, streamer: Streamer | None = None
 ) -> SourceResult:
     settings = ctx.settings
+    machine = ctx.machine_id
+    assert machine is not None, "a backup needs a context made for writing (need_local)"
     result = SourceResult(source=source.name, dry_run=options.dry_run)
     started = time.monotonic()
     try:
@@ -307,7 +319,7 @@ def backup_source(
             )
         backup_id = _new_id(ctx, source.name, moment)
         result.id = str(backup_id)
-        directory = ctx.local_dir_for(source.name)
+        directory = ctx.local_catalog.source_dir(source.name)
         matcher = PathMatcher(settings.exclude)
 
         def warn(category: str, message: str) -> None:
@@ -374,7 +386,7 @@ def backup_source(
                 compression_level=settings.compression_level,
                 file_count=stats.file_count,
                 uncompressed_bytes=stats.uncompressed_bytes,
-                machine_id=ctx.machine_id,
+                machine_id=machine,
                 tool_version=__version__,
                 warnings=stats.warnings,
                 root_device=device,
@@ -453,7 +465,7 @@ def _dry_run_source(
     size = 0
     if source.kind in ("directory", "glob"):
         sctx = SourceContext(
-            spool_dir=ctx.local_dir_for(source.name),
+            spool_dir=ctx.local_catalog.source_dir(source.name),
             backup_id=str(backup_id),
             exclude=matcher,
             skip_inodes=_skip_inodes(ctx.settings),
@@ -480,12 +492,22 @@ def _dry_run_source(
     return result
 
 
+def _record_upload(result: SourceResult, uploaded: Uploaded | None) -> None:
+    if uploaded is None:
+        return
+    result.uploaded = uploaded.ok
+    if not uploaded.ok:
+        result.error = uploaded.detail
+        result.ok = False  # the backup's offsite half failed: never summarised as a success
+        result.exit_code = max(result.exit_code, uploaded.exit_code)
+
+
 def backup(
     ctx: Context,
     specs: Sequence[Any],
     options: BackupOptions,
     *,
-    uploader: Callable[[Context, SourceResult], None] | None = None,
+    uploader: Uploader | None = None,
     streamer: Streamer | None = None,
 ) -> list[SourceResult]:
     """Archive each source; one failing source does not stop the others.
@@ -510,7 +532,9 @@ def backup(
             continue
         result = backup_source(ctx, source, options, streamer)
         if result.ok and not options.dry_run and uploader is not None:
-            uploader(ctx, result)
+            assert result.id is not None
+            stream, result.stream = result.stream, None
+            _record_upload(result, uploader(ctx, result.source, result.id, stream))
         elif result.stream is not None:  # started but nobody will complete it
             result.stream.abandon()
             result.stream = None

@@ -11,9 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cloudbackup.context import Context, read_machine_id
+from cloudbackup.context import Context
 from cloudbackup.core.errors import CloudBackupError, PermanentStorageError, SourceError
-from cloudbackup.ops.upload import host_claim_key
 from cloudbackup.sources.registry import make_source
 
 
@@ -146,10 +145,10 @@ def _check_bucket(ctx: Context) -> list[CheckLine]:
     except CloudBackupError as exc:
         lines.append(CheckLine("bucket write", False, str(exc)))
     try:
-        transfer_claim = store.head(host_claim_key(ctx))
-        if transfer_claim is not None:
-            owner = transfer_claim.metadata.get("machine-id")
-            mine = _own_machine_id(ctx)
+        claim = store.head(ctx.host_claim.key())
+        if claim is not None:
+            owner = claim.metadata.get("machine-id")
+            mine = ctx.machine_id  # read, never made: `check` writes nothing locally
             if owner and owner != mine:
                 lines.append(
                     CheckLine(
@@ -198,14 +197,6 @@ def _check_bucket(ctx: Context) -> list[CheckLine]:
             )
         )
     return lines
-
-
-def _own_machine_id(ctx: Context) -> str | None:
-    """This machine's id as `run` would use it, without creating one (`check` writes
-    nothing locally; the CLI builds its context with a placeholder id)."""
-    if ctx.machine_id and ctx.machine_id != "unknown":
-        return ctx.machine_id
-    return read_machine_id(ctx.settings.local_dir)
 
 
 def check_exit(lines: Sequence[CheckLine]) -> int:

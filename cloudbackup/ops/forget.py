@@ -18,10 +18,9 @@ from typing import Any
 
 from cloudbackup.context import Context
 from cloudbackup.core.errors import CloudBackupError, UsageError
-from cloudbackup.core.model import BackupId, BackupRef, Listing, build_listing, format_time
-from cloudbackup.ops.prune import (
+from cloudbackup.core.model import BackupId, BackupRef, Listing, format_time
+from cloudbackup.ops.deletion import (
     PruneResult,
-    claim_problem,
     execute,
     local_keys,
     lock_until,
@@ -54,9 +53,9 @@ def forget(
     wanted = _parse_ids(ids)
     sides: list[tuple[str, Listing]] = []
     if where in ("local", "all"):
-        sides.append(("local", build_listing(ctx.local.list(ctx.host), prefix="", where="local")))
+        sides.append(("local", ctx.local_catalog.listing(host=ctx.host)))
     if where in ("remote", "all") and ctx.remote is not None:
-        sides.append(("remote", ctx.remote_listing(refresh=True)))
+        sides.append(("remote", ctx.remote_catalog.refresh()))
     elif where == "all":
         LOG.info("no bucket configured (CLOUDBACKUP_S3_BUCKET): only local copies are forgotten")
 
@@ -79,7 +78,7 @@ def forget(
             )
         if side == "remote":
             _refuse_locked(ctx, found[side], now)
-            problem = None if ctx.settings.host_explicit else claim_problem(ctx, ctx.host)
+            problem = None if ctx.settings.host_explicit else ctx.host_claim.problem(ctx.host)
             if problem:
                 raise UsageError(problem)
 
@@ -110,7 +109,7 @@ def forget(
                 execute(ctx, store, result, refs, [], keys)
             results.append(result)
         if side == "remote" and not dry_run:
-            ctx._remote_listing = ctx._remote_listing_all = None  # stale: list again
+            ctx.remote_catalog.invalidate()  # stale: list again
             if "local" not in found:
                 _unmark_offsite(ctx, results)
     return results
@@ -174,7 +173,7 @@ def _refuse_locked(ctx: Context, refs: dict[str, BackupRef], now: datetime) -> N
 def _unmark_offsite(ctx: Context, results: Sequence[PruneResult]) -> None:
     """A local copy whose remote copy was forgotten is no longer offsite: its upload record
     goes, so prune pins it and the next upload sends it again."""
-    listing = build_listing(ctx.local.list(ctx.host), prefix="", where="local")
+    listing = ctx.local_catalog.listing(host=ctx.host)
     for result in results:
         for ident in result.deleted:
             key = listing.upload_keys.get(ident)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from cloudbackup.context import Context, read_upload_record
+from cloudbackup.context import Context
 from cloudbackup.core.model import format_time
 
 
@@ -46,13 +46,13 @@ def list_backups(
     wanted_host = None if all_hosts else (host or ctx.host)
     merged: dict[tuple[str, str], ListedBackup] = {}
     if where in ("local", "all"):
-        listing = ctx.local_listing()
+        listing = ctx.local_catalog.listing()
         for ref in listing.refs:
             if wanted_host and ref.host != wanted_host:
                 continue
             if source and ref.source != source:
                 continue
-            record = read_upload_record(ctx, ref.id, ref.source, ref.host)
+            record = ctx.local_catalog.upload_record(ref.id, ref.source, ref.host)
             merged[(ref.host, ref.id)] = ListedBackup(
                 ref.id,
                 ref.host,
@@ -64,7 +64,7 @@ def list_backups(
                 bool(record and record.verified_at),
             )
     if where in ("remote", "all") and ctx.remote is not None:
-        for ref in ctx.remote_listing(all_hosts=all_hosts).refs:
+        for ref in ctx.remote_catalog.listing(all_hosts=all_hosts).refs:
             if wanted_host and ref.host != wanted_host:
                 continue
             if source and ref.source != source:

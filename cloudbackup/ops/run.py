@@ -52,7 +52,7 @@ def _free_space_check(ctx: Context, results: dict[str, SourceResult]) -> set[str
     except OSError:
         return blocked
     for spec in ctx.settings.sources:
-        size = monitor.newest_archive_size(ctx, spec.name)
+        size = ctx.local_catalog.newest_archive_size(spec.name)
         if size and free < size * 1.1:
             message = f"source {spec.name}: only {free} bytes free in {local_dir}, its last archive took {size}"
             LOG.error("%s: free some space or move CLOUDBACKUP_LOCAL_DIR", message)
@@ -70,7 +70,7 @@ def run(ctx: Context, *, allow_shrink: bool = False, deep: bool = False) -> RunR
     backing.cleanup_partials(ctx)
     if ctx.remote is not None:
         try:
-            ctx.remote_listing(refresh=True)  # cached for the shrink guard, ids and prune
+            ctx.remote_catalog.refresh()  # cached for the shrink guard, ids and prune
         except CloudBackupError as exc:
             # S3 down or the bucket gone: still make tonight's local backups (SPEC: local
             # archives are kept, exit 1); they stay pinned locally and `upload` sends them later.
@@ -80,7 +80,7 @@ def run(ctx: Context, *, allow_shrink: bool = False, deep: bool = False) -> RunR
             )
             LOG.error("%s", message)
             report.errors.append(message)
-            ctx = dataclasses.replace(ctx, remote=None, _remote_listing=None)
+            ctx = dataclasses.replace(ctx, remote=None)
     if ctx.remote is not None:
         try:
             uploading.abort_stale_uploads(ctx)
@@ -117,7 +117,7 @@ def run(ctx: Context, *, allow_shrink: bool = False, deep: bool = False) -> RunR
             if upload.ok:
                 uploaded_now.add(upload.id)
         try:
-            listing = ctx.remote_listing(refresh=True)
+            listing = ctx.remote_catalog.refresh()
         except CloudBackupError as exc:
             report.errors.append(f"cannot list the bucket to verify this run's uploads: {exc}")
             uploaded_now = set()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cloudbackup.config import shown
-from cloudbackup.context import Context, read_upload_record
+from cloudbackup.context import Context
 from cloudbackup.core.errors import CloudBackupError, ConfigError
 from cloudbackup.core.model import format_time, parse_time
 from cloudbackup.fs.files import write_file_atomic
@@ -122,11 +122,11 @@ def status(ctx: Context, *, max_age: timedelta, all_hosts: bool = False) -> Stat
     overall = OK
     if ctx.remote is not None:
         try:
-            remote_listing = ctx.remote_listing(all_hosts=all_hosts)
+            remote_listing = ctx.remote_catalog.listing(all_hosts=all_hosts)
         except CloudBackupError as exc:
             detail.append(f"cannot list the bucket: {exc}")
             overall = UNKNOWN
-    local_listing = ctx.local_listing()
+    local_listing = ctx.local_catalog.listing()
     statuses: dict[tuple[str, str], SourceStatus] = {}
 
     def entry(host: str, source: str) -> SourceStatus:
@@ -144,7 +144,7 @@ def status(ctx: Context, *, max_age: timedelta, all_hosts: bool = False) -> Stat
         st = entry(ref.host, ref.source)
         st.local_count += 1
         st.local_bytes += ref.archive_size or 0
-        record = read_upload_record(ctx, ref.id, ref.source, ref.host)
+        record = ctx.local_catalog.upload_record(ref.id, ref.source, ref.host)
         verified = bool(record and record.verified_at)
         if settings.s3_bucket and not verified:
             st.pinned_local += 1
@@ -388,12 +388,3 @@ def parse_max_age(text: str) -> timedelta:
 
 
 _MAX_AGE_HINT = "give a duration between 1m and 3650d, e.g. 26h or 8d"
-
-
-def newest_archive_size(ctx: Context, source: str) -> int | None:
-    ref = ctx.local_listing(source).newest(ctx.host, source)
-    return ref.archive_size if ref else None
-
-
-def now_text(ctx: Context) -> str:
-    return format_time(ctx.now())

@@ -9,20 +9,14 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from cloudbackup import __version__
 from cloudbackup.context import (
     Context,
-    read_local_manifest,
-    read_remote_manifest,
-    read_upload_record,
-    upload_record_path,
-    write_upload_record,
 )
 from cloudbackup.core.errors import CloudBackupError, IntegrityError, PermanentStorageError
 from cloudbackup.core.model import (
-    HOST_CLAIM,
     BackupId,
     BackupRef,
     Manifest,
@@ -31,13 +25,12 @@ from cloudbackup.core.model import (
     key_for,
     manifest_name,
 )
-from cloudbackup.ops.backup import SourceResult
+from cloudbackup.storage.base import head_problems
 from cloudbackup.storage.s3 import (
     MAX_OBJECT,
     SentParts,
     UploadOutcome,
     UploadSpec,
-    checksums_match,
     choose_part_size,
     hex_to_b64,
     lock_until,
@@ -50,64 +43,6 @@ STALE_UPLOAD_AGE = timedelta(days=7)
 
 def _prefix(ctx: Context) -> str:
     return ctx.settings.s3_prefix
-
-
-def host_claim_key(ctx: Context, host: str | None = None) -> str:
-    parts = [p for p in _prefix(ctx).split("/") if p] + [host or ctx.host, HOST_CLAIM]
-    return "/".join(parts)
-
-
-def claim_host(ctx: Context) -> None:
-    """Write ``<prefix>/<host>/.host-id`` once; refuse a prefix another machine claimed.
-
-    The outcome holds for the whole run: a failure (after its retries) is raised again at
-    once rather than retried for every backup.
-    """
-    if ctx._host_claimed:
-        return
-    if ctx._host_claim_error is not None:
-        raise ctx._host_claim_error
-    try:
-        _claim(ctx)
-    except CloudBackupError as exc:
-        ctx._host_claim_error = exc
-        raise
-    ctx._host_claimed = True
-
-
-def _claim(ctx: Context) -> None:
-    key = host_claim_key(ctx)
-    # Existence by LIST, not HEAD: with a prefix-scoped role, AWS answers a HEAD of a missing
-    # key with 403 rather than 404.
-    exists = any(obj.key == key for obj in ctx.remote.list(key))
-    head = ctx.remote.head(key) if exists else None
-    if head is None:
-        try:
-            ctx.remote.put_bytes(
-                key,
-                (ctx.machine_id + "\n").encode(),
-                spec=UploadSpec(
-                    metadata={"machine-id": ctx.machine_id, "cloudbackup-version": __version__},
-                    tags=[("cloudbackup:host", ctx.host), ("cloudbackup:kind", "host-claim")],
-                    content_type="text/plain",
-                ),
-            )
-            LOG.info("claimed s3://%s/%s for this machine", ctx.remote.bucket, key)
-        except PermanentStorageError as exc:
-            if exc.code != "PreconditionFailed":
-                raise
-            head = ctx.remote.head(key)
-    if head is not None:
-        owner = head.metadata.get("machine-id")
-        if owner is None:
-            owner = ctx.remote.get_bytes(key).decode(errors="replace").strip()
-        if owner != ctx.machine_id and not ctx.settings.host_explicit:
-            raise PermanentStorageError(
-                f"s3://{ctx.remote.bucket}/{key} is claimed by another machine ({owner[:12]}…), "
-                f"not this one ({ctx.machine_id[:12]}…): two machines share the host name {ctx.host!r}",
-                "set CLOUDBACKUP_HOST to a unique name, or pass --host explicitly on a DR machine",
-                code="HostClaimed",
-            )
 
 
 def object_tags(ctx: Context, source: str, kind: str) -> list[tuple[str, str]]:
@@ -199,12 +134,12 @@ def upload_backup(
     """
     started = time.monotonic()
     result = UploadResult(ref.id, ref.source, False, "")
-    manifest = read_local_manifest(ctx, ref)
-    record = read_upload_record(ctx, ref.id, ref.source)
+    manifest = ctx.local_catalog.manifest(ref)
+    record = ctx.local_catalog.upload_record(ref.id, ref.source)
     if record and record.verified_at:
         result.ok, result.detail = True, "already verified offsite"
         return result
-    claim_host(ctx)
+    ctx.host_claim.ensure()
     backup_id = BackupId.parse(ref.id)
     assert ref.archive_key
     path = ctx.local.path(ref.archive_key)
@@ -219,7 +154,7 @@ def upload_backup(
     spec = archive_spec(ctx, manifest.source, manifest.created, manifest.sha256)
 
     def on_created(new_id: str, size: int) -> None:
-        write_upload_record(ctx, ref.source, ref.id, _in_progress(key, new_id, size))
+        ctx.local_catalog.write_upload_record(ref.source, ref.id, _in_progress(key, new_id, size))
 
     outcome = streamed
     if outcome is None:
@@ -277,13 +212,13 @@ def upload_backup(
             manifest_key=mkey,
             compression=manifest.compression,
         )
-        existing = read_remote_manifest(ctx, remote_ref)
+        existing = ctx.remote_catalog.manifest(remote_ref)
         if existing.sha256 != manifest.sha256:
             raise IntegrityError(
                 f"s3 manifest {mkey} exists and describes another archive"
             ) from None
     upload.verified_at = format_time(ctx.now())
-    write_upload_record(ctx, ref.source, ref.id, upload)
+    ctx.local_catalog.write_upload_record(ref.source, ref.id, upload)
     result.ok = True
     result.detail = (
         f"uploaded {outcome.size} bytes in {outcome.part_count} part(s)"
@@ -316,26 +251,9 @@ def _confirm_archive(ctx: Context, key: str, manifest: Manifest, upload: UploadR
     head = ctx.remote.head(key)
     if head is None:
         raise IntegrityError(f"s3://{ctx.remote.bucket}/{key} is missing right after upload")
-    problems = _compare(head, manifest.size, manifest.sha256, upload.checksum)
+    problems = head_problems(head, manifest.size, manifest.sha256, upload.checksum)
     if problems:
         raise IntegrityError(f"s3://{ctx.remote.bucket}/{key}: " + "; ".join(problems))
-
-
-def _compare(head: Any, size: int, sha256: str, checksum: str | None) -> list[str]:
-    problems = []
-    if head.size != size:
-        problems.append(f"size {head.size} ≠ {size}")
-    meta_sha256 = head.metadata.get("sha256")
-    if meta_sha256 is not None and meta_sha256 != sha256:
-        problems.append(f"sha256 metadata {meta_sha256} ≠ {sha256}")
-    if meta_sha256 is None and not checksum:
-        # A streamed archive has no sha256 metadata; its S3 checksum must then be checked.
-        problems.append("the object has no sha256 metadata and no S3 checksum to compare")
-    if checksum and head.checksum_sha256 and not checksums_match(checksum, head.checksum_sha256):
-        problems.append(f"S3 checksum {head.checksum_sha256} ≠ expected {checksum}")
-    if checksum and not head.checksum_sha256:
-        problems.append("S3 reports no SHA-256 checksum for the object")
-    return problems
 
 
 class StreamedUpload:
@@ -386,9 +304,7 @@ class StreamedUpload:
 
     def _created(self, upload_id: str, part_size: int) -> None:
         self.upload_id = upload_id
-        write_upload_record(
-            self.ctx,
-            self.source,
+        self.ctx.local_catalog.write_upload_record(self.source,
             str(self.backup_id),
             _in_progress(self.key, upload_id, part_size),
         )
@@ -401,7 +317,7 @@ class StreamedUpload:
                 # The record stays: the next run aborts (or replaces) the upload it names.
                 LOG.warning("cannot abort the streamed upload of %s: %s", self.key, exc)
                 return
-        upload_record_path(self.ctx, self.source, str(self.backup_id)).unlink(missing_ok=True)
+        self.ctx.local_catalog.upload_record_path(self.source, str(self.backup_id)).unlink(missing_ok=True)
 
     def abandon(self) -> None:
         self.tail.fail()
@@ -448,36 +364,41 @@ def start_stream(
     if ctx.remote is None or ctx.settings.s3_upload != "stream" or ctx.settings.s3_compat:
         return None
     try:
-        claim_host(ctx)
+        ctx.host_claim.ensure()
     except CloudBackupError as exc:
         LOG.debug("not streaming %s: %s", backup_id, exc)
         return None
     return StreamedUpload(ctx, source, backup_id, archive_name, previous)
 
 
-def upload_after_backup(ctx: Context, result: SourceResult) -> None:
-    """Called by ``backup`` right after a source's archive is complete."""
-    assert result.id
-    stream, result.stream = result.stream, None
+class Abandonable(Protocol):
+    """An upload that followed an archive while it was written (a :class:`StreamedUpload`)."""
+
+    def abandon(self) -> None: ...
+
+
+def upload_after_backup(
+    ctx: Context, source: str, backup_id: str, stream: Abandonable | None
+) -> UploadResult | None:
+    """The uploader ``backup`` calls right after a source's archive is complete: finishes
+    the ``stream`` that followed it (if any), then uploads what is left. A failure is a
+    result (the local archive is kept), not an exception; ``None``: no such local backup."""
     try:
-        ref = ctx.local_listing(result.source).find(result.id, ctx.host)
+        ref = ctx.local_catalog.listing(source).find(backup_id, ctx.host)
         if ref is None:
-            return
+            return None
         streamed = None
         if isinstance(stream, StreamedUpload):
             # Finished (or failed finishing): either way the stream is done with.
             current, stream = stream, None
             streamed = current.finish()
-        up = upload_backup(ctx, ref, streamed)
-        result.uploaded = up.ok
+        return upload_backup(ctx, ref, streamed)
     except (CloudBackupError, OSError) as exc:
         reason = str(exc) if isinstance(exc, CloudBackupError) else (exc.strerror or str(exc))
-        result.error = (
-            f"upload failed: {reason} (the local archive is kept; run `cloudbackup upload`)"
-        )
-        result.ok = False  # the backup's offsite half failed: never summarised as a success
-        result.exit_code = max(result.exit_code, 3 if isinstance(exc, IntegrityError) else 1)
-        LOG.error("%s: %s", result.id, result.error)
+        detail = f"upload failed: {reason} (the local archive is kept; run `cloudbackup upload`)"
+        LOG.error("%s: %s", backup_id, detail)
+        code = 3 if isinstance(exc, IntegrityError) else 1
+        return UploadResult(backup_id, source, False, detail, exit_code=code)
     finally:
         if stream is not None:  # never reached finish: leave nothing in progress behind
             stream.abandon()
@@ -485,10 +406,10 @@ def upload_after_backup(ctx: Context, result: SourceResult) -> None:
 
 def pending_uploads(ctx: Context, source: str | None = None) -> list[BackupRef]:
     refs = []
-    for ref in ctx.local_listing().refs:
+    for ref in ctx.local_catalog.listing().refs:
         if ref.host != ctx.host or (source and ref.source != source):
             continue
-        record = read_upload_record(ctx, ref.id, ref.source)
+        record = ctx.local_catalog.upload_record(ref.id, ref.source)
         if record and record.verified_at:
             continue
         refs.append(ref)
@@ -523,7 +444,7 @@ def abort_stale_uploads(ctx: Context) -> list[str]:
     """Abort this host's multipart uploads older than 7 days with no local archive to resume."""
     prefix = "/".join([p for p in _prefix(ctx).split("/") if p] + [ctx.host]) + "/"
     local_keys = set()
-    for ref in ctx.local_listing().refs:
+    for ref in ctx.local_catalog.listing().refs:
         if ref.host == ctx.host and ref.archive_key:
             local_keys.add(
                 key_for(_prefix(ctx), ctx.host, ref.backup_id, ref.archive_key.rsplit("/", 1)[-1])

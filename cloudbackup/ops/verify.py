@@ -8,11 +8,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cloudbackup.context import Context, read_local_manifest, read_remote_manifest
+from cloudbackup.context import Context
 from cloudbackup.core.errors import CloudBackupError, IntegrityError
 from cloudbackup.core.model import BackupRef, Manifest, parse_manifest_metadata
 from cloudbackup.fs.files import open_regular
-from cloudbackup.ops.upload import _compare
+from cloudbackup.storage.base import head_problems
 from cloudbackup.stream.hashing import sha256_file
 
 
@@ -50,7 +50,7 @@ def verify_local_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> Ver
 
     result = VerifyResult(ref.id, "local", False, "", ref.host, ref.source)
     try:
-        manifest = read_local_manifest(ctx, ref)
+        manifest = ctx.local_catalog.manifest(ref)
         assert ref.archive_key
         path = ctx.local.path(ref.archive_key)
         progress = ctx.progress(f"verify {ref.id}", manifest.size)
@@ -115,7 +115,7 @@ def verify_remote_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> Ve
         manifest: Manifest | None = None
         facts = parse_manifest_metadata(mhead.metadata, ref)
         if facts is None or deep:
-            manifest = read_remote_manifest(ctx, ref)
+            manifest = ctx.remote_catalog.manifest(ref)
         if facts is None:
             assert manifest is not None
             upload = manifest.upload
@@ -130,7 +130,7 @@ def verify_remote_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> Ve
         if head is None:
             result.detail = "archive object is missing"
             return result
-        problems = _compare(head, size, sha256, checksum)
+        problems = head_problems(head, size, sha256, checksum)
         if problems:
             result.detail = "; ".join(problems)
             return result

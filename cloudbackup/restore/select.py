@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from datetime import time as dtime
 from pathlib import Path
 
-from cloudbackup.context import Context, read_local_manifest, read_remote_manifest
+from cloudbackup.context import Context
 from cloudbackup.core.errors import ConfigError, IntegrityError, StorageError, UsageError
 from cloudbackup.core.model import BackupId, BackupRef, Listing, Manifest, valid_name
 from cloudbackup.stream.hashing import sha256_file
@@ -76,15 +76,15 @@ def _order(candidate: Candidate) -> tuple[datetime, int]:
 
 
 def _listings(ctx: Context, from_: str | None) -> tuple[Listing, Listing]:
-    local = ctx.local_listing() if from_ != "remote" else Listing()
+    local = ctx.local_catalog.listing() if from_ != "remote" else Listing()
     remote = Listing()
     if from_ != "local" and ctx.remote is not None:
         try:
             # Every host: a DR machine has a new hostname, and the error lists who has it.
             try:
-                remote = ctx.remote_listing(all_hosts=True)
+                remote = ctx.remote_catalog.listing(all_hosts=True)
             except StorageError:
-                remote = ctx.remote_listing()  # a host-scoped role may list only its own prefix
+                remote = ctx.remote_catalog.listing()  # a host-scoped role may list only its own prefix
         except StorageError as exc:
             if from_ == "remote":
                 raise
@@ -202,13 +202,13 @@ def _peek_manifest(ctx: Context, cand: Candidate, from_: str | None) -> _Copy:
     remote_usable = from_ != "local" and cand.remote is not None and ctx.remote is not None
     if from_ != "remote" and cand.local is not None:
         try:
-            return _Copy("local", read_local_manifest(ctx, cand.local), cand.local)
+            return _Copy("local", ctx.local_catalog.manifest(cand.local), cand.local)
         except IntegrityError as exc:
             if not remote_usable:
                 raise
             LOG.warning("%s; restoring from remote", exc.message)
     assert cand.remote is not None
-    return _Copy("remote", read_remote_manifest(ctx, cand.remote), cand.remote)
+    return _Copy("remote", ctx.remote_catalog.manifest(cand.remote), cand.remote)
 
 
 def _choose_copy(ctx: Context, cand: Candidate, from_: str | None, peeked: _Copy) -> _Copy:
@@ -228,7 +228,7 @@ def _choose_copy(ctx: Context, cand: Candidate, from_: str | None, peeked: _Copy
         LOG.warning(
             "%s: the local copy fails its checksum (%s); restoring from remote", cand.id, problem
         )
-        manifest = read_remote_manifest(ctx, cand.remote)
+        manifest = ctx.remote_catalog.manifest(cand.remote)
         if manifest.kind != peeked.manifest.kind:
             # The target was planned for the local manifest's kind.
             raise IntegrityError(
