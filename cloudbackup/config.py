@@ -18,7 +18,8 @@ from urllib.parse import urlsplit
 from cloudbackup.core import childenv, retention
 from cloudbackup.core.errors import ConfigError
 from cloudbackup.core.model import valid_name
-from cloudbackup.sources.base import SourceSpec, parse_spec, redact_url, split_list
+from cloudbackup.sources.base import SourceSpec, redact_url
+from cloudbackup.sources.registry import parse_spec
 
 COMPRESSIONS = ("zstd", "gzip", "xz", "bzip2", "none")
 LEVEL_RANGES = {"zstd": (1, 19), "gzip": (1, 9), "bzip2": (1, 9), "xz": (0, 9), "none": (0, 0)}
@@ -64,6 +65,29 @@ EXTRA_VARIABLES = (
     "CLOUDBACKUP_S3_DOWNLOAD",
     "CLOUDBACKUP_S3_UPLOAD",
 )
+
+
+def split_list(value: str) -> list[str]:
+    """Split on newlines when there are any, else on commas outside ``{...}``."""
+    text = value.strip()
+    if not text:
+        return []
+    if "\n" in text:
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    items: list[str] = []
+    depth, current = 0, list[str]()
+    for char in text:
+        if char == "{":
+            depth += 1
+        elif char == "}" and depth:
+            depth -= 1
+        if char == "," and depth == 0:
+            items.append("".join(current).strip())
+            current = []
+        else:
+            current.append(char)
+    items.append("".join(current).strip())
+    return [item for item in items if item]
 
 
 @dataclass(frozen=True)

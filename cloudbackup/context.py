@@ -41,11 +41,11 @@ from cloudbackup.core.model import (
     build_listing,
     check_manifest_size,
     host_claim_key,
-    parse_manifest,
     parse_upload_record,
     upload_name,
 )
 from cloudbackup.fs.files import write_file_atomic
+from cloudbackup.sources.registry import parse_manifest
 from cloudbackup.storage.base import UploadSpec
 from cloudbackup.storage.local import LocalStore
 

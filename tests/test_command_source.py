@@ -15,9 +15,10 @@ import zstandard
 from cloudbackup.core import childenv
 from cloudbackup.core.errors import SourceError
 from cloudbackup.core.patterns import PathMatcher
-from cloudbackup.sources.base import SourceContext, parse_spec
+from cloudbackup.sources.base import SourceContext
 from cloudbackup.sources.command import CommandSource
 from cloudbackup.sources.process import run_to_file
+from cloudbackup.sources.registry import parse_spec
 from tests.conftest import CliResult, Env, make_tree
 from tests.manifests import load_manifest
 

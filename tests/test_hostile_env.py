@@ -27,7 +27,8 @@ from cloudbackup import config
 from cloudbackup.core import childenv
 from cloudbackup.core.errors import ConfigError
 from cloudbackup.sources import pgtools as postgres
-from cloudbackup.sources.base import DbUrl, parse_spec, redact_url, url_secrets
+from cloudbackup.sources.base import DbUrl, redact_url, url_secrets
+from cloudbackup.sources.registry import parse_spec
 from tests.conftest import CliResult, Clock, Env, make_tree
 from tests.test_monitor import families, status_json
 

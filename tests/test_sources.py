@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from cloudbackup.config import split_list
 from cloudbackup.core.errors import SourceError
 from cloudbackup.core.patterns import PathMatcher
-from cloudbackup.sources.base import SourceContext, parse_spec, redact_url, split_list, url_secrets
+from cloudbackup.sources.base import SourceContext, redact_url, url_secrets
 from cloudbackup.sources.directory import DirectorySource
 from cloudbackup.sources.glob import GlobSource
-from cloudbackup.sources.registry import make_source
+from cloudbackup.sources.registry import make_source, parse_spec
 from tests.conftest import make_tree
 
 

@@ -21,7 +21,8 @@ import zstandard
 
 from cloudbackup.core.errors import IntegrityError, SourceError
 from cloudbackup.core.patterns import PathMatcher
-from cloudbackup.sources.base import SourceContext, parse_spec
+from cloudbackup.sources.base import SourceContext
+from cloudbackup.sources.registry import parse_spec
 from cloudbackup.sources.sqlite import SQLiteSource, restore_sqlite
 from tests.conftest import CliResult, Env
 from tests.manifests import load_manifest

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -350,10 +352,8 @@ def build_listing(objects: Any, *, prefix: str, where: str) -> Listing:
 # read from. Nothing downstream re-reads JSON, and no field of a manifest ever becomes a
 # path or a key: those come from the key (a BackupRef built from a listing) alone.
 
-SOURCE_KINDS = ("directory", "glob", "sqlite", "postgresql", "command")
 #: A manifest is a few KiB (its warnings list can grow); anything this large is not one.
 MAX_MANIFEST_BYTES = 64 * 1024**2
-GLOBALS_MEMBER = "globals.sql"
 _MAX_INT = 2**63 - 1
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _RFC3339_RE = re.compile(
@@ -435,35 +435,75 @@ def _exact(value: Any, name: str, expected: str) -> str:
     return expected
 
 
-def _members(value: Any, kind: str, source: str) -> dict[str, Any]:
-    """The member facts each kind writes (unknown ones are dropped, as unknown fields are)."""
+# ---------------------------------------------------------------- member facts
+#
+# Each kind of source records facts about its members in the manifest (which member is the
+# database file, the dump's format...). A kind declares them as a MemberSchema: field name ->
+# one of the checks below, in this module's terms, so the one parser can validate them
+# without knowing the kinds (the source registry hands the schemas in).
+
+
+class MemberField(ABC):
+    """How one member fact is checked when a manifest is read back."""
+
+    @abstractmethod
+    def check(self, value: Any, name: str, source: str) -> Any:
+        """The value as the manifest holds it; _Invalid when it is not what the kind writes."""
+
+
+@dataclass(frozen=True)
+class Count(MemberField):
+    """A non-negative integer."""
+
+    def check(self, value: Any, name: str, source: str) -> Any:
+        return _int(value, name)
+
+
+@dataclass(frozen=True)
+class Text(MemberField):
+    """Any string."""
+
+    def check(self, value: Any, name: str, source: str) -> Any:
+        return _str(value, name)
+
+
+@dataclass(frozen=True)
+class Exactly(MemberField):
+    """Exactly this string; ``{source}`` stands for the source name the key says."""
+
+    template: str
+
+    def check(self, value: Any, name: str, source: str) -> Any:
+        return _exact(value, name, self.template.format(source=source))
+
+
+@dataclass(frozen=True)
+class MemberName(MemberField):
+    """One plain member name (one path component) ending in ``suffix``."""
+
+    suffix: str = ""
+
+    def check(self, value: Any, name: str, source: str) -> Any:
+        member = _plain_member(value, name)
+        if not member.endswith(self.suffix):
+            raise _Invalid(f"has {name} {_show(member)}, not a {self.suffix} member")
+        return member
+
+
+MemberSchema = Mapping[str, MemberField]
+#: What the tar writer records for every kind.
+TAR_MEMBERS: MemberSchema = {"dirs": Count(), "symlinks": Count(), "hardlinks": Count()}
+
+
+def _members(value: Any, schema: MemberSchema, source: str) -> dict[str, Any]:
+    """The member facts the kind's schema names (unknown ones are dropped, as unknown fields
+    are)."""
     if not isinstance(value, dict):
         raise _Invalid(f"has members {_show(value)}, not an object")
     members: dict[str, Any] = {}
-    for name in ("dirs", "symlinks", "hardlinks"):
+    for name, check in {**TAR_MEMBERS, **schema}.items():
         if name in value:
-            members[name] = _int(value[name], f"members.{name}")
-    if kind == "command" and "output" in value:
-        members["output"] = _exact(value["output"], "members.output", f"{source}.out")
-    if kind == "sqlite" and "database_file" in value:
-        members["database_file"] = _exact(
-            value["database_file"], "members.database_file", f"{source}.sqlite3"
-        )
-    if kind == "postgresql":
-        for name in ("database", "pg_dump_version", "server_version"):
-            if name in value:
-                members[name] = _str(value[name], f"members.{name}")
-        if "dump" in value:
-            dump = _plain_member(value["dump"], "members.dump")
-            if not dump.endswith(".dump"):
-                raise _Invalid(f"has members.dump {_show(dump)}, not a .dump member")
-            members["dump"] = dump
-        if "globals" in value:
-            members["globals"] = _exact(value["globals"], "members.globals", GLOBALS_MEMBER)
-        if "dump_format" in value:
-            members["dump_format"] = _exact(value["dump_format"], "members.dump_format", "custom")
-        if "dump_bytes" in value:
-            members["dump_bytes"] = _int(value["dump_bytes"], "members.dump_bytes")
+            members[name] = check.check(value[name], f"members.{name}", source)
     return members
 
 
@@ -505,7 +545,7 @@ def _upload_from(
     )
 
 
-def _manifest_from(data: Any, ref: BackupRef) -> Manifest:
+def _manifest_from(data: Any, ref: BackupRef, kinds: Mapping[str, MemberSchema]) -> Manifest:
     if not isinstance(data, dict):
         raise _Invalid(f"is a JSON {type(data).__name__}, not an object")
     version = data.get("format")
@@ -521,7 +561,7 @@ def _manifest_from(data: Any, ref: BackupRef) -> Manifest:
     if _str(_take(data, "source"), "source") != ref.source:
         raise _Invalid(f"names source {_show(data['source'])}, not {ref.source} as its key says")
     kind = _str(_take(data, "kind"), "kind")
-    if kind not in SOURCE_KINDS:
+    if kind not in kinds:
         raise _Invalid(f"has an unknown source kind {_show(kind)}")
     compression = _str(_take(data, "compression"), "compression")
     if compression not in COMPRESSION_EXT:
@@ -562,7 +602,7 @@ def _manifest_from(data: Any, ref: BackupRef) -> Manifest:
         warnings=list(warnings),
         root_device=_int(_take(data, "root_device", None), "root_device", optional=True),
         root=_str(_take(data, "root", None), "root", optional=True),
-        members=_members(_take(data, "members", {}), kind, ref.source),
+        members=_members(_take(data, "members", {}), kinds[kind], ref.source),
         upload=None if upload is None else _upload_from(upload, ref.backup_id, ref.host, archive),
     )
 
@@ -578,20 +618,23 @@ def _load_json(raw: bytes | str) -> Any:
         raise _Invalid(f"is not JSON ({exc})") from None
 
 
-def parse_manifest(raw: bytes | str, ref: BackupRef) -> Manifest:
+def parse_manifest(
+    raw: bytes | str, ref: BackupRef, kinds: Mapping[str, MemberSchema]
+) -> Manifest:
     """The one way bytes read back become a :class:`Manifest`.
 
     ``ref`` is the backup as its key (a listing) names it. Every field is checked: a JSON
     object of a known format whose ``id``, ``host``, ``source``, ``archive`` and
-    ``created_at`` agree with the key; known ``kind`` and ``compression``; non-negative
-    integers; a lowercase hex ``sha256``; ``warnings`` a list of strings; ``members`` and
-    ``upload`` of the shapes cloudbackup writes. Anything else — or bytes that are not JSON
+    ``created_at`` agree with the key; a ``kind`` among ``kinds`` (each kind's member schema:
+    see ``cloudbackup.sources.registry``) and a known ``compression``; non-negative
+    integers; a lowercase hex ``sha256``; ``warnings`` a list of strings; ``members`` of the
+    kind's schema and an ``upload`` of the shape cloudbackup writes. Anything else — or bytes that are not JSON
     at all — is an :class:`IntegrityError` (exit 3) naming the key. Unknown fields are
     dropped, so the value is the same whatever else a newer writer added.
     """
     key = ref.manifest_key or manifest_name(ref.backup_id)
     try:
-        return _manifest_from(_load_json(raw), ref)
+        return _manifest_from(_load_json(raw), ref, kinds)
     except _Invalid as exc:
         raise IntegrityError(f"the {ref.where} manifest {key} {exc}", MANIFEST_HINT) from None
 

@@ -40,7 +40,7 @@ from cloudbackup.core.model import (
 )
 from cloudbackup.core.patterns import PathMatcher
 from cloudbackup.fs.files import commit, write_file_atomic
-from cloudbackup.sources.base import Source, SourceContext
+from cloudbackup.sources.base import EntryStream, Source, SourceContext
 from cloudbackup.sources.registry import make_source
 from cloudbackup.stream.hashing import ArchiveTail
 from cloudbackup.stream.pipeline import write_archive
@@ -251,7 +251,7 @@ def shrink_check(
     """Raise ShrinkGuardError for an empty source or one that fell by more than ``guard``."""
     if guard is None:
         return
-    bytes_only = source.kind in ("sqlite", "postgresql", "command")
+    bytes_only = not source.counts_files
     if not bytes_only and stats.file_count == 0:
         raise ShrinkGuardError(
             f"source {source.name} is empty (0 files); refusing to back it up",
@@ -350,17 +350,18 @@ def backup_source(
             log=lambda m: LOG.info("%s", m),
         )
         stream = streamer(ctx, source.name, backup_id, final.name, previous) if streamer else None
+        entries = EntryStream(source.entries(sctx))
         try:
             progress = ctx.progress(f"archive {source.name}", None)
             stats = write_archive(
-                source.entries(sctx),
+                entries,
                 partial,
                 compression=settings.compression,
                 level=settings.compression_level,
                 warn=warn,
                 progress=progress,
                 tail=stream.tail if stream is not None else None,
-                prefetch=source.kind in ("directory", "glob"),
+                prefetch=source.prefetch,
             )
             getattr(progress, "close", lambda: None)()
             stats.warnings = walk_warnings + stats.warnings
@@ -391,7 +392,7 @@ def backup_source(
                 warnings=stats.warnings,
                 root_device=device,
                 root=source.real_path,
-                members=stats.members() | getattr(source, "manifest_members", dict)(),
+                members=stats.members() | (entries.members or {}),
             )
             write_file_atomic(directory / manifest_name(backup_id), manifest.to_json())
         except BaseException:
@@ -459,32 +460,22 @@ def _dry_run_source(
     warn: Callable[[str, str], None],
 ) -> SourceResult:
     """Walk what would be archived (no data read, nothing written)."""
-    import stat as statmod
-
-    files = 0
-    size = 0
-    if source.kind in ("directory", "glob"):
-        sctx = SourceContext(
-            spool_dir=ctx.local_catalog.source_dir(source.name),
-            backup_id=str(backup_id),
-            exclude=matcher,
-            skip_inodes=_skip_inodes(ctx.settings),
-            warn=warn,
-        )
-        for entry in source.entries(sctx):
-            if not statmod.S_ISDIR(entry.st.st_mode):
-                files += 1
-                if statmod.S_ISREG(entry.st.st_mode):
-                    size += entry.st.st_size
+    sctx = SourceContext(
+        spool_dir=ctx.local_catalog.source_dir(source.name),
+        backup_id=str(backup_id),
+        exclude=matcher,
+        skip_inodes=_skip_inodes(ctx.settings),
+        warn=warn,
+    )
+    survey = source.survey(sctx)
+    files, size = survey if survey is not None else (0, 0)
     result.ok = True
     result.file_count = files
     result.size = None
     LOG.info(
         "%s: would archive %s as %s%s",
         source.name,
-        f"{files} files, {size} bytes"
-        if source.kind in ("directory", "glob")
-        else source.spec.redacted,
+        f"{files} files, {size} bytes" if survey is not None else source.spec.redacted,
         archive_name(backup_id, ctx.settings.compression),
         " (dry run: nothing written)",
     )

@@ -41,13 +41,15 @@ from cloudbackup.core.errors import (
     UsageError,
 )
 from cloudbackup.core.model import (
-    GLOBALS_MEMBER,
     Manifest,
 )
 from cloudbackup.fs.files import fsync_dir, open_regular
 from cloudbackup.fs.tree import Tally, remove_tree, tally_tree
 from cloudbackup.restore.download import DOWNLOAD_CHUNK, fetch_archive
 from cloudbackup.restore.select import _choose_copy, _Copy, _peek_manifest, find_backup
+from cloudbackup.sources.base import RestoreAs
+from cloudbackup.sources.pgtools import GLOBALS_MEMBER
+from cloudbackup.sources.registry import kind_of
 from cloudbackup.stream.compress import open_decompressed
 from cloudbackup.stream.extract import ExtractResult, extract
 from cloudbackup.stream.hashing import HashingReader
@@ -55,8 +57,6 @@ from cloudbackup.stream.hashing import HashingReader
 LOG = logging.getLogger("cloudbackup")
 T = TypeVar("T")
 
-DIRECTORY_KINDS = ("directory", "glob")
-FILE_KINDS = ("sqlite", "command")
 _STAMP = "%Y%m%dT%H%M%SZ"
 _DECOMPRESS_ERRORS: tuple[type[BaseException], ...] = (
     zstandard.ZstdError,
@@ -133,7 +133,7 @@ class RestoreResult:
 
 @dataclass
 class _Target:
-    kind: str  # "dir" | "file" | "stdout" | "postgresql"
+    kind: str  # "dir" | "file" | "stdout" | "database"
     path: Path | None  # final path (dir or file)
     url: str | None = None  # postgresql target
     workdir: Path = Path(".")  # where temp files and staging go (same filesystem as path)
@@ -142,7 +142,7 @@ class _Target:
     def show(self) -> str:
         if self.kind == "stdout":
             return "stdout"
-        if self.kind == "postgresql":
+        if self.kind == "database":
             from cloudbackup.sources.base import redact_url
 
             return redact_url(self.url or "")
@@ -163,11 +163,12 @@ def _plan_target(
     ctx: Context, manifest: Manifest, to: str | None, force: bool, includes: Sequence[str]
 ) -> _Target:
     kind = manifest.kind
-    if includes and kind not in DIRECTORY_KINDS:
+    shape = kind_of(kind).restore_as
+    if includes and shape is not RestoreAs.TREE:
         raise UsageError(
             f"--include applies to directory and glob sources; {manifest.source} is {kind}"
         )
-    if kind in DIRECTORY_KINDS:
+    if shape is RestoreAs.TREE:
         if to in ("-",) or (to or "").startswith(("postgresql://", "postgres://")):
             raise UsageError(
                 f"{manifest.source} is a {kind} source: restore it into a directory (--to DIR)"
@@ -201,18 +202,18 @@ def _plan_target(
                 target.mount_point = True
                 target.workdir = path
         return target
-    if kind == "postgresql":
+    if shape is RestoreAs.POSTGRESQL:
         if not to or not to.startswith(("postgresql://", "postgres://")):
             raise UsageError(
                 f"{manifest.source} is a PostgreSQL backup: give --to postgresql://user@host/dbname"
             )
-        return _Target("postgresql", None, url=to, workdir=ctx.settings.local_dir)
-    if kind in FILE_KINDS:
+        return _Target("database", None, url=to, workdir=ctx.settings.local_dir)
+    if shape in (RestoreAs.FILE, RestoreAs.SQLITE):
         if not to or to.startswith(("postgresql://", "postgres://")):
-            extra = " or --to - (stdout)" if kind == "command" else ""
+            extra = " or --to - (stdout)" if shape is RestoreAs.FILE else ""
             raise UsageError(f"{manifest.source} is a {kind} backup: give --to FILE{extra}")
         if to == "-":
-            if kind != "command":
+            if shape is not RestoreAs.FILE:
                 raise UsageError("--to - (stdout) is for command sources only; give --to FILE")
             return _Target("stdout", None, workdir=ctx.settings.local_dir)
         path = Path(os.path.abspath(to))
@@ -495,7 +496,7 @@ def _run(
         elif target.kind == "stdout":
             assert stdout is not None
             _copy_to_stdout(members[0], stdout)
-        elif target.kind == "postgresql":
+        elif target.kind == "database":
             _restore_postgres(members, target, force, ctx.settings.child_env)
         _conclude(result, on_disk, expected=expected, includes=includes)
 
@@ -571,11 +572,11 @@ def _single_file_members(staging: Path, copy: _Copy) -> list[Path]:
     os.chmod(staging, 0o700)
     manifest = copy.manifest
     archive = manifest.archive
-    if manifest.kind == "command":
-        return [_regular_member(staging, f"{copy.ref.source}.out", archive)]
-    if manifest.kind == "sqlite":
-        return [_regular_member(staging, f"{copy.ref.source}.sqlite3", archive)]
-    dump_name = manifest.members.get("dump")
+    kind = kind_of(manifest.kind)
+    dump_name = kind.restore_member(copy.ref.source, manifest.members)
+    if kind.restore_as is not RestoreAs.POSTGRESQL:
+        assert dump_name is not None
+        return [_regular_member(staging, dump_name, archive)]
     if dump_name is None:
         # An older manifest without member facts: the one ``*.dump`` the archive holds.
         dumps = sorted(name for name in os.listdir(staging) if name.endswith(".dump"))
@@ -620,7 +621,7 @@ def _put_file_in_place(
     ctx: Context, member: Path, target: _Target, manifest: Manifest, result: RestoreResult
 ) -> None:
     assert target.path is not None
-    if manifest.kind == "sqlite":
+    if kind_of(manifest.kind).restore_as is RestoreAs.SQLITE:
         from cloudbackup.sources.sqlite import restore_sqlite
 
         moved = restore_sqlite(member, target.path, now_stamp=_stamp(ctx))

@@ -10,45 +10,19 @@ file by path.
 
 from __future__ import annotations
 
-import os
+import enum
 import re
-import shlex
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 from urllib.parse import quote, unquote
 
-from cloudbackup.core.model import valid_name
-from cloudbackup.core.patterns import PathMatcher, has_wildcard, split_glob
+from cloudbackup.core import childenv
+from cloudbackup.core.model import MemberSchema
+from cloudbackup.core.patterns import PathMatcher
 from cloudbackup.fs.walk import FileEntry
-
-KINDS = ("directory", "glob", "sqlite", "postgresql", "command")
-_NAMED_RE = re.compile(r"^([A-Za-z0-9._-]+)=(.+)$", re.DOTALL)
-
-
-def split_list(value: str) -> list[str]:
-    """Split on newlines when there are any, else on commas outside ``{...}``."""
-    text = value.strip()
-    if not text:
-        return []
-    if "\n" in text:
-        return [line.strip() for line in text.splitlines() if line.strip()]
-    items: list[str] = []
-    depth, current = 0, list[str]()
-    for char in text:
-        if char == "{":
-            depth += 1
-        elif char == "}" and depth:
-            depth -= 1
-        if char == "," and depth == 0:
-            items.append("".join(current).strip())
-            current = []
-        else:
-            current.append(char)
-    items.append("".join(current).strip())
-    return [item for item in items if item]
-
 
 _SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
 _PORT_RE = re.compile(r"[0-9]{1,5}")
@@ -198,87 +172,22 @@ def url_secrets(url: str) -> list[str]:
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """One parsed source spec. ``spec`` may hold a password: use ``redacted`` for output."""
+    """One parsed source spec (see ``cloudbackup.sources.registry.parse_spec``). ``spec`` may
+    hold a password: ``redacted`` is what output shows, ``secrets`` what the log filter
+    hides; both come from the kind, which alone knows where a secret can be."""
 
     name: str
     kind: str
     spec: str = field(repr=False)
+    redacted: str = ""
+    secrets: tuple[str, ...] = field(default=(), repr=False)
 
-    @property
-    def url(self) -> DbUrl | None:
-        """The parsed URL of a database source (the one value connection and redaction use)."""
-        return DbUrl.parse(self.spec) if self.kind == "postgresql" else None
-
-    @property
-    def redacted(self) -> str:
-        url = self.url
-        return url.redacted if url is not None else self.spec
-
-    @property
-    def secrets(self) -> list[str]:
-        url = self.url
-        return url.secrets if url is not None else []
+    def __post_init__(self) -> None:
+        if not self.redacted:
+            object.__setattr__(self, "redacted", self.spec)
 
     def __repr__(self) -> str:
         return f"SourceSpec(name={self.name!r}, kind={self.kind!r}, spec={self.redacted!r})"
-
-
-def parse_spec(text: str) -> SourceSpec:
-    """Parse ``[name=]spec``; raise ValueError with a reason a person can act on."""
-    raw = text.strip()
-    if not raw:
-        raise ValueError("empty source spec")
-    name: str | None = None
-    match = _NAMED_RE.match(raw)
-    if match and not raw.startswith(("/", "sqlite:", "postgres:", "postgresql:", "cmd:")):
-        name, raw = match[1], match[2].strip()
-    if raw.startswith("sqlite:"):
-        path = raw[len("sqlite://") :] if raw.startswith("sqlite://") else ""
-        if not path.startswith("/"):
-            raise ValueError("use sqlite:///absolute/path/to/file.db")
-        kind = "sqlite"
-        default = Path(path).stem
-    elif raw.startswith(("postgresql://", "postgres://")):
-        if re.search(r"\s", raw):
-            raise ValueError("a PostgreSQL URL cannot contain spaces (URL-encode them as %20)")
-        url = DbUrl.parse(raw)  # its ValueError says what to encode, never the password
-        dbname = unquote(url.path.lstrip("/"))
-        if not dbname:
-            raise ValueError("the URL names no database: use postgresql://user@host:5432/dbname")
-        kind = "postgresql"
-        default = dbname
-    elif raw.startswith("cmd:"):
-        try:
-            argv = shlex.split(raw[4:])
-        except ValueError as exc:
-            raise ValueError(f"cannot split the command: {exc}") from None
-        if not argv:
-            raise ValueError("cmd: needs a command, e.g. shop=cmd:mysqldump shop")
-        if name is None:
-            raise ValueError("a command source needs a name: NAME=cmd:...")
-        kind, default = "command", ""
-    elif has_wildcard(raw):
-        if name is None:
-            raise ValueError("a glob source needs a name: NAME=/path/**/*.conf")
-        try:
-            split_glob(raw)
-        except ValueError as exc:
-            raise ValueError(str(exc)) from None
-        kind, default = "glob", ""
-    else:
-        if "://" in raw:
-            raise ValueError(
-                "unknown scheme; use a path, sqlite:///..., postgresql://... or cmd:..."
-            )
-        kind = "directory"
-        default = os.path.basename(os.path.normpath(raw))
-    name = name or default
-    if not valid_name(name):
-        raise ValueError(
-            f"source name {name!r} is not allowed: use letters, digits, '.', '_' or '-' "
-            "(give one with NAME=spec)"
-        )
-    return SourceSpec(name=name, kind=kind, spec=raw)
 
 
 Warn = Callable[[str, str], None]
@@ -297,23 +206,103 @@ class SourceContext:
     log: Callable[[str], None] = lambda message: None
 
 
+class RestoreAs(enum.Enum):
+    """How a backup of a kind is restored; ``cloudbackup.restore.targets`` has one target
+    for each (the source class declares which: restore needs no kind names)."""
+
+    TREE = "tree"  # a directory: --to DIR
+    FILE = "file"  # one file: --to FILE, or --to - (stdout)
+    SQLITE = "sqlite"  # a SQLite database file: --to FILE, checked, the old one kept aside
+    POSTGRESQL = "postgresql"  # a database: --to postgresql://...
+
+
+#: What a source yields to the archive writer; the generator's return value is the member
+#: facts its manifest records (the dump's name and versions...), known once it is read.
+Entries = Generator[FileEntry, None, dict[str, Any]]
+
+
+class EntryStream:
+    """The entries of one source, for the writer; ``members`` holds the facts the source
+    returned once they were all read (None until then)."""
+
+    def __init__(self, entries: Entries) -> None:
+        self._entries = entries
+        self.members: dict[str, Any] | None = None
+
+    def __iter__(self) -> Iterator[FileEntry]:
+        self.members = yield from self._entries
+
+
 class Source(ABC):
-    """Base of every source kind: each kind says how to check itself and what to archive."""
+    """Base of every kind of source: it owns everything that differs by kind.
 
-    kind = ""
+    The class says how a spec is recognised and named (:meth:`claims`, :meth:`parse`), what
+    of it is secret, what its manifest records about its members (``member_schema``), how
+    it is restored (``restore_as``, :meth:`restore_member`), what the shrink guard
+    compares, whether the writer may read ahead and whether it can chain. An instance
+    checks itself and yields its entries. A new kind is one module defining a subclass and
+    one line in ``cloudbackup.sources.registry``.
+    """
 
-    def __init__(self, spec: SourceSpec) -> None:
+    kind: ClassVar[str] = ""
+    #: A spec starting with one of these is never read as ``NAME=spec`` (``cmd:a=b``).
+    scheme_prefixes: ClassVar[tuple[str, ...]] = ()
+    #: The member facts its manifest records, checked when a manifest is read back.
+    member_schema: ClassVar[MemberSchema] = {}
+    restore_as: ClassVar[RestoreAs] = RestoreAs.TREE
+    #: The shrink guard compares file counts as well as bytes (a tree); else bytes only.
+    counts_files: ClassVar[bool] = False
+    #: Its entries stay valid once the next one is asked for (files in place, not a spool
+    #: removed after its entry): the writer may read ahead of them.
+    prefetch: ClassVar[bool] = False
+    #: Backed up as incremental chains (SPEC "Incremental archives"): trees only.
+    chain_capable: ClassVar[bool] = False
+
+    @classmethod
+    @abstractmethod
+    def claims(cls, raw: str) -> bool:
+        """True when ``raw`` (a spec without its ``NAME=``) is of this kind. The registry
+        asks the kinds in its order; the last one takes whatever is left."""
+
+    @classmethod
+    @abstractmethod
+    def parse(cls, raw: str, name: str | None) -> str:
+        """Check ``raw`` (``name``: the ``NAME=`` given, if any); return the default name.
+        Raise ValueError with a reason a person can act on (never holding a secret)."""
+
+    @classmethod
+    def redact(cls, raw: str) -> str:
+        """``raw`` as output may show it."""
+        return raw
+
+    @classmethod
+    def secrets_of(cls, raw: str) -> tuple[str, ...]:
+        """Every form of every secret in ``raw``, for the log filter."""
+        return ()
+
+    @classmethod
+    def restore_member(cls, source: str, members: Mapping[str, Any]) -> str | None:
+        """The member a single-file restore hands on (``restore_as`` other than TREE), named
+        after the source name the key says or a plain name the parsed manifest holds, never
+        after a path; None when the manifest does not say."""
+        return None
+
+    def __init__(self, spec: SourceSpec, *, env: Mapping[str, str] = childenv.NO_ENV) -> None:
         self.spec = spec
         self.name = spec.name
+        #: The base environment of the programs a source runs (``Settings.child_env``).
+        self.env = env
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec.redacted!r})"
 
     def root_device(self) -> int | None:
+        """The device of the source's root (the shrink guard notices an unmounted one)."""
         return None
 
     @property
     def real_path(self) -> str | None:
+        """The real path a directory source resolved to (recorded in the manifest)."""
         return None
 
     @abstractmethod
@@ -321,7 +310,11 @@ class Source(ABC):
         """Raise SourceError when the source cannot be backed up; return a detail line."""
 
     @abstractmethod
-    def entries(self, ctx: SourceContext) -> Iterator[FileEntry]:
-        """What to archive, in order; spool files are cleaned up when the iterator closes."""
+    def entries(self, ctx: SourceContext) -> Entries:
+        """What to archive, in order; spool files are cleaned up when the generator ends.
+        Returns the member facts for the manifest."""
 
-
+    def survey(self, ctx: SourceContext) -> tuple[int, int] | None:
+        """Files and bytes that would be archived, found without reading data or running
+        anything (``backup --dry-run``); None when that cannot be known without running it."""
+        return None

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from cloudbackup.core import childenv
 from cloudbackup.core.errors import SourceError
+from cloudbackup.core.model import Exactly, MemberSchema
 from cloudbackup.fs.walk import FileEntry
-from cloudbackup.sources.base import Source, SourceContext, SourceSpec
+from cloudbackup.sources.base import Entries, RestoreAs, Source, SourceContext
 from cloudbackup.sources.process import run_to_file
 
 
@@ -21,10 +22,30 @@ class CommandSource(Source):
     The command gets ``env`` (the CLI's scrubbed environment), never this process's own."""
 
     kind = "command"
+    scheme_prefixes = ("cmd:",)
+    #: Tells restore which member holds the command's output.
+    member_schema: ClassVar[MemberSchema] = {"output": Exactly("{source}.out")}
+    restore_as = RestoreAs.FILE
 
-    def __init__(self, spec: SourceSpec, *, env: Mapping[str, str] = childenv.NO_ENV) -> None:
-        super().__init__(spec)
-        self.env = env
+    @classmethod
+    def claims(cls, raw: str) -> bool:
+        return raw.startswith("cmd:")
+
+    @classmethod
+    def parse(cls, raw: str, name: str | None) -> str:
+        try:
+            argv = shlex.split(raw[4:])
+        except ValueError as exc:
+            raise ValueError(f"cannot split the command: {exc}") from None
+        if not argv:
+            raise ValueError("cmd: needs a command, e.g. shop=cmd:mysqldump shop")
+        if name is None:
+            raise ValueError("a command source needs a name: NAME=cmd:...")
+        return ""
+
+    @classmethod
+    def restore_member(cls, source: str, members: Mapping[str, Any]) -> str | None:
+        return f"{source}.out"
 
     @property
     def argv(self) -> list[str]:
@@ -33,10 +54,6 @@ class CommandSource(Source):
     @property
     def member_name(self) -> str:
         return f"{self.name}.out"
-
-    def manifest_members(self) -> dict[str, Any]:
-        """Tells restore which member holds the command's output."""
-        return {"output": self.member_name}
 
     def check(self) -> str:
         program = self.argv[0]
@@ -47,7 +64,7 @@ class CommandSource(Source):
             )
         return f"command {program}"
 
-    def entries(self, ctx: SourceContext) -> Iterator[FileEntry]:
+    def entries(self, ctx: SourceContext) -> Entries:
         spool = ctx.spool_dir / f"{ctx.backup_id}.out.partial"
         try:
             run_to_file(
@@ -58,5 +75,6 @@ class CommandSource(Source):
                 env=childenv.build(self.env),
             )
             yield FileEntry(str(spool), self.member_name, os.lstat(spool))
+            return {"output": self.member_name}
         finally:
             spool.unlink(missing_ok=True)

@@ -4,20 +4,36 @@ directories."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Mapping
 
+from cloudbackup.core import childenv
 from cloudbackup.core.errors import SourceError
-from cloudbackup.core.patterns import compile_glob, split_glob
-from cloudbackup.fs.walk import FileEntry
-from cloudbackup.sources.base import Source, SourceContext, SourceSpec
-from cloudbackup.sources.directory import walk_tree
+from cloudbackup.core.patterns import compile_glob, has_wildcard, split_glob
+from cloudbackup.sources.base import Entries, SourceContext, SourceSpec
+from cloudbackup.sources.tree import TreeSource, walk_tree
 
 
-class GlobSource(Source):
+class GlobSource(TreeSource):
+    """The files matching a pattern, below the part of it before the first wildcard."""
+
     kind = "glob"
 
-    def __init__(self, spec: SourceSpec) -> None:
-        super().__init__(spec)
+    @classmethod
+    def claims(cls, raw: str) -> bool:
+        return has_wildcard(raw)
+
+    @classmethod
+    def parse(cls, raw: str, name: str | None) -> str:
+        if name is None:
+            raise ValueError("a glob source needs a name: NAME=/path/**/*.conf")
+        try:
+            split_glob(raw)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        return ""
+
+    def __init__(self, spec: SourceSpec, *, env: Mapping[str, str] = childenv.NO_ENV) -> None:
+        super().__init__(spec, env=env)
         self.base, self.pattern = split_glob(spec.spec)
         self.regex = compile_glob(self.pattern)
 
@@ -34,7 +50,8 @@ class GlobSource(Source):
             )
         return f"glob {self.pattern} under {self.base}"
 
-    def entries(self, ctx: SourceContext) -> Iterator[FileEntry]:
+    def entries(self, ctx: SourceContext) -> Entries:
         yield from walk_tree(
             os.path.realpath(self.base), ctx, select=lambda rel: bool(self.regex.fullmatch(rel))
         )
+        return {}

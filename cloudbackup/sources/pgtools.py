@@ -25,25 +25,40 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import unquote
 
 from cloudbackup.core import childenv
 from cloudbackup.core.errors import IntegrityError, SourceError, UsageError
-from cloudbackup.core.model import manifest_ref, parse_manifest
+from cloudbackup.core.model import (
+    Count,
+    Exactly,
+    MemberName,
+    MemberSchema,
+    Text,
+    manifest_ref,
+    parse_manifest,
+)
 from cloudbackup.fs.files import create_private
 from cloudbackup.fs.walk import FileEntry
 from cloudbackup.sources.base import DbUrl, SourceContext, secret_forms
 from cloudbackup.sources.process import describe_exit, run_logged
 
-if TYPE_CHECKING:
-    from cloudbackup.sources.postgres import PostgresSource
-
 GLOBALS_MEMBER = "globals.sql"
+#: What a PostgreSQL backup's manifest records about its members (see ``dump_entries``).
+POSTGRES_MEMBERS: MemberSchema = {
+    "database": Text(),
+    "pg_dump_version": Text(),
+    "server_version": Text(),
+    "dump": MemberName(".dump"),
+    "globals": Exactly(GLOBALS_MEMBER),
+    "dump_format": Exactly("custom"),
+    "dump_bytes": Count(),
+}
 CONNECT_TIMEOUT = "10"  # seconds; libpq's default is to wait forever on a silent host
 PROBE_TIMEOUT = 120
 _KEY_RE = re.compile(r"^[a-z_]+$")
@@ -523,11 +538,11 @@ def _psql_or_fail(what: str, env: Mapping[str, str]) -> str:
 # ---------------------------------------------------------------- backup
 
 
-def _conn_of(source: PostgresSource) -> ConnInfo:
+def _conn_of(name: str, url: str) -> ConnInfo:
     try:
-        return parse_url(source.spec.spec)
+        return parse_url(url)
     except SourceError as exc:
-        raise SourceError(f"source {source.name}: {exc.message}", exc.hint) from None
+        raise SourceError(f"source {name}: {exc.message}", exc.hint) from None
 
 
 def _human(n: float) -> str:
@@ -538,18 +553,21 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def check_source(source: PostgresSource, workdir: Path | None = None) -> str:
-    """Reachable, authenticated, pg_dump present and new enough: one detail line, or
-    SourceError saying what to fix."""
-    label = f"source {source.name}"
-    conn = _conn_of(source)
-    psql = _psql_or_fail("pg_dump (and psql)", source.env)
-    with pg_env(conn.password, workdir, "check", base=source.env) as pgenv:
+def check_source(
+    name: str, url: str, env: Mapping[str, str], workdir: Path | None = None
+) -> str:
+    """Source ``name`` at ``url`` is reachable, authenticated, pg_dump present and new
+    enough: one detail line, or SourceError saying what to fix. ``env``: the base
+    environment of the client programs."""
+    label = f"source {name}"
+    conn = _conn_of(name, url)
+    psql = _psql_or_fail("pg_dump (and psql)", env)
+    with pg_env(conn.password, workdir, "check", base=env) as pgenv:
         info = _probe(psql, conn, pgenv, label)
     try:
         tools = find_tools(
             ("pg_dump", "pg_dumpall"),
-            env=source.env,
+            env=env,
             min_major=info.major,
             server_version=info.version,
         )
@@ -568,7 +586,8 @@ def _previous_dump_bytes(spool_dir: Path) -> int | None:
         if ref is None:
             continue
         try:
-            value = parse_manifest(path.read_bytes(), ref).members.get("dump_bytes")
+            manifest = parse_manifest(path.read_bytes(), ref, {"postgresql": POSTGRES_MEMBERS})
+            value = manifest.members.get("dump_bytes")
         except (OSError, IntegrityError):
             continue
         if value:
@@ -620,23 +639,26 @@ def _run_dump(
     raise SourceError(f"{label}: {program} {describe_exit(code)}: {text}", _hint_for(text))
 
 
-def dump_entries(source: PostgresSource, ctx: SourceContext) -> Iterator[FileEntry]:
-    """Dump the database and the cluster's globals into the spool dir, then yield them as
-    ``<db>.dump`` and ``globals.sql``; the spool files are removed in any case."""
-    label = f"source {source.name}"
-    conn = _conn_of(source)
+def dump_entries(
+    name: str, url: str, env: Mapping[str, str], ctx: SourceContext
+) -> Generator[FileEntry, None, dict[str, Any]]:
+    """Dump the database of source ``name`` and the cluster's globals into the spool dir,
+    then yield them as ``<db>.dump`` and ``globals.sql``; the spool files are removed in any
+    case. Returns the member facts (``POSTGRES_MEMBERS``) for the manifest."""
+    label = f"source {name}"
+    conn = _conn_of(name, url)
     spool = ctx.spool_dir
     dump_path = spool / f"{ctx.backup_id}.dump.partial"
     globals_path = spool / f"{ctx.backup_id}.globals.sql.partial"
     member = conn.dbname.replace("/", "_").replace("\0", "_") + ".dump"
     try:
-        psql = _psql_or_fail("pg_dump (and psql)", source.env)
-        with pg_env(conn.password, spool, ctx.backup_id, base=source.env) as pgenv:
+        psql = _psql_or_fail("pg_dump (and psql)", env)
+        with pg_env(conn.password, spool, ctx.backup_id, base=env) as pgenv:
             info = _probe(psql, conn, pgenv, label)
             try:
                 tools = find_tools(
                     ("pg_dump", "pg_dumpall"),
-                    env=source.env,
+                    env=env,
                     min_major=info.major,
                     server_version=info.version,
                 )
@@ -696,7 +718,7 @@ def dump_entries(source: PostgresSource, ctx: SourceContext) -> Iterator[FileEnt
         dump_st = os.lstat(dump_path)
         if dump_st.st_size == 0:
             raise SourceError(f"{label}: pg_dump wrote an empty file", "see the log")
-        source.dump_facts = {
+        facts = {
             "database": conn.dbname,
             "dump": member,
             "dump_format": "custom",
@@ -708,6 +730,7 @@ def dump_entries(source: PostgresSource, ctx: SourceContext) -> Iterator[FileEnt
         ctx.log(f"{label}: pg_dump wrote {_human(dump_st.st_size)}")
         yield FileEntry(str(dump_path), member, dump_st)
         yield FileEntry(str(globals_path), GLOBALS_MEMBER, os.lstat(globals_path))
+        return facts
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise SourceError(
@@ -997,12 +1020,3 @@ def restore_dump(
             f"restore: pg_restore {how} restoring into {conn.dbname}: {text}",
             "see the log for every message; the database may be partly restored",
         )
-
-
-def members_of(manifest_members: dict[str, Any]) -> tuple[str, str | None]:
-    """The dump and globals member names a PostgreSQL manifest records."""
-    dump = manifest_members.get("dump")
-    if not isinstance(dump, str):
-        raise SourceError("the manifest does not name a dump member (not a PostgreSQL backup?)")
-    globals_member = manifest_members.get("globals")
-    return dump, globals_member if isinstance(globals_member, str) else None

@@ -3,33 +3,56 @@ are driven by ``cloudbackup.sources.pgtools``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from typing import Any
+import re
+from collections.abc import Mapping
+from typing import Any, ClassVar
+from urllib.parse import unquote
 
-from cloudbackup.core import childenv
-from cloudbackup.fs.walk import FileEntry
-from cloudbackup.sources.base import Source, SourceContext, SourceSpec
+from cloudbackup.core.model import MemberSchema
+from cloudbackup.sources import pgtools
+from cloudbackup.sources.base import DbUrl, Entries, RestoreAs, Source, SourceContext
 
 
 class PostgresSource(Source):
-    """``pg_dump -Fc`` plus ``pg_dumpall --globals-only``; see ``cloudbackup.sources.pgtools``."""
+    """``pg_dump -Fc`` plus ``pg_dumpall --globals-only``; see ``cloudbackup.sources.pgtools``.
+
+    The URL may hold a password: it is redacted from the parsed URL (the one value the
+    connection uses too), and reaches the client programs only through a passfile."""
 
     kind = "postgresql"
+    scheme_prefixes = ("postgres:", "postgresql:")
+    member_schema: ClassVar[MemberSchema] = pgtools.POSTGRES_MEMBERS
+    restore_as = RestoreAs.POSTGRESQL
 
-    def __init__(self, spec: SourceSpec, *, env: Mapping[str, str] = childenv.NO_ENV) -> None:
-        super().__init__(spec)
-        self.env = env  # the base environment of pg_dump, pg_dumpall and psql
-        self.dump_facts: dict[str, Any] = {}  # filled by the dump, recorded in the manifest
+    @classmethod
+    def claims(cls, raw: str) -> bool:
+        return raw.startswith(("postgresql://", "postgres://"))
 
-    def manifest_members(self) -> dict[str, Any]:
-        return dict(self.dump_facts)
+    @classmethod
+    def parse(cls, raw: str, name: str | None) -> str:
+        if re.search(r"\s", raw):
+            raise ValueError("a PostgreSQL URL cannot contain spaces (URL-encode them as %20)")
+        url = DbUrl.parse(raw)  # its ValueError says what to encode, never the password
+        dbname = unquote(url.path.lstrip("/"))
+        if not dbname:
+            raise ValueError("the URL names no database: use postgresql://user@host:5432/dbname")
+        return dbname
+
+    @classmethod
+    def redact(cls, raw: str) -> str:
+        return DbUrl.parse(raw).redacted
+
+    @classmethod
+    def secrets_of(cls, raw: str) -> tuple[str, ...]:
+        return tuple(DbUrl.parse(raw).secrets)
+
+    @classmethod
+    def restore_member(cls, source: str, members: Mapping[str, Any]) -> str | None:
+        dump = members.get("dump")
+        return dump if isinstance(dump, str) else None
 
     def check(self) -> str:
-        from cloudbackup.sources import pgtools as postgres
+        return pgtools.check_source(self.name, self.spec.spec, self.env)
 
-        return postgres.check_source(self)
-
-    def entries(self, ctx: SourceContext) -> Iterator[FileEntry]:
-        from cloudbackup.sources import pgtools as postgres
-
-        yield from postgres.dump_entries(self, ctx)
+    def entries(self, ctx: SourceContext) -> Entries:
+        return (yield from pgtools.dump_entries(self.name, self.spec.spec, self.env, ctx))

@@ -13,15 +13,16 @@ import fcntl
 import os
 import shutil
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import quote
 
 from cloudbackup.core.errors import IntegrityError, SourceError
+from cloudbackup.core.model import Exactly, MemberSchema
 from cloudbackup.fs.files import create_private, fsync_dir
 from cloudbackup.fs.walk import FileEntry
-from cloudbackup.sources.base import Source, SourceContext
+from cloudbackup.sources.base import Entries, RestoreAs, Source, SourceContext
 
 # One step: the copy holds a read snapshot, so a busy writer cannot restart it forever.
 _PAGES_PER_STEP = -1
@@ -46,6 +47,25 @@ class SQLiteSource(Source):
     """A consistent online copy through SQLite's backup API, opened read-only."""
 
     kind = "sqlite"
+    scheme_prefixes = ("sqlite:",)
+    #: Tells restore which member is the database file.
+    member_schema: ClassVar[MemberSchema] = {"database_file": Exactly("{source}.sqlite3")}
+    restore_as = RestoreAs.SQLITE
+
+    @classmethod
+    def claims(cls, raw: str) -> bool:
+        return raw.startswith("sqlite:")
+
+    @classmethod
+    def parse(cls, raw: str, name: str | None) -> str:
+        path = raw[len("sqlite://") :] if raw.startswith("sqlite://") else ""
+        if not path.startswith("/"):
+            raise ValueError("use sqlite:///absolute/path/to/file.db")
+        return Path(path).stem
+
+    @classmethod
+    def restore_member(cls, source: str, members: Mapping[str, Any]) -> str | None:
+        return f"{source}.sqlite3"
 
     @property
     def path(self) -> str:
@@ -54,13 +74,6 @@ class SQLiteSource(Source):
     @property
     def member_name(self) -> str:
         return f"{self.name}.sqlite3"
-
-    def root_device(self) -> int | None:
-        return None
-
-    def manifest_members(self) -> dict[str, Any]:
-        """Tells restore which member is the database file."""
-        return {"database_file": self.member_name}
 
     def _connect(self) -> sqlite3.Connection:
         # mode=ro never creates the file; the explicit check gives the clearer message.
@@ -88,7 +101,7 @@ class SQLiteSource(Source):
             conn.close()
         return f"sqlite {self.path}"
 
-    def entries(self, ctx: SourceContext) -> Iterator[FileEntry]:
+    def entries(self, ctx: SourceContext) -> Entries:
         conn = self._connect()
         spool = ctx.spool_dir / f"{ctx.backup_id}.sqlite3.partial"
         try:
@@ -121,6 +134,7 @@ class SQLiteSource(Source):
                 dest.close()
             conn.close()
             yield FileEntry(str(spool), self.member_name, os.lstat(spool))
+            return {"database_file": self.member_name}
         finally:
             conn.close()
             spool.unlink(missing_ok=True)
