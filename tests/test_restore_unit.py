@@ -28,9 +28,12 @@ from cloudbackup.core.errors import (
 )
 from cloudbackup.core.model import BackupId, archive_name, manifest_name
 from cloudbackup.fs.tree import remove_tree, tally_tree
-from cloudbackup.restore.apply import RestoreResult, _aside_path, _regular_member, _Workspace
+from cloudbackup.restore.apply import RestoreResult
 from cloudbackup.restore.download import download
 from cloudbackup.restore.select import find_backup, parse_at
+from cloudbackup.restore.targets import Workspace as _Workspace
+from cloudbackup.restore.targets import aside_path as _aside_path
+from cloudbackup.restore.targets import regular_member as _regular_member
 from cloudbackup.storage.base import ObjectInfo
 from cloudbackup.storage.local import LocalStore
 

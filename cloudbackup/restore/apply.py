@@ -1,12 +1,14 @@
 """Restore: find a backup by LIST, verify its archive, extract it safely, swap it into place.
 
-The flow (see DESIGN.md)::
+The flow (SPEC "Restore staging")::
 
-    LIST (local + remote) ─▶ choose the backup (newest, or newest at/before --at)
+    LIST (local + remote) ─▶ choose the backup (select: newest, or newest at/before --at)
+      ─▶ plan the target (targets: a usage error before any byte is read)
       ─▶ local copy re-hashes to the manifest?  yes: use it   no: GET the remote copy into a
-         temp file beside the target, hashing on the way; a mismatch is an IntegrityError
-      ─▶ decompress ─▶ extract.extract() into a staging directory beside the target
-      ─▶ count what is on disk ─▶ (--force: move the old target aside) ─▶ rename into place
+         temp file beside the target, hashing on the way (download); a mismatch is an
+         IntegrityError
+      ─▶ decompress ─▶ extract into a staging directory beside the target
+      ─▶ count what is on disk ─▶ the target installs it (--force: the old one moved aside)
 
 Nothing unverified is ever decompressed, nothing is ever written under the target's own
 name until the whole tree is complete (a restore killed with SIGKILL leaves at most a
@@ -17,22 +19,13 @@ counts what it wrote against the manifest and says so.
 from __future__ import annotations
 
 import errno
-import gzip
 import logging
-import lzma
-import os
-import re
-import shutil
-import stat
 import time
-import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, BinaryIO, TypeVar
-
-import zstandard
+from typing import IO, Any, BinaryIO
 
 from cloudbackup.context import Context
 from cloudbackup.core.errors import (
@@ -40,31 +33,17 @@ from cloudbackup.core.errors import (
     IntegrityError,
     UsageError,
 )
-from cloudbackup.core.model import (
-    Manifest,
-)
-from cloudbackup.fs.files import fsync_dir, open_regular
-from cloudbackup.fs.tree import Tally, remove_tree, tally_tree
-from cloudbackup.restore.download import DOWNLOAD_CHUNK, fetch_archive
-from cloudbackup.restore.select import _choose_copy, _Copy, _peek_manifest, find_backup
-from cloudbackup.sources.base import RestoreAs
-from cloudbackup.sources.pgtools import GLOBALS_MEMBER
-from cloudbackup.sources.registry import kind_of
-from cloudbackup.stream.compress import open_decompressed
+from cloudbackup.fs.files import open_regular
+from cloudbackup.fs.tree import Tally, tally_tree
+from cloudbackup.restore.download import fetch_archive
+from cloudbackup.restore.select import Copy, choose_copy, find_backup, peek_manifest
+from cloudbackup.restore.targets import Target, Workspace, plan_target
+from cloudbackup.stream.compress import DECOMPRESS_ERRORS, open_decompressed
 from cloudbackup.stream.extract import ExtractResult, extract
 from cloudbackup.stream.hashing import HashingReader
 
 LOG = logging.getLogger("cloudbackup")
-T = TypeVar("T")
 
-_STAMP = "%Y%m%dT%H%M%SZ"
-_DECOMPRESS_ERRORS: tuple[type[BaseException], ...] = (
-    zstandard.ZstdError,
-    lzma.LZMAError,
-    zlib.error,
-    gzip.BadGzipFile,
-    EOFError,
-)
 _INTEGRITY_HINT = "restore another copy (--from local/remote) or an older backup (--at)"
 
 
@@ -131,167 +110,6 @@ class RestoreResult:
 # ---------------------------------------------------------------- targets and workspace
 
 
-@dataclass
-class _Target:
-    kind: str  # "dir" | "file" | "stdout" | "database"
-    path: Path | None  # final path (dir or file)
-    url: str | None = None  # postgresql target
-    workdir: Path = Path(".")  # where temp files and staging go (same filesystem as path)
-    mount_point: bool = False  # an empty mount point: staged inside, entries moved in
-
-    def show(self) -> str:
-        if self.kind == "stdout":
-            return "stdout"
-        if self.kind == "database":
-            from cloudbackup.sources.base import redact_url
-
-            return redact_url(self.url or "")
-        return str(self.path)
-
-
-def _is_nonempty_dir(path: Path, *, ignore_ours: bool = False) -> bool:
-    """True when ``path`` holds anything (``ignore_ours``: but a dead restore's leftovers)."""
-    with os.scandir(path) as it:
-        for entry in it:
-            match = _STALE_RE.match(entry.name) if ignore_ours else None
-            if match is None or _pid_alive(int(match["pid"])):
-                return True
-    return False
-
-
-def _plan_target(
-    ctx: Context, manifest: Manifest, to: str | None, force: bool, includes: Sequence[str]
-) -> _Target:
-    kind = manifest.kind
-    shape = kind_of(kind).restore_as
-    if includes and shape is not RestoreAs.TREE:
-        raise UsageError(
-            f"--include applies to directory and glob sources; {manifest.source} is {kind}"
-        )
-    if shape is RestoreAs.TREE:
-        if to in ("-",) or (to or "").startswith(("postgresql://", "postgres://")):
-            raise UsageError(
-                f"{manifest.source} is a {kind} source: restore it into a directory (--to DIR)"
-            )
-        path = Path(os.path.abspath(to if to else manifest.id))
-        if path.is_symlink():
-            real = Path(os.path.realpath(path))
-            LOG.info("--to %s is a symlink; restoring into %s", path, real)
-            path = real
-        target = _Target("dir", path, workdir=path.parent)
-        if path.exists() or path.is_symlink():
-            if not path.is_dir():
-                if not force:
-                    raise UsageError(
-                        f"target {path} exists and is not a directory",
-                        "pass --force to move it aside, or choose another --to",
-                    )
-            elif _is_nonempty_dir(path, ignore_ours=os.path.ismount(path)):
-                if os.path.ismount(path):
-                    raise UsageError(
-                        f"target {path} is a non-empty mount point",
-                        "restore into an empty directory (or an empty volume) and move the data",
-                    )
-                if not force:
-                    raise UsageError(
-                        f"target {path} is not empty",
-                        f"pass --force to move it aside to {path.name}.before-restore-<time>, "
-                        "or choose another --to",
-                    )
-            elif os.path.ismount(path):
-                target.mount_point = True
-                target.workdir = path
-        return target
-    if shape is RestoreAs.POSTGRESQL:
-        if not to or not to.startswith(("postgresql://", "postgres://")):
-            raise UsageError(
-                f"{manifest.source} is a PostgreSQL backup: give --to postgresql://user@host/dbname"
-            )
-        return _Target("database", None, url=to, workdir=ctx.settings.local_dir)
-    if shape in (RestoreAs.FILE, RestoreAs.SQLITE):
-        if not to or to.startswith(("postgresql://", "postgres://")):
-            extra = " or --to - (stdout)" if shape is RestoreAs.FILE else ""
-            raise UsageError(f"{manifest.source} is a {kind} backup: give --to FILE{extra}")
-        if to == "-":
-            if shape is not RestoreAs.FILE:
-                raise UsageError("--to - (stdout) is for command sources only; give --to FILE")
-            return _Target("stdout", None, workdir=ctx.settings.local_dir)
-        path = Path(os.path.abspath(to))
-        if path.is_dir() and not path.is_symlink():
-            raise UsageError(f"target {path} is a directory; give the file to restore into")
-        return _Target("file", path, workdir=path.parent)
-    raise CloudBackupError(
-        f"{manifest.id}: unknown source kind {kind!r} in its manifest",
-        "restore it with a newer cloudbackup",
-    )
-
-
-_STALE_RE = re.compile(r"^\.(?P<name>.+)\.(?:restore|cloudbackup-download)-(?P<pid>\d+)-[0-9a-f]+")
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class _Workspace:
-    """Hidden temp files and staging directories beside the target; removed on exit."""
-
-    def __init__(self, workdir: Path, name: str) -> None:
-        self.workdir = workdir
-        self.name = name
-        self.token = f"{os.getpid()}-{os.urandom(4).hex()}"
-        self.paths: list[Path] = []
-
-    def __enter__(self) -> _Workspace:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self._clean_stale()
-        return self
-
-    def _clean_stale(self) -> None:
-        try:
-            entries = list(os.scandir(self.workdir))
-        except OSError:
-            return
-        for entry in entries:
-            match = _STALE_RE.match(entry.name)
-            if not match or match["name"] != self.name or _pid_alive(int(match["pid"])):
-                continue
-            LOG.info("removing %s left by an interrupted restore", entry.path)
-            if entry.is_dir(follow_symlinks=False):
-                remove_tree(Path(entry.path))
-            else:
-                Path(entry.path).unlink(missing_ok=True)
-
-    def download_path(self) -> Path:
-        path = self.workdir / f".{self.name}.cloudbackup-download-{self.token}.partial"
-        self.paths.append(path)
-        return path
-
-    def staging(self) -> Path:
-        path = self.workdir / f".{self.name}.restore-{self.token}"
-        os.mkdir(path, 0o777)  # the umask's default mode, unless the archive has a root entry
-        self.paths.append(path)
-        return path
-
-    def __exit__(self, *exc: object) -> None:
-        for path in reversed(self.paths):
-            try:
-                if path.is_dir() and not path.is_symlink():
-                    remove_tree(path)
-                else:
-                    path.unlink(missing_ok=True)
-            except OSError as error:
-                LOG.warning("cannot remove %s: %s", path, error.strerror)
-
-
 # ---------------------------------------------------------------- extraction
 
 
@@ -314,26 +132,13 @@ def _extract_file(
     raw, stream = _open_archive(path, compression)
     try:
         return extract(stream, into, include=includes, dry_run=dry_run, progress=progress)
-    except _DECOMPRESS_ERRORS as exc:
+    except DECOMPRESS_ERRORS as exc:
         raise IntegrityError(f"cannot decompress {path.name}: {exc}", _INTEGRITY_HINT) from None
     finally:
         raw.close()
 
 
 # ---------------------------------------------------------------- the use case
-
-
-def _stamp(ctx: Context) -> str:
-    return ctx.now().astimezone(UTC).strftime(_STAMP)
-
-
-def _aside_path(path: Path, stamp: str) -> Path:
-    candidate = path.with_name(f"{path.name}.before-restore-{stamp}")
-    n = 2
-    while candidate.exists() or candidate.is_symlink():
-        candidate = path.with_name(f"{path.name}.before-restore-{stamp}-{n}")
-        n += 1
-    return candidate
 
 
 def restore(
@@ -365,9 +170,11 @@ def restore(
     cand = find_backup(ctx, what, host=host, at=at, from_=from_)
     result = RestoreResult(cand.id, cand.host, cand.backup_id.source, dry_run=dry_run)
     # A cheap plan first: a bad target fails before anything is downloaded or hashed.
-    peeked = _peek_manifest(ctx, cand, from_)
-    target = _plan_target(ctx, peeked.manifest, to, force, includes)
-    copy = _choose_copy(ctx, cand, from_, peeked)
+    peeked = peek_manifest(ctx, cand, from_)
+    target = plan_target(
+        ctx, peeked.manifest, to, force=force, includes=includes, stdout=stdout
+    )
+    copy = choose_copy(ctx, cand, from_, peeked)
     manifest = copy.manifest
     result.kind = manifest.kind
     result.where_from = copy.where
@@ -385,7 +192,7 @@ def restore(
         if dry_run:
             _dry_run(ctx, copy, target, includes, force, result)
         else:
-            _run(ctx, copy, target, includes, force, result, stdout, ranged)
+            _run(ctx, copy, target, includes, result, ranged)
     except OSError as exc:
         raise _os_error(exc, result.target) from exc
     finally:
@@ -414,7 +221,7 @@ def _os_error(exc: OSError, target: str) -> CloudBackupError:
     )
 
 
-def _archive_path(ctx: Context, copy: _Copy, ws: _Workspace, ranged: bool) -> Path:
+def _archive_path(ctx: Context, copy: Copy, ws: Workspace, ranged: bool) -> Path:
     if copy.local_path is not None:
         return copy.local_path
     manifest = copy.manifest
@@ -441,21 +248,17 @@ def _archive_path(ctx: Context, copy: _Copy, ws: _Workspace, ranged: bool) -> Pa
 
 def _run(
     ctx: Context,
-    copy: _Copy,
-    target: _Target,
+    copy: Copy,
+    target: Target,
     includes: Sequence[str],
-    force: bool,
     result: RestoreResult,
-    stdout: IO[bytes] | None,
     ranged: bool,
 ) -> None:
+    """Open the copy (a verified local archive, or a download verified on the way) →
+    decompress → extract into the staging directory → count → install."""
     manifest = copy.manifest
-    name = target.path.name if target.path is not None else manifest.id
-    if target.mount_point:
-        name = "cloudbackup"
-    if target.kind == "stdout" and stdout is None:
-        raise UsageError("--to - needs a standard output to write to")
-    with _Workspace(target.workdir, name) as ws:
+    target.ready()
+    with Workspace(target.workdir, target.staging_name) as ws:
         archive = _archive_path(ctx, copy, ws, ranged)
         staging = ws.staging()
         progress = ctx.progress(f"restore {manifest.id}", manifest.uncompressed_bytes)
@@ -467,7 +270,7 @@ def _run(
             getattr(progress, "close", lambda: None)()
         if copy.local_path is None:
             Path(archive).unlink(missing_ok=True)  # free the space before anything else
-        members = _single_file_members(staging, copy) if target.kind != "dir" else []
+        members = target.members(staging, manifest, copy.ref.source)
         result.refused = list(extracted.refused)
         result.warnings += extracted.warnings
         on_disk = tally_tree(staging)
@@ -489,15 +292,7 @@ def _run(
             if result.refused:
                 result.detail += f"; {len(result.refused)} member(s) refused"
             return
-        if target.kind == "dir":
-            _put_dir_in_place(ctx, staging, target, result)
-        elif target.kind == "file":
-            _put_file_in_place(ctx, members[0], target, manifest, result)
-        elif target.kind == "stdout":
-            assert stdout is not None
-            _copy_to_stdout(members[0], stdout)
-        elif target.kind == "database":
-            _restore_postgres(members, target, force, ctx.settings.child_env)
+        target.install(ctx, staging, members, result)
         _conclude(result, on_disk, expected=expected, includes=includes)
 
 
@@ -535,143 +330,10 @@ def _conclude(
         )
 
 
-def _put_dir_in_place(ctx: Context, staging: Path, target: _Target, result: RestoreResult) -> None:
-    assert target.path is not None
-    path = target.path
-    if target.mount_point:
-        # An empty mount point cannot be renamed over: move the staged entries in, one rename
-        # each (atomic per top-level entry only), then drop the staging directory.
-        for entry in sorted(os.listdir(staging)):
-            os.rename(staging / entry, path / entry)
-        shutil.copymode(staging, path)
-        os.rmdir(staging)
-        fsync_dir(path, best_effort=True)
-        return
-    if path.is_dir() and not path.is_symlink() and not _is_nonempty_dir(path):
-        try:
-            os.rmdir(path)  # an empty directory is simply replaced
-        except OSError:
-            pass
-    if path.exists() or path.is_symlink():
-        aside = _aside_path(path, _stamp(ctx))
-        os.rename(path, aside)
-        result.moved_aside = str(aside)
-        LOG.info("moved the existing %s aside to %s", path, aside)
-    os.rename(staging, path)
-    fsync_dir(path.parent, best_effort=True)
-
-
-def _single_file_members(staging: Path, copy: _Copy) -> list[Path]:
-    """The staged members a single-file restore hands on, each checked to be a regular file.
-
-    Their names come from the key (``NAME.out``, ``NAME.sqlite3``, after the source name the
-    key says) or, for a dump, from the parsed manifest (one plain member name), never from a
-    path. The staging directory is made private first, so nothing can be swapped in between
-    the check and the use. A PostgreSQL backup gives ``[dump, globals]`` (globals optional).
-    """
-    os.chmod(staging, 0o700)
-    manifest = copy.manifest
-    archive = manifest.archive
-    kind = kind_of(manifest.kind)
-    dump_name = kind.restore_member(copy.ref.source, manifest.members)
-    if kind.restore_as is not RestoreAs.POSTGRESQL:
-        assert dump_name is not None
-        return [_regular_member(staging, dump_name, archive)]
-    if dump_name is None:
-        # An older manifest without member facts: the one ``*.dump`` the archive holds.
-        dumps = sorted(name for name in os.listdir(staging) if name.endswith(".dump"))
-        if len(dumps) != 1:
-            raise IntegrityError(
-                f"{archive} holds {len(dumps)} .dump members, expected one", _INTEGRITY_HINT
-            )
-        dump_name = dumps[0]
-    members = [_regular_member(staging, dump_name, archive)]
-    if os.path.lexists(staging / GLOBALS_MEMBER):
-        members.append(_regular_member(staging, GLOBALS_MEMBER, archive))
-    return members
-
-
-def _regular_member(staging: Path, name: str, archive: str) -> Path:
-    """``staging/name`` when the archive put a regular file with one name there, else exit 3:
-    a symlink, hard link, device or directory is never what a single-file restore hands on."""
-    path = staging / name
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        raise IntegrityError(
-            f"{archive} holds no regular file {name}; nothing was restored", _INTEGRITY_HINT
-        ) from None
-    if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-        return path
-    if stat.S_ISREG(st.st_mode):
-        what = f"a hard link ({st.st_nlink} names)"
-    elif stat.S_ISLNK(st.st_mode):
-        what = "a symlink"
-    elif stat.S_ISDIR(st.st_mode):
-        what = "a directory"
-    else:
-        what = "a special file"
-    raise IntegrityError(
-        f"{archive}: {name} is {what}, not a regular file; nothing was restored",
-        _INTEGRITY_HINT,
-    )
-
-
-def _put_file_in_place(
-    ctx: Context, member: Path, target: _Target, manifest: Manifest, result: RestoreResult
-) -> None:
-    assert target.path is not None
-    if kind_of(manifest.kind).restore_as is RestoreAs.SQLITE:
-        from cloudbackup.sources.sqlite import restore_sqlite
-
-        moved = restore_sqlite(member, target.path, now_stamp=_stamp(ctx))
-        if moved is not None:
-            result.moved_aside = str(moved)
-        return
-    path = target.path
-    if path.exists() or path.is_symlink():
-        aside = _aside_path(path, _stamp(ctx))
-        os.rename(path, aside)
-        result.moved_aside = str(aside)
-    os.rename(member, path)
-    fsync_dir(path.parent, best_effort=True)
-
-
-def _copy_to_stdout(member: Path, out: IO[bytes]) -> None:
-    """The verified, checked member, to stdout (only now: nothing reached the pipe before)."""
-    written = 0
-    try:
-        with open(member, "rb") as data:
-            while chunk := data.read(DOWNLOAD_CHUNK):
-                out.write(chunk)
-                written += len(chunk)
-        out.flush()
-    except BrokenPipeError:
-        raise CloudBackupError(
-            f"stdout was closed after {written} bytes", "check the command reading from the pipe"
-        ) from None
-
-
-def _restore_postgres(
-    members: list[Path], target: _Target, force: bool, env: Mapping[str, str]
-) -> None:
-    from cloudbackup.sources import pgtools as postgres
-
-    assert target.url
-    postgres.restore_dump(
-        members[0],
-        members[1] if len(members) > 1 else None,
-        target.url,
-        force=force,
-        log=lambda message: LOG.info("%s", message),
-        env=env,
-    )
-
-
 def _dry_run(
     ctx: Context,
-    copy: _Copy,
-    target: _Target,
+    copy: Copy,
+    target: Target,
     includes: Sequence[str],
     force: bool,
     result: RestoreResult,
@@ -694,20 +356,14 @@ def _dry_run(
     if includes:
         what += f" (--include {' '.join(includes)})"
     action = f"would restore {what} of {copy.manifest.id} from {copy.where} into {result.target}"
-    if target.path is not None and (target.path.exists() or target.path.is_symlink()):
-        if target.kind == "file" or (target.kind == "dir" and force and _nonempty(target.path)):
-            action += f"; the existing {target.path.name} would be moved aside"
+    action += target.dry_run_note(force)
     result.detail = f"{action} ({basis})"
     if result.refused:
         result.detail += f"; {len(result.refused)} member(s) would be refused"
         result.exit_code = 1
 
 
-def _nonempty(path: Path) -> bool:
-    return not path.is_dir() or _is_nonempty_dir(path)
-
-
-def _dry_walk(ctx: Context, copy: _Copy, includes: Sequence[str]) -> ExtractResult:
+def _dry_walk(ctx: Context, copy: Copy, includes: Sequence[str]) -> ExtractResult:
     manifest = copy.manifest
     if copy.local_path is not None:
         return _extract_file(
@@ -720,7 +376,7 @@ def _dry_walk(ctx: Context, copy: _Copy, includes: Sequence[str]) -> ExtractResu
         stream = open_decompressed(hashing, manifest.compression)
         try:
             walked = extract(stream, Path("."), include=includes, dry_run=True)
-        except _DECOMPRESS_ERRORS as exc:
+        except DECOMPRESS_ERRORS as exc:
             raise IntegrityError(f"cannot decompress {manifest.archive}: {exc}") from None
         hashing.drain()
     if hashing.count != manifest.size or hashing.sha.hexdigest() != manifest.sha256:

@@ -180,14 +180,14 @@ def _local_copy_ok(ctx: Context, ref: BackupRef, manifest: Manifest) -> str | No
 
 
 @dataclass
-class _Copy:
+class Copy:
     where: str  # "local" | "remote"
     manifest: Manifest
     ref: BackupRef
     local_path: Path | None = None  # verified local archive
 
 
-def _peek_manifest(ctx: Context, cand: Candidate, from_: str | None) -> _Copy:
+def peek_manifest(ctx: Context, cand: Candidate, from_: str | None) -> Copy:
     """The parsed manifest of the copy to try first (no archive read), to plan the target.
 
     A local manifest that does not parse (the local dir is untrusted) falls back to the
@@ -202,23 +202,23 @@ def _peek_manifest(ctx: Context, cand: Candidate, from_: str | None) -> _Copy:
     remote_usable = from_ != "local" and cand.remote is not None and ctx.remote is not None
     if from_ != "remote" and cand.local is not None:
         try:
-            return _Copy("local", ctx.local_catalog.manifest(cand.local), cand.local)
+            return Copy("local", ctx.local_catalog.manifest(cand.local), cand.local)
         except IntegrityError as exc:
             if not remote_usable:
                 raise
             LOG.warning("%s; restoring from remote", exc.message)
     assert cand.remote is not None
-    return _Copy("remote", ctx.remote_catalog.manifest(cand.remote), cand.remote)
+    return Copy("remote", ctx.remote_catalog.manifest(cand.remote), cand.remote)
 
 
-def _choose_copy(ctx: Context, cand: Candidate, from_: str | None, peeked: _Copy) -> _Copy:
+def choose_copy(ctx: Context, cand: Candidate, from_: str | None, peeked: Copy) -> Copy:
     """The copy to restore from: the local one when its archive re-hashes to its manifest
-    (unless --from remote), else the remote one. ``peeked`` is what ``_peek_manifest`` read."""
+    (unless --from remote), else the remote one. ``peeked`` is what ``peek_manifest`` read."""
     if peeked.where == "local":
         problem = _local_copy_ok(ctx, peeked.ref, peeked.manifest)
         if problem is None:
             assert peeked.ref.archive_key
-            return _Copy(
+            return Copy(
                 "local", peeked.manifest, peeked.ref, ctx.local.path(peeked.ref.archive_key)
             )
         if from_ == "local" or cand.remote is None or ctx.remote is None:
@@ -236,7 +236,7 @@ def _choose_copy(ctx: Context, cand: Candidate, from_: str | None, peeked: _Copy
                 f"a {peeked.manifest.kind} backup",
                 _INTEGRITY_HINT,
             )
-        peeked = _Copy("remote", manifest, cand.remote)
+        peeked = Copy("remote", manifest, cand.remote)
     manifest = peeked.manifest
     if peeked.ref.archive_size is not None and peeked.ref.archive_size != manifest.size:
         raise IntegrityError(

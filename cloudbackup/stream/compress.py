@@ -4,6 +4,7 @@ decompressing reader for restore and ``verify --deep``."""
 from __future__ import annotations
 
 import bz2
+import gzip
 import lzma
 import zlib
 from collections.abc import Callable
@@ -81,8 +82,6 @@ def open_decompressed(stream: Any, compression: str) -> Any:
             stream, read_size=1024 * 1024, read_across_frames=True
         )  # type: ignore[return-value]
     if compression == "gzip":
-        import gzip
-
         return gzip.GzipFile(fileobj=stream, mode="rb")
     if compression == "xz":
         return lzma.LZMAFile(stream, "rb")
@@ -91,3 +90,13 @@ def open_decompressed(stream: Any, compression: str) -> Any:
     if compression == "none":
         return stream
     raise ValueError(f"unknown compression {compression!r}")
+
+
+#: What a decompressor raises for a corrupt or truncated stream (an integrity failure).
+DECOMPRESS_ERRORS: tuple[type[BaseException], ...] = (
+    zstandard.ZstdError,
+    lzma.LZMAError,
+    zlib.error,
+    gzip.BadGzipFile,
+    EOFError,
+)
