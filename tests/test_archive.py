@@ -79,7 +79,7 @@ def backup_with(
         now=lambda: FIXED_NOW,
         machine_id="m",
     )
-    options = operations.BackupOptions(upload=False, allow_shrink=allow_shrink)
+    options = operations.BackupOptions(allow_shrink=allow_shrink)
     (result,) = operations.backup(ctx, settings_.sources, options)
     assert result.ok, result.error
     assert result.id is not None

@@ -29,6 +29,7 @@ from cloudbackup.cli.output import (
 )
 from cloudbackup.config import Settings
 from cloudbackup.core.errors import CloudBackupError, ConfigError, UsageError
+from cloudbackup.core.outcome import Outcome, exit_code
 from cloudbackup.ops import backup as backing
 from cloudbackup.ops import list as listing
 from cloudbackup.ops import verify as verifying
@@ -221,7 +222,7 @@ def cli(ctx: click.Context, env_files: tuple[Path, ...], verbose: bool, quiet: b
 
 def _result_row(r: backing.SourceResult, *, local_only: bool) -> list[str]:
     """source, id, result, size, time, uploaded, notes: one row of a backup or run summary."""
-    state = "ok" if r.ok and not r.exit_code else ("ok (warnings)" if r.ok else "FAILED")
+    state = "ok" if r.ok and r.outcome is Outcome.OK else ("ok (warnings)" if r.ok else "FAILED")
     return [
         r.source,
         r.id or "-",
@@ -301,7 +302,7 @@ def backup(
         results = backing.backup(
             ctx,
             settings.sources,
-            backing.BackupOptions(upload=upload, dry_run=dry_run, allow_shrink=allow_shrink),
+            backing.BackupOptions(dry_run=dry_run, allow_shrink=allow_shrink),
             uploader=uploader,
             streamer=streamer,
         )
@@ -315,7 +316,7 @@ def backup(
         )
     else:
         _print_results(results, local_only=local_only, dry_run=dry_run)
-    _exit(backing.worst_exit(r.exit_code for r in results))
+    _exit(exit_code(r.outcome for r in results))
 
 
 def _uploader() -> tuple[
@@ -408,7 +409,7 @@ def verify(
             click.echo("nothing to verify")
         for r in results:
             click.echo(f"{'ok  ' if r.ok else 'FAIL'} {r.where:6} {r.id}: {r.detail}")
-    _exit(verifying.verify_exit(results))
+    _exit(exit_code(r.outcome for r in results))
 
 
 # ---------------------------------------------------------------- not yet built
@@ -442,7 +443,7 @@ def upload(source: str | None, host: str | None, as_json: bool) -> None:
             click.echo("nothing to upload: every local backup is verified offsite")
         for r in results:
             click.echo(f"{'ok  ' if r.ok else 'FAIL'} {r.id}: {r.detail}")
-    _exit(backing.worst_exit(r.exit_code for r in results))
+    _exit(exit_code(r.outcome for r in results))
 
 
 @cli.command()
@@ -829,10 +830,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(code)
     except click.exceptions.Abort:
         click.echo("error: interrupted", err=True)
-        sys.exit(130)
+        sys.exit(exit_code(Outcome.INTERRUPTED))
     except click.ClickException as exc:
         exc.show()
-        sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
+        sys.exit(exit_code(Outcome.REFUSED) if isinstance(exc, click.UsageError) else exc.exit_code)
     except CloudBackupError as exc:
         if verbose:
             LOG.exception("%s", exc)
@@ -841,7 +842,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
-        sys.exit(130)
+        sys.exit(exit_code(Outcome.INTERRUPTED))
     except Exception as exc:  # a bug: say so in one line unless -v
         if verbose:
             LOG.exception("unexpected error")

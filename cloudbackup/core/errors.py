@@ -1,17 +1,27 @@
-"""One exception family; every message says what is wrong and what to do."""
+"""One exception family; every message says what is wrong and what to do. Each error says
+what it makes of the work it stopped (its :class:`Outcome`); the exit code follows."""
 
 from __future__ import annotations
+
+from typing import ClassVar
+
+from cloudbackup.core.outcome import Outcome
+from cloudbackup.core.outcome import exit_code as code_of
 
 
 class CloudBackupError(Exception):
     """Base error: ``message`` says what is wrong, ``hint`` what to do about it."""
 
-    exit_code = 1
+    outcome: ClassVar[Outcome] = Outcome.FAILED
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+
+    @property
+    def exit_code(self) -> int:
+        return code_of(self.outcome)
 
     def __str__(self) -> str:
         if self.hint:
@@ -22,7 +32,7 @@ class CloudBackupError(Exception):
 class ConfigError(CloudBackupError):
     """A value or spec that cannot be parsed; nothing was done."""
 
-    exit_code = 2
+    outcome = Outcome.REFUSED
 
 
 class UsageError(ConfigError):
@@ -32,13 +42,13 @@ class UsageError(ConfigError):
 class IntegrityError(CloudBackupError):
     """A checksum, size or content check failed."""
 
-    exit_code = 3
+    outcome = Outcome.INTEGRITY
 
 
 class LockHeld(CloudBackupError):
     """Another cloudbackup run holds the lock on the local dir."""
 
-    exit_code = 4
+    outcome = Outcome.LOCKED
 
 
 class SourceError(CloudBackupError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from glob import escape as glob_escape
@@ -38,6 +38,8 @@ from cloudbackup.core.model import (
     format_time,
     manifest_name,
 )
+from cloudbackup.core.outcome import Outcome, worst
+from cloudbackup.core.outcome import exit_code as code_of
 from cloudbackup.core.patterns import PathMatcher
 from cloudbackup.fs.files import commit, write_file_atomic
 from cloudbackup.sources.base import EntryStream, Source, SourceContext
@@ -59,7 +61,7 @@ class SourceResult:
     uploaded: bool = False
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
-    exit_code: int = 0
+    outcome: Outcome = Outcome.OK
     file_count: int | None = None
     shrink_stopped: bool = False
     pruned: list[str] = field(default_factory=list)
@@ -67,6 +69,10 @@ class SourceResult:
     local_only: bool = False
     # The upload that ran while the archive was written; the uploader completes it.
     stream: ArchiveStream | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def exit_code(self) -> int:
+        return code_of(self.outcome)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -80,15 +86,6 @@ class SourceResult:
             "error": self.error,
             "file_count": self.file_count,
         }
-
-
-def worst_exit(codes: Iterable[int]) -> int:
-    """3 > 1 > 0: an integrity failure outranks a partial failure."""
-    codes = list(codes)
-    for code in (3, 4, 2, 1):
-        if code in codes:
-            return code
-    return 0
 
 
 def cleanup_partials(ctx: Context) -> list[Path]:
@@ -159,9 +156,14 @@ Streamer = Callable[["Context", str, BackupId, str, Manifest | None], ArchiveStr
 class Uploaded(Protocol):
     """What the uploader says about one archive (an ``ops.upload.UploadResult``)."""
 
-    ok: bool
-    detail: str
-    exit_code: int
+    @property
+    def ok(self) -> bool: ...
+
+    @property
+    def detail(self) -> str: ...
+
+    @property
+    def outcome(self) -> Outcome: ...
 
 
 # (ctx, source name, backup id, the stream that followed the archive) → what happened, or
@@ -171,7 +173,6 @@ Uploader = Callable[[Context, str, str, ArchiveStream | None], Uploaded | None]
 
 @dataclass
 class BackupOptions:
-    upload: bool = True
     dry_run: bool = False
     allow_shrink: bool = False
 
@@ -407,10 +408,10 @@ def backup_source(
         if stats.unreadable or stats.changed:
             # Completed with warnings: unreadable files, or files that changed size while
             # read (stored as GNU tar does, which also exits 1 for them).
-            result.exit_code = 1
+            result.outcome = Outcome.WARNING
         if manifest_problems:  # backed up all the same; a bad manifest is still exit 3
             result.warnings = result.warnings + manifest_problems
-            result.exit_code = 3
+            result.outcome = Outcome.INTEGRITY
         LOG.info(
             "%s: archived %d files, %d bytes → %s (%d bytes)",
             source.name,
@@ -421,18 +422,19 @@ def backup_source(
         )
     except ShrinkGuardError as exc:
         result.error = str(exc)
-        result.exit_code = 1
+        result.outcome = Outcome.FAILED
         result.shrink_stopped = True
         LOG.error("%s", exc)
     except CloudBackupError as exc:
         result.error = str(exc)
-        result.exit_code = max(exc.exit_code, 1) if exc.exit_code != 2 else 1
+        # A source refused (a usage error inside it) fails that source: exit 1, not 2.
+        result.outcome = Outcome.FAILED if exc.outcome is Outcome.REFUSED else exc.outcome
         LOG.error("%s", exc)
     except OSError as exc:
         result.error = (
             f"source {source.name}: {exc.strerror or exc} ({exc.filename or ''})".replace(" ()", "")
         )
-        result.exit_code = 1
+        result.outcome = Outcome.FAILED
         LOG.error("%s", result.error)
         LOG.debug("details", exc_info=True)
     except Exception as exc:
@@ -442,7 +444,7 @@ def backup_source(
         result.error = f"source {source.name} failed unexpectedly: {type(exc).__name__}" + (
             f" ({detail})" if detail else ""
         )
-        result.exit_code = 1
+        result.outcome = Outcome.FAILED
         LOG.error("%s; run with -v for details", result.error)
         LOG.debug("details", exc_info=True)
     finally:
@@ -490,7 +492,7 @@ def _record_upload(result: SourceResult, uploaded: Uploaded | None) -> None:
     if not uploaded.ok:
         result.error = uploaded.detail
         result.ok = False  # the backup's offsite half failed: never summarised as a success
-        result.exit_code = max(result.exit_code, uploaded.exit_code)
+        result.outcome = worst([result.outcome, uploaded.outcome])
 
 
 def backup(
@@ -518,7 +520,7 @@ def backup(
         try:
             source = make_source(spec, env=ctx.settings.child_env)
         except (ValueError, CloudBackupError) as exc:
-            results.append(SourceResult(source=spec.name, error=str(exc), exit_code=1))
+            results.append(SourceResult(source=spec.name, error=str(exc), outcome=Outcome.FAILED))
             LOG.error("source %s: %s", spec.name, exc)
             continue
         result = backup_source(ctx, source, options, streamer)

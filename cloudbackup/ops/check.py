@@ -13,6 +13,8 @@ from typing import Any
 
 from cloudbackup.context import Context
 from cloudbackup.core.errors import CloudBackupError, PermanentStorageError, SourceError
+from cloudbackup.core.outcome import Outcome
+from cloudbackup.core.outcome import exit_code as code_of
 from cloudbackup.sources.registry import make_source
 
 
@@ -22,6 +24,10 @@ class CheckLine:
     ok: bool
     detail: str
     warning: bool = False
+
+    @property
+    def outcome(self) -> Outcome:
+        return Outcome.OK if self.ok else Outcome.FAILED
 
     def to_dict(self) -> dict[str, Any]:
         return {"check": self.name, "ok": self.ok, "warning": self.warning, "detail": self.detail}
@@ -200,4 +206,4 @@ def _check_bucket(ctx: Context) -> list[CheckLine]:
 
 
 def check_exit(lines: Sequence[CheckLine]) -> int:
-    return 0 if all(line.ok for line in lines) else 1
+    return code_of(line.outcome for line in lines)

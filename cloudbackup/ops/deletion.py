@@ -18,6 +18,7 @@ from cloudbackup.config import Settings
 from cloudbackup.context import Context
 from cloudbackup.core.errors import CloudBackupError, PermanentStorageError
 from cloudbackup.core.model import BackupRef, Listing, format_time, key_for, upload_name
+from cloudbackup.core.outcome import Outcome
 
 LOG = logging.getLogger("cloudbackup")
 
@@ -54,14 +55,20 @@ class PruneResult:
     policy_empty: bool = False
     #: Every key deleted (or, on a dry run, that would have been), in order.
     deleted_keys: list[str] = field(default_factory=list)
+    #: The backups were named (forget), not chosen by a policy (prune).
+    named: bool = False
 
     @property
     def ok(self) -> bool:
         return not self.errors
 
     @property
-    def exit_code(self) -> int:
-        return 1 if self.errors else 0
+    def outcome(self) -> Outcome:
+        """FAILED when a deletion failed, or when a backup named to be forgotten was kept by
+        Object Lock (for prune, a lock keeping a backup is a retention, not a failure)."""
+        if self.errors or (self.named and self.retained):
+            return Outcome.FAILED
+        return Outcome.OK
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -19,6 +19,7 @@ from typing import Any
 from cloudbackup.context import Context
 from cloudbackup.core.errors import CloudBackupError, UsageError
 from cloudbackup.core.model import BackupId, BackupRef, Listing, format_time
+from cloudbackup.core.outcome import exit_code as code_of
 from cloudbackup.ops.deletion import (
     PruneResult,
     execute,
@@ -102,6 +103,7 @@ def forget(
                 policy=POLICY,
                 delete=[ref.id for ref in refs],  # newest first: executed oldest first
                 dry_run=dry_run,
+                named=True,
             )
             if any(r.errors for r in results):
                 result.errors.append("not deleted: an earlier deletion failed")
@@ -193,7 +195,7 @@ def _unmark_offsite(ctx: Context, results: Sequence[PruneResult]) -> None:
 
 def exit_code(results: Sequence[PruneResult]) -> int:
     """0 when every named backup was deleted (or would be), 1 otherwise."""
-    return 1 if any(r.errors or r.retained for r in results) else 0
+    return code_of(r.outcome for r in results)
 
 
 def describe(results: Sequence[PruneResult], *, dry_run: bool) -> list[str]:

@@ -30,10 +30,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 from urllib.parse import unquote
 
 from cloudbackup.core.errors import ConfigError
+from cloudbackup.core.outcome import Outcome, words
 from cloudbackup.sources.base import secret_forms
 
 __all__ = [
@@ -41,7 +42,7 @@ __all__ = [
     "LogTail",
     "Message",
     "NotifyOn",
-    "Outcome",
+    "Result",
     "classify",
     "compose",
     "parse_notify_on",
@@ -55,8 +56,9 @@ __all__ = [
 
 LOG = logging.getLogger("cloudbackup")
 
-#: A run's outcome, in the words of the SPEC, the notification title and ``CLOUDBACKUP_RESULT``.
-Outcome = Literal["ok", "warning", "failed"]
+#: A run's outcome in words (``core.outcome.words``): the notification title and
+#: ``CLOUDBACKUP_RESULT``.
+Result = Literal["ok", "warning", "failed"]
 #: Apprise's notification types (``apprise.NotifyType`` values) for each outcome.
 NotifyType = Literal["success", "warning", "failure"]
 _NOTIFY_TYPE: dict[str, NotifyType] = {"ok": "success", "warning": "warning", "failed": "failure"}
@@ -296,16 +298,18 @@ def validate(urls: Sequence[str], variable: str = "CLOUDBACKUP_NOTIFY") -> None:
 # --------------------------------------------------------------------------- the message
 
 
-def classify(exit_code: int, *, failed: bool = False) -> Outcome:
+def classify(exit_code: int, *, failed: bool = False) -> Result:
     """The outcome of a run: ``failed`` when ``failed`` is set (a source, a step or a
     before-hook failed) or the exit code is anything but 0 and 1 (2, 3, 4, 130, 143...);
     ``warning`` for exit 1 otherwise (completed with warnings); ``ok`` for exit 0."""
     if failed or exit_code not in (0, 1):
-        return "failed"
-    return "warning" if exit_code == 1 else "ok"
+        outcome = Outcome.FAILED
+    else:
+        outcome = Outcome.WARNING if exit_code == 1 else Outcome.OK
+    return cast(Result, words(outcome))
 
 
-def should_notify(outcome: Outcome, notify_on: NotifyOn) -> bool:
+def should_notify(outcome: Result, notify_on: NotifyOn) -> bool:
     """Whether ``CLOUDBACKUP_NOTIFY_ON`` asks for a message about this outcome."""
     if notify_on is NotifyOn.ALWAYS:
         return True
@@ -325,7 +329,7 @@ class Message:
 
 def compose(
     host: str,
-    outcome: Outcome,
+    outcome: Result,
     exit_code: int,
     summary: str,
     log_tail: Sequence[str],

@@ -34,6 +34,7 @@ from cloudbackup.core.model import (
     Listing,
     format_time,
 )
+from cloudbackup.core.outcome import exit_code as code_of
 from cloudbackup.core.retention import Policy, plan
 from cloudbackup.ops.deletion import PruneResult, execute, local_keys, lock_until, remote_keys
 from cloudbackup.storage.dryrun import DryRunStore
@@ -49,7 +50,7 @@ REASON_NOT_OFFSITE = "not yet offsite"
 
 def exit_code(results: Iterable[PruneResult]) -> int:
     """0 when every group was pruned as planned, 1 when any group recorded an error."""
-    return 1 if any(r.errors for r in results) else 0
+    return code_of(r.outcome for r in results)
 
 
 # ---------------------------------------------------------------- entry points

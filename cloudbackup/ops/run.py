@@ -12,11 +12,15 @@ from typing import Any
 from cloudbackup.context import Context
 from cloudbackup.core.errors import CloudBackupError
 from cloudbackup.core.model import format_time
+from cloudbackup.core.outcome import Outcome, worst
+from cloudbackup.core.outcome import exit_code as code_of
 from cloudbackup.ops import backup as backing
+from cloudbackup.ops import prune
 from cloudbackup.ops import status as monitor
 from cloudbackup.ops import upload as uploading
 from cloudbackup.ops import verify as verifying
 from cloudbackup.ops.backup import BackupOptions, SourceResult
+from cloudbackup.ops.deletion import PruneResult
 
 LOG = logging.getLogger("cloudbackup")
 
@@ -26,10 +30,26 @@ class RunReport:
     results: list[SourceResult] = field(default_factory=list)
     uploads: list[uploading.UploadResult] = field(default_factory=list)
     verifies: list[verifying.VerifyResult] = field(default_factory=list)
-    prunes: list[Any] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    exit_code: int = 0
+    prunes: list[PruneResult] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # a step that failed as a whole
     seconds: float = 0.0
+
+    @property
+    def outcome(self) -> Outcome:
+        """The worst of every source, upload, verify and prune, and of the steps that failed."""
+        return worst(
+            [
+                *(r.outcome for r in self.results),
+                *(u.outcome for u in self.uploads),
+                *(v.outcome for v in self.verifies),
+                *(p.outcome for p in self.prunes),
+                *(Outcome.FAILED for _ in self.errors),
+            ]
+        )
+
+    @property
+    def exit_code(self) -> int:
+        return code_of(self.outcome)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -57,7 +77,7 @@ def _free_space_check(ctx: Context, results: dict[str, SourceResult]) -> set[str
             message = f"source {spec.name}: only {free} bytes free in {local_dir}, its last archive took {size}"
             LOG.error("%s: free some space or move CLOUDBACKUP_LOCAL_DIR", message)
             results[spec.name] = SourceResult(
-                source=spec.name, error=message + "; free some space", exit_code=1
+                source=spec.name, error=message + "; free some space", outcome=Outcome.FAILED
             )
             blocked.add(spec.name)
     return blocked
@@ -94,7 +114,7 @@ def run(ctx: Context, *, allow_shrink: bool = False, deep: bool = False) -> RunR
         backing.backup(
             ctx,
             specs,
-            BackupOptions(upload=uploader is not None, allow_shrink=allow_shrink),
+            BackupOptions(allow_shrink=allow_shrink),
             uploader=uploader,
             streamer=uploading.start_stream if uploader is not None else None,
         )
@@ -124,14 +144,11 @@ def run(ctx: Context, *, allow_shrink: bool = False, deep: bool = False) -> RunR
         for backup_id in sorted(uploaded_now):
             ref = listing.find(backup_id, ctx.host)
             if ref is None:
-                report.verifies.append(
-                    verifying.VerifyResult(backup_id, "remote", False, "not listed after upload")
-                )
+                missing = verifying.VerifyResult(backup_id, "remote", "not listed after upload")
+                report.verifies.append(missing)
                 continue
             report.verifies.append(verifying.verify_remote_ref(ctx, ref, deep=deep))
     try:
-        from cloudbackup.ops import prune
-
         report.prunes = prune.prune_for_run(ctx)
     except CloudBackupError as exc:
         report.errors.append(f"prune failed: {exc}")
@@ -140,12 +157,6 @@ def run(ctx: Context, *, allow_shrink: bool = False, deep: bool = False) -> RunR
         for result in report.results:
             if result.source == pr.source and pr.host == ctx.host:
                 result.pruned += [f"{pr.where}:{i}" for i in pr.deleted]
-    codes = [r.exit_code for r in report.results]
-    codes += [u.exit_code for u in report.uploads]
-    codes += [verifying.verify_exit([v]) for v in report.verifies]
-    codes += [1 for p in report.prunes if p.errors]
-    codes += [1 for _ in report.errors]
-    report.exit_code = backing.worst_exit(codes)
     report.seconds = time.monotonic() - started
     monitor.write_last_run(
         ctx,

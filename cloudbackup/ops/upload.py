@@ -25,6 +25,7 @@ from cloudbackup.core.model import (
     key_for,
     manifest_name,
 )
+from cloudbackup.core.outcome import Outcome
 from cloudbackup.storage.base import head_problems
 from cloudbackup.storage.s3 import (
     MAX_OBJECT,
@@ -92,14 +93,19 @@ def _find_in_progress(ctx: Context, key: str) -> str | None:
 
 @dataclass
 class UploadResult:
+    """One backup uploaded (OK), or not (FAILED, or INTEGRITY when what arrived differs)."""
+
     id: str
     source: str
-    ok: bool
-    detail: str
+    detail: str = ""
     seconds: float = 0.0
     parts_sent: int = 0
     parts_reused: int = 0
-    exit_code: int = 0
+    outcome: Outcome = Outcome.FAILED
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is Outcome.OK
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -133,11 +139,11 @@ def upload_backup(
     the confirmation and the manifest remain.
     """
     started = time.monotonic()
-    result = UploadResult(ref.id, ref.source, False, "")
+    result = UploadResult(ref.id, ref.source)
     manifest = ctx.local_catalog.manifest(ref)
     record = ctx.local_catalog.upload_record(ref.id, ref.source)
     if record and record.verified_at:
-        result.ok, result.detail = True, "already verified offsite"
+        result.outcome, result.detail = Outcome.OK, "already verified offsite"
         return result
     ctx.host_claim.ensure()
     backup_id = BackupId.parse(ref.id)
@@ -219,7 +225,7 @@ def upload_backup(
             ) from None
     upload.verified_at = format_time(ctx.now())
     ctx.local_catalog.write_upload_record(ref.source, ref.id, upload)
-    result.ok = True
+    result.outcome = Outcome.OK
     result.detail = (
         f"uploaded {outcome.size} bytes in {outcome.part_count} part(s)"
         + (f", {outcome.parts_reused} reused" if outcome.parts_reused else "")
@@ -397,8 +403,8 @@ def upload_after_backup(
         reason = str(exc) if isinstance(exc, CloudBackupError) else (exc.strerror or str(exc))
         detail = f"upload failed: {reason} (the local archive is kept; run `cloudbackup upload`)"
         LOG.error("%s: %s", backup_id, detail)
-        code = 3 if isinstance(exc, IntegrityError) else 1
-        return UploadResult(backup_id, source, False, detail, exit_code=code)
+        outcome = Outcome.INTEGRITY if isinstance(exc, IntegrityError) else Outcome.FAILED
+        return UploadResult(backup_id, source, detail, outcome=outcome)
     finally:
         if stream is not None:  # never reached finish: leave nothing in progress behind
             stream.abandon()
@@ -422,8 +428,8 @@ def upload_pending(ctx: Context, source: str | None = None) -> list[UploadResult
         try:
             results.append(upload_backup(ctx, ref))
         except CloudBackupError as exc:
-            code = 3 if isinstance(exc, IntegrityError) else 1
-            results.append(UploadResult(ref.id, ref.source, False, str(exc), exit_code=code))
+            outcome = exc.outcome if exc.outcome is Outcome.INTEGRITY else Outcome.FAILED
+            results.append(UploadResult(ref.id, ref.source, str(exc), outcome=outcome))
             LOG.error("%s: upload failed: %s", ref.id, exc)
             if isinstance(exc, PermanentStorageError) and exc.code in (
                 "AccessDenied",

@@ -11,6 +11,7 @@ from typing import Any
 from cloudbackup.context import Context
 from cloudbackup.core.errors import CloudBackupError, IntegrityError
 from cloudbackup.core.model import BackupRef, Manifest, parse_manifest_metadata
+from cloudbackup.core.outcome import Outcome
 from cloudbackup.fs.files import open_regular
 from cloudbackup.storage.base import head_problems
 from cloudbackup.stream.hashing import sha256_file
@@ -18,12 +19,19 @@ from cloudbackup.stream.hashing import sha256_file
 
 @dataclass
 class VerifyResult:
+    """One copy checked. Until it is found to match, a copy counts as differing from its
+    manifest (INTEGRITY); one that could not be checked at all is FAILED."""
+
     id: str
     where: str
-    ok: bool
-    detail: str
+    detail: str = ""
     host: str = ""
     source: str = ""
+    outcome: Outcome = Outcome.INTEGRITY
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is Outcome.OK
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "where": self.where, "ok": self.ok, "detail": self.detail}
@@ -48,7 +56,7 @@ def verify_local_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> Ver
     from cloudbackup.stream.compress import open_decompressed
     from cloudbackup.stream.pipeline import walk_archive
 
-    result = VerifyResult(ref.id, "local", False, "", ref.host, ref.source)
+    result = VerifyResult(ref.id, "local", "", ref.host, ref.source)
     try:
         manifest = ctx.local_catalog.manifest(ref)
         assert ref.archive_key
@@ -78,7 +86,7 @@ def verify_local_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> Ver
                 f"the manifest says {manifest.file_count} / {manifest.uncompressed_bytes}"
             )
         else:
-            result.ok = True
+            result.outcome = Outcome.OK
             result.detail = f"sha256 and size match ({size} bytes)" + (
                 f"; {walked.file_count} files, {walked.uncompressed_bytes} bytes walked"
                 if deep
@@ -86,17 +94,11 @@ def verify_local_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> Ver
             )
     except CloudBackupError as exc:  # IntegrityError, or a manifest that cannot be read
         result.detail = str(exc)
+        result.outcome = exc.outcome if exc.outcome is Outcome.INTEGRITY else Outcome.FAILED
     except OSError as exc:
         result.detail = f"cannot read: {exc.strerror}"
+        result.outcome = Outcome.FAILED
     return result
-
-
-def verify_exit(results: Sequence[VerifyResult]) -> int:
-    if any(not r.ok and not r.detail.startswith("cannot") for r in results):
-        return 3
-    if any(not r.ok for r in results):
-        return 1
-    return 0
 
 
 def verify_remote_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> VerifyResult:
@@ -105,7 +107,7 @@ def verify_remote_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> Ve
     from cloudbackup.stream.hashing import HashingReader
     from cloudbackup.stream.pipeline import walk_archive
 
-    result = VerifyResult(ref.id, "remote", False, "", ref.host, ref.source)
+    result = VerifyResult(ref.id, "remote", "", ref.host, ref.source)
     try:
         assert ref.manifest_key and ref.archive_key
         mhead = ctx.remote.head(ref.manifest_key)
@@ -166,10 +168,11 @@ def verify_remote_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> Ve
                 )
                 return result
             detail = f"streamed and re-hashed {size} bytes; {walked.file_count} files, {walked.uncompressed_bytes} bytes walked"
-        result.ok = True
+        result.outcome = Outcome.OK
         result.detail = detail
     except IntegrityError as exc:
         result.detail = str(exc)
     except CloudBackupError as exc:
         result.detail = f"cannot verify: {exc}"
+        result.outcome = Outcome.FAILED
     return result

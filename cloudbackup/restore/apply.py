@@ -33,6 +33,8 @@ from cloudbackup.core.errors import (
     IntegrityError,
     UsageError,
 )
+from cloudbackup.core.outcome import Outcome
+from cloudbackup.core.outcome import exit_code as code_of
 from cloudbackup.fs.files import open_regular
 from cloudbackup.fs.tree import Tally, tally_tree
 from cloudbackup.restore.download import fetch_archive
@@ -68,10 +70,16 @@ class RestoreResult:
     moved_aside: str | None = None
     seconds: float = 0.0
     ok: bool = False
-    exit_code: int = 0
+    #: FAILED when anything was not restored as the manifest (or --include) says: nothing
+    #: matched, members refused, counts that differ (partly restored: exit 1).
+    outcome: Outcome = Outcome.OK
     detail: str = ""
     dry_run: bool = False
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return code_of(self.outcome)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -283,7 +291,7 @@ def _run(
             expected = (manifest.file_count, manifest.uncompressed_bytes)
         result.files, result.bytes = on_disk.files, on_disk.bytes
         if on_disk.files == 0 and on_disk.dirs == 0:
-            result.exit_code = 1
+            result.outcome = Outcome.FAILED
             result.detail = (
                 f"nothing restored: --include {' '.join(includes)} matched no member"
                 if includes
@@ -313,7 +321,7 @@ def _conclude(
     where = f" into {result.target}"
     aside = f"; the old one was moved aside to {result.moved_aside}" if result.moved_aside else ""
     if result.refused:
-        result.exit_code = max(result.exit_code, 1)
+        result.outcome = Outcome.FAILED
         result.detail = (
             f"{counts}{where}; {len(result.refused)} member(s) refused (not restored){aside}"
         )
@@ -323,7 +331,7 @@ def _conclude(
         result.ok = True
         result.detail = f"{counts}{where}, as {basis} says{aside}"
     else:
-        result.exit_code = max(result.exit_code, 1)
+        result.outcome = Outcome.FAILED
         result.detail = (
             f"{counts}{where}, but {basis} says {_counts(files, size)} — "
             f"check the restored data{aside}"
@@ -349,7 +357,7 @@ def _dry_run(
         basis = "archive walked"
         if result.files == 0:
             result.ok = False
-            result.exit_code = 1
+            result.outcome = Outcome.FAILED
     else:
         result.files, result.bytes = manifest.file_count, manifest.uncompressed_bytes
     what = _counts(result.files, result.bytes)
@@ -360,7 +368,7 @@ def _dry_run(
     result.detail = f"{action} ({basis})"
     if result.refused:
         result.detail += f"; {len(result.refused)} member(s) would be refused"
-        result.exit_code = 1
+        result.outcome = Outcome.FAILED
 
 
 def _dry_walk(ctx: Context, copy: Copy, includes: Sequence[str]) -> ExtractResult:
