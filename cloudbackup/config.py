@@ -10,7 +10,6 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -139,10 +138,6 @@ class Settings:
     child_env: Mapping[str, str] = field(
         default_factory=dict, repr=False, compare=False, hash=False
     )
-
-    @property
-    def remote_enabled(self) -> bool:
-        return self.s3_bucket is not None
 
     def source(self, name: str) -> SourceSpec | None:
         for spec in self.sources:
@@ -279,6 +274,7 @@ def parse_shrink_guard(text: str) -> float | None:
     return float(match[1]) / 100
 
 
+# Long: one block per variable, each read, parsed and checked in the order of the README table.
 def load(
     cli: Mapping[str, Any],
     environ: Mapping[str, str],
@@ -539,7 +535,3 @@ def load(
         warnings=tuple(warnings),
         child_env=childenv.scrub(environ),
     )
-
-
-def duration(text: str) -> timedelta:
-    return retention.parse_duration(text)

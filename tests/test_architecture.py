@@ -8,6 +8,7 @@ imported first.
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,38 @@ def test_every_module_imports_alone() -> None:
     )
     assert out.stdout.strip() == "", out.stdout
     assert len(modules) > 50
+
+
+# ---------------------------------------------------------------- function length
+
+LONG = 80  # lines, decorators and docstring included
+
+
+def _long_functions(source: str) -> list[tuple[str, int]]:
+    """Functions over ``LONG`` lines without a ``# Long: <reason>`` line right above them."""
+    lines = source.split("\n")
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            length = (node.end_lineno or start) - start + 1
+            above = lines[start - 2].strip() if start >= 2 else ""
+            if length > LONG and not above.startswith("# Long: "):
+                found.append((node.name, length))
+    return found
+
+
+def test_no_function_is_long_without_a_reason() -> None:
+    offenders = [
+        f"{path.relative_to(ROOT)}: {name} ({length} lines)"
+        for path in sorted((ROOT / "cloudbackup").rglob("*.py"))
+        for name, length in _long_functions(path.read_text())
+    ]
+    assert offenders == []
+
+
+def test_the_length_check_finds_long_functions() -> None:
+    body = "".join(f"    x = {i}\n" for i in range(LONG))
+    assert _long_functions(f"def f():\n{body}") == [("f", LONG + 1)]
+    assert _long_functions(f"# Long: a table\ndef f():\n{body}") == []
+    assert _long_functions("def f():\n    return 1\n") == []

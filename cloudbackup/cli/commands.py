@@ -1,4 +1,5 @@
-"""The command line: thin Click commands over ``operations``; ``main`` maps errors to exit codes."""
+"""The command line: Click commands over the use cases (``ops``, ``restore``); ``main`` maps
+errors to messages and exit codes (``core.outcome``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from dotenv import dotenv_values
 
 from cloudbackup import __version__, config
 from cloudbackup import context as contexts
+from cloudbackup.cli import options
 from cloudbackup.cli.output import (
     Progress,
     human_duration,
@@ -37,7 +39,6 @@ from cloudbackup.sources.base import url_secrets
 from cloudbackup.storage.local import LocalStore
 
 LOG = logging.getLogger("cloudbackup")
-WHERE = click.Choice(["local", "remote", "all"])
 #: A .env file larger than this is not one (a wrong path, or a device behind a symlink).
 MAX_ENV_FILE = 1024 * 1024
 
@@ -265,7 +266,7 @@ def _print_results(
     "--allow-shrink", is_flag=True, help="Accept a source the shrink guard would stop, once."
 )
 @click.option("--dry-run", is_flag=True, help="Show what would be archived; write nothing.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@options.as_json
 def backup(
     specs: tuple[str, ...],
     no_upload: bool,
@@ -331,11 +332,11 @@ def _uploader() -> tuple[
 
 
 @cli.command(name="list")
-@click.option("--source", help="Only this source.")
-@click.option("--where", type=WHERE, default="all", show_default=True)
+@options.only_source
+@options.where("all")
 @click.option("--host", help="Backups of this host (default: this machine's).")
 @click.option("--all-hosts", is_flag=True, help="Backups of every host.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@options.as_json
 def list_cmd(
     source: str | None, where: str, host: str | None, all_hosts: bool, as_json: bool
 ) -> None:
@@ -367,13 +368,13 @@ def list_cmd(
 
 @cli.command()
 @click.argument("ids", nargs=-1, metavar="[ID]...")
-@click.option("--source", help="Only this source.")
-@click.option("--host", help="Backups of this host.")
-@click.option("--where", type=WHERE, default="local", show_default=True)
+@options.only_source
+@options.backups_of_host
+@options.where("local")
 @click.option(
     "--deep", is_flag=True, help="Also decompress and walk the archive (remote: stream it)."
 )
-@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@options.as_json
 def verify(
     ids: tuple[str, ...],
     source: str | None,
@@ -412,19 +413,12 @@ def verify(
     _exit(exit_code(r.outcome for r in results))
 
 
-# ---------------------------------------------------------------- not yet built
-
-
-def _not_built(name: str) -> NoReturn:
-    raise UsageError(f"`cloudbackup {name}` is not available in this version yet", "see README.md")
-
-
 @cli.command()
-@click.option("--source", help="Only this source.")
+@options.only_source
 @click.option(
     "--host", help="Upload as this host (explicit: allowed under another machine's claim)."
 )
-@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@options.as_json
 def upload(source: str | None, host: str | None, as_json: bool) -> None:
     """Push every complete local backup not yet verified remotely; resumes interrupted uploads."""
     from cloudbackup.lock import DirLock
@@ -465,7 +459,7 @@ def upload(source: str | None, host: str | None, as_json: bool) -> None:
     "--force", is_flag=True, help="Replace a non-empty target (the old one is moved aside)."
 )
 @click.option("--dry-run", is_flag=True, help="List what would be restored; write nothing.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@options.as_json
 def restore(**kwargs: Any) -> None:
     """Restore the newest backup of SOURCE (or backup ID), verified before anything is written."""
     from cloudbackup.restore import apply as restoring
@@ -504,13 +498,13 @@ def restore(**kwargs: Any) -> None:
 
 
 @cli.command()
-@click.option("--where", type=WHERE, default="local", show_default=True)
+@options.where("local")
 @click.option("--policy", help="Retention policy (default: CLOUDBACKUP_LOCAL/REMOTE_RETENTION).")
-@click.option("--source", help="Only this source.")
-@click.option("--host", help="Backups of this host.")
+@options.only_source
+@options.backups_of_host
 @click.option("--all-hosts", is_flag=True, help="Every host in the bucket (a central pruner job).")
 @click.option("--dry-run", is_flag=True, help="Print the plan; delete nothing.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@options.as_json
 def prune(
     where: str,
     policy: str | None,
@@ -555,10 +549,10 @@ def prune(
 
 @cli.command()
 @click.argument("ids", nargs=-1, required=True, metavar="ID...")
-@click.option("--where", type=WHERE, default="local", show_default=True)
-@click.option("--host", help="Backups of this host.")
+@options.where("local")
+@options.backups_of_host
 @click.option("--dry-run", is_flag=True, help="Print what would be deleted; delete nothing.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@options.as_json
 def forget(
     ids: tuple[str, ...], where: str, host: str | None, dry_run: bool, as_json: bool
 ) -> None:
@@ -585,7 +579,7 @@ def forget(
 )
 @click.option("--deep", is_flag=True, help="Verify uploads by streaming them back.")
 @click.option("--host", help="Run as this host (explicit: allowed under another machine's claim).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@options.as_json
 def run(allow_shrink: bool, deep: bool, host: str | None, as_json: bool) -> None:
     """The nightly job: recover, back up, upload, verify, prune, ping; one summary."""
     from cloudbackup.lock import DirLock
@@ -680,7 +674,7 @@ def _run_summary(report: Any) -> str:
     "--max-age", default="26h", show_default=True, help="CRITICAL when the newest backup is older."
 )
 @click.option("--all-hosts", is_flag=True, help="Every host sharing the bucket.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@options.as_json
 @click.option(
     "--prometheus", type=click.Path(path_type=Path), metavar="FILE", help="Write textfile metrics."
 )
@@ -736,7 +730,7 @@ def status(max_age: str, all_hosts: bool, as_json: bool, prometheus: Path | None
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@options.as_json
 def check(as_json: bool) -> None:
     """Validate configuration, sources, the local dir and bucket access, one line per check."""
     from cloudbackup.ops import check as checking

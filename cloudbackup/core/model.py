@@ -261,10 +261,6 @@ class BackupRef:
     def created_at(self) -> datetime:
         return self.backup_id.created_at
 
-    @property
-    def complete(self) -> bool:
-        return self.archive_key is not None and self.manifest_key is not None
-
 
 @dataclass
 class Listing:

@@ -371,6 +371,7 @@ def _pin_reasons(pins: Mapping[str, Sequence[str]], item_id: str) -> list[str]:
     return list(pins[item_id]) or [REASON_PINNED]
 
 
+# Long: the planner's one walk, rule by rule, in the order the module docstring states them.
 def plan(
     items: Iterable[T],
     policy: Policy,

@@ -1,8 +1,10 @@
-"""Use cases: backup, upload, list, verify, restore, prune, run, check.
+"""``backup``: each source archived (the guards first), its manifest written last, and
+handed to the uploader; the recovery of what a killed run left (``.partial`` files, an
+unfinished streamed upload).
 
-They compose sources, the archive writer, stores and the retention planner; a failing
-source is recorded and the others go on; results are returned as dataclasses and
-reported through the logger and an injected progress factory. Nothing here prints.
+A failing source is recorded in its result and the others go on; results are returned as
+values and reported through the logger and an injected progress factory. Nothing here
+prints.
 """
 
 from __future__ import annotations
@@ -286,190 +288,251 @@ def shrink_check(
 def backup_source(
     ctx: Context, source: Source, options: BackupOptions, streamer: Streamer | None = None
 ) -> SourceResult:
-    settings = ctx.settings
-    machine = ctx.machine_id
-    assert machine is not None, "a backup needs a context made for writing (need_local)"
+    """Archive one source (the guards first), write its manifest, and say how it went: a
+    failure is recorded in the result, never raised, so the next source is still backed up.
+    ``streamer`` starts an upload that follows the archive while it is written."""
     result = SourceResult(source=source.name, dry_run=options.dry_run)
     started = time.monotonic()
     try:
-        source.check()
-        manifest_problems: list[str] = []
-        previous = previous_manifest(ctx, source.name, manifest_problems)
-        moment = ctx.now()
-        if previous is not None and previous.created > moment:
-            raise SourceError(
-                f"source {source.name}: the newest backup {previous.id} is dated in the future "
-                f"({format_time(previous.created)}; the clock says {format_time(moment)})",
-                "if the clock was wrong when it was made, delete it with "
-                f"`cloudbackup forget {previous.id} --where all`; if the clock is wrong now, "
-                "fix it (NTP)",
-            )
-        device = source.root_device()
-        if (
-            not options.allow_shrink
-            and settings.shrink_guard is not None
-            and previous is not None
-            and previous.root_device is not None
-            and device is not None
-            and device != previous.root_device
-        ):
-            raise ShrinkGuardError(
-                f"source {source.name}: its root is on another filesystem than in {previous.id} "
-                f"(device {previous.root_device} → {device}); is it unmounted?",
-                "mount it, or pass --allow-shrink once if the move is intended",
-            )
-        backup_id = _new_id(ctx, source.name, moment)
-        result.id = str(backup_id)
-        directory = ctx.local_catalog.source_dir(source.name)
-        matcher = PathMatcher(settings.exclude)
+        _back_up(ctx, source, options, streamer, result)
+    except Exception as exc:
+        _record_failure(result, source, exc)
+    finally:
+        result.seconds = time.monotonic() - started
+    return result
 
-        def warn(category: str, message: str) -> None:
-            log = LOG.info if category == "skipped" else LOG.warning
-            log("%s: %s", source.name, message)
 
-        if options.dry_run:
-            return _dry_run_source(ctx, source, backup_id, matcher, result, started, warn)
+def _back_up(
+    ctx: Context,
+    source: Source,
+    options: BackupOptions,
+    streamer: Streamer | None,
+    result: SourceResult,
+) -> None:
+    assert ctx.machine_id is not None, "a backup needs a context made for writing"
+    source.check()
+    manifest_problems: list[str] = []
+    previous = previous_manifest(ctx, source.name, manifest_problems)
+    moment = ctx.now()
+    device = source.root_device()
+    _guards(ctx.settings, source, options, previous, moment, device)
+    backup_id = _new_id(ctx, source.name, moment)
+    result.id = str(backup_id)
+    if options.dry_run:
+        _dry_run_source(ctx, source, backup_id, result, _warner(source.name))
+        return
+    stats, final = _archive(ctx, source, backup_id, previous, device, options, streamer, result)
+    result.ok = True
+    result.size = stats.size
+    result.file_count = stats.file_count
+    result.warnings = stats.warnings
+    if stats.unreadable or stats.changed:
+        # Completed with warnings: unreadable files, or files that changed size while
+        # read (stored as GNU tar does, which also exits 1 for them).
+        result.outcome = Outcome.WARNING
+    if manifest_problems:  # backed up all the same; a bad manifest is still exit 3
+        result.warnings = result.warnings + manifest_problems
+        result.outcome = Outcome.INTEGRITY
+    LOG.info(
+        "%s: archived %d files, %d bytes → %s (%d bytes)",
+        source.name,
+        stats.file_count,
+        stats.uncompressed_bytes,
+        final,
+        stats.size,
+    )
 
-        directory.mkdir(parents=True, exist_ok=True)
-        final = directory / archive_name(backup_id, settings.compression)
-        partial = final.with_name(final.name + ".partial")
-        walk_warnings: list[str] = []
-        walk_unreadable = 0
 
-        def source_warn(category: str, message: str) -> None:
-            nonlocal walk_unreadable
-            walk_warnings.append(message)
-            walk_unreadable += category == "unreadable"
-            warn(category, message)
-
-        sctx = SourceContext(
-            spool_dir=directory,
-            backup_id=str(backup_id),
-            exclude=matcher,
-            skip_inodes=_skip_inodes(settings),
-            warn=source_warn,
-            log=lambda m: LOG.info("%s", m),
+def _guards(
+    settings: Settings,
+    source: Source,
+    options: BackupOptions,
+    previous: Manifest | None,
+    moment: datetime,
+    device: int | None,
+) -> None:
+    """The clock guard (the newest backup is dated after now) and the shrink guard's
+    filesystem check (the root moved to another device: unmounted?)."""
+    if previous is not None and previous.created > moment:
+        raise SourceError(
+            f"source {source.name}: the newest backup {previous.id} is dated in the future "
+            f"({format_time(previous.created)}; the clock says {format_time(moment)})",
+            "if the clock was wrong when it was made, delete it with "
+            f"`cloudbackup forget {previous.id} --where all`; if the clock is wrong now, "
+            "fix it (NTP)",
         )
-        stream = streamer(ctx, source.name, backup_id, final.name, previous) if streamer else None
-        entries = EntryStream(source.entries(sctx))
+    if (
+        not options.allow_shrink
+        and settings.shrink_guard is not None
+        and previous is not None
+        and previous.root_device is not None
+        and device is not None
+        and device != previous.root_device
+    ):
+        raise ShrinkGuardError(
+            f"source {source.name}: its root is on another filesystem than in {previous.id} "
+            f"(device {previous.root_device} → {device}); is it unmounted?",
+            "mount it, or pass --allow-shrink once if the move is intended",
+        )
+
+
+def _warner(name: str) -> Callable[[str, str], None]:
+    def warn(category: str, message: str) -> None:
+        log = LOG.info if category == "skipped" else LOG.warning
+        log("%s: %s", name, message)
+
+    return warn
+
+
+def _archive(
+    ctx: Context,
+    source: Source,
+    backup_id: BackupId,
+    previous: Manifest | None,
+    device: int | None,
+    options: BackupOptions,
+    streamer: Streamer | None,
+    result: SourceResult,
+) -> tuple[ArchiveStats, str]:
+    """Write the archive (``.partial``, then renamed once the shrink guard passed) and its
+    manifest; the stream that followed it is handed on in ``result.stream``. Returns the
+    archive's stats and file name."""
+    settings = ctx.settings
+    directory = ctx.local_catalog.source_dir(source.name)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / archive_name(backup_id, settings.compression)
+    partial = final.with_name(final.name + ".partial")
+    warn = _warner(source.name)
+    walk_warnings: list[str] = []
+    walk_unreadable = 0
+
+    def source_warn(category: str, message: str) -> None:
+        nonlocal walk_unreadable
+        walk_warnings.append(message)
+        walk_unreadable += category == "unreadable"
+        warn(category, message)
+
+    sctx = _source_context(ctx, source.name, backup_id, source_warn)
+    stream = streamer(ctx, source.name, backup_id, final.name, previous) if streamer else None
+    entries = EntryStream(source.entries(sctx))
+    try:
+        progress = ctx.progress(f"archive {source.name}", None)
+        stats = write_archive(
+            entries,
+            partial,
+            compression=settings.compression,
+            level=settings.compression_level,
+            warn=warn,
+            progress=progress,
+            tail=stream.tail if stream is not None else None,
+            prefetch=source.prefetch,
+        )
+        getattr(progress, "close", lambda: None)()
+        stats.warnings = walk_warnings + stats.warnings
+        stats.unreadable += walk_unreadable
         try:
-            progress = ctx.progress(f"archive {source.name}", None)
-            stats = write_archive(
-                entries,
-                partial,
-                compression=settings.compression,
-                level=settings.compression_level,
-                warn=warn,
-                progress=progress,
-                tail=stream.tail if stream is not None else None,
-                prefetch=source.prefetch,
-            )
-            getattr(progress, "close", lambda: None)()
-            stats.warnings = walk_warnings + stats.warnings
-            stats.unreadable += walk_unreadable
-            try:
-                if not options.allow_shrink:
-                    shrink_check(source, stats, previous, settings.shrink_guard)
-            except ShrinkGuardError:
-                partial.unlink(missing_ok=True)
-                raise
-            commit(partial, final)
-            manifest = Manifest(
-                id=str(backup_id),
-                host=ctx.host,
-                source=source.name,
-                kind=source.kind,
-                spec=source.spec.redacted,
-                created_at=format_time(backup_id.created_at),
-                archive=final.name,
-                size=stats.size,
-                sha256=stats.sha256,
-                compression=settings.compression,
-                compression_level=settings.compression_level,
-                file_count=stats.file_count,
-                uncompressed_bytes=stats.uncompressed_bytes,
-                machine_id=machine,
-                tool_version=__version__,
-                warnings=stats.warnings,
-                root_device=device,
-                root=source.real_path,
-                members=stats.members() | (entries.members or {}),
-            )
-            write_file_atomic(directory / manifest_name(backup_id), manifest.to_json())
-        except BaseException:
-            if stream is not None:
-                stream.abandon()
+            if not options.allow_shrink:
+                shrink_check(source, stats, previous, settings.shrink_guard)
+        except ShrinkGuardError:
+            partial.unlink(missing_ok=True)
             raise
-        result.stream = stream
-        result.ok = True
-        result.size = stats.size
-        result.file_count = stats.file_count
-        result.warnings = stats.warnings
-        if stats.unreadable or stats.changed:
-            # Completed with warnings: unreadable files, or files that changed size while
-            # read (stored as GNU tar does, which also exits 1 for them).
-            result.outcome = Outcome.WARNING
-        if manifest_problems:  # backed up all the same; a bad manifest is still exit 3
-            result.warnings = result.warnings + manifest_problems
-            result.outcome = Outcome.INTEGRITY
-        LOG.info(
-            "%s: archived %d files, %d bytes → %s (%d bytes)",
-            source.name,
-            stats.file_count,
-            stats.uncompressed_bytes,
-            final.name,
-            stats.size,
-        )
-    except ShrinkGuardError as exc:
+        commit(partial, final)
+        manifest = _manifest(ctx, source, backup_id, final.name, stats, device, entries.members)
+        write_file_atomic(directory / manifest_name(backup_id), manifest.to_json())
+    except BaseException:
+        if stream is not None:
+            stream.abandon()
+        raise
+    result.stream = stream
+    return stats, final.name
+
+
+def _source_context(
+    ctx: Context, name: str, backup_id: BackupId, warn: Callable[[str, str], None]
+) -> SourceContext:
+    return SourceContext(
+        spool_dir=ctx.local_catalog.source_dir(name),
+        backup_id=str(backup_id),
+        exclude=PathMatcher(ctx.settings.exclude),
+        skip_inodes=_skip_inodes(ctx.settings),
+        warn=warn,
+        log=lambda m: LOG.info("%s", m),
+    )
+
+
+def _manifest(
+    ctx: Context,
+    source: Source,
+    backup_id: BackupId,
+    archive: str,
+    stats: ArchiveStats,
+    device: int | None,
+    members: dict[str, Any] | None,
+) -> Manifest:
+    settings = ctx.settings
+    assert ctx.machine_id is not None, "a backup needs a context made for writing"
+    return Manifest(
+        id=str(backup_id),
+        host=ctx.host,
+        source=source.name,
+        kind=source.kind,
+        spec=source.spec.redacted,
+        created_at=format_time(backup_id.created_at),
+        archive=archive,
+        size=stats.size,
+        sha256=stats.sha256,
+        compression=settings.compression,
+        compression_level=settings.compression_level,
+        file_count=stats.file_count,
+        uncompressed_bytes=stats.uncompressed_bytes,
+        machine_id=ctx.machine_id,
+        tool_version=__version__,
+        warnings=stats.warnings,
+        root_device=device,
+        root=source.real_path,
+        members=stats.members() | (members or {}),
+    )
+
+
+def _record_failure(result: SourceResult, source: Source, exc: Exception) -> None:
+    """One line for the source that failed, and its outcome."""
+    result.outcome = Outcome.FAILED
+    if isinstance(exc, ShrinkGuardError):
         result.error = str(exc)
-        result.outcome = Outcome.FAILED
         result.shrink_stopped = True
         LOG.error("%s", exc)
-    except CloudBackupError as exc:
+    elif isinstance(exc, CloudBackupError):
         result.error = str(exc)
         # A source refused (a usage error inside it) fails that source: exit 1, not 2.
-        result.outcome = Outcome.FAILED if exc.outcome is Outcome.REFUSED else exc.outcome
+        if exc.outcome is not Outcome.REFUSED:
+            result.outcome = exc.outcome
         LOG.error("%s", exc)
-    except OSError as exc:
+    elif isinstance(exc, OSError):
         result.error = (
             f"source {source.name}: {exc.strerror or exc} ({exc.filename or ''})".replace(" ()", "")
         )
-        result.outcome = Outcome.FAILED
         LOG.error("%s", result.error)
-        LOG.debug("details", exc_info=True)
-    except Exception as exc:
+        LOG.debug("details", exc_info=exc)
+    else:
         # A bug or an exhausted resource (RecursionError, MemoryError) in one source fails
         # that source alone, in one line; the next sources are still backed up.
         detail = " ".join(str(exc).split())[:300]
         result.error = f"source {source.name} failed unexpectedly: {type(exc).__name__}" + (
             f" ({detail})" if detail else ""
         )
-        result.outcome = Outcome.FAILED
         LOG.error("%s; run with -v for details", result.error)
-        LOG.debug("details", exc_info=True)
-    finally:
-        result.seconds = time.monotonic() - started
-    return result
+        LOG.debug("details", exc_info=exc)
 
 
 def _dry_run_source(
     ctx: Context,
     source: Source,
     backup_id: BackupId,
-    matcher: PathMatcher,
     result: SourceResult,
-    started: float,
     warn: Callable[[str, str], None],
-) -> SourceResult:
+) -> None:
     """Walk what would be archived (no data read, nothing written)."""
-    sctx = SourceContext(
-        spool_dir=ctx.local_catalog.source_dir(source.name),
-        backup_id=str(backup_id),
-        exclude=matcher,
-        skip_inodes=_skip_inodes(ctx.settings),
-        warn=warn,
-    )
-    survey = source.survey(sctx)
+    survey = source.survey(_source_context(ctx, source.name, backup_id, warn))
     files, size = survey if survey is not None else (0, 0)
     result.ok = True
     result.file_count = files
@@ -481,8 +544,6 @@ def _dry_run_source(
         archive_name(backup_id, ctx.settings.compression),
         " (dry run: nothing written)",
     )
-    result.seconds = time.monotonic() - started
-    return result
 
 
 def _record_upload(result: SourceResult, uploaded: Uploaded | None) -> None:

@@ -11,11 +11,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cloudbackup.config import Settings
 from cloudbackup.context import Context
 from cloudbackup.core.errors import CloudBackupError, PermanentStorageError, SourceError
 from cloudbackup.core.outcome import Outcome
 from cloudbackup.core.outcome import exit_code as code_of
 from cloudbackup.sources.registry import make_source
+from cloudbackup.storage.base import UploadSpec
 
 
 @dataclass
@@ -100,109 +102,90 @@ def _check_local_dir(path: Any) -> CheckLine:
 
 def _check_bucket(ctx: Context) -> list[CheckLine]:
     settings = ctx.settings
-    store = ctx.remote
-    bucket = settings.s3_bucket
     host_prefix = "/".join([p for p in settings.s3_prefix.split("/") if p] + [settings.host]) + "/"
-    lines: list[CheckLine] = []
     try:
         # ListObjectsV2 (MaxKeys=1) rather than HeadBucket: works with prefix-scoped roles.
-        next(iter(store.list(host_prefix)), None)
-        lines.append(CheckLine("bucket list", True, f"s3://{bucket}/{host_prefix} can be listed"))
+        next(iter(ctx.remote.list(host_prefix)), None)
     except CloudBackupError as exc:
-        lines.append(CheckLine("bucket list", False, str(exc)))
-        return lines
-    probe_key = f"{host_prefix}.cloudbackup-check-{secrets.token_hex(4)}"
-    try:
-        from cloudbackup.storage.s3 import UploadSpec
+        return [CheckLine("bucket list", False, str(exc))]
+    lines = [
+        CheckLine("bucket list", True, f"s3://{settings.s3_bucket}/{host_prefix} can be listed")
+    ]
+    lines += _check_write(ctx, host_prefix)
+    lines.append(_check_claim(ctx, host_prefix))
+    lines.append(_remote_prune_line(settings))
+    return lines
 
-        refused = store.probe_write(
-            probe_key,
-            UploadSpec(
-                tags=[("cloudbackup:kind", "check")],
-                storage_class=settings.s3_storage_class,
-            ),
-        )
-        if refused:
-            lines.append(
-                CheckLine(
-                    "bucket features",
-                    False,
-                    "the store rejects uploads carrying "
-                    + ", ".join(refused)
-                    + ": set CLOUDBACKUP_S3_COMPAT=1 (checksums only when required, no tagging)",
-                )
-            )
-        else:
-            features = "tagging, SHA-256 checksums" if not settings.s3_compat else "compat mode"
-            lines.append(
-                CheckLine(
-                    "bucket features",
-                    True,
-                    f"the store accepts {features}, {settings.s3_storage_class}",
-                )
-            )
-        lines.append(
-            CheckLine(
-                "bucket write",
-                True,
-                "can write (multipart upload created and aborted; nothing left behind)",
-            )
-        )
-    except CloudBackupError as exc:
-        lines.append(CheckLine("bucket write", False, str(exc)))
+
+def _check_write(ctx: Context, host_prefix: str) -> list[CheckLine]:
+    """Write access, proven without leaving an object behind, and the features accepted."""
+    settings = ctx.settings
+    probe_key = f"{host_prefix}.cloudbackup-check-{secrets.token_hex(4)}"
+    spec = UploadSpec(tags=[("cloudbackup:kind", "check")], storage_class=settings.s3_storage_class)
     try:
-        claim = store.head(ctx.host_claim.key())
-        if claim is not None:
-            owner = claim.metadata.get("machine-id")
-            mine = ctx.machine_id  # read, never made: `check` writes nothing locally
-            if owner and owner != mine:
-                lines.append(
-                    CheckLine(
-                        "host claim",
-                        False,
-                        f"{host_prefix} is claimed by another machine ({owner[:12]}…, this one is "
-                        f"{(mine or 'not yet identified')[:12]}…): set a unique CLOUDBACKUP_HOST",
-                    )
-                )
-            else:
-                lines.append(
-                    CheckLine("host claim", True, f"{host_prefix} belongs to this machine")
-                )
-        else:
-            lines.append(
-                CheckLine(
-                    "host claim", True, f"{host_prefix} is unclaimed; the first upload claims it"
-                )
-            )
-    except PermanentStorageError as exc:
-        lines.append(
-            CheckLine(
-                "host claim",
-                True,
-                f"cannot read the claim ({exc.code}); checked again at upload",
-                warning=True,
-            )
-        )
-    if settings.remote_retention is not None:
-        lines.append(
-            CheckLine(
-                "remote prune",
-                True,
-                f"CLOUDBACKUP_REMOTE_RETENTION={settings.remote_retention}: `run` deletes in S3, which needs "
-                "the pruner role (s3:DeleteObject; not probed)",
-                warning=True,
-            )
+        refused = ctx.remote.probe_write(probe_key, spec)
+    except CloudBackupError as exc:
+        return [CheckLine("bucket write", False, str(exc))]
+    if refused:
+        features = CheckLine(
+            "bucket features",
+            False,
+            "the store rejects uploads carrying "
+            + ", ".join(refused)
+            + ": set CLOUDBACKUP_S3_COMPAT=1 (checksums only when required, no tagging)",
         )
     else:
-        lines.append(
-            CheckLine(
-                "remote prune",
-                True,
-                "off (CLOUDBACKUP_REMOTE_RETENTION unset): the writer role is enough; prune S3 from a "
-                "pruner job or with lifecycle rules",
-            )
+        accepted = "tagging, SHA-256 checksums" if not settings.s3_compat else "compat mode"
+        features = CheckLine(
+            "bucket features",
+            True,
+            f"the store accepts {accepted}, {settings.s3_storage_class}",
         )
-    return lines
+    written = CheckLine(
+        "bucket write", True, "can write (multipart upload created and aborted; nothing left behind)"
+    )
+    return [features, written]
+
+
+def _check_claim(ctx: Context, host_prefix: str) -> CheckLine:
+    try:
+        claim = ctx.remote.head(ctx.host_claim.key())
+    except PermanentStorageError as exc:
+        return CheckLine(
+            "host claim",
+            True,
+            f"cannot read the claim ({exc.code}); checked again at upload",
+            warning=True,
+        )
+    if claim is None:
+        return CheckLine("host claim", True, f"{host_prefix} is unclaimed; the first upload claims it")
+    owner = claim.metadata.get("machine-id")
+    mine = ctx.machine_id  # read, never made: `check` writes nothing locally
+    if owner and owner != mine:
+        return CheckLine(
+            "host claim",
+            False,
+            f"{host_prefix} is claimed by another machine ({owner[:12]}…, this one is "
+            f"{(mine or 'not yet identified')[:12]}…): set a unique CLOUDBACKUP_HOST",
+        )
+    return CheckLine("host claim", True, f"{host_prefix} belongs to this machine")
+
+
+def _remote_prune_line(settings: Settings) -> CheckLine:
+    if settings.remote_retention is not None:
+        return CheckLine(
+            "remote prune",
+            True,
+            f"CLOUDBACKUP_REMOTE_RETENTION={settings.remote_retention}: `run` deletes in S3, which "
+            "needs the pruner role (s3:DeleteObject; not probed)",
+            warning=True,
+        )
+    return CheckLine(
+        "remote prune",
+        True,
+        "off (CLOUDBACKUP_REMOTE_RETENTION unset): the writer role is enough; prune S3 from a "
+        "pruner job or with lifecycle rules",
+    )
 
 
 def check_exit(lines: Sequence[CheckLine]) -> int:

@@ -52,7 +52,6 @@ def list_backups(
                 continue
             if source and ref.source != source:
                 continue
-            record = ctx.local_catalog.upload_record(ref.id, ref.source, ref.host)
             merged[(ref.host, ref.id)] = ListedBackup(
                 ref.id,
                 ref.host,
@@ -61,7 +60,7 @@ def list_backups(
                 ref.archive_size,
                 True,
                 False,
-                bool(record and record.verified_at),
+                ctx.local_catalog.verified_offsite(ref),
             )
     if where in ("remote", "all") and ctx.remote is not None:
         for ref in ctx.remote_catalog.listing(all_hosts=all_hosts).refs:

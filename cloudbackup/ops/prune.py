@@ -142,8 +142,7 @@ def _prune_local(
         pins: dict[str, list[str]] = {}
         if offsite_expected:
             for ref in refs:
-                record = ctx.local_catalog.upload_record(ref.id, ref.source, ref.host)
-                if not (record and record.verified_at):
+                if not ctx.local_catalog.verified_offsite(ref):
                     pins[ref.id] = [REASON_NOT_OFFSITE]
         result = _plan_group("local", group_host, group_source, refs, policy, now, pins)
         result.dry_run = dry_run

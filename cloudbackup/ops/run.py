@@ -1,4 +1,6 @@
-"""The nightly job (`run`) and the pre-flight `check`."""
+"""``run``: the nightly job. Recover, back up (uploading while archiving), upload what
+earlier nights left, verify this run's uploads, prune; one report, whose outcome is the
+worst of its parts. The one module that composes the other use cases."""
 
 from __future__ import annotations
 
@@ -88,24 +90,50 @@ def run(ctx: Context, *, allow_shrink: bool = False, deep: bool = False) -> RunR
     started = time.monotonic()
     report = RunReport()
     backing.cleanup_partials(ctx)
+    ctx = _recover_remote(ctx, report)
+    report.results = _back_up(ctx, allow_shrink)
     if ctx.remote is not None:
-        try:
-            ctx.remote_catalog.refresh()  # cached for the shrink guard, ids and prune
-        except CloudBackupError as exc:
-            # S3 down or the bucket gone: still make tonight's local backups (SPEC: local
-            # archives are kept, exit 1); they stay pinned locally and `upload` sends them later.
-            message = (
-                f"the bucket cannot be listed: {exc}; backups are kept locally only "
-                "(`cloudbackup upload` sends them once it is reachable)"
-            )
-            LOG.error("%s", message)
-            report.errors.append(message)
-            ctx = dataclasses.replace(ctx, remote=None)
-    if ctx.remote is not None:
-        try:
-            uploading.abort_stale_uploads(ctx)
-        except CloudBackupError as exc:
-            LOG.warning("could not clean up stale multipart uploads: %s", exc)
+        _upload_and_verify(ctx, report, deep)
+    try:
+        report.prunes = prune.prune_for_run(ctx)
+    except CloudBackupError as exc:
+        report.errors.append(f"prune failed: {exc}")
+        LOG.error("prune failed: %s", exc)
+    for pr in report.prunes:
+        for result in report.results:
+            if result.source == pr.source and pr.host == ctx.host:
+                result.pruned += [f"{pr.where}:{i}" for i in pr.deleted]
+    report.seconds = time.monotonic() - started
+    monitor.write_last_run(ctx, _last_run(ctx, report))
+    return report
+
+
+def _recover_remote(ctx: Context, report: RunReport) -> Context:
+    """List the bucket (kept for the guards, the ids and prune) and abort stale uploads.
+    A bucket that cannot be listed: tonight's backups are still made, locally only (SPEC:
+    local archives are kept, exit 1); they stay pinned and `upload` sends them later."""
+    if ctx.remote is None:
+        return ctx
+    try:
+        ctx.remote_catalog.refresh()
+    except CloudBackupError as exc:
+        message = (
+            f"the bucket cannot be listed: {exc}; backups are kept locally only "
+            "(`cloudbackup upload` sends them once it is reachable)"
+        )
+        LOG.error("%s", message)
+        report.errors.append(message)
+        return dataclasses.replace(ctx, remote=None)
+    try:
+        uploading.abort_stale_uploads(ctx)
+    except CloudBackupError as exc:
+        LOG.warning("could not clean up stale multipart uploads: %s", exc)
+    return ctx
+
+
+def _back_up(ctx: Context, allow_shrink: bool) -> list[SourceResult]:
+    """Every configured source, in order (those without room fail at once), each uploaded
+    (streamed while archived) when there is a bucket."""
     early: dict[str, SourceResult] = {}
     blocked = _free_space_check(ctx, early)
     uploader = uploading.upload_after_backup if ctx.remote is not None else None
@@ -122,59 +150,51 @@ def run(ctx: Context, *, allow_shrink: bool = False, deep: bool = False) -> RunR
         else []
     )
     by_name = {r.source: r for r in results} | early
-    report.results = [by_name[s.name] for s in ctx.settings.sources if s.name in by_name]
-    for result in report.results:
+    ordered = [by_name[s.name] for s in ctx.settings.sources if s.name in by_name]
+    for result in ordered:
         # The summary says "local-only" only when that is intended, not when S3 is down.
         result.local_only = ctx.settings.s3_bucket is None
+    return ordered
+
+
+def _upload_and_verify(ctx: Context, report: RunReport, deep: bool) -> None:
+    """Upload what earlier nights left behind, then verify (without downloading, unless
+    ``deep``) everything this run uploaded."""
     uploaded_now = {r.id for r in report.results if r.uploaded and r.id}
-    if ctx.remote is not None:
-        # Earlier nights' backups that never made it offsite.
-        try:
-            report.uploads = uploading.upload_pending(ctx)
-        except CloudBackupError as exc:
-            report.errors.append(f"upload of pending backups failed: {exc}")
-        for upload in report.uploads:
-            if upload.ok:
-                uploaded_now.add(upload.id)
-        try:
-            listing = ctx.remote_catalog.refresh()
-        except CloudBackupError as exc:
-            report.errors.append(f"cannot list the bucket to verify this run's uploads: {exc}")
-            uploaded_now = set()
-        for backup_id in sorted(uploaded_now):
-            ref = listing.find(backup_id, ctx.host)
-            if ref is None:
-                missing = verifying.VerifyResult(backup_id, "remote", "not listed after upload")
-                report.verifies.append(missing)
-                continue
-            report.verifies.append(verifying.verify_remote_ref(ctx, ref, deep=deep))
     try:
-        report.prunes = prune.prune_for_run(ctx)
+        report.uploads = uploading.upload_pending(ctx)
     except CloudBackupError as exc:
-        report.errors.append(f"prune failed: {exc}")
-        LOG.error("prune failed: %s", exc)
-    for pr in report.prunes:
-        for result in report.results:
-            if result.source == pr.source and pr.host == ctx.host:
-                result.pruned += [f"{pr.where}:{i}" for i in pr.deleted]
-    report.seconds = time.monotonic() - started
-    monitor.write_last_run(
-        ctx,
-        {
-            "finished_at": format_time(ctx.now()),
-            "exit_code": report.exit_code,
-            "results": [
-                {
-                    "source": r.source,
-                    "id": r.id,
-                    "ok": r.ok,
-                    "exit_code": r.exit_code,
-                    "error": r.error,
-                    "shrink_stopped": r.shrink_stopped,
-                    "warnings": len(r.warnings),
-                }
-                for r in report.results
-            ],
-        },
-    )
-    return report
+        report.errors.append(f"upload of pending backups failed: {exc}")
+    uploaded_now |= {upload.id for upload in report.uploads if upload.ok}
+    try:
+        listing = ctx.remote_catalog.refresh()
+    except CloudBackupError as exc:
+        report.errors.append(f"cannot list the bucket to verify this run's uploads: {exc}")
+        return
+    for backup_id in sorted(uploaded_now):
+        ref = listing.find(backup_id, ctx.host)
+        if ref is None:
+            missing = verifying.VerifyResult(backup_id, "remote", "not listed after upload")
+            report.verifies.append(missing)
+            continue
+        report.verifies.append(verifying.verify_remote_ref(ctx, ref, deep=deep))
+
+
+def _last_run(ctx: Context, report: RunReport) -> dict[str, Any]:
+    """The state file `status` reads (``.state/<host>.last-run.json``)."""
+    return {
+        "finished_at": format_time(ctx.now()),
+        "exit_code": report.exit_code,
+        "results": [
+            {
+                "source": r.source,
+                "id": r.id,
+                "ok": r.ok,
+                "exit_code": r.exit_code,
+                "error": r.error,
+                "shrink_stopped": r.shrink_stopped,
+                "warnings": len(r.warnings),
+            }
+            for r in report.results
+        ],
+    }

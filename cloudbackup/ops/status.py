@@ -1,5 +1,6 @@
-"""Monitoring: status per host/source, monitoring-plugin exit codes, Prometheus textfile
-metrics, the last-run state file, and healthchecks-style pings."""
+"""``status``: freshness per host/source with monitoring-plugin codes (not outcomes: OK,
+WARNING, CRITICAL, UNKNOWN), Prometheus textfile metrics, the last-run state file, and
+healthchecks-style pings."""
 
 from __future__ import annotations
 
@@ -68,7 +69,6 @@ class SourceStatus:
     pinned_local: int = 0
     state: int = OK
     reasons: list[str] = field(default_factory=list)
-    last_success: datetime | None = None
     newest_size: int | None = None
     #: Backups dated after ``now``: they take no part in freshness (SPEC "Clock").
     future_dated: list[str] = field(default_factory=list)
@@ -144,8 +144,7 @@ def status(ctx: Context, *, max_age: timedelta, all_hosts: bool = False) -> Stat
         st = entry(ref.host, ref.source)
         st.local_count += 1
         st.local_bytes += ref.archive_size or 0
-        record = ctx.local_catalog.upload_record(ref.id, ref.source, ref.host)
-        verified = bool(record and record.verified_at)
+        verified = ctx.local_catalog.verified_offsite(ref)
         if settings.s3_bucket and not verified:
             st.pinned_local += 1
         _consider(st, ref.id, ref.created_at, ref.archive_size, offsite=verified, now=now)

@@ -1,5 +1,6 @@
-"""Offsite: upload backups (archive first, manifest last), claim the host prefix, verify
-remote copies without downloading, and clean up stale multipart uploads."""
+"""``upload``: backups offsite (archive first, checked by HEAD, manifest last), resumed
+after an interruption or streamed while the archive is written; stale multipart uploads
+cleaned up. The host claim is ``context.HostClaim``'s."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from cloudbackup import __version__
 from cloudbackup.context import (
@@ -133,7 +134,8 @@ def _in_progress(key: str, upload_id: str, part_size: int) -> UploadRecord:
 def upload_backup(
     ctx: Context, ref: BackupRef, streamed: UploadOutcome | None = None
 ) -> UploadResult:
-    """Upload one complete local backup, resuming an interrupted multipart upload.
+    """Upload one complete local backup, resuming an interrupted multipart upload: the
+    archive, checked against its manifest (HEAD), then the manifest, last.
 
     ``streamed`` is the archive upload a :class:`StreamedUpload` already completed: only
     the confirmation and the manifest remain.
@@ -147,34 +149,9 @@ def upload_backup(
         return result
     ctx.host_claim.ensure()
     backup_id = BackupId.parse(ref.id)
-    assert ref.archive_key
-    path = ctx.local.path(ref.archive_key)
     key = key_for(_prefix(ctx), ctx.host, backup_id, manifest.archive)
-    upload_id = record.upload_id if record else None
-    part_size = record.part_size if record and record.upload_id else None
-    if upload_id is None:
-        # No local record: the part size is inferred from the upload's own first part.
-        upload_id = _find_in_progress(ctx, key)
-    if upload_id and streamed is None:
-        LOG.info("%s: resuming upload %s…", ref.id, upload_id[:12])
     spec = archive_spec(ctx, manifest.source, manifest.created, manifest.sha256)
-
-    def on_created(new_id: str, size: int) -> None:
-        ctx.local_catalog.write_upload_record(ref.source, ref.id, _in_progress(key, new_id, size))
-
-    outcome = streamed
-    if outcome is None:
-        progress = ctx.progress(f"upload {ref.id}", manifest.size)
-        outcome = ctx.remote.upload_file(
-            key,
-            path,
-            spec,
-            upload_id=upload_id,
-            part_size=part_size,
-            on_created=on_created,
-            progress=progress,
-        )
-        getattr(progress, "close", lambda: None)()
+    outcome = streamed or _upload_archive(ctx, ref, manifest, key, spec, record)
     result.parts_sent, result.parts_reused = outcome.parts_sent, outcome.parts_reused
     if outcome.part_count == 1 and outcome.checksum is not None:
         # One PUT: S3's SHA-256 is the archive's own digest.
@@ -190,13 +167,66 @@ def upload_backup(
         uploaded_at=format_time(ctx.now()),
     )
     _confirm_archive(ctx, key, manifest, upload)
-    remote_manifest = dataclasses.replace(manifest, upload=upload)
+    _put_manifest(ctx, ref, manifest, upload, spec)
+    upload.verified_at = format_time(ctx.now())
+    ctx.local_catalog.write_upload_record(ref.source, ref.id, upload)
+    result.outcome = Outcome.OK
+    result.detail = (
+        f"uploaded {outcome.size} bytes in {outcome.part_count} part(s)"
+        + (f", {outcome.parts_reused} reused" if outcome.parts_reused else "")
+        + "; verified"
+    )
+    result.seconds = time.monotonic() - started
+    LOG.info("%s: %s", ref.id, result.detail)
+    return result
+
+
+def _upload_archive(
+    ctx: Context,
+    ref: BackupRef,
+    manifest: Manifest,
+    key: str,
+    spec: UploadSpec,
+    record: UploadRecord | None,
+) -> UploadOutcome:
+    """Send the archive file, resuming the upload its record (or the bucket) names."""
+    upload_id = record.upload_id if record else None
+    part_size = record.part_size if record and record.upload_id else None
+    if upload_id is None:
+        # No local record: the part size is inferred from the upload's own first part.
+        upload_id = _find_in_progress(ctx, key)
+    if upload_id:
+        LOG.info("%s: resuming upload %s…", ref.id, upload_id[:12])
+
+    def on_created(new_id: str, size: int) -> None:
+        ctx.local_catalog.write_upload_record(ref.source, ref.id, _in_progress(key, new_id, size))
+
+    assert ref.archive_key
+    progress = ctx.progress(f"upload {ref.id}", manifest.size)
+    outcome = ctx.remote.upload_file(
+        key,
+        ctx.local.path(ref.archive_key),
+        spec,
+        upload_id=upload_id,
+        part_size=part_size,
+        on_created=on_created,
+        progress=progress,
+    )
+    getattr(progress, "close", lambda: None)()
+    return cast(UploadOutcome, outcome)
+
+
+def _put_manifest(
+    ctx: Context, ref: BackupRef, manifest: Manifest, upload: UploadRecord, spec: UploadSpec
+) -> None:
+    """The remote manifest (the local one plus its upload record), never over another one:
+    one already there must describe the same archive."""
+    backup_id = BackupId.parse(ref.id)
     mkey = key_for(_prefix(ctx), ctx.host, backup_id, manifest_name(backup_id))
-    body = remote_manifest.to_json()
     try:
         ctx.remote.put_bytes(
             mkey,
-            body,
+            dataclasses.replace(manifest, upload=upload).to_json(),
             spec=UploadSpec(
                 metadata=manifest_metadata(manifest, upload),
                 tags=object_tags(ctx, ref.source, "manifest"),
@@ -214,7 +244,7 @@ def upload_backup(
             ref.source,
             backup_id,
             "remote",
-            archive_key=key,
+            archive_key=upload.key,
             manifest_key=mkey,
             compression=manifest.compression,
         )
@@ -223,17 +253,6 @@ def upload_backup(
             raise IntegrityError(
                 f"s3 manifest {mkey} exists and describes another archive"
             ) from None
-    upload.verified_at = format_time(ctx.now())
-    ctx.local_catalog.write_upload_record(ref.source, ref.id, upload)
-    result.outcome = Outcome.OK
-    result.detail = (
-        f"uploaded {outcome.size} bytes in {outcome.part_count} part(s)"
-        + (f", {outcome.parts_reused} reused" if outcome.parts_reused else "")
-        + "; verified"
-    )
-    result.seconds = time.monotonic() - started
-    LOG.info("%s: %s", ref.id, result.detail)
-    return result
 
 
 def manifest_metadata(manifest: Manifest, upload: UploadRecord) -> dict[str, str]:
@@ -415,10 +434,8 @@ def pending_uploads(ctx: Context, source: str | None = None) -> list[BackupRef]:
     for ref in ctx.local_catalog.listing().refs:
         if ref.host != ctx.host or (source and ref.source != source):
             continue
-        record = ctx.local_catalog.upload_record(ref.id, ref.source)
-        if record and record.verified_at:
-            continue
-        refs.append(ref)
+        if not ctx.local_catalog.verified_offsite(ref):
+            refs.append(ref)
     return refs
 
 

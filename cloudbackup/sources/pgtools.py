@@ -639,6 +639,83 @@ def _run_dump(
     raise SourceError(f"{label}: {program} {describe_exit(code)}: {text}", _hint_for(text))
 
 
+def _dump(
+    label: str,
+    conn: ConnInfo,
+    env: Mapping[str, str],
+    ctx: SourceContext,
+    dump_path: Path,
+    globals_path: Path,
+) -> tuple[Tools, ServerInfo]:
+    """Check the server and the tools and the free space, then run ``pg_dumpall
+    --globals-only`` into ``globals_path`` and ``pg_dump -Fc`` into ``dump_path``."""
+    spool = ctx.spool_dir
+    psql = _psql_or_fail("pg_dump (and psql)", env)
+    with pg_env(conn.password, spool, ctx.backup_id, base=env) as pgenv:
+        info = _probe(psql, conn, pgenv, label)
+        try:
+            tools = find_tools(
+                ("pg_dump", "pg_dumpall"),
+                env=env,
+                min_major=info.major,
+                server_version=info.version,
+            )
+        except SourceError as exc:
+            raise SourceError(f"{label}: {exc.message}", exc.hint) from None
+        needed, basis = required_space(info.database_size, _previous_dump_bytes(spool))
+        free = shutil.disk_usage(spool).free
+        if free < needed:
+            raise SourceError(
+                f"{label}: not enough free space in {spool} for the dump: {_human(free)} "
+                f"free, {_human(needed)} wanted ({basis})",
+                "free some space or move CLOUDBACKUP_LOCAL_DIR",
+            )
+        ctx.log(
+            f"{label}: dumping {conn.dbname} from {conn.where} (PostgreSQL {info.version}, "
+            f"{_human(info.database_size)} on disk) with pg_dump {tools.version}"
+        )
+        create_private(globals_path)
+        _run_dump(
+            label,
+            [
+                tools.path("pg_dumpall"),
+                "--globals-only",
+                "--no-role-passwords",
+                "--no-sync",
+                "-w",
+                "-f",
+                str(globals_path),
+                "-l",
+                conn.dbname,
+                "-d",
+                conn.conninfo(dbname=False),
+            ],
+            conn,
+            pgenv,
+            ctx.log,
+            tools,
+        )
+        create_private(dump_path)
+        _run_dump(
+            label,
+            [
+                tools.path("pg_dump"),
+                "-Fc",
+                "--no-sync",
+                "-w",
+                "-f",
+                str(dump_path),
+                "-d",
+                conn.conninfo(),
+            ],
+            conn,
+            pgenv,
+            ctx.log,
+            tools,
+        )
+    return tools, info
+
+
 def dump_entries(
     name: str, url: str, env: Mapping[str, str], ctx: SourceContext
 ) -> Generator[FileEntry, None, dict[str, Any]]:
@@ -652,69 +729,7 @@ def dump_entries(
     globals_path = spool / f"{ctx.backup_id}.globals.sql.partial"
     member = conn.dbname.replace("/", "_").replace("\0", "_") + ".dump"
     try:
-        psql = _psql_or_fail("pg_dump (and psql)", env)
-        with pg_env(conn.password, spool, ctx.backup_id, base=env) as pgenv:
-            info = _probe(psql, conn, pgenv, label)
-            try:
-                tools = find_tools(
-                    ("pg_dump", "pg_dumpall"),
-                    env=env,
-                    min_major=info.major,
-                    server_version=info.version,
-                )
-            except SourceError as exc:
-                raise SourceError(f"{label}: {exc.message}", exc.hint) from None
-            needed, basis = required_space(info.database_size, _previous_dump_bytes(spool))
-            free = shutil.disk_usage(spool).free
-            if free < needed:
-                raise SourceError(
-                    f"{label}: not enough free space in {spool} for the dump: {_human(free)} "
-                    f"free, {_human(needed)} wanted ({basis})",
-                    "free some space or move CLOUDBACKUP_LOCAL_DIR",
-                )
-            ctx.log(
-                f"{label}: dumping {conn.dbname} from {conn.where} (PostgreSQL {info.version}, "
-                f"{_human(info.database_size)} on disk) with pg_dump {tools.version}"
-            )
-            create_private(globals_path)
-            _run_dump(
-                label,
-                [
-                    tools.path("pg_dumpall"),
-                    "--globals-only",
-                    "--no-role-passwords",
-                    "--no-sync",
-                    "-w",
-                    "-f",
-                    str(globals_path),
-                    "-l",
-                    conn.dbname,
-                    "-d",
-                    conn.conninfo(dbname=False),
-                ],
-                conn,
-                pgenv,
-                ctx.log,
-                tools,
-            )
-            create_private(dump_path)
-            _run_dump(
-                label,
-                [
-                    tools.path("pg_dump"),
-                    "-Fc",
-                    "--no-sync",
-                    "-w",
-                    "-f",
-                    str(dump_path),
-                    "-d",
-                    conn.conninfo(),
-                ],
-                conn,
-                pgenv,
-                ctx.log,
-                tools,
-            )
+        tools, info = _dump(label, conn, env, ctx, dump_path, globals_path)
         dump_st = os.lstat(dump_path)
         if dump_st.st_size == 0:
             raise SourceError(f"{label}: pg_dump wrote an empty file", "see the log")
@@ -923,6 +938,36 @@ def _create_database(
     log(f"restore: created database {dbname} at {admin.where}")
 
 
+def _target_state(
+    psql: str, admin: ConnInfo, conn: ConnInfo, pgenv: PgEnv, force: bool
+) -> tuple[bool, bool]:
+    """Whether the target database exists, and whether it holds objects; a non-empty one
+    is refused without ``force`` (the same refusal as a non-empty directory: exit 2)."""
+    exists = _psql(
+        psql,
+        admin,
+        pgenv,
+        "SELECT count(*) FROM pg_database WHERE datname = :'db';\n",
+        variables={"db": conn.dbname},
+    )
+    if exists.returncode != 0:
+        raise _restore_error("cannot query the target server", conn, exists.stderr)
+    if exists.stdout.strip() != "1":
+        return False, False
+    out = _psql(psql, conn, pgenv, _NONEMPTY_SQL)
+    if out.returncode != 0:
+        raise _restore_error(f"cannot inspect database {conn.dbname}", conn, out.stderr)
+    objects = int(out.stdout.strip() or 0)
+    if objects and not force:
+        raise UsageError(
+            f"restore: target database {conn.dbname} at {conn.where} is not empty "
+            f"({objects} object{'' if objects == 1 else 's'})",
+            "restore into a new database, or use --force to replace the backup's "
+            "objects in it (pg_restore --clean --if-exists)",
+        )
+    return True, objects > 0
+
+
 def restore_dump(
     dump_path: Path,
     globals_path: Path | None,
@@ -961,34 +1006,11 @@ def restore_dump(
                 f"(PostgreSQL {info.version}); {install_hint(info.major)}"
             )
         psql = tools.path("psql")
-        exists = _psql(
-            psql,
-            admin,
-            pgenv,
-            "SELECT count(*) FROM pg_database WHERE datname = :'db';\n",
-            variables={"db": conn.dbname},
-        )
-        if exists.returncode != 0:
-            raise _restore_error("cannot query the target server", conn, exists.stderr)
-        nonempty = False
-        if exists.stdout.strip() == "1":
-            out = _psql(psql, conn, pgenv, _NONEMPTY_SQL)
-            if out.returncode != 0:
-                raise _restore_error(f"cannot inspect database {conn.dbname}", conn, out.stderr)
-            objects = int(out.stdout.strip() or 0)
-            nonempty = objects > 0
-            if nonempty and not force:
-                # The same refusal as a non-empty directory: a usage error, exit 2.
-                raise UsageError(
-                    f"restore: target database {conn.dbname} at {conn.where} is not empty "
-                    f"({objects} object{'' if objects == 1 else 's'})",
-                    "restore into a new database, or use --force to replace the backup's "
-                    "objects in it (pg_restore --clean --if-exists)",
-                )
+        exists, nonempty = _target_state(psql, admin, conn, pgenv, force)
         # Roles first: the new database gets its old owner, and the dump's objects theirs.
         if globals_path is not None and globals_path.is_file():
             _create_missing_roles(psql, admin, pgenv, globals_path, log)
-        if exists.stdout.strip() != "1":
+        if not exists:
             owner = _dump_owner(tools, dump_path, pgenv)
             _create_database(psql, admin, pgenv, conn.dbname, owner, log)
         argv = [tools.path("pg_restore"), "-w", "-d", conn.conninfo()]

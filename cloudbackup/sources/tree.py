@@ -62,6 +62,7 @@ class _Level:
     index: int = 0
 
 
+# Long: the walk's one loop, on the hot path (no call per entry or per level).
 def walk_tree(
     root: str,
     ctx: SourceContext,

@@ -410,6 +410,7 @@ class S3Store:
                 return parts
             kwargs["PartNumberMarker"] = page["NextPartNumberMarker"]
 
+    # Long: the resumable upload's one place (resume, part size, one PUT or parts, complete).
     def upload_file(
         self,
         key: str,
@@ -554,6 +555,7 @@ class S3Store:
         )
         return str(resp["UploadId"])
 
+    # Long: the parallel parts loop keeps its state (sent, reused, in flight) in one frame.
     def _send_parts(
         self,
         key: str,

@@ -320,6 +320,7 @@ def write_tar(
         cursor.release()
 
 
+# Long: one member per call, on the hot path: split, it would cost calls per small file.
 def _write_member(
     entry: FileEntry,
     out: TarOut,
