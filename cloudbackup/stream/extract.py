@@ -26,6 +26,7 @@ from typing import IO, BinaryIO, Protocol
 
 from cloudbackup.core.errors import IntegrityError
 from cloudbackup.core.patterns import PathMatcher
+from cloudbackup.fs import xattrs
 from cloudbackup.fs.walk import default_capacity, identity, open_parent
 from cloudbackup.stream.tarformat import XATTR_PREFIX, TarReader
 
@@ -129,9 +130,8 @@ class _RealTree:
         self._mode_mask = 0o7777 if same_owner else 0o1777
         self._progress = progress
         self._warnings = warnings
-        # user.* always; security.* and trusted.* need root (as when they were archived).
-        root_user = os.geteuid() == 0
-        self._xattr_prefixes = ("user.", "security.", "trusted.") if root_user else ("user.",)
+        # The namespaces the writer archives as this user (security.*, trusted.*: root).
+        self._xattr_prefixes = xattrs.namespaces()
         self._xattr_failures: dict[str, tuple[int, str]] = {}  # reason -> (count, example)
         self.created_dirs: set[Parts] = set()
 

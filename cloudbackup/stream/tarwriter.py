@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from cloudbackup.fs.walk import DirCursor, FileEntry
+from cloudbackup.fs.xattrs import UNSUPPORTED as XATTR_UNSUPPORTED
+from cloudbackup.fs.xattrs import namespaces as xattr_namespaces
 from cloudbackup.stream.compress import Compressor
 from cloudbackup.stream.hashing import HashingSink
 from cloudbackup.stream.tarformat import XATTR_PREFIX, member_header
@@ -241,27 +243,20 @@ def prefetched(entries: Iterable[FileEntry]) -> Iterator[FileEntry]:
         work.put(None)
 
 
-_XATTR_UNSUPPORTED = {errno.ENOTSUP, errno.EOPNOTSUPP}
-
-
 class _Xattrs:
-    """Extended attributes read from an open descriptor as PAX ``SCHILY.xattr.*`` records.
-
-    ``user.*`` always; ``security.*`` and ``trusted.*`` when running as root (as GNU tar
-    ``--xattrs`` would need them to restore). System attributes (POSIX ACLs) are not kept.
-    """
+    """Extended attributes read from an open descriptor as PAX ``SCHILY.xattr.*`` records,
+    in the namespaces of ``fs.xattrs.namespaces``."""
 
     def __init__(self, warn: Warn) -> None:
         self.warn = warn
-        root = os.geteuid() == 0
-        self.prefixes: tuple[str, ...] = ("user.", "security.", "trusted.") if root else ("user.",)
+        self.prefixes = xattr_namespaces()
 
     def read(self, fd: int, entry: FileEntry) -> dict[str, str] | None:
         """The attributes of ``fd`` as PAX records, or None when it has none."""
         try:
             names = os.listxattr(fd)
         except OSError as exc:
-            if exc.errno not in _XATTR_UNSUPPORTED:
+            if exc.errno not in XATTR_UNSUPPORTED:
                 self.warn(
                     "unreadable",
                     f"{entry.path}: cannot list extended attributes ({exc.strerror})",
