@@ -142,7 +142,7 @@ def _abort_stray_upload(ctx: Context, record: UploadRecord | None) -> bool:
 
 
 class ArchiveStream(Protocol):
-    """An upload that follows an archive while it is written (``transfer.StreamedUpload``)."""
+    """An upload that follows an archive while it is written (``ops.upload.StreamedUpload``)."""
 
     tail: ArchiveTail
 
