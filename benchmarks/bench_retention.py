@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from cloudbackup.retention import parse_policy, plan
+from cloudbackup.core.retention import parse_policy, plan
 
 POLICY = "daily=7,weekly=4,monthly=12,yearly=10,within=2d"
 

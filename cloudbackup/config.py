@@ -10,15 +10,15 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from cloudbackup import childenv, retention
-from cloudbackup.errors import ConfigError
-from cloudbackup.model import valid_name
-from cloudbackup.sources import SourceSpec, parse_spec, redact_url, split_list
+from cloudbackup.core import childenv, retention
+from cloudbackup.core.errors import ConfigError
+from cloudbackup.core.model import valid_name
+from cloudbackup.sources.base import SourceSpec, redact_url
+from cloudbackup.sources.registry import parse_spec
 
 COMPRESSIONS = ("zstd", "gzip", "xz", "bzip2", "none")
 LEVEL_RANGES = {"zstd": (1, 19), "gzip": (1, 9), "bzip2": (1, 9), "xz": (0, 9), "none": (0, 0)}
@@ -64,6 +64,29 @@ EXTRA_VARIABLES = (
     "CLOUDBACKUP_S3_DOWNLOAD",
     "CLOUDBACKUP_S3_UPLOAD",
 )
+
+
+def split_list(value: str) -> list[str]:
+    """Split on newlines when there are any, else on commas outside ``{...}``."""
+    text = value.strip()
+    if not text:
+        return []
+    if "\n" in text:
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    items: list[str] = []
+    depth, current = 0, list[str]()
+    for char in text:
+        if char == "{":
+            depth += 1
+        elif char == "}" and depth:
+            depth -= 1
+        if char == "," and depth == 0:
+            items.append("".join(current).strip())
+            current = []
+        else:
+            current.append(char)
+    items.append("".join(current).strip())
+    return [item for item in items if item]
 
 
 @dataclass(frozen=True)
@@ -115,10 +138,6 @@ class Settings:
     child_env: Mapping[str, str] = field(
         default_factory=dict, repr=False, compare=False, hash=False
     )
-
-    @property
-    def remote_enabled(self) -> bool:
-        return self.s3_bucket is not None
 
     def source(self, name: str) -> SourceSpec | None:
         for spec in self.sources:
@@ -255,6 +274,7 @@ def parse_shrink_guard(text: str) -> float | None:
     return float(match[1]) / 100
 
 
+# Long: one block per variable, each read, parsed and checked in the order of the README table.
 def load(
     cli: Mapping[str, Any],
     environ: Mapping[str, str],
@@ -515,7 +535,3 @@ def load(
         warnings=tuple(warnings),
         child_env=childenv.scrub(environ),
     )
-
-
-def duration(text: str) -> timedelta:
-    return retention.parse_duration(text)

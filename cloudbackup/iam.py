@@ -20,7 +20,7 @@ import re
 from importlib.resources import files
 from typing import Any
 
-from cloudbackup.errors import ConfigError
+from cloudbackup.core.errors import ConfigError
 
 ROLES = ("writer", "pruner", "restorer")
 BUCKET_POLICY = "bucket-policy"

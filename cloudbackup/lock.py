@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from types import TracebackType
 
-from cloudbackup.errors import ConfigError, LockHeld
+from cloudbackup.core.errors import ConfigError, LockHeld
 
 LOCK_NAME = ".lock"
 

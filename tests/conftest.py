@@ -82,7 +82,7 @@ class CliResult:
 @pytest.fixture
 def cli(env: Env) -> Callable[..., CliResult]:
     """Run ``cloudbackup.cli.main([...])`` in-process; stdout and stderr kept apart."""
-    from cloudbackup.cli import main
+    from cloudbackup.cli.commands import main
 
     def run(*args: str | os.PathLike[str]) -> CliResult:
         runner = CliRunner()
@@ -122,7 +122,7 @@ class Clock:
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     """Freeze the CLI's clock at 2026-11-21T02:15:00Z (move it with ``clock.advance``)."""
     frozen = Clock(datetime(2026, 11, 21, 2, 15, 0, tzinfo=UTC))
-    monkeypatch.setattr("cloudbackup.cli._now", frozen)
+    monkeypatch.setattr("cloudbackup.cli.commands._now", frozen)
     return frozen
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cloudbackup.model import Manifest, manifest_ref, parse_manifest
+from cloudbackup.core.model import Manifest, manifest_ref
+from cloudbackup.sources.registry import parse_manifest
 
 
 def load_manifest(path: Path) -> Manifest:

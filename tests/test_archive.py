@@ -23,10 +23,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cloudbackup import archive, config, operations
-from cloudbackup.model import COMPRESSION_EXT, BackupId, Manifest, archive_name
-from cloudbackup.sources import FileEntry
+from cloudbackup import config
+from cloudbackup.core.model import COMPRESSION_EXT, BackupId, Manifest, archive_name
+from cloudbackup.fs.walk import FileEntry
+from cloudbackup.ops import backup as operations
 from cloudbackup.storage.local import LocalStore
+from cloudbackup.stream import compress, pipeline
+from cloudbackup.stream import tarwriter as archive
 from tests.conftest import make_tree
 from tests.manifests import load_manifest
 
@@ -76,7 +79,7 @@ def backup_with(
         now=lambda: FIXED_NOW,
         machine_id="m",
     )
-    options = operations.BackupOptions(upload=False, allow_shrink=allow_shrink)
+    options = operations.BackupOptions(allow_shrink=allow_shrink)
     (result,) = operations.backup(ctx, settings_.sources, options)
     assert result.ok, result.error
     assert result.id is not None
@@ -126,7 +129,7 @@ def assert_manifest_matches_file(b: Backup) -> None:
 
 def members(b: Backup) -> list[tarfile.TarInfo]:
     with b.archive.open("rb") as raw:
-        stream = archive.open_decompressed(raw, b.manifest.compression)
+        stream = compress.open_decompressed(raw, b.manifest.compression)
         data = stream.read()
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:", errors="surrogateescape") as tar:
         return tar.getmembers()
@@ -321,7 +324,7 @@ def _write_entries(
 ) -> tuple[archive.ArchiveStats, list[tuple[str, str]]]:
     warnings: list[tuple[str, str]] = []
     partial = tmp_path / "out.tar.partial"
-    stats = archive.write_archive(
+    stats = pipeline.write_archive(
         entries,
         partial,
         compression="none",
@@ -511,7 +514,7 @@ def test_write_archive_removes_partial_on_error(tmp_path: Path) -> None:
 
     partial = tmp_path / "x.tar.zst.partial"
     with pytest.raises(RuntimeError):
-        archive.write_archive(
+        pipeline.write_archive(
             broken(), partial, compression="zstd", level=3, warn=lambda c, m: None
         )
     assert not partial.exists()
@@ -522,7 +525,7 @@ def test_walk_archive_counts_like_the_writer(tmp_path: Path) -> None:
     (src / "l").symlink_to("a")
     b = backup_with(str(src), tmp_path / "local", compression="xz")
     with b.archive.open("rb") as raw:
-        walked = archive.walk_archive(archive.open_decompressed(raw, "xz"))
+        walked = pipeline.walk_archive(compress.open_decompressed(raw, "xz"))
     assert (
         (walked.file_count, walked.uncompressed_bytes)
         == (
@@ -583,8 +586,9 @@ def test_prefetch_opens_walked_files_through_their_directory(
 ) -> None:
     """Walked entries are opened by the read-ahead helper relative to their directory's
     descriptor: a directory swapped for a symlink after the walk listed it changes nothing."""
-    from cloudbackup.patterns import PathMatcher
-    from cloudbackup.sources import SourceContext, walk_tree
+    from cloudbackup.core.patterns import PathMatcher
+    from cloudbackup.sources.base import SourceContext
+    from cloudbackup.sources.directory import walk_tree
 
     advice = Advice()
     monkeypatch.setattr(archive, "_FADVISE", advice)

@@ -12,9 +12,10 @@ from typing import Any
 import click
 import pytest
 
-from cloudbackup import __version__, archive
-from cloudbackup.cli import cli as cli_group
+from cloudbackup import __version__
+from cloudbackup.cli.commands import cli as cli_group
 from cloudbackup.lock import DirLock
+from cloudbackup.stream import tarwriter as archive
 from tests.conftest import CliResult, Clock, Env, make_tree
 from tests.manifests import load_manifest
 
@@ -375,7 +376,7 @@ def test_root_on_another_filesystem_refused(
     assert cli("backup", www).exit_code == 0
     real_device = os.stat(www).st_dev
     monkeypatch.setattr(
-        "cloudbackup.sources.DirectorySource.root_device", lambda self: real_device + 1
+        "cloudbackup.sources.directory.DirectorySource.root_device", lambda self: real_device + 1
     )
     clock.advance(minutes=1)
     result = cli("backup", www)

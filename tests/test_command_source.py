@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from cloudbackup import childenv
-from cloudbackup.dbsources import CommandSource, run_to_file
-from cloudbackup.errors import SourceError
-from cloudbackup.patterns import PathMatcher
-from cloudbackup.sources import SourceContext, parse_spec
+from cloudbackup.core import childenv
+from cloudbackup.core.errors import SourceError
+from cloudbackup.core.patterns import PathMatcher
+from cloudbackup.sources.base import SourceContext
+from cloudbackup.sources.command import CommandSource
+from cloudbackup.sources.process import run_to_file
+from cloudbackup.sources.registry import parse_spec
 from tests.conftest import CliResult, Env, make_tree
 from tests.manifests import load_manifest
 

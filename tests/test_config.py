@@ -10,7 +10,7 @@ import pytest
 
 from cloudbackup import config
 from cloudbackup.config import ObjectLock
-from cloudbackup.errors import ConfigError
+from cloudbackup.core.errors import ConfigError
 
 HOME = Path("/home/tester")
 

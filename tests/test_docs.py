@@ -6,7 +6,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from cloudbackup.cli import cli
+from cloudbackup.cli.commands import cli
 from tests.test_cli_backup import _command_paths as command_paths
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()

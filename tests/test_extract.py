@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cloudbackup.errors import IntegrityError
-from cloudbackup.extract import CHUNK_SIZE, ExtractResult, extract
+from cloudbackup.core.errors import IntegrityError
+from cloudbackup.stream.extract import CHUNK_SIZE, ExtractResult, extract
 from tests.test_hostile_tree import deep_cleanup
 
 __all__ = ["deep_cleanup"]  # a fixture
@@ -425,7 +425,7 @@ def test_xattrs_are_restored_and_refusals_reported_once(target: Path) -> None:
 def test_a_2000_level_archive_is_extracted_with_a_few_descriptors(
     target: Path, monkeypatch: pytest.MonkeyPatch, deep_cleanup: list[Path]
 ) -> None:
-    from cloudbackup import extract as extract_module
+    from cloudbackup.stream import extract as extract_module
 
     deep_cleanup.append(target)
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from cloudbackup import hooks
-from cloudbackup.errors import ConfigError
-from cloudbackup.hooks import (
+from cloudbackup.cli.output import RedactingFilter
+from cloudbackup.core.errors import ConfigError
+from cloudbackup.ops import hooks
+from cloudbackup.ops.hooks import (
     Hook,
     Hooks,
     after_hooks,
@@ -26,7 +27,6 @@ from cloudbackup.hooks import (
     run_hook,
     summary_file,
 )
-from cloudbackup.output import RedactingFilter
 
 BASE_ENV = {
     "PATH": os.environ.get("PATH", "/usr/bin:/bin"),

@@ -23,9 +23,12 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloudbackup import childenv, config, postgres
-from cloudbackup.errors import ConfigError
-from cloudbackup.sources import DbUrl, parse_spec, redact_url, url_secrets
+from cloudbackup import config
+from cloudbackup.core import childenv
+from cloudbackup.core.errors import ConfigError
+from cloudbackup.sources import pgtools as postgres
+from cloudbackup.sources.base import DbUrl, redact_url, url_secrets
+from cloudbackup.sources.registry import parse_spec
 from tests.conftest import CliResult, Clock, Env, make_tree
 from tests.test_monitor import families, status_json
 
@@ -411,7 +414,7 @@ def test_unreadable_dot_env_is_one_line_exit_2(
                 raise PermissionError(13, "Permission denied", str(path))
             return real_open(path, flags, *args, **kwargs)
 
-        monkeypatch.setattr("cloudbackup.cli.os.open", refusing_open)
+        monkeypatch.setattr("cloudbackup.cli.commands.os.open", refusing_open)
     result = cli("list")
     assert result.exit_code == 2
     result.assert_one_error(".env in the current directory", "cannot be read", "Permission")

@@ -21,10 +21,12 @@ from typing import Any
 
 import pytest
 
-from cloudbackup import archive
-from cloudbackup.model import Manifest
-from cloudbackup.restore import remove_tree, tally_tree
-from cloudbackup.sources import DirectorySource, FileEntry, SourceContext
+from cloudbackup.core.model import Manifest
+from cloudbackup.fs.tree import remove_tree, tally_tree
+from cloudbackup.fs.walk import FileEntry
+from cloudbackup.sources.base import SourceContext
+from cloudbackup.sources.directory import DirectorySource
+from cloudbackup.stream import compress
 from tests.conftest import CliResult, Env, make_tree
 from tests.manifests import load_manifest
 
@@ -152,7 +154,7 @@ def archived(
     (manifest_path,) = env.manifests(source)
     manifest = load_manifest(manifest_path)
     with path.open("rb") as raw:
-        data = archive.open_decompressed(raw, manifest.compression).read()
+        data = compress.open_decompressed(raw, manifest.compression).read()
     members: dict[str, tarfile.TarInfo] = {}
     contents: dict[str, bytes] = {}
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:", errors="surrogateescape") as tar:
@@ -225,9 +227,9 @@ def test_an_ancestor_replaced_while_deep_in_the_walk_is_never_read_by_its_new_na
     """With few descriptors, the walk closes ``a`` while deep below it; ``a`` is then moved
     and a planted directory takes its name. Back up in ``a``, the walk finds its way to the
     directory it was listing (checked by device and inode), never to the planted one."""
-    import cloudbackup.walk
+    import cloudbackup.fs.walk
 
-    monkeypatch.setattr(cloudbackup.walk, "default_capacity", lambda: 4)
+    monkeypatch.setattr(cloudbackup.fs.walk, "default_capacity", lambda: 4)
     deep = "a/b/c/d/e/f/g"
     src = make_tree(env.tmp / "src", {f"{deep}/marker": "m", "a/zz.txt": "original"})
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from cloudbackup import iam
-from cloudbackup.errors import ConfigError
+from cloudbackup.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA_IAM = ROOT / "infra" / "iam"

@@ -11,11 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloudbackup.errors import IntegrityError
-from cloudbackup.model import (
+from cloudbackup.core.errors import IntegrityError
+from cloudbackup.core.model import (
     COMPRESSION_EXT,
     MAX_MANIFEST_BYTES,
-    SOURCE_KINDS,
     BackupId,
     BackupRef,
     Manifest,
@@ -25,12 +24,14 @@ from cloudbackup.model import (
     build_listing,
     check_manifest_size,
     name_for,
-    parse_manifest,
     parse_manifest_metadata,
     parse_name,
     parse_upload_record,
     valid_name,
 )
+from cloudbackup.sources.registry import KINDS, parse_manifest
+
+SOURCE_KINDS = tuple(KINDS)
 
 NAME_CHARS = "abcXYZ019._-"
 TS = st.datetimes(min_value=datetime(1970, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59)).map(

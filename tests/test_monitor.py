@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cloudbackup import archive, monitor
+from cloudbackup.ops import status as monitor
+from cloudbackup.stream import tarwriter as archive
 from tests.conftest import Clock, Env, fake_aws_credentials, make_tree
 
 STATUS_KEYS = {

@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
-from cloudbackup import notify
-from cloudbackup.errors import ConfigError
-from cloudbackup.notify import (
+from cloudbackup.cli.output import RedactingFilter
+from cloudbackup.core.errors import ConfigError
+from cloudbackup.ops import notify
+from cloudbackup.ops.notify import (
     LogTail,
     NotifyOn,
     classify,
@@ -23,8 +24,7 @@ from cloudbackup.notify import (
     target_secrets,
     validate,
 )
-from cloudbackup.output import RedactingFilter
-from cloudbackup.sources import url_secrets
+from cloudbackup.sources.base import url_secrets
 
 DB_URL = "postgresql://app:s3cr%40t@db.example.org:5432/shop"
 
@@ -209,7 +209,7 @@ def test_unparsable_target_is_a_config_error_naming_it_without_its_secrets(
 
 
 def test_importing_the_module_does_not_import_apprise() -> None:
-    code = "import sys, cloudbackup.notify, cloudbackup.cli; print('apprise' in sys.modules)"
+    code = "import sys, cloudbackup.ops.notify, cloudbackup.cli; print('apprise' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "False"
 

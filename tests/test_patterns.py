@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloudbackup.patterns import (
+from cloudbackup.core.patterns import (
     MAX_ALTERNATIVES,
     PathMatcher,
     compile_glob,

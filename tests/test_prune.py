@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
-from cloudbackup import forget as forgetting
-from cloudbackup import prune as pruning
 from cloudbackup.config import ObjectLock, Settings
-from cloudbackup.errors import PermanentStorageError, UsageError
+from cloudbackup.context import Context
+from cloudbackup.core.errors import PermanentStorageError, UsageError
+from cloudbackup.core.model import UploadRecord
+from cloudbackup.core.retention import parse_policy
 from cloudbackup.lock import DirLock
-from cloudbackup.model import UploadRecord
-from cloudbackup.operations import Context
-from cloudbackup.retention import parse_policy
+from cloudbackup.ops import forget as forgetting
+from cloudbackup.ops import prune as pruning
 from cloudbackup.storage.base import ObjectHead, ObjectInfo
 from cloudbackup.storage.dryrun import DryRunStore
 from cloudbackup.storage.local import LocalStore

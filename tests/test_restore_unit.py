@@ -18,26 +18,22 @@ from typing import Any
 import pytest
 
 from cloudbackup import config
-from cloudbackup.errors import (
+from cloudbackup.context import Context
+from cloudbackup.core.errors import (
     ConfigError,
     IntegrityError,
     PermanentStorageError,
     TransientStorageError,
     UsageError,
 )
-from cloudbackup.model import BackupId, archive_name, manifest_name
-from cloudbackup.operations import Context
-from cloudbackup.restore import (
-    RestoreResult,
-    _aside_path,
-    _regular_member,
-    _Workspace,
-    download,
-    find_backup,
-    parse_at,
-    remove_tree,
-    tally_tree,
-)
+from cloudbackup.core.model import BackupId, archive_name, manifest_name
+from cloudbackup.fs.tree import remove_tree, tally_tree
+from cloudbackup.restore.apply import RestoreResult
+from cloudbackup.restore.download import download
+from cloudbackup.restore.select import find_backup, parse_at
+from cloudbackup.restore.targets import Workspace as _Workspace
+from cloudbackup.restore.targets import aside_path as _aside_path
+from cloudbackup.restore.targets import regular_member as _regular_member
 from cloudbackup.storage.base import ObjectInfo
 from cloudbackup.storage.local import LocalStore
 

@@ -22,8 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
-from cloudbackup.errors import ConfigError
-from cloudbackup.retention import (
+from cloudbackup.core.errors import ConfigError
+from cloudbackup.core.retention import (
     Duration,
     Plan,
     Policy,

@@ -17,7 +17,7 @@ import botocore.exceptions as bexc
 import pytest
 from botocore.stub import Stubber
 
-from cloudbackup.errors import (
+from cloudbackup.core.errors import (
     CloudBackupError,
     IntegrityError,
     NotFound,
@@ -771,7 +771,7 @@ class Writer:
     """Writes ``data`` to ``path`` in steps, telling an ArchiveTail as the archive writer does."""
 
     def __init__(self, path: Path, data: bytes) -> None:
-        from cloudbackup.archive import ArchiveTail
+        from cloudbackup.stream.hashing import ArchiveTail
 
         self.path, self.data = path, data
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -791,7 +791,7 @@ class Writer:
 
 
 def test_a_tail_waits_for_bytes_and_reports_the_end(tmp_path: Path) -> None:
-    from cloudbackup.archive import ArchiveAbandoned
+    from cloudbackup.stream.hashing import ArchiveAbandoned
 
     writer = Writer(tmp_path / "a", b"x" * 100)
     got: list[tuple[int, int | None]] = []
@@ -891,10 +891,10 @@ def test_a_growing_file_stops_before_part_10001(
 def test_a_streamed_upload_fixes_its_part_size_from_the_previous_archive(
     tmp_path: Path, previous_size: int | None, preferred: int | None, expected: int
 ) -> None:
-    from cloudbackup import transfer
     from cloudbackup.config import Settings
-    from cloudbackup.model import BackupId
-    from cloudbackup.operations import Context
+    from cloudbackup.context import Context
+    from cloudbackup.core.model import BackupId
+    from cloudbackup.ops import upload as transfer
     from cloudbackup.storage.local import LocalStore
 
     class Remote:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from cloudbackup import schedule
-from cloudbackup.errors import ConfigError
-from cloudbackup.schedule import TimeOfDay, find_executable, render
+from cloudbackup.core.errors import ConfigError
+from cloudbackup.ops import schedule
+from cloudbackup.ops.schedule import TimeOfDay, find_executable, render
 
 ROOT = Path(__file__).resolve().parent.parent
 EXE = ("/usr/local/bin/cloudbackup",)

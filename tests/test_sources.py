@@ -7,18 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from cloudbackup.errors import SourceError
-from cloudbackup.patterns import PathMatcher
-from cloudbackup.sources import (
-    DirectorySource,
-    GlobSource,
-    SourceContext,
-    make_source,
-    parse_spec,
-    redact_url,
-    split_list,
-    url_secrets,
-)
+from cloudbackup.config import split_list
+from cloudbackup.core.errors import SourceError
+from cloudbackup.core.patterns import PathMatcher
+from cloudbackup.sources.base import SourceContext, redact_url, url_secrets
+from cloudbackup.sources.directory import DirectorySource
+from cloudbackup.sources.glob import GlobSource
+from cloudbackup.sources.registry import make_source, parse_spec
 from tests.conftest import make_tree
 
 
@@ -234,7 +229,7 @@ def test_a_directory_swapped_for_a_symlink_before_it_is_opened_is_skipped(
 ) -> None:
     """The walk saw ``a_user`` as a directory; by the time it opens it (relative to its
     parent, O_NOFOLLOW) it is a symlink to a directory outside: skipped, never followed."""
-    from cloudbackup.walk import DirHandle
+    from cloudbackup.fs.walk import DirHandle
 
     root = make_tree(tmp_path / "src", {"a_user/mine.txt": "m", "b.txt": "b"})
     outside = make_tree(tmp_path / "outside", {"secret": "s"})
@@ -280,7 +275,7 @@ def test_walked_entries_open_through_their_directory(tmp_path: Path) -> None:
 
 def test_a_symlink_as_the_root_is_refused_when_opened(tmp_path: Path) -> None:
     """The root was resolved once; a symlink there at walk time is not followed."""
-    from cloudbackup.sources import walk_tree
+    from cloudbackup.sources.directory import walk_tree
 
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "root").symlink_to(tmp_path / "elsewhere")

@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from cloudbackup.dbsources import SQLiteSource, restore_sqlite
-from cloudbackup.errors import IntegrityError, SourceError
-from cloudbackup.patterns import PathMatcher
-from cloudbackup.sources import SourceContext, parse_spec
+from cloudbackup.core.errors import IntegrityError, SourceError
+from cloudbackup.core.patterns import PathMatcher
+from cloudbackup.sources.base import SourceContext
+from cloudbackup.sources.registry import parse_spec
+from cloudbackup.sources.sqlite import SQLiteSource, restore_sqlite
 from tests.conftest import CliResult, Env
 from tests.manifests import load_manifest
 
@@ -265,7 +266,7 @@ def test_a_dead_restore_temp_file_is_removed_by_the_next_restore(tmp_path: Path)
     import sqlite3 as _sqlite3
     import subprocess
 
-    from cloudbackup.dbsources import restore_sqlite
+    from cloudbackup.sources.sqlite import restore_sqlite
 
     archived = tmp_path / "archived.sqlite3"
     conn = _sqlite3.connect(archived)

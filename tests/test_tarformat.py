@@ -9,7 +9,7 @@ import tarfile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloudbackup import tarformat
+from cloudbackup.stream import tarformat
 
 # ---------------------------------------------------------------- writing
 

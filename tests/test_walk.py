@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
-from cloudbackup import walk
-from cloudbackup.patterns import PathMatcher
-from cloudbackup.sources import SourceContext, walk_tree
-from cloudbackup.walk import ENTER, LEAVE, OTHER, DirCursor, DirTable, Replaced, visit_tree
+from cloudbackup.core.patterns import PathMatcher
+from cloudbackup.fs import walk
+from cloudbackup.fs.walk import ENTER, LEAVE, OTHER, DirCursor, DirTable, Replaced, visit_tree
+from cloudbackup.sources.base import SourceContext
+from cloudbackup.sources.directory import walk_tree
 from tests.test_hostile_tree import deep_cleanup, make_chain
 
 __all__ = ["deep_cleanup"]  # a fixture, used below

@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
-from cloudbackup.archive import fsync_dir, open_regular, write_file_atomic
-from cloudbackup.errors import NotFound
+from cloudbackup.core.errors import NotFound
+from cloudbackup.fs.files import fsync_dir, open_regular, write_file_atomic
 from cloudbackup.storage.base import ObjectHead, ObjectInfo
 
 

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_random_exponential
 
-from cloudbackup.errors import TransientStorageError
+from cloudbackup.core.errors import TransientStorageError
 
 LOG = logging.getLogger("cloudbackup")
 T = TypeVar("T")

@@ -16,7 +16,6 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,7 +25,7 @@ import boto3
 import botocore.exceptions as bexc
 from botocore.config import Config
 
-from cloudbackup.errors import (
+from cloudbackup.core.errors import (
     CloudBackupError,
     IntegrityError,
     NotFound,
@@ -34,7 +33,17 @@ from cloudbackup.errors import (
     StorageError,
     TransientStorageError,
 )
-from cloudbackup.storage.base import GrowingFile, ObjectHead, ObjectInfo
+from cloudbackup.storage.base import (
+    GrowingFile,
+    ObjectHead,
+    ObjectInfo,
+    SentParts,
+    UploadOutcome,
+    UploadSpec,
+    checksums_match,
+)
+
+__all__ = ["S3Store", "SentParts", "UploadOutcome", "UploadSpec", "checksums_match"]
 
 LOG = logging.getLogger("cloudbackup")
 T = TypeVar("T")
@@ -116,15 +125,6 @@ def choose_part_size(size: int, preferred: int | None = None) -> int:
     return part
 
 
-def checksums_match(expected: str | None, actual: str | None) -> bool:
-    """Compare checksums; tolerate stores that omit the ``-N`` suffix of composite ones."""
-    if not expected or not actual:
-        return False
-    exp_value, _, exp_n = expected.partition("-")
-    act_value, _, act_n = actual.partition("-")
-    return exp_value == act_value and (not act_n or not exp_n or exp_n == act_n)
-
-
 def classify(exc: BaseException, what: str, bucket: str) -> CloudBackupError:
     """Map a botocore exception to a transient or permanent error with a clear message."""
     if isinstance(exc, CloudBackupError):
@@ -170,43 +170,6 @@ def classify(exc: BaseException, what: str, bucket: str) -> CloudBackupError:
     if isinstance(exc, bexc.BotoCoreError):
         return PermanentStorageError(f"s3://{bucket}: {what}: {exc}")
     return StorageError(f"s3://{bucket}: {what}: {type(exc).__name__}: {exc}")
-
-
-@dataclass
-class UploadSpec:
-    """Everything a PUT or CreateMultipartUpload needs (validated before any I/O)."""
-
-    metadata: dict[str, str] = field(default_factory=dict)
-    tags: list[tuple[str, str]] = field(default_factory=list)
-    storage_class: str = "STANDARD"
-    content_type: str = "application/octet-stream"
-    lock_mode: str | None = None
-    lock_until: datetime | None = None
-
-
-@dataclass
-class UploadOutcome:
-    key: str
-    size: int
-    part_size: int
-    part_count: int
-    checksum: str | None
-    etag: str | None
-    upload_id: str | None = None
-    parts_reused: int = 0
-    parts_sent: int = 0
-    already_present: bool = False
-
-
-@dataclass
-class SentParts:
-    """The parts of one multipart upload that are in S3, ready to complete."""
-
-    upload_id: str
-    count: int = 0
-    checksums: dict[int, str] = field(default_factory=dict)
-    etags: dict[int, str] = field(default_factory=dict)
-    reused: int = 0
 
 
 class S3Store:
@@ -447,6 +410,7 @@ class S3Store:
                 return parts
             kwargs["PartNumberMarker"] = page["NextPartNumberMarker"]
 
+    # Long: the resumable upload's one place (resume, part size, one PUT or parts, complete).
     def upload_file(
         self,
         key: str,
@@ -591,6 +555,7 @@ class S3Store:
         )
         return str(resp["UploadId"])
 
+    # Long: the parallel parts loop keeps its state (sent, reused, in flight) in one frame.
     def _send_parts(
         self,
         key: str,

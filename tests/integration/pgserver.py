@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from cloudbackup import postgres
+from cloudbackup.sources import pgtools as postgres
 
 SUPERUSER = "postgres"
 SUPERUSER_PASSWORD = "super-Secret-4-tests"

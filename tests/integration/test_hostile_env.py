@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import pytest
 
-from cloudbackup import postgres
+from cloudbackup.sources import pgtools as postgres
 from tests.conftest import CliResult, Clock, Env, S3Env, make_tree
 from tests.integration.pgserver import PgServer
 from tests.test_hostile_env import environ_of, read_members

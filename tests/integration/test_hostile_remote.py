@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import zstandard
 
-from cloudbackup.model import BackupId, archive_name, manifest_name
+from cloudbackup.core.model import BackupId, archive_name, manifest_name
 from tests.conftest import HOST, CliResult, Env, S3Env, make_tree
 
 pytestmark = pytest.mark.slow

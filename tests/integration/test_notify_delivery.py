@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
-from cloudbackup.notify import LogTail, classify, compose, send, target_secrets, validate
-from cloudbackup.output import RedactingFilter
-from cloudbackup.sources import url_secrets
+from cloudbackup.cli.output import RedactingFilter
+from cloudbackup.ops.notify import LogTail, classify, compose, send, target_secrets, validate
+from cloudbackup.sources.base import url_secrets
 from tests.test_monitor import closed_port_url, hanging_server
 
 pytestmark = pytest.mark.slow

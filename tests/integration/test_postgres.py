@@ -20,12 +20,13 @@ from typing import Any
 import pytest
 import zstandard
 
-from cloudbackup import postgres
-from cloudbackup.dbsources import PostgresSource
-from cloudbackup.errors import SourceError, UsageError
-from cloudbackup.model import Manifest
-from cloudbackup.patterns import PathMatcher
-from cloudbackup.sources import SourceContext, make_source, parse_spec
+from cloudbackup.core.errors import SourceError, UsageError
+from cloudbackup.core.model import Manifest
+from cloudbackup.core.patterns import PathMatcher
+from cloudbackup.sources import pgtools as postgres
+from cloudbackup.sources.base import SourceContext
+from cloudbackup.sources.postgres import PostgresSource
+from cloudbackup.sources.registry import make_source, parse_spec
 from tests.conftest import CliResult, Env, S3Env, make_tree
 from tests.integration.pgserver import PgServer, _free_port
 from tests.manifests import load_manifest
@@ -632,7 +633,7 @@ def test_source_repr_and_members_hide_the_password() -> None:
     source = make_source(parse_spec(f"postgresql://u:{quote(PASSWORD, safe='')}@h/db"))
     assert isinstance(source, PostgresSource)
     assert_no_secret(repr(source), "repr")
-    assert source.manifest_members() == {}
+    assert_no_secret(source.spec.redacted, "the spec recorded in manifests")
 
 
 def test_unix_socket_url_with_query_parameters(

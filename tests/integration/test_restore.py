@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import zstandard
 
-from cloudbackup.model import Manifest, archive_name, manifest_name
+from cloudbackup.core.model import Manifest, archive_name, manifest_name
 from tests.conftest import (
     HOST,
     CliResult,
@@ -324,7 +324,7 @@ def plant_backup(
     env: Env, source: str, tar_bytes: bytes, *, when: str = "20261121T021500Z", **manifest: Any
 ) -> str:
     """A handcrafted archive with a correct manifest (sha256 and size) in the local dir."""
-    from cloudbackup.model import BackupId
+    from cloudbackup.core.model import BackupId
 
     backup_id = BackupId.parse(f"{source}-{when}")
     data = zstandard.ZstdCompressor().compress(tar_bytes)
@@ -537,8 +537,8 @@ def test_kill_9_mid_restore_leaves_no_partial_tree(env: Env, cli: Callable[..., 
 
 
 def test_ranged_download_of_a_multipart_object(env: Env, bucket: str, moto_endpoint: str) -> None:
-    from cloudbackup.errors import IntegrityError
-    from cloudbackup.restore import download
+    from cloudbackup.core.errors import IntegrityError
+    from cloudbackup.restore.download import download
     from cloudbackup.storage.retry import RetryingStore
     from cloudbackup.storage.s3 import S3Store, make_client
 
@@ -580,7 +580,7 @@ def test_cli_ranged_download_setting(
     env: Env, bucket: str, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """CLOUDBACKUP_S3_DOWNLOAD=ranged: parallel ranged GETs (thresholds shrunk for the test)."""
-    from cloudbackup import restore as restoring
+    from cloudbackup.restore import download as restoring
 
     src = make_tree(env.tmp / "www", {"big.bin": os.urandom(3 << 20), "small.txt": "s"})
     assert cli("backup", src).exit_code == 0

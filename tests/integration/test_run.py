@@ -485,7 +485,7 @@ def test_unexpected_error_during_run_still_pings_fail(
     def broken(*args: Any, **kwargs: Any) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("cloudbackup.nightly.run", broken)
+    monkeypatch.setattr("cloudbackup.ops.run.run", broken)
     result = cli("run")
     assert result.exit_code == 1
     assert "No space left" in result.stderr and "Traceback" not in result.stderr

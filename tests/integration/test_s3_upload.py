@@ -53,7 +53,7 @@ def sleeps(monkeypatch: pytest.MonkeyPatch) -> Sleeps:
             S3Store.from_settings(settings), attempts=settings.retry_attempts, sleep=recorded
         )
 
-    monkeypatch.setattr("cloudbackup.cli.make_remote", make_remote)
+    monkeypatch.setattr("cloudbackup.cli.commands.make_remote", make_remote)
     return recorded
 
 
@@ -476,14 +476,14 @@ def test_list_and_verify_issue_no_get_and_tampering_is_caught(
 def test_a_second_machine_cannot_write_under_a_claimed_host(
     cli: Cli, env: Env, s3_env: S3Env, monkeypatch: Any
 ) -> None:
-    monkeypatch.setattr("cloudbackup.operations.machine_id", lambda *a, **k: "a" * 32)
+    monkeypatch.setattr("cloudbackup.context.machine_id", lambda *a, **k: "a" * 32)
     assert cli("backup", source_tree(env.tmp / "www")).exit_code == 0
     claim = f"{s3_env.prefix}/{HOST}/.host-id"
     assert s3_env.client.get_object(Bucket=s3_env.bucket, Key=claim)["Body"].read().strip() == (
         b"a" * 32
     )
 
-    monkeypatch.setattr("cloudbackup.operations.machine_id", lambda *a, **k: "b" * 32)
+    monkeypatch.setattr("cloudbackup.context.machine_id", lambda *a, **k: "b" * 32)
     result, doc = backup(cli, source_tree(env.tmp / "www"))
     assert result.exit_code == 1
     result.assert_one_error("claimed by another machine", HOST)
@@ -600,14 +600,14 @@ def record_progress(monkeypatch: Any) -> list[str]:
 
         return make
 
-    monkeypatch.setattr("cloudbackup.cli._progress_factory", factory)
+    monkeypatch.setattr("cloudbackup.cli.commands._progress_factory", factory)
     return labels
 
 
 def gate_after(monkeypatch: Any, name: str, wait: Callable[[], bool]) -> list[bool]:
     """Hold the archive writer right after the entry ``name``: ``wait()`` runs before the
     next entry is read (with everything before it on disk), and its result is recorded."""
-    import cloudbackup.operations as operations
+    import cloudbackup.ops.backup as operations
 
     outcomes: list[bool] = []
     real = operations.write_archive
@@ -810,7 +810,7 @@ def test_a_kill_during_a_streamed_backup_leaves_nothing_behind_after_the_next_ru
     # (the writer is held after the big file by a slow source read, see below).
     proxy.inject(Fault("hold", operation="UploadPart", when=lambda r: r.part_number == 2))
     script = (
-        "import time, cloudbackup.operations as o\n"
+        "import time, cloudbackup.ops.backup as o\n"
         "real = o.write_archive\n"
         "def slow(entries, *a, **k):\n"
         "    def gen():\n"
@@ -863,7 +863,7 @@ def test_a_local_error_during_one_upload_fails_that_source_only(
 ) -> None:
     import errno
 
-    from cloudbackup import transfer
+    from cloudbackup.ops import upload as transfer
 
     monkeypatch.setenv("CLOUDBACKUP_S3_PART_SIZE", "5MiB")
     real = transfer.upload_backup

@@ -1,0 +1,348 @@
+"""What every use case needs, built once by the CLI: the settings, the local and remote
+stores, the clock, the machine id and the progress factory.
+
+The context is a value (frozen); what it holds that learns during a run is in three objects
+it owns, each with its one job:
+
+* :class:`LocalCatalog`: the local dir (``<local>/<host>/<source>/``): listings, its manifest
+  reader and the upload records;
+* :class:`RemoteCatalog`: the remote copies: one LIST per scope (this host, or every host),
+  cached until :meth:`~RemoteCatalog.refresh` or :meth:`~RemoteCatalog.invalidate`, and the
+  remote manifest reader;
+* :class:`HostClaim`: ``<prefix>/<host>/.host-id``, claimed once per run; its outcome (claimed,
+  or the error) is remembered.
+
+Every manifest read back, local or remote, goes through :func:`read_manifest` and so
+through ``core.model.parse_manifest``: bytes become a validated ``Manifest`` or an
+``IntegrityError`` in one place. ``dataclasses.replace(ctx, remote=None)`` derives a
+consistent context: the catalogs and the claim are rebuilt for the new stores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cloudbackup import __version__
+from cloudbackup.config import Settings
+from cloudbackup.core.errors import CloudBackupError, IntegrityError, PermanentStorageError
+from cloudbackup.core.model import (
+    BackupId,
+    BackupRef,
+    Listing,
+    Manifest,
+    UploadRecord,
+    build_listing,
+    check_manifest_size,
+    host_claim_key,
+    parse_upload_record,
+    upload_name,
+)
+from cloudbackup.fs.files import write_file_atomic
+from cloudbackup.sources.registry import parse_manifest
+from cloudbackup.storage.base import UploadSpec
+from cloudbackup.storage.local import LocalStore
+
+LOG = logging.getLogger("cloudbackup")
+
+ProgressFactory = Callable[[str, int | None], Callable[[int], None]]
+
+
+def no_progress(label: str, total: int | None) -> Callable[[int], None]:
+    return lambda n: None
+
+
+# ---------------------------------------------------------------- machine id
+
+
+def read_machine_id(local_dir: Path, candidates: Sequence[Path] | None = None) -> str | None:
+    """``/etc/machine-id``, else dbus's, else the id stored in the local dir; never writes."""
+    paths = candidates or (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
+    for path in (*paths, local_dir / ".machine-id"):
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text:
+            return text
+    return None
+
+
+def machine_id(local_dir: Path, candidates: Sequence[Path] | None = None) -> str:
+    """The machine id; when there is none, a random one is stored once in the local dir."""
+    found = read_machine_id(local_dir, candidates)
+    if found:
+        return found
+    new = uuid.uuid4().hex
+    local_dir.mkdir(parents=True, exist_ok=True)
+    write_file_atomic(local_dir / ".machine-id", (new + "\n").encode(), 0o644)
+    return new
+
+
+# ---------------------------------------------------------------- manifests
+
+
+def read_manifest(store: Any, ref: BackupRef) -> Manifest:
+    """The one reader of a manifest (local or remote): refused unread when the listing says
+    it is far too large, read (one GET remotely), then parsed against its key."""
+    assert ref.manifest_key
+    check_manifest_size(ref)
+    try:
+        raw = store.get_bytes(ref.manifest_key)
+    except OSError as exc:  # the local dir: unreadable, or not a file
+        raise CloudBackupError(
+            f"cannot read the {ref.where} manifest {ref.manifest_key}: {exc.strerror or exc}",
+            "check the local dir's permissions",
+        ) from None
+    return parse_manifest(raw, ref)
+
+
+# ---------------------------------------------------------------- the local dir
+
+
+class LocalCatalog:
+    """The local dir: ``<local_dir>/<host>/<source>/`` holds archives, manifests and upload
+    records. Listed afresh on every call (the run itself changes it); never trusted: each
+    manifest and record is parsed against its name."""
+
+    def __init__(self, store: LocalStore, host: str) -> None:
+        self.store = store
+        self.host = host
+
+    def source_dir(self, source: str, host: str | None = None) -> Path:
+        return self.store.root / (host or self.host) / source
+
+    def listing(self, source: str | None = None, *, host: str | None = None) -> Listing:
+        """The backups of every host, or of ``host`` only, or of this (or ``host``'s) host's
+        ``source`` only (one directory)."""
+        if source is not None:
+            prefix = f"{host or self.host}/{source}"
+        else:
+            prefix = host or ""
+        return build_listing(self.store.list(prefix), prefix="", where="local")
+
+    def manifest(self, ref: BackupRef) -> Manifest:
+        """The manifest of a local backup, parsed against its key."""
+        return read_manifest(self.store, ref)
+
+    def upload_record_path(self, source: str, backup_id: str, host: str | None = None) -> Path:
+        return self.source_dir(source, host) / upload_name(BackupId.parse(backup_id))
+
+    def upload_record(
+        self, backup_id: str, source: str, host: str | None = None
+    ) -> UploadRecord | None:
+        """The local record of a backup's upload; ``None`` when there is none or it does not
+        parse as one (the local dir is untrusted: a bad record proves nothing)."""
+        parsed = BackupId.parse(backup_id)
+        path = self.upload_record_path(source, backup_id, host)
+        try:
+            return parse_upload_record(path.read_bytes(), parsed, host or self.host)
+        except (OSError, IntegrityError):
+            return None
+
+    def verified_offsite(self, ref: BackupRef) -> bool:
+        """True when the upload record of ``ref`` says its remote copy was verified."""
+        record = self.upload_record(ref.id, ref.source, ref.host)
+        return bool(record and record.verified_at)
+
+    def write_upload_record(self, source: str, backup_id: str, record: UploadRecord) -> None:
+        path = self.upload_record_path(source, backup_id)
+        write_file_atomic(
+            path, (json.dumps(record.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+        )
+
+    def newest_archive_size(self, source: str) -> int | None:
+        ref = self.listing(source).newest(self.host, source)
+        return ref.archive_size if ref else None
+
+
+# ---------------------------------------------------------------- the remote copies
+
+
+class RemoteCatalog:
+    """The remote copies, from LIST results: one listing per scope (this host's prefix, or
+    every host's), kept until :meth:`refresh` or :meth:`invalidate`. Without a store, every
+    listing is empty."""
+
+    def __init__(self, store: Any | None, settings: Settings) -> None:
+        self.store = store
+        self.prefix = settings.s3_prefix
+        self.host = settings.host
+        self._listings: dict[bool, Listing] = {}
+        self._warned = False
+
+    def _list(self, all_hosts: bool) -> Listing:
+        assert self.store is not None
+        parts = [p for p in self.prefix.split("/") if p]
+        if not all_hosts:
+            parts.append(self.host)
+        prefix = "/".join(parts) + "/" if parts else ""
+        return build_listing(self.store.list(prefix), prefix=self.prefix, where="remote")
+
+    def listing(self, *, all_hosts: bool = False) -> Listing:
+        """This host's backups (LIST ``<prefix>/<host>/``: all a host-scoped writer may list),
+        or every host's with ``all_hosts``; listed once, then kept."""
+        if self.store is None:
+            return Listing()
+        if all_hosts not in self._listings:
+            self._listings[all_hosts] = self._list(all_hosts)
+        return self._listings[all_hosts]
+
+    def refresh(self, *, all_hosts: bool = False) -> Listing:
+        """List again (the bucket changed, or may have): the listing of that scope."""
+        self._listings.pop(all_hosts, None)
+        return self.listing(all_hosts=all_hosts)
+
+    def invalidate(self) -> None:
+        """Forget every listing (after deletions): the next caller lists again."""
+        self._listings.clear()
+
+    def listing_or_empty(self) -> Listing:
+        """The listing for guards before archiving; an unusable bucket is discovered (and
+        reported) at upload, so the local archive is still made and kept."""
+        try:
+            return self.listing()
+        except CloudBackupError as exc:
+            if not self._warned:
+                LOG.warning("cannot list the bucket (%s); checking against local backups only", exc)
+                self._warned = True
+            return Listing()
+
+    def manifest(self, ref: BackupRef) -> Manifest:
+        """The manifest of a remote backup, parsed against its key: one GET."""
+        return read_manifest(self.store, ref)
+
+
+# ---------------------------------------------------------------- the host claim
+
+
+class HostClaim:
+    """``<prefix>/<host>/.host-id``: the machine that writes under a host's prefix.
+
+    :meth:`ensure` writes it once (or finds it this machine's) and remembers the outcome for
+    the run: a failure (after its retries) is raised again at once rather than retried for
+    every backup. :meth:`problem` is the read-only check of prune and forget (one HEAD).
+    """
+
+    def __init__(self, store: Any | None, settings: Settings, machine_id: str | None) -> None:
+        self.store = store
+        self.settings = settings
+        self.machine_id = machine_id
+        self._claimed = False
+        self._error: CloudBackupError | None = None
+
+    def key(self, host: str | None = None) -> str:
+        return host_claim_key(self.settings.s3_prefix, host or self.settings.host)
+
+    def ensure(self) -> None:
+        """Claim this host's prefix, or raise (PermanentStorageError ``HostClaimed`` when
+        another machine holds it, unless the host was given explicitly)."""
+        if self._claimed:
+            return
+        if self._error is not None:
+            raise self._error
+        try:
+            self._claim()
+        except CloudBackupError as exc:
+            self._error = exc
+            raise
+        self._claimed = True
+
+    def _claim(self) -> None:
+        store, host = self.store, self.settings.host
+        assert store is not None and self.machine_id is not None
+        key = self.key()
+        # Existence by LIST, not HEAD: with a prefix-scoped role, AWS answers a HEAD of a
+        # missing key with 403 rather than 404.
+        exists = any(obj.key == key for obj in store.list(key))
+        head = store.head(key) if exists else None
+        if head is None:
+            try:
+                store.put_bytes(
+                    key,
+                    (self.machine_id + "\n").encode(),
+                    spec=UploadSpec(
+                        metadata={"machine-id": self.machine_id, "cloudbackup-version": __version__},
+                        tags=[("cloudbackup:host", host), ("cloudbackup:kind", "host-claim")],
+                        content_type="text/plain",
+                    ),
+                )
+                LOG.info("claimed s3://%s/%s for this machine", store.bucket, key)
+            except PermanentStorageError as exc:
+                if exc.code != "PreconditionFailed":
+                    raise
+                head = store.head(key)
+        if head is not None:
+            owner = head.metadata.get("machine-id")
+            if owner is None:
+                owner = store.get_bytes(key).decode(errors="replace").strip()
+            if owner != self.machine_id and not self.settings.host_explicit:
+                raise PermanentStorageError(
+                    f"s3://{store.bucket}/{key} is claimed by another machine ({owner[:12]}…), "
+                    f"not this one ({self.machine_id[:12]}…): two machines share the host name "
+                    f"{host!r}",
+                    "set CLOUDBACKUP_HOST to a unique name, or pass --host explicitly on a DR "
+                    "machine",
+                    code="HostClaimed",
+                )
+
+    def problem(self, host: str) -> str | None:
+        """Why nothing may be deleted under ``host``'s prefix: claimed by another machine (one
+        HEAD on ``.host-id``, no GET), or the claim cannot be read; None when it is fine."""
+        assert self.store is not None
+        key = self.key(host)
+        try:
+            head = self.store.head(key)
+        except CloudBackupError as exc:
+            return f"cannot read the host claim {key}: {exc}"
+        if head is None:
+            return None
+        owner = head.metadata.get("machine-id")
+        if owner is None or owner == self.machine_id:
+            return None
+        return (
+            f"{key} is claimed by another machine ({owner[:12]}…), not this one "
+            f"({(self.machine_id or '')[:12]}…): two machines share the host name {host!r}; "
+            "nothing deleted: set CLOUDBACKUP_HOST to a unique name, or pass --host explicitly "
+            "(a DR machine or a central pruner)"
+        )
+
+
+# ---------------------------------------------------------------- the context
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every use case needs; built once by the CLI.
+
+    ``machine_id`` is None for commands that neither write backups nor claim a prefix and
+    found no id to read (they create none). ``remote`` is the remote store or None.
+    """
+
+    settings: Settings
+    local: LocalStore
+    now: Callable[[], datetime]
+    machine_id: str | None = None
+    remote: Any = None
+    progress: ProgressFactory = no_progress
+    local_catalog: LocalCatalog = field(init=False, repr=False, compare=False)
+    remote_catalog: RemoteCatalog = field(init=False, repr=False, compare=False)
+    host_claim: HostClaim = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Derived from the stores: a context made with dataclasses.replace gets its own.
+        object.__setattr__(self, "local_catalog", LocalCatalog(self.local, self.settings.host))
+        object.__setattr__(self, "remote_catalog", RemoteCatalog(self.remote, self.settings))
+        object.__setattr__(
+            self, "host_claim", HostClaim(self.remote, self.settings, self.machine_id)
+        )
+
+    @property
+    def host(self) -> str:
+        return self.settings.host

@@ -1,0 +1,596 @@
+"""``backup``: each source archived (the guards first), its manifest written last, and
+handed to the uploader; the recovery of what a killed run left (``.partial`` files, an
+unfinished streamed upload).
+
+A failing source is recorded in its result and the others go on; results are returned as
+values and reported through the logger and an injected progress factory. Nothing here
+prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from glob import escape as glob_escape
+from pathlib import Path
+from typing import Any, Protocol
+
+from cloudbackup import __version__
+from cloudbackup.config import Settings
+from cloudbackup.context import (
+    Context,
+)
+from cloudbackup.core.errors import (
+    CloudBackupError,
+    IntegrityError,
+    ShrinkGuardError,
+    SourceError,
+    UsageError,
+)
+from cloudbackup.core.model import (
+    UPLOAD_SUFFIX,
+    BackupId,
+    Manifest,
+    UploadRecord,
+    archive_name,
+    format_time,
+    manifest_name,
+)
+from cloudbackup.core.outcome import Outcome, worst
+from cloudbackup.core.outcome import exit_code as code_of
+from cloudbackup.core.patterns import PathMatcher
+from cloudbackup.fs.files import commit, write_file_atomic
+from cloudbackup.sources.base import EntryStream, Source, SourceContext
+from cloudbackup.sources.registry import make_source
+from cloudbackup.stream.hashing import ArchiveTail
+from cloudbackup.stream.pipeline import write_archive
+from cloudbackup.stream.tarwriter import ArchiveStats
+
+LOG = logging.getLogger("cloudbackup")
+
+
+@dataclass
+class SourceResult:
+    source: str
+    id: str | None = None
+    ok: bool = False
+    size: int | None = None
+    seconds: float = 0.0
+    uploaded: bool = False
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+    outcome: Outcome = Outcome.OK
+    file_count: int | None = None
+    shrink_stopped: bool = False
+    pruned: list[str] = field(default_factory=list)
+    dry_run: bool = False
+    local_only: bool = False
+    # The upload that ran while the archive was written; the uploader completes it.
+    stream: ArchiveStream | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def exit_code(self) -> int:
+        return code_of(self.outcome)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "id": self.id,
+            "ok": self.ok,
+            "size": self.size,
+            "seconds": round(self.seconds, 3),
+            "uploaded": self.uploaded,
+            "warnings": self.warnings,
+            "error": self.error,
+            "file_count": self.file_count,
+        }
+
+
+def cleanup_partials(ctx: Context) -> list[Path]:
+    """Remove ``*.partial`` files a killed run left behind (we hold the lock), and the
+    multipart upload a killed streamed backup had started for an archive never finished."""
+    removed: list[Path] = []
+    host_dir = ctx.settings.local_dir / ctx.host
+    if not host_dir.is_dir():
+        return removed
+    for source_dir in sorted(host_dir.iterdir()):
+        if not source_dir.is_dir():
+            continue
+        for path in sorted(source_dir.glob("*.partial")):
+            try:
+                path.unlink()
+                removed.append(path)
+                LOG.info("removed %s left by an interrupted run", path)
+            except OSError as exc:
+                LOG.warning("cannot remove stale %s: %s", path, exc.strerror)
+        for path in sorted(source_dir.glob("*" + UPLOAD_SUFFIX)):
+            stem = path.name[: -len(UPLOAD_SUFFIX)]
+            if any(p != path for p in source_dir.glob(glob_escape(stem) + ".*")):
+                continue  # its backup exists: a record of an upload, not a leftover
+            try:
+                record = ctx.local_catalog.upload_record(stem, source_dir.name)
+            except ValueError:
+                continue  # not named after a backup id: not ours
+            if _abort_stray_upload(ctx, record):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def _abort_stray_upload(ctx: Context, record: UploadRecord | None) -> bool:
+    """Abort the multipart upload a record names whose archive was never completed.
+
+    ``None`` (unreadable) or a record without an upload: nothing to resume from it."""
+    if record is None or not record.upload_id:
+        return True
+    if ctx.remote is None:
+        return False  # kept: a run with the bucket aborts it (or it is aborted after 7 days)
+    try:
+        ctx.remote.abort(record.key, record.upload_id)
+    except CloudBackupError as exc:
+        LOG.warning("cannot abort the unfinished upload of %s: %s", record.key, exc)
+        return False
+    LOG.info("aborted the upload of %s left by an interrupted backup", record.key)
+    return True
+
+
+# ---------------------------------------------------------------- backup
+
+
+class ArchiveStream(Protocol):
+    """An upload that follows an archive while it is written (``ops.upload.StreamedUpload``)."""
+
+    tail: ArchiveTail
+
+    def abandon(self) -> None:
+        """The archive will not be kept: stop, and leave nothing behind in S3."""
+        ...
+
+
+# (ctx, source name, backup id, archive file name, previous manifest) → a stream, or None
+Streamer = Callable[["Context", str, BackupId, str, Manifest | None], ArchiveStream | None]
+
+
+class Uploaded(Protocol):
+    """What the uploader says about one archive (an ``ops.upload.UploadResult``)."""
+
+    @property
+    def ok(self) -> bool: ...
+
+    @property
+    def detail(self) -> str: ...
+
+    @property
+    def outcome(self) -> Outcome: ...
+
+
+# (ctx, source name, backup id, the stream that followed the archive) → what happened, or
+# None when there was nothing to upload.
+Uploader = Callable[[Context, str, str, ArchiveStream | None], Uploaded | None]
+
+
+@dataclass
+class BackupOptions:
+    dry_run: bool = False
+    allow_shrink: bool = False
+
+
+def _skip_inodes(settings: Settings) -> frozenset[tuple[int, int]]:
+    """The local dir, the log file and state files are never archived."""
+    skip: set[tuple[int, int]] = set()
+    for path in (settings.local_dir, settings.log_file, settings.env_file):
+        if path is None:
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        skip.add((st.st_dev, st.st_ino))
+    return frozenset(skip)
+
+
+#: How many unreadable manifests ``previous_manifest`` skips before it gives up.
+PREVIOUS_TRIES = 5
+
+
+def previous_manifest(
+    ctx: Context, source: str, problems: list[str] | None = None
+) -> Manifest | None:
+    """The manifest of the newest complete backup of this host and source, local (preferred)
+    or remote. A manifest that fails to parse (damaged, or forged in the bucket) is skipped
+    and reported in ``problems``: the guards then compare with the newest good one."""
+    refs = ctx.local_catalog.listing(source).for_source(ctx.host, source)
+    refs += ctx.remote_catalog.listing_or_empty().for_source(ctx.host, source)
+    refs.sort(key=lambda r: (r.created_at, r.backup_id.seq, r.where == "local"), reverse=True)
+    if not refs:
+        return None
+    reason = "none of the newest parses"
+    for ref in refs[:PREVIOUS_TRIES]:
+        try:
+            if ref.where == "local":
+                return ctx.local_catalog.manifest(ref)
+            return ctx.remote_catalog.manifest(ref)
+        except IntegrityError as exc:
+            LOG.error("%s; the guards compare with an older backup", exc.message)
+            if problems is not None:
+                problems.append(exc.message)
+        except CloudBackupError as exc:
+            reason = str(exc)
+            break
+    LOG.warning(
+        "cannot read the previous manifest of %s (%s); shrink guard skipped", source, reason
+    )
+    return None
+
+
+def _new_id(ctx: Context, source: str, moment: datetime) -> BackupId:
+    backup_id = BackupId.new(source, moment)
+    directory = ctx.local_catalog.source_dir(source)
+    listing = ctx.remote_catalog.listing_or_empty()
+    remote_ids = {r.id for r in listing.for_source(ctx.host, source)}
+    remote_ids |= {r.id for r in listing.orphans if r.host == ctx.host}
+    while True:
+        stem = str(backup_id)
+        taken = (
+            any(p.name.startswith(stem + ".") for p in directory.glob(stem + ".*"))
+            if directory.is_dir()
+            else False
+        )
+        if not taken and stem not in remote_ids:
+            return backup_id
+        backup_id = backup_id.next()
+
+
+def shrink_check(
+    source: Source,
+    stats: ArchiveStats,
+    previous: Manifest | None,
+    guard: float | None,
+) -> None:
+    """Raise ShrinkGuardError for an empty source or one that fell by more than ``guard``."""
+    if guard is None:
+        return
+    bytes_only = not source.counts_files
+    if not bytes_only and stats.file_count == 0:
+        raise ShrinkGuardError(
+            f"source {source.name} is empty (0 files); refusing to back it up",
+            "check that it is mounted, or pass --allow-shrink once",
+        )
+    if bytes_only and stats.uncompressed_bytes == 0:
+        raise ShrinkGuardError(
+            f"source {source.name} produced 0 bytes; refusing to back it up",
+            "pass --allow-shrink once",
+        )
+    if previous is None:
+        return
+    floor = 1.0 - guard
+    if not bytes_only and previous.file_count and stats.file_count < previous.file_count * floor:
+        raise ShrinkGuardError(
+            f"source {source.name} shrank from {previous.file_count} to {stats.file_count} files "
+            f"(more than {guard:.0%}) since {previous.id}",
+            "check the source; if this is intended, pass --allow-shrink once",
+        )
+    if (
+        previous.uncompressed_bytes
+        and stats.uncompressed_bytes < previous.uncompressed_bytes * floor
+    ):
+        raise ShrinkGuardError(
+            f"source {source.name} shrank from {previous.uncompressed_bytes} to "
+            f"{stats.uncompressed_bytes} bytes (more than {guard:.0%}) since {previous.id}",
+            "check the source; if this is intended, pass --allow-shrink once",
+        )
+
+
+def backup_source(
+    ctx: Context, source: Source, options: BackupOptions, streamer: Streamer | None = None
+) -> SourceResult:
+    """Archive one source (the guards first), write its manifest, and say how it went: a
+    failure is recorded in the result, never raised, so the next source is still backed up.
+    ``streamer`` starts an upload that follows the archive while it is written."""
+    result = SourceResult(source=source.name, dry_run=options.dry_run)
+    started = time.monotonic()
+    try:
+        _back_up(ctx, source, options, streamer, result)
+    except Exception as exc:
+        _record_failure(result, source, exc)
+    finally:
+        result.seconds = time.monotonic() - started
+    return result
+
+
+def _back_up(
+    ctx: Context,
+    source: Source,
+    options: BackupOptions,
+    streamer: Streamer | None,
+    result: SourceResult,
+) -> None:
+    assert ctx.machine_id is not None, "a backup needs a context made for writing"
+    source.check()
+    manifest_problems: list[str] = []
+    previous = previous_manifest(ctx, source.name, manifest_problems)
+    moment = ctx.now()
+    device = source.root_device()
+    _guards(ctx.settings, source, options, previous, moment, device)
+    backup_id = _new_id(ctx, source.name, moment)
+    result.id = str(backup_id)
+    if options.dry_run:
+        _dry_run_source(ctx, source, backup_id, result, _warner(source.name))
+        return
+    stats, final = _archive(ctx, source, backup_id, previous, device, options, streamer, result)
+    result.ok = True
+    result.size = stats.size
+    result.file_count = stats.file_count
+    result.warnings = stats.warnings
+    if stats.unreadable or stats.changed:
+        # Completed with warnings: unreadable files, or files that changed size while
+        # read (stored as GNU tar does, which also exits 1 for them).
+        result.outcome = Outcome.WARNING
+    if manifest_problems:  # backed up all the same; a bad manifest is still exit 3
+        result.warnings = result.warnings + manifest_problems
+        result.outcome = Outcome.INTEGRITY
+    LOG.info(
+        "%s: archived %d files, %d bytes → %s (%d bytes)",
+        source.name,
+        stats.file_count,
+        stats.uncompressed_bytes,
+        final,
+        stats.size,
+    )
+
+
+def _guards(
+    settings: Settings,
+    source: Source,
+    options: BackupOptions,
+    previous: Manifest | None,
+    moment: datetime,
+    device: int | None,
+) -> None:
+    """The clock guard (the newest backup is dated after now) and the shrink guard's
+    filesystem check (the root moved to another device: unmounted?)."""
+    if previous is not None and previous.created > moment:
+        raise SourceError(
+            f"source {source.name}: the newest backup {previous.id} is dated in the future "
+            f"({format_time(previous.created)}; the clock says {format_time(moment)})",
+            "if the clock was wrong when it was made, delete it with "
+            f"`cloudbackup forget {previous.id} --where all`; if the clock is wrong now, "
+            "fix it (NTP)",
+        )
+    if (
+        not options.allow_shrink
+        and settings.shrink_guard is not None
+        and previous is not None
+        and previous.root_device is not None
+        and device is not None
+        and device != previous.root_device
+    ):
+        raise ShrinkGuardError(
+            f"source {source.name}: its root is on another filesystem than in {previous.id} "
+            f"(device {previous.root_device} → {device}); is it unmounted?",
+            "mount it, or pass --allow-shrink once if the move is intended",
+        )
+
+
+def _warner(name: str) -> Callable[[str, str], None]:
+    def warn(category: str, message: str) -> None:
+        log = LOG.info if category == "skipped" else LOG.warning
+        log("%s: %s", name, message)
+
+    return warn
+
+
+def _archive(
+    ctx: Context,
+    source: Source,
+    backup_id: BackupId,
+    previous: Manifest | None,
+    device: int | None,
+    options: BackupOptions,
+    streamer: Streamer | None,
+    result: SourceResult,
+) -> tuple[ArchiveStats, str]:
+    """Write the archive (``.partial``, then renamed once the shrink guard passed) and its
+    manifest; the stream that followed it is handed on in ``result.stream``. Returns the
+    archive's stats and file name."""
+    settings = ctx.settings
+    directory = ctx.local_catalog.source_dir(source.name)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / archive_name(backup_id, settings.compression)
+    partial = final.with_name(final.name + ".partial")
+    warn = _warner(source.name)
+    walk_warnings: list[str] = []
+    walk_unreadable = 0
+
+    def source_warn(category: str, message: str) -> None:
+        nonlocal walk_unreadable
+        walk_warnings.append(message)
+        walk_unreadable += category == "unreadable"
+        warn(category, message)
+
+    sctx = _source_context(ctx, source.name, backup_id, source_warn)
+    stream = streamer(ctx, source.name, backup_id, final.name, previous) if streamer else None
+    entries = EntryStream(source.entries(sctx))
+    try:
+        progress = ctx.progress(f"archive {source.name}", None)
+        stats = write_archive(
+            entries,
+            partial,
+            compression=settings.compression,
+            level=settings.compression_level,
+            warn=warn,
+            progress=progress,
+            tail=stream.tail if stream is not None else None,
+            prefetch=source.prefetch,
+        )
+        getattr(progress, "close", lambda: None)()
+        stats.warnings = walk_warnings + stats.warnings
+        stats.unreadable += walk_unreadable
+        try:
+            if not options.allow_shrink:
+                shrink_check(source, stats, previous, settings.shrink_guard)
+        except ShrinkGuardError:
+            partial.unlink(missing_ok=True)
+            raise
+        commit(partial, final)
+        manifest = _manifest(ctx, source, backup_id, final.name, stats, device, entries.members)
+        write_file_atomic(directory / manifest_name(backup_id), manifest.to_json())
+    except BaseException:
+        if stream is not None:
+            stream.abandon()
+        raise
+    result.stream = stream
+    return stats, final.name
+
+
+def _source_context(
+    ctx: Context, name: str, backup_id: BackupId, warn: Callable[[str, str], None]
+) -> SourceContext:
+    return SourceContext(
+        spool_dir=ctx.local_catalog.source_dir(name),
+        backup_id=str(backup_id),
+        exclude=PathMatcher(ctx.settings.exclude),
+        skip_inodes=_skip_inodes(ctx.settings),
+        warn=warn,
+        log=lambda m: LOG.info("%s", m),
+    )
+
+
+def _manifest(
+    ctx: Context,
+    source: Source,
+    backup_id: BackupId,
+    archive: str,
+    stats: ArchiveStats,
+    device: int | None,
+    members: dict[str, Any] | None,
+) -> Manifest:
+    settings = ctx.settings
+    assert ctx.machine_id is not None, "a backup needs a context made for writing"
+    return Manifest(
+        id=str(backup_id),
+        host=ctx.host,
+        source=source.name,
+        kind=source.kind,
+        spec=source.spec.redacted,
+        created_at=format_time(backup_id.created_at),
+        archive=archive,
+        size=stats.size,
+        sha256=stats.sha256,
+        compression=settings.compression,
+        compression_level=settings.compression_level,
+        file_count=stats.file_count,
+        uncompressed_bytes=stats.uncompressed_bytes,
+        machine_id=ctx.machine_id,
+        tool_version=__version__,
+        warnings=stats.warnings,
+        root_device=device,
+        root=source.real_path,
+        members=stats.members() | (members or {}),
+    )
+
+
+def _record_failure(result: SourceResult, source: Source, exc: Exception) -> None:
+    """One line for the source that failed, and its outcome."""
+    result.outcome = Outcome.FAILED
+    if isinstance(exc, ShrinkGuardError):
+        result.error = str(exc)
+        result.shrink_stopped = True
+        LOG.error("%s", exc)
+    elif isinstance(exc, CloudBackupError):
+        result.error = str(exc)
+        # A source refused (a usage error inside it) fails that source: exit 1, not 2.
+        if exc.outcome is not Outcome.REFUSED:
+            result.outcome = exc.outcome
+        LOG.error("%s", exc)
+    elif isinstance(exc, OSError):
+        result.error = (
+            f"source {source.name}: {exc.strerror or exc} ({exc.filename or ''})".replace(" ()", "")
+        )
+        LOG.error("%s", result.error)
+        LOG.debug("details", exc_info=exc)
+    else:
+        # A bug or an exhausted resource (RecursionError, MemoryError) in one source fails
+        # that source alone, in one line; the next sources are still backed up.
+        detail = " ".join(str(exc).split())[:300]
+        result.error = f"source {source.name} failed unexpectedly: {type(exc).__name__}" + (
+            f" ({detail})" if detail else ""
+        )
+        LOG.error("%s; run with -v for details", result.error)
+        LOG.debug("details", exc_info=exc)
+
+
+def _dry_run_source(
+    ctx: Context,
+    source: Source,
+    backup_id: BackupId,
+    result: SourceResult,
+    warn: Callable[[str, str], None],
+) -> None:
+    """Walk what would be archived (no data read, nothing written)."""
+    survey = source.survey(_source_context(ctx, source.name, backup_id, warn))
+    files, size = survey if survey is not None else (0, 0)
+    result.ok = True
+    result.file_count = files
+    result.size = None
+    LOG.info(
+        "%s: would archive %s as %s%s",
+        source.name,
+        f"{files} files, {size} bytes" if survey is not None else source.spec.redacted,
+        archive_name(backup_id, ctx.settings.compression),
+        " (dry run: nothing written)",
+    )
+
+
+def _record_upload(result: SourceResult, uploaded: Uploaded | None) -> None:
+    if uploaded is None:
+        return
+    result.uploaded = uploaded.ok
+    if not uploaded.ok:
+        result.error = uploaded.detail
+        result.ok = False  # the backup's offsite half failed: never summarised as a success
+        result.outcome = worst([result.outcome, uploaded.outcome])
+
+
+def backup(
+    ctx: Context,
+    specs: Sequence[Any],
+    options: BackupOptions,
+    *,
+    uploader: Uploader | None = None,
+    streamer: Streamer | None = None,
+) -> list[SourceResult]:
+    """Archive each source; one failing source does not stop the others.
+
+    ``streamer`` starts an upload that follows each archive while it is written;
+    ``uploader`` then completes (or performs) the upload of each archive kept.
+    """
+    if not specs:
+        raise UsageError(
+            "no sources to back up",
+            "give SPEC arguments or set CLOUDBACKUP_SOURCES (e.g. CLOUDBACKUP_SOURCES=/srv/www)",
+        )
+    results: list[SourceResult] = []
+    if not options.dry_run:
+        cleanup_partials(ctx)
+    for spec in specs:
+        try:
+            source = make_source(spec, env=ctx.settings.child_env)
+        except (ValueError, CloudBackupError) as exc:
+            results.append(SourceResult(source=spec.name, error=str(exc), outcome=Outcome.FAILED))
+            LOG.error("source %s: %s", spec.name, exc)
+            continue
+        result = backup_source(ctx, source, options, streamer)
+        if result.ok and not options.dry_run and uploader is not None:
+            assert result.id is not None
+            stream, result.stream = result.stream, None
+            _record_upload(result, uploader(ctx, result.source, result.id, stream))
+        elif result.stream is not None:  # started but nobody will complete it
+            result.stream.abandon()
+            result.stream = None
+        results.append(result)
+    return results

@@ -1,0 +1,87 @@
+"""``list``: backups from LIST results only (zero GETs), local and remote merged."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from cloudbackup.context import Context
+from cloudbackup.core.model import format_time
+
+
+@dataclass
+class ListedBackup:
+    id: str
+    host: str
+    source: str
+    created_at: datetime
+    size: int | None
+    local: bool
+    remote: bool
+    verified: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "host": self.host,
+            "source": self.source,
+            "created_at": format_time(self.created_at),
+            "size": self.size,
+            "local": self.local,
+            "remote": self.remote,
+            "verified": self.verified,
+        }
+
+
+def list_backups(
+    ctx: Context,
+    *,
+    where: str = "all",
+    source: str | None = None,
+    host: str | None = None,
+    all_hosts: bool = False,
+) -> list[ListedBackup]:
+    """Backups from LIST results only (zero GETs)."""
+    wanted_host = None if all_hosts else (host or ctx.host)
+    merged: dict[tuple[str, str], ListedBackup] = {}
+    if where in ("local", "all"):
+        listing = ctx.local_catalog.listing()
+        for ref in listing.refs:
+            if wanted_host and ref.host != wanted_host:
+                continue
+            if source and ref.source != source:
+                continue
+            merged[(ref.host, ref.id)] = ListedBackup(
+                ref.id,
+                ref.host,
+                ref.source,
+                ref.created_at,
+                ref.archive_size,
+                True,
+                False,
+                ctx.local_catalog.verified_offsite(ref),
+            )
+    if where in ("remote", "all") and ctx.remote is not None:
+        for ref in ctx.remote_catalog.listing(all_hosts=all_hosts).refs:
+            if wanted_host and ref.host != wanted_host:
+                continue
+            if source and ref.source != source:
+                continue
+            existing = merged.get((ref.host, ref.id))
+            # A remote manifest is uploaded only after HEAD confirmed the archive: verified.
+            if existing:
+                existing.remote = True
+                existing.verified = True
+            else:
+                merged[(ref.host, ref.id)] = ListedBackup(
+                    ref.id,
+                    ref.host,
+                    ref.source,
+                    ref.created_at,
+                    ref.archive_size,
+                    False,
+                    True,
+                    True,
+                )
+    return sorted(merged.values(), key=lambda b: (b.host, b.source, b.created_at, b.id))

@@ -1,0 +1,200 @@
+"""``run``: the nightly job. Recover, back up (uploading while archiving), upload what
+earlier nights left, verify this run's uploads, prune; one report, whose outcome is the
+worst of its parts. The one module that composes the other use cases."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloudbackup.context import Context
+from cloudbackup.core.errors import CloudBackupError
+from cloudbackup.core.model import format_time
+from cloudbackup.core.outcome import Outcome, worst
+from cloudbackup.core.outcome import exit_code as code_of
+from cloudbackup.ops import backup as backing
+from cloudbackup.ops import prune
+from cloudbackup.ops import status as monitor
+from cloudbackup.ops import upload as uploading
+from cloudbackup.ops import verify as verifying
+from cloudbackup.ops.backup import BackupOptions, SourceResult
+from cloudbackup.ops.deletion import PruneResult
+
+LOG = logging.getLogger("cloudbackup")
+
+
+@dataclass
+class RunReport:
+    results: list[SourceResult] = field(default_factory=list)
+    uploads: list[uploading.UploadResult] = field(default_factory=list)
+    verifies: list[verifying.VerifyResult] = field(default_factory=list)
+    prunes: list[PruneResult] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # a step that failed as a whole
+    seconds: float = 0.0
+
+    @property
+    def outcome(self) -> Outcome:
+        """The worst of every source, upload, verify and prune, and of the steps that failed."""
+        return worst(
+            [
+                *(r.outcome for r in self.results),
+                *(u.outcome for u in self.uploads),
+                *(v.outcome for v in self.verifies),
+                *(p.outcome for p in self.prunes),
+                *(Outcome.FAILED for _ in self.errors),
+            ]
+        )
+
+    @property
+    def exit_code(self) -> int:
+        return code_of(self.outcome)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "results": [r.to_dict() | {"pruned": r.pruned} for r in self.results],
+            "uploads": [u.to_dict() for u in self.uploads],
+            "verify": [v.to_dict() for v in self.verifies],
+            "prune": [p.to_dict() for p in self.prunes],
+            "errors": self.errors,
+            "exit_code": self.exit_code,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _free_space_check(ctx: Context, results: dict[str, SourceResult]) -> set[str]:
+    """Fail early, per source, when the last archive's size would not fit any more."""
+    blocked: set[str] = set()
+    local_dir = ctx.settings.local_dir
+    try:
+        free = shutil.disk_usage(local_dir).free
+    except OSError:
+        return blocked
+    for spec in ctx.settings.sources:
+        size = ctx.local_catalog.newest_archive_size(spec.name)
+        if size and free < size * 1.1:
+            message = f"source {spec.name}: only {free} bytes free in {local_dir}, its last archive took {size}"
+            LOG.error("%s: free some space or move CLOUDBACKUP_LOCAL_DIR", message)
+            results[spec.name] = SourceResult(
+                source=spec.name, error=message + "; free some space", outcome=Outcome.FAILED
+            )
+            blocked.add(spec.name)
+    return blocked
+
+
+def run(ctx: Context, *, allow_shrink: bool = False, deep: bool = False) -> RunReport:
+    """Recover, back up, upload (incl. earlier failures), verify, prune; one report."""
+    started = time.monotonic()
+    report = RunReport()
+    backing.cleanup_partials(ctx)
+    ctx = _recover_remote(ctx, report)
+    report.results = _back_up(ctx, allow_shrink)
+    if ctx.remote is not None:
+        _upload_and_verify(ctx, report, deep)
+    try:
+        report.prunes = prune.prune_for_run(ctx)
+    except CloudBackupError as exc:
+        report.errors.append(f"prune failed: {exc}")
+        LOG.error("prune failed: %s", exc)
+    for pr in report.prunes:
+        for result in report.results:
+            if result.source == pr.source and pr.host == ctx.host:
+                result.pruned += [f"{pr.where}:{i}" for i in pr.deleted]
+    report.seconds = time.monotonic() - started
+    monitor.write_last_run(ctx, _last_run(ctx, report))
+    return report
+
+
+def _recover_remote(ctx: Context, report: RunReport) -> Context:
+    """List the bucket (kept for the guards, the ids and prune) and abort stale uploads.
+    A bucket that cannot be listed: tonight's backups are still made, locally only (SPEC:
+    local archives are kept, exit 1); they stay pinned and `upload` sends them later."""
+    if ctx.remote is None:
+        return ctx
+    try:
+        ctx.remote_catalog.refresh()
+    except CloudBackupError as exc:
+        message = (
+            f"the bucket cannot be listed: {exc}; backups are kept locally only "
+            "(`cloudbackup upload` sends them once it is reachable)"
+        )
+        LOG.error("%s", message)
+        report.errors.append(message)
+        return dataclasses.replace(ctx, remote=None)
+    try:
+        uploading.abort_stale_uploads(ctx)
+    except CloudBackupError as exc:
+        LOG.warning("could not clean up stale multipart uploads: %s", exc)
+    return ctx
+
+
+def _back_up(ctx: Context, allow_shrink: bool) -> list[SourceResult]:
+    """Every configured source, in order (those without room fail at once), each uploaded
+    (streamed while archived) when there is a bucket."""
+    early: dict[str, SourceResult] = {}
+    blocked = _free_space_check(ctx, early)
+    uploader = uploading.upload_after_backup if ctx.remote is not None else None
+    specs = [s for s in ctx.settings.sources if s.name not in blocked]
+    results = (
+        backing.backup(
+            ctx,
+            specs,
+            BackupOptions(allow_shrink=allow_shrink),
+            uploader=uploader,
+            streamer=uploading.start_stream if uploader is not None else None,
+        )
+        if specs
+        else []
+    )
+    by_name = {r.source: r for r in results} | early
+    ordered = [by_name[s.name] for s in ctx.settings.sources if s.name in by_name]
+    for result in ordered:
+        # The summary says "local-only" only when that is intended, not when S3 is down.
+        result.local_only = ctx.settings.s3_bucket is None
+    return ordered
+
+
+def _upload_and_verify(ctx: Context, report: RunReport, deep: bool) -> None:
+    """Upload what earlier nights left behind, then verify (without downloading, unless
+    ``deep``) everything this run uploaded."""
+    uploaded_now = {r.id for r in report.results if r.uploaded and r.id}
+    try:
+        report.uploads = uploading.upload_pending(ctx)
+    except CloudBackupError as exc:
+        report.errors.append(f"upload of pending backups failed: {exc}")
+    uploaded_now |= {upload.id for upload in report.uploads if upload.ok}
+    try:
+        listing = ctx.remote_catalog.refresh()
+    except CloudBackupError as exc:
+        report.errors.append(f"cannot list the bucket to verify this run's uploads: {exc}")
+        return
+    for backup_id in sorted(uploaded_now):
+        ref = listing.find(backup_id, ctx.host)
+        if ref is None:
+            missing = verifying.VerifyResult(backup_id, "remote", "not listed after upload")
+            report.verifies.append(missing)
+            continue
+        report.verifies.append(verifying.verify_remote_ref(ctx, ref, deep=deep))
+
+
+def _last_run(ctx: Context, report: RunReport) -> dict[str, Any]:
+    """The state file `status` reads (``.state/<host>.last-run.json``)."""
+    return {
+        "finished_at": format_time(ctx.now()),
+        "exit_code": report.exit_code,
+        "results": [
+            {
+                "source": r.source,
+                "id": r.id,
+                "ok": r.ok,
+                "exit_code": r.exit_code,
+                "error": r.error,
+                "shrink_stopped": r.shrink_stopped,
+                "warnings": len(r.warnings),
+            }
+            for r in report.results
+        ],
+    }

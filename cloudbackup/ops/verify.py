@@ -1,0 +1,178 @@
+"""``verify``: local copies re-hashed against their manifests; remote copies compared
+(HEAD: size, metadata and S3 checksum) without downloading, or streamed and walked with
+``--deep``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cloudbackup.context import Context
+from cloudbackup.core.errors import CloudBackupError, IntegrityError
+from cloudbackup.core.model import BackupRef, Manifest, parse_manifest_metadata
+from cloudbackup.core.outcome import Outcome
+from cloudbackup.fs.files import open_regular
+from cloudbackup.storage.base import head_problems
+from cloudbackup.stream.hashing import sha256_file
+
+
+@dataclass
+class VerifyResult:
+    """One copy checked. Until it is found to match, a copy counts as differing from its
+    manifest (INTEGRITY); one that could not be checked at all is FAILED."""
+
+    id: str
+    where: str
+    detail: str = ""
+    host: str = ""
+    source: str = ""
+    outcome: Outcome = Outcome.INTEGRITY
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is Outcome.OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "where": self.where, "ok": self.ok, "detail": self.detail}
+
+
+def select_refs(
+    refs: Iterable[BackupRef], ids: Sequence[str], source: str | None, host: str | None
+) -> list[BackupRef]:
+    chosen = []
+    for ref in refs:
+        if host and ref.host != host:
+            continue
+        if source and ref.source != source:
+            continue
+        if ids and ref.id not in ids:
+            continue
+        chosen.append(ref)
+    return chosen
+
+
+def verify_local_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> VerifyResult:
+    from cloudbackup.stream.compress import open_decompressed
+    from cloudbackup.stream.pipeline import walk_archive
+
+    result = VerifyResult(ref.id, "local", "", ref.host, ref.source)
+    try:
+        manifest = ctx.local_catalog.manifest(ref)
+        assert ref.archive_key
+        path = ctx.local.path(ref.archive_key)
+        progress = ctx.progress(f"verify {ref.id}", manifest.size)
+        if deep:
+            from cloudbackup.stream.hashing import HashingReader
+
+            with open_regular(path) as raw:
+                hashing = HashingReader(raw, progress)
+                walked = walk_archive(open_decompressed(hashing, manifest.compression))
+                hashing.drain()
+                digest, size = hashing.sha.hexdigest(), hashing.count
+        else:
+            digest, size = sha256_file(path, progress)
+        getattr(progress, "close", lambda: None)()
+        if size != manifest.size:
+            result.detail = f"size {size} differs from the manifest's {manifest.size}"
+        elif digest != manifest.sha256:
+            result.detail = f"sha256 {digest} differs from the manifest's {manifest.sha256}"
+        elif deep and (walked.file_count, walked.uncompressed_bytes) != (
+            manifest.file_count,
+            manifest.uncompressed_bytes,
+        ):
+            result.detail = (
+                f"archive holds {walked.file_count} files / {walked.uncompressed_bytes} bytes, "
+                f"the manifest says {manifest.file_count} / {manifest.uncompressed_bytes}"
+            )
+        else:
+            result.outcome = Outcome.OK
+            result.detail = f"sha256 and size match ({size} bytes)" + (
+                f"; {walked.file_count} files, {walked.uncompressed_bytes} bytes walked"
+                if deep
+                else ""
+            )
+    except CloudBackupError as exc:  # IntegrityError, or a manifest that cannot be read
+        result.detail = str(exc)
+        result.outcome = exc.outcome if exc.outcome is Outcome.INTEGRITY else Outcome.FAILED
+    except OSError as exc:
+        result.detail = f"cannot read: {exc.strerror}"
+        result.outcome = Outcome.FAILED
+    return result
+
+
+def verify_remote_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> VerifyResult:
+    """HEAD the manifest and the archive (no GET); ``deep`` streams and walks the archive."""
+    from cloudbackup.stream.compress import open_decompressed
+    from cloudbackup.stream.hashing import HashingReader
+    from cloudbackup.stream.pipeline import walk_archive
+
+    result = VerifyResult(ref.id, "remote", "", ref.host, ref.source)
+    try:
+        assert ref.manifest_key and ref.archive_key
+        mhead = ctx.remote.head(ref.manifest_key)
+        if mhead is None:
+            result.detail = "manifest object is missing"
+            return result
+        manifest: Manifest | None = None
+        facts = parse_manifest_metadata(mhead.metadata, ref)
+        if facts is None or deep:
+            manifest = ctx.remote_catalog.manifest(ref)
+        if facts is None:
+            assert manifest is not None
+            upload = manifest.upload
+            sha256, size = manifest.sha256, manifest.size
+            checksum = upload.checksum if upload else None
+        else:
+            sha256, size, checksum = facts.sha256, facts.size, facts.checksum
+            if manifest is not None and (manifest.sha256, manifest.size) != (sha256, size):
+                result.detail = "the manifest object's metadata disagrees with its body"
+                return result
+        head = ctx.remote.head(ref.archive_key)
+        if head is None:
+            result.detail = "archive object is missing"
+            return result
+        problems = head_problems(head, size, sha256, checksum)
+        if problems:
+            result.detail = "; ".join(problems)
+            return result
+        detail = (
+            f"size, sha256 metadata and S3 checksum match ({size} bytes)"
+            if "sha256" in head.metadata
+            else f"size and S3 checksum match ({size} bytes; streamed: sha256 in the manifest)"
+        )
+        if deep:
+            assert manifest is not None
+            progress = ctx.progress(f"verify {ref.id}", size)
+            corrupt: IntegrityError | None = None
+            with ctx.remote.open(ref.archive_key) as body:
+                hashing = HashingReader(body, progress)
+                try:
+                    walked = walk_archive(open_decompressed(hashing, manifest.compression))
+                except IntegrityError as exc:
+                    corrupt = exc  # report the checksum first: it says the bytes changed
+                hashing.drain()
+            getattr(progress, "close", lambda: None)()
+            if hashing.count != size or hashing.sha.hexdigest() != sha256:
+                result.detail = f"downloaded sha256 {hashing.sha.hexdigest()} ({hashing.count} bytes) ≠ manifest {sha256}"
+                return result
+            if corrupt is not None:
+                raise corrupt
+            if (walked.file_count, walked.uncompressed_bytes) != (
+                manifest.file_count,
+                manifest.uncompressed_bytes,
+            ):
+                result.detail = (
+                    f"archive holds {walked.file_count} files / {walked.uncompressed_bytes} bytes, "
+                    f"manifest says {manifest.file_count} / {manifest.uncompressed_bytes}"
+                )
+                return result
+            detail = f"streamed and re-hashed {size} bytes; {walked.file_count} files, {walked.uncompressed_bytes} bytes walked"
+        result.outcome = Outcome.OK
+        result.detail = detail
+    except IntegrityError as exc:
+        result.detail = str(exc)
+    except CloudBackupError as exc:
+        result.detail = f"cannot verify: {exc}"
+        result.outcome = Outcome.FAILED
+    return result

@@ -1,0 +1,1 @@
+"""What can be backed up: one module per kind of source, a registry of them by name."""

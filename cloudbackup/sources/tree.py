@@ -1,0 +1,207 @@
+"""What tree sources (directory, glob) share: the walk, by directory descriptor, iterative,
+never following a symlink (see cloudbackup.fs.walk), and a base class."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from cloudbackup.core.errors import SourceError
+from cloudbackup.fs.walk import DirCursor, DirHandle, DirTable, FileEntry
+from cloudbackup.sources.base import RestoreAs, Source, SourceContext
+
+
+def _is_special(mode: int) -> bool:
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+
+
+def _kind_name(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "device"
+
+
+def _open_root(root: str) -> DirHandle:
+    """The walk's root, opened once by path (a symlink there was resolved by the source)."""
+    try:
+        return DirTable(root).open_root()
+    except FileNotFoundError:
+        raise SourceError(
+            f"source path {root} does not exist", "check the path or the mount"
+        ) from None
+    except PermissionError:
+        raise SourceError(
+            f"source path {root} is not readable", "run as a user who can read it"
+        ) from None
+    except OSError as exc:
+        # O_NOFOLLOW | O_DIRECTORY on a symlink: ENOTDIR (or ELOOP) rather than a follow.
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(root):
+            raise SourceError(
+                f"source path {root} was replaced by a symlink since it was resolved",
+                "check the path",
+            ) from None
+        if exc.errno == errno.ENOTDIR:
+            raise SourceError(
+                f"source path {root} is not a directory", "give a directory or a glob"
+            ) from None
+        raise SourceError(f"source path {root}: {exc.strerror}", "check the path") from None
+
+
+@dataclass
+class _Level:
+    """One directory on the walk's stack: its handle, sorted names and entry (glob mode)."""
+
+    handle: DirHandle
+    names: list[str]
+    entry: FileEntry | None
+    index: int = 0
+
+
+# Long: the walk's one loop, on the hot path (no call per entry or per level).
+def walk_tree(
+    root: str,
+    ctx: SourceContext,
+    *,
+    select: Callable[[str], bool] | None = None,
+) -> Iterator[FileEntry]:
+    """Depth-first and sorted, by directory descriptor, iterative, never following symlinks.
+
+    Every directory is opened relative to its parent with O_NOFOLLOW and must be the
+    directory the parent's listing showed; one that was swapped (for a symlink or anything
+    else) is skipped with a warning. ``select`` filters non-directories (glob sources);
+    parent directories of selected entries are emitted before them. Holds one name list
+    per level and a bounded number of descriptors (see cloudbackup.fs.walk), whatever the depth.
+    """
+    top = _open_root(root)
+    warn = ctx.warn
+    exclude = ctx.exclude if ctx.exclude else None
+    skip = ctx.skip_inodes
+    visited: set[tuple[int, int]] = {(top.dev, top.ino)}
+    pending: list[FileEntry] = []  # glob mode: directories of the current path not yet emitted
+    cursor = DirCursor()
+    try:
+        try:
+            names = sorted(os.listdir(cursor.fd_for(top)))
+        except OSError as exc:
+            warn("unreadable", f"{root}: cannot list directory ({exc.strerror})")
+            return
+        stack = [_Level(top, names, None)]
+        rel = ""  # the member name of the directory on top of the stack
+        while stack:
+            level = stack[-1]
+            names = level.names
+            if level.index >= len(names):
+                stack.pop()
+                if pending and pending[-1] is level.entry:
+                    pending.pop()
+                rel = rel[: len(rel) - len(level.handle.name) - 1] if len(stack) > 1 else ""
+                continue
+            name = names[level.index]
+            level.index += 1
+            arcname = f"{rel}/{name}" if rel else name
+            if exclude is not None and exclude.matches_child(arcname, name):
+                continue
+            try:
+                fd = cursor.fd_for(level.handle)
+            except OSError as exc:
+                # Its descriptor had been closed (bounded window) and it moved since.
+                gone = isinstance(exc, FileNotFoundError)
+                warn(
+                    "vanished" if gone else "unreadable",
+                    f"{level.handle.path}: "
+                    + ("replaced during the walk" if gone else f"cannot reopen ({exc.strerror})")
+                    + "; the rest of it skipped",
+                )
+                level.index = len(names)
+                continue
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                warn("vanished", f"{level.handle.child_path(name)}: vanished while reading")
+                continue
+            except OSError as exc:
+                warn("unreadable", f"{level.handle.child_path(name)}: cannot stat ({exc.strerror})")
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key in skip:
+                continue
+            mode = st.st_mode
+            if stat.S_ISDIR(mode):
+                if key in visited:
+                    warn(
+                        "skipped",
+                        f"{level.handle.child_path(name)}: directory loop (bind mount?) skipped",
+                    )
+                    continue
+                visited.add(key)
+                try:
+                    child = level.handle.open_child(name, st, fd)
+                except FileNotFoundError:
+                    warn(
+                        "vanished",
+                        f"{level.handle.child_path(name)}: replaced during the walk; "
+                        "skipped (never followed)",
+                    )
+                    continue
+                except OSError as exc:
+                    entry = FileEntry(None, arcname, st, level.handle, name)
+                    warn("unreadable", f"{entry.path}: cannot list directory ({exc.strerror})")
+                    if select is None:
+                        yield entry
+                    continue
+                entry = FileEntry(None, arcname, st, level.handle, name, child)
+                if select is None:
+                    yield entry
+                else:
+                    pending.append(entry)
+                try:
+                    child_names = sorted(os.listdir(cursor.fd_for(child)))
+                except OSError as exc:
+                    gone = isinstance(exc, FileNotFoundError)
+                    warn(
+                        "vanished" if gone else "unreadable",
+                        f"{entry.path}: "
+                        + ("replaced during the walk" if gone else "cannot list directory")
+                        + ("" if gone else f" ({exc.strerror})"),
+                    )
+                    if pending and pending[-1] is entry:
+                        pending.pop()
+                    continue
+                stack.append(_Level(child, child_names, entry))
+                rel = arcname
+            elif _is_special(mode):
+                warn("skipped", f"{level.handle.child_path(name)}: {_kind_name(mode)} skipped")
+            else:
+                if select is not None:
+                    if not select(arcname):
+                        continue
+                    if pending:
+                        yield from pending
+                        pending.clear()
+                yield FileEntry(None, arcname, st, level.handle, name)
+    finally:
+        cursor.release()
+
+
+class TreeSource(Source):
+    """A tree of files in place: walked, every file counted by the shrink guard, read ahead
+    by the writer, surveyed for a dry run, and restored into a directory."""
+
+    restore_as = RestoreAs.TREE
+    counts_files = True
+    prefetch = True
+    chain_capable = True
+
+    def survey(self, ctx: SourceContext) -> tuple[int, int] | None:
+        files = size = 0
+        for entry in self.entries(ctx):
+            if not stat.S_ISDIR(entry.st.st_mode):
+                files += 1
+                if stat.S_ISREG(entry.st.st_mode):
+                    size += entry.st.st_size
+        return files, size

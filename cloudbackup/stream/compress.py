@@ -1,0 +1,102 @@
+"""The codecs both ways: a compressor per ``CLOUDBACKUP_COMPRESSION`` for the writer, and a
+decompressing reader for restore and ``verify --deep``."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+import zlib
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import zstandard
+
+
+class Compressor(Protocol):
+    def compress(self, data: Any, /) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+
+class _Identity:
+    def compress(self, data: Any) -> bytes:
+        return bytes(data)
+
+    def flush(self) -> bytes:
+        return b""
+
+
+class _Zstd:
+    """zstd through a stream writer: output goes to ``emit`` in 1 MiB pieces as it is
+    produced (a compressobj would hand back multi-MiB chunks and hold more memory)."""
+
+    class _Out:
+        def __init__(self, emit: Callable[[bytes], None]) -> None:
+            self.emit = emit
+
+        def write(self, data: Any) -> int:
+            self.emit(bytes(data))
+            return len(data)
+
+    def __init__(self, level: int, emit: Callable[[bytes], None]) -> None:
+        # threads=-1: one worker per core; compression overlaps with our reading.
+        cctx = zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True)
+        self._writer = cctx.stream_writer(
+            self._Out(emit),  # type: ignore[arg-type]
+            write_size=1024 * 1024,
+            closefd=False,
+        )
+
+    def compress(self, data: Any) -> bytes:
+        self._writer.write(data)
+        return b""
+
+    def flush(self) -> bytes:
+        self._writer.flush(zstandard.FLUSH_FRAME)
+        return b""
+
+
+def make_compressor(
+    compression: str, level: int | None, emit: Callable[[bytes], None] | None = None
+) -> Compressor:
+    if compression == "zstd":
+        if emit is None:
+            raise ValueError("zstd needs an output callback")
+        return _Zstd(level or 3, emit)
+    if compression == "gzip":
+        return zlib.compressobj(level or 6, zlib.DEFLATED, 31)  # 31: gzip container
+    if compression == "xz":
+        return lzma.LZMACompressor(preset=6 if level is None else level)
+    if compression == "bzip2":
+        return bz2.BZ2Compressor(level or 9)
+    if compression == "none":
+        return _Identity()
+    raise ValueError(f"unknown compression {compression!r}")
+
+
+def open_decompressed(stream: Any, compression: str) -> Any:
+    """A readable stream of the tar bytes inside a compressed archive stream."""
+    if compression == "zstd":
+        return zstandard.ZstdDecompressor().stream_reader(
+            stream, read_size=1024 * 1024, read_across_frames=True
+        )  # type: ignore[return-value]
+    if compression == "gzip":
+        return gzip.GzipFile(fileobj=stream, mode="rb")
+    if compression == "xz":
+        return lzma.LZMAFile(stream, "rb")
+    if compression == "bzip2":
+        return bz2.BZ2File(stream, "rb")
+    if compression == "none":
+        return stream
+    raise ValueError(f"unknown compression {compression!r}")
+
+
+#: What a decompressor raises for a corrupt or truncated stream (an integrity failure).
+DECOMPRESS_ERRORS: tuple[type[BaseException], ...] = (
+    zstandard.ZstdError,
+    lzma.LZMAError,
+    zlib.error,
+    gzip.BadGzipFile,
+    EOFError,
+)

@@ -1,0 +1,130 @@
+"""The archive pipeline both ways.
+
+Write: entries → tar (``tarwriter``) → compressor (``compress``) → SHA-256 + size
+(``hashing``) → ``.partial`` file, and the tail an uploader follows; one pass over the data
+with bounded memory. The main thread walks, encodes tar headers and reads file data into a
+4 MiB buffer that goes to the compressor (zstd compresses on its own worker threads); a
+writer thread hashes the compressed output and writes it, so hashing and disk writes
+overlap with reading. Read: bytes → hash → decompress → tar members.
+"""
+
+from __future__ import annotations
+
+import errno
+import lzma
+import os
+import tarfile
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, BinaryIO, cast
+
+import zstandard
+
+from cloudbackup.core.errors import CloudBackupError, IntegrityError, SourceError
+from cloudbackup.fs.walk import FileEntry
+from cloudbackup.stream.compress import make_compressor
+from cloudbackup.stream.hashing import ArchiveTail, HashingSink
+from cloudbackup.stream.tarformat import TarReader
+from cloudbackup.stream.tarwriter import ArchiveStats, TarOut, Warn, prefetched, write_tar
+
+
+def write_archive(
+    entries: Iterable[FileEntry],
+    partial: Path,
+    *,
+    compression: str,
+    level: int | None,
+    warn: Warn,
+    progress: Callable[[int], None] | None = None,
+    tail: ArchiveTail | None = None,
+    prefetch: bool = False,
+) -> ArchiveStats:
+    """Write ``partial`` in one pass and fsync it; the caller renames it into place.
+
+    ``tail`` follows the bytes as they are written (it is finished once the file is
+    fsynced, failed on error). ``prefetch`` reads ahead of ``entries`` (see
+    :func:`prefetched`): only for sources whose entries stay valid once the next one is
+    asked for (files on disk, not a spool removed after its entry). On any error the partial file is removed and the error
+    re-raised.
+    """
+    stats = ArchiveStats()
+
+    def record(category: str, message: str) -> None:
+        stats.warnings.append(message)
+        if category == "unreadable":
+            stats.unreadable += 1
+        elif category == "vanished":
+            stats.vanished += 1
+        elif category == "changed":
+            stats.changed += 1
+        warn(category, message)
+
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        if tail is not None:
+            tail.attach(partial)
+        sink = HashingSink(fd, tail=tail)
+    except BaseException:
+        os.close(fd)
+        partial.unlink(missing_ok=True)
+        raise
+    try:
+        out = TarOut(make_compressor(compression, level, sink.put), sink, progress)
+        try:
+            write_tar(prefetched(entries) if prefetch else entries, out, stats, record)
+            out.finish()
+        finally:
+            sink.close()
+        os.fsync(fd)
+    except BaseException as exc:
+        os.close(fd)
+        partial.unlink(missing_ok=True)
+        if tail is not None:
+            tail.fail()
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise SourceError(
+                f"no space left on {partial.parent} while writing the archive", "free space"
+            ) from None
+        raise
+    os.close(fd)
+    stats.size = sink.size
+    stats.sha256 = sink.sha.hexdigest()
+    if tail is not None:
+        tail.finish(stats.size)
+    return stats
+
+
+@dataclass
+class WalkStats:
+    file_count: int = 0
+    uncompressed_bytes: int = 0
+    dirs: int = 0
+
+
+def walk_archive(stream: IO[bytes]) -> WalkStats:
+    """Read a tar stream to its end, counting members as the writer counted them (member
+    data is read through, not looked at; the stream must end with an end-of-archive block)."""
+    stats = WalkStats()
+    try:
+        with TarReader(cast(BinaryIO, stream)) as tar:
+            for member in tar:
+                if member.isdir():
+                    stats.dirs += 1
+                    continue
+                stats.file_count += 1
+                if member.isreg():
+                    stats.uncompressed_bytes += member.size
+    except (
+        tarfile.TarError,
+        EOFError,
+        zstandard.ZstdError,
+        lzma.LZMAError,
+        OSError,
+        zlib.error,
+    ) as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, EOFError) and exc.errno is not None:
+            raise CloudBackupError(f"cannot read the archive: {exc}") from exc
+        raise IntegrityError(f"the archive is truncated or corrupt ({exc})") from exc
+    return stats
