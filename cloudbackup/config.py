@@ -736,17 +736,28 @@ def _value(row: Variable, given: Given | None) -> Any:
 
 
 def resolve_one(
-    name: str,
+    field_name: str,
     cli: Mapping[str, Any],
     environ: Mapping[str, str],
     dotenv: Mapping[str, str | None],
 ) -> Any:
-    """The value of one variable, even when others are invalid (``run`` pings its failure
-    URL for a configuration error); None when it is unset or itself invalid."""
+    """The value of one setting (a :class:`Settings` field), even when others are invalid
+    (``run`` pings its failure URL for a configuration error); None when it is unset or
+    itself invalid."""
+    row = BY_FIELD[field_name]
     try:
-        return _value(ROWS[name], Inputs(cli, environ, dotenv).get(name))
+        return _value(row, Inputs(cli, environ, dotenv).get(row.name))
     except (ConfigError, ValueError):
         return None
+
+
+def command_line(
+    *, sources: Sequence[str] | None = None, extra_exclude: Sequence[str] = (), **fields: Any
+) -> dict[str, Any]:
+    """The command line's values as :func:`load` takes them: options by :class:`Settings`
+    field (``None``: not given), source arguments, and ``--exclude`` patterns."""
+    given: dict[str, Any] = {BY_FIELD[name].name: value for name, value in fields.items()}
+    return given | {"sources": list(sources or ()), "extra_exclude": list(extra_exclude)}
 
 
 # ---------------------------------------------------------------- per-source values

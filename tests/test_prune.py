@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from cloudbackup.cli import output
 from cloudbackup.config import ObjectLock, Settings
 from cloudbackup.context import Context
 from cloudbackup.core.errors import PermanentStorageError, UsageError
@@ -21,7 +22,6 @@ from cloudbackup.lock import DirLock
 from cloudbackup.ops import forget as forgetting
 from cloudbackup.ops import prune as pruning
 from cloudbackup.storage.base import ObjectHead, ObjectInfo
-from cloudbackup.storage.dryrun import DryRunStore
 from cloudbackup.storage.local import LocalStore
 from tests.conftest import CliResult, Clock, Env, make_tree
 
@@ -502,7 +502,7 @@ def test_delete_refused_by_object_lock_is_retained_not_failed(
         "www-20261117T021500Z": "retained by object lock until 2026-11-18T02:15:00Z",
     }
     assert "www-20261117T021500Z" in bucket.ids()
-    lines = pruning.describe([result], dry_run=False)
+    lines = output.prune_lines([result], dry_run=False)
     assert any("retained" in line and "20261117" in line for line in lines)
 
 
@@ -582,24 +582,21 @@ def test_validate_raises_usage_errors(tmp_path: Path) -> None:
     assert pruning.prune(ctx, where="remote", policy=parse_policy("last=1")) == []
 
 
-# ---------------------------------------------------------------- the dry-run store
+# ---------------------------------------------------------------- the plan is a value
 
 
-def test_dry_run_store_passes_reads_and_records_writes(tmp_path: Path) -> None:
-    local = LocalStore(tmp_path)
-    local.put_bytes("h/s/a.json", b"{}")
-    store = DryRunStore(local)
-    assert store.where == "local"
-    assert [o.key for o in store.list("")] == ["h/s/a.json"]
-    assert store.get_bytes("h/s/a.json") == b"{}"
-    assert store.head("h/s/a.json") is not None
-    assert store.path("h/s/a.json") == tmp_path / "h" / "s" / "a.json"
-    store.delete("h/s/a.json")
-    store.put_bytes("h/s/b.json", b"{}")
-    assert store.deleted == ["h/s/a.json"] and store.put == ["h/s/b.json"]
-    assert (tmp_path / "h/s/a.json").exists() and not (tmp_path / "h/s/b.json").exists()
-    with pytest.raises(AttributeError, match="dry-run"):
-        store.something_new  # noqa: B018 - an unknown (maybe writing) method is refused
+def test_a_dry_run_prints_the_plan_the_real_run_executes(
+    tmp_path: Path, bucket: FakeRemote
+) -> None:
+    """No store wrapper: a dry run calls no write at all, and its plan (the deletions, in
+    order, with their keys) is exactly what the real run then deletes."""
+    ctx = make_ctx(tmp_path, bucket)
+    (dry,) = pruning.prune(ctx, where="remote", dry_run=True)
+    assert {op for op, _ in bucket.calls} == {"list", "head"}
+    assert [step.ref.id for step in dry.plan] == list(reversed(dry.delete))
+    (real,) = pruning.prune(ctx, where="remote")
+    assert [(s.ref.id, s.keys) for s in dry.plan] == [(s.ref.id, s.keys) for s in real.plan]
+    assert [key for step in real.plan for key in step.keys] == bucket.deletes
 
 
 # ---------------------------------------------------------------- forget (prune's executor)
@@ -637,7 +634,7 @@ def test_forget_dry_run_records_the_same_deletes(tmp_path: Path, bucket: FakeRem
     ctx = make_ctx(tmp_path, bucket)
     (dry,) = forgetting.forget(ctx, ["www-20261118T021500Z"], where="remote", dry_run=True)
     assert bucket.deletes == [] and dry.deleted == [] and dry.delete == ["www-20261118T021500Z"]
-    lines = forgetting.describe([dry], dry_run=True)
+    lines = output.forget_lines([dry], dry_run=True)
     assert "remote www-20261118T021500Z  would delete" in lines
     assert any(line.strip().endswith("www-20261118T021500Z.tar.zst") for line in lines)
     (real,) = forgetting.forget(ctx, ["www-20261118T021500Z"], where="remote")
@@ -689,7 +686,7 @@ def test_forget_where_all_leaves_local_copies_when_the_bucket_refuses(
     assert local.errors == ["not deleted: an earlier deletion failed"]
     assert all(path.exists() for path in files)
     assert forgetting.exit_code([remote, local]) == 1
-    assert "not all deleted" in forgetting.describe([remote, local], dry_run=False)[-1]
+    assert "not all deleted" in output.forget_lines([remote, local], dry_run=False)[-1]
 
 
 def test_forget_where_all_deletes_every_copy_and_the_upload_record(

@@ -174,7 +174,9 @@ def test_both_forms_in_one_place_is_exit_2(tmp_path: Path, place: str) -> None:
 
 def test_the_forms_in_two_places_follow_the_precedence(tmp_path: Path) -> None:
     path = secret_file(tmp_path, "from-file")
-    env_file_form = load({"CLOUDBACKUP_S3_BUCKET_FILE": str(path)}, {"CLOUDBACKUP_S3_BUCKET": "dot"})
+    env_file_form = load(
+        {"CLOUDBACKUP_S3_BUCKET_FILE": str(path)}, {"CLOUDBACKUP_S3_BUCKET": "dot"}
+    )
     assert env_file_form.s3_bucket == "from-file"
     env_value = load({"CLOUDBACKUP_S3_BUCKET": "env"}, {"CLOUDBACKUP_S3_BUCKET_FILE": str(path)})
     assert env_value.s3_bucket == "env"
@@ -363,7 +365,9 @@ def test_a_suffix_that_is_no_source_name_is_exit_2(suffix: str) -> None:
 
 def test_per_source_file_forms(tmp_path: Path) -> None:
     path = secret_file(tmp_path, "hourly=24\n")
-    settings = load({"CLOUDBACKUP_SOURCES": SOURCES, "CLOUDBACKUP_REMOTE_RETENTION__WWW_FILE": str(path)})
+    settings = load(
+        {"CLOUDBACKUP_SOURCES": SOURCES, "CLOUDBACKUP_REMOTE_RETENTION__WWW_FILE": str(path)}
+    )
     assert settings.for_source("www").remote_retention == parse_policy("hourly=24")
     both = {
         "CLOUDBACKUP_REMOTE_RETENTION__WWW": "last=1",
@@ -398,9 +402,9 @@ def test_a_source_whose_suffix_ends_in_file(tmp_path: Path) -> None:
 def test_one_variable_resolves_when_others_are_invalid(tmp_path: Path) -> None:
     environ = {"CLOUDBACKUP_COMPRESSION": "rar", "CLOUDBACKUP_PING_URL": "https://hc.example/u/"}
     assert "CLOUDBACKUP_COMPRESSION" in error(environ)
-    assert config.resolve_one("CLOUDBACKUP_PING_URL", {}, environ, {}) == "https://hc.example/u"
+    assert config.resolve_one("ping_url", {}, environ, {}) == "https://hc.example/u"
     path = secret_file(tmp_path, "https://hc.example/file\n")
     from_file = {"CLOUDBACKUP_PING_URL_FILE": str(path)}
-    assert config.resolve_one("CLOUDBACKUP_PING_URL", {}, {}, from_file) == "https://hc.example/file"
-    assert config.resolve_one("CLOUDBACKUP_PING_URL", {}, {"CLOUDBACKUP_PING_URL": "nope"}, {}) is None
-    assert config.resolve_one("CLOUDBACKUP_PING_URL", {}, {}, {}) is None
+    assert config.resolve_one("ping_url", {}, {}, from_file) == "https://hc.example/file"
+    assert config.resolve_one("ping_url", {}, {"CLOUDBACKUP_PING_URL": "nope"}, {}) is None
+    assert config.resolve_one("ping_url", {}, {}, {}) is None

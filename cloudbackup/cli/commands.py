@@ -1,4 +1,5 @@
-"""The command line: Click commands over the use cases (``ops``, ``restore``); ``main`` maps
+"""The command line: Click commands over the use cases (``ops``, ``restore``), each one
+parsing its options, calling its use case and handing the result to ``output``; ``main`` maps
 errors to messages and exit codes (``core.outcome``)."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import os
 import socket
 import stat
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,18 +21,12 @@ from dotenv import dotenv_values
 
 from cloudbackup import __version__, config
 from cloudbackup import context as contexts
-from cloudbackup.cli import options
-from cloudbackup.cli.output import (
-    Progress,
-    human_duration,
-    human_size,
-    print_json,
-    setup_logging,
-    table,
-)
+from cloudbackup.cli import options, output
+from cloudbackup.cli.output import Progress, setup_logging
 from cloudbackup.config import Settings
 from cloudbackup.core.errors import CloudBackupError, ConfigError, UsageError
 from cloudbackup.core.outcome import Outcome, exit_code
+from cloudbackup.lock import DirLock
 from cloudbackup.ops import backup as backing
 from cloudbackup.ops import list as listing
 from cloudbackup.ops import verify as verifying
@@ -39,8 +34,6 @@ from cloudbackup.sources.base import url_secrets
 from cloudbackup.storage.local import LocalStore
 
 LOG = logging.getLogger("cloudbackup")
-#: A .env file larger than this is not one (a wrong path, or a device behind a symlink).
-MAX_ENV_FILE = 1024 * 1024
 
 
 @dataclass
@@ -50,6 +43,9 @@ class AppState:
     quiet: bool = False
     settings: Settings | None = None
     redact: list[str] = field(default_factory=list)
+    #: What the settings were read from, read once per command (:func:`load_settings`).
+    environ: Mapping[str, str] = field(default_factory=dict)
+    dotenv: Mapping[str, str | None] = field(default_factory=dict)
 
 
 def _now() -> datetime:
@@ -59,41 +55,7 @@ def _now() -> datetime:
 def read_env_file(path: Path, label: str) -> dict[str, str | None]:
     """The variables of a .env file. Anything but a readable UTF-8 text file without NUL
     bytes is a ConfigError (exit 2) naming ``label``; never a traceback."""
-    try:
-        # O_NONBLOCK: a FIFO in its place must not hang the run (it is refused below).
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise ConfigError(f"{label} does not exist", "give the path of your .env file") from None
-    except OSError as exc:
-        raise ConfigError(
-            f"{label} cannot be read: {exc.strerror or exc}", "check its permissions"
-        ) from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise ConfigError(f"{label} is a directory", "give the path of your .env file")
-        if not stat.S_ISREG(mode):
-            raise ConfigError(f"{label} is not a regular file", "give the path of your .env file")
-        data = b""
-        while len(data) <= MAX_ENV_FILE and (chunk := os.read(fd, MAX_ENV_FILE + 1 - len(data))):
-            data += chunk
-    except OSError as exc:
-        raise ConfigError(f"{label} cannot be read: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_ENV_FILE:
-        raise ConfigError(f"{label} is larger than 1 MiB: not an env file")
-    if b"\0" in data:
-        line = data[: data.index(b"\0")].count(b"\n") + 1
-        raise ConfigError(f"{label} holds a NUL byte (line {line})", "it must be a text file")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise ConfigError(
-            f"{label} is not valid UTF-8 (line {line})", "save it as UTF-8 text"
-        ) from None
-    return dict(dotenv_values(stream=io.StringIO(text)))
+    return dict(dotenv_values(stream=io.StringIO(config.read_text_file(path, label))))
 
 
 def _dotenv(state: AppState) -> tuple[Path | None, dict[str, str | None]]:
@@ -118,16 +80,16 @@ def _home() -> Path | None:
         return None
 
 
-def load_settings(
-    state: AppState, overrides: dict[str, Any] | None = None, *, secrets: Sequence[str] = ()
-) -> Settings:
-    """Resolve settings once per command: CLI > environment > .env > default. The process
-    environment is read here, once: below the CLI nothing reads ``os.environ``."""
-    env_file, dotenv = _dotenv(state)
+def load_settings(state: AppState, *, secrets: Sequence[str] = (), **given: Any) -> Settings:
+    """Resolve settings once per command: CLI (``given``, by settings field) > environment >
+    .env > default. The process environment and the .env file are read here, once: below
+    the CLI nothing reads ``os.environ``."""
+    state.environ = dict(os.environ)
+    env_file, state.dotenv = _dotenv(state)
     settings = config.load(
-        overrides or {},
-        os.environ,
-        dotenv,
+        config.command_line(**given),
+        state.environ,
+        state.dotenv,
         hostname=socket.gethostname(),
         home=_home(),
         env_file=env_file,
@@ -181,16 +143,27 @@ def _progress_factory() -> Callable[[str, int | None], Callable[[int], None]]:
     return factory
 
 
+def _remote_url(settings: Settings) -> Callable[[str], str]:
+    """How output names a key of the offsite destination."""
+    return lambda key: f"s3://{settings.s3_bucket}/{key}"
+
+
 def _state() -> AppState:
     return click.get_current_context().find_object(AppState) or AppState()
 
 
-def _emit_json(document: Any) -> None:
-    print_json(document)
-
-
 def _exit(code: int) -> NoReturn:
     raise SystemExit(code)
+
+
+def _need_bucket(settings: Settings, where: str) -> str:
+    """``where`` for a command that reads copies: remote ones need a bucket (exit 2); with
+    none, ``all`` means the local ones."""
+    if where in ("remote", "all") and not settings.s3_bucket:
+        if where == "remote":
+            raise UsageError("--where remote needs a bucket", "set CLOUDBACKUP_S3_BUCKET")
+        return "local"
+    return where
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -221,36 +194,6 @@ def cli(ctx: click.Context, env_files: tuple[Path, ...], verbose: bool, quiet: b
 # ---------------------------------------------------------------- backup
 
 
-def _result_row(r: backing.SourceResult, *, local_only: bool) -> list[str]:
-    """source, id, result, size, time, uploaded, notes: one row of a backup or run summary."""
-    state = "ok" if r.ok and r.outcome is Outcome.OK else ("ok (warnings)" if r.ok else "FAILED")
-    return [
-        r.source,
-        r.id or "-",
-        state,
-        human_size(r.size) if r.size is not None else "-",
-        f"{r.seconds:.1f}s",
-        "yes" if r.uploaded else ("local-only" if local_only else "no"),
-        r.error or (f"{len(r.warnings)} warning(s)" if r.warnings else ""),
-    ]
-
-
-def _print_results(
-    results: Sequence[backing.SourceResult], *, local_only: bool, dry_run: bool
-) -> None:
-    rows = [_result_row(r, local_only=local_only) for r in results]
-    click.echo(table(rows, ["source", "id", "result", "size", "time", "uploaded", "notes"]))
-    failed = [r.source for r in results if not r.ok]
-    summary = f"{len(results) - len(failed)} of {len(results)} source(s) backed up"
-    if dry_run:
-        summary = f"dry run: {len(results) - len(failed)} of {len(results)} source(s) would be backed up; nothing written"
-    if failed:
-        summary += "; failed: " + ", ".join(failed)
-    if local_only and not dry_run:
-        summary += " (local-only: no bucket configured, nothing uploaded)"
-    click.echo(summary)
-
-
 @cli.command()
 @click.argument("specs", nargs=-1, metavar="[SPEC]...")
 @click.option("--no-upload", is_flag=True, help="Archive locally only; upload later with `upload`.")
@@ -262,10 +205,8 @@ def _print_results(
     help="Exclude glob (adds to CLOUDBACKUP_EXCLUDE).",
 )
 @click.option("--compression", type=click.Choice(config.COMPRESSIONS), help="Compression codec.")
-@click.option(
-    "--allow-shrink", is_flag=True, help="Accept a source the shrink guard would stop, once."
-)
-@click.option("--dry-run", is_flag=True, help="Show what would be archived; write nothing.")
+@options.allow_shrink
+@options.dry_run
 @options.as_json
 def backup(
     specs: tuple[str, ...],
@@ -277,93 +218,66 @@ def backup(
     as_json: bool,
 ) -> None:
     """Archive each source (arguments or CLOUDBACKUP_SOURCES), then upload it."""
-    state = _state()
     settings = load_settings(
-        state,
-        {
-            "sources": list(specs) or None,
-            "extra_exclude": list(excludes),
-            "CLOUDBACKUP_COMPRESSION": compression,
-        },
+        _state(), sources=specs, extra_exclude=excludes, compression=compression
     )
     if not settings.sources:
         raise UsageError(
             "no sources to back up",
             "give SPEC arguments or set CLOUDBACKUP_SOURCES (e.g. /srv/www)",
         )
-    upload = not no_upload and settings.s3_bucket is not None
-    ctx = make_context(settings, remote=settings.s3_bucket is not None and not dry_run)
     local_only = settings.s3_bucket is None
     if local_only and not no_upload:
         LOG.info("no bucket configured (CLOUDBACKUP_S3_BUCKET): local-only backup")
-    from cloudbackup.lock import DirLock
-
-    with DirLock(settings.local_dir):
-        uploader, streamer = _uploader() if upload else (None, None)
-        results = backing.backup(
-            ctx,
-            settings.sources,
-            backing.BackupOptions(dry_run=dry_run, allow_shrink=allow_shrink),
-            uploader=uploader,
-            streamer=streamer,
-        )
-    if as_json:
-        _emit_json(
-            {
-                "results": [r.to_dict() for r in results],
-                "dry_run": dry_run,
-                "local_only": local_only,
-            }
-        )
-    else:
-        _print_results(results, local_only=local_only, dry_run=dry_run)
+    ctx = make_context(settings, remote=not local_only and not dry_run)
+    chosen = backing.BackupOptions(dry_run=dry_run, allow_shrink=allow_shrink)
+    results = _back_up(ctx, chosen, upload=not no_upload and not local_only)
+    document = {"results": [r.to_dict() for r in results], "dry_run": dry_run}
+    output.show(
+        as_json,
+        document | {"local_only": local_only},
+        lambda: output.backup_summary(
+            results, local_only=local_only, dry_run=dry_run, remote_url=_remote_url(settings)
+        ),
+    )
     _exit(exit_code(r.outcome for r in results))
 
 
-def _uploader() -> tuple[
-    backing.Uploader, backing.Streamer
-]:
+def _back_up(
+    ctx: contexts.Context, chosen: backing.BackupOptions, *, upload: bool
+) -> list[backing.SourceResult]:
+    """Every source under the lock, uploaded (streamed while archived) when ``upload``."""
     from cloudbackup.ops import upload as uploading
 
-    return uploading.upload_after_backup, uploading.start_stream
+    with DirLock(ctx.settings.local_dir):
+        return backing.backup(
+            ctx,
+            ctx.settings.sources,
+            chosen,
+            uploader=uploading.upload_after_backup if upload else None,
+            streamer=uploading.start_stream if upload else None,
+        )
 
 
-# ---------------------------------------------------------------- list / verify
+# ---------------------------------------------------------------- list / verify / upload
 
 
 @cli.command(name="list")
 @options.only_source
 @options.where("all")
-@click.option("--host", help="Backups of this host (default: this machine's).")
-@click.option("--all-hosts", is_flag=True, help="Backups of every host.")
+@options.backups_of_host
+@options.all_hosts
 @options.as_json
 def list_cmd(
     source: str | None, where: str, host: str | None, all_hosts: bool, as_json: bool
 ) -> None:
     """Backups with id, time, size, where they are and whether the offsite copy is verified."""
-    settings = load_settings(_state(), {"CLOUDBACKUP_HOST": host})
-    if where == "remote" and not settings.s3_bucket:
-        raise UsageError("--where remote needs a bucket", "set CLOUDBACKUP_S3_BUCKET")
+    settings = load_settings(_state(), host=host)
+    where = _need_bucket(settings, where) if where == "remote" else where
     ctx = make_context(settings, remote=where != "local", need_local=False)
     backups = listing.list_backups(ctx, where=where, source=source, all_hosts=all_hosts)
-    if as_json:
-        _emit_json({"backups": [b.to_dict() for b in backups]})
-        return
-    if not backups:
-        click.echo("no backups found")
-        return
-    rows = [
-        [
-            b.id,
-            b.host,
-            b.created_at.strftime("%Y-%m-%d %H:%M:%SZ"),
-            human_size(b.size),
-            "both" if b.local and b.remote else ("local" if b.local else "remote"),
-            "yes" if b.verified else "no",
-        ]
-        for b in backups
-    ]
-    click.echo(table(rows, ["id", "host", "created (UTC)", "size", "where", "verified offsite"]))
+    document = {"backups": [b.to_dict() for b in backups]}
+    output.show(as_json, document, lambda: output.backup_list(backups))
 
 
 @cli.command()
@@ -385,64 +299,60 @@ def verify(
 ) -> None:
     """Local: re-hash archives against manifests. Remote: compare S3's checksum, size and
     metadata with the manifest without downloading (--deep streams and re-hashes)."""
-    settings = load_settings(_state(), {"CLOUDBACKUP_HOST": host})
-    if where in ("remote", "all") and not settings.s3_bucket:
-        if where == "remote":
-            raise UsageError("--where remote needs a bucket", "set CLOUDBACKUP_S3_BUCKET")
-        where = "local"
+    settings = load_settings(_state(), host=host)
+    where = _need_bucket(settings, where)
     ctx = make_context(settings, remote=where != "local", need_local=False)
+    results = _verify(ctx, ids, source, where, deep)
+    document = {"results": [r.to_dict() for r in results]}
+    output.show(as_json, document, lambda: output.verify_lines(results))
+    _exit(exit_code(r.outcome for r in results))
+
+
+def _verify(
+    ctx: contexts.Context, ids: Sequence[str], source: str | None, where: str, deep: bool
+) -> list[verifying.VerifyResult]:
+    """The copies ``ids`` (or all of this host's, or ``source``'s) in ``where``, verified;
+    an id found nowhere is a usage error (exit 2)."""
     results = []
+    host = ctx.settings.host
     if where in ("local", "all"):
-        refs = verifying.select_refs(ctx.local_catalog.listing().refs, ids, source, settings.host)
+        refs = verifying.select_refs(ctx.local_catalog.listing().refs, ids, source, host)
         results += [verifying.verify_local_ref(ctx, ref, deep=deep) for ref in refs]
     if where in ("remote", "all"):
-        refs = verifying.select_refs(ctx.remote_catalog.listing().refs, ids, source, settings.host)
+        refs = verifying.select_refs(ctx.remote_catalog.listing().refs, ids, source, host)
         results += [verifying.verify_remote_ref(ctx, ref, deep=deep) for ref in refs]
-    if ids:
-        found = {r.id for r in results}
-        for missing in ids:
-            if missing not in found:
-                raise UsageError(f"no backup {missing!r} found ({where})", "see `cloudbackup list`")
-    if as_json:
-        _emit_json({"results": [r.to_dict() for r in results]})
-    else:
-        if not results:
-            click.echo("nothing to verify")
-        for r in results:
-            click.echo(f"{'ok  ' if r.ok else 'FAIL'} {r.where:6} {r.id}: {r.detail}")
-    _exit(exit_code(r.outcome for r in results))
+    found = {r.id for r in results}
+    for missing in ids:
+        if missing not in found:
+            raise UsageError(f"no backup {missing!r} found ({where})", "see `cloudbackup list`")
+    return results
 
 
 @cli.command()
 @options.only_source
-@click.option(
-    "--host", help="Upload as this host (explicit: allowed under another machine's claim)."
-)
+@options.act_as_host
 @options.as_json
 def upload(source: str | None, host: str | None, as_json: bool) -> None:
     """Push every complete local backup not yet verified remotely; resumes interrupted uploads."""
-    from cloudbackup.lock import DirLock
     from cloudbackup.ops import upload as uploading
 
-    settings = load_settings(_state(), {"CLOUDBACKUP_HOST": host})
+    settings = load_settings(_state(), host=host)
     if not settings.s3_bucket:
         raise UsageError("no bucket configured", "set CLOUDBACKUP_S3_BUCKET")
     ctx = make_context(settings)
     with DirLock(settings.local_dir):
         results = uploading.upload_pending(ctx, source)
-    if as_json:
-        _emit_json({"results": [r.to_dict() for r in results]})
-    else:
-        if not results:
-            click.echo("nothing to upload: every local backup is verified offsite")
-        for r in results:
-            click.echo(f"{'ok  ' if r.ok else 'FAIL'} {r.id}: {r.detail}")
+    document = {"results": [r.to_dict() for r in results]}
+    output.show(as_json, document, lambda: output.upload_lines(results))
     _exit(exit_code(r.outcome for r in results))
+
+
+# ---------------------------------------------------------------- restore
 
 
 @cli.command()
 @click.argument("target_spec", metavar="SOURCE|ID")
-@click.option("--host", help="Backups of this host (the old machine's name).")
+@options.backups_of_host
 @click.option(
     "--at", "at", metavar="TIME", help="Newest backup at or before TIME (RFC 3339 or a date)."
 )
@@ -458,7 +368,7 @@ def upload(source: str | None, host: str | None, as_json: bool) -> None:
 @click.option(
     "--force", is_flag=True, help="Replace a non-empty target (the old one is moved aside)."
 )
-@click.option("--dry-run", is_flag=True, help="List what would be restored; write nothing.")
+@options.dry_run
 @options.as_json
 def restore(**kwargs: Any) -> None:
     """Restore the newest backup of SOURCE (or backup ID), verified before anything is written."""
@@ -469,9 +379,7 @@ def restore(**kwargs: Any) -> None:
     if to == "-" and as_json:
         raise UsageError("--json cannot be used with --to -", "stdout carries the data alone")
     target_secrets = url_secrets(to) if to and "://" in to else []
-    settings = load_settings(
-        _state(), {"CLOUDBACKUP_HOST": kwargs["host"]}, secrets=target_secrets
-    )
+    settings = load_settings(_state(), host=kwargs["host"], secrets=target_secrets)
     at = selecting.parse_at(kwargs["at"]) if kwargs["at"] is not None else None
     ctx = make_context(settings, remote=kwargs["from_"] != "local", need_local=False)
     result = restoring.restore(  # no lock: restore only reads the local dir (SPEC)
@@ -488,13 +396,14 @@ def restore(**kwargs: Any) -> None:
         ranged=settings.s3_download == "ranged",
     )
     if as_json:
-        _emit_json(result.to_dict())
-    else:
-        err = to == "-"  # stdout carries the data alone
-        click.echo(result.summary(), err=err)
-        for line in result.refused:
-            click.echo(f"  {line}", err=err)
+        output.print_json(result.to_dict())
+    else:  # with --to -, stdout carries the data alone
+        lines = [result.summary(), *(f"  {line}" for line in result.refused)]
+        click.echo("\n".join(lines), err=to == "-")
     _exit(result.exit_code)
+
+
+# ---------------------------------------------------------------- prune / forget
 
 
 @cli.command()
@@ -502,8 +411,8 @@ def restore(**kwargs: Any) -> None:
 @click.option("--policy", help="Retention policy (default: CLOUDBACKUP_LOCAL/REMOTE_RETENTION).")
 @options.only_source
 @options.backups_of_host
-@click.option("--all-hosts", is_flag=True, help="Every host in the bucket (a central pruner job).")
-@click.option("--dry-run", is_flag=True, help="Print the plan; delete nothing.")
+@options.all_hosts
+@options.dry_run
 @options.as_json
 def prune(
     where: str,
@@ -515,165 +424,84 @@ def prune(
     as_json: bool,
 ) -> None:
     """Apply the retention plan: print kept (with reasons), pinned and deleted backups."""
-    from cloudbackup.core.retention import parse_policy
-    from cloudbackup.lock import DirLock
     from cloudbackup.ops import prune as pruning
 
-    try:
-        chosen = parse_policy(policy) if policy is not None else None
-    except ConfigError as exc:
-        raise ConfigError(f"--policy: {exc.message}", exc.hint) from None
-    except ValueError:  # a number too long for int() (over 4,300 digits)
-        raise ConfigError(
-            f"--policy {config.shown(policy or '')} is invalid: a number in it is far too long"
-        ) from None
-    settings = load_settings(_state(), {"CLOUDBACKUP_HOST": host})
+    chosen = _policy(policy)
+    settings = load_settings(_state(), host=host)
     pruning.validate(settings, where=where, policy=chosen, host=host, all_hosts=all_hosts)
     ctx = make_context(settings, remote=where != "local")
     with DirLock(settings.local_dir):
         results = pruning.prune(
-            ctx,
-            where=where,
-            policy=chosen,
-            source=source,
-            host=host,
-            all_hosts=all_hosts,
+            ctx, where=where, policy=chosen, source=source, host=host, all_hosts=all_hosts,
             dry_run=dry_run,
-        )
-    if as_json:
-        _emit_json({"dry_run": dry_run, "results": [r.to_dict() for r in results]})
-    else:
-        click.echo("\n".join(pruning.describe(results, dry_run=dry_run)))
+        )  # fmt: skip
+    document = {"dry_run": dry_run, "results": [r.to_dict() for r in results]}
+    output.show(as_json, document, lambda: "\n".join(output.prune_lines(results, dry_run=dry_run)))
     _exit(pruning.exit_code(results))
+
+
+def _policy(text: str | None) -> Any:
+    """``--policy``, parsed (exit 2 naming it when invalid); None when not given."""
+    if text is None:
+        return None
+    try:
+        return config.parse_policy(text)
+    except config.Invalid as exc:
+        raise ConfigError(f"--policy: {exc}", exc.hint) from None
 
 
 @cli.command()
 @click.argument("ids", nargs=-1, required=True, metavar="ID...")
 @options.where("local")
 @options.backups_of_host
-@click.option("--dry-run", is_flag=True, help="Print what would be deleted; delete nothing.")
+@options.dry_run
 @options.as_json
 def forget(
     ids: tuple[str, ...], where: str, host: str | None, dry_run: bool, as_json: bool
 ) -> None:
     """Delete the named backups (manifest first); refuses unknown or locked ones."""
-    from cloudbackup.lock import DirLock
     from cloudbackup.ops import forget as forgetting
 
-    settings = load_settings(_state(), {"CLOUDBACKUP_HOST": host})
-    if where == "remote" and not settings.s3_bucket:
-        raise UsageError("--where remote needs a bucket", "set CLOUDBACKUP_S3_BUCKET")
+    settings = load_settings(_state(), host=host)
+    where = _need_bucket(settings, where) if where == "remote" else where
     ctx = make_context(settings, remote=where != "local")
     with DirLock(settings.local_dir):
         results = forgetting.forget(ctx, ids, where=where, dry_run=dry_run)
-    if as_json:
-        _emit_json({"dry_run": dry_run, "results": [r.to_dict() for r in results]})
-    else:
-        click.echo("\n".join(forgetting.describe(results, dry_run=dry_run)))
+    document = {"dry_run": dry_run, "results": [r.to_dict() for r in results]}
+    output.show(as_json, document, lambda: "\n".join(output.forget_lines(results, dry_run=dry_run)))
     _exit(forgetting.exit_code(results))
 
 
+# ---------------------------------------------------------------- run / status / check
+
+
 @cli.command()
-@click.option(
-    "--allow-shrink", is_flag=True, help="Accept a source the shrink guard would stop, once."
-)
+@options.allow_shrink
 @click.option("--deep", is_flag=True, help="Verify uploads by streaming them back.")
-@click.option("--host", help="Run as this host (explicit: allowed under another machine's claim).")
+@options.act_as_host
 @options.as_json
 def run(allow_shrink: bool, deep: bool, host: str | None, as_json: bool) -> None:
     """The nightly job: recover, back up, upload, verify, prune, ping; one summary."""
-    from cloudbackup.lock import DirLock
     from cloudbackup.ops import run as nightly
-    from cloudbackup.ops import status as monitor
 
     state = _state()
-    try:
-        settings = load_settings(state, {"CLOUDBACKUP_HOST": host})
-    except CloudBackupError as exc:
-        monitor.ping(_raw_ping_url(state), "/fail", body=f"cloudbackup run: {exc}")
-        raise
-    try:
-        if not settings.s3_bucket and not settings.local_only:
-            raise UsageError(
-                "`run` needs a bucket for the offsite copy",
-                "set CLOUDBACKUP_S3_BUCKET, or CLOUDBACKUP_LOCAL_ONLY=1 if no offsite copy is intended",
-            )
-        if not settings.sources:
-            raise UsageError("no sources to back up", "set CLOUDBACKUP_SOURCES")
-        with DirLock(settings.local_dir):
-            monitor.ping(settings.ping_url, "/start")
-            ctx = make_context(settings)
-            report = nightly.run(ctx, allow_shrink=allow_shrink, deep=deep)
-    except CloudBackupError as exc:
-        monitor.ping(settings.ping_url, "/fail", body=f"cloudbackup run on {settings.host}: {exc}")
-        raise
-    except Exception as exc:  # a bug or an OSError: /start was pinged, so /fail must follow
-        monitor.ping(
-            settings.ping_url,
-            "/fail",
-            body=f"cloudbackup run on {settings.host}: unexpected error: {type(exc).__name__}: {exc}",
-        )
-        raise
-    summary = _run_summary(report)
-    if as_json:
-        _emit_json(report.to_dict())
-    else:
-        click.echo(summary)
-    if report.exit_code == 0:
-        monitor.ping(settings.ping_url)
-    else:
-        monitor.ping(settings.ping_url, "/fail", body=summary)
-    _exit(report.exit_code)
-
-
-def _raw_ping_url(state: AppState) -> str | None:
-    """The ping URL even when other settings are invalid (so exit 2 still pings /fail)."""
-    url = os.environ.get("CLOUDBACKUP_PING_URL")
-    if url is None:
-        try:
-            url = _dotenv(state)[1].get("CLOUDBACKUP_PING_URL")
-        except ConfigError:
-            url = None  # the unreadable .env is what is being reported
-    url = (url or "").strip()
-    try:
-        url.encode("utf-8")
-    except UnicodeEncodeError:
-        return None
-    return url if url.startswith(("http://", "https://")) else None
-
-
-def _run_summary(report: Any) -> str:
-    rows = []
-    for r in report.results:
-        *cells, notes = _result_row(r, local_only=r.local_only)
-        rows.append([*cells, str(len(r.pruned)), notes])
-    lines = [
-        table(rows, ["source", "id", "result", "size", "time", "uploaded", "pruned", "errors"])
-    ]
-    for u in report.uploads:
-        lines.append(f"upload {u.id}: {'ok' if u.ok else 'FAILED'} {u.detail}")
-    for v in report.verifies:
-        lines.append(f"verify {v.id}: {'ok' if v.ok else 'FAILED'} {v.detail}")
-    for p in report.prunes:
-        if p.errors:
-            lines.append(f"prune {p.where} {p.source}: " + "; ".join(p.errors))
-    lines += [f"error: {e}" for e in report.errors]
-    verdict = {
-        0: "run succeeded",
-        1: "run completed with failures or warnings",
-        3: "run found an integrity failure",
-    }
-    lines.append(
-        f"{verdict.get(report.exit_code, 'run failed')} in {report.seconds:.1f}s (exit {report.exit_code})"
+    report = nightly.nightly(
+        lambda: load_settings(state, host=host),
+        make_context,
+        describe=output.run_summary,
+        fallback_ping_url=lambda: config.resolve_one("ping_url", {}, state.environ, state.dotenv),
+        allow_shrink=allow_shrink,
+        deep=deep,
     )
-    return "\n".join(lines)
+    output.show(as_json, report.to_dict(), lambda: output.run_summary(report))
+    _exit(report.exit_code)
 
 
 @cli.command()
 @click.option(
     "--max-age", default="26h", show_default=True, help="CRITICAL when the newest backup is older."
 )
-@click.option("--all-hosts", is_flag=True, help="Every host sharing the bucket.")
+@options.all_hosts
 @options.as_json
 @click.option(
     "--prometheus", type=click.Path(path_type=Path), metavar="FILE", help="Write textfile metrics."
@@ -684,15 +512,13 @@ def status(max_age: str, all_hosts: bool, as_json: bool, prometheus: Path | None
 
     try:
         age = monitor.parse_max_age(max_age)
-        settings = load_settings(_state())
-        ctx = make_context(settings, need_local=False)
+        ctx = make_context(load_settings(_state()), need_local=False)
         report = monitor.status(ctx, max_age=age, all_hosts=all_hosts)
     except CloudBackupError as exc:
         LOG.error("%s", exc)
-        if as_json:
-            _emit_json({"hosts": [], "state": "UNKNOWN", "detail": [str(exc)]})
-        else:
-            click.echo(f"UNKNOWN: {exc}")
+        detail = str(exc)
+        document = {"hosts": [], "state": "UNKNOWN", "detail": [detail]}
+        output.show(as_json, document, lambda: f"UNKNOWN: {detail}")
         _exit(monitor.UNKNOWN)
     if prometheus is not None:
         try:
@@ -700,32 +526,8 @@ def status(max_age: str, all_hosts: bool, as_json: bool, prometheus: Path | None
         except OSError as exc:
             report.detail.append(f"cannot write {prometheus}: {exc.strerror or exc}")
             report.state = monitor.UNKNOWN
-    if as_json:
-        _emit_json(report.to_dict())
-    else:
-        rows = []
-        for host, sources in sorted(report.hosts.items()):
-            for s in sources:
-                rows.append(
-                    [
-                        host,
-                        s.source,
-                        monitor.STATE_NAMES[s.state],
-                        s.newest or "-",
-                        human_duration(s.age_seconds),
-                        f"{s.local_count}/{s.remote_count}",
-                        human_size(s.local_bytes + s.remote_bytes),
-                        "; ".join(s.reasons),
-                    ]
-                )
-        click.echo(
-            table(
-                rows, ["host", "source", "state", "newest", "age", "local/remote", "bytes", "why"]
-            )
-        )
-        for line in report.detail:
-            click.echo(line)
-        click.echo(f"status: {monitor.STATE_NAMES[report.state]}")
+    text = lambda: output.status_table(report, monitor.STATE_NAMES)  # noqa: E731
+    output.show(as_json, report.to_dict(), text)
     _exit(report.state)
 
 
@@ -738,15 +540,10 @@ def check(as_json: bool) -> None:
     settings = load_settings(_state())
     ctx = make_context(settings, need_local=False)
     lines = checking.check(ctx)
-    if as_json:
-        _emit_json(
-            {"checks": [line.to_dict() for line in lines], "ok": checking.check_exit(lines) == 0}
-        )
-    else:
-        for line in lines:
-            mark = "ok  " if line.ok and not line.warning else ("warn" if line.ok else "FAIL")
-            click.echo(f"{mark} {line.name}: {line.detail}")
-    _exit(checking.check_exit(lines))
+    code = checking.check_exit(lines)
+    document = {"checks": [line.to_dict() for line in lines], "ok": code == 0}
+    output.show(as_json, document, lambda: output.check_lines(lines))
+    _exit(code)
 
 
 @cli.group()
@@ -785,14 +582,14 @@ def render(
     """Print the IAM policy for a role with bucket, prefix and host filled in."""
     from cloudbackup import iam as iam_templates
 
-    given = {"CLOUDBACKUP_S3_BUCKET": bucket, "CLOUDBACKUP_S3_PREFIX": prefix}
     if bucket is not None and prefix is not None:
         # Everything the policy needs is on the command line: validate just that, so an
         # unrelated broken variable (say, a retention policy) does not stop an operator
         # writing IAM policies on another machine.
+        given = config.command_line(s3_bucket=bucket, s3_prefix=prefix)
         settings = config.load(given, {}, {}, hostname=socket.gethostname(), home=_home())
     else:
-        settings = load_settings(_state(), given)
+        settings = load_settings(_state(), s3_bucket=bucket, s3_prefix=prefix)
     if not settings.s3_bucket:
         raise UsageError("no bucket given", "pass --bucket or set CLOUDBACKUP_S3_BUCKET")
     if role == "bucket-policy":

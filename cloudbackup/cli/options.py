@@ -1,5 +1,10 @@
-"""Options that several commands share, declared once (the same name means the same thing
-everywhere); a command's own options stay beside it."""
+"""Options that several commands share, declared once: one name, one meaning everywhere. A
+command's own options stay beside it.
+
+``--host`` has two meanings, so two decorators: :data:`backups_of_host` (read another
+host's backups: list, verify, restore, prune, forget) and :data:`act_as_host` (write as
+that host: an explicit claim, allowed under another machine's claim: upload, run).
+"""
 
 from __future__ import annotations
 
@@ -16,8 +21,20 @@ WHERE = click.Choice(["local", "remote", "all"])
 as_json = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 #: ``--source NAME``: only this source's backups.
 only_source = click.option("--source", help="Only this source.")
-#: ``--host H``: the backups of another host (read: list, verify, prune, forget).
-backups_of_host = click.option("--host", help="Backups of this host.")
+#: ``--host H``: the backups of another host (this machine's by default).
+backups_of_host = click.option("--host", help="Backups of this host (default: this machine's).")
+#: ``--host H``: act as that host, an explicit claim (allowed under another machine's claim).
+act_as_host = click.option(
+    "--host", help="Act as this host (explicit: allowed under another machine's claim)."
+)
+#: ``--all-hosts``: every host sharing the bucket (a central pruner or monitor).
+all_hosts = click.option("--all-hosts", is_flag=True, help="Every host sharing the bucket.")
+#: ``--dry-run``: build the plan and print it; change nothing.
+dry_run = click.option("--dry-run", is_flag=True, help="Print the plan; write or delete nothing.")
+#: ``--allow-shrink``: let a source the shrink guard would stop through, once.
+allow_shrink = click.option(
+    "--allow-shrink", is_flag=True, help="Accept a source the shrink guard would stop, once."
+)
 
 
 def where(default: str) -> Callable[[F], F]:

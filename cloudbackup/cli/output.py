@@ -1,4 +1,6 @@
-"""Everything the user sees: logging (with secret redaction), progress, human and JSON output."""
+"""Everything the user sees: logging (with secret redaction), progress, and the rendering of
+every result, human (tables, result lines, summaries) or JSON. Commands hand results here;
+nothing else prints."""
 
 from __future__ import annotations
 
@@ -9,7 +11,21 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+import click
+
+from cloudbackup.core.outcome import Outcome
+
+if TYPE_CHECKING:
+    from cloudbackup.ops.backup import SourceResult
+    from cloudbackup.ops.check import CheckLine
+    from cloudbackup.ops.deletion import PruneResult
+    from cloudbackup.ops.list import ListedBackup
+    from cloudbackup.ops.run import RunReport
+    from cloudbackup.ops.status import StatusReport
+    from cloudbackup.ops.upload import UploadResult
+    from cloudbackup.ops.verify import VerifyResult
 
 LOG = logging.getLogger("cloudbackup")
 
@@ -185,3 +201,247 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- results
+
+
+def show(as_json: bool, document: Any, text: Callable[[], str]) -> None:
+    """One result on stdout: ``document`` as JSON, or the human ``text``."""
+    if as_json:
+        print_json(document)
+    else:
+        click.echo(text())
+
+
+def _mark(ok: bool) -> str:
+    return "ok  " if ok else "FAIL"
+
+
+def result_row(r: SourceResult, *, local_only: bool) -> list[str]:
+    """source, id, result, size, time, uploaded, notes: one row of a backup or run summary."""
+    state = "ok" if r.ok and r.outcome is Outcome.OK else ("ok (warnings)" if r.ok else "FAILED")
+    return [
+        r.source,
+        r.id or "-",
+        state,
+        human_size(r.size) if r.size is not None else "-",
+        f"{r.seconds:.1f}s",
+        "yes" if r.uploaded else ("local-only" if local_only else "no"),
+        r.error or (f"{len(r.warnings)} warning(s)" if r.warnings else ""),
+    ]
+
+
+def backup_summary(
+    results: Sequence[SourceResult],
+    *,
+    local_only: bool,
+    dry_run: bool,
+    remote_url: Callable[[str], str],
+) -> str:
+    """The table of sources, a dry run's plan per source, and the one-line summary."""
+    rows = [result_row(r, local_only=local_only) for r in results]
+    lines = [table(rows, ["source", "id", "result", "size", "time", "uploaded", "notes"])]
+    for r in results:
+        if r.plan is not None:
+            lines.append(plan_line(r, remote_url))
+    failed = [r.source for r in results if not r.ok]
+    done = len(results) - len(failed)
+    summary = f"{done} of {len(results)} source(s) backed up"
+    if dry_run:
+        summary = f"dry run: {done} of {len(results)} source(s) would be backed up; nothing written"
+    if failed:
+        summary += "; failed: " + ", ".join(failed)
+    if local_only and not dry_run:
+        summary += " (local-only: no bucket configured, nothing uploaded)"
+    return "\n".join([*lines, summary])
+
+
+def plan_line(r: SourceResult, remote_url: Callable[[str], str]) -> str:
+    """What a dry run found the real run would do for one source."""
+    plan = r.plan
+    assert plan is not None
+    level = f" {plan.compression_level}" if plan.compression_level is not None else ""
+    what = (
+        f"{plan.files} files, {human_size(plan.bytes)}"
+        if plan.files is not None
+        else f"its {plan.kind} output"
+    )
+    line = f"  {plan.source}: would archive {what} into {plan.archive} ({plan.compression}{level})"
+    if plan.remote_key is not None:
+        line += f", then upload it to {remote_url(plan.remote_key)}"
+    return line
+
+
+def run_summary(report: RunReport) -> str:
+    rows = []
+    for r in report.results:
+        *cells, notes = result_row(r, local_only=r.local_only)
+        rows.append([*cells, str(len(r.pruned)), notes])
+    lines = [
+        table(rows, ["source", "id", "result", "size", "time", "uploaded", "pruned", "errors"])
+    ]
+    for u in report.uploads:
+        lines.append(f"upload {u.id}: {'ok' if u.ok else 'FAILED'} {u.detail}")
+    for v in report.verifies:
+        lines.append(f"verify {v.id}: {'ok' if v.ok else 'FAILED'} {v.detail}")
+    for p in report.prunes:
+        if p.errors:
+            lines.append(f"prune {p.where} {p.source}: " + "; ".join(p.errors))
+    lines += [f"error: {e}" for e in report.errors]
+    verdict = {
+        0: "run succeeded",
+        1: "run completed with failures or warnings",
+        3: "run found an integrity failure",
+    }
+    lines.append(
+        f"{verdict.get(report.exit_code, 'run failed')} in {report.seconds:.1f}s "
+        f"(exit {report.exit_code})"
+    )
+    return "\n".join(lines)
+
+
+def backup_list(backups: Sequence[ListedBackup]) -> str:
+    if not backups:
+        return "no backups found"
+    rows = [
+        [
+            b.id,
+            b.host,
+            b.created_at.strftime("%Y-%m-%d %H:%M:%SZ"),
+            human_size(b.size),
+            "both" if b.local and b.remote else ("local" if b.local else "remote"),
+            "yes" if b.verified else "no",
+        ]
+        for b in backups
+    ]
+    return table(rows, ["id", "host", "created (UTC)", "size", "where", "verified offsite"])
+
+
+def verify_lines(results: Sequence[VerifyResult]) -> str:
+    if not results:
+        return "nothing to verify"
+    return "\n".join(f"{_mark(r.ok)} {r.where:6} {r.id}: {r.detail}" for r in results)
+
+
+def upload_lines(results: Sequence[UploadResult]) -> str:
+    if not results:
+        return "nothing to upload: every local backup is verified offsite"
+    return "\n".join(f"{_mark(r.ok)} {r.id}: {r.detail}" for r in results)
+
+
+def check_lines(lines: Sequence[CheckLine]) -> str:
+    def mark(line: CheckLine) -> str:
+        return "ok  " if line.ok and not line.warning else ("warn" if line.ok else "FAIL")
+
+    return "\n".join(f"{mark(line)} {line.name}: {line.detail}" for line in lines)
+
+
+def status_table(report: StatusReport, state_names: dict[int, str]) -> str:
+    rows = [
+        [
+            host,
+            s.source,
+            state_names[s.state],
+            s.newest or "-",
+            human_duration(s.age_seconds),
+            f"{s.local_count}/{s.remote_count}",
+            human_size(s.local_bytes + s.remote_bytes),
+            "; ".join(s.reasons),
+        ]
+        for host, sources in sorted(report.hosts.items())
+        for s in sources
+    ]
+    headers = ["host", "source", "state", "newest", "age", "local/remote", "bytes", "why"]
+    lines = [table(rows, headers), *report.detail, f"status: {state_names[report.state]}"]
+    return "\n".join(lines)
+
+
+def prune_lines(results: Sequence[PruneResult], *, dry_run: bool) -> list[str]:
+    """Human lines per group: kept (with reasons), pinned, deleted or would-delete, orphans."""
+    if not results:
+        return ["nothing to prune: no backups found"]
+    lines: list[str] = []
+    for r in results:
+        lines += _prune_group_lines(r, dry_run)
+    planned = sum(len(r.delete) for r in results)
+    orphans = sum(len(r.orphans) for r in results)
+    kept = sum(len(r.keep) for r in results)
+    pinned = sum(len(r.pinned) for r in results)
+    if dry_run:
+        summary = (
+            f"dry run: would delete {planned} backup(s) and {orphans} orphan(s), keep {kept} "
+            f"({pinned} pinned); nothing deleted"
+        )
+    else:
+        deleted = sum(len(r.deleted) for r in results)
+        swept = sum(len(r.orphans_deleted) for r in results)
+        summary = (
+            f"deleted {deleted} backup(s) and {swept} orphan(s), kept {kept} ({pinned} pinned)"
+        )
+    failed = [f"{r.where} {r.host}/{r.source}" for r in results if r.errors]
+    if failed:
+        summary += "; failed: " + ", ".join(failed)
+    lines.append(summary)
+    return lines
+
+
+def _prune_group_lines(r: PruneResult, dry_run: bool) -> list[str]:
+    lines = [f"{r.where} {r.host}/{r.source}  policy: {r.policy or '(no rules)'}"]
+    if r.policy_empty:
+        lines.append("  policy has no rules: nothing deleted")
+    for ident, reasons in r.keep:
+        label = "pinned" if ident in r.pinned else "keep"
+        lines.append(f"  {label:<13} {ident}  ({', '.join(reasons)})")
+    retained = dict(r.retained)
+    for ident in r.delete:
+        if dry_run:
+            lines.append(f"  {'would delete':<13} {ident}")
+        elif ident in r.deleted:
+            lines.append(f"  {'deleted':<13} {ident}")
+        elif ident in retained:
+            lines.append(f"  {'retained':<13} {ident}  ({retained[ident]})")
+        else:
+            lines.append(f"  {'not deleted':<13} {ident}")
+    for ident in r.orphans:
+        if dry_run:
+            state = "would delete"
+        elif ident in r.orphans_deleted:
+            state = "deleted"
+        else:
+            state = retained.get(ident, "not deleted")
+        lines.append(f"  {'orphan':<13} {ident}  (archive without manifest: {state})")
+    for ident, why in r.orphans_kept:
+        lines.append(f"  {'orphan kept':<13} {ident}  ({why})")
+    lines += [f"  FAILED: {error}" for error in r.errors]
+    return lines
+
+
+def forget_lines(results: Sequence[PruneResult], *, dry_run: bool) -> list[str]:
+    """Human lines: per backup and place, deleted / would delete (with its objects)."""
+    lines: list[str] = []
+    for r in results:
+        retained = dict(r.retained)
+        for ident in reversed(r.delete):
+            if dry_run:
+                state = "would delete"
+            elif ident in r.deleted:
+                state = "deleted"
+            elif ident in retained:
+                state = f"retained ({retained[ident]})"
+            else:
+                state = "not deleted"
+            lines.append(f"{r.where:<6} {ident}  {state}")
+        if dry_run:
+            lines += [f"         {key}" for key in r.deleted_keys]
+        lines += [f"  FAILED: {error}" for error in r.errors]
+    done = sum(len(r.delete) if dry_run else len(r.deleted) for r in results)
+    verb = "would delete" if dry_run else "deleted"
+    summary = f"{verb} {done} backup cop{'y' if done == 1 else 'ies'}"
+    if dry_run:
+        summary = f"dry run: {summary}; nothing deleted"
+    failed = [f"{r.where} {r.host}/{r.source}" for r in results if r.errors or r.retained]
+    if failed:
+        summary += "; not all deleted: " + ", ".join(failed)
+    lines.append(summary)
+    return lines

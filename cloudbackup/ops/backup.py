@@ -38,6 +38,7 @@ from cloudbackup.core.model import (
     UploadRecord,
     archive_name,
     format_time,
+    key_for,
     manifest_name,
 )
 from cloudbackup.core.outcome import Outcome, worst
@@ -69,6 +70,8 @@ class SourceResult:
     pruned: list[str] = field(default_factory=list)
     dry_run: bool = False
     local_only: bool = False
+    #: A dry run's plan: what the real run would write (None on a real run).
+    plan: SourcePlan | None = None
     # The upload that ran while the archive was written; the uploader completes it.
     stream: ArchiveStream | None = field(default=None, repr=False, compare=False)
 
@@ -77,7 +80,7 @@ class SourceResult:
         return code_of(self.outcome)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        document: dict[str, Any] = {
             "source": self.source,
             "id": self.id,
             "ok": self.ok,
@@ -87,6 +90,39 @@ class SourceResult:
             "warnings": self.warnings,
             "error": self.error,
             "file_count": self.file_count,
+        }
+        if self.plan is not None:
+            document["plan"] = self.plan.to_dict()
+        return document
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    """What backing up one source would write, decided by the code the real run runs (the
+    source's guards, id, archive name, codec; its entries walked where its kind can tell
+    without running anything): ``backup --dry-run`` prints it."""
+
+    source: str
+    id: str
+    kind: str
+    archive: Path
+    #: The key the archive would be uploaded to; None when it would not be.
+    remote_key: str | None
+    compression: str
+    compression_level: int | None
+    #: What the source holds now; None when only running it can tell (a database dump).
+    files: int | None
+    bytes: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "archive": str(self.archive),
+            "remote_key": self.remote_key,
+            "compression": self.compression,
+            "compression_level": self.compression_level,
+            "files": self.files,
+            "bytes": self.bytes,
         }
 
 
@@ -315,11 +351,12 @@ def _back_up(
     previous = previous_manifest(ctx, source.name, manifest_problems)
     moment = ctx.now()
     device = source.root_device()
-    _guards(ctx.settings, source, options, previous, moment, device)
+    _guards(ctx.settings.for_source(source.name), source, options, previous, moment, device)
     backup_id = _new_id(ctx, source.name, moment)
     result.id = str(backup_id)
     if options.dry_run:
-        _dry_run_source(ctx, source, backup_id, result, _warner(source.name))
+        result.plan = _plan(ctx, source, backup_id, previous, options, streamer is not None)
+        result.ok, result.file_count = True, result.plan.files or 0
         return
     stats, final = _archive(ctx, source, backup_id, previous, device, options, streamer, result)
     result.ok = True
@@ -397,7 +434,7 @@ def _archive(
     """Write the archive (``.partial``, then renamed once the shrink guard passed) and its
     manifest; the stream that followed it is handed on in ``result.stream``. Returns the
     archive's stats and file name."""
-    settings = ctx.settings
+    settings = ctx.settings.for_source(source.name)
     directory = ctx.local_catalog.source_dir(source.name)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / archive_name(backup_id, settings.compression)
@@ -453,7 +490,7 @@ def _source_context(
     return SourceContext(
         spool_dir=ctx.local_catalog.source_dir(name),
         backup_id=str(backup_id),
-        exclude=PathMatcher(ctx.settings.exclude),
+        exclude=PathMatcher(ctx.settings.for_source(name).exclude),
         skip_inodes=_skip_inodes(ctx.settings),
         warn=warn,
         log=lambda m: LOG.info("%s", m),
@@ -469,7 +506,7 @@ def _manifest(
     device: int | None,
     members: dict[str, Any] | None,
 ) -> Manifest:
-    settings = ctx.settings
+    settings = ctx.settings.for_source(source.name)
     assert ctx.machine_id is not None, "a backup needs a context made for writing"
     return Manifest(
         id=str(backup_id),
@@ -524,26 +561,43 @@ def _record_failure(result: SourceResult, source: Source, exc: Exception) -> Non
         LOG.debug("details", exc_info=exc)
 
 
-def _dry_run_source(
+def _plan(
     ctx: Context,
     source: Source,
     backup_id: BackupId,
-    result: SourceResult,
-    warn: Callable[[str, str], None],
-) -> None:
-    """Walk what would be archived (no data read, nothing written)."""
-    survey = source.survey(_source_context(ctx, source.name, backup_id, warn))
-    files, size = survey if survey is not None else (0, 0)
-    result.ok = True
-    result.file_count = files
-    result.size = None
+    previous: Manifest | None,
+    options: BackupOptions,
+    upload: bool,
+) -> SourcePlan:
+    """The dry run of one source: what the real run would write, nothing read or written
+    but the walk of its entries (``Source.survey``), which the shrink guard then judges as
+    it judges the real archive."""
+    settings = ctx.settings.for_source(source.name)
+    sctx = _source_context(ctx, source.name, backup_id, _warner(source.name))
+    survey = source.survey(sctx)
+    if survey is not None and not options.allow_shrink:
+        found = ArchiveStats(file_count=survey[0], uncompressed_bytes=survey[1])
+        shrink_check(source, found, previous, settings.shrink_guard)
+    name = archive_name(backup_id, settings.compression)
+    plan = SourcePlan(
+        source=source.name,
+        id=str(backup_id),
+        kind=source.kind,
+        archive=ctx.local_catalog.source_dir(source.name) / name,
+        remote_key=key_for(settings.s3_prefix, ctx.host, backup_id, name) if upload else None,
+        compression=settings.compression,
+        compression_level=settings.compression_level,
+        files=survey[0] if survey is not None else None,
+        bytes=survey[1] if survey is not None else None,
+    )
     LOG.info(
         "%s: would archive %s as %s%s",
         source.name,
-        f"{files} files, {size} bytes" if survey is not None else source.spec.redacted,
-        archive_name(backup_id, ctx.settings.compression),
+        f"{plan.files} files, {plan.bytes} bytes" if survey is not None else source.spec.redacted,
+        name,
         " (dry run: nothing written)",
     )
+    return plan
 
 
 def _record_upload(result: SourceResult, uploaded: Uploaded | None) -> None:

@@ -1,9 +1,11 @@
-"""The one executor of deletions, shared by prune and forget: what deleting a backup removes
-(manifest first, then archive, and locally the upload record), how a refusal by Object Lock
-is told from a missing permission, and the record of what was planned and done.
+"""The deletion plan and its one executor, shared by prune and forget: what deleting a
+backup removes (manifest first, then archive, and locally the upload record), how a refusal
+by Object Lock is told from a missing permission, and the record of what was planned and done.
 
-A dry run is the same code path over ``DryRunStore``: the keys that would be deleted are
-recorded, nothing is.
+Plans are values: prune and forget fill a :class:`PruneResult` (what to keep, with reasons
+and pins; what to delete) and :func:`plan_deletions` adds each deletion's keys in the order
+they go. :func:`carry_out` then ends every plan the same way: a dry run records exactly the
+keys the plan names, a real run deletes exactly them.
 """
 
 from __future__ import annotations
@@ -29,6 +31,15 @@ DELETE_PERMISSION = (
 
 
 _LOCK_WORDS = ("object lock", "objectlock", "worm", "retention", "legal hold")
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """One backup (or orphan archive) a plan deletes, and its keys in the order they go."""
+
+    ref: BackupRef
+    keys: tuple[str, ...]
+    orphan: bool = False
 
 
 @dataclass
@@ -57,6 +68,8 @@ class PruneResult:
     deleted_keys: list[str] = field(default_factory=list)
     #: The backups were named (forget), not chosen by a policy (prune).
     named: bool = False
+    #: The deletions of the plan, in the order they run (:func:`plan_deletions`).
+    plan: list[Deletion] = field(default_factory=list, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -140,20 +153,36 @@ def _lock_until_text(ctx: Context, store: Any, ref: BackupRef, key: str) -> str:
     return "its retention date"
 
 
-def execute(
-    ctx: Context,
-    store: Any,
+def plan_deletions(
     result: PruneResult,
     refs: Sequence[BackupRef],
     orphans: Sequence[BackupRef],
     keys: Callable[[BackupRef], list[str]],
 ) -> None:
-    """Delete exactly ``result.delete`` (oldest first), then the swept orphans, each
-    backup's ``keys`` in order; stop on a failure. The one executor: prune and forget call
-    it, over ``DryRunStore`` on a dry run."""
+    """``result.plan``: ``result.delete`` oldest first, then the orphans swept, each with the
+    ``keys`` deleting it removes."""
     by_id = {ref.id: ref for ref in [*refs, *orphans]}
-    work = [(by_id[ident], False) for ident in reversed(result.delete)]
-    work += [(by_id[ident], True) for ident in result.orphans]
+    plan = [Deletion(by_id[ident], tuple(keys(by_id[ident]))) for ident in reversed(result.delete)]
+    plan += [Deletion(by_id[ident], tuple(keys(by_id[ident])), True) for ident in result.orphans]
+    result.plan = plan
+
+
+def carry_out(ctx: Context, store: Any, result: PruneResult) -> None:
+    """End a plan: on a dry run, record the keys it would delete (nothing is); else delete
+    exactly them (:func:`execute`)."""
+    if not result.dry_run:
+        execute(ctx, store, result)
+        return
+    label = f"{result.where} {result.host}/{result.source}"
+    for step in result.plan:
+        result.deleted_keys += step.keys
+        what = "orphan archive " if step.orphan else ""
+        LOG.info("%s: would delete %s%s", label, what, step.ref.id)
+
+
+def execute(ctx: Context, store: Any, result: PruneResult) -> None:
+    """Delete ``result.plan`` in order, each backup's keys in order; stop on a failure. A
+    delete Object Lock refuses is recorded as retained, and the next one is tried."""
     label = f"{result.where} {result.host}/{result.source}"
 
     def shown(key: str) -> str:
@@ -161,13 +190,12 @@ def execute(
             return f"s3://{getattr(store, 'bucket', '?')}/{key}"
         return str(ctx.local.path(key)) if key else key
 
-    done: list[str] = []
-    done_orphans: list[str] = []
-    for ref, orphan in work:
+    for step in result.plan:
+        ref = step.ref
         deleted_here: list[str] = []
         key = ""
         try:
-            for key in keys(ref):
+            for key in step.keys:
                 store.delete(key)
                 deleted_here.append(key)
                 result.deleted_keys.append(key)
@@ -183,22 +211,13 @@ def execute(
                 continue
             result.errors.append(_failure(result, ref, shown(key), exc, deleted_here))
             break
-        except CloudBackupError as exc:
+        except (CloudBackupError, OSError) as exc:
             result.errors.append(_failure(result, ref, shown(key), exc, deleted_here))
             break
-        except OSError as exc:
-            result.errors.append(_failure(result, ref, shown(key), exc, deleted_here))
-            break
-        (done_orphans if orphan else done).append(ref.id)
-        what = "orphan archive " if orphan else ""
-        if result.dry_run:
-            LOG.info("%s: would delete %s%s", label, what, ref.id)
-        else:
-            LOG.info("%s: deleted %s%s", label, what, ref.id)
+        (result.orphans_deleted if step.orphan else result.deleted).append(ref.id)
+        LOG.info("%s: deleted %s%s", label, "orphan archive " if step.orphan else "", ref.id)
     for error in result.errors:
         LOG.error("%s: %s", label, error)
-    if not result.dry_run:
-        result.deleted, result.orphans_deleted = done, done_orphans
 
 
 def _failure(

@@ -3,10 +3,11 @@
 The way out of a backup that should not exist (one dated in the future by a clock that was
 wrong for a night blocks every later backup of its source). Everything is checked before
 anything is deleted: an id that names no backup, a backup under Object Lock, or one that
-other backups still need is refused (exit 2) and nothing is deleted. Then prune's executor
-(:func:`cloudbackup.ops.prune.execute`) deletes each backup, manifest first (then archive, and
-locally the upload record), over :class:`DryRunStore` on a dry run. The caller holds the
-local-dir lock.
+other backups still need is refused (exit 2) and nothing is deleted. The plan (one
+``PruneResult`` per place and source, with its deletions) is then carried out as prune's is
+(:func:`cloudbackup.ops.deletion.carry_out`): a dry run records exactly the keys it names, a
+real run deletes exactly them, manifest first (then archive, and locally the upload record).
+The caller holds the local-dir lock.
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ from cloudbackup.core.model import BackupId, BackupRef, Listing, format_time
 from cloudbackup.core.outcome import exit_code as code_of
 from cloudbackup.ops.deletion import (
     PruneResult,
-    execute,
+    carry_out,
     local_keys,
     lock_until,
+    plan_deletions,
     remote_keys,
 )
-from cloudbackup.storage.dryrun import DryRunStore
 
-__all__ = ["describe", "exit_code", "forget", "needed_by"]
+__all__ = ["exit_code", "forget", "needed_by"]
 
 LOG = logging.getLogger("cloudbackup")
 POLICY = "forget"  # what PruneResult.policy says for a forget
@@ -88,8 +89,7 @@ def forget(
     # are left as they were, and forgetting again later finishes the job.
     for side, listing in sorted(sides, key=lambda s: s[0] != "remote"):
         refs_by_id = found[side]
-        real = ctx.local if side == "local" else ctx.remote
-        store: Any = DryRunStore(real) if dry_run else real
+        store: Any = ctx.local if side == "local" else ctx.remote
         keys = local_keys(listing) if side == "local" else remote_keys
         by_source: dict[str, list[BackupRef]] = {}
         for ref in refs_by_id.values():
@@ -105,10 +105,11 @@ def forget(
                 dry_run=dry_run,
                 named=True,
             )
+            plan_deletions(result, refs, [], keys)
             if any(r.errors for r in results):
                 result.errors.append("not deleted: an earlier deletion failed")
             else:
-                execute(ctx, store, result, refs, [], keys)
+                carry_out(ctx, store, result)
             results.append(result)
         if side == "remote" and not dry_run:
             ctx.remote_catalog.invalidate()  # stale: list again
@@ -196,33 +197,3 @@ def _unmark_offsite(ctx: Context, results: Sequence[PruneResult]) -> None:
 def exit_code(results: Sequence[PruneResult]) -> int:
     """0 when every named backup was deleted (or would be), 1 otherwise."""
     return code_of(r.outcome for r in results)
-
-
-def describe(results: Sequence[PruneResult], *, dry_run: bool) -> list[str]:
-    """Human lines: per backup and place, deleted / would delete (with its objects)."""
-    lines: list[str] = []
-    for r in results:
-        retained = dict(r.retained)
-        for ident in reversed(r.delete):
-            if dry_run:
-                state = "would delete"
-            elif ident in r.deleted:
-                state = "deleted"
-            elif ident in retained:
-                state = f"retained ({retained[ident]})"
-            else:
-                state = "not deleted"
-            lines.append(f"{r.where:<6} {ident}  {state}")
-        if dry_run:
-            lines += [f"         {key}" for key in r.deleted_keys]
-        lines += [f"  FAILED: {error}" for error in r.errors]
-    done = sum(len(r.delete) if dry_run else len(r.deleted) for r in results)
-    verb = "would delete" if dry_run else "deleted"
-    summary = f"{verb} {done} backup cop{'y' if done == 1 else 'ies'}"
-    if dry_run:
-        summary = f"dry run: {summary}; nothing deleted"
-    failed = [f"{r.where} {r.host}/{r.source}" for r in results if r.errors or r.retained]
-    if failed:
-        summary += "; not all deleted: " + ", ".join(failed)
-    lines.append(summary)
-    return lines

@@ -1,9 +1,11 @@
 """Prune: apply the retention plan to local and remote copies, per host and source.
 
-One planner (:func:`cloudbackup.core.retention.plan`) decides; one executor deletes exactly
-``plan.remove``. A dry run is the same code path over :class:`DryRunStore`, so it prints the
-plan the real run would execute. Everything is planned from LIST results alone (names carry
-host, source and time): a remote prune issues no GetObject, and pins need no extra request.
+One planner (:func:`cloudbackup.core.retention.plan`) decides, per group, with the group's
+policy (``--policy``, else the source's own ``CLOUDBACKUP_*_RETENTION__<SOURCE>``, else the
+global one); the plan is a value (``PruneResult`` with its deletions), which a dry run prints
+and a real run executes exactly (``ops.deletion.carry_out``). Everything is planned from LIST
+results alone (names carry host, source and time): a remote prune issues no GetObject, and
+pins need no extra request.
 
 * Pinned: a local backup not yet verified offsite while a bucket is configured ("not yet
   offsite"); a remote backup whose Object Lock retention (``created_at`` + the configured
@@ -24,7 +26,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import Any
 
 from cloudbackup.config import Settings
 from cloudbackup.context import Context
@@ -36,10 +37,23 @@ from cloudbackup.core.model import (
 )
 from cloudbackup.core.outcome import exit_code as code_of
 from cloudbackup.core.retention import Policy, plan
-from cloudbackup.ops.deletion import PruneResult, execute, local_keys, lock_until, remote_keys
-from cloudbackup.storage.dryrun import DryRunStore
+from cloudbackup.ops.deletion import (
+    PruneResult,
+    carry_out,
+    local_keys,
+    lock_until,
+    plan_deletions,
+    remote_keys,
+)
 
-__all__ = ["ORPHAN_AGE", "describe", "exit_code", "prune", "prune_for_run", "validate"]
+__all__ = [
+    "ORPHAN_AGE",
+    "exit_code",
+    "has_remote_policy",
+    "prune",
+    "prune_for_run",
+    "validate",
+]
 
 LOG = logging.getLogger("cloudbackup")
 
@@ -75,7 +89,7 @@ def validate(
         where in ("remote", "all")
         and settings.s3_bucket is not None
         and policy is None
-        and settings.remote_retention is None
+        and not has_remote_policy(settings)
     ):
         raise UsageError(
             "no retention policy for the remote copies",
@@ -95,29 +109,34 @@ def prune(
 ) -> list[PruneResult]:
     """Plan and apply retention per (host, source); see the module docstring.
 
-    ``policy`` (``--policy``) overrides the configured local/remote policies. Usage errors
-    (exit 2, see :func:`validate`) are raised before anything is listed or deleted.
+    ``policy`` (``--policy``) overrides the configured local/remote policies, global and
+    per source. Usage errors (exit 2, see :func:`validate`) are raised before anything is
+    listed or deleted.
     """
     settings = ctx.settings
     validate(settings, where=where, policy=policy, host=host, all_hosts=all_hosts)
     now = ctx.now()
     results: list[PruneResult] = []
     if where in ("local", "all"):
-        local_policy = policy if policy is not None else settings.local_retention
-        results += _prune_local(ctx, local_policy, now, source, host, dry_run)
+        results += _prune_local(ctx, policy, now, source, host, dry_run)
     if where in ("remote", "all"):
-        remote_policy = policy if policy is not None else settings.remote_retention
-        if ctx.remote is None or remote_policy is None:
+        if ctx.remote is None or (policy is None and not has_remote_policy(settings)):
             LOG.info("no bucket configured (CLOUDBACKUP_S3_BUCKET): remote copies not pruned")
         else:
-            results += _prune_remote(ctx, remote_policy, now, source, host, all_hosts, dry_run)
+            results += _prune_remote(ctx, policy, now, source, host, all_hosts, dry_run)
     return results
 
 
 def prune_for_run(ctx: Context) -> list[PruneResult]:
-    """What ``run`` prunes: local copies always; remote ones only with a remote policy."""
-    remote = ctx.remote is not None and ctx.settings.remote_retention is not None
+    """What ``run`` prunes: local copies always; remote ones only with a remote policy (the
+    global one, or a source's own)."""
+    remote = ctx.remote is not None and has_remote_policy(ctx.settings)
     return prune(ctx, where="all" if remote else "local")
+
+
+def has_remote_policy(settings: Settings) -> bool:
+    """A remote policy applies to some source: the global one, or a source's own."""
+    return settings.remote_retention is not None or settings.overridden("remote_retention")
 
 
 # ---------------------------------------------------------------- the two sides
@@ -125,7 +144,7 @@ def prune_for_run(ctx: Context) -> list[PruneResult]:
 
 def _prune_local(
     ctx: Context,
-    policy: Policy,
+    policy: Policy | None,
     now: datetime,
     source: str | None,
     host: str | None,
@@ -134,7 +153,6 @@ def _prune_local(
     """This host's (or ``host``'s) local dir only: other hosts' dirs are left alone."""
     target = host or ctx.settings.host
     listing = ctx.local_catalog.listing(host=target)
-    store: Any = DryRunStore(ctx.local) if dry_run else ctx.local
     offsite_expected = ctx.settings.s3_bucket is not None
     keys = local_keys(listing)
     results = []
@@ -144,17 +162,20 @@ def _prune_local(
             for ref in refs:
                 if not ctx.local_catalog.verified_offsite(ref):
                     pins[ref.id] = [REASON_NOT_OFFSITE]
-        result = _plan_group("local", group_host, group_source, refs, policy, now, pins)
+        own = ctx.settings.for_source(group_source).local_retention
+        group_policy = policy if policy is not None else own
+        result = _plan_group("local", group_host, group_source, refs, group_policy, now, pins)
         result.dry_run = dry_run
         _classify_orphans(result, orphans, now, lambda ref: None)
-        execute(ctx, store, result, refs, orphans, keys)
+        plan_deletions(result, refs, orphans, keys)
+        carry_out(ctx, ctx.local, result)
         results.append(result)
     return results
 
 
 def _prune_remote(
     ctx: Context,
-    policy: Policy,
+    policy: Policy | None,
     now: datetime,
     source: str | None,
     host: str | None,
@@ -169,7 +190,6 @@ def _prune_remote(
     hosts = None if all_hosts else {target}
     explicit = all_hosts or host is not None or settings.host_explicit
     problem = None if explicit else ctx.host_claim.problem(target)
-    store: Any = DryRunStore(ctx.remote) if dry_run else ctx.remote
 
     def lock_reason(ref: BackupRef) -> str | None:
         until = lock_until(settings, ref, now)
@@ -177,15 +197,25 @@ def _prune_remote(
 
     results = []
     for (group_host, group_source), refs, orphans in _groups(listing, hosts, source):
+        own_remote = settings.for_source(group_source).remote_retention
+        group_policy = policy if policy is not None else own_remote
+        if group_policy is None:
+            LOG.info(
+                "remote %s/%s: no remote retention policy for this source: not pruned",
+                group_host,
+                group_source,
+            )
+            continue
         pins = {ref.id: [reason] for ref in refs if (reason := lock_reason(ref))}
-        result = _plan_group("remote", group_host, group_source, refs, policy, now, pins)
+        result = _plan_group("remote", group_host, group_source, refs, group_policy, now, pins)
         result.dry_run = dry_run
         _classify_orphans(result, orphans, now, lock_reason)
+        plan_deletions(result, refs, orphans, remote_keys)
         if problem:
             result.errors.append(problem)
             LOG.error("remote %s/%s: %s", group_host, group_source, problem)
         else:
-            execute(ctx, store, result, refs, orphans, remote_keys)
+            carry_out(ctx, ctx.remote, result)
         results.append(result)
     if not dry_run and any(r.deleted_keys for r in results):
         ctx.remote_catalog.invalidate()  # stale: the next caller lists again
@@ -257,65 +287,3 @@ def _classify_orphans(
             )
         else:
             result.orphans.append(orphan.id)
-
-
-# ---------------------------------------------------------------- executing
-
-
-# ---------------------------------------------------------------- human output
-
-
-def describe(results: Sequence[PruneResult], *, dry_run: bool) -> list[str]:
-    """Human lines per group: kept (with reasons), pinned, deleted or would-delete, orphans."""
-    if not results:
-        return ["nothing to prune: no backups found"]
-    lines: list[str] = []
-    for r in results:
-        lines.append(f"{r.where} {r.host}/{r.source}  policy: {r.policy or '(no rules)'}")
-        if r.policy_empty:
-            lines.append("  policy has no rules: nothing deleted")
-        for ident, reasons in r.keep:
-            label = "pinned" if ident in r.pinned else "keep"
-            lines.append(f"  {label:<13} {ident}  ({', '.join(reasons)})")
-        retained = dict(r.retained)
-        for ident in r.delete:
-            if dry_run:
-                lines.append(f"  {'would delete':<13} {ident}")
-            elif ident in r.deleted:
-                lines.append(f"  {'deleted':<13} {ident}")
-            elif ident in retained:
-                lines.append(f"  {'retained':<13} {ident}  ({retained[ident]})")
-            else:
-                lines.append(f"  {'not deleted':<13} {ident}")
-        for ident in r.orphans:
-            if dry_run:
-                state = "would delete"
-            elif ident in r.orphans_deleted:
-                state = "deleted"
-            else:
-                state = retained.get(ident, "not deleted")
-            lines.append(f"  {'orphan':<13} {ident}  (archive without manifest: {state})")
-        for ident, why in r.orphans_kept:
-            lines.append(f"  {'orphan kept':<13} {ident}  ({why})")
-        for error in r.errors:
-            lines.append(f"  FAILED: {error}")
-    planned = sum(len(r.delete) for r in results)
-    orphans = sum(len(r.orphans) for r in results)
-    kept = sum(len(r.keep) for r in results)
-    pinned = sum(len(r.pinned) for r in results)
-    if dry_run:
-        summary = (
-            f"dry run: would delete {planned} backup(s) and {orphans} orphan(s), keep {kept} "
-            f"({pinned} pinned); nothing deleted"
-        )
-    else:
-        deleted = sum(len(r.deleted) for r in results)
-        swept = sum(len(r.orphans_deleted) for r in results)
-        summary = (
-            f"deleted {deleted} backup(s) and {swept} orphan(s), kept {kept} ({pinned} pinned)"
-        )
-    failed = [f"{r.where} {r.host}/{r.source}" for r in results if r.errors]
-    if failed:
-        summary += "; failed: " + ", ".join(failed)
-    lines.append(summary)
-    return lines

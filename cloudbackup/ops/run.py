@@ -1,6 +1,11 @@
 """``run``: the nightly job. Recover, back up (uploading while archiving), upload what
 earlier nights left, verify this run's uploads, prune; one report, whose outcome is the
-worst of its parts. The one module that composes the other use cases."""
+worst of its parts. The one module that composes the other use cases.
+
+:func:`nightly` owns the ping protocol around it (healthchecks.io: ``/start`` once the lock
+is held, then success or ``/fail``), including the ``/fail`` of a run refused before it
+started (a configuration error, no bucket, the lock held); the CLI only renders.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,17 @@ import dataclasses
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cloudbackup.config import Settings
 from cloudbackup.context import Context
-from cloudbackup.core.errors import CloudBackupError
+from cloudbackup.core.errors import CloudBackupError, UsageError
 from cloudbackup.core.model import format_time
 from cloudbackup.core.outcome import Outcome, worst
 from cloudbackup.core.outcome import exit_code as code_of
+from cloudbackup.lock import DirLock
 from cloudbackup.ops import backup as backing
 from cloudbackup.ops import prune
 from cloudbackup.ops import status as monitor
@@ -63,6 +71,54 @@ class RunReport:
             "exit_code": self.exit_code,
             "seconds": round(self.seconds, 3),
         }
+
+
+def nightly(
+    load: Callable[[], Settings],
+    open_context: Callable[[Settings], Context],
+    *,
+    describe: Callable[[RunReport], str],
+    fallback_ping_url: Callable[[], str | None],
+    allow_shrink: bool = False,
+    deep: bool = False,
+) -> RunReport:
+    """``run`` with its pings: ``load`` the settings, refuse (exit 2) a run without a bucket
+    or sources, take the lock, ping ``/start``, :func:`run`, then ping success, or ``/fail``
+    with ``describe(report)``. Whatever stops it first is pinged to ``/fail`` and raised;
+    when the settings themselves are invalid, ``fallback_ping_url`` finds the URL."""
+    try:
+        settings = load()
+    except CloudBackupError as exc:
+        monitor.ping(fallback_ping_url(), "/fail", body=f"cloudbackup run: {exc}")
+        raise
+    url, on = settings.ping_url, f"cloudbackup run on {settings.host}"
+    try:
+        _check_runnable(settings)
+        with DirLock(settings.local_dir):
+            monitor.ping(url, "/start")
+            report = run(open_context(settings), allow_shrink=allow_shrink, deep=deep)
+    except CloudBackupError as exc:
+        monitor.ping(url, "/fail", body=f"{on}: {exc}")
+        raise
+    except Exception as exc:  # a bug or an OSError: /start was pinged, so /fail must follow
+        monitor.ping(url, "/fail", body=f"{on}: unexpected error: {type(exc).__name__}: {exc}")
+        raise
+    if report.exit_code == 0:
+        monitor.ping(url)
+    else:
+        monitor.ping(url, "/fail", body=describe(report))
+    return report
+
+
+def _check_runnable(settings: Settings) -> None:
+    if not settings.s3_bucket and not settings.local_only:
+        raise UsageError(
+            "`run` needs a bucket for the offsite copy",
+            "set CLOUDBACKUP_S3_BUCKET, or CLOUDBACKUP_LOCAL_ONLY=1 if no offsite copy is "
+            "intended",
+        )
+    if not settings.sources:
+        raise UsageError("no sources to back up", "set CLOUDBACKUP_SOURCES")
 
 
 def _free_space_check(ctx: Context, results: dict[str, SourceResult]) -> set[str]:
