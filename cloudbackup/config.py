@@ -556,10 +556,6 @@ def _default(name: str) -> Any:
     return BY_FIELD[name].default_value
 
 
-def _default_level() -> int | None:
-    return DEFAULT_LEVELS[_default("compression")]
-
-
 # ---------------------------------------------------------------- settings
 
 
@@ -571,7 +567,7 @@ class Settings:
     host: str
     host_explicit: bool = False
     compression: str = _default("compression")
-    compression_level: int | None = field(default_factory=_default_level)
+    compression_level: int | None = DEFAULT_LEVELS[_default("compression")]
     s3_bucket: str | None = _default("s3_bucket")
     local_only: bool = _default("local_only")
     s3_prefix: str = _default("s3_prefix")
@@ -965,7 +961,10 @@ def _set_level(
 def _check_s3(
     values: dict[str, Any], given: Mapping[str, Given | None], warnings: list[str]
 ) -> None:
-    """The rules between S3 variables."""
+    """The rules between the variables of the offsite copy."""
+    bucket, local_only = BY_FIELD["s3_bucket"].name, BY_FIELD["local_only"].name
+    if values["s3_bucket"] and values["local_only"]:
+        warnings.append(f"{local_only}=1 is ignored: {bucket} is set, so copies go offsite")
     kms = given["s3_kms_key_id"]
     if values["s3_kms_key_id"] and values["s3_sse"] != "aws:kms":
         assert kms is not None

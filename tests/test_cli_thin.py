@@ -232,3 +232,24 @@ def test_per_source_values_from_the_env_file(
     assert len(env.manifests("docs")) == 1 and len(env.manifests("www")) == 2
     assert cli("prune", "--policy", "last=1", "--json").exit_code == 0  # --policy beats both
     assert len(env.manifests("www")) == 1
+
+
+def test_backup_dry_run_judges_the_shrink_guard_as_the_real_run(
+    env: Env, cli: Any, clock: Clock
+) -> None:
+    """The plan goes through the real run's guards: a tree that lost most of its files is
+    refused by the dry run too (exit 1), and --allow-shrink lets both through."""
+    www = make_tree(env.tmp / "srv" / "www", {f"page{i}.html": "x" for i in range(10)})
+    assert cli("backup", www).exit_code == 0
+    for i in range(8):
+        (www / f"page{i}.html").unlink()
+    clock.advance(hours=1)
+    dry = cli("backup", "--dry-run", "--json", www)
+    assert dry.exit_code == 1
+    (result,) = json.loads(dry.stdout)["results"]
+    assert "shrank from 10 to 2 files" in result["error"] and "plan" not in result
+    allowed = cli("backup", "--dry-run", "--allow-shrink", "--json", www)
+    assert allowed.exit_code == 0
+    (result,) = json.loads(allowed.stdout)["results"]
+    assert result["plan"]["files"] == 2
+    assert len(env.archives("www")) == 1

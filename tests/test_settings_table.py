@@ -110,6 +110,7 @@ def test_the_generated_example_loads_cleanly(tmp_path: Path) -> None:
     }
     commented.pop("CLOUDBACKUP_S3_KMS_KEY_ID")  # needs aws:kms, shown with it
     commented.pop("CLOUDBACKUP_S3_COMPAT")  # warns that tags are then not sent
+    commented.pop("CLOUDBACKUP_LOCAL_ONLY")  # warns that the bucket is used all the same
     assert load(dotenv={**dotenv_values(example), **commented}).warnings == ()
 
 
@@ -126,6 +127,13 @@ def test_unknown_variables_come_from_the_table() -> None:
     assert "CLOUDBACKUP_LOG_FILE_FILE" in warned, "LOG_FILE already ends in _FILE"
     assert "CLOUDBACKUP_EXCLUDES__WWW" in warned
     assert len(settings.warnings) == 2
+
+
+def test_local_only_with_a_bucket_is_warned_about() -> None:
+    settings = load({"CLOUDBACKUP_LOCAL_ONLY": "1", "CLOUDBACKUP_S3_BUCKET": "bkt"})
+    (warning,) = settings.warnings
+    assert "CLOUDBACKUP_LOCAL_ONLY=1 is ignored" in warning and "CLOUDBACKUP_S3_BUCKET" in warning
+    assert load({"CLOUDBACKUP_LOCAL_ONLY": "1"}).warnings == ()
 
 
 # ---------------------------------------------------------------- _FILE forms

@@ -156,14 +156,10 @@ def _exit(code: int) -> NoReturn:
     raise SystemExit(code)
 
 
-def _need_bucket(settings: Settings, where: str) -> str:
-    """``where`` for a command that reads copies: remote ones need a bucket (exit 2); with
-    none, ``all`` means the local ones."""
-    if where in ("remote", "all") and not settings.s3_bucket:
-        if where == "remote":
-            raise UsageError("--where remote needs a bucket", "set CLOUDBACKUP_S3_BUCKET")
-        return "local"
-    return where
+def _remote_needs_bucket(settings: Settings, where: str) -> None:
+    """``--where remote`` without a bucket is a usage error (exit 2)."""
+    if where == "remote" and not settings.s3_bucket:
+        raise UsageError("--where remote needs a bucket", "set CLOUDBACKUP_S3_BUCKET")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -273,7 +269,7 @@ def list_cmd(
 ) -> None:
     """Backups with id, time, size, where they are and whether the offsite copy is verified."""
     settings = load_settings(_state(), host=host)
-    where = _need_bucket(settings, where) if where == "remote" else where
+    _remote_needs_bucket(settings, where)
     ctx = make_context(settings, remote=where != "local", need_local=False)
     backups = listing.list_backups(ctx, where=where, source=source, all_hosts=all_hosts)
     document = {"backups": [b.to_dict() for b in backups]}
@@ -300,7 +296,8 @@ def verify(
     """Local: re-hash archives against manifests. Remote: compare S3's checksum, size and
     metadata with the manifest without downloading (--deep streams and re-hashes)."""
     settings = load_settings(_state(), host=host)
-    where = _need_bucket(settings, where)
+    _remote_needs_bucket(settings, where)
+    where = where if settings.s3_bucket else "local"
     ctx = make_context(settings, remote=where != "local", need_local=False)
     results = _verify(ctx, ids, source, where, deep)
     document = {"results": [r.to_dict() for r in results]}
@@ -463,7 +460,7 @@ def forget(
     from cloudbackup.ops import forget as forgetting
 
     settings = load_settings(_state(), host=host)
-    where = _need_bucket(settings, where) if where == "remote" else where
+    _remote_needs_bucket(settings, where)
     ctx = make_context(settings, remote=where != "local")
     with DirLock(settings.local_dir):
         results = forgetting.forget(ctx, ids, where=where, dry_run=dry_run)

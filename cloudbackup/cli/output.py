@@ -262,11 +262,9 @@ def plan_line(r: SourceResult, remote_url: Callable[[str], str]) -> str:
     plan = r.plan
     assert plan is not None
     level = f" {plan.compression_level}" if plan.compression_level is not None else ""
-    what = (
-        f"{plan.files} files, {human_size(plan.bytes)}"
-        if plan.files is not None
-        else f"its {plan.kind} output"
-    )
+    what = f"the {plan.kind} source (its size is known only when it runs)"
+    if plan.files is not None:
+        what = f"{plan.files} file{'' if plan.files == 1 else 's'}, {human_size(plan.bytes)}"
     line = f"  {plan.source}: would archive {what} into {plan.archive} ({plan.compression}{level})"
     if plan.remote_key is not None:
         line += f", then upload it to {remote_url(plan.remote_key)}"

@@ -355,7 +355,8 @@ def _back_up(
     backup_id = _new_id(ctx, source.name, moment)
     result.id = str(backup_id)
     if options.dry_run:
-        result.plan = _plan(ctx, source, backup_id, previous, options, streamer is not None)
+        uploading = streamer is not None  # an upload follows every archive, or none
+        result.plan = _plan(ctx, source, backup_id, previous, options, uploading)
         result.ok, result.file_count = True, result.plan.files or 0
         return
     stats, final = _archive(ctx, source, backup_id, previous, device, options, streamer, result)
@@ -590,7 +591,7 @@ def _plan(
         files=survey[0] if survey is not None else None,
         bytes=survey[1] if survey is not None else None,
     )
-    LOG.info(
+    LOG.debug(  # the plan itself is the command's output
         "%s: would archive %s as %s%s",
         source.name,
         f"{plan.files} files, {plan.bytes} bytes" if survey is not None else source.spec.redacted,
