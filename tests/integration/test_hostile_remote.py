@@ -663,3 +663,57 @@ def test_a_symlink_planted_in_the_local_dir_is_never_listed_uploaded_or_restored
     restored = cli("restore", "www", "--from", "local", "--to", env.tmp / "out")
     assert restored.exit_code == 2, restored.stderr  # not found: the link is no backup
     assert not (env.tmp / "out").exists()
+
+
+# ---------------------------------------------------------------- hostile numbers in headers
+
+
+HOSTILE_NUMBERS = {
+    "mtime-1e300": {"mtime": "1e300"},
+    "mtime-nan": {"mtime": "nan"},
+    "mtime--inf": {"mtime": "-inf"},
+    "uid--5": {"uid": "-5"},
+    "uid-2**40": {"uid": str(2**40)},
+    "gid-1e20": {"gid": "1e20"},
+    "size--1000": {"size": "-1000"},
+}
+
+
+@pytest.mark.parametrize("kind", ["file", "dir", "symlink"])
+@pytest.mark.parametrize("case", sorted(HOSTILE_NUMBERS))
+def test_hostile_numbers_refuse_the_member_restore_the_rest_and_fail_verify_deep(
+    env: Env, s3_env: S3Env, cli: Cli, case: str, kind: str
+) -> None:
+    """The same rule for restore (the member refused, the rest restored: exit 1), a dry run
+    with --include (exit 1, nothing written) and verify --deep (damaged: exit 3)."""
+    attrs: dict[str, Any] = {
+        "file": regular(b""),
+        "dir": directory(),
+        "symlink": symlink("a.txt"),
+    }[kind]
+    attrs["pax_headers"] = HOSTILE_NUMBERS[case]
+    members = tar_of(("a.txt", regular(b"a")), ("victim", attrs), ("z.txt", regular(b"z")))
+    forge_remote(
+        s3_env, "www", members, kind="directory", file_count=3, uncompressed_bytes=2
+    )
+    target = env.work / "t"
+
+    restored = cli("restore", "www", "--to", target)
+    assert restored.exit_code == 1, restored.stderr
+    assert "Traceback" not in restored.stderr and "unexpected" not in restored.stderr
+    (refusal,) = [line for line in restored.stdout.splitlines() if "refused 'victim'" in line]
+    assert next(iter(HOSTILE_NUMBERS[case])) in refusal
+    assert sorted(os.listdir(target)) == ["a.txt", "z.txt"]
+    assert (target / "z.txt").read_bytes() == b"z"
+
+    dry = cli("restore", "www", "--dry-run", "--include", "**", "--to", env.work / "d")
+    assert dry.exit_code == 1, dry.stderr
+    assert "Traceback" not in dry.stderr and "unexpected" not in dry.stderr
+    assert "refused 'victim'" in dry.stdout
+    assert not (env.work / "d").exists()
+
+    verified = cli("verify", "--where", "remote", "--deep", "--json")
+    assert verified.exit_code == 3, verified.stderr
+    assert "Traceback" not in verified.stderr and "unexpected" not in verified.stderr
+    (entry,) = json.loads(verified.stdout)["results"]
+    assert entry["ok"] is False and "victim" in entry["detail"]
