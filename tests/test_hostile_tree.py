@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from cloudbackup.core.model import Manifest
-from cloudbackup.fs.tree import remove_tree, tally_tree
+from cloudbackup.fs.tree import LinkInPath, empty_tree, open_directory, remove_tree, tally_tree
 from cloudbackup.fs.walk import FileEntry
 from cloudbackup.sources.base import SourceContext
 from cloudbackup.sources.directory import DirectorySource
@@ -291,6 +291,57 @@ def test_tally_and_remove_handle_any_depth_and_path_length(
     remove_tree(deep)
     remove_tree(wide)
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_open_directory_never_follows_a_symlink_on_the_way(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "link").symlink_to(outside)
+    for create in (False, True):
+        with pytest.raises(LinkInPath) as caught:
+            open_directory(tmp_path / "a" / "link" / "new", create=create)
+        assert caught.value.filename == str(tmp_path / "a" / "link")
+    assert os.listdir(outside) == []
+    with pytest.raises(FileNotFoundError) as missing:
+        open_directory(tmp_path / "a" / "x" / "y")
+    assert missing.value.filename == str(tmp_path / "a" / "x")
+    fd = open_directory(tmp_path / "a" / "x" / ".." / "made" / "here", create=True)
+    try:
+        assert os.path.samefile(f"/proc/self/fd/{fd}", tmp_path / "a" / "made" / "here")
+    finally:
+        os.close(fd)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        open_directory(tmp_path / "file" / "below", create=True)
+
+
+def test_trees_through_a_descriptor_are_counted_and_emptied_never_through_links(
+    tmp_path: Path,
+) -> None:
+    outside = make_tree(tmp_path / "outside", {"keep": "x"})
+    root = make_tree(tmp_path / "root", {"a/f": "12345", "g": "1"})
+    (root / "link").symlink_to(outside)
+    os.chmod(root / "a", 0o500)
+    fd = os.open(root, DIR)
+    try:
+        os.rename(root, tmp_path / "moved")  # by name it is gone; the descriptor holds it
+        tally = tally_tree(fd)
+        assert (tally.files, tally.bytes, tally.dirs) == (3, 6, 1)
+        empty_tree(fd)
+        assert os.listdir(fd) == []
+    finally:
+        os.close(fd)
+    assert os.listdir(outside) == ["keep"]
+    (tmp_path / "dirlink").symlink_to(outside)
+    dir_fd = os.open(tmp_path, DIR)
+    try:
+        remove_tree("dirlink", dir_fd=dir_fd)  # the link goes, not what it points to
+        remove_tree("moved", dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+    assert sorted(os.listdir(tmp_path)) == ["outside"]
+    assert os.listdir(outside) == ["keep"]
 
 
 # ---------------------------------------------------------------- one source's failure

@@ -112,17 +112,19 @@ class _Tree(Protocol):
 
 
 class _RealTree:
-    """Writes under ``root`` through directory fds opened with O_NOFOLLOW, never by path."""
+    """Writes under ``root`` through directory fds opened with O_NOFOLLOW, never by path.
+    ``root`` is an open directory's descriptor (duplicated: the caller keeps its own), or a
+    path, opened once (not through a symlink at its end)."""
 
     def __init__(
         self,
-        root: Path,
+        root: Path | int,
         *,
         same_owner: bool,
         progress: Callable[[int], None] | None,
         warnings: list[str],
     ) -> None:
-        self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._root_fd = os.dup(root) if isinstance(root, int) else os.open(root, _DIR_FLAGS)
         self._fds: OrderedDict[Parts, int] = OrderedDict()
         self._capacity = min(_DIR_FD_CACHE, default_capacity())
         self._ids: dict[Parts, tuple[int, int]] = {}  # (st_dev, st_ino) of each dir opened
@@ -571,14 +573,16 @@ class _Extraction:
 
 def extract(
     stream: BinaryIO,
-    target: Path,
+    target: Path | int,
     *,
     include: Sequence[str] = (),
     same_owner: bool | None = None,
     dry_run: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> ExtractResult:
-    """Extract the uncompressed tar ``stream`` into the existing empty directory ``target``.
+    """Extract the uncompressed tar ``stream`` into the existing empty directory ``target``:
+    an open directory's descriptor (a restore's staging directory, never reopened by name),
+    or a path (not followed if it is a symlink).
 
     ``include`` selects members with ``PathMatcher`` (a matched directory brings its subtree, a
     matched file its parent directories). ``same_owner`` (default: running as root) restores
