@@ -35,6 +35,7 @@ from cloudbackup.core.outcome import Outcome, exit_code
 from cloudbackup.ops import backup as backing
 from cloudbackup.ops import list as listing
 from cloudbackup.ops import verify as verifying
+from cloudbackup.ops.status import ping_secrets
 from cloudbackup.sources.base import url_secrets
 from cloudbackup.storage.local import LocalStore
 
@@ -132,7 +133,11 @@ def load_settings(
         home=_home(),
         env_file=env_file,
     )
-    secrets = [*secrets, *(s for spec in settings.sources for s in spec.secrets)]
+    secrets = [
+        *secrets,
+        *(s for spec in settings.sources for s in spec.secrets),
+        *ping_secrets(settings.ping_url),
+    ]
     setup_logging(
         level=settings.log_level,
         verbose=state.verbose,
