@@ -717,3 +717,66 @@ def test_hostile_numbers_refuse_the_member_restore_the_rest_and_fail_verify_deep
     assert "Traceback" not in verified.stderr and "unexpected" not in verified.stderr
     (entry,) = json.loads(verified.stdout)["results"]
     assert entry["ok"] is False and "victim" in entry["detail"]
+
+
+# ---------------------------------------------------------------- host claim and upload records
+
+
+def test_a_hostile_host_claim_is_read_bounded_and_shown_printable(
+    env: Env, s3_env: S3Env, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``.host-id`` without metadata whose body is 4 MiB of terminal escapes: the claim is
+    refused as another machine's, in one line of printable characters, and only its first
+    bytes are ever read."""
+    from botocore.response import StreamingBody
+
+    body = b"\x1b[31m\x1b]0;owned\x07EVIL" + b"\x1b[2J" * (1 << 20)
+    s3_env.client.put_object(
+        Bucket=s3_env.bucket, Key=f"{s3_env.prefix}/{HOST}/.host-id", Body=body
+    )
+    read: list[int] = []
+    real_read = StreamingBody.read
+
+    def counting_read(self: Any, amt: int | None = None) -> bytes:
+        data = real_read(self, amt)
+        read.append(len(data))
+        return data
+
+    monkeypatch.setattr(StreamingBody, "read", counting_read)
+    src = make_tree(env.tmp / "www", {"a.txt": "a"})
+    result = cli("backup", src)
+    assert result.exit_code == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "\x1b" not in result.stderr + result.stdout and "\x07" not in result.stderr
+    assert "claimed by another machine" in result.stderr
+    assert "[31m]0;ownedEVIL"[:12] in result.stderr
+    assert sum(read) <= 4096, sum(read)
+
+
+def test_a_local_upload_record_naming_another_prefix_never_aborts_that_upload(
+    env: Env, s3_env: S3Env, cli: Cli
+) -> None:
+    """The record of a backup that never completed names an upload under another prefix
+    (only its last components look right): the tool never aborts that upload."""
+    when = "20261120T021500Z"
+    backup_id = BackupId.parse(f"www-{when}")
+    elsewhere = f"other-team/{HOST}/www/{archive_name(backup_id, 'zstd')}"
+    upload = s3_env.client.create_multipart_upload(Bucket=s3_env.bucket, Key=elsewhere)
+    source_dir = env.source_dir("www")
+    source_dir.mkdir(parents=True)
+    (source_dir / f"www-{when}.upload.json").write_text(
+        json.dumps(
+            {
+                "key": elsewhere,
+                "part_size": 8 << 20,
+                "part_count": 1,
+                "checksum_algorithm": "SHA256",
+                "upload_id": upload["UploadId"],
+            }
+        )
+    )
+    src = make_tree(env.tmp / "www", {"a.txt": "a"})
+    result = cli("backup", src)
+    assert result.exit_code == 0, result.stderr
+    uploads = s3_env.client.list_multipart_uploads(Bucket=s3_env.bucket).get("Uploads", [])
+    assert [(u["Key"], u["UploadId"]) for u in uploads] == [(elsewhere, upload["UploadId"])]
