@@ -364,3 +364,19 @@ def test_a_command_output_restored_to_a_new_path_keeps_the_archived_mode(
     result = cli("restore", dump, "--to", target)
     assert result.exit_code == 0, result.stderr
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+def test_a_symlinked_local_dir_still_hosts_the_workspace_of_a_stdout_restore(
+    env: Env, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The local dir configured through a symlink (``/var/lib/cloudbackup -> /data/cb``): it
+    is resolved once, like --to; only links that appear afterwards are refused."""
+    real = env.tmp / "data-cb"
+    real.mkdir()
+    link = env.tmp / "cb-link"
+    link.symlink_to(real)
+    monkeypatch.setenv("CLOUDBACKUP_LOCAL_DIR", str(link))
+    assert cli("backup", "--no-upload", "dump=cmd:printf data").exit_code == 0
+    result = cli("restore", "dump", "--to", "-")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "data"

@@ -369,7 +369,7 @@ def _plan_file(
     ctx: Context, manifest: Manifest, to: str | None, force: bool, stdout: IO[bytes] | None
 ) -> Target:
     if to == "-":
-        return StdoutTarget(stdout, resolved(ctx.settings.local_dir), manifest.id)
+        return StdoutTarget(stdout, _real(ctx.settings.local_dir), manifest.id)
     return FileTarget(FileTarget.plan(manifest, to, stdout=True))
 
 
@@ -383,7 +383,7 @@ _PLANS: dict[RestoreAs, Callable[[Context, Manifest, str | None, bool, Any], Tar
         PostgresTarget.plan(manifest, to),
         force=force,
         env=ctx.settings.child_env,
-        workdir=resolved(ctx.settings.local_dir),
+        workdir=_real(ctx.settings.local_dir),
         name=manifest.id,
     ),
 }
@@ -397,6 +397,12 @@ def resolved(path: Path) -> Path:
     place a restore works in is decided once, when it is planned; afterwards it is opened
     component by component without following any link (``fs.tree.open_directory``)."""
     return Path(os.path.realpath(path.parent)) / path.name
+
+
+def _real(directory: Path) -> Path:
+    """A workdir that is a directory of the configuration (the local dir): every symlink
+    resolved, its own name too (see resolved)."""
+    return Path(os.path.realpath(directory))
 
 
 def lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
