@@ -7,7 +7,8 @@ The flow (SPEC "Restore staging")::
       ─▶ local copy re-hashes to the manifest?  yes: use it   no: GET the remote copy into a
          temp file beside the target, hashing on the way (download); a mismatch is an
          IntegrityError
-      ─▶ decompress ─▶ extract into a staging directory beside the target
+      ─▶ decompress ─▶ extract into a staging directory beside the target (held open:
+         extracted into, counted and installed through its descriptor, never its name)
       ─▶ count what is on disk ─▶ the target installs it (--force: the old one moved aside)
 
 Nothing unverified is ever decompressed, nothing is ever written under the target's own

@@ -14,6 +14,11 @@ installs them once every check has passed:
 
 The source class of the backup's kind declares which one applies (``Source.restore_as``)
 and which member a single-file target takes (``Source.restore_member``).
+
+The target's directory may be written by others (a root restore into ``/home/alice/r``):
+it is opened once without following a link (:class:`Workspace`), and the staging directory
+is held open from the moment it is made (:class:`Staging`); nothing planted or swapped in
+that directory meanwhile is ever followed, written or installed.
 """
 
 from __future__ import annotations
