@@ -111,9 +111,10 @@ class LocalCatalog:
     records. Listed afresh on every call (the run itself changes it); never trusted: each
     manifest and record is parsed against its name."""
 
-    def __init__(self, store: LocalStore, host: str) -> None:
+    def __init__(self, store: LocalStore, host: str, prefix: str = "") -> None:
         self.store = store
         self.host = host
+        self.prefix = prefix  # the bucket prefix: upload records name keys under it
 
     def source_dir(self, source: str, host: str | None = None) -> Path:
         return self.store.root / (host or self.host) / source
@@ -142,7 +143,9 @@ class LocalCatalog:
         parsed = BackupId.parse(backup_id)
         path = self.upload_record_path(source, backup_id, host)
         try:
-            return parse_upload_record(path.read_bytes(), parsed, host or self.host)
+            return parse_upload_record(
+                path.read_bytes(), parsed, host or self.host, prefix=self.prefix
+            )
         except (OSError, IntegrityError):
             return None
 
@@ -222,6 +225,22 @@ class RemoteCatalog:
 # ---------------------------------------------------------------- the host claim
 
 
+#: The most of a ``.host-id`` body read: a machine id is 32 hex digits (the bucket is untrusted).
+_CLAIM_READ_LIMIT = 256
+
+
+def _claim_body(store: Any, key: str) -> str:
+    """The machine id a claim's body holds (its first bytes only), stripped."""
+    with store.open(key) as body:
+        raw = body.read(_CLAIM_READ_LIMIT)
+    return bytes(raw).decode("utf-8", errors="replace").strip()
+
+
+def _printable(text: str) -> str:
+    """``text`` for a message: its printable characters only (no terminal escapes)."""
+    return "".join(char for char in text if char.isprintable())
+
+
 class HostClaim:
     """``<prefix>/<host>/.host-id``: the machine that writes under a host's prefix.
 
@@ -281,10 +300,11 @@ class HostClaim:
         if head is not None:
             owner = head.metadata.get("machine-id")
             if owner is None:
-                owner = store.get_bytes(key).decode(errors="replace").strip()
+                owner = _claim_body(store, key)
             if owner != self.machine_id and not self.settings.host_explicit:
                 raise PermanentStorageError(
-                    f"s3://{store.bucket}/{key} is claimed by another machine ({owner[:12]}…), "
+                    f"s3://{store.bucket}/{key} is claimed by another machine "
+                    f"({_printable(owner)[:12]}…), "
                     f"not this one ({self.machine_id[:12]}…): two machines share the host name "
                     f"{host!r}",
                     "set CLOUDBACKUP_HOST to a unique name, or pass --host explicitly on a DR "
@@ -307,7 +327,7 @@ class HostClaim:
         if owner is None or owner == self.machine_id:
             return None
         return (
-            f"{key} is claimed by another machine ({owner[:12]}…), not this one "
+            f"{key} is claimed by another machine ({_printable(owner)[:12]}…), not this one "
             f"({(self.machine_id or '')[:12]}…): two machines share the host name {host!r}; "
             "nothing deleted: set CLOUDBACKUP_HOST to a unique name, or pass --host explicitly "
             "(a DR machine or a central pruner)"
@@ -337,7 +357,11 @@ class Context:
 
     def __post_init__(self) -> None:
         # Derived from the stores: a context made with dataclasses.replace gets its own.
-        object.__setattr__(self, "local_catalog", LocalCatalog(self.local, self.settings.host))
+        object.__setattr__(
+            self,
+            "local_catalog",
+            LocalCatalog(self.local, self.settings.host, self.settings.s3_prefix),
+        )
         object.__setattr__(self, "remote_catalog", RemoteCatalog(self.remote, self.settings))
         object.__setattr__(
             self, "host_claim", HostClaim(self.remote, self.settings, self.machine_id)

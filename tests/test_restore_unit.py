@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import re
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -32,7 +33,7 @@ from cloudbackup.restore.apply import RestoreResult
 from cloudbackup.restore.download import download
 from cloudbackup.restore.select import find_backup, parse_at
 from cloudbackup.restore.targets import Workspace as _Workspace
-from cloudbackup.restore.targets import aside_path as _aside_path
+from cloudbackup.restore.targets import aside_name as _aside_name
 from cloudbackup.restore.targets import regular_member as _regular_member
 from cloudbackup.storage.base import ObjectInfo
 from cloudbackup.storage.local import LocalStore
@@ -351,18 +352,29 @@ def test_workspace_removes_only_dead_restores_leftovers(tmp_path: Path) -> None:
         staging = ws.staging()
         download_path = ws.download_path()
         download_path.write_bytes(b"partial")
-        assert staging.is_dir()
+        (staging.path / "inner").mkdir()
+        made = tmp_path / staging.name
+        assert made.is_dir() and os.listdir(made) == ["inner"]
+        assert stat.S_IMODE(made.stat().st_mode) == 0o700
+        download = tmp_path / download_path.name
+        assert download.read_bytes() == b"partial"
     assert not stale_dir.exists() and not stale_file.exists()
     assert alive.exists() and other.exists()
-    assert not staging.exists() and not download_path.exists()
+    assert not made.exists() and not download.exists()
 
 
-def test_aside_path_never_reuses_a_name(tmp_path: Path) -> None:
-    target = tmp_path / "site"
-    first = _aside_path(target, "20261121T021500Z")
-    assert first.name == "site.before-restore-20261121T021500Z"
-    first.mkdir()
-    assert _aside_path(target, "20261121T021500Z").name == "site.before-restore-20261121T021500Z-2"
+def test_aside_name_never_reuses_a_name(tmp_path: Path) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        first = _aside_name(fd, "site", "20261121T021500Z")
+        assert first == "site.before-restore-20261121T021500Z"
+        (tmp_path / first).mkdir()
+        second = _aside_name(fd, "site", "20261121T021500Z")
+        assert second == "site.before-restore-20261121T021500Z-2"
+        (tmp_path / second).symlink_to("/nowhere")  # a dangling link takes the name too
+        assert _aside_name(fd, "site", "20261121T021500Z").endswith("-3")
+    finally:
+        os.close(fd)
 
 
 def test_result_dict_and_summary() -> None:
@@ -386,10 +398,15 @@ def test_result_dict_and_summary() -> None:
 
 
 def test_a_single_file_member_must_be_a_regular_file_with_one_name(tmp_path: Path) -> None:
-    staging = tmp_path / "staging"
-    staging.mkdir()
+    with _Workspace(tmp_path, "t") as ws:
+        held = ws.staging()
+        _single_file_members(tmp_path, tmp_path / held.name, held)
+
+
+def _single_file_members(tmp_path: Path, staging: Path, held: Any) -> None:
     (staging / "ok.out").write_text("data")
-    assert _regular_member(staging, "ok.out", "a.tar.zst") == staging / "ok.out"
+    member = _regular_member(held, "ok.out", "a.tar.zst")
+    assert member.read_text() == "data" and os.path.samefile(member, staging / "ok.out")
     victim = tmp_path / "passwd"
     victim.write_text("root")
     (staging / "link.out").symlink_to(victim)
@@ -406,6 +423,6 @@ def test_a_single_file_member_must_be_a_regular_file_with_one_name(tmp_path: Pat
     }
     for name, words in cases.items():
         with pytest.raises(IntegrityError, match=re.escape(words)) as caught:
-            _regular_member(staging, name, "a.tar.zst")
+            _regular_member(held, name, "a.tar.zst")
         assert caught.value.exit_code == 3
     assert victim.read_text() == "root"

@@ -30,6 +30,7 @@ from cloudbackup.lock import DirLock
 from cloudbackup.ops import backup as backing
 from cloudbackup.ops import list as listing
 from cloudbackup.ops import verify as verifying
+from cloudbackup.ops.status import ping_secrets
 from cloudbackup.sources.base import url_secrets
 from cloudbackup.storage.local import LocalStore
 
@@ -94,7 +95,11 @@ def load_settings(state: AppState, *, secrets: Sequence[str] = (), **given: Any)
         home=_home(),
         env_file=env_file,
     )
-    secrets = [*secrets, *(s for spec in settings.sources for s in spec.secrets)]
+    secrets = [
+        *secrets,
+        *(s for spec in settings.sources for s in spec.secrets),
+        *ping_secrets(settings.ping_url),
+    ]
     setup_logging(
         level=settings.log_level,
         verbose=state.verbose,

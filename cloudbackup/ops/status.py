@@ -4,6 +4,7 @@ healthchecks-style pings."""
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import logging
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
 
 from cloudbackup.config import shown
 from cloudbackup.context import Context
@@ -339,30 +341,74 @@ def write_prometheus(path: Path, text: str) -> None:
 def ping(
     url: str | None, suffix: str = "", *, body: str | None = None, timeout: float = 5.0
 ) -> bool:
-    """healthchecks.io convention: ``/start``, success, ``/fail``. Never raises."""
+    """healthchecks.io convention: ``/start``, success, ``/fail``. Never raises.
+
+    Credentials in the URL (``https://user:password@host/...``) are sent as HTTP basic
+    auth (not on a redirect), never as part of the host name (urllib would hand
+    ``user:password@host`` to the resolver); messages show the URL as :func:`ping_shown`.
+    """
     if not url:
         return False
     base, mark, query = url.partition("?")  # the suffix goes into the path, not the query
     target = base.rstrip("/") + suffix + mark + query
+    plain, userinfo = _split_userinfo(target)
     data = body.encode("utf-8", errors="replace")[:100_000] if body is not None else None
     try:
         # Built inside the try: a malformed URL (``http://[::1``) raises ValueError here.
         request = urllib.request.Request(
-            target, data=data, method="POST" if data is not None else "GET"
+            plain, data=data, method="POST" if data is not None else "GET"
         )
         request.add_header("User-Agent", "cloudbackup")
+        if userinfo is not None:
+            user, _, password = userinfo.partition(":")
+            token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
+            request.add_unredirected_header("Authorization", f"Basic {token}")
         with urllib.request.urlopen(request, timeout=timeout) as response:
             response.read(1024)
         return True
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         LOG.warning(
-            "ping %s failed: %s (the backup itself is not affected)", _strip_query(target), exc
+            "ping %s failed: %s (the backup itself is not affected)", ping_shown(target), exc
         )
         return False
 
 
-def _strip_query(url: str) -> str:
-    return url.split("?", 1)[0]
+def _split_userinfo(url: str) -> tuple[str, str | None]:
+    """``(url without its userinfo, the userinfo or None)``. The authority ends where
+    urlsplit ends it (the first ``/``, ``?`` or ``#`` after ``//``) and the userinfo at its
+    last ``@``, so a URL that does not parse is split the same way (nothing leaks)."""
+    head, slashes, rest = url.partition("//")
+    if not slashes:
+        return url, None
+    ends = [i for i in (rest.find(char) for char in "/?#") if i >= 0]
+    end = min(ends) if ends else len(rest)
+    userinfo, at, hostport = rest[:end].rpartition("@")
+    if not at:
+        return url, None
+    return head + slashes + hostport + rest[end:], userinfo
+
+
+def ping_shown(url: str) -> str:
+    """The ping URL as messages show it: no query (it may hold a token), userinfo as ``***``."""
+    plain, userinfo = _split_userinfo(url.split("?", 1)[0])
+    if userinfo is None:
+        return plain
+    head, slashes, rest = plain.partition("//")
+    return f"{head}{slashes}***@{rest}"
+
+
+def ping_secrets(url: str | None) -> list[str]:
+    """The ping URL's password (its user name when it has none), as written and decoded,
+    for the log filter."""
+    if not url:
+        return []
+    _plain, userinfo = _split_userinfo(url)
+    if not userinfo:
+        return []
+    user, colon, password = userinfo.partition(":")
+    secret = password if colon else user
+    forms = {secret, unquote(secret), quote(unquote(secret), safe="")}
+    return sorted(form for form in forms if form)
 
 
 #: ``status --max-age`` bounds: 0 would make every source CRITICAL, centuries none ever.

@@ -7,7 +7,8 @@ The flow (SPEC "Restore staging")::
       ─▶ local copy re-hashes to the manifest?  yes: use it   no: GET the remote copy into a
          temp file beside the target, hashing on the way (download); a mismatch is an
          IntegrityError
-      ─▶ decompress ─▶ extract into a staging directory beside the target
+      ─▶ decompress ─▶ extract into a staging directory beside the target (held open:
+         extracted into, counted and installed through its descriptor, never its name)
       ─▶ count what is on disk ─▶ the target installs it (--force: the old one moved aside)
 
 Nothing unverified is ever decompressed, nothing is ever written under the target's own
@@ -129,7 +130,7 @@ def _open_archive(path: Path, compression: str) -> tuple[BinaryIO, Any]:
 def _extract_file(
     path: Path,
     compression: str,
-    into: Path,
+    into: Path | int,
     *,
     includes: Sequence[str] = (),
     dry_run: bool = False,
@@ -218,14 +219,16 @@ def _os_error(exc: OSError, target: str) -> CloudBackupError:
             f"no space left on the device while restoring into {target}",
             "free space or restore elsewhere (--to); nothing was put in place",
         )
+    # A name through a descriptor held (/proc/<pid>/fd/N/...) means nothing to people.
+    filename = exc.filename if exc.filename and not str(exc.filename).startswith("/proc/") else None
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        where = exc.filename or target
         return CloudBackupError(
-            f"cannot write {where}: {exc.strerror}", "run as a user who may write there"
+            f"cannot write {filename or target}: {exc.strerror}",
+            "run as a user who may write there",
         )
     return CloudBackupError(
         f"restore into {target} failed: {exc.strerror or exc}"
-        + (f" ({exc.filename})" if exc.filename else "")
+        + (f" ({filename})" if filename else "")
     )
 
 
@@ -268,11 +271,13 @@ def _run(
     target.ready()
     with Workspace(target.workdir, target.staging_name) as ws:
         archive = _archive_path(ctx, copy, ws, ranged)
-        staging = ws.staging()
+        # Held open from here on: extracted into, checked, counted and installed through
+        # its descriptor, never by its name (see targets.Staging).
+        staging = ws.staging(private=target.private_staging)
         progress = ctx.progress(f"restore {manifest.id}", manifest.uncompressed_bytes)
         try:
             extracted = _extract_file(
-                archive, manifest.compression, staging, includes=includes, progress=progress
+                archive, manifest.compression, staging.fd, includes=includes, progress=progress
             )
         finally:
             getattr(progress, "close", lambda: None)()
@@ -281,7 +286,7 @@ def _run(
         members = target.members(staging, manifest, copy.ref.source)
         result.refused = list(extracted.refused)
         result.warnings += extracted.warnings
-        on_disk = tally_tree(staging)
+        on_disk = tally_tree(staging.fd)
         if includes:
             expected = (
                 extracted.files + extracted.symlinks + extracted.hardlinks,

@@ -26,10 +26,12 @@ def _kind_name(mode: int) -> str:
     return "device"
 
 
-def _open_root(root: str) -> DirHandle:
-    """The walk's root, opened once by path (a symlink there was resolved by the source)."""
+def _open_root(root: str, fd: int | None = None) -> DirHandle:
+    """The walk's root: ``fd`` when the source opened it (a glob's prefix, opened without
+    following a link on the way), else opened once by path (a symlink there was resolved
+    by the source)."""
     try:
-        return DirTable(root).open_root()
+        return DirTable(root).open_root(fd=fd)
     except FileNotFoundError:
         raise SourceError(
             f"source path {root} does not exist", "check the path or the mount"
@@ -68,6 +70,7 @@ def walk_tree(
     ctx: SourceContext,
     *,
     select: Callable[[str], bool] | None = None,
+    root_fd: int | None = None,
 ) -> Iterator[FileEntry]:
     """Depth-first and sorted, by directory descriptor, iterative, never following symlinks.
 
@@ -76,8 +79,9 @@ def walk_tree(
     else) is skipped with a warning. ``select`` filters non-directories (glob sources);
     parent directories of selected entries are emitted before them. Holds one name list
     per level and a bounded number of descriptors (see cloudbackup.fs.walk), whatever the depth.
+    ``root_fd``: the root is that open directory (``root`` names it), never reopened by name.
     """
-    top = _open_root(root)
+    top = _open_root(root, root_fd)
     warn = ctx.warn
     exclude = ctx.exclude if ctx.exclude else None
     skip = ctx.skip_inodes

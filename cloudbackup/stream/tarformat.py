@@ -16,7 +16,7 @@ import os
 import re
 import tarfile
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import IO, Any, BinaryIO, cast
 
@@ -24,8 +24,10 @@ __all__ = [
     "XATTR_PREFIX",
     "TarReader",
     "member_header",
+    "member_problem",
     "pax_block",
     "pax_time",
+    "pax_time_ns",
 ]
 
 BLOCK = tarfile.BLOCKSIZE
@@ -197,6 +199,59 @@ def member_header(
 
 # ---------------------------------------------------------------- reading
 
+# The numbers a member may have: anything else is refused (see member_problem).
+_MAX_ID = 2**32 - 2  # uid_t/gid_t: 2**32 - 1 is (uid_t) -1, "leave the owner unchanged"
+_MAX_SIZE = 2**62  # bytes: past the end of any archive, and its offset still fits off_t
+_TIME_T = 2**63  # seconds: a time is within (-2**63, 2**63)
+_PAX_TIME_RE = re.compile(r"(-?)([0-9]{1,30})(?:\.([0-9]*))?", re.ASCII)
+_PAX_INT_KEYS = ("uid", "gid", "size")
+
+
+def pax_time_ns(text: str) -> int | None:
+    """A PAX time (``1700000000.123456789``, ``-1.5``) in exact nanoseconds; None when it is
+    not one (``1e300``, ``nan``).
+
+    tarfile turns it into a float, which keeps only about 0.2 microseconds of today's
+    times; the string is read here digit for digit (digits past nanoseconds dropped).
+    """
+    match = _PAX_TIME_RE.fullmatch(text)
+    if match is None:
+        return None
+    sign, seconds, fraction = match.groups()
+    ns = int(seconds) * _NS + int((fraction or "")[:9].ljust(9, "0"))
+    return -ns if sign else ns
+
+
+def _shown(text: str) -> str:
+    return repr(text) if len(text) <= 40 else repr(text[:40])[:-1] + "...'"
+
+
+def member_problem(member: tarfile.TarInfo) -> str | None:
+    """Why ``member``'s numbers are ones no file can have, or None: an owner outside
+    ``uid_t``/``gid_t`` (or ``-1``), a negative size, an mtime that is not a finite time a
+    ``time_t`` holds, or a PAX record of those that is not a plain number (tarfile alone
+    would read ``gid=1e20`` as 0, ``mtime=nan`` as a NaN). The one rule of every reader:
+    the extractor refuses such a member, ``verify --deep`` calls the archive damaged."""
+    pax = member.pax_headers
+    if pax:
+        for key in _PAX_INT_KEYS:
+            text = pax.get(key)
+            if text is not None and not (text.isascii() and text.isdigit()):
+                return f"has {key} {_shown(text)}, not a number a file can have"
+        text = pax.get("mtime")
+        if text is not None:
+            ns = pax_time_ns(text)
+            if ns is None or not -_TIME_T * _NS < ns < _TIME_T * _NS:
+                return f"has mtime {_shown(text)}, not a time a file can have"
+    for key, value in (("uid", member.uid), ("gid", member.gid)):
+        if not 0 <= value <= _MAX_ID:
+            return f"has {key} {value}, not an owner a file can have"
+    if member.size < 0:
+        return f"has size {member.size}, a negative size"
+    if not -_TIME_T < member.mtime < _TIME_T:  # False for NaN too
+        return f"has mtime {member.mtime}, not a time a file can have"
+    return None
+
 
 class _TailReader(io.RawIOBase):
     """The raw layer under tarfile: passes reads through, counts them, keeps the last bytes
@@ -309,6 +364,9 @@ _PAX_LENGTH_RE = re.compile(rb"[1-9][0-9]{0,8} ")
 _USTAR_MAGIC = b"ustar\x0000"  # POSIX ustar/pax (GNU's "ustar  \0" is tarfile's job)
 # The most header bytes parsed here: an extended header of up to 7 blocks, then the member's.
 FAST_HEADER_BYTES = 9 * BLOCK
+# A PAX mtime the short cut takes: a plain number within time_t (no member_problem then:
+# its other numbers are fixed-width octal, always in range).
+_FAST_TIME_RE = re.compile(r"-?[0-9]{1,18}(?:\.[0-9]*)?", re.ASCII)
 
 
 def _name(field: bytes) -> str:
@@ -432,7 +490,10 @@ def _fast_member(data: bytes, offset: int) -> tuple[tarfile.TarInfo, int] | None
             if "linkpath" in records:
                 info.linkname = records["linkpath"]
             if "mtime" in records:
-                info.mtime = float(records["mtime"])
+                text = records["mtime"]
+                if _FAST_TIME_RE.fullmatch(text) is None:
+                    return None  # tarfile's, and judged there (member_problem)
+                info.mtime = float(text)
             info.pax_headers = records
     except ValueError:
         return None
@@ -451,9 +512,17 @@ class TarReader:
     is raised when the members are exhausted (tarfile alone stops silently at a truncated
     or corrupt header). Member data is read with ``data(member)`` before the next member is
     asked for, or skipped.
+
+    Every member's numbers are judged here (``member_problem``): one whose numbers no file
+    can have is handed to ``refuse`` (member, reason) and skipped; without ``refuse`` it
+    raises ``tarfile.ReadError`` (the archive is damaged). A size past the end of any
+    archive raises ``tarfile.ReadError`` either way: no member after it can be found.
     """
 
-    def __init__(self, stream: BinaryIO) -> None:
+    def __init__(
+        self, stream: BinaryIO, *, refuse: Callable[[tarfile.TarInfo, str], None] | None = None
+    ) -> None:
+        self._refuse = refuse
         self._tail = _TailReader(stream)
         self._buffered = io.BufferedReader(self._tail, _READ_AHEAD)
         self._archive = tarfile.open(
@@ -476,7 +545,7 @@ class TarReader:
 
     def __iter__(self) -> Iterator[tarfile.TarInfo]:
         archive = self._archive
-        member = archive.next()
+        member = self._judged_next()
         while member is not None:
             # tarfile keeps every member it reads; drop them to stay flat on huge archives.
             archive.members.clear()  # type: ignore[attr-defined]
@@ -495,7 +564,28 @@ class TarReader:
             if parsed is not None:
                 member, archive.offset = parsed
                 return member
-        return archive.next()
+        return self._judged_next()
+
+    def _judged_next(self) -> tarfile.TarInfo | None:
+        """tarfile's next member whose numbers are fine (see the class docstring)."""
+        archive = self._archive
+        while True:
+            member = archive.next()
+            if member is None:
+                return None
+            if member.size > _MAX_SIZE:
+                raise tarfile.ReadError(
+                    f"member {member.name!r} has size {member.size}, past the end of any archive"
+                )
+            problem = member_problem(member)
+            if problem is None:
+                return member
+            archive.members.clear()  # type: ignore[attr-defined]
+            if member.size < 0:  # tarfile would seek back by it: the next header follows
+                archive.offset = member.offset_data
+            if self._refuse is None:
+                raise tarfile.ReadError(f"member {member.name!r} {problem}")
+            self._refuse(member, problem)
 
     def data(self, member: tarfile.TarInfo) -> IO[bytes] | None:
         """A regular member's data, read straight from the buffered stream (what tarfile's
