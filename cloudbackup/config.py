@@ -360,8 +360,8 @@ class Variable:
 
     def invalid(self, given: Given, exc: ValueError) -> ConfigError:
         """The error for a value it refuses: naming the variable, where the value came
-        from and (unless secret) the value, and why."""
-        value = "" if self.secret else f"={shown(given.text)}"
+        from and (unless secret) the value — a URL's password redacted — and why."""
+        value = "" if self.secret else f"={shown(redact_url(given.text))}"
         hint = exc.hint if isinstance(exc, Invalid) else None
         return ConfigError(f"{given.name}{value} ({given.where}) is invalid: {exc}", hint)
 

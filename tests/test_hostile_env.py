@@ -670,3 +670,15 @@ def test_no_home_directory_asks_for_a_local_dir() -> None:
     assert "CLOUDBACKUP_LOCAL_DIR" in str(info.value)
     settings = config.load({}, {"CLOUDBACKUP_LOCAL_DIR": "/b"}, {}, hostname="m", home=None)
     assert settings.local_dir == Path("/b")
+
+
+def test_an_invalid_ping_url_is_named_without_its_password(
+    env: Env, cli: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config error for CLOUDBACKUP_PING_URL names the variable and its value with the
+    password of ``user:password@`` redacted."""
+    monkeypatch.setenv("CLOUDBACKUP_PING_URL", "https://u:pingSecret@hc.example:99999/x")
+    result = cli("status")
+    assert result.exit_code == 3
+    assert "CLOUDBACKUP_PING_URL='https://u:***@hc.example:99999/x'" in result.stderr + result.stdout
+    assert "pingSecret" not in result.stderr + result.stdout
