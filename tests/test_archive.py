@@ -553,7 +553,7 @@ class Advice:
         self.calls.append((os.path.basename(path), offset, length))
 
 
-def test_prefetch_asks_for_upcoming_files_and_keeps_order(
+def test_prefetch_opens_and_asks_for_upcoming_files_and_keeps_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     advice = Advice()
@@ -564,21 +564,62 @@ def test_prefetch_asks_for_upcoming_files_and_keeps_order(
         (tmp_path / name).write_bytes(name.encode() * 10)
     (tmp_path / "empty").write_bytes(b"")
     entries = [FileEntry(str(tmp_path / n), n, os.lstat(tmp_path / n)) for n in [*names, "empty"]]
-    seen: list[str] = []
     gen = archive.prefetched(iter(entries))
-    seen.append(next(gen).arcname)
-    # The first entry is handed out while the next two (the window of 3) are being asked for.
-    deadline = time.monotonic() + 5
-    while len(advice.calls) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    first, fd = next(gen)
+    # The first entry is handed out once the window of 3 is open and asked for, with the
+    # descriptor the writer reads from.
     assert [c[0] for c in advice.calls] == ["f0", "f1", "f2"]
-    seen += [e.arcname for e in gen]
-    assert seen == [*names, "empty"]  # same entries, same order
-    deadline = time.monotonic() + 5
-    while len(advice.calls) < 8 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert sorted(c[0] for c in advice.calls) == names  # the empty file is not asked for
+    assert first.arcname == "f0" and os.readlink(f"/proc/self/fd/{fd}") == str(tmp_path / "f0")
+    os.close(fd)
+    rest = list(gen)
+    for _, fd in rest:
+        if fd >= 0:
+            os.close(fd)
+    assert [e.arcname for e, _ in rest] == [*names[1:], "empty"]  # same entries, same order
+    assert rest[-1][1] == -1  # the empty file is neither opened nor asked for
+    assert [c[0] for c in advice.calls] == names
     assert {c[1:] for c in advice.calls} == {(0, 20)}
+
+
+def _descriptors_under(path: Path) -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith(f"{path}/")
+    return count
+
+
+def test_prefetch_holds_a_bounded_window_of_descriptors_and_closes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read-ahead keeps at most a quarter of RLIMIT_NOFILE open, whatever
+    PREFETCH_FILES says, and closing it early (an error in the writer) leaks none."""
+    import resource
+
+    monkeypatch.setattr(archive, "_FADVISE", Advice())
+    monkeypatch.setattr(archive, "PREFETCH_FILES", 10_000)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(200):
+        (tree / f"f{i:03}").write_bytes(b"x")
+    entries = [FileEntry(str(p), p.name, os.lstat(p)) for p in sorted(tree.iterdir())]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+    try:
+        assert archive.window_files() == 64
+        gen = archive.prefetched(iter(entries))
+        most = 0
+        for index, (_entry, fd) in enumerate(gen):
+            most = max(most, _descriptors_under(tree))
+            os.close(fd)
+            if index == 100:
+                break
+        assert most == 64
+        assert _descriptors_under(tree) == 63  # the window ahead of the writer
+        gen.close()
+        assert _descriptors_under(tree) == 0
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_prefetch_opens_walked_files_through_their_directory(
