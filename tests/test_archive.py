@@ -4,6 +4,7 @@ while read, special files, excludes and glob sources."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import os
@@ -354,6 +355,9 @@ def _read_members(path: Path) -> dict[str, bytes]:
         (b"0123456789" * 10, 250, b"0123456789" * 10 + bytes(150), "shrank"),
         (b"0123456789" * 10, 37, b"0123456789" * 3 + b"0123456", "grew"),
         (b"", 10, bytes(10), "shrank"),
+        (b"0123456789", 0, b"", "grew"),  # an empty file is read too: it may have grown
+        (b"x" * 512, 511, b"x" * 511, "grew"),  # the byte beyond falls in the padding
+        (b"x" * 1025, 1024, b"x" * 1024, "grew"),  # ... or beyond the padded member
     ],
 )
 def test_file_changing_size_is_padded_or_truncated(
@@ -378,6 +382,85 @@ def test_file_changing_size_is_padded_or_truncated(
         ["tar", "-tvf", tmp_path / "out.tar.partial"], capture_output=True, text=True
     )
     assert listing.returncode == 0 and "after.txt" in listing.stdout
+
+
+@pytest.mark.parametrize("size", [1000, 200_000])
+def test_a_read_error_completes_the_member_with_zeros_and_the_tar_stays_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """A read that fails part way (EIO from a failing disk) leaves a member of exactly its
+    header's size (the part read, then zeros) and the members after it intact."""
+    monkeypatch.setattr(archive, "CHUNK", 64 * 1024)  # the large file takes several reads
+    failing = tmp_path / "failing.bin"
+    failing.write_bytes(b"a" * size)
+    after = tmp_path / "after.txt"
+    after.write_bytes(b"must stay intact")
+    original = archive._read_into
+    calls = {"n": 0}
+
+    def flaky(fd: int, view: memoryview) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(failing):
+            calls["n"] += 1
+            if calls["n"] == 2 or size < 64 * 1024:
+                raise OSError(errno.EIO, "Input/output error")
+        return original(fd, view)
+
+    monkeypatch.setattr(archive, "_read_into", flaky)
+    entries = [
+        FileEntry(str(failing), "failing.bin", os.lstat(failing)),
+        FileEntry(str(after), "after.txt", os.lstat(after)),
+    ]
+    stats, warnings = _write_entries(tmp_path, entries)
+    assert warnings == [
+        ("unreadable", f"{failing}: read error (Input/output error); rest filled with zeros")
+    ]
+    content = _read_members(tmp_path / "out.tar.partial")
+    assert content["after.txt"] == b"must stay intact"
+    data = content["failing.bin"]
+    assert len(data) == size
+    read_first = 0 if size < 64 * 1024 else len(data.rstrip(b"\0"))
+    assert data == b"a" * read_first + bytes(size - read_first)
+    assert size < 64 * 1024 or 0 < read_first < size
+    assert stats.file_count == 2 and stats.unreadable == 1
+
+
+def test_o_noatime_is_asked_only_for_files_the_process_owns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """O_NOATIME is refused on files of others (EPERM) unless privileged: the writer asks
+    for it only where it is allowed, so such files cost no refused open first."""
+    others = tmp_path / "others.txt"
+    others.write_bytes(b"others")
+    own = tmp_path / "own.txt"
+    own.write_bytes(b"own")
+    flags_seen: dict[str, list[int]] = {}
+    real_open = os.open
+
+    def recording_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        flags_seen.setdefault(os.path.basename(str(path)), []).append(flags)
+        return real_open(path, flags, *args, **kwargs)
+
+    euid = os.lstat(others).st_uid + 1
+    monkeypatch.setattr(archive, "_EUID", euid)  # neither root nor the owner of others.txt
+    st = os.lstat(own)
+    fields = list(st)
+    fields[stat.ST_UID] = euid  # as if the process owned this one
+    extra = {name: getattr(st, name) for name in ("st_atime_ns", "st_mtime_ns", "st_ctime_ns")}
+    entries = [
+        FileEntry(str(others), "others.txt", os.lstat(others)),
+        FileEntry(str(own), "own.txt", os.stat_result(fields, extra)),
+    ]
+    monkeypatch.setattr(archive.os, "open", recording_open)
+    stats, warnings = _write_entries(tmp_path, entries)
+    monkeypatch.undo()
+    assert warnings == [] and stats.file_count == 2
+    noatime = getattr(os, "O_NOATIME", 0)
+    assert [f & noatime for f in flags_seen["others.txt"]] == [0]
+    assert [f & noatime for f in flags_seen["own.txt"]] == [noatime]
+    assert _read_members(tmp_path / "out.tar.partial") == {
+        "others.txt": b"others",
+        "own.txt": b"own",
+    }
 
 
 def test_file_growing_during_backup_is_warned_in_manifest(

@@ -153,10 +153,12 @@ class TarOut:
 
     def _copy_large(self, fd: int, size: int) -> int:
         """``add_file`` for a file larger than the buffer: read in buffer-sized steps."""
+        start = self.total + self.pos
         got = 0
         try:
             got = self.copy_from(fd, size)
         finally:
+            got = self.total + self.pos - start  # also what a failed read left written
             if got < size:
                 self.zeros(size - got)
             if size % BLOCK:
