@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from cloudbackup.fs.walk import DirCursor, FileEntry
+from cloudbackup.fs.walk import DirCursor, DirHandle, FileEntry
 from cloudbackup.fs.xattrs import UNSUPPORTED as XATTR_UNSUPPORTED
 from cloudbackup.fs.xattrs import namespaces as xattr_namespaces
 from cloudbackup.stream.compress import Compressor
@@ -297,6 +297,9 @@ def prefetched(entries: Iterable[FileEntry]) -> Iterator[tuple[FileEntry, int]]:
     cursor = DirCursor()
     window: deque[tuple[FileEntry, int, int]] = deque()
     ahead = 0
+    root = _EUID == 0
+    directory: DirHandle | None = None  # the one ``cursor`` has pinned, at ``dir_fd``
+    dir_fd = -1
     try:
         while True:
             while len(window) < limit and ahead < PREFETCH_BYTES:
@@ -309,8 +312,23 @@ def prefetched(entries: Iterable[FileEntry]) -> Iterator[tuple[FileEntry, int]]:
                 if st.st_mode & _S_IFMT == _S_IFREG and st.st_size:
                     length = min(st.st_size, PREFETCH_BYTES)
                     cost += length
+                    parent = entry.parent
+                    noatime = root or st.st_uid == _EUID
                     try:
-                        fd = _open_entry(entry, cursor, wait_for_lease=False)
+                        if parent is None:
+                            fd = _open_nofollow(entry.path, wait_for_lease=False, noatime=noatime)
+                        else:
+                            if parent is not directory:
+                                directory = None
+                                dir_fd = cursor.fd_for(parent)
+                                directory = parent
+                            fd = _open_nofollow(
+                                entry.path,
+                                dir_fd=dir_fd,
+                                name=entry.name,
+                                wait_for_lease=False,
+                                noatime=noatime,
+                            )
                     except OSError:
                         pass  # the writer tries again, and reports
                     else:
@@ -350,17 +368,19 @@ class _Xattrs:
         try:
             names = os.listxattr(fd)
         except OSError as exc:
-            if exc.errno not in XATTR_UNSUPPORTED:
-                self.warn(
-                    "unreadable",
-                    f"{entry.path}: cannot list extended attributes ({exc.strerror})",
-                )
+            self.failed(entry, exc)
             return None
-        if not names:
-            return None
-        return self._records(fd, entry, names)
+        return self.records(fd, entry, names) if names else None
 
-    def _records(self, fd: int, entry: FileEntry, names: list[str]) -> dict[str, str] | None:
+    def failed(self, entry: FileEntry, exc: OSError) -> None:
+        """``listxattr`` failed: a warning, unless the filesystem keeps none."""
+        if exc.errno not in XATTR_UNSUPPORTED:
+            self.warn(
+                "unreadable", f"{entry.path}: cannot list extended attributes ({exc.strerror})"
+            )
+
+    def records(self, fd: int, entry: FileEntry, names: list[str]) -> dict[str, str] | None:
+        """The attributes ``names`` (listed from ``fd``) as PAX records, or None."""
         path = entry.path
         out: dict[str, str] = {}
         for name in sorted(names):
@@ -444,7 +464,7 @@ def _write_members(
 ) -> None:
     files = data = 0
     add_file = out.add_file
-    read_xattrs = xattr_reader.read
+    listxattr = os.listxattr
     fstat = os.fstat
     close = os.close
     try:
@@ -485,6 +505,11 @@ def _write_members(
                     )
                     continue
                 size = st.st_size
+                try:
+                    names = listxattr(fd)
+                except OSError as exc:
+                    xattr_reader.failed(entry, exc)
+                    names = None
                 header = member_header(
                     entry.arcname,
                     tarfile.REGTYPE,
@@ -494,7 +519,7 @@ def _write_members(
                     size,
                     st.st_mtime_ns,
                     "",
-                    read_xattrs(fd, entry),
+                    xattr_reader.records(fd, entry, names) if names else None,
                 )
                 try:
                     got = add_file(header, fd, size)
