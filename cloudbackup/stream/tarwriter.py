@@ -18,7 +18,7 @@ import resource
 import stat
 import tarfile
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from cloudbackup.fs.walk import DirCursor, DirHandle, FileEntry
@@ -272,7 +272,7 @@ def window_files() -> int:
     return min(PREFETCH_FILES, max(16, soft // 4))
 
 
-def prefetched(entries: Iterable[FileEntry]) -> Iterator[tuple[FileEntry, int]]:
+def prefetched(entries: Iterable[FileEntry]) -> Generator[tuple[FileEntry, int], None, None]:
     """Each entry of ``entries``, in order, with a descriptor of it already open, or -1.
 
     Archiving reads one file at a time, so the disk has one request in flight (as with GNU
@@ -303,9 +303,10 @@ def prefetched(entries: Iterable[FileEntry]) -> Iterator[tuple[FileEntry, int]]:
     try:
         while True:
             while len(window) < limit and ahead < PREFETCH_BYTES:
-                entry = next(source, None)
-                if entry is None:
+                following = next(source, None)
+                if following is None:
                     break
+                entry = following
                 st = entry.st
                 cost = len(entry.arcname)
                 fd = -1
@@ -350,7 +351,7 @@ def prefetched(entries: Iterable[FileEntry]) -> Iterator[tuple[FileEntry, int]]:
         cursor.release()
 
 
-def _unopened(entries: Iterable[FileEntry]) -> Iterator[tuple[FileEntry, int]]:
+def _unopened(entries: Iterable[FileEntry]) -> Generator[tuple[FileEntry, int], None, None]:
     for entry in entries:
         yield entry, -1
 
