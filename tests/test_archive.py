@@ -395,17 +395,17 @@ def test_a_read_error_completes_the_member_with_zeros_and_the_tar_stays_whole(
     failing.write_bytes(b"a" * size)
     after = tmp_path / "after.txt"
     after.write_bytes(b"must stay intact")
-    original = archive._read_into
+    original = os.readv
     calls = {"n": 0}
 
-    def flaky(fd: int, view: memoryview) -> int:
+    def flaky(fd: int, buffers: list[memoryview]) -> int:
         if os.readlink(f"/proc/self/fd/{fd}") == str(failing):
             calls["n"] += 1
             if calls["n"] == 2 or size < 64 * 1024:
                 raise OSError(errno.EIO, "Input/output error")
-        return original(fd, view)
+        return original(fd, buffers)
 
-    monkeypatch.setattr(archive, "_read_into", flaky)
+    monkeypatch.setattr(archive.os, "readv", flaky)
     entries = [
         FileEntry(str(failing), "failing.bin", os.lstat(failing)),
         FileEntry(str(after), "after.txt", os.lstat(after)),
@@ -422,6 +422,38 @@ def test_a_read_error_completes_the_member_with_zeros_and_the_tar_stays_whole(
     assert data == b"a" * read_first + bytes(size - read_first)
     assert size < 64 * 1024 or 0 < read_first < size
     assert stats.file_count == 2 and stats.unreadable == 1
+
+
+def test_an_archive_that_cannot_be_written_stops_and_blames_no_input_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk (or any failure downstream of the tar buffer) while a file's data is being
+    read is the archive's error, raised as it is: not a read error of that file, with the
+    backup going on."""
+
+    class FullDisk:
+        def put(self, chunk: bytes) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(archive, "CHUNK", 64 * 1024)
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"b" * 200_000)
+    small = tmp_path / "small.txt"
+    small.write_bytes(b"s" * 60_000)
+    warnings: list[tuple[str, str]] = []
+    for name in ("big.bin", "small.txt"):
+        path = tmp_path / name
+        out = archive.TarOut(compress.make_compressor("none", None), FullDisk(), None)  # type: ignore[arg-type]
+        out.write(bytes(10_000))  # the next member does not fit: it flushes first
+        with pytest.raises(OSError) as raised:
+            archive.write_tar(
+                [FileEntry(str(path), name, os.lstat(path))],
+                out,
+                archive.ArchiveStats(),
+                lambda c, m: warnings.append((c, m)),
+            )
+        assert raised.value.errno == errno.ENOSPC
+    assert warnings == []
 
 
 def test_o_noatime_is_asked_only_for_files_the_process_owns(

@@ -65,14 +65,29 @@ class ArchiveStats:
         return {"dirs": self.dirs, "symlinks": self.symlinks, "hardlinks": self.hardlinks}
 
 
+class ReadFailed(Exception):
+    """Reading a member's data failed (``error``); the member was completed with zeros.
+
+    Kept apart from OSError: a failure to compress or write the archive (a full disk) must
+    stop the backup, not pass for an unreadable input file."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
 def _read_into(fd: int, view: memoryview) -> int:
     """One ``read`` into ``view``; a descriptor still non-blocking (as opened, so that a
-    FIFO planted since the walk cannot hang us) is made blocking if it ever answers EAGAIN."""
+    FIFO planted since the walk cannot hang us) is made blocking if it ever answers EAGAIN.
+    Raises ReadFailed."""
     try:
-        return os.readv(fd, [view])
-    except BlockingIOError:
-        os.set_blocking(fd, True)
-        return os.readv(fd, [view])
+        try:
+            return os.readv(fd, [view])
+        except BlockingIOError:
+            os.set_blocking(fd, True)
+            return os.readv(fd, [view])
+    except OSError as exc:
+        raise ReadFailed(exc) from exc
 
 
 class TarOut:
@@ -119,7 +134,7 @@ class TarOut:
 
         Returns how much the file held: ``size``; less when it shrank (the rest is zeros);
         ``size + 1`` when it holds more (it grew: the member keeps ``size`` bytes). A read
-        error completes the member with zeros, then raises. A file that fits the buffer
+        error completes the member with zeros, then raises ReadFailed. A file that fits the buffer
         (the common case) is read straight into it with one ``read`` of ``size + 1`` bytes.
         """
         room = len(header) + size + BLOCK  # the data's padding, or the byte beyond it
@@ -524,12 +539,13 @@ def _write_members(
                 )
                 try:
                     got = add_file(header, fd, size)
-                except OSError as exc:
+                except ReadFailed as failed:
                     # The member was completed with zeros: the tar stays consistent, as
                     # GNU tar keeps it.
                     warn(
                         "unreadable",
-                        f"{entry.path}: read error ({exc.strerror}); rest filled with zeros",
+                        f"{entry.path}: read error ({failed.error.strerror}); "
+                        "rest filled with zeros",
                     )
                 else:
                     if got != size:
