@@ -27,7 +27,7 @@ from cloudbackup.fs.walk import FileEntry
 from cloudbackup.stream.compress import make_compressor
 from cloudbackup.stream.hashing import ArchiveTail, HashingSink
 from cloudbackup.stream.tarformat import TarReader
-from cloudbackup.stream.tarwriter import ArchiveStats, TarOut, Warn, prefetched, write_tar
+from cloudbackup.stream.tarwriter import ArchiveStats, TarOut, Warn, write_tar
 
 
 def write_archive(
@@ -44,10 +44,10 @@ def write_archive(
     """Write ``partial`` in one pass and fsync it; the caller renames it into place.
 
     ``tail`` follows the bytes as they are written (it is finished once the file is
-    fsynced, failed on error). ``prefetch`` reads ahead of ``entries`` (see
-    :func:`prefetched`): only for sources whose entries stay valid once the next one is
-    asked for (files on disk, not a spool removed after its entry). On any error the partial file is removed and the error
-    re-raised.
+    fsynced, failed on error). ``prefetch`` opens and reads ahead of ``entries`` (see
+    ``tarwriter.prefetched``): only for sources whose entries stay valid once the next one
+    is asked for (files on disk, not a spool removed after its entry). On any error the
+    partial file is removed and the error re-raised.
     """
     stats = ArchiveStats()
 
@@ -73,7 +73,7 @@ def write_archive(
     try:
         out = TarOut(make_compressor(compression, level, sink.put), sink, progress)
         try:
-            write_tar(prefetched(entries) if prefetch else entries, out, stats, record)
+            write_tar(entries, out, stats, record, prefetch=prefetch)
             out.finish()
         finally:
             sink.close()
