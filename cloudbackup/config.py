@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from cloudbackup.core import childenv, retention
 from cloudbackup.core.errors import ConfigError
@@ -39,6 +39,7 @@ KNOWN_VARIABLES = (
     "CLOUDBACKUP_COMPRESSION",
     "CLOUDBACKUP_COMPRESSION_LEVEL",
     "CLOUDBACKUP_S3_BUCKET",
+    "CLOUDBACKUP_DEST",
     "CLOUDBACKUP_LOCAL_ONLY",
     "CLOUDBACKUP_S3_PREFIX",
     "CLOUDBACKUP_S3_ENDPOINT_URL",
@@ -108,6 +109,8 @@ class Settings:
     compression: str = "zstd"
     compression_level: int | None = 3
     s3_bucket: str | None = None
+    #: A directory destination (``CLOUDBACKUP_DEST=file:///path``) instead of a bucket.
+    dest: Path | None = None
     local_only: bool = False
     s3_prefix: str = "cloudbackup"
     s3_endpoint_url: str | None = None
@@ -138,6 +141,18 @@ class Settings:
     child_env: Mapping[str, str] = field(
         default_factory=dict, repr=False, compare=False, hash=False
     )
+
+    @property
+    def remote_configured(self) -> bool:
+        """An offsite destination is configured: a bucket or a directory."""
+        return self.s3_bucket is not None or self.dest is not None
+
+    @property
+    def remote_name(self) -> str:
+        """The offsite destination in words (``bucket B``, ``destination file:///p``)."""
+        if self.dest is not None:
+            return f"destination {self.dest.as_uri()}"
+        return f"bucket {self.s3_bucket}"
 
     def source(self, name: str) -> SourceSpec | None:
         for spec in self.sources:
@@ -187,6 +202,26 @@ def _not_utf8(var: str, value: str, where: str) -> ConfigError | None:
             "write the value in UTF-8",
         )
     return None
+
+
+def _dest(var: str, value: str, where: str) -> Path:
+    """A ``file://`` URL of an absolute local path (``file:///mnt/nas/backups``)."""
+    text = value.strip()
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:
+        raise _fail(var, value, where, f"not a URL ({exc})") from None
+    if parts.scheme != "file":
+        raise _fail(var, value, where, "only file:// URLs are supported (file:///mnt/nas/backups)")
+    if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
+        raise _fail(var, value, where, "use file:///absolute/path (no host, query or fragment)")
+    path = unquote(parts.path)
+    if not path.startswith("/") or "\0" in path:
+        raise _fail(var, value, where, "use file:///absolute/path")
+    clean = Path(os.path.normpath(path))
+    if clean == Path("/") or ".." in Path(path).parts:
+        raise _fail(var, value, where, "name a directory below / (without ..)")
+    return clean
 
 
 def _http_url(var: str, value: str, where: str) -> str:
@@ -376,6 +411,13 @@ def load(
         or bucket.startswith("xn--")
     ):
         raise _fail("CLOUDBACKUP_S3_BUCKET", bucket, where, "not a valid S3 bucket name")
+    value, where = r.get("CLOUDBACKUP_DEST")
+    dest = _dest("CLOUDBACKUP_DEST", value, where) if value and value.strip() else None
+    if dest is not None and bucket:
+        raise ConfigError(
+            "CLOUDBACKUP_DEST and CLOUDBACKUP_S3_BUCKET are both set",
+            "the offsite copy goes to one destination: unset one of them",
+        )
     value, where = r.get("CLOUDBACKUP_LOCAL_ONLY")
     local_only = _flag("CLOUDBACKUP_LOCAL_ONLY", value, where)
 
@@ -424,6 +466,12 @@ def load(
             lock = parse_object_lock(value)
         except ValueError as exc:
             raise _fail("CLOUDBACKUP_S3_OBJECT_LOCK", value, where, str(exc)) from None
+
+    if lock is not None and dest is not None:
+        raise ConfigError(
+            "CLOUDBACKUP_S3_OBJECT_LOCK cannot be used with CLOUDBACKUP_DEST",
+            "Object Lock is an S3 feature: a directory destination has no WORM retention",
+        )
 
     value, where = r.get("CLOUDBACKUP_S3_TAGS")
     try:
@@ -510,6 +558,7 @@ def load(
         compression=compression,
         compression_level=level,
         s3_bucket=bucket,
+        dest=dest,
         local_only=local_only,
         s3_prefix=prefix,
         s3_endpoint_url=endpoint,

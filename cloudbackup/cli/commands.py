@@ -9,6 +9,7 @@ import os
 import socket
 import stat
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,7 +37,10 @@ from cloudbackup.ops import backup as backing
 from cloudbackup.ops import list as listing
 from cloudbackup.ops import verify as verifying
 from cloudbackup.sources.base import url_secrets
+from cloudbackup.storage.base import RemoteStore
 from cloudbackup.storage.local import LocalStore
+
+_NO_REMOTE = "set CLOUDBACKUP_S3_BUCKET (or CLOUDBACKUP_DEST for a directory destination)"
 
 LOG = logging.getLogger("cloudbackup")
 #: A .env file larger than this is not one (a wrong path, or a device behind a symlink).
@@ -160,16 +164,33 @@ def make_context(
         local=LocalStore(settings.local_dir),
         now=_now,
         machine_id=machine,
-        remote=make_remote(settings) if remote and settings.s3_bucket else None,
+        remote=make_remote(settings) if remote else None,
         progress=_progress_factory(),
     )
 
 
-def make_remote(settings: Settings) -> Any:
-    from cloudbackup.storage.retry import RetryingStore
-    from cloudbackup.storage.s3 import S3Store
+def make_remote(
+    settings: Settings, *, sleep: Callable[[float], None] = time.sleep
+) -> RemoteStore | None:
+    """The offsite store the settings name (a directory destination or a bucket), each
+    given the retry policy; None when there is none."""
+    from cloudbackup.storage.retry import RetryPolicy
 
-    return RetryingStore(S3Store.from_settings(settings), attempts=settings.retry_attempts)
+    policy = RetryPolicy(attempts=settings.retry_attempts, sleep=sleep)
+    if settings.dest is not None:
+        from cloudbackup.storage.directory import DirectoryStore
+
+        return DirectoryStore(
+            settings.dest,
+            policy=policy,
+            concurrency=settings.s3_concurrency,
+            part_size=settings.s3_part_size,
+        )
+    if settings.s3_bucket is not None:
+        from cloudbackup.storage.s3 import S3Store
+
+        return S3Store.from_settings(settings, policy)
+    return None
 
 
 def _progress_factory() -> Callable[[str, int | None], Callable[[int], None]]:
@@ -291,9 +312,9 @@ def backup(
             "no sources to back up",
             "give SPEC arguments or set CLOUDBACKUP_SOURCES (e.g. /srv/www)",
         )
-    upload = not no_upload and settings.s3_bucket is not None
-    ctx = make_context(settings, remote=settings.s3_bucket is not None and not dry_run)
-    local_only = settings.s3_bucket is None
+    upload = not no_upload and settings.remote_configured
+    ctx = make_context(settings, remote=settings.remote_configured and not dry_run)
+    local_only = not settings.remote_configured
     if local_only and not no_upload:
         LOG.info("no bucket configured (CLOUDBACKUP_S3_BUCKET): local-only backup")
     from cloudbackup.lock import DirLock
@@ -342,8 +363,8 @@ def list_cmd(
 ) -> None:
     """Backups with id, time, size, where they are and whether the offsite copy is verified."""
     settings = load_settings(_state(), {"CLOUDBACKUP_HOST": host})
-    if where == "remote" and not settings.s3_bucket:
-        raise UsageError("--where remote needs a bucket", "set CLOUDBACKUP_S3_BUCKET")
+    if where == "remote" and not settings.remote_configured:
+        raise UsageError("--where remote needs a bucket", _NO_REMOTE)
     ctx = make_context(settings, remote=where != "local", need_local=False)
     backups = listing.list_backups(ctx, where=where, source=source, all_hosts=all_hosts)
     if as_json:
@@ -386,9 +407,9 @@ def verify(
     """Local: re-hash archives against manifests. Remote: compare S3's checksum, size and
     metadata with the manifest without downloading (--deep streams and re-hashes)."""
     settings = load_settings(_state(), {"CLOUDBACKUP_HOST": host})
-    if where in ("remote", "all") and not settings.s3_bucket:
+    if where in ("remote", "all") and not settings.remote_configured:
         if where == "remote":
-            raise UsageError("--where remote needs a bucket", "set CLOUDBACKUP_S3_BUCKET")
+            raise UsageError("--where remote needs a bucket", _NO_REMOTE)
         where = "local"
     ctx = make_context(settings, remote=where != "local", need_local=False)
     results = []
@@ -425,8 +446,8 @@ def upload(source: str | None, host: str | None, as_json: bool) -> None:
     from cloudbackup.ops import upload as uploading
 
     settings = load_settings(_state(), {"CLOUDBACKUP_HOST": host})
-    if not settings.s3_bucket:
-        raise UsageError("no bucket configured", "set CLOUDBACKUP_S3_BUCKET")
+    if not settings.remote_configured:
+        raise UsageError("no bucket configured", _NO_REMOTE)
     ctx = make_context(settings)
     with DirLock(settings.local_dir):
         results = uploading.upload_pending(ctx, source)
@@ -485,7 +506,6 @@ def restore(**kwargs: Any) -> None:
         force=kwargs["force"],
         dry_run=kwargs["dry_run"],
         stdout=sys.stdout.buffer if to == "-" else None,
-        ranged=settings.s3_download == "ranged",
     )
     if as_json:
         _emit_json(result.to_dict())
@@ -561,8 +581,8 @@ def forget(
     from cloudbackup.ops import forget as forgetting
 
     settings = load_settings(_state(), {"CLOUDBACKUP_HOST": host})
-    if where == "remote" and not settings.s3_bucket:
-        raise UsageError("--where remote needs a bucket", "set CLOUDBACKUP_S3_BUCKET")
+    if where == "remote" and not settings.remote_configured:
+        raise UsageError("--where remote needs a bucket", _NO_REMOTE)
     ctx = make_context(settings, remote=where != "local")
     with DirLock(settings.local_dir):
         results = forgetting.forget(ctx, ids, where=where, dry_run=dry_run)
@@ -593,10 +613,11 @@ def run(allow_shrink: bool, deep: bool, host: str | None, as_json: bool) -> None
         monitor.ping(_raw_ping_url(state), "/fail", body=f"cloudbackup run: {exc}")
         raise
     try:
-        if not settings.s3_bucket and not settings.local_only:
+        if not settings.remote_configured and not settings.local_only:
             raise UsageError(
                 "`run` needs a bucket for the offsite copy",
-                "set CLOUDBACKUP_S3_BUCKET, or CLOUDBACKUP_LOCAL_ONLY=1 if no offsite copy is intended",
+                "set CLOUDBACKUP_S3_BUCKET (or CLOUDBACKUP_DEST), or CLOUDBACKUP_LOCAL_ONLY=1 if "
+                "no offsite copy is intended",
             )
         if not settings.sources:
             raise UsageError("no sources to back up", "set CLOUDBACKUP_SOURCES")

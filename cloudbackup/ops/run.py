@@ -153,7 +153,7 @@ def _back_up(ctx: Context, allow_shrink: bool) -> list[SourceResult]:
     ordered = [by_name[s.name] for s in ctx.settings.sources if s.name in by_name]
     for result in ordered:
         # The summary says "local-only" only when that is intended, not when S3 is down.
-        result.local_only = ctx.settings.s3_bucket is None
+        result.local_only = not ctx.settings.remote_configured
     return ordered
 
 

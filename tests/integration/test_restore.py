@@ -536,43 +536,41 @@ def test_kill_9_mid_restore_leaves_no_partial_tree(env: Env, cli: Callable[..., 
 # ---------------------------------------------------------------- ranged GETs
 
 
-def test_ranged_download_of_a_multipart_object(env: Env, bucket: str, moto_endpoint: str) -> None:
+def test_ranged_download_of_a_multipart_object(
+    env: Env, bucket: str, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """S3Store.open with CLOUDBACKUP_S3_DOWNLOAD=ranged: ranges of any size, in parallel,
+    served in order; the download checks the bytes as for one GET."""
     from cloudbackup.core.errors import IntegrityError
-    from cloudbackup.restore.download import download
-    from cloudbackup.storage.retry import RetryingStore
+    from cloudbackup.restore.download import fetch_archive
+    from cloudbackup.storage.base import UploadSpec
+    from cloudbackup.storage.retry import RetryPolicy
     from cloudbackup.storage.s3 import S3Store, make_client
 
-    store = RetryingStore(
-        S3Store(make_client(endpoint_url=moto_endpoint, compat=False), bucket, part_size=5 << 20),
-        sleep=lambda s: None,
-    )
+    client = make_client(endpoint_url=moto_endpoint, compat=False)
+    policy = RetryPolicy(sleep=lambda s: None)
+    store = S3Store(client, bucket, policy=policy, part_size=5 << 20, download="ranged")
     data = os.urandom(5 << 20) * 2 + os.urandom(1_234_567)  # 3 parts of 5 MiB, last short
     src = env.tmp / "obj"
     src.write_bytes(data)
-    from cloudbackup.storage.s3 import UploadSpec
-
-    outcome = store.upload_file("k/obj", src, UploadSpec())
+    with src.open("rb") as file:
+        outcome = store.upload_file("k/obj", file, UploadSpec())
     assert outcome.part_count == 3
     digest = hashlib.sha256(data).hexdigest()
     seen: list[int] = []
-    for parts, part_size in ((3, 1 << 20), (2, 3 << 20), (4, 7 << 20), (0, 1 << 20)):
-        dest = env.tmp / f"dl-{parts}-{part_size}"
-        download(
-            store,
-            "k/obj",
-            dest,
-            size=len(data),
-            sha256=digest,
-            ranged_parts=parts,
-            part_size=part_size,
-            progress=seen.append,
-        )
+    monkeypatch.setattr("cloudbackup.storage.s3.RANGED_MIN_SIZE", 0)
+    for workers, part_size in ((3, 1 << 20), (2, 3 << 20), (4, 7 << 20), (1, 1 << 20)):
+        monkeypatch.setattr("cloudbackup.storage.s3.RANGED_PART_SIZE", part_size)
+        store.concurrency = workers
+        dest = env.tmp / f"dl-{workers}-{part_size}"
+        fetch_archive(store, "k/obj", dest, size=len(data), sha256=digest, progress=seen.append)
         assert dest.read_bytes() == data
     assert sum(seen) == 4 * len(data)
 
     bad = env.tmp / "bad"
+    store.concurrency = 3
     with pytest.raises(IntegrityError):
-        download(store, "k/obj", bad, size=len(data), sha256="0" * 64, ranged_parts=3)
+        fetch_archive(store, "k/obj", bad, size=len(data), sha256="0" * 64)
     assert not bad.exists()
 
 
@@ -580,25 +578,26 @@ def test_cli_ranged_download_setting(
     env: Env, bucket: str, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """CLOUDBACKUP_S3_DOWNLOAD=ranged: parallel ranged GETs (thresholds shrunk for the test)."""
-    from cloudbackup.restore import download as restoring
+    from cloudbackup.storage import s3 as s3store
 
     src = make_tree(env.tmp / "www", {"big.bin": os.urandom(3 << 20), "small.txt": "s"})
     assert cli("backup", src).exit_code == 0
     shutil.rmtree(env.local_dir)
-    monkeypatch.setattr(restoring, "RANGED_MIN_SIZE", 0)
-    monkeypatch.setattr(restoring, "RANGED_PART_SIZE", 256 << 10)
-    calls: list[tuple[int, int]] = []
-    real = restoring._download_ranged
+    monkeypatch.setattr(s3store, "RANGED_MIN_SIZE", 0)
+    monkeypatch.setattr(s3store, "RANGED_PART_SIZE", 256 << 10)
+    ranges: list[str] = []
+    real = s3store.S3Store._get_range
 
-    def spy(remote: Any, key: str, fd: int, size: int, workers: int, part: int, *a: Any) -> Any:
-        calls.append((workers, part))
-        return real(remote, key, fd, size, workers, part, *a)
+    def spy(self: Any, key: str, start: int, end: int) -> bytes:
+        ranges.append(key)
+        return real(self, key, start, end)
 
-    monkeypatch.setattr(restoring, "_download_ranged", spy)
+    monkeypatch.setattr(s3store.S3Store, "_get_range", spy)
     monkeypatch.setenv("CLOUDBACKUP_S3_DOWNLOAD", "ranged")
     result = cli("restore", "www", "--to", env.work / "t")
     assert result.exit_code == 0, result.stderr
-    assert calls == [(4, 256 << 10)]
+    (archive,) = {key for key in ranges}
+    assert archive.endswith(".tar.zst") and len(ranges) >= 12  # ≥ 3 MiB in 256 KiB ranges
     assert snapshot(env.work / "t") == snapshot(src)
 
 

@@ -42,18 +42,12 @@ def proxy(s3_env: S3Env, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy
 
 @pytest.fixture
 def sleeps(monkeypatch: pytest.MonkeyPatch) -> Sleeps:
-    """The CLI's retry wrapper records its waits instead of sleeping."""
-    from cloudbackup.storage.retry import RetryingStore
-    from cloudbackup.storage.s3 import S3Store
+    """The CLI's retry policy records its waits instead of sleeping."""
+    from cloudbackup.cli import commands
 
     recorded = Sleeps()
-
-    def make_remote(settings: Any) -> RetryingStore:
-        return RetryingStore(
-            S3Store.from_settings(settings), attempts=settings.retry_attempts, sleep=recorded
-        )
-
-    monkeypatch.setattr("cloudbackup.cli.commands.make_remote", make_remote)
+    real = commands.make_remote
+    monkeypatch.setattr(commands, "make_remote", lambda settings: real(settings, sleep=recorded))
     return recorded
 
 
@@ -780,7 +774,7 @@ def test_a_streamed_upload_left_uncompleted_is_completed_by_upload(
 def test_an_archive_that_outgrows_the_part_count_is_uploaded_whole(
     cli: Cli, env: Env, s3_env: S3Env, proxy: FaultProxy, monkeypatch: Any
 ) -> None:
-    monkeypatch.setattr("cloudbackup.storage.s3.MAX_PARTS", 3)
+    monkeypatch.setattr("cloudbackup.storage.parts.MAX_PARTS", 3)
     monkeypatch.setenv("CLOUDBACKUP_S3_PART_SIZE", "5MiB")
     src = source_tree(env.tmp / "www", big=22 * MiB)  # 5 parts of 5 MiB
     result, _ = backup(cli, src)
