@@ -343,7 +343,10 @@ def _back_up(
     if options.dry_run:
         _dry_run_source(ctx, source, backup_id, result, _warner(source.name))
         return
-    stats, final = _archive(ctx, source, backup_id, previous, device, options, streamer, result)
+    with _source_dir(ctx, source.name) as directory:
+        stats, final = _archive(
+            ctx, source, directory, backup_id, previous, device, options, streamer, result
+        )
     result.ok = True
     result.size = stats.size
     result.file_count = stats.file_count
@@ -406,23 +409,6 @@ def _warner(name: str) -> Callable[[str, str], None]:
     return warn
 
 
-def _archive(
-    ctx: Context,
-    source: Source,
-    backup_id: BackupId,
-    previous: Manifest | None,
-    device: int | None,
-    options: BackupOptions,
-    streamer: Streamer | None,
-    result: SourceResult,
-) -> tuple[ArchiveStats, str]:
-    """Write the archive (``.partial``, then renamed once the shrink guard passed) and its
-    manifest; the stream that followed it is handed on in ``result.stream``. Returns the
-    archive's stats and file name."""
-    with _source_dir(ctx, source.name) as directory:
-        return _write(ctx, source, directory, backup_id, previous, device, options, streamer, result)
-
-
 def _source_dir(ctx: Context, name: str) -> Dir:
     """``<local>/<host>/<source>``, made as needed, never through a symlink: a link planted
     there fails this source (exit 1) in one line, and nothing is written where it points."""
@@ -435,7 +421,7 @@ def _source_dir(ctx: Context, name: str) -> Dir:
         ) from None
 
 
-def _write(
+def _archive(
     ctx: Context,
     source: Source,
     directory: Dir,
@@ -446,6 +432,9 @@ def _write(
     streamer: Streamer | None,
     result: SourceResult,
 ) -> tuple[ArchiveStats, str]:
+    """Write the archive into ``directory`` (``.partial``, then published once the shrink
+    guard passed) and its manifest; the stream that followed it is handed on in
+    ``result.stream``. Returns the archive's stats and file name."""
     settings = ctx.settings
     final = archive_name(backup_id, settings.compression)
     partial = final + ".partial"

@@ -193,17 +193,25 @@ class DirectoryStore(MultipartStore):
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         return iter(self._op("list", prefix, lambda: self._list(prefix)))
 
-    def _list(self, prefix: str) -> builtins.list[ObjectInfo]:
+    def _prefix_dir(self, prefix: str) -> tuple[Dir | None, builtins.list[str], str]:
+        """Where a listing of ``prefix`` starts: the directory of its complete components
+        (None when there is none: nothing to list), those components, and the start of the
+        names to list in it."""
         base, _, start = prefix.rpartition("/")
         try:
             dirs = [check_name(p) for p in base.split("/")] if base else []
         except ValueError:
-            return []
+            return None, [], start
         with self._root() as root:
             try:
-                top = root.descend(dirs)
+                return root.descend(dirs), dirs, start
             except (FileNotFoundError, NotFollowed):
-                return []
+                return None, dirs, start
+
+    def _list(self, prefix: str) -> builtins.list[ObjectInfo]:
+        top, dirs, start = self._prefix_dir(prefix)
+        if top is None:
+            return []
         found = []
         with top:
             for rel, name, st in walk_files(
@@ -413,16 +421,9 @@ class DirectoryStore(MultipartStore):
         return self._op("list uploads", prefix, lambda: self._list_uploads(prefix))
 
     def _list_uploads(self, prefix: str) -> builtins.list[UploadInfo]:
-        base, _, start = prefix.rpartition("/")
-        try:
-            dirs = [check_name(p) for p in base.split("/")] if base else []
-        except ValueError:
+        top, dirs, start = self._prefix_dir(prefix)
+        if top is None:
             return []
-        with self._root() as root:
-            try:
-                top = root.descend(dirs)
-            except (FileNotFoundError, NotFollowed):
-                return []
 
         def skip(depth: int, name: str) -> bool:
             if name.startswith(UPLOAD_PREFIX):

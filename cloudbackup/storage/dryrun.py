@@ -16,17 +16,7 @@ from typing import IO, Any
 from cloudbackup.storage.base import ObjectHead, ObjectInfo
 
 # Read-only operations and plain attributes that are passed to the wrapped store.
-_READS = frozenset(
-    {
-        "open_range",
-        "list_uploads",
-        "_list_parts",
-        "path",
-        "bucket",
-        "root",
-        "compat",
-    }
-)
+_READS = frozenset({"list_uploads", "list_parts", "describe", "path", "root"})
 
 
 @dataclass(frozen=True)

@@ -597,7 +597,8 @@ class _RangedReader:
 def make_client(
     *, endpoint_url: str | None, compat: bool, addressing: str = "auto", max_pool: int = 10
 ) -> Any:
-    """botocore's own retries are off: the retry wrapper owns every retry (see README)."""
+    """botocore's own retries are off: the store's retry policy owns every retry (see
+    README)."""
     s3_config: dict[str, Any] = {}
     if addressing != "auto":
         s3_config["addressing_style"] = addressing

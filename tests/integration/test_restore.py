@@ -1,6 +1,7 @@
-"""`cloudbackup restore` end to end: real files, a moto S3 server over HTTP, the real CLI.
+"""`cloudbackup restore` end to end: real files, both destinations (a moto S3 server over HTTP,
+a directory), the real CLI.
 
-A fresh machine (empty local dir) restores from the bucket by LIST alone; a tampered remote
+A fresh machine (empty local dir) restores from the offsite copy by LIST alone; a tampered remote
 archive is an integrity failure that writes nothing; malicious archives put nothing outside
 the target; a non-empty target needs --force; a restore killed with SIGKILL never leaves a
 half-restored tree under the target's name.
@@ -30,10 +31,10 @@ from tests.conftest import (
     CliResult,
     Clock,
     Env,
+    RemoteEnv,
     S3Env,
     kill_when,
     make_tree,
-    s3_test_client,
 )
 from tests.integration.pgserver import SUPERUSER_PASSWORD
 
@@ -56,15 +57,6 @@ def moto_endpoint(moto_server: str) -> str:
 def bucket(s3_env: S3Env) -> str:
     """A fresh bucket, configured for the CLI (CLOUDBACKUP_S3_BUCKET, ..._ENDPOINT_URL)."""
     return s3_env.bucket
-
-
-def s3(endpoint: str) -> Any:
-    return s3_test_client(endpoint)
-
-
-def remote_keys(endpoint: str, bucket: str) -> list[str]:
-    page = s3(endpoint).list_objects_v2(Bucket=bucket)
-    return sorted(item["Key"] for item in page.get("Contents", []))
 
 
 # ---------------------------------------------------------------- trees
@@ -134,7 +126,7 @@ def restore_json(result: CliResult) -> dict[str, Any]:
 
 
 def test_fresh_machine_round_trip(
-    env: Env, bucket: str, moto_endpoint: str, cli: Callable[..., CliResult]
+    env: Env, remote: RemoteEnv, cli: Callable[..., CliResult]
 ) -> None:
     src = build_source(env.tmp / "www")
     expected = snapshot(src)
@@ -142,7 +134,7 @@ def test_fresh_machine_round_trip(
     assert backed.exit_code == 0, backed.stderr
     assert json.loads(backed.stdout)["results"][0]["uploaded"] is True
 
-    # The old machine is gone: nothing local, only the bucket.
+    # The old machine is gone: nothing local, only the offsite copy.
     os.chmod(src / "ro", 0o755)
     shutil.rmtree(env.local_dir)
     target = env.work / "restored"
@@ -166,7 +158,7 @@ def test_fresh_machine_round_trip(
 
 
 def test_default_target_is_the_backup_id_and_local_copy_is_preferred(
-    env: Env, bucket: str, cli: Callable[..., CliResult]
+    env: Env, remote: RemoteEnv, cli: Callable[..., CliResult]
 ) -> None:
     src = make_tree(env.tmp / "www", {"a.txt": "a", "b/c.txt": "c"})
     assert cli("backup", src).exit_code == 0
@@ -178,7 +170,7 @@ def test_default_target_is_the_backup_id_and_local_copy_is_preferred(
 
 
 def test_tampered_local_copy_falls_back_to_remote(
-    env: Env, bucket: str, cli: Callable[..., CliResult]
+    env: Env, remote: RemoteEnv, cli: Callable[..., CliResult]
 ) -> None:
     src = make_tree(env.tmp / "www", {"a.txt": "a" * 1000})
     assert cli("backup", src).exit_code == 0
@@ -214,7 +206,7 @@ def _three_backups(env: Env, cli: Callable[..., CliResult], clock: Clock) -> lis
 
 
 def test_at_picks_the_newest_backup_at_or_before(
-    env: Env, bucket: str, cli: Callable[..., CliResult], clock: Clock
+    env: Env, remote: RemoteEnv, cli: Callable[..., CliResult], clock: Clock
 ) -> None:
     ids = _three_backups(env, cli, clock)
     assert ids == [
@@ -253,7 +245,7 @@ def test_at_picks_the_newest_backup_at_or_before(
 
 def test_host_not_found_lists_the_hosts_that_have_it(
     env: Env,
-    bucket: str,
+    remote: RemoteEnv,
     cli: Callable[..., CliResult],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -279,14 +271,15 @@ def test_host_not_found_lists_the_hosts_that_have_it(
 
 
 def test_tampered_remote_archive_is_exit_3_and_writes_nothing(
-    env: Env, bucket: str, moto_endpoint: str, cli: Callable[..., CliResult]
+    env: Env, remote: RemoteEnv, cli: Callable[..., CliResult]
 ) -> None:
     src = make_tree(env.tmp / "www", {"a.txt": os.urandom(50_000), "b.txt": "b"})
     assert cli("backup", src).exit_code == 0
-    (key,) = [k for k in remote_keys(moto_endpoint, bucket) if ".tar.zst" in k]
-    body = bytearray(s3(moto_endpoint).get_object(Bucket=bucket, Key=key)["Body"].read())
+    (key,) = [k for k in remote.keys() if ".tar.zst" in k]
+    body = bytearray(remote.get(key))
     body[len(body) // 2] ^= 0x01  # one bit, same size
-    s3(moto_endpoint).put_object(Bucket=bucket, Key=key, Body=bytes(body))
+    remote.delete(key)
+    remote.put(key, bytes(body))
 
     target = env.work / "t"
     result = cli("restore", "www", "--to", target, "--from", "remote")
@@ -432,9 +425,7 @@ def test_non_empty_target_needs_force_which_moves_it_aside(
     assert (empty / "new.txt").read_text() == "new"
 
 
-def test_include_and_dry_run(
-    env: Env, bucket: str, moto_endpoint: str, cli: Callable[..., CliResult]
-) -> None:
+def test_include_and_dry_run(env: Env, remote: RemoteEnv, cli: Callable[..., CliResult]) -> None:
     src = make_tree(
         env.tmp / "www",
         {"a.txt": "aaaa", "conf/x.yaml": "x: 1\n", "conf/sub/y.yaml": "y: 2\n", "z/z.log": "z"},
@@ -605,7 +596,7 @@ def test_cli_ranged_download_setting(
 
 
 def test_sqlite_restore_keeps_the_old_file_aside(
-    env: Env, bucket: str, cli: Callable[..., CliResult], clock: Clock
+    env: Env, remote: RemoteEnv, cli: Callable[..., CliResult], clock: Clock
 ) -> None:
     import sqlite3
 
