@@ -514,3 +514,19 @@ def test_a_transient_disk_error_is_retried(
     monkeypatch.setattr(dirs.Dir, "write_atomic", flaky)
     store.put_bytes("p/k", b"v")
     assert store.get_bytes("p/k") == b"v" and len(sleeps.waits) == 1
+
+
+def test_a_file_planted_among_the_parts_does_not_fail_a_complete_upload(
+    dest: tuple[DirectoryStore, Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The object is published before the parts are removed: a leftover is a warning."""
+    store, root, _ = dest
+    path = tmp_path / "a"
+    path.write_bytes(data_of(11 * MiB))
+
+    def plant(upload_id: str, part_size: int) -> None:
+        (root / "p" / "h" / "s" / f".~upload-{upload_id}" / "planted").write_text("x")
+
+    outcome = upload(store, "p/h/s/a", path, on_created=plant)
+    assert outcome.part_count == 2 and store.get_bytes("p/h/s/a") == path.read_bytes()
+    assert "cannot remove the parts of the finished upload" in caplog.text

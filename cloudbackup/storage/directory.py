@@ -20,6 +20,7 @@ import builtins
 import errno
 import hashlib
 import io
+import logging
 import os
 import re
 import secrets
@@ -54,6 +55,7 @@ from cloudbackup.storage.base import (
 from cloudbackup.storage.parts import MultipartStore
 from cloudbackup.storage.retry import ResumingReader, RetryPolicy
 
+LOG = logging.getLogger("cloudbackup")
 T = TypeVar("T")
 
 #: Names starting with this are the store's own (temp files, uploads): never keys.
@@ -365,7 +367,14 @@ class DirectoryStore(MultipartStore):
                     raise FileExistsError(errno.EEXIST, "exists", name)
                 with self._upload_dir(parent, name, sent.upload_id) as upload:
                     digest = self._concatenate(parent, upload, name, sent, key)
-                    _remove_upload(parent, upload, sent.upload_id)
+                    try:
+                        _remove_upload(parent, upload, sent.upload_id)
+                    except OSError as exc:  # the object is complete: a leftover is no failure
+                        LOG.warning(
+                            "cannot remove the parts of the finished upload of %s: %s",
+                            self.describe(key),
+                            exc.strerror or exc,
+                        )
                 parent.fsync()
             return digest
 

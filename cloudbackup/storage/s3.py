@@ -16,7 +16,6 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import urlencode
@@ -622,7 +621,3 @@ def make_client(
     session = boto3.session.Session()
     region = session.region_name or "us-east-1"
     return session.client("s3", endpoint_url=endpoint_url, config=config, region_name=region)
-
-
-def lock_until(created_at: datetime, days: int) -> datetime:
-    return created_at.astimezone(UTC) + timedelta(days=days)
