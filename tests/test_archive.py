@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from cloudbackup import config
 from cloudbackup.core.model import COMPRESSION_EXT, BackupId, Manifest, archive_name
+from cloudbackup.fs.dirs import Dir
 from cloudbackup.fs.walk import FileEntry
 from cloudbackup.ops import backup as operations
 from cloudbackup.storage.local import LocalStore
@@ -324,15 +325,16 @@ def _write_entries(
     tmp_path: Path, entries: list[FileEntry], *, prefetch: bool = False
 ) -> tuple[archive.ArchiveStats, list[tuple[str, str]]]:
     warnings: list[tuple[str, str]] = []
-    partial = tmp_path / "out.tar.partial"
-    stats = pipeline.write_archive(
-        entries,
-        partial,
-        compression="none",
-        level=None,
-        warn=lambda c, m: warnings.append((c, m)),
-        prefetch=prefetch,
-    )
+    with Dir.root(tmp_path) as directory:
+        stats = pipeline.write_archive(
+            entries,
+            directory,
+            "out.tar.partial",
+            compression="none",
+            level=None,
+            warn=lambda c, m: warnings.append((c, m)),
+            prefetch=prefetch,
+        )
     return stats, warnings
 
 
@@ -628,9 +630,9 @@ def test_write_archive_removes_partial_on_error(tmp_path: Path) -> None:
         raise RuntimeError("boom")
 
     partial = tmp_path / "x.tar.zst.partial"
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError), Dir.root(tmp_path) as directory:
         pipeline.write_archive(
-            broken(), partial, compression="zstd", level=3, warn=lambda c, m: None
+            broken(), directory, partial.name, compression="zstd", level=3, warn=lambda c, m: None
         )
     assert not partial.exists()
 

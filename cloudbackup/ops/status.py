@@ -8,7 +8,6 @@ import base64
 import http.client
 import json
 import logging
-import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from cloudbackup.config import shown
 from cloudbackup.context import Context
 from cloudbackup.core.errors import CloudBackupError, ConfigError
 from cloudbackup.core.model import format_time, parse_time
-from cloudbackup.fs.files import write_file_atomic
+from cloudbackup.fs.dirs import Dir
 
 LOG = logging.getLogger("cloudbackup")
 
@@ -40,9 +39,17 @@ def last_run_path(local_dir: Path, host: str) -> Path:
 
 
 def write_last_run(ctx: Context, document: dict[str, Any]) -> None:
-    path = last_run_path(ctx.settings.local_dir, ctx.host)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_file_atomic(path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
+    """Replace the state file atomically, never through a link planted in the local dir
+    (one that is in the way is reported, and the run's outcome stands)."""
+    data = (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+    try:
+        ctx.local.put_bytes(f"{STATE_DIR}/{ctx.host}.{LAST_RUN}", data, replace=True)
+    except OSError as exc:
+        LOG.warning(
+            "cannot write the state file %s: %s (`status` will not see this run)",
+            last_run_path(ctx.settings.local_dir, ctx.host),
+            exc.strerror or exc,
+        )
 
 
 def read_last_run(local_dir: Path, host: str) -> dict[str, Any] | None:
@@ -147,7 +154,7 @@ def status(ctx: Context, *, max_age: timedelta, all_hosts: bool = False) -> Stat
         st.local_count += 1
         st.local_bytes += ref.archive_size or 0
         verified = ctx.local_catalog.verified_offsite(ref)
-        if settings.s3_bucket and not verified:
+        if settings.remote_configured and not verified:
             st.pinned_local += 1
         _consider(st, ref.id, ref.created_at, ref.archive_size, offsite=verified, now=now)
     if remote_listing is not None:
@@ -171,7 +178,7 @@ def status(ctx: Context, *, max_age: timedelta, all_hosts: bool = False) -> Stat
         if st.future_dated:
             st.future_dated.sort()
             st.worsen(WARNING, _future_reason(st.future_dated, now))
-        if settings.s3_bucket and st.newest_at is not None and not st.newest_offsite:
+        if settings.remote_configured and st.newest_at is not None and not st.newest_offsite:
             st.worsen(WARNING, "newest backup is not offsite yet")
         if st.pinned_local > PINNED_WARN_THRESHOLD:
             st.worsen(WARNING, f"{st.pinned_local} local copies are not offsite")
@@ -323,16 +330,10 @@ def _escape(value: str) -> str:
 
 
 def write_prometheus(path: Path, text: str) -> None:
-    """Replace the file atomically so node_exporter never reads half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Replace the file atomically so node_exporter never reads half of it (a temp file
+    with a random name, never opened through a link, then renamed over the old one)."""
+    with Dir.root(path.parent, create=True) as directory:
+        directory.write_atomic(path.name, text.encode(), mode=0o644, replace=True)
 
 
 # ---------------------------------------------------------------- pings

@@ -162,15 +162,13 @@ def restore(
     force: bool = False,
     dry_run: bool = False,
     stdout: IO[bytes] | None = None,
-    ranged: bool = False,
 ) -> RestoreResult:
     """Restore backup ``what`` (a source name or a backup id) of ``host``.
 
     Raises UsageError (2) before anything is read when the backup cannot be found or the
     target is not acceptable, IntegrityError (3) when no verified copy exists. Refused
     members and count mismatches are reported in the result (exit 1), the rest restored.
-    ``stdout`` receives a command source's output for ``to == "-"``. ``ranged`` uses
-    parallel ranged GETs (``settings.s3_concurrency``) for archives over 64 MiB.
+    ``stdout`` receives a command source's output for ``to == "-"``.
     """
     started = time.monotonic()
     host = host or ctx.host
@@ -201,7 +199,7 @@ def restore(
         if dry_run:
             _dry_run(ctx, copy, target, includes, force, result)
         else:
-            _run(ctx, copy, target, includes, result, ranged)
+            _run(ctx, copy, target, includes, result)
     except OSError as exc:
         raise _os_error(exc, result.target) from exc
     finally:
@@ -232,13 +230,14 @@ def _os_error(exc: OSError, target: str) -> CloudBackupError:
     )
 
 
-def _archive_path(ctx: Context, copy: Copy, ws: Workspace, ranged: bool) -> Path:
+def _archive_path(ctx: Context, copy: Copy, ws: Workspace) -> Path:
     if copy.local_path is not None:
         return copy.local_path
     manifest = copy.manifest
     assert copy.ref.archive_key
     dest = ws.download_path()
     progress = ctx.progress(f"download {manifest.id}", manifest.size)
+    assert ctx.remote is not None
     try:
         fetch_archive(
             ctx.remote,
@@ -247,7 +246,6 @@ def _archive_path(ctx: Context, copy: Copy, ws: Workspace, ranged: bool) -> Path
             size=manifest.size,
             sha256=manifest.sha256,
             progress=progress,
-            concurrency=ctx.settings.s3_concurrency if ranged else 1,
         )
     finally:
         getattr(progress, "close", lambda: None)()
@@ -263,14 +261,13 @@ def _run(
     target: Target,
     includes: Sequence[str],
     result: RestoreResult,
-    ranged: bool,
 ) -> None:
     """Open the copy (a verified local archive, or a download verified on the way) →
     decompress → extract into the staging directory → count → install."""
     manifest = copy.manifest
     target.ready()
     with Workspace(target.workdir, target.staging_name) as ws:
-        archive = _archive_path(ctx, copy, ws, ranged)
+        archive = _archive_path(ctx, copy, ws)
         # Held open from here on: extracted into, checked, counted and installed through
         # its descriptor, never by its name (see targets.Staging).
         staging = ws.staging(private=target.private_staging)
@@ -383,8 +380,8 @@ def _dry_walk(ctx: Context, copy: Copy, includes: Sequence[str]) -> ExtractResul
             copy.local_path, manifest.compression, Path("."), includes=includes, dry_run=True
         )
     # Remote: stream the object (no temp file), hash it on the way, check it at the end.
-    assert copy.ref.archive_key
-    with ctx.remote.open(copy.ref.archive_key) as body:
+    assert copy.ref.archive_key and ctx.remote is not None
+    with ctx.remote.open(copy.ref.archive_key, size=manifest.size) as body:
         hashing = HashingReader(body)
         stream = open_decompressed(hashing, manifest.compression)
         try:
