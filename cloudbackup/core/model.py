@@ -29,6 +29,12 @@ COMPRESSION_EXT: dict[str, str] = {
 MANIFEST_SUFFIX = ".manifest.json"
 UPLOAD_SUFFIX = ".upload.json"
 PARTIAL_SUFFIX = ".partial"
+#: Appended to an archive's (or index's) name when it is encrypted with age.
+AGE_SUFFIX = ".age"
+ENCRYPTION = "age"
+#: An age X25519 recipient: ``age1`` and 58 bech32 characters (checked fully by pyrage
+#: where recipients are configured; here only the shape of what a manifest records).
+RECIPIENT_RE = re.compile(r"^age1[02-9ac-hj-np-z]{58}$")
 HOST_CLAIM = ".host-id"
 
 
@@ -89,10 +95,16 @@ class ParsedName:
     backup_id: BackupId
     kind: str  # "archive" | "manifest" | "upload" | "partial"
     compression: str | None = None
+    encrypted: bool = False  # the archive's name ends in .age
 
 
-def archive_name(backup_id: BackupId, compression: str) -> str:
-    return f"{backup_id}{COMPRESSION_EXT[compression]}"
+def archive_name(backup_id: BackupId, compression: str, encrypted: bool = False) -> str:
+    return f"{backup_id}{COMPRESSION_EXT[compression]}{AGE_SUFFIX if encrypted else ''}"
+
+
+def archive_names(backup_id: BackupId) -> set[str]:
+    """Every name an archive of this backup may have (any compression, encrypted or not)."""
+    return {archive_name(backup_id, c, e) for c in COMPRESSION_EXT for e in (False, True)}
 
 
 def manifest_name(backup_id: BackupId) -> str:
@@ -115,10 +127,15 @@ def host_claim_key(prefix: str, host: str) -> str:
 
 
 def name_for(
-    prefix: str, host: str, backup_id: BackupId, kind: str, compression: str = "zstd"
+    prefix: str,
+    host: str,
+    backup_id: BackupId,
+    kind: str,
+    compression: str = "zstd",
+    encrypted: bool = False,
 ) -> str:
     if kind == "archive":
-        name = archive_name(backup_id, compression)
+        name = archive_name(backup_id, compression, encrypted)
     elif kind == "manifest":
         name = manifest_name(backup_id)
     elif kind == "upload":
@@ -144,12 +161,15 @@ def parse_name(key: str, prefix: str = "") -> ParsedName | None:
         return None
     kind = None
     compression = None
+    encrypted = False
     stem = filename
     if filename.endswith(PARTIAL_SUFFIX):
         kind, stem = "partial", filename[: -len(PARTIAL_SUFFIX)]
     for suffix, k in ((MANIFEST_SUFFIX, "manifest"), (UPLOAD_SUFFIX, "upload")):
         if kind is None and stem.endswith(suffix):
             kind, stem = k, stem[: -len(suffix)]
+    if kind in (None, "partial") and stem.endswith(AGE_SUFFIX):
+        encrypted, stem = True, stem[: -len(AGE_SUFFIX)]
     if kind in (None, "partial"):
         # Longest extension first: ".tar.zst" before ".tar".
         for comp, ext in sorted(COMPRESSION_EXT.items(), key=lambda kv: -len(kv[1])):
@@ -166,7 +186,7 @@ def parse_name(key: str, prefix: str = "") -> ParsedName | None:
         return None
     if backup_id.source != source:
         return None
-    return ParsedName(host, source, backup_id, kind or "archive", compression)
+    return ParsedName(host, source, backup_id, kind or "archive", compression, encrypted)
 
 
 @dataclass
@@ -215,6 +235,13 @@ class Manifest:
     members: dict[str, Any] = field(default_factory=dict)
     format: int = MANIFEST_FORMAT
     upload: UploadRecord | None = None
+    #: "age" when the archive is encrypted, to ``recipients`` (public keys; no secret).
+    encryption: str | None = None
+    recipients: list[str] = field(default_factory=list)
+
+    @property
+    def encrypted(self) -> bool:
+        return self.encryption is not None
 
     @property
     def backup_id(self) -> BackupId:
@@ -228,6 +255,9 @@ class Manifest:
         data = asdict(self)
         if self.upload is None:
             data.pop("upload")
+        if self.encryption is None:
+            data.pop("encryption")
+            data.pop("recipients")
         return data
 
     def to_json(self) -> bytes:
@@ -249,6 +279,7 @@ class BackupRef:
     archive_size: int | None = None
     manifest_key: str | None = None
     compression: str | None = None
+    encrypted: bool = False
     archive_mtime: datetime | None = None
     verified: bool = False
     manifest_size: int | None = None
@@ -326,6 +357,7 @@ def build_listing(objects: Any, *, prefix: str, where: str) -> Listing:
             archive_size=archive.size if archive else None,
             manifest_key=manifest.key if manifest else None,
             compression=name.compression,
+            encrypted=name.encrypted,
             archive_mtime=archive.modified if archive else None,
             manifest_size=manifest.size if manifest else None,
         )
@@ -520,7 +552,7 @@ def _upload_from(
         raise _Invalid(f"has {what} {_show(data)}, not an object")
     key = _str(_take(data, "key", within=what), f"{what}.key")
     parts = key.split("/")
-    names = {archive} if archive else {archive_name(backup_id, c) for c in COMPRESSION_EXT}
+    names = {archive} if archive else archive_names(backup_id)
     if prefix is not None:
         valid = key in {key_for(prefix, host, backup_id, name) for name in names}
     else:
@@ -575,7 +607,8 @@ def _manifest_from(data: Any, ref: BackupRef, kinds: Mapping[str, MemberSchema])
     compression = _str(_take(data, "compression"), "compression")
     if compression not in COMPRESSION_EXT:
         raise _Invalid(f"has an unknown compression {_show(compression)}")
-    archive = archive_name(ref.backup_id, compression)
+    encryption, recipients = _encryption(data)
+    archive = archive_name(ref.backup_id, compression, encryption is not None)
     if _str(_take(data, "archive"), "archive") != archive:
         raise _Invalid(f"names archive {_show(data['archive'])}, not {archive} as its key says")
     if ref.archive_key is not None and ref.archive_key.rsplit("/", 1)[-1] != archive:
@@ -613,7 +646,28 @@ def _manifest_from(data: Any, ref: BackupRef, kinds: Mapping[str, MemberSchema])
         root=_str(_take(data, "root", None), "root", optional=True),
         members=_members(_take(data, "members", {}), kinds[kind], ref.source),
         upload=None if upload is None else _upload_from(upload, ref.backup_id, ref.host, archive),
+        encryption=encryption,
+        recipients=recipients,
     )
+
+
+def _encryption(data: dict[str, Any]) -> tuple[str | None, list[str]]:
+    """``encryption`` (absent/null, or "age") and its ``recipients`` (age public keys)."""
+    encryption = _str(_take(data, "encryption", None), "encryption", optional=True)
+    recipients = _take(data, "recipients", [])
+    if encryption is None:
+        if recipients:
+            raise _Invalid("has recipients but no encryption")
+        return None, []
+    if encryption != ENCRYPTION:
+        raise _Invalid(f"has an unknown encryption {_show(encryption)}")
+    if (
+        not isinstance(recipients, list)
+        or not recipients
+        or not all(isinstance(r, str) and RECIPIENT_RE.fullmatch(r) for r in recipients)
+    ):
+        raise _Invalid(f"has recipients {_show(recipients)}, not a list of age public keys")
+    return encryption, list(recipients)
 
 
 def _load_json(raw: bytes | str) -> Any:

@@ -13,6 +13,7 @@ import logging
 import os
 import stat
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,6 +33,7 @@ from cloudbackup.core.errors import (
     UsageError,
 )
 from cloudbackup.core.model import (
+    ENCRYPTION,
     UPLOAD_SUFFIX,
     BackupId,
     Manifest,
@@ -474,16 +476,22 @@ def _archive(
     guard passed) and its manifest; the stream that followed it is handed on in
     ``result.stream``. Returns the archive's stats and file name."""
     settings = ctx.settings.for_source(source.name)
-    final = archive_name(backup_id, settings.compression)
+    final = archive_name(backup_id, settings.compression, bool(settings.age_recipients))
     partial = final + ".partial"
     warn = _warner(source.name)
     walk_warnings: list[str] = []
     walk_unreadable = 0
+    kinds: Counter[str] = Counter()  # warnings by kind: what an encrypted backup records
 
     def source_warn(category: str, message: str) -> None:
         nonlocal walk_unreadable
         walk_warnings.append(message)
         walk_unreadable += category == "unreadable"
+        kinds[category] += 1
+        warn(category, message)
+
+    def archive_warn(category: str, message: str) -> None:
+        kinds[category] += 1
         warn(category, message)
 
     sctx = _source_context(ctx, source.name, backup_id, source_warn)
@@ -497,10 +505,11 @@ def _archive(
             partial,
             compression=settings.compression,
             level=settings.compression_level,
-            warn=warn,
+            warn=archive_warn,
             progress=progress,
             tail=stream.tail if stream is not None else None,
             prefetch=source.prefetch,
+            recipients=settings.age_recipients,
         )
         getattr(progress, "close", lambda: None)()
         stats.warnings = walk_warnings + stats.warnings
@@ -513,7 +522,9 @@ def _archive(
             raise
         directory.publish(partial, final)  # never over an existing archive
         directory.fsync()
-        manifest = _manifest(ctx, source, backup_id, final, stats, device, entries.members)
+        manifest = _manifest(
+            ctx, source, backup_id, final, stats, device, entries.members, kinds
+        )
         directory.write_atomic(manifest_name(backup_id), manifest.to_json())
     except BaseException:
         if stream is not None:
@@ -544,8 +555,10 @@ def _manifest(
     stats: ArchiveStats,
     device: int | None,
     members: dict[str, Any] | None,
+    kinds: Counter[str],
 ) -> Manifest:
     settings = ctx.settings.for_source(source.name)
+    recipients = list(settings.age_recipients)
     assert ctx.machine_id is not None, "a backup needs a context made for writing"
     return Manifest(
         id=str(backup_id),
@@ -563,11 +576,24 @@ def _manifest(
         uncompressed_bytes=stats.uncompressed_bytes,
         machine_id=ctx.machine_id,
         tool_version=__version__,
-        warnings=stats.warnings,
+        # Encrypted: the manifest stays plaintext, so it names no file below the root.
+        warnings=_warning_kinds(kinds) if recipients else stats.warnings,
         root_device=device,
         root=source.real_path,
         members=stats.members() | (members or {}),
+        encryption=ENCRYPTION if recipients else None,
+        recipients=recipients,
     )
+
+
+def _warning_kinds(kinds: Counter[str]) -> list[str]:
+    """The warnings of an encrypted backup as its plaintext manifest keeps them: each kind
+    with its count, no file name (they are in the log of the run that made it)."""
+    return [
+        f"{kind}: {count} file{'' if count == 1 else 's'} (names not recorded: the backup is "
+        "encrypted; see the log of the run)"
+        for kind, count in sorted(kinds.items())
+    ]
 
 
 def _record_failure(result: SourceResult, source: Source, exc: Exception) -> None:
@@ -617,7 +643,7 @@ def _plan(
     if survey is not None and not options.allow_shrink:
         found = ArchiveStats(file_count=survey[0], uncompressed_bytes=survey[1])
         shrink_check(source, found, previous, settings.shrink_guard)
-    name = archive_name(backup_id, settings.compression)
+    name = archive_name(backup_id, settings.compression, bool(settings.age_recipients))
     plan = SourcePlan(
         source=source.name,
         id=str(backup_id),

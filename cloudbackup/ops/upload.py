@@ -260,6 +260,7 @@ def _put_manifest(
             archive_key=upload.key,
             manifest_key=mkey,
             compression=manifest.compression,
+            encrypted=manifest.encrypted,
         )
         existing = ctx.remote_catalog.manifest(remote_ref)
         if existing.sha256 != manifest.sha256:

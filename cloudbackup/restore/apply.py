@@ -7,7 +7,9 @@ The flow (SPEC "Restore staging")::
       ─▶ local copy re-hashes to the manifest?  yes: use it   no: GET the remote copy into a
          temp file beside the target, hashing on the way (download); a mismatch is an
          IntegrityError
-      ─▶ decompress ─▶ extract into a staging directory beside the target (held open:
+      ─▶ decrypt (an encrypted archive: age, with CLOUDBACKUP_AGE_IDENTITY_FILE; a wrong or
+         missing key is refused before anything is read) ─▶ decompress ─▶ extract into a
+         staging directory beside the target (held open:
          extracted into, counted and installed through its descriptor, never its name)
       ─▶ count what is on disk ─▶ the target installs it (--force: the old one moved aside)
 
@@ -34,6 +36,7 @@ from cloudbackup.core.errors import (
     IntegrityError,
     UsageError,
 )
+from cloudbackup.core.model import Manifest
 from cloudbackup.core.outcome import Outcome
 from cloudbackup.core.outcome import exit_code as code_of
 from cloudbackup.fs.files import open_regular
@@ -41,6 +44,7 @@ from cloudbackup.fs.tree import Tally, tally_tree
 from cloudbackup.restore.download import fetch_archive
 from cloudbackup.restore.select import Copy, choose_copy, find_backup, peek_manifest
 from cloudbackup.restore.targets import Target, Workspace, plan_target
+from cloudbackup.stream.age import Decryption, decryption_for, keyring_at
 from cloudbackup.stream.compress import DECOMPRESS_ERRORS, open_decompressed
 from cloudbackup.stream.extract import ExtractResult, extract
 from cloudbackup.stream.hashing import HashingReader
@@ -122,9 +126,13 @@ class RestoreResult:
 # ---------------------------------------------------------------- extraction
 
 
-def _open_archive(path: Path, compression: str) -> tuple[BinaryIO, Any]:
-    raw = open_regular(path)
-    return raw, open_decompressed(raw, compression)
+def _decryption(ctx: Context, manifest: Manifest, why: str = "restore") -> Decryption | None:
+    """How to open this backup's archive: None when it is not encrypted; a ConfigError
+    (exit 2, before anything is read) without an identity of its recipients."""
+    if not manifest.encrypted:
+        return None
+    keyring = keyring_at(ctx.settings.age_identity_file)
+    return decryption_for(keyring, manifest.recipients, manifest.archive, why)
 
 
 def _extract_file(
@@ -132,18 +140,27 @@ def _extract_file(
     compression: str,
     into: Path | int,
     *,
+    decryption: Decryption | None = None,
     includes: Sequence[str] = (),
     dry_run: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> ExtractResult:
     # Decompression stays on this thread: python-zstandard holds the GIL while it works, so
     # a read-ahead thread measured slower, not faster (see benchmarks/RESULTS.md, Restore).
-    raw, stream = _open_archive(path, compression)
+    # Decryption is the stage before it, in a child process (stream.age).
+    raw: BinaryIO = open_regular(path)
+    plain = decryption.open(raw) if decryption is not None else None
     try:
-        return extract(stream, into, include=includes, dry_run=dry_run, progress=progress)
+        stream = open_decompressed(plain if plain is not None else raw, compression)
+        extracted = extract(stream, into, include=includes, dry_run=dry_run, progress=progress)
+        if plain is not None:
+            plain.drain()  # age authenticates every byte, to the end of the ciphertext
+        return extracted
     except DECOMPRESS_ERRORS as exc:
         raise IntegrityError(f"cannot decompress {path.name}: {exc}", _INTEGRITY_HINT) from None
     finally:
+        if plain is not None:
+            plain.close()
         raw.close()
 
 
@@ -181,6 +198,9 @@ def restore(
     target = plan_target(
         ctx, peeked.manifest, to, force=force, includes=includes, stdout=stdout
     )
+    # An encrypted backup without an identity of its recipients: refused before any byte.
+    if not dry_run or includes:
+        _decryption(ctx, peeked.manifest)
     copy = choose_copy(ctx, cand, from_, peeked)
     manifest = copy.manifest
     result.kind = manifest.kind
@@ -274,7 +294,12 @@ def _run(
         progress = ctx.progress(f"restore {manifest.id}", manifest.uncompressed_bytes)
         try:
             extracted = _extract_file(
-                archive, manifest.compression, staging.fd, includes=includes, progress=progress
+                archive,
+                manifest.compression,
+                staging.fd,
+                decryption=_decryption(ctx, manifest),
+                includes=includes,
+                progress=progress,
             )
         finally:
             getattr(progress, "close", lambda: None)()
@@ -377,17 +402,29 @@ def _dry_walk(ctx: Context, copy: Copy, includes: Sequence[str]) -> ExtractResul
     manifest = copy.manifest
     if copy.local_path is not None:
         return _extract_file(
-            copy.local_path, manifest.compression, Path("."), includes=includes, dry_run=True
+            copy.local_path,
+            manifest.compression,
+            Path("."),
+            decryption=_decryption(ctx, manifest),
+            includes=includes,
+            dry_run=True,
         )
     # Remote: stream the object (no temp file), hash it on the way, check it at the end.
     assert copy.ref.archive_key and ctx.remote is not None
     with ctx.remote.open(copy.ref.archive_key, size=manifest.size) as body:
         hashing = HashingReader(body)
-        stream = open_decompressed(hashing, manifest.compression)
+        decryption = _decryption(ctx, manifest)
+        plain = decryption.open(hashing) if decryption is not None else None
+        stream = open_decompressed(plain if plain is not None else hashing, manifest.compression)
         try:
             walked = extract(stream, Path("."), include=includes, dry_run=True)
+            if plain is not None:
+                plain.drain()
         except DECOMPRESS_ERRORS as exc:
             raise IntegrityError(f"cannot decompress {manifest.archive}: {exc}") from None
+        finally:
+            if plain is not None:
+                plain.close()
         hashing.drain()
     if hashing.count != manifest.size or hashing.sha.hexdigest() != manifest.sha256:
         raise IntegrityError(

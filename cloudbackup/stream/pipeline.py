@@ -1,8 +1,8 @@
 """The archive pipeline both ways.
 
-Write: entries → tar (``tarwriter``) → compressor (``compress``) → SHA-256 + size
-(``hashing``) → ``.partial`` file, and the tail an uploader follows; one pass over the data
-with bounded memory. The main thread walks, encodes tar headers and reads file data into a
+Write: entries → tar (``tarwriter``) → compressor (``compress``) → [age encryption
+(``age``), when there are recipients] → SHA-256 + size (``hashing``) → ``.partial`` file, and
+the tail an uploader follows; one pass over the data with bounded memory. The main thread walks, encodes tar headers and reads file data into a
 4 MiB buffer that goes to the compressor (zstd compresses on its own worker threads); a
 writer thread hashes the compressed output and writes it, so hashing and disk writes
 overlap with reading. Read: bytes → hash → decompress → tar members.
@@ -15,19 +15,20 @@ import lzma
 import os
 import tarfile
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import IO, BinaryIO, cast
+from typing import IO, Any, BinaryIO, cast
 
 import zstandard
 
 from cloudbackup.core.errors import CloudBackupError, IntegrityError, SourceError
 from cloudbackup.fs.dirs import Dir
 from cloudbackup.fs.walk import FileEntry
-from cloudbackup.stream.compress import make_compressor
+from cloudbackup.stream.age import Decryption, EncryptStage
+from cloudbackup.stream.compress import make_compressor, open_decompressed
 from cloudbackup.stream.hashing import ArchiveTail, HashingSink
 from cloudbackup.stream.tarformat import TarReader
-from cloudbackup.stream.tarwriter import ArchiveStats, TarOut, Warn, write_tar
+from cloudbackup.stream.tarwriter import ArchiveStats, Sink, TarOut, Warn, write_tar
 
 
 def write_archive(
@@ -41,6 +42,7 @@ def write_archive(
     progress: Callable[[int], None] | None = None,
     tail: ArchiveTail | None = None,
     prefetch: bool = False,
+    recipients: Sequence[str] = (),
 ) -> ArchiveStats:
     """Write the new file ``partial`` of ``directory`` in one pass and fsync it; the
     caller publishes it under its final name. It is created relative to the directory's
@@ -49,8 +51,10 @@ def write_archive(
     ``tail`` follows the bytes as they are written (it is finished once the file is
     fsynced, failed on error). ``prefetch`` opens and reads ahead of ``entries`` (see
     ``tarwriter.prefetched``): only for sources whose entries stay valid once the next one
-    is asked for (files on disk, not a spool removed after its entry). On any error the
-    partial file is removed and the error re-raised.
+    is asked for (files on disk, not a spool removed after its entry). With ``recipients``
+    the compressed stream is encrypted to them (age) before it is hashed and written: the
+    sha256 and size are the stored, encrypted bytes'. On any error the partial file is
+    removed and the error re-raised.
     """
     stats = ArchiveStats()
 
@@ -74,12 +78,21 @@ def write_archive(
         os.close(fd)
         directory.unlink(partial)
         raise
+    stage: EncryptStage | None = None
     try:
-        out = TarOut(make_compressor(compression, level, sink.put), sink, progress)
+        front: Sink = sink
+        if recipients:
+            stage = front = EncryptStage(recipients, sink.put)
+        out = TarOut(make_compressor(compression, level, front.put), front, progress)
         try:
             write_tar(entries, out, stats, record, prefetch=prefetch)
             out.finish()
+            if stage is not None:
+                stage.close()
+                stage = None
         finally:
+            if stage is not None:
+                stage.abort()
             sink.close()
         os.fsync(fd)
     except BaseException as exc:
@@ -131,4 +144,18 @@ def walk_archive(stream: IO[bytes]) -> WalkStats:
         if isinstance(exc, OSError) and not isinstance(exc, EOFError) and exc.errno is not None:
             raise CloudBackupError(f"cannot read the archive: {exc}") from exc
         raise IntegrityError(f"the archive is truncated or corrupt ({exc})") from exc
+    return stats
+
+
+def walk_stored(stream: IO[bytes] | Any, compression: str, decryption: Decryption | None) -> WalkStats:
+    """Walk an archive as stored: decrypted (when ``decryption``), decompressed, read to the
+    end of the ciphertext, so age authenticates every byte (its verdict is raised)."""
+    if decryption is None:
+        return walk_archive(open_decompressed(stream, compression))
+    plain = decryption.open(stream)
+    try:
+        stats = walk_archive(open_decompressed(plain, compression))
+        plain.drain()
+    finally:
+        plain.close()
     return stats
