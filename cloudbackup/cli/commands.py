@@ -572,6 +572,35 @@ def check(as_json: bool) -> None:
 
 
 @cli.group()
+def key() -> None:
+    """age keys for encrypted backups."""
+
+
+@key.command()
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the identity to this new file (mode 0600; never over an existing file).",
+)
+def generate(out: Path | None) -> None:
+    """Make a new age identity and print its recipient (`Public key: age1...`).
+
+    Without --out the identity goes to stdout and the recipient to stderr, as age-keygen
+    does. The recipient goes into CLOUDBACKUP_AGE_RECIPIENTS on the hosts that back up; the
+    identity stays offline, with whoever restores.
+    """
+    from cloudbackup.ops.keys import generate_key
+
+    identity, recipient = generate_key(out)
+    line = f"Public key: {recipient}"
+    if out is None:
+        click.echo(identity, nl=False)
+        click.echo(line, err=True)
+    else:
+        click.echo(line)
+
+
+@cli.group()
 def iam() -> None:
     """IAM policy templates for least-privilege roles."""
 

@@ -238,6 +238,7 @@ class _Child:
     """One pyrage child: header and data in, result out, verdict as exit status."""
 
     def __init__(self, mode: str, keys: Sequence[str]) -> None:
+        self._verdict: tuple[int, str] | None = None
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-c", _CHILD],
             stdin=subprocess.PIPE,
@@ -266,15 +267,17 @@ class _Child:
                 pass
 
     def finish(self) -> tuple[int, str]:
-        """Wait for the child; its exit status and what it said."""
-        self.close_input()
-        assert self.proc.stderr
-        said = self.proc.stderr.read(4096).decode(errors="replace").strip()
-        code = self.proc.wait()
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream:
-                stream.close()
-        return code, said
+        """Wait for the child (once); its exit status and what it said."""
+        if self._verdict is None:
+            self.close_input()
+            assert self.proc.stderr
+            said = self.proc.stderr.read(4096).decode(errors="replace").strip()
+            code = self.proc.wait()
+            for stream in (self.proc.stdout, self.proc.stderr):
+                if stream:
+                    stream.close()
+            self._verdict = (code, said)
+        return self._verdict
 
     def kill(self) -> None:
         if self.proc.poll() is None:
