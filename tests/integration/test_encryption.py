@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+
 import pytest
 
 from cloudbackup.stream.age import generate_identity
