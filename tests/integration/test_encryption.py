@@ -176,7 +176,7 @@ def test_stock_age_and_tar_restore_an_archive(env: Env, cli: CLI, keys: Keys) ->
     out = env.tmp / "by-hand"
     out.mkdir()
     subprocess.run(
-        f"{AGE} -d -i {keys.path} {archive} | tar --zstd -xf - -C {out}",
+        f"{AGE} -d -i {keys.path} {archive} | tar --zstd -xpf - --numeric-owner -C {out}",
         shell=True,
         check=True,
         capture_output=True,
