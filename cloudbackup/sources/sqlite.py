@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-from cloudbackup.core.errors import IntegrityError, SourceError
+from cloudbackup.core.errors import IntegrityError, Refused, SourceError
 from cloudbackup.core.model import Exactly, MemberSchema
 from cloudbackup.fs.files import create_private, fsync_dir
 from cloudbackup.fs.walk import FileEntry
@@ -240,16 +240,17 @@ def restore_sqlite(db_file_in_archive: Path, target: Path, *, now_stamp: str) ->
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     existing = target.exists() or target.is_symlink()
+    # Refused, nothing done (exit 2; SPEC "Operations"): the target is left as it is.
     if existing and not target.is_file():
-        raise SourceError(f"{target} exists and is not a file", "give the path of a database file")
+        raise Refused(f"{target} exists and is not a file", "give the path of a database file")
     if existing and _open_elsewhere(target):
-        raise SourceError(
+        raise Refused(
             f"{target} is in use by another process",
             "stop the app that uses the database, then restore again",
         )
     aside = target.with_name(f"{target.name}.before-restore-{now_stamp}")
     if existing and (aside.exists() or aside.is_symlink()):
-        raise SourceError(f"{aside} already exists", "move it away or try again in a second")
+        raise Refused(f"{aside} already exists", "move it away or try again in a second")
     _remove_dead_restore_temps(target)
     temp = target.with_name(f".{target.name}.restore-{os.getpid()}-{now_stamp}.partial")
     mode = 0o644

@@ -8,6 +8,7 @@ so this is the one place that retries, logs each retry and counts attempts.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -19,6 +20,21 @@ from cloudbackup.core.errors import TransientStorageError
 
 LOG = logging.getLogger("cloudbackup")
 T = TypeVar("T")
+
+
+# A URL's query string (``?uploadId=...&partNumber=3``, a presigned signature): noise in a
+# message at best, a credential at worst.
+_QUERY_RE = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s?#'\"]*)\?[^\s#'\"]*")
+
+
+def without_queries(text: str) -> str:
+    """``text`` with the query string of every URL in it cut (``http://h/k?a=1`` → ``http://h/k``)."""
+    return _QUERY_RE.sub(r"\1", text)
+
+
+def _seconds(wait: float) -> str:
+    """A wait for people: ``120 ms``, ``2.5 s``."""
+    return f"{wait * 1000:.0f} ms" if wait < 1 else f"{wait:.1f} s"
 
 
 class RetryingStore:
@@ -47,17 +63,23 @@ class RetryingStore:
             exc = state.outcome.exception() if state.outcome else None
             wait = state.next_action.sleep if state.next_action else 0.0
             LOG.warning(
-                "%s failed (attempt %d of %d): %s; retrying in %.1fs",
+                "%s failed (attempt %d of %d): %s; retrying in %s",
                 what,
                 state.attempt_number,
                 self.attempts,
-                exc,
-                wait,
+                without_queries(str(exc)),
+                _seconds(wait),
             )
+
+        jitter = wait_random_exponential(multiplier=self.base, max=self.cap)
+
+        def wait(state: RetryCallState) -> float:
+            # Full jitter, but never (next to) no wait at all: a tenth of the base at least.
+            return max(self.base / 10, jitter(state))
 
         retrying = Retrying(
             stop=stop_after_attempt(self.attempts),
-            wait=wait_random_exponential(multiplier=self.base, max=self.cap),
+            wait=wait,
             retry=retry_if_exception_type(TransientStorageError),
             before_sleep=log_retry,
             sleep=self.sleep,
@@ -70,7 +92,8 @@ class RetryingStore:
                 raise
             # Every attempt failed: say so, so the one-line error is not mistaken for a blip.
             raise TransientStorageError(
-                f"{exc.message} (gave up after {self.attempts} attempts)", exc.hint
+                f"{without_queries(exc.message)} (gave up after {self.attempts} attempts)",
+                exc.hint,
             ) from exc
 
     def __getattr__(self, name: str) -> Any:
