@@ -187,6 +187,10 @@ def test_words(local_only: Env, cli: Any, env: Env, www: Path, monkeypatch: Any)
     single = make_tree(env.tmp / "one", {"only.txt": "1\n"})
     plan = cli("backup", "--dry-run", str(single)).stdout
     assert "would archive 1 file, " in plan
+    assert cli("backup", "hello=cmd:echo hello").exit_code == 0
+    deep = cli("verify", "--deep", "--source", "hello")
+    assert deep.exit_code == 0 and "; 1 file, 6 bytes walked" in deep.stdout, deep.stdout
+    # `run` shows a verify result as `verify` does (see the integration tests for a bucket).
 
 
 # ---------------------------------------------------------------- 11: progress
@@ -431,3 +435,64 @@ def test_schedule_prints_units_for_this_installation(env: Env, cli: Any) -> None
     bad = cli("schedule", "cron", "--at", "25:00")
     assert bad.exit_code == 2
     bad.assert_one_error("--at", "25:00")
+
+
+# ---------------------------------------------------------------- who hears of a refused run
+
+
+def test_a_run_refused_before_it_started_is_notified(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A configuration error (the targets read on their own) and the lock held: the failure
+    notification goes out as it does for a failed night, with the error as the summary."""
+    from cloudbackup.config import Settings, parse_sources
+    from cloudbackup.core.errors import ConfigError, LockHeld
+    from cloudbackup.lock import DirLock
+    from cloudbackup.ops import notify
+    from cloudbackup.ops import run as nightly
+
+    sent: list[notify.Message] = []
+    monkeypatch.setattr(notify, "send", lambda urls, message: sent.append(message) or [])
+    monkeypatch.setattr(notify, "validate", lambda urls: None)
+    monkeypatch.setattr(nightly.monitor, "ping", lambda *a, **k: True)
+    targets = ("json://hooks.example.org/cb",)
+    logs = nightly.LogView(tail=lambda: ("INFO something happened",), redact=str)
+
+    def broken() -> Settings:
+        raise ConfigError("CLOUDBACKUP_COMPRESSION='rar' (environment) is invalid")
+
+    with pytest.raises(ConfigError):
+        nightly.nightly(
+            broken, lambda s: s, describe=str, logs=logs,  # type: ignore[arg-type, return-value]
+            fallback=lambda: nightly.Alerts("web1", None, targets),
+        )  # fmt: skip
+    chosen = Settings(
+        local_dir=tmp_path, host="web1", local_only=True, notify=targets,
+        sources=parse_sources(str(tmp_path)),
+    )  # fmt: skip
+    with DirLock(tmp_path), pytest.raises(LockHeld):
+        nightly.nightly(
+            lambda: chosen, lambda s: s, describe=str, logs=logs,  # type: ignore[arg-type, return-value]
+            fallback=lambda: nightly.Alerts("unused"),
+        )  # fmt: skip
+    assert [m.title for m in sent] == [
+        "cloudbackup web1: failed (exit 2)",
+        "cloudbackup web1: failed (exit 4)",
+    ]
+    assert "CLOUDBACKUP_COMPRESSION='rar'" in sent[0].body
+    assert "another cloudbackup run holds the lock" in sent[1].body
+    assert all("INFO something happened" in m.body for m in sent)
+
+
+def test_check_checks_the_notification_targets(
+    local_only: Env, cli: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLOUDBACKUP_NOTIFY", "json://hooks.example.org/cb")
+    good = cli("check")
+    assert good.exit_code == 0, good.stdout
+    assert "ok   notifications: 1 target accepted by Apprise, on failure" in good.stdout
+    monkeypatch.setenv("CLOUDBACKUP_NOTIFY", "json://hooks.example.org/cb\nnope://s3cret@x")
+    bad = cli("check")
+    assert bad.exit_code == 1
+    line = next(li for li in bad.stdout.splitlines() if li.startswith("FAIL notifications:"))
+    assert "entry 2, nope://***" in line and "s3cret" not in bad.stdout + bad.stderr

@@ -700,7 +700,9 @@ def _plan(
     LOG.debug(  # the plan itself is the command's output
         "%s: would archive %s as %s%s",
         source.name,
-        f"{plan.files} files, {plan.bytes} bytes" if survey is not None else source.spec.redacted,
+        f"{plural(plan.files or 0, 'file')}, {plan.bytes} bytes"
+        if survey is not None
+        else source.spec.redacted,
         name,
         " (dry run: nothing written)",
     )

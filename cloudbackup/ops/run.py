@@ -141,11 +141,18 @@ class Alerts:
         self.notify(report.outcome, report.exit_code, summary, logs)
 
     def refused(self, exc: BaseException, logs: LogView) -> None:
-        """A run that stopped before or outside its report: ``/fail`` and the notification."""
-        what = str(exc) if isinstance(exc, CloudBackupError) else _unexpected(exc)
+        """A run that stopped before or outside its report (refused, locked, a signal before
+        the run began, a bug): ``/fail`` and the notification."""
+        if isinstance(exc, KeyboardInterrupt):
+            exc = Interrupted(signal.SIGINT)
+        if isinstance(exc, CloudBackupError | Interrupted):
+            what, outcome = str(exc), exc.outcome
+        else:
+            what, outcome = _unexpected(exc), Outcome.FAILED
+        if isinstance(exc, Interrupted):
+            what = f"interrupted by {exc.signal_name} before the run began"
         summary = f"cloudbackup run on {self.host}: {what}"
         monitor.ping(self.ping_url, "/fail", body=summary)
-        outcome = exc.outcome if isinstance(exc, CloudBackupError) else Outcome.FAILED
         self.notify(outcome, code_of(outcome), summary, logs)
 
     def notify(self, outcome: Outcome, exit_code: int, summary: str, logs: LogView) -> None:
@@ -219,7 +226,7 @@ def nightly(
                 return dry_run(open_context(settings), options)
             alerts.start()
             report = _guarded(settings, open_context, options, logs)
-    except Exception as exc:  # refused, locked, or a bug or an OSError after /start
+    except (Exception, KeyboardInterrupt, Interrupted) as exc:  # refused, locked, a bug...
         alerts.refused(exc, logs)
         raise
     alerts.finish(report, describe(report), logs)

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 
 from tests.conftest import Clock, Env, S3Env, make_tree
-from tests.integration.test_notify_delivery import _free_port, _SMTPHandler
+from tests.integration import test_notify_delivery as delivery
+from tests.integration.test_notify_delivery import _SMTPHandler
 from tests.test_monitor import PingServer, closed_port_url
 
 pytestmark = pytest.mark.slow
@@ -36,17 +36,8 @@ SHOP_URL = f"postgresql://app:{DB_PASSWORD}@127.0.0.1:1/shop"  # nothing listens
 SHOP = f"shop={SHOP_URL}"
 
 
-@pytest.fixture
-def smtp() -> Iterator[tuple[str, _SMTPHandler]]:
-    """A plain SMTP server on 127.0.0.1 and the `mailto://` URL that reaches it."""
-    handler = _SMTPHandler()
-    port = _free_port()
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
-        yield f"mailto://127.0.0.1:{port}?from=backup@example.org&to=ops@example.org", handler
-    finally:
-        controller.stop()
+#: The local SMTP server of the delivery tests: its `mailto://` URL and the mails it got.
+smtp_server = delivery.smtp
 
 
 @pytest.fixture
@@ -101,10 +92,10 @@ def test_quiet_good_night_prints_nothing_at_all(
 def test_quiet_failed_night_prints_its_summary_and_errors_and_mails_them(
     night: Env,
     www: Path,
-    smtp: tuple[str, _SMTPHandler],
+    smtp_server: tuple[str, _SMTPHandler],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    url, server = smtp
+    url, server = smtp_server
     monkeypatch.setenv("CLOUDBACKUP_SOURCES", f"{www}\n{SHOP}")
     monkeypatch.setenv("CLOUDBACKUP_NOTIFY", url)
     # Its output is logged, so the log tail holds the password, but redacted.
@@ -497,3 +488,15 @@ def test_remote_prune_reports_space_per_group_and_in_total(
     assert done["results"][0]["freed_bytes"] == group["freed_bytes"]
     human = cli("prune", "--where", "all", "--policy", "last=1", "--dry-run").stdout
     assert "space         " in human and "would be freed; nothing deleted" in human
+
+
+def test_run_and_verify_show_a_verify_result_alike(night: Env, cli: Any) -> None:
+    """9: one wording for the same result."""
+    ran = cli("run")
+    assert ran.exit_code == 0
+    (archive,) = night.archives("www")
+    backup_id = archive.name.split(".")[0]
+    verified = cli("verify", "--where", "remote", backup_id)
+    (line,) = verified.stdout.splitlines()
+    assert line.startswith(f"ok   remote {backup_id}: ")
+    assert line in ran.stdout.splitlines()
