@@ -189,11 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="extra environment for ours (repeatable)",
     )
-    parser.add_argument(
-        "--rss-scaling",
-        action="store_true",
-        help="also run each side once on 0.25 GiB and once on 1 GiB and compare peak RSS",
-    )
+    common.add_rss_scaling_args(parser, "each side")
     parser.add_argument(
         "--workdir",
         type=Path,
@@ -204,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, help="append the markdown report to this file")
     args = parser.parse_args(argv)
     common.check_dataset_args(parser, args)
+    args.rss_sizes = common.rss_sizes(parser, args.rss_sizes)
     if args.reference == "auto":
         args.reference = "pax" if args.dataset_kind == "small" else "plain"
     if 0 < args.runs < 5:
@@ -311,11 +308,10 @@ def rss_scaling(
     extra_env: dict[str, str],
     scratch: Path | None = None,
 ) -> str:
-    """One run per side on 0.25 GiB and on 1 GiB (mixed tree): does peak RSS grow with the input?"""
+    """One run per side on each ``--rss-sizes`` mixed tree: does peak RSS grow with the input?"""
     rows: dict[str, dict[int, common.Sample]] = {s: {} for s in sides}
     infos = {}
-    sizes = [gen_dataset.parse_size("0.25GiB"), gen_dataset.parse_size("1GiB")]
-    for size in sizes:
+    for size in args.rss_sizes:
         dataset, info = datasets.get(size)
         infos[size] = (dataset, info)
         common.warm_cache(dataset)  # untimed, as in the main comparison
@@ -331,28 +327,7 @@ def rss_scaling(
                 f"rss-scaling {size_label(size):>5} {side:>7}: wall {sample.wall:.2f} s  CPU {sample.cpu:.2f} s  "
                 f"peak RSS {sample.maxrss_mib:.1f} MiB"
             )
-    lines = [
-        "#### Peak RSS vs dataset size (one run each)",
-        "",
-        "| Command | Dataset | Files | Input | Wall (s) | CPU (s) | Peak RSS (MiB) |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for side in sides:
-        for size in sizes:
-            dataset, info = infos[size]
-            s = rows[side][size]
-            lines.append(
-                f"| {side} | `{dataset.name}` | {info['files']:,} | {common.fmt_bytes(info['bytes'])} | "
-                f"{s.wall:.2f} | {s.cpu:.2f} | {s.maxrss_mib:.1f} |"
-            )
-    lines.append("")
-    for side in sides:
-        small, big = (rows[side][s].maxrss_mib for s in sizes)
-        lines.append(
-            f"- {side}: peak RSS at 1 GiB / at 0.25 GiB = {big / small:.2f} "
-            f"(input grew 4×; ≈1.0 means memory does not grow with the input)"
-        )
-    return "\n".join(lines)
+    return common.rss_scaling_report(args.rss_sizes, infos, rows)
 
 
 if __name__ == "__main__":

@@ -518,6 +518,70 @@ class MotoServer:
                 self.proc.wait()
 
 
+# ---------------------------------------------------------------- peak RSS vs input size
+
+RSS_SIZES = "0.25GiB,1GiB,4GiB"
+
+
+def add_rss_scaling_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--rss-scaling`` and ``--rss-sizes`` (see README.md, "Peak RSS vs input size")."""
+    parser.add_argument(
+        "--rss-scaling",
+        action="store_true",
+        help=f"also run {what} once on each --rss-sizes mixed tree and compare peak RSS",
+    )
+    parser.add_argument(
+        "--rss-sizes",
+        default=RSS_SIZES,
+        metavar="SIZE,SIZE,...",
+        help=f"mixed-tree sizes for --rss-scaling (default {RSS_SIZES})",
+    )
+
+
+def rss_sizes(parser: argparse.ArgumentParser, text: str) -> list[int]:
+    import gen_dataset
+
+    try:
+        sizes = sorted({gen_dataset.parse_size(part) for part in text.split(",") if part.strip()})
+    except ValueError as exc:
+        parser.error(f"--rss-sizes: {exc}")
+    if len(sizes) < 2:
+        parser.error("--rss-sizes: give at least two sizes")
+    return sizes
+
+
+def rss_scaling_report(
+    sizes: Sequence[int],
+    infos: Mapping[int, tuple[Path, Mapping[str, Any]]],
+    rows: Mapping[str, Mapping[int, Sample]],
+) -> str:
+    """The table of one run per side and size, and each side's largest / smallest peak."""
+    lines = [
+        "#### Peak RSS vs dataset size (one run each)",
+        "",
+        "| Command | Dataset | Files | Input | Wall (s) | CPU (s) | Peak RSS (MiB) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for side, by_size in rows.items():
+        for size in sizes:
+            dataset, info = infos[size]
+            s = by_size[size]
+            lines.append(
+                f"| {side} | `{dataset.name}` | {info['files']:,} | {fmt_bytes(info['bytes'])} | "
+                f"{s.wall:.2f} | {s.cpu:.2f} | {s.maxrss_mib:.1f} |"
+            )
+    lines.append("")
+    grew = sizes[-1] / sizes[0]
+    for side, by_size in rows.items():
+        small, big = by_size[sizes[0]].maxrss_mib, by_size[sizes[-1]].maxrss_mib
+        lines.append(
+            f"- {side}: peak RSS at {fmt_bytes(sizes[-1])} / at {fmt_bytes(sizes[0])} = "
+            f"{big / small:.2f} (input grew {grew:g}×; ≈1.0 means memory does not grow with "
+            f"the input); highest {max(s.maxrss_mib for s in by_size.values()):.1f} MiB"
+        )
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- datasets
 
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from cloudbackup.core import childenv, retention
 from cloudbackup.core.errors import ConfigError, UsageError
@@ -164,6 +164,26 @@ def parse_http_url(text: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname or re.search(r"\s", value):
         raise Invalid("use an http(s)://host[:port] URL")
     return value
+
+
+def parse_dest(text: str) -> Path:
+    """A ``file://`` URL of an absolute local path (``file:///mnt/nas/backups``)."""
+    value = text.strip()
+    try:
+        parts = urlsplit(value)
+    except ValueError as exc:
+        raise Invalid(f"not a URL ({exc})") from None
+    if parts.scheme != "file":
+        raise Invalid("only file:// URLs are supported (file:///mnt/nas/backups)")
+    if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
+        raise Invalid("use file:///absolute/path (no host, query or fragment)")
+    path = unquote(parts.path)
+    if not path.startswith("/") or "\0" in path:
+        raise Invalid("use file:///absolute/path")
+    clean = Path(os.path.normpath(path))
+    if clean == Path("/") or ".." in Path(path).parts:
+        raise Invalid("name a directory below / (without ..)")
+    return clean
 
 
 def parse_ping_url(text: str) -> str:
@@ -401,8 +421,8 @@ class Variable:
 
     def invalid(self, given: Given, exc: ValueError) -> ConfigError:
         """The error for a value it refuses: naming the variable, where the value came
-        from and (unless secret) the value, and why."""
-        value = "" if self.secret else f"={shown(given.text)}"
+        from and (unless secret) the value — a URL's password redacted — and why."""
+        value = "" if self.secret else f"={shown(redact_url(given.text))}"
         hint = exc.hint if isinstance(exc, Invalid) else None
         return ConfigError(f"{given.name}{value} ({given.where}) is invalid: {exc}", hint)
 
@@ -468,6 +488,12 @@ VARIABLES: tuple[Variable, ...] = (
         "CLOUDBACKUP_S3_BUCKET", "s3_bucket", parse_bucket, None,
         "bucket; unset: `backup` is local-only, `run` refuses unless `CLOUDBACKUP_LOCAL_ONLY=1`",
         example="my-backups", example_on=True,
+    ),
+    Variable(
+        "CLOUDBACKUP_DEST", "dest", parse_dest, None,
+        "a directory destination instead of a bucket (a mounted NAS, a USB disk): "
+        "`file:///mnt/nas/backups`; excludes `CLOUDBACKUP_S3_BUCKET`",
+        shown_default="unset", example="file:///mnt/nas/backups",
     ),
     Variable(
         "CLOUDBACKUP_LOCAL_ONLY", "local_only", parse_flag, "0",
@@ -645,6 +671,8 @@ class Settings:
     compression: str = _default("compression")
     compression_level: int | None = DEFAULT_LEVELS[_default("compression")]
     s3_bucket: str | None = _default("s3_bucket")
+    #: A directory destination (``CLOUDBACKUP_DEST=file:///path``) instead of a bucket.
+    dest: Path | None = _default("dest")
     local_only: bool = _default("local_only")
     s3_prefix: str = _default("s3_prefix")
     s3_endpoint_url: str | None = _default("s3_endpoint_url")
@@ -682,6 +710,18 @@ class Settings:
     child_env: Mapping[str, str] = field(
         default_factory=dict, repr=False, compare=False, hash=False
     )
+
+    @property
+    def remote_configured(self) -> bool:
+        """An offsite destination is configured: a bucket or a directory."""
+        return self.s3_bucket is not None or self.dest is not None
+
+    @property
+    def remote_name(self) -> str:
+        """The offsite destination in words (``bucket B``, ``destination file:///p``)."""
+        if self.dest is not None:
+            return f"destination {self.dest.as_uri()}"
+        return f"bucket {self.s3_bucket}"
 
     def source(self, name: str) -> SourceSpec | None:
         for spec in self.sources:
@@ -1058,7 +1098,18 @@ def _check_s3(
 ) -> None:
     """The rules between the variables of the offsite copy."""
     bucket, local_only = BY_FIELD["s3_bucket"].name, BY_FIELD["local_only"].name
-    if values["s3_bucket"] and values["local_only"]:
+    dest, lock = BY_FIELD["dest"].name, BY_FIELD["s3_object_lock"].name
+    if values["dest"] is not None and values["s3_bucket"]:
+        raise ConfigError(
+            f"{dest} and {bucket} are both set",
+            "the offsite copy goes to one destination: unset one of them",
+        )
+    if values["dest"] is not None and values["s3_object_lock"] is not None:
+        raise ConfigError(
+            f"{lock} cannot be used with {dest}",
+            "Object Lock is an S3 feature: a directory destination has no WORM retention",
+        )
+    if (values["s3_bucket"] or values["dest"] is not None) and values["local_only"]:
         warnings.append(f"{local_only}=1 is ignored: {bucket} is set, so copies go offsite")
     kms = given["s3_kms_key_id"]
     if values["s3_kms_key_id"] and values["s3_sse"] != "aws:kms":

@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 from cloudbackup import __version__
 from cloudbackup.config import Settings
-from cloudbackup.core.errors import CloudBackupError, IntegrityError, PermanentStorageError
+from cloudbackup.core.errors import CloudBackupError, ConfigError, PermanentStorageError
 from cloudbackup.core.model import (
     BackupId,
     BackupRef,
@@ -44,9 +45,9 @@ from cloudbackup.core.model import (
     parse_upload_record,
     upload_name,
 )
-from cloudbackup.fs.files import write_file_atomic
+from cloudbackup.fs.dirs import Dir
 from cloudbackup.sources.registry import parse_manifest
-from cloudbackup.storage.base import UploadSpec
+from cloudbackup.storage.base import ObjectHead, RemoteStore, UploadSpec
 from cloudbackup.storage.local import LocalStore
 
 LOG = logging.getLogger("cloudbackup")
@@ -60,18 +61,32 @@ def no_progress(label: str, total: int | None) -> Callable[[int], None]:
 
 # ---------------------------------------------------------------- machine id
 
+MACHINE_ID_FILE = ".machine-id"
+_MACHINE_ID = re.compile(r"[0-9A-Za-z._-]{1,128}")
+
+
+def _stored_machine_id(local_dir: Path) -> str | None:
+    """The id stored in the local dir: read without following a link, and only when it
+    looks like an id (the local dir is untrusted: a planted file must not become one)."""
+    try:
+        with Dir.root(local_dir) as root:
+            text = root.read_file(MACHINE_ID_FILE, limit=256).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if _MACHINE_ID.fullmatch(text) else None
+
 
 def read_machine_id(local_dir: Path, candidates: Sequence[Path] | None = None) -> str | None:
     """``/etc/machine-id``, else dbus's, else the id stored in the local dir; never writes."""
     paths = candidates or (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
-    for path in (*paths, local_dir / ".machine-id"):
+    for path in paths:
         try:
             text = path.read_text().strip()
-        except OSError:
+        except (OSError, UnicodeDecodeError):
             continue
         if text:
             return text
-    return None
+    return _stored_machine_id(local_dir)
 
 
 def machine_id(local_dir: Path, candidates: Sequence[Path] | None = None) -> str:
@@ -80,15 +95,29 @@ def machine_id(local_dir: Path, candidates: Sequence[Path] | None = None) -> str
     if found:
         return found
     new = uuid.uuid4().hex
-    local_dir.mkdir(parents=True, exist_ok=True)
-    write_file_atomic(local_dir / ".machine-id", (new + "\n").encode(), 0o644)
+    try:
+        LocalStore(local_dir).put_bytes(MACHINE_ID_FILE, (new + "\n").encode(), mode=0o644)
+    except FileExistsError:  # made meanwhile by another run, or not an id at all
+        stored = _stored_machine_id(local_dir)
+        if stored is None:
+            raise ConfigError(
+                f"{local_dir / MACHINE_ID_FILE} is not a machine id",
+                "remove it: a new id is made on the next run",
+            ) from None
+        return stored
     return new
 
 
 # ---------------------------------------------------------------- manifests
 
 
-def read_manifest(store: Any, ref: BackupRef) -> Manifest:
+class Readable(Protocol):
+    """A store manifests are read from (the local store or a remote one)."""
+
+    def get_bytes(self, key: str) -> bytes: ...
+
+
+def read_manifest(store: Readable, ref: BackupRef) -> Manifest:
     """The one reader of a manifest (local or remote): refused unread when the listing says
     it is far too large, read (one GET remotely), then parsed against its key."""
     assert ref.manifest_key
@@ -111,9 +140,10 @@ class LocalCatalog:
     records. Listed afresh on every call (the run itself changes it); never trusted: each
     manifest and record is parsed against its name."""
 
-    def __init__(self, store: LocalStore, host: str) -> None:
+    def __init__(self, store: LocalStore, host: str, prefix: str = "") -> None:
         self.store = store
         self.host = host
+        self.prefix = prefix  # the bucket prefix: upload records name keys under it
 
     def source_dir(self, source: str, host: str | None = None) -> Path:
         return self.store.root / (host or self.host) / source
@@ -131,8 +161,8 @@ class LocalCatalog:
         """The manifest of a local backup, parsed against its key."""
         return read_manifest(self.store, ref)
 
-    def upload_record_path(self, source: str, backup_id: str, host: str | None = None) -> Path:
-        return self.source_dir(source, host) / upload_name(BackupId.parse(backup_id))
+    def upload_record_key(self, source: str, backup_id: str, host: str | None = None) -> str:
+        return f"{host or self.host}/{source}/{upload_name(BackupId.parse(backup_id))}"
 
     def upload_record(
         self, backup_id: str, source: str, host: str | None = None
@@ -140,10 +170,12 @@ class LocalCatalog:
         """The local record of a backup's upload; ``None`` when there is none or it does not
         parse as one (the local dir is untrusted: a bad record proves nothing)."""
         parsed = BackupId.parse(backup_id)
-        path = self.upload_record_path(source, backup_id, host)
+        key = self.upload_record_key(source, backup_id, host)
         try:
-            return parse_upload_record(path.read_bytes(), parsed, host or self.host)
-        except (OSError, IntegrityError):
+            return parse_upload_record(
+                self.store.get_bytes(key), parsed, host or self.host, prefix=self.prefix
+            )
+        except (OSError, CloudBackupError):
             return None
 
     def verified_offsite(self, ref: BackupRef) -> bool:
@@ -152,10 +184,12 @@ class LocalCatalog:
         return bool(record and record.verified_at)
 
     def write_upload_record(self, source: str, backup_id: str, record: UploadRecord) -> None:
-        path = self.upload_record_path(source, backup_id)
-        write_file_atomic(
-            path, (json.dumps(record.to_dict(), indent=2, sort_keys=True) + "\n").encode()
-        )
+        """Write (or replace) a backup's upload record, atomically."""
+        data = (json.dumps(record.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+        self.store.put_bytes(self.upload_record_key(source, backup_id), data, replace=True)
+
+    def remove_upload_record(self, source: str, backup_id: str) -> None:
+        self.store.delete(self.upload_record_key(source, backup_id))
 
     def newest_archive_size(self, source: str) -> int | None:
         ref = self.listing(source).newest(self.host, source)
@@ -170,7 +204,7 @@ class RemoteCatalog:
     every host's), kept until :meth:`refresh` or :meth:`invalidate`. Without a store, every
     listing is empty."""
 
-    def __init__(self, store: Any | None, settings: Settings) -> None:
+    def __init__(self, store: RemoteStore | None, settings: Settings) -> None:
         self.store = store
         self.prefix = settings.s3_prefix
         self.host = settings.host
@@ -216,10 +250,27 @@ class RemoteCatalog:
 
     def manifest(self, ref: BackupRef) -> Manifest:
         """The manifest of a remote backup, parsed against its key: one GET."""
+        assert self.store is not None
         return read_manifest(self.store, ref)
 
 
 # ---------------------------------------------------------------- the host claim
+
+
+#: The most of a ``.host-id`` body read: a machine id is 32 hex digits (the bucket is untrusted).
+_CLAIM_READ_LIMIT = 256
+
+
+def _claim_body(store: RemoteStore, key: str) -> str:
+    """The machine id a claim's body holds (its first bytes only), stripped."""
+    with store.open(key) as body:
+        raw = body.read(_CLAIM_READ_LIMIT)
+    return bytes(raw).decode("utf-8", errors="replace").strip()
+
+
+def _printable(text: str) -> str:
+    """``text`` for a message: its printable characters only (no terminal escapes)."""
+    return "".join(char for char in text if char.isprintable())
 
 
 class HostClaim:
@@ -230,7 +281,9 @@ class HostClaim:
     every backup. :meth:`problem` is the read-only check of prune and forget (one HEAD).
     """
 
-    def __init__(self, store: Any | None, settings: Settings, machine_id: str | None) -> None:
+    def __init__(
+        self, store: RemoteStore | None, settings: Settings, machine_id: str | None
+    ) -> None:
         self.store = store
         self.settings = settings
         self.machine_id = machine_id
@@ -273,18 +326,17 @@ class HostClaim:
                         content_type="text/plain",
                     ),
                 )
-                LOG.info("claimed s3://%s/%s for this machine", store.bucket, key)
+                LOG.info("claimed %s for this machine", store.describe(key))
             except PermanentStorageError as exc:
                 if exc.code != "PreconditionFailed":
                     raise
                 head = store.head(key)
         if head is not None:
-            owner = head.metadata.get("machine-id")
-            if owner is None:
-                owner = store.get_bytes(key).decode(errors="replace").strip()
+            owner = self._owner(head)
             if owner != self.machine_id and not self.settings.host_explicit:
                 raise PermanentStorageError(
-                    f"s3://{store.bucket}/{key} is claimed by another machine ({owner[:12]}…), "
+                    f"{store.describe(key)} is claimed by another machine "
+                    f"({_printable(owner)[:12]}…), "
                     f"not this one ({self.machine_id[:12]}…): two machines share the host name "
                     f"{host!r}",
                     "set CLOUDBACKUP_HOST to a unique name, or pass --host explicitly on a DR "
@@ -292,22 +344,37 @@ class HostClaim:
                     code="HostClaimed",
                 )
 
+    def _owner(self, head: ObjectHead) -> str:
+        """The machine id a claim names: its metadata (S3: one HEAD), else its body."""
+        assert self.store is not None
+        owner = head.metadata.get("machine-id")
+        if owner is None:
+            owner = _claim_body(self.store, head.key)
+        return owner
+
+    def owner(self, host: str | None = None) -> str | None:
+        """The machine id claiming ``host``'s prefix (this host's by default); None when
+        it is unclaimed, or when a store that keeps metadata holds a claim without it (not
+        one this tool wrote: no GET is spent on it)."""
+        assert self.store is not None
+        head = self.store.head(self.key(host))
+        if head is None or (self.store.keeps_metadata and "machine-id" not in head.metadata):
+            return None
+        return self._owner(head)
+
     def problem(self, host: str) -> str | None:
         """Why nothing may be deleted under ``host``'s prefix: claimed by another machine (one
-        HEAD on ``.host-id``, no GET), or the claim cannot be read; None when it is fine."""
-        assert self.store is not None
+        HEAD on ``.host-id``; its body too where the store keeps no metadata, as a directory
+        destination), or the claim cannot be read; None when it is fine."""
         key = self.key(host)
         try:
-            head = self.store.head(key)
+            owner = self.owner(host)
         except CloudBackupError as exc:
             return f"cannot read the host claim {key}: {exc}"
-        if head is None:
-            return None
-        owner = head.metadata.get("machine-id")
         if owner is None or owner == self.machine_id:
             return None
         return (
-            f"{key} is claimed by another machine ({owner[:12]}…), not this one "
+            f"{key} is claimed by another machine ({_printable(owner)[:12]}…), not this one "
             f"({(self.machine_id or '')[:12]}…): two machines share the host name {host!r}; "
             "nothing deleted: set CLOUDBACKUP_HOST to a unique name, or pass --host explicitly "
             "(a DR machine or a central pruner)"
@@ -329,7 +396,7 @@ class Context:
     local: LocalStore
     now: Callable[[], datetime]
     machine_id: str | None = None
-    remote: Any = None
+    remote: RemoteStore | None = None
     progress: ProgressFactory = no_progress
     local_catalog: LocalCatalog = field(init=False, repr=False, compare=False)
     remote_catalog: RemoteCatalog = field(init=False, repr=False, compare=False)
@@ -337,7 +404,11 @@ class Context:
 
     def __post_init__(self) -> None:
         # Derived from the stores: a context made with dataclasses.replace gets its own.
-        object.__setattr__(self, "local_catalog", LocalCatalog(self.local, self.settings.host))
+        object.__setattr__(
+            self,
+            "local_catalog",
+            LocalCatalog(self.local, self.settings.host, self.settings.s3_prefix),
+        )
         object.__setattr__(self, "remote_catalog", RemoteCatalog(self.remote, self.settings))
         object.__setattr__(
             self, "host_claim", HostClaim(self.remote, self.settings, self.machine_id)

@@ -1,15 +1,24 @@
-"""One exclusive, non-blocking ``flock`` on the local dir per writing command."""
+"""One exclusive, non-blocking ``flock`` on the local dir per writing command.
+
+The lock file is opened relative to the local dir's descriptor with ``O_NOFOLLOW`` and must
+be a regular file before anything is written to it: a symlink (or a FIFO, a device) planted
+at ``.lock`` never makes the tool truncate or write another file.
+"""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 from pathlib import Path
 from types import TracebackType
 
 from cloudbackup.core.errors import ConfigError, LockHeld
+from cloudbackup.fs.dirs import Dir
 
 LOCK_NAME = ".lock"
+_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 class DirLock:
@@ -17,15 +26,31 @@ class DirLock:
         self.path = local_dir / LOCK_NAME
         self.fd: int | None = None
 
-    def acquire(self) -> DirLock:
+    def _open(self) -> int:
+        local_dir = self.path.parent
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            with Dir.root(local_dir, create=True) as root:
+                fd = os.open(LOCK_NAME, _FLAGS, 0o600, dir_fd=root.fd)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ConfigError(
+                    f"cannot use the local dir {local_dir}: {self.path} is a symlink",
+                    f"the lock file is never followed through a link; remove {self.path}",
+                ) from None
             raise ConfigError(
-                f"cannot use the local dir {self.path.parent}: {exc.strerror}",
+                f"cannot use the local dir {local_dir}: {exc.strerror}",
                 "set CLOUDBACKUP_LOCAL_DIR to a writable directory",
             ) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ConfigError(
+                f"cannot use the local dir {local_dir}: {self.path} is not a regular file",
+                f"remove {self.path}",
+            )
+        return fd
+
+    def acquire(self) -> DirLock:
+        fd = self._open()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -35,7 +60,7 @@ class DirLock:
             except OSError:
                 pass
             os.close(fd)
-            who = f" (pid {holder})" if holder else ""
+            who = f" (pid {holder})" if holder.isdigit() else ""
             raise LockHeld(
                 f"another cloudbackup run holds the lock on {self.path.parent}{who}",
                 "wait for it to finish; the lock is released when that process exits",

@@ -220,6 +220,92 @@ def s3_env(env: Env, moto_server: str, monkeypatch: pytest.MonkeyPatch) -> S3Env
     return S3Env(endpoint=moto_server, bucket=bucket, client=client)
 
 
+# ---------------------------------------------------------------- the two destinations
+
+
+@dataclass
+class RemoteEnv:
+    """The offsite destination of an end-to-end test: a fresh bucket on the session's moto
+    server (``kind == "s3"``) or a directory destination (``kind == "dir"``,
+    ``CLOUDBACKUP_DEST=file://<root>``), seen from outside the tool."""
+
+    kind: str
+    s3: S3Env | None = None
+    root: Path | None = None
+    prefix: str = "cloudbackup"
+
+    def key(self, host: str, source: str, name: str) -> str:
+        return f"{self.prefix}/{host}/{source}/{name}"
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Every object key (a directory destination: regular files, the store's own temp
+        files and uploads left out)."""
+        if self.s3 is not None:
+            return self.s3.keys(prefix)
+        assert self.root is not None
+        found = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".~")]
+            for name in filenames:
+                path = Path(dirpath) / name
+                if name.startswith(".~") or path.is_symlink():
+                    continue
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    found.append(key)
+        return sorted(found)
+
+    def get(self, key: str) -> bytes:
+        if self.s3 is not None:
+            body = self.s3.client.get_object(Bucket=self.s3.bucket, Key=key)["Body"]
+            return body.read()  # type: ignore[no-any-return]
+        assert self.root is not None
+        return (self.root / key).read_bytes()
+
+    def put(self, key: str, data: bytes) -> None:
+        """Write (or overwrite) an object behind the tool's back."""
+        if self.s3 is not None:
+            self.s3.client.put_object(Bucket=self.s3.bucket, Key=key, Body=data)
+            return
+        assert self.root is not None
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    def delete(self, key: str) -> None:
+        if self.s3 is not None:
+            self.s3.client.delete_object(Bucket=self.s3.bucket, Key=key)
+            return
+        assert self.root is not None
+        (self.root / key).unlink()
+
+    def uploads(self) -> list[str]:
+        """The keys of the multipart uploads in progress."""
+        if self.s3 is not None:
+            page = self.s3.client.list_multipart_uploads(Bucket=self.s3.bucket)
+            return sorted(u["Key"] for u in page.get("Uploads", []))
+        assert self.root is not None
+        found = []
+        for name_file in self.root.rglob(".~upload-*/name"):
+            found.append(
+                (name_file.parent.parent / name_file.read_text().strip())
+                .relative_to(self.root)
+                .as_posix()
+            )
+        return sorted(found)
+
+
+@pytest.fixture(params=["s3", "dir"])
+def remote(request: pytest.FixtureRequest, env: Env, monkeypatch: pytest.MonkeyPatch) -> RemoteEnv:
+    """The test runs twice: against a bucket (moto) and against a directory destination."""
+    if request.param == "s3":
+        return RemoteEnv("s3", s3=request.getfixturevalue("s3_env"))
+    root = env.tmp / "dest"
+    root.mkdir()
+    monkeypatch.setenv("CLOUDBACKUP_DEST", root.as_uri())
+    return RemoteEnv("dir", root=root)
+
+
 # ---------------------------------------------------------------- PostgreSQL (one server)
 
 

@@ -19,7 +19,9 @@ requests (``None``: every one). Actions:
 * ``drop`` — forward to moto, then reset instead of answering: the request took effect but
   the client never heard (a retried CompleteMultipartUpload then meets ``NoSuchUpload``);
 * ``hold`` — keep the request hanging until :meth:`FaultProxy.release` (or ``seconds``), then
-  reset it without forwarding: an upload that is "in flight" when the client is killed.
+  reset it without forwarding: an upload that is "in flight" when the client is killed;
+* ``truncate`` — forward to moto, answer with the full ``Content-Length`` but send only the
+  first half of the body, then reset: a download broken in the middle of its body.
 
 The proxy speaks plain HTTP/1.1 with keep-alive (as botocore does against an ``http://``
 endpoint) and forwards each request on a fresh connection to moto.
@@ -140,7 +142,7 @@ def operation_of(
 class Fault:
     """What to do to requests that match (``operation`` and ``when``, both optional)."""
 
-    action: str  # slowdown | error | deny | reset | delay | hold | drop
+    action: str  # slowdown | error | deny | reset | delay | hold | drop | truncate
     operation: str | None = None
     when: Callable[[Request], bool] | None = None
     times: int | None = 1
@@ -240,7 +242,7 @@ class FaultProxy:
         with self.lock:
             found = [r for r in self.log if operation is None or r.operation == operation]
         if forwarded:
-            found = [r for r in found if r.action in ("forward", "delay", "drop")]
+            found = [r for r in found if r.action in ("forward", "delay", "drop", "truncate")]
         return found
 
     def count(self, operation: str | None = None, *, forwarded: bool = False) -> int:
@@ -368,6 +370,18 @@ class _Handler(BaseHTTPRequestHandler):
             request.finished = time.monotonic()
             owner._record(request)
             if fault is not None and fault.action == "drop":
+                self._reset()
+                return
+            if fault is not None and fault.action == "truncate":
+                self.send_response_only(status, reason)
+                for name, value in out_headers:
+                    if name.lower() in _HOP_BY_HOP or name.lower() == "content-length":
+                        continue
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(out_body)))
+                self.end_headers()
+                self.wfile.write(out_body[: len(out_body) // 2])
+                self.wfile.flush()
                 self._reset()
                 return
             self.send_response_only(status, reason)

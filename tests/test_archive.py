@@ -4,6 +4,7 @@ while read, special files, excludes and glob sources."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import os
@@ -25,6 +26,7 @@ from hypothesis import strategies as st
 
 from cloudbackup import config
 from cloudbackup.core.model import COMPRESSION_EXT, BackupId, Manifest, archive_name
+from cloudbackup.fs.dirs import Dir
 from cloudbackup.fs.walk import FileEntry
 from cloudbackup.ops import backup as operations
 from cloudbackup.storage.local import LocalStore
@@ -323,15 +325,16 @@ def _write_entries(
     tmp_path: Path, entries: list[FileEntry], *, prefetch: bool = False
 ) -> tuple[archive.ArchiveStats, list[tuple[str, str]]]:
     warnings: list[tuple[str, str]] = []
-    partial = tmp_path / "out.tar.partial"
-    stats = pipeline.write_archive(
-        entries,
-        partial,
-        compression="none",
-        level=None,
-        warn=lambda c, m: warnings.append((c, m)),
-        prefetch=prefetch,
-    )
+    with Dir.root(tmp_path) as directory:
+        stats = pipeline.write_archive(
+            entries,
+            directory,
+            "out.tar.partial",
+            compression="none",
+            level=None,
+            warn=lambda c, m: warnings.append((c, m)),
+            prefetch=prefetch,
+        )
     return stats, warnings
 
 
@@ -354,6 +357,9 @@ def _read_members(path: Path) -> dict[str, bytes]:
         (b"0123456789" * 10, 250, b"0123456789" * 10 + bytes(150), "shrank"),
         (b"0123456789" * 10, 37, b"0123456789" * 3 + b"0123456", "grew"),
         (b"", 10, bytes(10), "shrank"),
+        (b"0123456789", 0, b"", "grew"),  # an empty file is read too: it may have grown
+        (b"x" * 512, 511, b"x" * 511, "grew"),  # the byte beyond falls in the padding
+        (b"x" * 1025, 1024, b"x" * 1024, "grew"),  # ... or beyond the padded member
     ],
 )
 def test_file_changing_size_is_padded_or_truncated(
@@ -378,6 +384,117 @@ def test_file_changing_size_is_padded_or_truncated(
         ["tar", "-tvf", tmp_path / "out.tar.partial"], capture_output=True, text=True
     )
     assert listing.returncode == 0 and "after.txt" in listing.stdout
+
+
+@pytest.mark.parametrize("size", [1000, 200_000])
+def test_a_read_error_completes_the_member_with_zeros_and_the_tar_stays_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """A read that fails part way (EIO from a failing disk) leaves a member of exactly its
+    header's size (the part read, then zeros) and the members after it intact."""
+    monkeypatch.setattr(archive, "CHUNK", 64 * 1024)  # the large file takes several reads
+    failing = tmp_path / "failing.bin"
+    failing.write_bytes(b"a" * size)
+    after = tmp_path / "after.txt"
+    after.write_bytes(b"must stay intact")
+    original = os.readv
+    calls = {"n": 0}
+
+    def flaky(fd: int, buffers: list[memoryview]) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(failing):
+            calls["n"] += 1
+            if calls["n"] == 2 or size < 64 * 1024:
+                raise OSError(errno.EIO, "Input/output error")
+        return original(fd, buffers)
+
+    monkeypatch.setattr(archive.os, "readv", flaky)
+    entries = [
+        FileEntry(str(failing), "failing.bin", os.lstat(failing)),
+        FileEntry(str(after), "after.txt", os.lstat(after)),
+    ]
+    stats, warnings = _write_entries(tmp_path, entries)
+    assert warnings == [
+        ("unreadable", f"{failing}: read error (Input/output error); rest filled with zeros")
+    ]
+    content = _read_members(tmp_path / "out.tar.partial")
+    assert content["after.txt"] == b"must stay intact"
+    data = content["failing.bin"]
+    assert len(data) == size
+    read_first = 0 if size < 64 * 1024 else len(data.rstrip(b"\0"))
+    assert data == b"a" * read_first + bytes(size - read_first)
+    assert size < 64 * 1024 or 0 < read_first < size
+    assert stats.file_count == 2 and stats.unreadable == 1
+
+
+def test_an_archive_that_cannot_be_written_stops_and_blames_no_input_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk (or any failure downstream of the tar buffer) while a file's data is being
+    read is the archive's error, raised as it is: not a read error of that file, with the
+    backup going on."""
+
+    class FullDisk:
+        def put(self, chunk: bytes) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(archive, "CHUNK", 64 * 1024)
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"b" * 200_000)
+    small = tmp_path / "small.txt"
+    small.write_bytes(b"s" * 60_000)
+    warnings: list[tuple[str, str]] = []
+    for name in ("big.bin", "small.txt"):
+        path = tmp_path / name
+        out = archive.TarOut(compress.make_compressor("none", None), FullDisk(), None)  # type: ignore[arg-type]
+        out.write(bytes(10_000))  # the next member does not fit: it flushes first
+        with pytest.raises(OSError) as raised:
+            archive.write_tar(
+                [FileEntry(str(path), name, os.lstat(path))],
+                out,
+                archive.ArchiveStats(),
+                lambda c, m: warnings.append((c, m)),
+            )
+        assert raised.value.errno == errno.ENOSPC
+    assert warnings == []
+
+
+def test_o_noatime_is_asked_only_for_files_the_process_owns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """O_NOATIME is refused on files of others (EPERM) unless privileged: the writer asks
+    for it only where it is allowed, so such files cost no refused open first."""
+    others = tmp_path / "others.txt"
+    others.write_bytes(b"others")
+    own = tmp_path / "own.txt"
+    own.write_bytes(b"own")
+    flags_seen: dict[str, list[int]] = {}
+    real_open = os.open
+
+    def recording_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        flags_seen.setdefault(os.path.basename(str(path)), []).append(flags)
+        return real_open(path, flags, *args, **kwargs)
+
+    euid = os.lstat(others).st_uid + 1
+    monkeypatch.setattr(archive, "_EUID", euid)  # neither root nor the owner of others.txt
+    st = os.lstat(own)
+    fields = list(st)
+    fields[stat.ST_UID] = euid  # as if the process owned this one
+    extra = {name: getattr(st, name) for name in ("st_atime_ns", "st_mtime_ns", "st_ctime_ns")}
+    entries = [
+        FileEntry(str(others), "others.txt", os.lstat(others)),
+        FileEntry(str(own), "own.txt", os.stat_result(fields, extra)),
+    ]
+    monkeypatch.setattr(archive.os, "open", recording_open)
+    stats, warnings = _write_entries(tmp_path, entries)
+    monkeypatch.undo()
+    assert warnings == [] and stats.file_count == 2
+    noatime = getattr(os, "O_NOATIME", 0)
+    assert [f & noatime for f in flags_seen["others.txt"]] == [0]
+    assert [f & noatime for f in flags_seen["own.txt"]] == [noatime]
+    assert _read_members(tmp_path / "out.tar.partial") == {
+        "others.txt": b"others",
+        "own.txt": b"own",
+    }
 
 
 def test_file_growing_during_backup_is_warned_in_manifest(
@@ -513,9 +630,9 @@ def test_write_archive_removes_partial_on_error(tmp_path: Path) -> None:
         raise RuntimeError("boom")
 
     partial = tmp_path / "x.tar.zst.partial"
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError), Dir.root(tmp_path) as directory:
         pipeline.write_archive(
-            broken(), partial, compression="zstd", level=3, warn=lambda c, m: None
+            broken(), directory, partial.name, compression="zstd", level=3, warn=lambda c, m: None
         )
     assert not partial.exists()
 
@@ -553,7 +670,7 @@ class Advice:
         self.calls.append((os.path.basename(path), offset, length))
 
 
-def test_prefetch_asks_for_upcoming_files_and_keeps_order(
+def test_prefetch_opens_and_asks_for_upcoming_files_and_keeps_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     advice = Advice()
@@ -564,21 +681,62 @@ def test_prefetch_asks_for_upcoming_files_and_keeps_order(
         (tmp_path / name).write_bytes(name.encode() * 10)
     (tmp_path / "empty").write_bytes(b"")
     entries = [FileEntry(str(tmp_path / n), n, os.lstat(tmp_path / n)) for n in [*names, "empty"]]
-    seen: list[str] = []
     gen = archive.prefetched(iter(entries))
-    seen.append(next(gen).arcname)
-    # The first entry is handed out while the next two (the window of 3) are being asked for.
-    deadline = time.monotonic() + 5
-    while len(advice.calls) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    first, fd = next(gen)
+    # The first entry is handed out once the window of 3 is open and asked for, with the
+    # descriptor the writer reads from.
     assert [c[0] for c in advice.calls] == ["f0", "f1", "f2"]
-    seen += [e.arcname for e in gen]
-    assert seen == [*names, "empty"]  # same entries, same order
-    deadline = time.monotonic() + 5
-    while len(advice.calls) < 8 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert sorted(c[0] for c in advice.calls) == names  # the empty file is not asked for
+    assert first.arcname == "f0" and os.readlink(f"/proc/self/fd/{fd}") == str(tmp_path / "f0")
+    os.close(fd)
+    rest = list(gen)
+    for _, fd in rest:
+        if fd >= 0:
+            os.close(fd)
+    assert [e.arcname for e, _ in rest] == [*names[1:], "empty"]  # same entries, same order
+    assert rest[-1][1] == -1  # the empty file is neither opened nor asked for
+    assert [c[0] for c in advice.calls] == names
     assert {c[1:] for c in advice.calls} == {(0, 20)}
+
+
+def _descriptors_under(path: Path) -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith(f"{path}/")
+    return count
+
+
+def test_prefetch_holds_a_bounded_window_of_descriptors_and_closes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read-ahead keeps at most a quarter of RLIMIT_NOFILE open, whatever
+    PREFETCH_FILES says, and closing it early (an error in the writer) leaks none."""
+    import resource
+
+    monkeypatch.setattr(archive, "_FADVISE", Advice())
+    monkeypatch.setattr(archive, "PREFETCH_FILES", 10_000)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(200):
+        (tree / f"f{i:03}").write_bytes(b"x")
+    entries = [FileEntry(str(p), p.name, os.lstat(p)) for p in sorted(tree.iterdir())]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+    try:
+        assert archive.window_files() == 64
+        gen = archive.prefetched(iter(entries))
+        most = 0
+        for index, (_entry, fd) in enumerate(gen):
+            most = max(most, _descriptors_under(tree))
+            os.close(fd)
+            if index == 100:
+                break
+        assert most == 64
+        assert _descriptors_under(tree) == 63  # the window ahead of the writer
+        gen.close()
+        assert _descriptors_under(tree) == 0
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_prefetch_opens_walked_files_through_their_directory(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import boto3
 from botocore.stub import ANY, Stubber
 
-from cloudbackup.storage.s3 import S3Store, UploadSpec
+from cloudbackup.storage.base import UploadSpec
+from cloudbackup.storage.s3 import S3Store
 
 
 def _store(compat: bool = False) -> tuple[S3Store, Stubber]:
@@ -34,11 +35,12 @@ def test_probe_sends_what_an_upload_sends_and_aborts() -> None:
         "abort_multipart_upload", {}, {"Bucket": "bkt", "Key": "p/h/.probe", "UploadId": "u1"}
     )
     with stub:
-        refused = store.probe_write(
+        probe = store.probe_write(
             "p/h/.probe",
             UploadSpec(tags=[("cloudbackup:kind", "check")], storage_class="STANDARD_IA"),
         )
-    assert refused == []
+    assert probe.refused == ()
+    assert probe.accepted == "tagging, SHA-256 checksums, STANDARD_IA"
     stub.assert_no_pending_responses()
 
 
@@ -48,8 +50,8 @@ def test_probe_names_the_features_a_store_refuses() -> None:
     stub.add_response("create_multipart_upload", {"UploadId": "u2"})
     stub.add_response("abort_multipart_upload", {})
     with stub:
-        refused = store.probe_write("k", UploadSpec(tags=[("cloudbackup:kind", "check")]))
-    assert refused == ["ChecksumAlgorithm", "Tagging"]
+        probe = store.probe_write("k", UploadSpec(tags=[("cloudbackup:kind", "check")]))
+    assert probe.refused == ("ChecksumAlgorithm", "Tagging")
     stub.assert_no_pending_responses()
 
 

@@ -23,11 +23,15 @@ class Bucket:
     """Objects in memory; every call recorded."""
 
     bucket = "bkt"
+    keeps_metadata = True
 
     def __init__(self) -> None:
         self.objects: dict[str, tuple[bytes, dict[str, str]]] = {}
         self.calls: list[tuple[str, str]] = []
         self.refuse_put: PermanentStorageError | None = None
+
+    def describe(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         self.calls.append(("list", prefix))

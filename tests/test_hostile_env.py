@@ -30,7 +30,9 @@ from cloudbackup.sources import pgtools as postgres
 from cloudbackup.sources.base import DbUrl, redact_url, url_secrets
 from cloudbackup.sources.registry import parse_spec
 from tests.conftest import CliResult, Clock, Env, make_tree
-from tests.test_monitor import families, status_json
+from tests.test_monitor import families, log_lines, status_json
+
+__all__ = ["log_lines"]  # a fixture
 
 CLI = Callable[..., CliResult]
 
@@ -261,6 +263,117 @@ def test_dburl_keeps_fields_as_written() -> None:
     assert (url.user, url.password, url.hostport) == ("a%20b", "p@q", "[::1]:5433")
     assert url.hosts() == ("::1", "5433")
     assert (url.path, url.query) == ("/d%2Fb", "host=%2Ftmp")
+
+
+# ---------------------------------------------------------------- the ping URL's password
+
+PING_USER = "pinguser"
+PING_PASSWORD = "pingSecret-Hx9@/"  # an "@" and a "/": URL-encoded in the URL
+
+
+class AuthServer:
+    """An HTTP server on 127.0.0.1 recording (method, path, Host, Authorization) of each
+    request and answering ``status``."""
+
+    def __init__(self, status: int = 200) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.status = status
+        self.requests: list[tuple[str, str, str, str]] = []
+        requests = self.requests
+
+        class Handler(BaseHTTPRequestHandler):
+            def _record(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                requests.append(
+                    (
+                        self.command,
+                        self.path,
+                        self.headers.get("Host", ""),
+                        self.headers.get("Authorization", ""),
+                    )
+                )
+                self.send_response(status)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"OK")
+
+            do_GET = do_POST = _record
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.port = self.server.server_address[1]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(params=[200, 500], ids=["up", "failing"])
+def auth_server(request: pytest.FixtureRequest) -> Any:
+    server = AuthServer(request.param)
+    yield server
+    server.close()
+
+
+def test_a_ping_url_password_goes_as_basic_auth_never_to_the_log_stderr_or_dns(
+    env: Env, cli: CLI, auth_server: AuthServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import base64
+    import socket
+
+    resolved: list[str] = []
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        resolved.append(str(host))
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    userinfo = f"{PING_USER}:{quote(PING_PASSWORD, safe='')}"
+    url = f"http://{userinfo}@127.0.0.1:{auth_server.port}/0f6c2b9e"
+    log_file = env.tmp / "log" / "cloudbackup.log"
+    monkeypatch.setenv("CLOUDBACKUP_PING_URL", url)
+    monkeypatch.setenv("CLOUDBACKUP_LOG_FILE", str(log_file))
+    monkeypatch.setenv("CLOUDBACKUP_LOCAL_ONLY", "1")
+    monkeypatch.setenv("CLOUDBACKUP_SOURCES", str(make_tree(env.tmp / "www", {"a": "a"})))
+
+    result = cli("-v", "run")
+    assert result.exit_code == 0, result.stderr
+    expected = "Basic " + base64.b64encode(f"{PING_USER}:{PING_PASSWORD}".encode()).decode()
+    assert [(m, p) for m, p, _h, _a in auth_server.requests] == [
+        ("GET", "/0f6c2b9e/start"),
+        ("GET", "/0f6c2b9e"),
+    ]
+    for _method, _path, host, authorization in auth_server.requests:
+        assert host == f"127.0.0.1:{auth_server.port}"
+        assert authorization == expected
+    assert resolved and all(PING_USER not in host and "@" not in host for host in resolved)
+    shown = result.stdout + result.stderr + log_file.read_text()
+    for secret in (PING_PASSWORD, quote(PING_PASSWORD, safe=""), "pingSecret"):
+        assert secret not in shown
+    if auth_server.status != 200:  # each failure is a warning naming the URL, redacted
+        shown_url = f"ping http://***@127.0.0.1:{auth_server.port}/0f6c2b9e"
+        assert f"{shown_url}/start failed" in result.stderr
+        assert f"{shown_url}/start failed" in log_file.read_text()
+
+
+def test_a_ping_url_that_does_not_parse_never_shows_its_password(
+    env: Env, log_lines: list[str]
+) -> None:
+    from cloudbackup.ops import status as monitor
+
+    assert monitor.ping("http://u:pingSecret-Hx9@[::1/0f6c2b9e", "/fail", body="x") is False
+    text = "\n".join(log_lines)
+    assert "ping" in text and "pingSecret" not in text
 
 
 # ---------------------------------------------------------------- the clock
@@ -557,3 +670,15 @@ def test_no_home_directory_asks_for_a_local_dir() -> None:
     assert "CLOUDBACKUP_LOCAL_DIR" in str(info.value)
     settings = config.load({}, {"CLOUDBACKUP_LOCAL_DIR": "/b"}, {}, hostname="m", home=None)
     assert settings.local_dir == Path("/b")
+
+
+def test_an_invalid_ping_url_is_named_without_its_password(
+    env: Env, cli: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config error for CLOUDBACKUP_PING_URL names the variable and its value with the
+    password of ``user:password@`` redacted."""
+    monkeypatch.setenv("CLOUDBACKUP_PING_URL", "https://u:pingSecret@hc.example:99999/x")
+    result = cli("status")
+    assert result.exit_code == 3
+    assert "CLOUDBACKUP_PING_URL='https://u:***@hc.example:99999/x'" in result.stderr + result.stdout
+    assert "pingSecret" not in result.stderr + result.stdout

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from cloudbackup.core.model import Manifest
-from cloudbackup.fs.tree import remove_tree, tally_tree
+from cloudbackup.fs.tree import LinkInPath, empty_tree, open_directory, remove_tree, tally_tree
 from cloudbackup.fs.walk import FileEntry
 from cloudbackup.sources.base import SourceContext
 from cloudbackup.sources.directory import DirectorySource
@@ -183,6 +183,84 @@ def restore_ok(cli: Callable[..., CliResult], source: str, target: Path) -> CliR
 # ---------------------------------------------------------------- swapped directories
 
 
+def archived_names(env: Env, source: str) -> list[list[str]]:
+    """The member names of every archive of ``source``, oldest first."""
+    names = []
+    for path in env.archives(source):
+        with path.open("rb") as raw:
+            data = compress.open_decompressed(raw, "zstd").read()
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            names.append(sorted(tar.getnames()))
+    return names
+
+
+@pytest.fixture
+def alice(env: Env) -> tuple[Path, Path]:
+    """``home/alice/proj/config`` (a user's tree in a root-run glob source) and a root-only
+    directory holding a secret ``key.yaml``."""
+    home = env.tmp / "home" / "alice"
+    make_tree(home / "proj" / "config", {"app.yaml": "a: 1\n", "sub/b.yaml": "b: 2\n"})
+    rootonly = make_tree(env.tmp / "rootonly", {"key.yaml": "secret: hunter2\n"})
+    rootonly.chmod(0o700)
+    return home, rootonly
+
+
+@pytest.mark.parametrize("where", ["last", "middle"])
+def test_a_symlink_swapped_into_a_glob_prefix_fails_the_source_and_is_never_followed(
+    env: Env, cli: Callable[..., CliResult], alice: tuple[Path, Path], where: str
+) -> None:
+    home, rootonly = alice
+    spec = f"conf={home}/proj/config/**/*.yaml"
+    other = make_tree(env.tmp / "www", {"index.html": "hi"})
+    backup_ok(cli, spec)
+    assert archived_names(env, "conf") == [["app.yaml", "sub", "sub/b.yaml"]]
+    if where == "last":  # mv config config.old && ln -s /rootonly config
+        link = home / "proj" / "config"
+        os.rename(link, home / "proj" / "config.old")
+        link.symlink_to(rootonly)
+    else:  # mv proj proj.old && ln -s /elsewhere proj (whose config/ is root-only)
+        link = home / "proj"
+        os.rename(link, home / "proj.old")
+        elsewhere = env.tmp / "elsewhere"
+        elsewhere.mkdir()
+        (elsewhere / "config").symlink_to(rootonly)
+        link.symlink_to(elsewhere)
+    result = cli("backup", "--no-upload", "--json", spec, other)
+    assert result.exit_code == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    line = result.assert_one_error("conf", str(link), "symlink")
+    assert "hunter2" not in line
+    by_source = {r["source"]: r for r in json.loads(result.stdout)["results"]}
+    assert by_source["conf"]["ok"] is False and by_source["www"]["ok"] is True
+    assert len(env.archives("conf")) == 1  # no new archive of conf
+    for path in env.archives("conf"):
+        with path.open("rb") as raw:
+            assert b"hunter2" not in compress.open_decompressed(raw, "zstd").read()
+
+
+def test_a_glob_prefix_swapped_after_it_was_opened_is_walked_as_opened(
+    env: Env,
+    cli: Callable[..., CliResult],
+    alice: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The prefix is opened once and the walk gets that descriptor: a swap between the two
+    changes nothing."""
+    from cloudbackup.sources import glob as glob_module
+
+    home, rootonly = alice
+    real_walk = glob_module.walk_tree
+
+    def walk_tree(*args: Any, **kwargs: Any) -> Iterator[FileEntry]:
+        os.rename(home / "proj" / "config", home / "proj" / "config.old")
+        (home / "proj" / "config").symlink_to(rootonly)
+        return real_walk(*args, **kwargs)
+
+    monkeypatch.setattr(glob_module, "walk_tree", walk_tree)
+    backup_ok(cli, f"conf={home}/proj/config/**/*.yaml")
+    assert archived_names(env, "conf") == [["app.yaml", "sub", "sub/b.yaml"]]
+
+
 def test_a_directory_swapped_for_a_symlink_when_the_walk_reaches_it_is_never_followed(
     env: Env, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -291,6 +369,57 @@ def test_tally_and_remove_handle_any_depth_and_path_length(
     remove_tree(deep)
     remove_tree(wide)
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_open_directory_never_follows_a_symlink_on_the_way(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "link").symlink_to(outside)
+    for create in (False, True):
+        with pytest.raises(LinkInPath) as caught:
+            open_directory(tmp_path / "a" / "link" / "new", create=create)
+        assert caught.value.filename == str(tmp_path / "a" / "link")
+    assert os.listdir(outside) == []
+    with pytest.raises(FileNotFoundError) as missing:
+        open_directory(tmp_path / "a" / "x" / "y")
+    assert missing.value.filename == str(tmp_path / "a" / "x")
+    fd = open_directory(tmp_path / "a" / "x" / ".." / "made" / "here", create=True)
+    try:
+        assert os.path.samefile(f"/proc/self/fd/{fd}", tmp_path / "a" / "made" / "here")
+    finally:
+        os.close(fd)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        open_directory(tmp_path / "file" / "below", create=True)
+
+
+def test_trees_through_a_descriptor_are_counted_and_emptied_never_through_links(
+    tmp_path: Path,
+) -> None:
+    outside = make_tree(tmp_path / "outside", {"keep": "x"})
+    root = make_tree(tmp_path / "root", {"a/f": "12345", "g": "1"})
+    (root / "link").symlink_to(outside)
+    os.chmod(root / "a", 0o500)
+    fd = os.open(root, DIR)
+    try:
+        os.rename(root, tmp_path / "moved")  # by name it is gone; the descriptor holds it
+        tally = tally_tree(fd)
+        assert (tally.files, tally.bytes, tally.dirs) == (3, 6, 1)
+        empty_tree(fd)
+        assert os.listdir(fd) == []
+    finally:
+        os.close(fd)
+    assert os.listdir(outside) == ["keep"]
+    (tmp_path / "dirlink").symlink_to(outside)
+    dir_fd = os.open(tmp_path, DIR)
+    try:
+        remove_tree("dirlink", dir_fd=dir_fd)  # the link goes, not what it points to
+        remove_tree("moved", dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+    assert sorted(os.listdir(tmp_path)) == ["outside"]
+    assert os.listdir(outside) == ["keep"]
 
 
 # ---------------------------------------------------------------- one source's failure

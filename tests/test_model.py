@@ -638,9 +638,11 @@ def test_upload_record_round_trip_and_rejections() -> None:
     backup_id = BackupId.parse(ID)
     record = _upload()
     raw = json.dumps(record.to_dict())
-    assert parse_upload_record(raw, backup_id, "web1") == record
+    assert parse_upload_record(raw, backup_id, "web1", prefix="cloudbackup") == record
     in_progress = UploadRecord(record.key, 8 << 20, 0, "SHA256", None, upload_id="u-1")
-    assert parse_upload_record(json.dumps(in_progress.to_dict()), backup_id, "web1") == in_progress
+    assert parse_upload_record(
+        json.dumps(in_progress.to_dict()), backup_id, "web1", prefix="cloudbackup"
+    ) == in_progress
     for bad in (
         b"[]",
         b"{",
@@ -648,11 +650,15 @@ def test_upload_record_round_trip_and_rejections() -> None:
         json.dumps({**record.to_dict(), "verified_at": 2}),
         json.dumps({**record.to_dict(), "part_size": -1}),
         json.dumps({**record.to_dict(), "key": "cloudbackup/web1/db/db-20261121T021500Z.tar"}),
+        # The right last components under another prefix, or none: never the key we build.
+        json.dumps({**record.to_dict(), "key": "other/" + record.key}),
+        json.dumps({**record.to_dict(), "key": record.key.removeprefix("cloudbackup/")}),
+        json.dumps({**record.to_dict(), "key": "x/../" + record.key}),
     ):
         with pytest.raises(IntegrityError, match=f"upload record of {ID}"):
-            parse_upload_record(bad, backup_id, "web1")
+            parse_upload_record(bad, backup_id, "web1", prefix="cloudbackup")
     with pytest.raises(IntegrityError):
-        parse_upload_record(raw, backup_id, "web2")  # another host's archive
+        parse_upload_record(raw, backup_id, "web2", prefix="cloudbackup")  # another host's
 
 
 def test_manifest_metadata_is_parsed_too() -> None:

@@ -468,10 +468,10 @@ def test_prometheus_file_that_cannot_be_written_is_unknown(
 def test_prometheus_write_leaves_no_temp_file_on_failure(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def refuse(src: object, dst: object) -> None:
+    def refuse(src: object, dst: object, **kwargs: object) -> None:
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-    monkeypatch.setattr(os, "replace", refuse)
+    monkeypatch.setattr(os, "rename", refuse)
     with pytest.raises(OSError):
         monitor.write_prometheus(tmp_path / "m.prom", "x 1\n")
     assert list(tmp_path.iterdir()) == []

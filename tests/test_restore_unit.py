@@ -6,10 +6,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import random
 import re
-import threading
-import time
+import stat
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,13 +27,14 @@ from cloudbackup.core.errors import (
 from cloudbackup.core.model import BackupId, archive_name, manifest_name
 from cloudbackup.fs.tree import remove_tree, tally_tree
 from cloudbackup.restore.apply import RestoreResult
-from cloudbackup.restore.download import download
+from cloudbackup.restore.download import fetch_archive
 from cloudbackup.restore.select import find_backup, parse_at
 from cloudbackup.restore.targets import Workspace as _Workspace
-from cloudbackup.restore.targets import aside_path as _aside_path
+from cloudbackup.restore.targets import aside_name as _aside_name
 from cloudbackup.restore.targets import regular_member as _regular_member
 from cloudbackup.storage.base import ObjectInfo
 from cloudbackup.storage.local import LocalStore
+from cloudbackup.storage.retry import ResumingReader, RetryPolicy
 
 NOW = datetime(2026, 11, 21, 2, 15, tzinfo=UTC)
 
@@ -194,7 +193,7 @@ class Body:
     def __init__(self, data: bytes, fail_at: int | None = None, chunk: int = 7_777) -> None:
         self.data, self.pos, self.fail_at, self.chunk = data, 0, fail_at, chunk
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int = -1, /) -> bytes:
         if self.fail_at is not None and self.pos >= self.fail_at:
             raise TransientStorageError("connection reset by peer")
         step = min(size if size >= 0 else len(self.data), self.chunk)
@@ -202,37 +201,38 @@ class Body:
         self.pos += len(out)
         return out
 
-    def __enter__(self) -> Body:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
+    def close(self) -> None:
         pass
 
 
 class DataRemote:
-    """open() bodies (the first ``failures`` break mid-stream) and ranged GETs."""
+    """A store whose streams resume as every store's do (``ResumingReader`` under a retry
+    policy); the first ``failures`` bodies break mid-stream."""
 
-    def __init__(self, data: bytes, failures: int = 0) -> None:
+    def __init__(
+        self, data: bytes, failures: int = 0, attempts: int = 3, stuck: bool = False
+    ) -> None:
         self.data = data
         self.failures = failures
-        self.opens = 0
-        self.ranges: list[tuple[int, int]] = []
-        self.attempts = 3
+        self.stuck = stuck  # every body after the first breaks before its first byte
+        self.opens: list[int] = []  # the offset of each request
         self.slept: list[float] = []
-        self.sleep = self.slept.append
-        self.lock = threading.Lock()
+        self.policy = RetryPolicy(attempts=attempts, sleep=self.slept.append)
 
-    def open(self, key: str) -> Body:
-        self.opens += 1
-        if self.opens <= self.failures:
-            return Body(self.data, fail_at=len(self.data) // 2)
-        return Body(self.data)
+    def describe(self, key: str) -> str:
+        return f"test://{key}"
 
-    def open_range(self, key: str, start: int, end: int) -> bytes:
-        time.sleep(random.random() / 500)  # complete out of order
-        with self.lock:
-            self.ranges.append((start, end))
-        return self.data[start : end + 1]
+    def open(self, key: str, *, size: int | None = None) -> ResumingReader:
+        def opener(offset: int) -> Body:
+            self.opens.append(offset)
+            body = Body(self.data)
+            body.pos = offset
+            if len(self.opens) <= self.failures:
+                stuck = self.stuck and len(self.opens) > 1
+                body.fail_at = offset + (0 if stuck else len(self.data) // 4)
+            return body
+
+        return ResumingReader(opener, self.policy, f"get {key}")
 
 
 DATA = os.urandom(300_000)
@@ -242,19 +242,26 @@ DIGEST = hashlib.sha256(DATA).hexdigest()
 def test_download_streams_and_verifies(tmp_path: Path) -> None:
     dest = tmp_path / "d"
     seen: list[int] = []
-    download(DataRemote(DATA), "k", dest, size=len(DATA), sha256=DIGEST, progress=seen.append)
+    fetch_archive(DataRemote(DATA), "k", dest, size=len(DATA), sha256=DIGEST, progress=seen.append)  # type: ignore[arg-type]
     assert dest.read_bytes() == DATA and sum(seen) == len(DATA)
 
 
-def test_download_restarts_after_a_mid_stream_reset(tmp_path: Path) -> None:
+def test_download_resumes_from_the_offset_reached_after_a_mid_stream_reset(
+    tmp_path: Path,
+) -> None:
     remote = DataRemote(DATA, failures=2)
     dest = tmp_path / "d"
-    download(remote, "k", dest, size=len(DATA), sha256=DIGEST)
-    assert dest.read_bytes() == DATA and remote.opens == 3 and len(remote.slept) == 2
-    broken = DataRemote(DATA, failures=5)
-    with pytest.raises(TransientStorageError):
-        download(broken, "k", tmp_path / "e", size=len(DATA), sha256=DIGEST)
-    assert broken.opens == 3 and not (tmp_path / "e").exists()
+    fetch_archive(remote, "k", dest, size=len(DATA), sha256=DIGEST)  # type: ignore[arg-type]
+    assert dest.read_bytes() == DATA
+    # Asked again from where each body broke, not from the start: 0, then 1/4, then 2/4.
+    assert remote.opens[0] == 0 and 0 < remote.opens[1] < remote.opens[2] < len(DATA)
+    assert len(remote.opens) == 3 and len(remote.slept) == 2
+    # A body that breaks and a store that then serves nothing: given up after the
+    # policy's attempts (consecutive failures without a byte of progress).
+    broken = DataRemote(DATA, failures=5, stuck=True)
+    with pytest.raises(TransientStorageError, match="gave up after 3 attempts"):
+        fetch_archive(broken, "k", tmp_path / "e", size=len(DATA), sha256=DIGEST)  # type: ignore[arg-type]
+    assert len(broken.opens) == 3 and not (tmp_path / "e").exists()
 
 
 @pytest.mark.parametrize(("size", "digest"), [(len(DATA), "0" * 64), (len(DATA) + 1, DIGEST)])
@@ -264,50 +271,17 @@ def test_download_mismatch_is_an_integrity_error_and_leaves_nothing(
     remote = DataRemote(DATA)
     dest = tmp_path / "d"
     with pytest.raises(IntegrityError) as info:
-        download(remote, "k", dest, size=size, sha256=digest)
+        fetch_archive(remote, "k", dest, size=size, sha256=digest)  # type: ignore[arg-type]
     assert info.value.exit_code == 3
-    assert not dest.exists() and remote.opens == 1  # never retried into success
+    assert not dest.exists() and remote.opens == [0]  # never retried into success
 
 
 def test_download_refuses_to_overwrite(tmp_path: Path) -> None:
     dest = tmp_path / "d"
     dest.write_bytes(b"mine")
     with pytest.raises(FileExistsError):
-        download(DataRemote(DATA), "k", dest, size=len(DATA), sha256=DIGEST)
+        fetch_archive(DataRemote(DATA), "k", dest, size=len(DATA), sha256=DIGEST)  # type: ignore[arg-type]
     assert dest.read_bytes() == b"mine"
-
-
-@pytest.mark.parametrize(("parts", "part_size"), [(2, 50_000), (4, 1_000), (3, 299_999)])
-def test_ranged_download(tmp_path: Path, parts: int, part_size: int) -> None:
-    remote = DataRemote(DATA)
-    dest = tmp_path / "d"
-    seen: list[int] = []
-    download(
-        remote,
-        "k",
-        dest,
-        size=len(DATA),
-        sha256=DIGEST,
-        ranged_parts=parts,
-        part_size=part_size,
-        progress=seen.append,
-    )
-    assert dest.read_bytes() == DATA and sum(seen) == len(DATA)
-    assert sorted(remote.ranges) == [
-        (start, min(start + part_size, len(DATA)) - 1) for start in range(0, len(DATA), part_size)
-    ]
-    assert remote.opens == 0
-    with pytest.raises(IntegrityError):
-        download(
-            remote,
-            "k",
-            tmp_path / "bad",
-            size=len(DATA),
-            sha256="f" * 64,
-            ranged_parts=parts,
-            part_size=part_size,
-        )
-    assert not (tmp_path / "bad").exists()
 
 
 # ---------------------------------------------------------------- tally, workspace, results
@@ -351,18 +325,29 @@ def test_workspace_removes_only_dead_restores_leftovers(tmp_path: Path) -> None:
         staging = ws.staging()
         download_path = ws.download_path()
         download_path.write_bytes(b"partial")
-        assert staging.is_dir()
+        (staging.path / "inner").mkdir()
+        made = tmp_path / staging.name
+        assert made.is_dir() and os.listdir(made) == ["inner"]
+        assert stat.S_IMODE(made.stat().st_mode) == 0o700
+        download = tmp_path / download_path.name
+        assert download.read_bytes() == b"partial"
     assert not stale_dir.exists() and not stale_file.exists()
     assert alive.exists() and other.exists()
-    assert not staging.exists() and not download_path.exists()
+    assert not made.exists() and not download.exists()
 
 
-def test_aside_path_never_reuses_a_name(tmp_path: Path) -> None:
-    target = tmp_path / "site"
-    first = _aside_path(target, "20261121T021500Z")
-    assert first.name == "site.before-restore-20261121T021500Z"
-    first.mkdir()
-    assert _aside_path(target, "20261121T021500Z").name == "site.before-restore-20261121T021500Z-2"
+def test_aside_name_never_reuses_a_name(tmp_path: Path) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        first = _aside_name(fd, "site", "20261121T021500Z")
+        assert first == "site.before-restore-20261121T021500Z"
+        (tmp_path / first).mkdir()
+        second = _aside_name(fd, "site", "20261121T021500Z")
+        assert second == "site.before-restore-20261121T021500Z-2"
+        (tmp_path / second).symlink_to("/nowhere")  # a dangling link takes the name too
+        assert _aside_name(fd, "site", "20261121T021500Z").endswith("-3")
+    finally:
+        os.close(fd)
 
 
 def test_result_dict_and_summary() -> None:
@@ -386,10 +371,15 @@ def test_result_dict_and_summary() -> None:
 
 
 def test_a_single_file_member_must_be_a_regular_file_with_one_name(tmp_path: Path) -> None:
-    staging = tmp_path / "staging"
-    staging.mkdir()
+    with _Workspace(tmp_path, "t") as ws:
+        held = ws.staging()
+        _single_file_members(tmp_path, tmp_path / held.name, held)
+
+
+def _single_file_members(tmp_path: Path, staging: Path, held: Any) -> None:
     (staging / "ok.out").write_text("data")
-    assert _regular_member(staging, "ok.out", "a.tar.zst") == staging / "ok.out"
+    member = _regular_member(held, "ok.out", "a.tar.zst")
+    assert member.read_text() == "data" and os.path.samefile(member, staging / "ok.out")
     victim = tmp_path / "passwd"
     victim.write_text("root")
     (staging / "link.out").symlink_to(victim)
@@ -406,6 +396,6 @@ def test_a_single_file_member_must_be_a_regular_file_with_one_name(tmp_path: Pat
     }
     for name, words in cases.items():
         with pytest.raises(IntegrityError, match=re.escape(words)) as caught:
-            _regular_member(staging, name, "a.tar.zst")
+            _regular_member(held, name, "a.tar.zst")
         assert caught.value.exit_code == 3
     assert victim.read_text() == "root"

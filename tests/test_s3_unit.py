@@ -1,4 +1,4 @@
-"""S3Store and RetryingStore without a server: error taxonomy, part sizes, composite checksums,
+"""S3Store and its RetryPolicy without a server: error taxonomy, part sizes, composite checksums,
 exact call sequences (botocore's Stubber) and resume against moto in-process."""
 
 from __future__ import annotations
@@ -25,18 +25,16 @@ from cloudbackup.core.errors import (
     StorageError,
     TransientStorageError,
 )
-from cloudbackup.storage.retry import RetryingStore
-from cloudbackup.storage.s3 import (
-    MAX_PARTS,
-    S3Store,
+from cloudbackup.storage.base import (
+    UploadOutcome,
     UploadSpec,
     checksums_match,
-    choose_part_size,
-    classify,
     composite_checksum,
-    make_client,
     sha256_b64,
 )
+from cloudbackup.storage.parts import MAX_PARTS, choose_part_size
+from cloudbackup.storage.retry import RetryPolicy
+from cloudbackup.storage.s3 import S3Store, classify, make_client
 from tests.conftest import fake_aws_credentials
 from tests.s3_helpers import Sleeps
 
@@ -49,6 +47,12 @@ TiB = 1024**4
 @pytest.fixture(autouse=True)
 def _fake_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_aws_credentials(monkeypatch)
+
+
+def send(store: S3Store, key: str, path: Path, spec: UploadSpec, **kwargs: Any) -> UploadOutcome:
+    """``upload_file`` of the file at ``path`` (stores take an open file)."""
+    with path.open("rb") as file:
+        return store.upload_file(key, file, spec, **kwargs)
 
 
 def client_error(code: str, status: int, message: str = "") -> bexc.ClientError:
@@ -202,59 +206,52 @@ def test_our_own_errors_pass_through() -> None:
 # ---------------------------------------------------------------- the retry wrapper
 
 
-class FlakyStore:
-    """A store whose ``op`` fails with the given errors first, routed through ``retrying``."""
-
-    where = "remote"
+class Flaky:
+    """An operation that fails with the given errors first."""
 
     def __init__(self, *failures: Exception) -> None:
         self.failures = list(failures)
         self.calls = 0
-        self.retrying: Any = lambda what, fn: fn()
 
     def op(self) -> str:
-        def attempt() -> str:
-            self.calls += 1
-            if self.failures:
-                raise self.failures.pop(0)
-            return "done"
-
-        return self.retrying("op thing", attempt)  # type: ignore[no-any-return]
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return "done"
 
 
 def test_transient_errors_are_retried_with_each_attempt_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     sleeps = Sleeps()
-    inner = FlakyStore(TransientStorageError("slow down"), TransientStorageError("reset"))
-    store = RetryingStore(inner, attempts=5, base=0.5, cap=30, sleep=sleeps)
+    flaky = Flaky(TransientStorageError("slow down"), TransientStorageError("reset"))
+    policy = RetryPolicy(attempts=5, base=0.5, cap=30, sleep=sleeps)
     with caplog.at_level(logging.WARNING, logger="cloudbackup"):
-        assert store.op() == "done"
-    assert inner.calls == 3
+        assert policy.call("op thing", flaky.op) == "done"
+    assert flaky.calls == 3
     assert len(sleeps.waits) == 2
     messages = [r.getMessage() for r in caplog.records]
-    assert "op thing failed (attempt 1 of 5): slow down; retrying in" in messages[0]
-    assert "op thing failed (attempt 2 of 5): reset; retrying in" in messages[1]
+    assert len(messages) == 2  # one line per retry
+    assert "op thing failed (attempt 1 of 5): slow down; retrying " in messages[0]
+    assert "op thing failed (attempt 2 of 5): reset; retrying " in messages[1]
     # Full jitter: each wait is within [0, base × 2^attempt].
     assert 0 <= sleeps.waits[0] <= 1.0 and 0 <= sleeps.waits[1] <= 2.0
 
 
 def test_waits_grow_exponentially_up_to_the_cap() -> None:
     sleeps = Sleeps()
-    inner = FlakyStore(*[TransientStorageError("503")] * 9)
-    store = RetryingStore(inner, attempts=10, base=1.0, cap=4.0, sleep=sleeps)
-    assert store.op() == "done"
+    flaky = Flaky(*[TransientStorageError("503")] * 9)
+    assert RetryPolicy(attempts=10, base=1.0, cap=4.0, sleep=sleeps).call("op", flaky.op) == "done"
     assert len(sleeps.waits) == 9
     assert max(sleeps.waits) <= 4.0
 
 
 def test_retries_stop_after_the_configured_attempts() -> None:
     sleeps = Sleeps()
-    inner = FlakyStore(*[TransientStorageError("s3://b: put k: SlowDown")] * 10)
-    store = RetryingStore(inner, attempts=3, sleep=sleeps)
+    flaky = Flaky(*[TransientStorageError("s3://b: put k: SlowDown")] * 10)
     with pytest.raises(TransientStorageError, match="gave up after 3 attempts"):
-        store.op()
-    assert inner.calls == 3
+        RetryPolicy(attempts=3, sleep=sleeps).call("op", flaky.op)
+    assert flaky.calls == 3
     assert len(sleeps.waits) == 2
 
 
@@ -268,21 +265,41 @@ def test_retries_stop_after_the_configured_attempts() -> None:
 )
 def test_permanent_and_integrity_errors_are_not_retried(error: CloudBackupError) -> None:
     sleeps = Sleeps()
-    inner = FlakyStore(error)
-    store = RetryingStore(inner, sleep=sleeps)
+    flaky = Flaky(error)
     with pytest.raises(type(error)):
-        store.op()
-    assert inner.calls == 1
+        RetryPolicy(sleep=sleeps).call("op", flaky.op)
+    assert flaky.calls == 1
     assert sleeps.waits == []
 
 
-def test_botocore_retries_are_off_so_the_wrapper_sees_every_attempt() -> None:
+def test_a_retry_line_never_shows_a_query_string_nor_a_wait_of_zero(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """botocore names the endpoint URL with its query (an upload id, a signature); and full
+    jitter can draw a wait that rounds to 0.0s: neither reaches the log."""
+    monkeypatch.setattr("random.uniform", lambda low, high: 0.0004)
+    url = "http://127.0.0.1:9/b/k?uploadId=SECRETID&partNumber=3&X-Amz-Signature=abc"
+    flaky = Flaky(TransientStorageError(f"reset (endpoint {url})"))
+    with caplog.at_level(logging.WARNING, logger="cloudbackup"):
+        RetryPolicy(sleep=Sleeps()).call(f"upload part 3 of {url}", flaky.op)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "SECRETID" not in line and "Signature" not in line and "?…" in line
+    assert "0.0s" not in line and line.endswith("retrying at once")
+
+
+def test_botocore_errors_lose_their_query_string_when_classified() -> None:
+    exc = bexc.ConnectionClosedError(endpoint_url="http://x/b/k?uploadId=SECRETID&partNumber=2")
+    err = classify(exc, "upload part 2 of k", BUCKET)
+    assert isinstance(err, TransientStorageError)
+    assert "SECRETID" not in str(err) and "http://x/b/k?…" in str(err)
+
+
+def test_botocore_retries_are_off_so_the_policy_sees_every_attempt() -> None:
     client = make_client(endpoint_url="http://127.0.0.1:9", compat=False)
     assert client.meta.config.retries["total_max_attempts"] == 1
-    # And the wrapper plugs itself into the store it wraps.
-    store = S3Store(client, BUCKET)
-    wrapper = RetryingStore(store)
-    assert store.retrying == wrapper.call
+    # And the store calls the policy it was given.
+    policy = RetryPolicy(attempts=7)
+    assert S3Store(client, BUCKET, policy=policy).policy is policy
 
 
 # ---------------------------------------------------------------- exact call sequences (Stubber)
@@ -302,9 +319,9 @@ class Calls:
 @pytest.fixture
 def stubbed() -> Iterator[tuple[S3Store, Stubber, Calls, Sleeps]]:
     client = make_client(endpoint_url="http://127.0.0.1:9", compat=False)
-    store = S3Store(client, BUCKET, concurrency=1, part_size=5 * MiB)
     sleeps = Sleeps()
-    RetryingStore(store, attempts=5, sleep=sleeps)
+    policy = RetryPolicy(attempts=5, sleep=sleeps)
+    store = S3Store(client, BUCKET, policy=policy, concurrency=1, part_size=5 * MiB)
     calls = Calls(client)
     with Stubber(client) as stubber:
         yield store, stubber, calls, sleeps
@@ -386,7 +403,7 @@ def test_resume_lists_parts_before_uploading_and_reuses_only_matching_ones(
             },
         },
     )
-    outcome = store.upload_file(k := "k", path, UploadSpec(), upload_id="up-1", part_size=5 * MiB)
+    outcome = send(store, k := "k", path, UploadSpec(), upload_id="up-1", part_size=5 * MiB)
     assert k == outcome.key
     assert calls.names == ["ListParts", "UploadPart", "UploadPart", "CompleteMultipartUpload"]
     assert (outcome.parts_reused, outcome.parts_sent, outcome.part_count) == (1, 2, 3)
@@ -422,7 +439,7 @@ def test_a_new_multipart_upload_announces_its_id_before_any_part(
     for _ in range(2):
         stubber.add_response("upload_part", {"ETag": '"e"'}, None)
     stubber.add_response("complete_multipart_upload", {"ETag": '"f"'}, None)
-    store.upload_file("k", path, spec, on_created=on_created)
+    send(store, "k", path, spec, on_created=on_created)
     assert announced == [("up-2", 5 * MiB)]
     stubber.assert_no_pending_responses()
 
@@ -464,7 +481,7 @@ def test_expired_credentials_fail_at_once_and_keep_the_upload_for_resume(
     stubber.add_client_error("upload_part", "ExpiredToken", "The provided token has expired.", 400)
     created: list[str] = []
     with pytest.raises(PermanentStorageError) as caught:
-        store.upload_file("k", path, UploadSpec(), on_created=lambda uid, _: created.append(uid))
+        send(store, "k", path, UploadSpec(), on_created=lambda uid, _: created.append(uid))
     assert caught.value.code == "ExpiredToken"
     assert "resume" in str(caught.value)
     assert created == ["up-3"]  # recorded, so `cloudbackup upload` resumes it
@@ -515,7 +532,7 @@ def test_no_such_upload_on_a_retried_complete_accepts_the_matching_object(
         },
         {"Bucket": BUCKET, "Key": "k", "ChecksumMode": "ENABLED"},
     )
-    outcome = store.upload_file("k", path, UploadSpec())
+    outcome = send(store, "k", path, UploadSpec())
     assert outcome.checksum == expected
     assert outcome.etag == '"final-3"'
     assert calls.names[-3:] == [
@@ -539,7 +556,7 @@ def test_no_such_upload_with_a_different_object_there_is_refused(
         {"ContentLength": 11 * MiB, "ChecksumSHA256": sha256_b64(b"other"), "Metadata": {}},
     )
     with pytest.raises(PermanentStorageError, match="already exists and differs"):
-        store.upload_file("k", path, UploadSpec())
+        send(store, "k", path, UploadSpec())
 
 
 def test_an_existing_identical_object_is_accepted_and_the_leftover_upload_aborted(
@@ -555,7 +572,7 @@ def test_an_existing_identical_object_is_accepted_and_the_leftover_upload_aborte
     stubber.add_response(
         "abort_multipart_upload", {}, {"Bucket": BUCKET, "Key": "k", "UploadId": "up-4"}
     )
-    store.upload_file("k", path, UploadSpec())
+    send(store, "k", path, UploadSpec())
     assert calls.names[-2:] == ["HeadObject", "AbortMultipartUpload"]
     stubber.assert_no_pending_responses()
 
@@ -570,7 +587,7 @@ def test_a_resumed_upload_that_already_completed_is_not_sent_again(
     stubber.add_response(
         "head_object", {"ContentLength": 11 * MiB, "ChecksumSHA256": expected, "Metadata": {}}
     )
-    outcome = store.upload_file("k", path, UploadSpec(), upload_id="up-5", part_size=5 * MiB)
+    outcome = send(store, "k", path, UploadSpec(), upload_id="up-5", part_size=5 * MiB)
     assert outcome.already_present
     assert outcome.checksum == expected
     assert calls.names == ["ListParts", "HeadObject"]
@@ -603,7 +620,7 @@ def test_a_single_put_carries_checksum_metadata_tags_and_a_conditional_write(
             "ChecksumAlgorithm": "SHA256",
         },
     )
-    outcome = store.upload_file("k", path, spec)
+    outcome = send(store, "k", path, spec)
     assert outcome.checksum == sha256_b64(b"small archive")
     assert outcome.part_count == 1
 
@@ -650,7 +667,7 @@ def test_compat_mode_sends_no_checksum_and_no_tags(tmp_path: Path) -> None:
                 },
             )
         stubber.add_response("complete_multipart_upload", {"ETag": '"f"'}, None)
-        outcome = store.upload_file("k2", path, spec)
+        outcome = send(store, "k2", path, spec)
         stubber.assert_no_pending_responses()
     assert outcome.checksum is None
 
@@ -664,7 +681,7 @@ def test_a_checksum_failure_while_downloading_is_not_retried() -> None:
             raise bexc.FlexibleChecksumError(error_msg="Expected checksum A did not match B")
 
     sleeps = Sleeps()
-    store = RetryingStore(S3Store(Client(), BUCKET), sleep=sleeps)
+    store = S3Store(Client(), BUCKET, policy=RetryPolicy(sleep=sleeps))
     with pytest.raises(IntegrityError):
         store.get_bytes("k")
     assert Client.calls == 1
@@ -702,7 +719,8 @@ def test_an_interrupted_upload_resumes_and_resends_only_parts_that_differ(
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        moto_store.upload_file(
+        send(
+            moto_store,
             "k",
             path,
             UploadSpec(),
@@ -716,9 +734,7 @@ def test_an_interrupted_upload_resumes_and_resends_only_parts_that_differ(
     data = bytearray(path.read_bytes())
     data[5 * MiB + 100] ^= 0xFF
     path.write_bytes(bytes(data))
-    outcome = moto_store.upload_file(
-        "k", path, UploadSpec(), upload_id=upload_id, part_size=part_size
-    )
+    outcome = send(moto_store, "k", path, UploadSpec(), upload_id=upload_id, part_size=part_size)
     assert (outcome.parts_reused, outcome.parts_sent) == (1, 3)
     body = moto_store.client.get_object(Bucket=BUCKET, Key="k")["Body"].read()
     assert hashlib.sha256(body).digest() == hashlib.sha256(bytes(data)).digest()
@@ -734,34 +750,88 @@ def test_conditional_writes_never_overwrite(moto_store: S3Store) -> None:
     assert moto_store.get_bytes("m") == b"first"
 
 
-def test_open_range_retries_a_reset_in_the_middle_of_the_body() -> None:
-    """The body read is part of the retried attempt: a reset mid-body is not fatal."""
-    import botocore.exceptions as bexc
+class Body:
+    def __init__(self, data: bytes, fail_after: int | None = None) -> None:
+        self.data, self.pos, self.fail_after = data, 0, fail_after
 
-    from cloudbackup.storage.retry import RetryingStore
-    from cloudbackup.storage.s3 import S3Store as Store
+    def read(self, size: int | None = None) -> bytes:
+        end = len(self.data) if size is None else min(len(self.data), self.pos + size)
+        if self.fail_after is not None and end > self.fail_after:
+            raise bexc.ResponseStreamingError(error="connection reset")
+        out, self.pos = self.data[self.pos : end], end
+        return out
 
-    class Body:
-        def __init__(self, fail: bool) -> None:
-            self.fail = fail
+    def close(self) -> None:
+        pass
 
-        def read(self) -> bytes:
-            if self.fail:
-                raise bexc.ResponseStreamingError(error="connection reset")
-            return b"abc"
+
+def test_a_stream_resumes_at_the_offset_reached_with_the_same_etag() -> None:
+    """A reset mid-body asks again from the byte reached (Range), If-Match the first ETag:
+    the bytes before the break are not fetched again, and a replaced object is refused."""
+    data = os.urandom(1000)
 
     class Client:
-        calls = 0
+        def __init__(self) -> None:
+            self.calls: list[dict[str, Any]] = []
 
-        def get_object(self, **kwargs: object) -> dict[str, object]:
-            Client.calls += 1
-            assert kwargs["Range"] == "bytes=0-2"
-            return {"Body": Body(fail=Client.calls == 1)}
+        def get_object(self, **kwargs: Any) -> dict[str, Any]:
+            self.calls.append(kwargs)
+            start = int(kwargs["Range"][6:-1]) if "Range" in kwargs else 0
+            fail = 300 if len(self.calls) == 1 else None
+            return {"Body": Body(data[start:], fail), "ContentLength": 1000, "ETag": '"e1"'}
 
-    waits: list[float] = []
-    store = RetryingStore(Store(Client(), "bkt"), attempts=3, sleep=waits.append)
-    assert store.open_range("k", 0, 2) == b"abc"
-    assert Client.calls == 2 and len(waits) == 1
+    client, waits = Client(), Sleeps()
+    store = S3Store(client, "bkt", policy=RetryPolicy(attempts=3, sleep=waits))
+    with store.open("k") as body:
+        got = b"".join(iter(lambda: body.read(128), b""))
+    assert got == data
+    assert [c.get("Range") for c in client.calls] == [None, "bytes=256-"]
+    assert client.calls[1]["IfMatch"] == '"e1"'
+    assert len(waits.waits) == 1
+
+
+def test_a_ranged_read_retries_a_reset_in_the_middle_of_a_range(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CLOUDBACKUP_S3_DOWNLOAD=ranged: parallel ranges, served in order; each range's body
+    read is part of its retried attempt."""
+    monkeypatch.setattr("cloudbackup.storage.s3.RANGED_MIN_SIZE", 0)
+    monkeypatch.setattr("cloudbackup.storage.s3.RANGED_PART_SIZE", 3)
+    data = b"abcdefghij"
+    lock = threading.Lock()
+
+    class Client:
+        ranges: list[str] = []
+
+        def get_object(self, **kwargs: Any) -> dict[str, Any]:
+            start, end = (int(x) for x in kwargs["Range"][6:].split("-"))
+            with lock:
+                Client.ranges.append(kwargs["Range"])
+                first = Client.ranges.count(kwargs["Range"]) == 1
+            time.sleep(0.001 * (10 - start))  # finish out of order
+            fail = 1 if first and start == 3 else None
+            return {"Body": Body(data[start : end + 1], fail)}
+
+    waits = Sleeps()
+    store = S3Store(
+        Client(), "bkt", policy=RetryPolicy(sleep=waits), download="ranged", concurrency=3
+    )
+    with store.open("k", size=len(data)) as body:
+        assert body.read() == data
+    assert sorted(set(Client.ranges)) == ["bytes=0-2", "bytes=3-5", "bytes=6-8", "bytes=9-9"]
+    assert Client.ranges.count("bytes=3-5") == 2 and len(waits.waits) == 1
+    # Without a size (or when single), one streamed GET.
+    single = S3Store(Client(), "bkt", download="single", concurrency=3)
+    Client.ranges = []
+
+    class Whole:
+        def get_object(self, **kwargs: Any) -> dict[str, Any]:
+            assert "Range" not in kwargs
+            return {"Body": Body(data), "ContentLength": len(data), "ETag": '"e"'}
+
+    single.client = Whole()
+    with single.open("k", size=len(data)) as body:
+        assert body.read() == data
 
 
 # ---------------------------------------------------------------- a file still being written
@@ -867,14 +937,14 @@ def test_a_growing_file_of_one_part_starts_no_multipart_upload(
 def test_a_growing_file_stops_before_part_10001(
     moto_store: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("cloudbackup.storage.s3.MAX_PARTS", 2)
+    monkeypatch.setattr("cloudbackup.storage.parts.MAX_PARTS", 2)
     writer = Writer(tmp_path / "big", archive(tmp_path, 12 * MiB).read_bytes())
     writer.finish()
     with pytest.raises(PermanentStorageError) as caught:
         moto_store.upload_growing("t", writer.tail, UploadSpec(), 5 * MiB)
     assert caught.value.code == "TooManyParts"
     (upload,) = moto_store.list_uploads("t")
-    listed = moto_store.client.list_parts(Bucket=BUCKET, Key="t", UploadId=upload["UploadId"])
+    listed = moto_store.client.list_parts(Bucket=BUCKET, Key="t", UploadId=upload.upload_id)
     numbers = {p["PartNumber"] for p in listed["Parts"]}
     assert 1 in numbers and 3 not in numbers  # stopped before part 3 was sent
 
@@ -932,14 +1002,15 @@ def test_resuming_an_upload_whose_parts_are_too_small_starts_over(
 ) -> None:
     """A streamed upload sized its parts from an estimate the archive outgrew: resuming it
     must not fail on every run; it is aborted and the archive sent in parts that fit."""
-    monkeypatch.setattr("cloudbackup.storage.s3.MAX_PARTS", 3)
+    monkeypatch.setattr("cloudbackup.storage.parts.MAX_PARTS", 3)
     path = archive(tmp_path, 22 * MiB)  # 5 parts of 5 MiB: more than 3
     old = moto_store.client.create_multipart_upload(Bucket=BUCKET, Key="big")["UploadId"]
     moto_store.client.upload_part(
         Bucket=BUCKET, Key="big", UploadId=old, PartNumber=1, Body=parts_of(path)[0]
     )
     created: list[tuple[str, int]] = []
-    outcome = moto_store.upload_file(
+    outcome = send(
+        moto_store,
         "big",
         path,
         UploadSpec(),
@@ -949,6 +1020,6 @@ def test_resuming_an_upload_whose_parts_are_too_small_starts_over(
     )
     ((new, part_size),) = created
     assert new != old and part_size == 8 * MiB and outcome.part_count == 3
-    assert [u["UploadId"] for u in moto_store.list_uploads("big")] == []
+    assert [u.upload_id for u in moto_store.list_uploads("big")] == []
     body = moto_store.client.get_object(Bucket=BUCKET, Key="big")["Body"].read()
     assert body == path.read_bytes()

@@ -111,6 +111,7 @@ def test_the_generated_example_loads_cleanly(tmp_path: Path) -> None:
     commented.pop("CLOUDBACKUP_S3_KMS_KEY_ID")  # needs aws:kms, shown with it
     commented.pop("CLOUDBACKUP_S3_COMPAT")  # warns that tags are then not sent
     commented.pop("CLOUDBACKUP_LOCAL_ONLY")  # warns that the bucket is used all the same
+    commented.pop("CLOUDBACKUP_DEST")  # instead of the bucket: both set is refused
     assert load(dotenv={**dotenv_values(example), **commented}).warnings == ()
 
 

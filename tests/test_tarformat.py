@@ -113,6 +113,28 @@ def test_tar_headers_are_byte_identical_to_tarfile(
         )
 
 
+def test_the_largest_fast_path_headers_are_tarfile_s() -> None:
+    """The ustar checksum comes from adler32, which sums modulo 65,521: the largest sums the
+    fast path can meet (100-byte names and links of the highest ASCII byte, the largest
+    octal numbers) still match tarfile."""
+    for kind, link in ((tarfile.SYMTYPE, "\x7f" * 100), (tarfile.REGTYPE, "")):
+        name = "\x7f" * 100
+        ours = tarformat.member_header(
+            name, kind, 0o7777, 0o7777776, 0o7777776, 0, 0o77777777776 * NS + 1, link
+        )
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname = kind, link
+        info.mode, info.uid, info.gid, info.size = 0o7777, 0o7777776, 0o7777776, 0
+        info.mtime = 0o77777777776
+        info.uname = info.gname = ""
+        info.pax_headers = {"mtime": tarformat.pax_time(0o77777777776 * NS + 1)}
+        expected = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        assert ours[-512:][:148] == expected[-512:][:148]
+        assert ours[-512:][148:156] == expected[-512:][148:156]  # the checksum field
+        assert len(ours) == len(expected)
+        tarfile.TarInfo.frombuf(ours[-512:], "utf-8", "surrogateescape")  # checksum accepted
+
+
 # ---------------------------------------------------------------- reading
 
 _FIELDS = (

@@ -13,6 +13,7 @@ import socket
 import stat
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,8 +35,12 @@ from cloudbackup.lock import DirLock
 from cloudbackup.ops import backup as backing
 from cloudbackup.ops import list as listing
 from cloudbackup.ops import verify as verifying
+from cloudbackup.ops.status import ping_secrets
 from cloudbackup.sources.base import url_secrets
+from cloudbackup.storage.base import RemoteStore
 from cloudbackup.storage.local import LocalStore
+
+_NO_REMOTE = "set CLOUDBACKUP_S3_BUCKET (or CLOUDBACKUP_DEST for a directory destination)"
 
 LOG = logging.getLogger("cloudbackup")
 
@@ -112,6 +117,7 @@ def load_settings(
     secrets = [
         *secrets,
         *(s for spec in settings.sources for s in spec.secrets),
+        *ping_secrets(settings.ping_url),
         *target_secrets(settings.notify),
     ]
     _logging(state, as_json=as_json, settings=settings, secrets=secrets)
@@ -154,16 +160,33 @@ def make_context(
         local=LocalStore(settings.local_dir),
         now=_now,
         machine_id=machine,
-        remote=make_remote(settings) if remote and settings.s3_bucket else None,
+        remote=make_remote(settings) if remote else None,
         progress=_progress_factory(),
     )
 
 
-def make_remote(settings: Settings) -> Any:
-    from cloudbackup.storage.retry import RetryingStore
-    from cloudbackup.storage.s3 import S3Store
+def make_remote(
+    settings: Settings, *, sleep: Callable[[float], None] = time.sleep
+) -> RemoteStore | None:
+    """The offsite store the settings name (a directory destination or a bucket), each
+    given the retry policy; None when there is none."""
+    from cloudbackup.storage.retry import RetryPolicy
 
-    return RetryingStore(S3Store.from_settings(settings), attempts=settings.retry_attempts)
+    policy = RetryPolicy(attempts=settings.retry_attempts, sleep=sleep)
+    if settings.dest is not None:
+        from cloudbackup.storage.directory import DirectoryStore
+
+        return DirectoryStore(
+            settings.dest,
+            policy=policy,
+            concurrency=settings.s3_concurrency,
+            part_size=settings.s3_part_size,
+        )
+    if settings.s3_bucket is not None:
+        from cloudbackup.storage.s3 import S3Store
+
+        return S3Store.from_settings(settings, policy)
+    return None
 
 
 def _progress_factory() -> Callable[[str, int | None], Callable[[int], None]]:
@@ -180,7 +203,10 @@ def _progress_factory() -> Callable[[str, int | None], Callable[[int], None]]:
 
 def _remote_url(settings: Settings) -> Callable[[str], str]:
     """How output names a key of the offsite destination."""
-    return lambda key: f"s3://{settings.s3_bucket}/{key}"
+    dest, bucket = settings.dest, settings.s3_bucket
+    if dest is not None:
+        return lambda key: (dest / key).as_uri()
+    return lambda key: f"s3://{bucket}/{key}"
 
 
 def _state() -> AppState:
@@ -202,8 +228,8 @@ def _finish(as_json: bool, document: Any, text: Callable[[], str], code: int) ->
 
 def _remote_needs_bucket(settings: Settings, where: str) -> None:
     """``--where remote`` without a bucket is a usage error (exit 2)."""
-    if where == "remote" and not settings.s3_bucket:
-        raise UsageError("--where remote needs a bucket", "set CLOUDBACKUP_S3_BUCKET")
+    if where == "remote" and not settings.remote_configured:
+        raise UsageError("--where remote needs a bucket", _NO_REMOTE)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -302,7 +328,7 @@ def backup(
             "no sources to back up",
             "give SPEC arguments or set CLOUDBACKUP_SOURCES (e.g. /srv/www)",
         )
-    local_only = settings.s3_bucket is None
+    local_only = not settings.remote_configured
     if local_only and not no_upload:
         LOG.info("no bucket configured (CLOUDBACKUP_S3_BUCKET): local-only backup")
     ctx = make_context(settings, remote=not local_only and not dry_run)
@@ -413,7 +439,7 @@ def verify(
     metadata with the manifest without downloading (--deep streams and re-hashes)."""
     settings = load_settings(_state(), as_json=as_json, host=host)
     _remote_needs_bucket(settings, where)
-    where = where if settings.s3_bucket else "local"
+    where = where if settings.remote_configured else "local"
     ctx = make_context(settings, remote=where != "local", need_local=False)
     results = _verify(ctx, ids, source, where, deep)
     document = {"results": [r.to_dict() for r in results]}
@@ -451,8 +477,8 @@ def upload(source: str | None, host: str | None, as_json: bool) -> None:
     from cloudbackup.ops import upload as uploading
 
     settings = load_settings(_state(), as_json=as_json, host=host)
-    if not settings.s3_bucket:
-        raise UsageError("no bucket configured", "set CLOUDBACKUP_S3_BUCKET")
+    if not settings.remote_configured:
+        raise UsageError("no bucket configured", _NO_REMOTE)
     ctx = make_context(settings)
     with DirLock(settings.local_dir):
         results = uploading.upload_pending(ctx, source)
@@ -510,7 +536,6 @@ def restore(**kwargs: Any) -> None:
         force=kwargs["force"],
         dry_run=kwargs["dry_run"],
         stdout=sys.stdout.buffer if to == "-" else None,
-        ranged=settings.s3_download == "ranged",
     )
     if as_json:
         output.print_json(result.to_dict())

@@ -504,20 +504,33 @@ def _members(value: Any, schema: MemberSchema, source: str) -> dict[str, Any]:
 
 
 def _upload_from(
-    data: Any, backup_id: BackupId, host: str, archive: str | None, what: str = "upload"
+    data: Any,
+    backup_id: BackupId,
+    host: str,
+    archive: str | None,
+    what: str = "upload",
+    *,
+    prefix: str | None = None,
 ) -> UploadRecord:
-    """An upload record that names this backup's archive (``archive``: exactly that one)."""
+    """An upload record that names this backup's archive (``archive``: exactly that one).
+    With ``prefix``, its key must be exactly the key this tool builds for that archive
+    under the prefix (a record is acted upon: an upload it names may be resumed or
+    aborted); without, its last components must be."""
     if not isinstance(data, dict):
         raise _Invalid(f"has {what} {_show(data)}, not an object")
     key = _str(_take(data, "key", within=what), f"{what}.key")
     parts = key.split("/")
     names = {archive} if archive else {archive_name(backup_id, c) for c in COMPRESSION_EXT}
-    if (
-        len(parts) < 3
-        or any(p in ("", ".", "..") for p in parts)
-        or parts[-3:-1] != [host, backup_id.source]
-        or parts[-1] not in names
-    ):
+    if prefix is not None:
+        valid = key in {key_for(prefix, host, backup_id, name) for name in names}
+    else:
+        valid = (
+            len(parts) >= 3
+            and not any(p in ("", ".", "..") for p in parts)
+            and parts[-3:-1] == [host, backup_id.source]
+            and parts[-1] in names
+        )
+    if not valid:
         raise _Invalid(f"has {what}.key {_show(key)}, not the key of this backup's archive")
     algorithm = _str(
         _take(data, "checksum_algorithm", None), f"{what}.checksum_algorithm", optional=True
@@ -645,11 +658,15 @@ def check_manifest_size(ref: BackupRef) -> None:
         )
 
 
-def parse_upload_record(raw: bytes | str, backup_id: BackupId, host: str) -> UploadRecord:
+def parse_upload_record(
+    raw: bytes | str, backup_id: BackupId, host: str, *, prefix: str
+) -> UploadRecord:
     """A local ``<id>.upload.json`` (the local dir is untrusted too); IntegrityError when it
-    is not a record of this backup's upload."""
+    is not a record of this backup's upload: its key must be exactly the key of this
+    backup's archive under the bucket ``prefix`` (``key_for``), so a forged record can
+    never make the tool resume or abort an upload anywhere else."""
     try:
-        return _upload_from(_load_json(raw), backup_id, host, None, what="record")
+        return _upload_from(_load_json(raw), backup_id, host, None, what="record", prefix=prefix)
     except _Invalid as exc:
         raise IntegrityError(f"the upload record of {backup_id} {exc}") from None
 

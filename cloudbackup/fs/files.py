@@ -1,5 +1,5 @@
-"""Files of the local dir and restore targets: atomic writes (temp → fsync → rename → fsync
-dir), private files, and opening a file never through a symlink."""
+"""Files of restore targets and spools: directory fsync, private files, and opening a file
+never through a symlink. (Atomic writes into a directory others can write are ``fs.dirs``'s.)"""
 
 from __future__ import annotations
 
@@ -25,26 +25,6 @@ def fsync_dir(path: Path, *, best_effort: bool = False) -> None:
             raise
     finally:
         os.close(fd)
-
-
-def commit(partial: Path, final: Path) -> None:
-    """Atomically publish a fsynced partial file and make the rename durable."""
-    os.rename(partial, final)
-    fsync_dir(final.parent)
-
-
-def write_file_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """temp → fsync → rename → fsync dir, for manifests and state files."""
-    partial = path.with_name(path.name + ".partial")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    commit(partial, path)
 
 
 def open_regular(path: Path) -> io.FileIO:

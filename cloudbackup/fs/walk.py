@@ -89,13 +89,17 @@ class DirTable:
         self.lock = threading.RLock()
         self._open: OrderedDict[int, weakref.ref[DirHandle]] = OrderedDict()
 
-    def open_root(self, *, follow: bool = False) -> DirHandle:
+    def open_root(self, *, follow: bool = False, fd: int | None = None) -> DirHandle:
         """The root's handle (pinned for its lifetime, never evicted). Raises OSError.
 
-        ``follow`` allows the root itself to be a symlink; the default refuses one.
+        ``follow`` allows the root itself to be a symlink; the default refuses one. ``fd``:
+        a directory already open (duplicated: the caller keeps its own) is the root, and
+        ``root`` only names it in messages.
         """
-        flags = DIR_FLAGS & ~os.O_NOFOLLOW if follow else DIR_FLAGS
-        fd = os.open(self.root, flags)
+        if fd is not None:
+            fd = os.dup(fd)
+        else:
+            fd = os.open(self.root, DIR_FLAGS & ~os.O_NOFOLLOW if follow else DIR_FLAGS)
         handle = DirHandle(self, None, "", *identity(fd))
         handle.fd = fd
         handle.pins = 1
@@ -418,11 +422,13 @@ class _Level:
 def visit_tree(
     root: str,
     *,
+    root_fd: int | None = None,
     make_accessible: bool = False,
     onerror: Callable[[OSError], None] | None = None,
 ) -> Iterator[Visit]:
     """Every object below ``root`` (not ``root`` itself), depth first, iteratively, never
-    following a symlink, with a bounded number of open descriptors.
+    following a symlink, with a bounded number of open descriptors. ``root_fd``: the root
+    is that open directory (``root`` only names it), never opened by name.
 
     ``make_accessible`` (for removing a restored tree) gives each directory mode 0700
     before listing it, so a read-only restored directory can be emptied. Raises OSError
@@ -431,7 +437,7 @@ def visit_tree(
     (no LEAVE for it).
     """
     table = DirTable(root)
-    top = table.open_root()
+    top = table.open_root(fd=root_fd)
     cursor = DirCursor()
     try:
         if make_accessible:

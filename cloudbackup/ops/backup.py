@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,7 +45,7 @@ from cloudbackup.core.outcome import REPORTED, Outcome, worst
 from cloudbackup.core.outcome import exit_code as code_of
 from cloudbackup.core.patterns import PathMatcher
 from cloudbackup.core.words import plural
-from cloudbackup.fs.files import commit, write_file_atomic
+from cloudbackup.fs.dirs import TEMP_PREFIX, Dir, NotFollowed
 from cloudbackup.ops.timing import phase
 from cloudbackup.sources.base import Entries, EntryStream, Source, SourceContext
 from cloudbackup.sources.registry import make_source
@@ -164,33 +163,55 @@ class SourcePlan:
 
 
 def cleanup_partials(ctx: Context) -> list[Path]:
-    """Remove ``*.partial`` files a killed run left behind (we hold the lock), and the
-    multipart upload a killed streamed backup had started for an archive never finished."""
+    """Remove ``*.partial`` (and temp) files a killed run left behind (we hold the lock), and
+    the multipart upload a killed streamed backup had started for an archive never
+    finished. Only real directories are looked into: a symlink planted as a source's
+    directory is never followed."""
     removed: list[Path] = []
-    host_dir = ctx.settings.local_dir / ctx.host
-    if not host_dir.is_dir():
+    try:
+        host_dir = ctx.local.directory(ctx.host)
+    except (FileNotFoundError, NotFollowed):
         return removed
-    for source_dir in sorted(host_dir.iterdir()):
-        if not source_dir.is_dir():
+    with host_dir:
+        for name, st in host_dir.entries():
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            try:
+                source_dir = host_dir.sub(name)
+            except OSError:
+                continue
+            with source_dir:
+                removed += _cleanup_source_dir(ctx, source_dir, name)
+    return removed
+
+
+def _cleanup_source_dir(ctx: Context, source_dir: Dir, source: str) -> list[Path]:
+    removed: list[Path] = []
+    names = [name for name, _ in source_dir.entries()]
+    for name in names:
+        if not (name.endswith(".partial") or name.startswith(TEMP_PREFIX)):
             continue
-        for path in sorted(source_dir.glob("*.partial")):
-            try:
-                path.unlink()
-                removed.append(path)
-                LOG.info("removed %s left by an interrupted run", path)
-            except OSError as exc:
-                LOG.warning("cannot remove stale %s: %s", path, exc.strerror)
-        for path in sorted(source_dir.glob("*" + UPLOAD_SUFFIX)):
-            stem = path.name[: -len(UPLOAD_SUFFIX)]
-            if any(p != path for p in source_dir.glob(glob_escape(stem) + ".*")):
-                continue  # its backup exists: a record of an upload, not a leftover
-            try:
-                record = ctx.local_catalog.upload_record(stem, source_dir.name)
-            except ValueError:
-                continue  # not named after a backup id: not ours
-            if _abort_stray_upload(ctx, record):
-                path.unlink(missing_ok=True)
-                removed.append(path)
+        path = source_dir.path / name
+        try:
+            source_dir.unlink(name)
+            removed.append(path)
+            LOG.info("removed %s left by an interrupted run", path)
+        except OSError as exc:
+            LOG.warning("cannot remove stale %s: %s", path, exc.strerror)
+    names = [name for name, _ in source_dir.entries()]  # what is left
+    for name in names:
+        if not name.endswith(UPLOAD_SUFFIX):
+            continue
+        stem = name[: -len(UPLOAD_SUFFIX)]
+        if any(other != name and other.startswith(stem + ".") for other in names):
+            continue  # its backup exists: a record of an upload, not a leftover
+        try:
+            record = ctx.local_catalog.upload_record(stem, source)
+        except ValueError:
+            continue  # not named after a backup id: not ours
+        if _abort_stray_upload(ctx, record):
+            source_dir.unlink(name)
+            removed.append(source_dir.path / name)
     return removed
 
 
@@ -305,17 +326,17 @@ def previous_manifest(
 
 def _new_id(ctx: Context, source: str, moment: datetime) -> BackupId:
     backup_id = BackupId.new(source, moment)
-    directory = ctx.local_catalog.source_dir(source)
+    try:
+        with ctx.local.directory(f"{ctx.host}/{source}") as directory:
+            names = [name for name, _ in directory.entries()]
+    except (FileNotFoundError, NotFollowed):
+        names = []  # a planted link is refused when the archive is written
     listing = ctx.remote_catalog.listing_or_empty()
     remote_ids = {r.id for r in listing.for_source(ctx.host, source)}
     remote_ids |= {r.id for r in listing.orphans if r.host == ctx.host}
     while True:
         stem = str(backup_id)
-        taken = (
-            any(p.name.startswith(stem + ".") for p in directory.glob(stem + ".*"))
-            if directory.is_dir()
-            else False
-        )
+        taken = any(name.startswith(stem + ".") for name in names)
         if not taken and stem not in remote_ids:
             return backup_id
         backup_id = backup_id.next()
@@ -401,7 +422,10 @@ def _back_up(
         result.plan = _plan(ctx, source, backup_id, previous, options, uploading)
         result.file_count = result.plan.files or 0
         return
-    stats, final = _archive(ctx, source, backup_id, previous, device, options, streamer, result)
+    with _source_dir(ctx, source.name) as directory:
+        stats, final = _archive(
+            ctx, source, directory, backup_id, previous, device, options, streamer, result
+        )
     result.archived = True
     result.size = stats.size
     result.file_count = stats.file_count
@@ -491,9 +515,22 @@ def _warner(name: str) -> Callable[[str, str], None]:
     return warn
 
 
+def _source_dir(ctx: Context, name: str) -> Dir:
+    """``<local>/<host>/<source>``, made as needed, never through a symlink: a link planted
+    there fails this source (exit 1) in one line, and nothing is written where it points."""
+    try:
+        return ctx.local.directory(f"{ctx.host}/{name}", create=True)
+    except NotFollowed as exc:
+        raise SourceError(
+            f"source {name}: {exc.filename} in the local dir is a symlink or not a directory",
+            "nothing in the local dir is ever followed through a link; remove it",
+        ) from None
+
+
 def _archive(
     ctx: Context,
     source: Source,
+    directory: Dir,
     backup_id: BackupId,
     previous: Manifest | None,
     device: int | None,
@@ -501,14 +538,12 @@ def _archive(
     streamer: Streamer | None,
     result: SourceResult,
 ) -> tuple[ArchiveStats, str]:
-    """Write the archive (``.partial``, then renamed once the shrink guard passed) and its
-    manifest; the stream that followed it is handed on in ``result.stream``. Returns the
-    archive's stats and file name."""
+    """Write the archive into ``directory`` (``.partial``, then published once the shrink
+    guard passed) and its manifest; the stream that followed it is handed on in
+    ``result.stream``. Returns the archive's stats and file name."""
     settings = ctx.settings.for_source(source.name)
-    directory = ctx.local_catalog.source_dir(source.name)
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / archive_name(backup_id, settings.compression)
-    partial = final.with_name(final.name + ".partial")
+    final = archive_name(backup_id, settings.compression)
+    partial = final + ".partial"
     warn = _warner(source.name)
     walk_warnings: list[str] = []
     walk_unreadable = 0
@@ -521,7 +556,7 @@ def _archive(
 
     sctx = _source_context(ctx, source.name, backup_id, source_warn)
     progress = _archive_progress(ctx, source, previous)
-    stream = streamer(ctx, source.name, backup_id, final.name, previous) if streamer else None
+    stream = streamer(ctx, source.name, backup_id, final, previous) if streamer else None
     count_file = getattr(progress, "count_file", None)
     found = source.entries(sctx)
     entries = EntryStream(_counted(found, count_file) if count_file is not None else found)
@@ -530,6 +565,7 @@ def _archive(
             try:
                 stats = write_archive(
                     entries,
+                    directory,
                     partial,
                     compression=settings.compression,
                     level=settings.compression_level,
@@ -546,17 +582,18 @@ def _archive(
             if not options.allow_shrink:
                 shrink_check(source, stats, previous, settings.shrink_guard)
         except ShrinkGuardError:
-            partial.unlink(missing_ok=True)
+            directory.unlink(partial)
             raise
-        commit(partial, final)
-        manifest = _manifest(ctx, source, backup_id, final.name, stats, device, entries.members)
-        write_file_atomic(directory / manifest_name(backup_id), manifest.to_json())
+        directory.publish(partial, final)  # never over an existing archive
+        directory.fsync()
+        manifest = _manifest(ctx, source, backup_id, final, stats, device, entries.members)
+        directory.write_atomic(manifest_name(backup_id), manifest.to_json())
     except BaseException:
         if stream is not None:
             stream.abandon()
         raise
     result.stream = stream
-    return stats, final.name
+    return stats, final
 
 
 #: What a member adds to the tar stream besides its content, about: its header, the PAX

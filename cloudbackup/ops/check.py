@@ -18,7 +18,7 @@ from cloudbackup.core.outcome import Outcome
 from cloudbackup.core.outcome import exit_code as code_of
 from cloudbackup.core.words import size
 from cloudbackup.sources.registry import make_source
-from cloudbackup.storage.base import UploadSpec
+from cloudbackup.storage.base import RemoteStore, UploadSpec
 
 
 @dataclass
@@ -76,11 +76,12 @@ def check(ctx: Context) -> list[CheckLine]:
                 CheckLine(
                     "bucket",
                     False,
-                    "no bucket: set CLOUDBACKUP_S3_BUCKET (or CLOUDBACKUP_LOCAL_ONLY=1)",
+                    "no bucket: set CLOUDBACKUP_S3_BUCKET (or CLOUDBACKUP_DEST, or "
+                    "CLOUDBACKUP_LOCAL_ONLY=1)",
                 )
             )
         return lines
-    lines += _check_bucket(ctx)
+    lines += _check_remote(ctx, ctx.remote)
     return lines
 
 
@@ -101,68 +102,70 @@ def _check_local_dir(path: Any) -> CheckLine:
     return CheckLine("local dir", True, f"{path} is {what}, {size(free)} free")
 
 
-def _check_bucket(ctx: Context) -> list[CheckLine]:
+def _noun(settings: Settings) -> str:
+    return "destination" if settings.dest is not None else "bucket"
+
+
+def _check_remote(ctx: Context, remote: RemoteStore) -> list[CheckLine]:
     settings = ctx.settings
+    noun = _noun(settings)
     host_prefix = "/".join([p for p in settings.s3_prefix.split("/") if p] + [settings.host]) + "/"
     try:
         # ListObjectsV2 (MaxKeys=1) rather than HeadBucket: works with prefix-scoped roles.
-        next(iter(ctx.remote.list(host_prefix)), None)
+        next(iter(remote.list(host_prefix)), None)
     except CloudBackupError as exc:
-        return [CheckLine("bucket list", False, str(exc))]
-    lines = [
-        CheckLine("bucket list", True, f"s3://{settings.s3_bucket}/{host_prefix} can be listed")
-    ]
-    lines += _check_write(ctx, host_prefix)
+        return [CheckLine(f"{noun} list", False, str(exc))]
+    lines = [CheckLine(f"{noun} list", True, f"{remote.describe(host_prefix)} can be listed")]
+    lines += _check_write(ctx, remote, host_prefix)
     lines.append(_check_claim(ctx, host_prefix))
     lines.append(_remote_prune_line(settings))
     return lines
 
 
-def _check_write(ctx: Context, host_prefix: str) -> list[CheckLine]:
-    """Write access, proven without leaving an object behind, and the features accepted."""
+def _check_write(ctx: Context, remote: RemoteStore, host_prefix: str) -> list[CheckLine]:
+    """Write access, proven without leaving anything behind, and the features accepted."""
     settings = ctx.settings
+    noun = _noun(settings)
     probe_key = f"{host_prefix}.cloudbackup-check-{secrets.token_hex(4)}"
     spec = UploadSpec(tags=[("cloudbackup:kind", "check")], storage_class=settings.s3_storage_class)
     try:
-        refused = ctx.remote.probe_write(probe_key, spec)
+        probe = remote.probe_write(probe_key, spec)
     except CloudBackupError as exc:
-        return [CheckLine("bucket write", False, str(exc))]
-    if refused:
-        features = CheckLine(
-            "bucket features",
-            False,
-            "the store rejects uploads carrying "
-            + ", ".join(refused)
-            + ": set CLOUDBACKUP_S3_COMPAT=1 (checksums only when required, no tagging)",
+        return [CheckLine(f"{noun} write", False, str(exc))]
+    lines = []
+    if probe.refused:
+        lines.append(
+            CheckLine(
+                f"{noun} features",
+                False,
+                "the store rejects uploads carrying "
+                + ", ".join(probe.refused)
+                + ": set CLOUDBACKUP_S3_COMPAT=1 (checksums only when required, no tagging)",
+            )
         )
-    else:
-        accepted = "tagging, SHA-256 checksums" if not settings.s3_compat else "compat mode"
-        features = CheckLine(
-            "bucket features",
-            True,
-            f"the store accepts {accepted}, {settings.s3_storage_class}",
-        )
-    written = CheckLine(
-        "bucket write", True, "can write (multipart upload created and aborted; nothing left behind)"
+    elif probe.accepted:
+        lines.append(CheckLine(f"{noun} features", True, f"the store accepts {probe.accepted}"))
+    lines.append(
+        CheckLine(f"{noun} write", True, f"can write ({probe.how}; nothing left behind)")
     )
-    return [features, written]
+    return lines
 
 
 def _check_claim(ctx: Context, host_prefix: str) -> CheckLine:
     try:
-        claim = ctx.remote.head(ctx.host_claim.key())
-    except PermanentStorageError as exc:
+        owner = ctx.host_claim.owner()
+    except CloudBackupError as exc:
+        code = exc.code if isinstance(exc, PermanentStorageError) else "unreadable"
         return CheckLine(
             "host claim",
             True,
-            f"cannot read the claim ({exc.code}); checked again at upload",
+            f"cannot read the claim ({code}); checked again at upload",
             warning=True,
         )
-    if claim is None:
+    if owner is None:
         return CheckLine("host claim", True, f"{host_prefix} is unclaimed; the first upload claims it")
-    owner = claim.metadata.get("machine-id")
     mine = ctx.machine_id  # read, never made: `check` writes nothing locally
-    if owner and owner != mine:
+    if owner != mine:
         return CheckLine(
             "host claim",
             False,
@@ -173,6 +176,14 @@ def _check_claim(ctx: Context, host_prefix: str) -> CheckLine:
 
 
 def _remote_prune_line(settings: Settings) -> CheckLine:
+    if settings.remote_retention is not None and settings.dest is not None:
+        return CheckLine(
+            "remote prune",
+            True,
+            f"CLOUDBACKUP_REMOTE_RETENTION={settings.remote_retention}: `run` deletes in the "
+            "destination directory (delete rights not probed)",
+            warning=True,
+        )
     if settings.remote_retention is not None:
         return CheckLine(
             "remote prune",

@@ -204,8 +204,8 @@ def execute(ctx: Context, store: Any, result: PruneResult) -> None:
     label = f"{result.where} {result.host}/{result.source}"
 
     def shown(key: str) -> str:
-        if result.where == "remote":
-            return f"s3://{getattr(store, 'bucket', '?')}/{key}"
+        if result.where == "remote" and ctx.remote is not None:
+            return ctx.remote.describe(key)
         return str(ctx.local.path(key)) if key else key
 
     for step in result.plan:

@@ -155,6 +155,7 @@ def _matching(listing: Listing, wanted: Sequence[str], host: str) -> dict[str, B
 def _refuse_locked(ctx: Context, refs: dict[str, BackupRef], now: datetime) -> None:
     """UsageError for a remote backup under Object Lock: S3 would refuse (or, under
     governance mode, leave a delete marker over) a delete before the lock ends."""
+    assert ctx.remote is not None
     for ident, ref in sorted(refs.items()):
         until = lock_until(ctx.settings, ref, now)
         if until is None and ref.archive_key:

@@ -84,11 +84,13 @@ def validate(
         raise UsageError(f"--where {where!r} is invalid", "use local, remote or all")
     if host is not None and all_hosts:
         raise UsageError("--host and --all-hosts exclude each other", "give one of them")
-    if where == "remote" and settings.s3_bucket is None:
-        raise UsageError("--where remote needs a bucket", "set CLOUDBACKUP_S3_BUCKET")
+    if where == "remote" and not settings.remote_configured:
+        raise UsageError(
+            "--where remote needs a bucket", "set CLOUDBACKUP_S3_BUCKET (or CLOUDBACKUP_DEST)"
+        )
     if (
         where in ("remote", "all")
-        and settings.s3_bucket is not None
+        and settings.remote_configured
         and policy is None
         and not has_remote_policy(settings)
     ):
@@ -163,7 +165,7 @@ def _prune_local(
     """This host's (or ``host``'s) local dir only: other hosts' dirs are left alone."""
     target = host or ctx.settings.host
     listing = ctx.local_catalog.listing(host=target)
-    offsite_expected = ctx.settings.s3_bucket is not None
+    offsite_expected = ctx.settings.remote_configured
     keys = local_keys(listing)
     results = []
     for (group_host, group_source), refs, orphans in _groups(listing, {target}, source):

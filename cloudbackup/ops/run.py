@@ -317,11 +317,11 @@ def _chosen(settings: Settings, names: Sequence[str]) -> Settings:
 
 
 def _check_runnable(settings: Settings) -> None:
-    if not settings.s3_bucket and not settings.local_only:
+    if not settings.remote_configured and not settings.local_only:
         raise UsageError(
             "`run` needs a bucket for the offsite copy",
-            "set CLOUDBACKUP_S3_BUCKET, or CLOUDBACKUP_LOCAL_ONLY=1 if no offsite copy is "
-            "intended",
+            "set CLOUDBACKUP_S3_BUCKET (or CLOUDBACKUP_DEST), or CLOUDBACKUP_LOCAL_ONLY=1 if no "
+            "offsite copy is intended",
         )
     if not settings.sources:
         raise UsageError("no sources to back up", "set CLOUDBACKUP_SOURCES")
@@ -459,7 +459,7 @@ def _back_up(ctx: Context, options: RunOptions, offline: str | None) -> list[Sou
     ordered = [by_name[s.name] for s in ctx.settings.sources if s.name in by_name]
     for result in ordered:
         # The summary says "local-only" only when that is intended, not when S3 is down.
-        result.local_only = ctx.settings.s3_bucket is None
+        result.local_only = not ctx.settings.remote_configured
         if offline and result.archived:
             result.fail_upload(offline)
     return ordered

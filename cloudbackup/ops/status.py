@@ -4,22 +4,23 @@ healthchecks-style pings."""
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import logging
-import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
 
 from cloudbackup.config import shown
 from cloudbackup.context import Context
 from cloudbackup.core.errors import CloudBackupError, ConfigError
 from cloudbackup.core.model import format_time, parse_time
-from cloudbackup.fs.files import write_file_atomic
+from cloudbackup.fs.dirs import Dir
 
 LOG = logging.getLogger("cloudbackup")
 
@@ -38,9 +39,17 @@ def last_run_path(local_dir: Path, host: str) -> Path:
 
 
 def write_last_run(ctx: Context, document: dict[str, Any]) -> None:
-    path = last_run_path(ctx.settings.local_dir, ctx.host)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_file_atomic(path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
+    """Replace the state file atomically, never through a link planted in the local dir
+    (one that is in the way is reported, and the run's outcome stands)."""
+    data = (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+    try:
+        ctx.local.put_bytes(f"{STATE_DIR}/{ctx.host}.{LAST_RUN}", data, replace=True)
+    except OSError as exc:
+        LOG.warning(
+            "cannot write the state file %s: %s (`status` will not see this run)",
+            last_run_path(ctx.settings.local_dir, ctx.host),
+            exc.strerror or exc,
+        )
 
 
 def read_last_run(local_dir: Path, host: str) -> dict[str, Any] | None:
@@ -145,7 +154,7 @@ def status(ctx: Context, *, max_age: timedelta, all_hosts: bool = False) -> Stat
         st.local_count += 1
         st.local_bytes += ref.archive_size or 0
         verified = ctx.local_catalog.verified_offsite(ref)
-        if settings.s3_bucket and not verified:
+        if settings.remote_configured and not verified:
             st.pinned_local += 1
         _consider(st, ref.id, ref.created_at, ref.archive_size, offsite=verified, now=now)
     if remote_listing is not None:
@@ -175,7 +184,7 @@ def status(ctx: Context, *, max_age: timedelta, all_hosts: bool = False) -> Stat
         if st.future_dated:
             st.future_dated.sort()
             st.worsen(WARNING, _future_reason(st.future_dated, now))
-        if settings.s3_bucket and st.newest_at is not None and not st.newest_offsite:
+        if settings.remote_configured and st.newest_at is not None and not st.newest_offsite:
             st.worsen(WARNING, "newest backup is not offsite yet")
         if st.pinned_local > PINNED_WARN_THRESHOLD:
             st.worsen(WARNING, f"{st.pinned_local} local copies are not offsite")
@@ -334,16 +343,10 @@ def _escape(value: str) -> str:
 
 
 def write_prometheus(path: Path, text: str) -> None:
-    """Replace the file atomically so node_exporter never reads half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Replace the file atomically so node_exporter never reads half of it (a temp file
+    with a random name, never opened through a link, then renamed over the old one)."""
+    with Dir.root(path.parent, create=True) as directory:
+        directory.write_atomic(path.name, text.encode(), mode=0o644, replace=True)
 
 
 # ---------------------------------------------------------------- pings
@@ -352,30 +355,74 @@ def write_prometheus(path: Path, text: str) -> None:
 def ping(
     url: str | None, suffix: str = "", *, body: str | None = None, timeout: float = 5.0
 ) -> bool:
-    """healthchecks.io convention: ``/start``, success, ``/fail``. Never raises."""
+    """healthchecks.io convention: ``/start``, success, ``/fail``. Never raises.
+
+    Credentials in the URL (``https://user:password@host/...``) are sent as HTTP basic
+    auth (not on a redirect), never as part of the host name (urllib would hand
+    ``user:password@host`` to the resolver); messages show the URL as :func:`ping_shown`.
+    """
     if not url:
         return False
     base, mark, query = url.partition("?")  # the suffix goes into the path, not the query
     target = base.rstrip("/") + suffix + mark + query
+    plain, userinfo = _split_userinfo(target)
     data = body.encode("utf-8", errors="replace")[:100_000] if body is not None else None
     try:
         # Built inside the try: a malformed URL (``http://[::1``) raises ValueError here.
         request = urllib.request.Request(
-            target, data=data, method="POST" if data is not None else "GET"
+            plain, data=data, method="POST" if data is not None else "GET"
         )
         request.add_header("User-Agent", "cloudbackup")
+        if userinfo is not None:
+            user, _, password = userinfo.partition(":")
+            token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
+            request.add_unredirected_header("Authorization", f"Basic {token}")
         with urllib.request.urlopen(request, timeout=timeout) as response:
             response.read(1024)
         return True
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         LOG.warning(
-            "ping %s failed: %s (the backup itself is not affected)", _strip_query(target), exc
+            "ping %s failed: %s (the backup itself is not affected)", ping_shown(target), exc
         )
         return False
 
 
-def _strip_query(url: str) -> str:
-    return url.split("?", 1)[0]
+def _split_userinfo(url: str) -> tuple[str, str | None]:
+    """``(url without its userinfo, the userinfo or None)``. The authority ends where
+    urlsplit ends it (the first ``/``, ``?`` or ``#`` after ``//``) and the userinfo at its
+    last ``@``, so a URL that does not parse is split the same way (nothing leaks)."""
+    head, slashes, rest = url.partition("//")
+    if not slashes:
+        return url, None
+    ends = [i for i in (rest.find(char) for char in "/?#") if i >= 0]
+    end = min(ends) if ends else len(rest)
+    userinfo, at, hostport = rest[:end].rpartition("@")
+    if not at:
+        return url, None
+    return head + slashes + hostport + rest[end:], userinfo
+
+
+def ping_shown(url: str) -> str:
+    """The ping URL as messages show it: no query (it may hold a token), userinfo as ``***``."""
+    plain, userinfo = _split_userinfo(url.split("?", 1)[0])
+    if userinfo is None:
+        return plain
+    head, slashes, rest = plain.partition("//")
+    return f"{head}{slashes}***@{rest}"
+
+
+def ping_secrets(url: str | None) -> list[str]:
+    """The ping URL's password (its user name when it has none), as written and decoded,
+    for the log filter."""
+    if not url:
+        return []
+    _plain, userinfo = _split_userinfo(url)
+    if not userinfo:
+        return []
+    user, colon, password = userinfo.partition(":")
+    secret = password if colon else user
+    forms = {secret, unquote(secret), quote(unquote(secret), safe="")}
+    return sorted(form for form in forms if form)
 
 
 #: ``status --max-age`` bounds: 0 would make every source CRITICAL, centuries none ever.

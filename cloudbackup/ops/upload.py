@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from cloudbackup import __version__
 from cloudbackup.context import (
@@ -27,16 +27,16 @@ from cloudbackup.core.model import (
     manifest_name,
 )
 from cloudbackup.core.outcome import REPORTED, Outcome
-from cloudbackup.storage.base import head_problems
-from cloudbackup.storage.s3 import (
-    MAX_OBJECT,
+from cloudbackup.storage.base import (
+    RemoteStore,
     SentParts,
     UploadOutcome,
     UploadSpec,
-    choose_part_size,
+    VerifyMethod,
+    head_problems,
     hex_to_b64,
-    lock_until,
 )
+from cloudbackup.storage.parts import MAX_OBJECT, choose_part_size
 from cloudbackup.stream.hashing import ArchiveAbandoned, ArchiveTail
 
 LOG = logging.getLogger("cloudbackup")
@@ -62,7 +62,7 @@ def _lock(ctx: Context, created: datetime) -> tuple[str | None, datetime | None]
     lock = ctx.settings.s3_object_lock
     if lock is None:
         return None, None
-    return lock.mode, lock_until(created, lock.days)
+    return lock.mode, created.astimezone(UTC) + timedelta(days=lock.days)
 
 
 def archive_spec(ctx: Context, source: str, created: datetime, sha256: str | None) -> UploadSpec:
@@ -84,12 +84,17 @@ def archive_spec(ctx: Context, source: str, created: datetime, sha256: str | Non
     )
 
 
+def _remote(ctx: Context) -> RemoteStore:
+    assert ctx.remote is not None, "an upload needs a context with a remote store"
+    return ctx.remote
+
+
 def _find_in_progress(ctx: Context, key: str) -> str | None:
-    uploads = [u for u in ctx.remote.list_uploads(key) if u.get("Key") == key]
+    uploads = [u for u in _remote(ctx).list_uploads(key) if u.key == key]
     if not uploads:
         return None
-    newest = max(uploads, key=lambda u: u.get("Initiated") or datetime.min.replace(tzinfo=UTC))
-    return str(newest["UploadId"])
+    newest = max(uploads, key=lambda u: u.initiated or datetime.min.replace(tzinfo=UTC))
+    return newest.upload_id
 
 
 @dataclass
@@ -154,14 +159,20 @@ def upload_backup(
     outcome = streamed or _upload_archive(ctx, ref, manifest, key, spec, record)
     result.parts_sent, result.parts_reused = outcome.parts_sent, outcome.parts_reused
     if outcome.part_count == 1 and outcome.checksum is not None:
-        # One PUT: S3's SHA-256 is the archive's own digest.
+        # One PUT: the store's SHA-256 is the archive's own digest.
         if outcome.checksum != hex_to_b64(manifest.sha256):
             raise IntegrityError(f"{ref.id}: uploaded checksum differs from the manifest's sha256")
+    if outcome.sha256 is not None and outcome.sha256 != manifest.sha256:
+        # The store hashed the object as it wrote it (a directory destination).
+        raise IntegrityError(
+            f"{ref.id}: {_remote(ctx).describe(key)} has sha256 {outcome.sha256}, the manifest "
+            f"says {manifest.sha256}"
+        )
     upload = UploadRecord(
         key=key,
         part_size=outcome.part_size,
         part_count=outcome.part_count,
-        checksum_algorithm=None if ctx.settings.s3_compat else "SHA256",
+        checksum_algorithm="SHA256" if outcome.checksum else None,
         checksum=outcome.checksum,
         etag=outcome.etag,
         uploaded_at=format_time(ctx.now()),
@@ -203,17 +214,19 @@ def _upload_archive(
 
     assert ref.archive_key
     progress = ctx.progress(f"upload {ref.id}", manifest.size)
-    outcome = ctx.remote.upload_file(
-        key,
-        ctx.local.path(ref.archive_key),
-        spec,
-        upload_id=upload_id,
-        part_size=part_size,
-        on_created=on_created,
-        progress=progress,
-    )
+    with ctx.local.open(ref.archive_key) as archive:  # never through a planted link
+        outcome = _remote(ctx).upload_file(
+            key,
+            archive,
+            spec,
+            label=str(ctx.local.path(ref.archive_key)),
+            upload_id=upload_id,
+            part_size=part_size,
+            on_created=on_created,
+            progress=progress,
+        )
     getattr(progress, "close", lambda: None)()
-    return cast(UploadOutcome, outcome)
+    return outcome
 
 
 def _put_manifest(
@@ -224,7 +237,7 @@ def _put_manifest(
     backup_id = BackupId.parse(ref.id)
     mkey = key_for(_prefix(ctx), ctx.host, backup_id, manifest_name(backup_id))
     try:
-        ctx.remote.put_bytes(
+        _remote(ctx).put_bytes(
             mkey,
             dataclasses.replace(manifest, upload=upload).to_json(),
             spec=UploadSpec(
@@ -251,7 +264,7 @@ def _put_manifest(
         existing = ctx.remote_catalog.manifest(remote_ref)
         if existing.sha256 != manifest.sha256:
             raise IntegrityError(
-                f"s3 manifest {mkey} exists and describes another archive"
+                f"{_remote(ctx).describe(mkey)} exists and describes another archive"
             ) from None
 
 
@@ -273,12 +286,18 @@ def manifest_metadata(manifest: Manifest, upload: UploadRecord) -> dict[str, str
 
 
 def _confirm_archive(ctx: Context, key: str, manifest: Manifest, upload: UploadRecord) -> None:
-    head = ctx.remote.head(key)
+    """The object, checked by HEAD: its size, and (S3) its sha256 metadata and checksum. A
+    store verified by re-hashing hashed the object as it wrote it (see ``upload_backup``)."""
+    remote = _remote(ctx)
+    head = remote.head(key)
     if head is None:
-        raise IntegrityError(f"s3://{ctx.remote.bucket}/{key} is missing right after upload")
-    problems = head_problems(head, manifest.size, manifest.sha256, upload.checksum)
+        raise IntegrityError(f"{remote.describe(key)} is missing right after upload")
+    if remote.verify_method is VerifyMethod.REHASH:
+        problems = [] if head.size == manifest.size else [f"size {head.size} ≠ {manifest.size}"]
+    else:
+        problems = head_problems(head, manifest.size, manifest.sha256, upload.checksum)
     if problems:
-        raise IntegrityError(f"s3://{ctx.remote.bucket}/{key}: " + "; ".join(problems))
+        raise IntegrityError(f"{remote.describe(key)}: " + "; ".join(problems))
 
 
 class StreamedUpload:
@@ -320,7 +339,7 @@ class StreamedUpload:
     def _run(self) -> None:
         progress = self.ctx.progress(f"upload {self.backup_id}", None)
         try:
-            self.sent = self.ctx.remote.upload_growing(
+            self.sent = _remote(self.ctx).upload_growing(
                 self.key, self.tail, self.spec, self.part_size, on_created=self._created,
                 progress=progress,
             )
@@ -333,7 +352,8 @@ class StreamedUpload:
 
     def _created(self, upload_id: str, part_size: int) -> None:
         self.upload_id = upload_id
-        self.ctx.local_catalog.write_upload_record(self.source,
+        self.ctx.local_catalog.write_upload_record(
+            self.source,
             str(self.backup_id),
             _in_progress(self.key, upload_id, part_size),
         )
@@ -341,12 +361,12 @@ class StreamedUpload:
     def _discard(self) -> None:
         if self.upload_id is not None:
             try:
-                self.ctx.remote.abort(self.key, self.upload_id)
+                _remote(self.ctx).abort(self.key, self.upload_id)
             except CloudBackupError as exc:
                 # The record stays: the next run aborts (or replaces) the upload it names.
                 LOG.warning("cannot abort the streamed upload of %s: %s", self.key, exc)
                 return
-        self.ctx.local_catalog.upload_record_path(self.source, str(self.backup_id)).unlink(missing_ok=True)
+        self.ctx.local_catalog.remove_upload_record(self.source, str(self.backup_id))
 
     def abandon(self) -> None:
         self.tail.fail()
@@ -362,7 +382,8 @@ class StreamedUpload:
         size = self.tail.size
         self.tail.close()
         if self.error is not None:
-            if getattr(self.error, "code", None) == "TooManyParts":
+            error = self.error
+            if isinstance(error, PermanentStorageError) and error.code == "TooManyParts":
                 LOG.info("%s: %s; uploading it whole instead", self.backup_id, self.error)
                 self._discard()
             else:
@@ -374,7 +395,9 @@ class StreamedUpload:
             return None
         if self.sent is None or size is None:
             return None
-        return self.ctx.remote.complete_parts(self.key, self.sent, size, self.part_size, self.spec)
+        return _remote(self.ctx).complete_parts(
+            self.key, self.sent, size, self.part_size, self.spec
+        )
 
 
 def start_stream(
@@ -463,6 +486,9 @@ def upload_pending(ctx: Context, source: str | None = None) -> list[UploadResult
                 "RequestTimeTooSkewed",
                 "NoCredentials",
                 "HostClaimed",
+                "NoSuchDestination",
+                "NotFollowed",
+                "NoSpace",
             ):
                 break  # the same for every backup: say it once
     return results
@@ -479,15 +505,16 @@ def abort_stale_uploads(ctx: Context) -> list[str]:
             )
     aborted = []
     now = ctx.now()
-    for upload in ctx.remote.list_uploads(prefix):
-        initiated = upload.get("Initiated")
-        if upload["Key"] in local_keys or initiated is None or now - initiated < STALE_UPLOAD_AGE:
+    remote = _remote(ctx)
+    for upload in remote.list_uploads(prefix):
+        initiated = upload.initiated
+        if upload.key in local_keys or initiated is None or now - initiated < STALE_UPLOAD_AGE:
             continue
-        ctx.remote.abort(upload["Key"], upload["UploadId"])
-        aborted.append(upload["Key"])
+        remote.abort(upload.key, upload.upload_id)
+        aborted.append(upload.key)
         LOG.info(
             "aborted a stale multipart upload of %s (started %s)",
-            upload["Key"],
+            upload.key,
             format_time(initiated),
         )
     return aborted

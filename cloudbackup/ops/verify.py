@@ -14,7 +14,7 @@ from cloudbackup.core.model import BackupRef, Manifest, parse_manifest_metadata
 from cloudbackup.core.outcome import Outcome
 from cloudbackup.core.words import plural
 from cloudbackup.fs.files import open_regular
-from cloudbackup.storage.base import head_problems
+from cloudbackup.storage.base import VerifyMethod, head_problems
 from cloudbackup.stream.hashing import sha256_file
 
 
@@ -103,77 +103,126 @@ def verify_local_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> Ver
 
 
 def verify_remote_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> VerifyResult:
-    """HEAD the manifest and the archive (no GET); ``deep`` streams and walks the archive."""
-    from cloudbackup.stream.compress import open_decompressed
-    from cloudbackup.stream.hashing import HashingReader
-    from cloudbackup.stream.pipeline import walk_archive
-
+    """HEAD the manifest and the archive (no GET); ``deep`` streams and walks the archive.
+    A store verified by re-hashing (a directory destination) reads the archive back."""
     result = VerifyResult(ref.id, "remote", "", ref.host, ref.source)
+    assert ctx.remote is not None
     try:
         assert ref.manifest_key and ref.archive_key
-        mhead = ctx.remote.head(ref.manifest_key)
-        if mhead is None:
-            result.detail = "manifest object is missing"
-            return result
-        manifest: Manifest | None = None
-        facts = parse_manifest_metadata(mhead.metadata, ref)
-        if facts is None or deep:
-            manifest = ctx.remote_catalog.manifest(ref)
-        if facts is None:
-            assert manifest is not None
-            upload = manifest.upload
-            sha256, size = manifest.sha256, manifest.size
-            checksum = upload.checksum if upload else None
+        if ctx.remote.verify_method is VerifyMethod.REHASH:
+            _rehash(ctx, ref, deep, result)
         else:
-            sha256, size, checksum = facts.sha256, facts.size, facts.checksum
-            if manifest is not None and (manifest.sha256, manifest.size) != (sha256, size):
-                result.detail = "the manifest object's metadata disagrees with its body"
-                return result
-        head = ctx.remote.head(ref.archive_key)
-        if head is None:
-            result.detail = "archive object is missing"
-            return result
-        problems = head_problems(head, size, sha256, checksum)
-        if problems:
-            result.detail = "; ".join(problems)
-            return result
-        detail = (
-            f"size, sha256 metadata and S3 checksum match ({size} bytes)"
-            if "sha256" in head.metadata
-            else f"size and S3 checksum match ({size} bytes; streamed: sha256 in the manifest)"
-        )
-        if deep:
-            assert manifest is not None
-            progress = ctx.progress(f"verify {ref.id}", size)
-            corrupt: IntegrityError | None = None
-            with ctx.remote.open(ref.archive_key) as body:
-                hashing = HashingReader(body, progress)
-                try:
-                    walked = walk_archive(open_decompressed(hashing, manifest.compression))
-                except IntegrityError as exc:
-                    corrupt = exc  # report the checksum first: it says the bytes changed
-                hashing.drain()
-            getattr(progress, "close", lambda: None)()
-            if hashing.count != size or hashing.sha.hexdigest() != sha256:
-                result.detail = f"downloaded sha256 {hashing.sha.hexdigest()} ({hashing.count} bytes) ≠ manifest {sha256}"
-                return result
-            if corrupt is not None:
-                raise corrupt
-            if (walked.file_count, walked.uncompressed_bytes) != (
-                manifest.file_count,
-                manifest.uncompressed_bytes,
-            ):
-                result.detail = (
-                    f"archive holds {plural(walked.file_count, 'file')} / {walked.uncompressed_bytes} bytes, "
-                    f"manifest says {manifest.file_count} / {manifest.uncompressed_bytes}"
-                )
-                return result
-            detail = f"streamed and re-hashed {size} bytes; {plural(walked.file_count, 'file')}, {walked.uncompressed_bytes} bytes walked"
-        result.outcome = Outcome.OK
-        result.detail = detail
+            _compare_heads(ctx, ref, deep, result)
     except IntegrityError as exc:
         result.detail = str(exc)
     except CloudBackupError as exc:
         result.detail = f"cannot verify: {exc}"
         result.outcome = Outcome.FAILED
     return result
+
+
+def _compare_heads(ctx: Context, ref: BackupRef, deep: bool, result: VerifyResult) -> None:
+    assert ctx.remote is not None and ref.manifest_key and ref.archive_key
+    mhead = ctx.remote.head(ref.manifest_key)
+    if mhead is None:
+        result.detail = "manifest object is missing"
+        return
+    manifest: Manifest | None = None
+    facts = parse_manifest_metadata(mhead.metadata, ref)
+    if facts is None or deep:
+        manifest = ctx.remote_catalog.manifest(ref)
+    if facts is None:
+        assert manifest is not None
+        upload = manifest.upload
+        sha256, size = manifest.sha256, manifest.size
+        checksum = upload.checksum if upload else None
+    else:
+        sha256, size, checksum = facts.sha256, facts.size, facts.checksum
+        if manifest is not None and (manifest.sha256, manifest.size) != (sha256, size):
+            result.detail = "the manifest object's metadata disagrees with its body"
+            return
+    head = ctx.remote.head(ref.archive_key)
+    if head is None:
+        result.detail = "archive object is missing"
+        return
+    problems = head_problems(head, size, sha256, checksum)
+    if problems:
+        result.detail = "; ".join(problems)
+        return
+    detail = (
+        f"size, sha256 metadata and S3 checksum match ({size} bytes)"
+        if "sha256" in head.metadata
+        else f"size and S3 checksum match ({size} bytes; streamed: sha256 in the manifest)"
+    )
+    if deep:
+        assert manifest is not None
+        read = _read_back(ctx, ref, manifest, deep=True, result=result)
+        if read is None:
+            return
+        detail = f"streamed and re-hashed {read}"
+    result.outcome = Outcome.OK
+    result.detail = detail
+
+
+def _rehash(ctx: Context, ref: BackupRef, deep: bool, result: VerifyResult) -> None:
+    """Read the archive back and hash it against its manifest (and walk it with ``deep``)."""
+    assert ctx.remote is not None and ref.archive_key
+    manifest = ctx.remote_catalog.manifest(ref)
+    head = ctx.remote.head(ref.archive_key)
+    if head is None:
+        result.detail = "archive object is missing"
+        return
+    if head.size != manifest.size:
+        result.detail = f"size {head.size} ≠ {manifest.size}"
+        return
+    read = _read_back(ctx, ref, manifest, deep=deep, result=result)
+    if read is not None:
+        result.outcome = Outcome.OK
+        result.detail = f"re-hashed {read}: sha256 and size match"
+
+
+def _read_back(
+    ctx: Context, ref: BackupRef, manifest: Manifest, *, deep: bool, result: VerifyResult
+) -> str | None:
+    """Stream the archive, hash it (and walk it with ``deep``); what was read, in words, or
+    None with ``result.detail`` saying what differs. A corrupt archive whose bytes match
+    the manifest raises IntegrityError."""
+    from cloudbackup.stream.compress import open_decompressed
+    from cloudbackup.stream.hashing import HashingReader
+    from cloudbackup.stream.pipeline import walk_archive
+
+    assert ctx.remote is not None and ref.archive_key
+    size, sha256 = manifest.size, manifest.sha256
+    progress = ctx.progress(f"verify {ref.id}", size)
+    corrupt: IntegrityError | None = None
+    walked = None
+    with ctx.remote.open(ref.archive_key, size=size) as body:
+        hashing = HashingReader(body, progress)
+        if deep:
+            try:
+                walked = walk_archive(open_decompressed(hashing, manifest.compression))
+            except IntegrityError as exc:
+                corrupt = exc  # report the checksum first: it says the bytes changed
+        hashing.drain()
+    getattr(progress, "close", lambda: None)()
+    if hashing.count != size or hashing.sha.hexdigest() != sha256:
+        result.detail = (
+            f"downloaded sha256 {hashing.sha.hexdigest()} ({hashing.count} bytes) ≠ manifest {sha256}"
+        )
+        return None
+    if corrupt is not None:
+        raise corrupt
+    if walked is None:
+        return f"{size} bytes"
+    if (walked.file_count, walked.uncompressed_bytes) != (
+        manifest.file_count,
+        manifest.uncompressed_bytes,
+    ):
+        result.detail = (
+            f"archive holds {plural(walked.file_count, 'file')} / {walked.uncompressed_bytes} bytes, "
+            f"manifest says {manifest.file_count} / {manifest.uncompressed_bytes}"
+        )
+        return None
+    return (
+        f"{size} bytes; {plural(walked.file_count, 'file')}, {walked.uncompressed_bytes} bytes walked"
+    )

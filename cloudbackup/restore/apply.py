@@ -7,7 +7,8 @@ The flow (SPEC "Restore staging")::
       ─▶ local copy re-hashes to the manifest?  yes: use it   no: GET the remote copy into a
          temp file beside the target, hashing on the way (download); a mismatch is an
          IntegrityError
-      ─▶ decompress ─▶ extract into a staging directory beside the target
+      ─▶ decompress ─▶ extract into a staging directory beside the target (held open:
+         extracted into, counted and installed through its descriptor, never its name)
       ─▶ count what is on disk ─▶ the target installs it (--force: the old one moved aside)
 
 Nothing unverified is ever decompressed, nothing is ever written under the target's own
@@ -129,7 +130,7 @@ def _open_archive(path: Path, compression: str) -> tuple[BinaryIO, Any]:
 def _extract_file(
     path: Path,
     compression: str,
-    into: Path,
+    into: Path | int,
     *,
     includes: Sequence[str] = (),
     dry_run: bool = False,
@@ -161,15 +162,13 @@ def restore(
     force: bool = False,
     dry_run: bool = False,
     stdout: IO[bytes] | None = None,
-    ranged: bool = False,
 ) -> RestoreResult:
     """Restore backup ``what`` (a source name or a backup id) of ``host``.
 
     Raises UsageError (2) before anything is read when the backup cannot be found or the
     target is not acceptable, IntegrityError (3) when no verified copy exists. Refused
     members and count mismatches are reported in the result (exit 1), the rest restored.
-    ``stdout`` receives a command source's output for ``to == "-"``. ``ranged`` uses
-    parallel ranged GETs (``settings.s3_concurrency``) for archives over 64 MiB.
+    ``stdout`` receives a command source's output for ``to == "-"``.
     """
     started = time.monotonic()
     host = host or ctx.host
@@ -200,7 +199,7 @@ def restore(
         if dry_run:
             _dry_run(ctx, copy, target, includes, force, result)
         else:
-            _run(ctx, copy, target, includes, result, ranged)
+            _run(ctx, copy, target, includes, result)
     except OSError as exc:
         raise _os_error(exc, result.target) from exc
     finally:
@@ -221,24 +220,27 @@ def _os_error(exc: OSError, target: str) -> CloudBackupError:
             f"no space left on the device while restoring into {target}",
             "free space or restore elsewhere (--to); nothing was put in place",
         )
+    # A name through a descriptor held (/proc/<pid>/fd/N/...) means nothing to people.
+    filename = exc.filename if exc.filename and not str(exc.filename).startswith("/proc/") else None
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        where = exc.filename or target
         return CloudBackupError(
-            f"cannot write {where}: {exc.strerror}", "run as a user who may write there"
+            f"cannot write {filename or target}: {exc.strerror}",
+            "run as a user who may write there",
         )
     return CloudBackupError(
         f"restore into {target} failed: {exc.strerror or exc}"
-        + (f" ({exc.filename})" if exc.filename else "")
+        + (f" ({filename})" if filename else "")
     )
 
 
-def _archive_path(ctx: Context, copy: Copy, ws: Workspace, ranged: bool) -> Path:
+def _archive_path(ctx: Context, copy: Copy, ws: Workspace) -> Path:
     if copy.local_path is not None:
         return copy.local_path
     manifest = copy.manifest
     assert copy.ref.archive_key
     dest = ws.download_path()
     progress = ctx.progress(f"download {manifest.id}", manifest.size)
+    assert ctx.remote is not None
     try:
         fetch_archive(
             ctx.remote,
@@ -247,7 +249,6 @@ def _archive_path(ctx: Context, copy: Copy, ws: Workspace, ranged: bool) -> Path
             size=manifest.size,
             sha256=manifest.sha256,
             progress=progress,
-            concurrency=ctx.settings.s3_concurrency if ranged else 1,
         )
     finally:
         getattr(progress, "close", lambda: None)()
@@ -263,19 +264,20 @@ def _run(
     target: Target,
     includes: Sequence[str],
     result: RestoreResult,
-    ranged: bool,
 ) -> None:
     """Open the copy (a verified local archive, or a download verified on the way) →
     decompress → extract into the staging directory → count → install."""
     manifest = copy.manifest
     target.ready()
     with Workspace(target.workdir, target.staging_name) as ws:
-        archive = _archive_path(ctx, copy, ws, ranged)
-        staging = ws.staging()
+        archive = _archive_path(ctx, copy, ws)
+        # Held open from here on: extracted into, checked, counted and installed through
+        # its descriptor, never by its name (see targets.Staging).
+        staging = ws.staging(private=target.private_staging)
         progress = ctx.progress(f"restore {manifest.id}", manifest.uncompressed_bytes)
         try:
             extracted = _extract_file(
-                archive, manifest.compression, staging, includes=includes, progress=progress
+                archive, manifest.compression, staging.fd, includes=includes, progress=progress
             )
         finally:
             getattr(progress, "close", lambda: None)()
@@ -284,7 +286,7 @@ def _run(
         members = target.members(staging, manifest, copy.ref.source)
         result.refused = list(extracted.refused)
         result.warnings += extracted.warnings
-        on_disk = tally_tree(staging)
+        on_disk = tally_tree(staging.fd)
         if includes:
             expected = (
                 extracted.files + extracted.symlinks + extracted.hardlinks,
@@ -381,8 +383,8 @@ def _dry_walk(ctx: Context, copy: Copy, includes: Sequence[str]) -> ExtractResul
             copy.local_path, manifest.compression, Path("."), includes=includes, dry_run=True
         )
     # Remote: stream the object (no temp file), hash it on the way, check it at the end.
-    assert copy.ref.archive_key
-    with ctx.remote.open(copy.ref.archive_key) as body:
+    assert copy.ref.archive_key and ctx.remote is not None
+    with ctx.remote.open(copy.ref.archive_key, size=manifest.size) as body:
         hashing = HashingReader(body)
         stream = open_decompressed(hashing, manifest.compression)
         try:

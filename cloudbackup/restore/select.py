@@ -157,7 +157,7 @@ def _where_words(ctx: Context, from_: str | None) -> str:
     if from_ != "remote":
         places.append(f"local dir {ctx.settings.local_dir}")
     if from_ != "local" and ctx.remote is not None:
-        places.append(f"bucket {ctx.settings.s3_bucket}")
+        places.append(ctx.settings.remote_name)
     return " or ".join(places) or "nowhere to look"
 
 

@@ -1,5 +1,13 @@
 """Glob sources: the files under a pattern's fixed prefix that match it, with their parent
-directories."""
+directories.
+
+The fixed prefix is opened component by component from ``/`` without following a symlink
+(``fs.tree.open_directory``) and the walk starts from that descriptor: a symlink anywhere
+in the prefix fails the source with one line naming it. Unlike a directory source's root
+(resolved once and recorded in the manifest), a glob's prefix is part of the pattern as
+written: a link there, whoever swapped it in, would make the same pattern archive another
+tree (``mv config config.old && ln -s /root-only config``).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +17,7 @@ from collections.abc import Mapping
 from cloudbackup.core import childenv
 from cloudbackup.core.errors import SourceError
 from cloudbackup.core.patterns import compile_glob, has_wildcard, split_glob
+from cloudbackup.fs.tree import LinkInPath, open_directory
 from cloudbackup.sources.base import Entries, SourceContext, SourceSpec
 from cloudbackup.sources.tree import TreeSource, walk_tree
 
@@ -39,19 +48,52 @@ class GlobSource(TreeSource):
 
     def root_device(self) -> int | None:
         try:
-            return os.stat(os.path.realpath(self.base)).st_dev
+            fd = open_directory(self.base)
         except OSError:
             return None
+        try:
+            return os.fstat(fd).st_dev
+        finally:
+            os.close(fd)
 
-    def check(self) -> str:
-        if not os.path.isdir(self.base):
+    def _open_base(self) -> int:
+        """The fixed prefix, opened without following a symlink anywhere on the way."""
+        try:
+            return open_directory(self.base)
+        except LinkInPath as exc:
+            try:
+                where = f" (to {os.readlink(exc.filename)})"
+            except OSError:
+                where = ""
+            raise SourceError(
+                f"source {self.name}: {exc.filename}{where} is a symlink in the glob's fixed "
+                f"prefix {self.base}; it is never followed",
+                "write the pattern with the real path (or back the tree up as a directory source)",
+            ) from None
+        except FileNotFoundError:
             raise SourceError(
                 f"source {self.name}: {self.base} does not exist", "check the glob's directory"
-            )
+            ) from None
+        except NotADirectoryError as exc:
+            raise SourceError(
+                f"source {self.name}: {exc.filename} is not a directory", "check the glob"
+            ) from None
+        except OSError as exc:
+            raise SourceError(
+                f"source {self.name}: cannot open {exc.filename}: {exc.strerror}",
+                "run as a user who can read it",
+            ) from None
+
+    def check(self) -> str:
+        os.close(self._open_base())
         return f"glob {self.pattern} under {self.base}"
 
     def entries(self, ctx: SourceContext) -> Entries:
-        yield from walk_tree(
-            os.path.realpath(self.base), ctx, select=lambda rel: bool(self.regex.fullmatch(rel))
-        )
+        fd = self._open_base()
+        try:
+            yield from walk_tree(
+                self.base, ctx, select=lambda rel: bool(self.regex.fullmatch(rel)), root_fd=fd
+            )
+        finally:
+            os.close(fd)
         return {}

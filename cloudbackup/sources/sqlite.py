@@ -8,11 +8,13 @@ Spool files are created mode 0600: they hold the same data as the archive.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import shutil
 import sqlite3
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,7 +22,8 @@ from urllib.parse import quote
 
 from cloudbackup.core.errors import IntegrityError, Refused, SourceError
 from cloudbackup.core.model import Exactly, MemberSchema
-from cloudbackup.fs.files import create_private, fsync_dir
+from cloudbackup.fs.files import create_private
+from cloudbackup.fs.tree import open_directory
 from cloudbackup.fs.walk import FileEntry
 from cloudbackup.sources.base import Entries, RestoreAs, Source, SourceContext
 
@@ -30,6 +33,7 @@ _PAGES_PER_STEP = -1
 # of the ``-shm`` file (the "DMS" slot: 120 + 8 lock slots) for as long as it is open.
 _SHM_DMS_OFFSET = 128
 _BUSY_TIMEOUT = 0.5
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _free_bytes(path: Path) -> int:
@@ -143,8 +147,15 @@ class SQLiteSource(Source):
 # ---------------------------------------------------------------- SQLite restore
 
 
-def _sidecars(path: Path) -> list[tuple[str, Path]]:
-    return [(suffix, path.with_name(path.name + suffix)) for suffix in ("-wal", "-shm", "-journal")]
+def _sidecars(name: str) -> list[tuple[str, str]]:
+    return [(suffix, name + suffix) for suffix in ("-wal", "-shm", "-journal")]
+
+
+def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
 
 
 def _open_elsewhere(target: Path) -> bool:
@@ -201,36 +212,45 @@ def _integrity(path: Path) -> str:
     return "; ".join(str(row[0]) for row in rows[:5]) if rows else "no result"
 
 
-def _remove_dead_restore_temps(target: Path) -> None:
+def _remove_dead_restore_temps(dir_fd: int, name: str) -> None:
     """A restore killed with SIGKILL leaves its temp copy; remove it once its process is gone."""
     import re
 
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.restore-(\d+)-.*\.partial$")
+    pattern = re.compile(rf"^\.{re.escape(name)}\.restore-(\d+)-.*\.partial$")
     try:
-        siblings = list(target.parent.iterdir())
+        siblings = os.listdir(dir_fd)
     except OSError:
         return
-    for path in siblings:
-        match = pattern.match(path.name)
+    for sibling in siblings:
+        match = pattern.match(sibling)
         if match is None:
             continue
         try:
             os.kill(int(match[1]), 0)
             continue  # still running
         except ProcessLookupError:
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(sibling, dir_fd=dir_fd)
         except PermissionError:
             continue
 
 
-def restore_sqlite(db_file_in_archive: Path, target: Path, *, now_stamp: str) -> Path | None:
+def restore_sqlite(
+    db_file_in_archive: Path, target: Path, *, now_stamp: str, dir_fd: int | None = None
+) -> Path | None:
     """Put the archived database file at ``target``; return where the old file was kept.
 
     The archived copy is checked first (``PRAGMA integrity_check``), copied to a temp file
     beside the target, fsynced and checked again, and only then published by an atomic
     rename. An existing target (with its ``-wal``/``-shm``/``-journal``) is kept as
     ``target.before-restore-<stamp>`` (sidecars renamed alongside so SQLite still pairs
-    them); a database another process has open is refused.
+    them); a database another process has open is refused. The new file keeps the old
+    one's mode and owner, or, in a new place, the archived file's mode (a private database
+    stays private), never the umask's.
+
+    Everything happens relative to ``dir_fd``, the target's directory held open (by
+    default opened here without following a symlink on the way, made if missing), so a
+    name someone swaps in that directory meanwhile is never followed.
     """
     target = Path(target)
     problem = _integrity(db_file_in_archive)
@@ -238,58 +258,72 @@ def restore_sqlite(db_file_in_archive: Path, target: Path, *, now_stamp: str) ->
         raise IntegrityError(
             f"the archived database {db_file_in_archive.name} fails integrity_check: {problem}"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    existing = target.exists() or target.is_symlink()
+    if dir_fd is not None:
+        return _swap_in(db_file_in_archive, target, dir_fd, now_stamp)
+    fd = open_directory(target.parent, create=True)
+    try:
+        return _swap_in(db_file_in_archive, target, fd, now_stamp)
+    finally:
+        os.close(fd)
+
+
+def _swap_in(archived: Path, target: Path, dir_fd: int, now_stamp: str) -> Path | None:
+    name = target.name
+    here = Path(f"/proc/self/fd/{dir_fd}")  # the target's directory, held open
+    old = _lstat_at(dir_fd, name)
     # Refused, nothing done (exit 2; SPEC "Operations"): the target is left as it is.
-    if existing and not target.is_file():
+    existing = old is not None
+    if old is not None and not (stat.S_ISREG(old.st_mode) or stat.S_ISLNK(old.st_mode)):
         raise Refused(f"{target} exists and is not a file", "give the path of a database file")
-    if existing and _open_elsewhere(target):
+    if old is not None and stat.S_ISREG(old.st_mode) and _open_elsewhere(here / name):
         raise Refused(
             f"{target} is in use by another process",
             "stop the app that uses the database, then restore again",
         )
-    aside = target.with_name(f"{target.name}.before-restore-{now_stamp}")
-    if existing and (aside.exists() or aside.is_symlink()):
-        raise Refused(f"{aside} already exists", "move it away or try again in a second")
-    _remove_dead_restore_temps(target)
-    temp = target.with_name(f".{target.name}.restore-{os.getpid()}-{now_stamp}.partial")
-    mode = 0o644
+    aside = f"{name}.before-restore-{now_stamp}"
+    if existing and _lstat_at(dir_fd, aside) is not None:
+        raise Refused(
+            f"{target.with_name(aside)} already exists", "move it away or try again in a second"
+        )
+    _remove_dead_restore_temps(dir_fd, name)
+    temp = f".{name}.restore-{os.getpid()}-{now_stamp}.partial"
+    mode = stat.S_IMODE(os.stat(archived).st_mode) & 0o777
     owner: tuple[int, int] | None = None
-    if existing:
-        st = target.stat()
-        mode, owner = st.st_mode & 0o7777, (st.st_uid, st.st_gid)
+    if old is not None and stat.S_ISREG(old.st_mode):  # a symlink's own mode means nothing
+        mode, owner = stat.S_IMODE(old.st_mode), (old.st_uid, old.st_gid)
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        with open(fd, "wb") as out, open(db_file_in_archive, "rb") as src:
+        fd = os.open(temp, _TEMP_FLAGS, 0o600, dir_fd=dir_fd)
+        with open(fd, "wb") as out, open(archived, "rb") as src:
             shutil.copyfileobj(src, out, 4 * 1024 * 1024)
             out.flush()
             if owner is not None and os.geteuid() == 0:
                 os.fchown(out.fileno(), *owner)
             os.fchmod(out.fileno(), mode)
             os.fsync(out.fileno())
-        problem = _integrity(temp)
+        problem = _integrity(here / temp)
         if problem != "ok":
-            raise IntegrityError(f"the restored copy {temp} fails integrity_check: {problem}")
+            raise IntegrityError(
+                f"the restored copy {target.with_name(temp)} fails integrity_check: {problem}"
+            )
         for _suffix, sidecar in _sidecars(temp):
-            sidecar.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(sidecar, dir_fd=dir_fd)
         kept: Path | None = None
         if existing:
             # A hard link keeps ``target`` in place until the rename below replaces it.
             try:
-                os.link(target, aside, follow_symlinks=False)
+                os.link(name, aside, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
             except OSError:
-                os.rename(target, aside)
-            kept = aside
-            for suffix, sidecar in _sidecars(target):
-                if sidecar.exists():
-                    os.rename(sidecar, aside.with_name(aside.name + suffix))
-        else:
-            for suffix, sidecar in _sidecars(target):
-                # Stale sidecars of a deleted database would be applied to the new file.
-                if sidecar.exists():
-                    os.rename(sidecar, aside.with_name(aside.name + suffix))
-        os.rename(temp, target)
-        fsync_dir(target.parent)
+                os.rename(name, aside, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            kept = target.with_name(aside)
+        # Sidecars go with the old file; stale ones of a deleted database would be applied
+        # to the new file.
+        for suffix, sidecar in _sidecars(name):
+            if _lstat_at(dir_fd, sidecar) is not None:
+                os.rename(sidecar, aside + suffix, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.fsync(dir_fd)
         return kept
     finally:
-        temp.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp, dir_fd=dir_fd)

@@ -13,6 +13,11 @@ from cloudbackup.core.errors import SourceError
 from cloudbackup.fs.walk import DirCursor, DirHandle, DirTable, FileEntry
 from cloudbackup.sources.base import RestoreAs, Source, SourceContext
 
+_S_IFMT = 0o170000
+_S_IFREG = stat.S_IFREG
+_S_IFDIR = stat.S_IFDIR
+_S_IFLNK = stat.S_IFLNK
+
 
 def _is_special(mode: int) -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
@@ -26,10 +31,12 @@ def _kind_name(mode: int) -> str:
     return "device"
 
 
-def _open_root(root: str) -> DirHandle:
-    """The walk's root, opened once by path (a symlink there was resolved by the source)."""
+def _open_root(root: str, fd: int | None = None) -> DirHandle:
+    """The walk's root: ``fd`` when the source opened it (a glob's prefix, opened without
+    following a link on the way), else opened once by path (a symlink there was resolved
+    by the source)."""
     try:
-        return DirTable(root).open_root()
+        return DirTable(root).open_root(fd=fd)
     except FileNotFoundError:
         raise SourceError(
             f"source path {root} does not exist", "check the path or the mount"
@@ -62,12 +69,14 @@ class _Level:
     index: int = 0
 
 
-# Long: the walk's one loop, on the hot path (no call per entry or per level).
+# A level's state is kept in locals while its names are read.
+# Long: the walk's one loop, on the hot path (no call of ours per entry or per level).
 def walk_tree(
     root: str,
     ctx: SourceContext,
     *,
     select: Callable[[str], bool] | None = None,
+    root_fd: int | None = None,
 ) -> Iterator[FileEntry]:
     """Depth-first and sorted, by directory descriptor, iterative, never following symlinks.
 
@@ -76,14 +85,16 @@ def walk_tree(
     else) is skipped with a warning. ``select`` filters non-directories (glob sources);
     parent directories of selected entries are emitted before them. Holds one name list
     per level and a bounded number of descriptors (see cloudbackup.fs.walk), whatever the depth.
+    ``root_fd``: the root is that open directory (``root`` names it), never reopened by name.
     """
-    top = _open_root(root)
+    top = _open_root(root, root_fd)
     warn = ctx.warn
     exclude = ctx.exclude if ctx.exclude else None
     skip = ctx.skip_inodes
     visited: set[tuple[int, int]] = {(top.dev, top.ino)}
     pending: list[FileEntry] = []  # glob mode: directories of the current path not yet emitted
     cursor = DirCursor()
+    lstat = os.lstat
     try:
         try:
             names = sorted(os.listdir(cursor.fd_for(top)))
@@ -94,71 +105,91 @@ def walk_tree(
         rel = ""  # the member name of the directory on top of the stack
         while stack:
             level = stack[-1]
+            handle = level.handle
             names = level.names
-            if level.index >= len(names):
-                stack.pop()
-                if pending and pending[-1] is level.entry:
-                    pending.pop()
-                rel = rel[: len(rel) - len(level.handle.name) - 1] if len(stack) > 1 else ""
-                continue
-            name = names[level.index]
-            level.index += 1
-            arcname = f"{rel}/{name}" if rel else name
-            if exclude is not None and exclude.matches_child(arcname, name):
-                continue
-            try:
-                fd = cursor.fd_for(level.handle)
-            except OSError as exc:
-                # Its descriptor had been closed (bounded window) and it moved since.
-                gone = isinstance(exc, FileNotFoundError)
-                warn(
-                    "vanished" if gone else "unreadable",
-                    f"{level.handle.path}: "
-                    + ("replaced during the walk" if gone else f"cannot reopen ({exc.strerror})")
-                    + "; the rest of it skipped",
-                )
-                level.index = len(names)
-                continue
-            try:
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            except FileNotFoundError:
-                warn("vanished", f"{level.handle.child_path(name)}: vanished while reading")
-                continue
-            except OSError as exc:
-                warn("unreadable", f"{level.handle.child_path(name)}: cannot stat ({exc.strerror})")
-                continue
-            key = (st.st_dev, st.st_ino)
-            if key in skip:
-                continue
-            mode = st.st_mode
-            if stat.S_ISDIR(mode):
+            index = level.index
+            count = len(names)
+            fd = -1  # the directory's descriptor, pinned by ``cursor`` once asked for
+            descended = False
+            while index < count:
+                name = names[index]
+                index += 1
+                arcname = f"{rel}/{name}" if rel else name
+                if exclude is not None and exclude.matches_child(arcname, name):
+                    continue
+                if fd < 0:
+                    try:
+                        fd = cursor.fd_for(handle)
+                    except OSError as exc:
+                        # Its descriptor had been closed (bounded window) and it moved since.
+                        gone = isinstance(exc, FileNotFoundError)
+                        warn(
+                            "vanished" if gone else "unreadable",
+                            f"{handle.path}: "
+                            + (
+                                "replaced during the walk"
+                                if gone
+                                else f"cannot reopen ({exc.strerror})"
+                            )
+                            + "; the rest of it skipped",
+                        )
+                        index = count
+                        break
+                try:
+                    st = lstat(name, dir_fd=fd)
+                except FileNotFoundError:
+                    warn("vanished", f"{handle.child_path(name)}: vanished while reading")
+                    continue
+                except OSError as exc:
+                    warn("unreadable", f"{handle.child_path(name)}: cannot stat ({exc.strerror})")
+                    continue
+                if skip and (st.st_dev, st.st_ino) in skip:
+                    continue
+                mode = st.st_mode
+                kind = mode & _S_IFMT
+                if kind != _S_IFDIR and (
+                    kind == _S_IFREG or kind == _S_IFLNK or not _is_special(mode)
+                ):
+                    if select is not None:
+                        if not select(arcname):
+                            continue
+                        if pending:
+                            yield from pending
+                            pending.clear()
+                    yield FileEntry(None, arcname, st, handle, name)
+                    continue
+                if kind != _S_IFDIR:
+                    warn("skipped", f"{handle.child_path(name)}: {_kind_name(mode)} skipped")
+                    continue
+                key = (st.st_dev, st.st_ino)
                 if key in visited:
                     warn(
                         "skipped",
-                        f"{level.handle.child_path(name)}: directory loop (bind mount?) skipped",
+                        f"{handle.child_path(name)}: directory loop (bind mount?) skipped",
                     )
                     continue
                 visited.add(key)
                 try:
-                    child = level.handle.open_child(name, st, fd)
+                    child = handle.open_child(name, st, fd)
                 except FileNotFoundError:
                     warn(
                         "vanished",
-                        f"{level.handle.child_path(name)}: replaced during the walk; "
+                        f"{handle.child_path(name)}: replaced during the walk; "
                         "skipped (never followed)",
                     )
                     continue
                 except OSError as exc:
-                    entry = FileEntry(None, arcname, st, level.handle, name)
+                    entry = FileEntry(None, arcname, st, handle, name)
                     warn("unreadable", f"{entry.path}: cannot list directory ({exc.strerror})")
                     if select is None:
                         yield entry
                     continue
-                entry = FileEntry(None, arcname, st, level.handle, name, child)
+                entry = FileEntry(None, arcname, st, handle, name, child)
                 if select is None:
                     yield entry
                 else:
                     pending.append(entry)
+                fd = -1  # the cursor moves to the child
                 try:
                     child_names = sorted(os.listdir(cursor.fd_for(child)))
                 except OSError as exc:
@@ -174,16 +205,15 @@ def walk_tree(
                     continue
                 stack.append(_Level(child, child_names, entry))
                 rel = arcname
-            elif _is_special(mode):
-                warn("skipped", f"{level.handle.child_path(name)}: {_kind_name(mode)} skipped")
-            else:
-                if select is not None:
-                    if not select(arcname):
-                        continue
-                    if pending:
-                        yield from pending
-                        pending.clear()
-                yield FileEntry(None, arcname, st, level.handle, name)
+                descended = True
+                break
+            level.index = index
+            if descended:
+                continue
+            stack.pop()
+            if pending and pending[-1] is level.entry:
+                pending.pop()
+            rel = rel[: len(rel) - len(handle.name) - 1] if len(stack) > 1 else ""
     finally:
         cursor.release()
 

@@ -1,23 +1,22 @@
 """S3 (and S3-compatible) store: the only module that imports boto3.
 
-It owns the resumable multipart loop (create / list_parts / upload_part with a SHA-256
-checksum / complete with ``If-None-Match: *``), metadata, tags, SSE, storage class and
-Object Lock, and maps botocore errors to transient or permanent ones. Each API call goes
-through ``self.retrying`` so the retry wrapper sees, logs and counts every attempt.
+It gives the multipart primitives (create / list_parts / upload_part with a SHA-256
+checksum / complete with ``If-None-Match: *``) that ``parts.MultipartStore`` drives,
+metadata, tags, SSE, storage class and Object Lock, streaming GETs that resume mid-body
+(one stream, or parallel ranged GETs), and maps botocore errors to transient or permanent
+ones. Every API call goes through the store's :class:`RetryPolicy`, which sees, logs and
+counts every attempt.
 """
 
 from __future__ import annotations
 
-import base64
 import builtins
 import hashlib
 import logging
-import os
-import threading
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
@@ -34,26 +33,27 @@ from cloudbackup.core.errors import (
     TransientStorageError,
 )
 from cloudbackup.storage.base import (
-    GrowingFile,
     ObjectHead,
     ObjectInfo,
+    PartInfo,
+    ReadStream,
     SentParts,
-    UploadOutcome,
+    UploadInfo,
     UploadSpec,
+    VerifyMethod,
+    WriteProbe,
     checksums_match,
+    sha256_b64,
 )
-
-__all__ = ["S3Store", "SentParts", "UploadOutcome", "UploadSpec", "checksums_match"]
+from cloudbackup.storage.parts import MultipartStore
+from cloudbackup.storage.retry import ResumingReader, RetryPolicy, without_query
 
 LOG = logging.getLogger("cloudbackup")
 T = TypeVar("T")
 
-MIN_PART = 5 * 1024**2
-DEFAULT_PART = 8 * 1024**2  # as the AWS CLI; parts in flight are held in memory
-MIN_CHOSEN_PART = 8 * 1024**2
-MAX_PART = 5 * 1024**3
-MAX_PARTS = 10_000
-MAX_OBJECT = 5 * 1024**4  # S3's documented limit for one object
+#: ``CLOUDBACKUP_S3_DOWNLOAD=ranged``: objects above this size are read in parallel ranges.
+RANGED_MIN_SIZE = 64 * 1024**2
+RANGED_PART_SIZE = 8 * 1024**2
 
 _TRANSIENT_CODES = {
     "SlowDown",
@@ -90,39 +90,6 @@ _PERMANENT_HINTS = {
     "InvalidStorageClass": "choose another CLOUDBACKUP_S3_STORAGE_CLASS",
     "KMS.AccessDeniedException": "the credentials may not use the KMS key",
 }
-
-
-def sha256_b64(data: bytes | memoryview) -> str:
-    return base64.b64encode(hashlib.sha256(data).digest()).decode()
-
-
-def hex_to_b64(hex_digest: str) -> str:
-    return base64.b64encode(bytes.fromhex(hex_digest)).decode()
-
-
-def composite_checksum(part_checksums_b64: list[str]) -> str:
-    """AWS's multipart SHA-256: the SHA-256 of the concatenated part digests, ``-N``."""
-    joined = b"".join(base64.b64decode(c) for c in part_checksums_b64)
-    return f"{sha256_b64(joined)}-{len(part_checksums_b64)}"
-
-
-def choose_part_size(size: int, preferred: int | None = None) -> int:
-    """At least 8 MiB (or ``preferred``, never below 5 MiB), and large enough for 10,000 parts."""
-    if size > MAX_OBJECT:
-        raise PermanentStorageError(
-            f"an archive of {size} bytes exceeds S3's 5 TiB limit for one object",
-            "split the source into several smaller sources",
-        )
-    part = max(preferred or DEFAULT_PART, MIN_PART)
-    if preferred is None:
-        part = max(part, MIN_CHOSEN_PART)
-    needed = -(-size // MAX_PARTS) if size else MIN_PART
-    if needed > part:
-        # Round up to a whole MiB so the value reads well in manifests.
-        part = -(-needed // (1024**2)) * 1024**2
-    if part > MAX_PART:
-        raise PermanentStorageError(f"an archive of {size} bytes exceeds S3's 10,000 × 5 GiB limit")
-    return part
 
 
 def classify(exc: BaseException, what: str, bucket: str) -> CloudBackupError:
@@ -166,37 +133,48 @@ def classify(exc: BaseException, what: str, bucket: str) -> CloudBackupError:
         | ConnectionError
         | TimeoutError,
     ):
-        return TransientStorageError(f"s3://{bucket}: {what}: {type(exc).__name__}: {exc}")
+        # botocore names the endpoint URL, query string included (upload ids, signatures).
+        return TransientStorageError(
+            without_query(f"s3://{bucket}: {what}: {type(exc).__name__}: {exc}")
+        )
     if isinstance(exc, bexc.BotoCoreError):
-        return PermanentStorageError(f"s3://{bucket}: {what}: {exc}")
-    return StorageError(f"s3://{bucket}: {what}: {type(exc).__name__}: {exc}")
+        return PermanentStorageError(without_query(f"s3://{bucket}: {what}: {exc}"))
+    return StorageError(without_query(f"s3://{bucket}: {what}: {type(exc).__name__}: {exc}"))
 
 
-class S3Store:
+class S3Store(MultipartStore):
+    """A bucket (``CLOUDBACKUP_S3_BUCKET``): the reference remote store."""
+
     where = "remote"
+    verify_method = VerifyMethod.HEAD
+    keeps_metadata = True
+    list_page_size = 1000  # S3's largest LIST page: one request per 1,000 objects
 
     def __init__(
         self,
         client: Any,
         bucket: str,
         *,
+        policy: RetryPolicy | None = None,
         compat: bool = False,
         sse: str | None = None,
         kms_key_id: str | None = None,
         concurrency: int = 4,
         part_size: int | None = None,
+        download: str = "single",
     ) -> None:
         self.client = client
         self.bucket = bucket
+        self.policy = policy or RetryPolicy()
         self.compat = compat
         self.sse = sse
         self.kms_key_id = kms_key_id
         self.concurrency = concurrency
         self.part_size = part_size
-        self.retrying: Callable[[str, Callable[[], Any]], Any] = lambda what, fn: fn()
+        self.download = download
 
     @classmethod
-    def from_settings(cls, settings: Any) -> S3Store:
+    def from_settings(cls, settings: Any, policy: RetryPolicy) -> S3Store:
         return cls(
             make_client(
                 endpoint_url=settings.s3_endpoint_url,
@@ -205,23 +183,27 @@ class S3Store:
                 max_pool=max(settings.s3_concurrency * 2, 10),
             ),
             settings.s3_bucket,
+            policy=policy,
             compat=settings.s3_compat,
             sse=settings.s3_sse,
             kms_key_id=settings.s3_kms_key_id,
             concurrency=settings.s3_concurrency,
             part_size=settings.s3_part_size,
+            download=settings.s3_download,
         )
 
     # -- plumbing
 
-    def _call(self, what: str, fn: Callable[..., T], **kwargs: Any) -> T:
-        def attempt() -> T:
-            try:
-                return fn(**kwargs)
-            except Exception as exc:  # noqa: BLE001 - classified below
-                raise classify(exc, what, self.bucket) from exc
+    def _raw(self, what: str, fn: Callable[..., T], **kwargs: Any) -> T:
+        """One attempt of one API call, its errors classified."""
+        try:
+            return fn(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - classified
+            raise classify(exc, what, self.bucket) from exc
 
-        return self.retrying(what, attempt)  # type: ignore[no-any-return]
+    def _call(self, what: str, fn: Callable[..., T], **kwargs: Any) -> T:
+        """One API call under the retry policy."""
+        return self.policy.call(what, lambda: self._raw(what, fn, **kwargs))
 
     def _sse_args(self) -> dict[str, str]:
         args: dict[str, str] = {}
@@ -243,12 +225,19 @@ class S3Store:
             args["ObjectLockRetainUntilDate"] = spec.lock_until
         return args
 
-    # -- Store protocol
+    def describe(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    # -- objects
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         token: str | None = None
         while True:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": 1000}
+            kwargs: dict[str, Any] = {
+                "Bucket": self.bucket,
+                "Prefix": prefix,
+                "MaxKeys": self.list_page_size,
+            }
             if token:
                 kwargs["ContinuationToken"] = token
             page = self._call(f"list {prefix or '/'}", self.client.list_objects_v2, **kwargs)
@@ -278,75 +267,130 @@ class S3Store:
             lock_until=resp.get("ObjectLockRetainUntilDate"),
         )
 
-    def open(self, key: str, *, checksum: bool = False) -> Any:
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
-        if checksum and not self.compat:
-            kwargs["ChecksumMode"] = "ENABLED"
-        resp = self._call(f"get {key}", self.client.get_object, **kwargs)
-        return _ClassifyingBody(resp["Body"], f"get {key}", self.bucket)
+    def open(self, key: str, *, size: int | None = None) -> ReadStream:
+        """One streamed GET that resumes mid-body (a ranged GET from the offset reached,
+        ``If-Match`` the first response's ETag); with ``CLOUDBACKUP_S3_DOWNLOAD=ranged`` an
+        object of known ``size`` over ``RANGED_MIN_SIZE`` is read in parallel ranges."""
+        if (
+            self.download == "ranged"
+            and self.concurrency > 1
+            and size is not None
+            and size > RANGED_MIN_SIZE
+        ):
+            return _RangedReader(self, key, size, RANGED_PART_SIZE, self.concurrency)
+        what = f"get {key}"
+        first: dict[str, Any] = {}
 
-    def open_range(self, key: str, start: int, end: int) -> bytes:
+        def opener(offset: int) -> _ClassifyingBody | _EmptyBody:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+            if offset:
+                if offset >= first["ContentLength"]:
+                    return _EmptyBody()
+                kwargs["Range"] = f"bytes={offset}-"
+                if first.get("ETag"):
+                    kwargs["IfMatch"] = first["ETag"]  # the same object, or PreconditionFailed
+            resp = self._raw(what, self.client.get_object, **kwargs)
+            if not offset:
+                first.update(resp)
+            return _ClassifyingBody(resp["Body"], what, self.bucket)
+
+        return ResumingReader(opener, self.policy, what)
+
+    def _get_range(self, key: str, start: int, end: int) -> bytes:
         """One ranged GET, body included in the retried attempt (a reset mid-body retries)."""
         what = f"get {key} bytes {start}-{end}"
 
         def attempt() -> bytes:
-            try:
-                resp = self.client.get_object(
-                    Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end}"
-                )
-                return resp["Body"].read()  # type: ignore[no-any-return]
-            except Exception as exc:  # noqa: BLE001
-                raise classify(exc, what, self.bucket) from exc
+            resp = self._raw(
+                what,
+                self.client.get_object,
+                Bucket=self.bucket,
+                Key=key,
+                Range=f"bytes={start}-{end}",
+            )
+            return _ClassifyingBody(resp["Body"], what, self.bucket).read()
 
-        return self.retrying(what, attempt)  # type: ignore[no-any-return]
+        data = self.policy.call(what, attempt)
+        if len(data) != end - start + 1:
+            raise IntegrityError(
+                f"{self.describe(key)}: the ranged GET of bytes {start}-{end} returned "
+                f"{len(data)} bytes"
+            )
+        return data
 
     def get_bytes(self, key: str) -> bytes:
         def attempt() -> bytes:
-            try:
-                resp = self.client.get_object(Bucket=self.bucket, Key=key)
-                return resp["Body"].read()  # type: ignore[no-any-return]
-            except Exception as exc:  # noqa: BLE001
-                raise classify(exc, f"get {key}", self.bucket) from exc
+            resp = self._raw(f"get {key}", self.client.get_object, Bucket=self.bucket, Key=key)
+            return _ClassifyingBody(resp["Body"], f"get {key}", self.bucket).read()
 
-        return self.retrying(f"get {key}", attempt)  # type: ignore[no-any-return]
+        return self.policy.call(f"get {key}", attempt)
 
-    def put_bytes(
-        self,
-        key: str,
-        data: bytes,
-        *,
-        kind: str = "manifest",
-        spec: UploadSpec | None = None,
-        overwrite: bool = False,
-    ) -> None:
-        spec = spec or UploadSpec(content_type="application/json")
+    def put_bytes(self, key: str, data: bytes, *, spec: UploadSpec | None = None) -> None:
+        self._put_whole(key, data, spec or UploadSpec(content_type="application/json"))
+
+    def _put_whole(self, key: str, data: bytes, spec: UploadSpec) -> str | None:
         args = self._write_args(spec)
-        if not overwrite:
-            args["IfNoneMatch"] = "*"
+        args["IfNoneMatch"] = "*"
         if not self.compat:
             args["ChecksumSHA256"] = sha256_b64(data)
             args["ChecksumAlgorithm"] = "SHA256"
-        self._call(
+        resp = self._call(
             f"put {key}", self.client.put_object, Bucket=self.bucket, Key=key, Body=data, **args
         )
+        return resp.get("ETag")
 
     def delete(self, key: str) -> None:
         self._call(f"delete {key}", self.client.delete_object, Bucket=self.bucket, Key=key)
 
     # -- multipart
 
-    def list_uploads(self, prefix: str) -> builtins.list[dict[str, Any]]:
-        uploads: builtins.list[dict[str, Any]] = []
+    def create_upload(self, key: str, spec: UploadSpec) -> str:
+        args = self._write_args(spec)
+        if not self.compat:
+            args["ChecksumAlgorithm"] = "SHA256"
+            args["ChecksumType"] = "COMPOSITE"
+        resp = self._call(
+            f"create upload {key}",
+            self.client.create_multipart_upload,
+            Bucket=self.bucket,
+            Key=key,
+            **args,
+        )
+        return str(resp["UploadId"])
+
+    def list_uploads(self, prefix: str) -> builtins.list[UploadInfo]:
+        uploads: builtins.list[UploadInfo] = []
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
         while True:
             page = self._call(
                 f"list uploads {prefix}", self.client.list_multipart_uploads, **kwargs
             )
-            uploads.extend(page.get("Uploads", []))
+            for upload in page.get("Uploads", []):
+                uploads.append(
+                    UploadInfo(upload["Key"], str(upload["UploadId"]), upload.get("Initiated"))
+                )
             if not page.get("IsTruncated"):
                 return uploads
             kwargs["KeyMarker"] = page.get("NextKeyMarker")
             kwargs["UploadIdMarker"] = page.get("NextUploadIdMarker")
+
+    def list_parts(self, key: str, upload_id: str) -> builtins.list[PartInfo]:
+        parts: builtins.list[PartInfo] = []
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "UploadId": upload_id}
+        while True:
+            page = self._call(f"list parts {key}", self.client.list_parts, **kwargs)
+            for part in page.get("Parts", []):
+                parts.append(
+                    PartInfo(
+                        number=int(part["PartNumber"]),
+                        size=int(part["Size"]),
+                        checksum_sha256=part.get("ChecksumSHA256"),
+                        etag=part.get("ETag"),
+                    )
+                )
+            if not page.get("IsTruncated"):
+                return parts
+            kwargs["PartNumberMarker"] = page["NextPartNumberMarker"]
 
     def abort(self, key: str, upload_id: str) -> None:
         try:
@@ -363,14 +407,14 @@ class S3Store:
             if exc.code != "NoSuchUpload":
                 raise
 
-    def probe_write(self, key: str, spec: UploadSpec | None = None) -> builtins.list[str]:
+    def probe_write(self, key: str, spec: UploadSpec) -> WriteProbe:
         """Prove write access without leaving an object: create, then abort an upload.
 
         The probe carries what a real upload sends (checksum algorithm, tags, storage class,
         SSE). When the store rejects that, the bare request is tried too, so the caller can
-        say which features the endpoint refused. Returns the refused feature names.
+        say which features the endpoint refused.
         """
-        full = self._write_args(spec or UploadSpec())
+        full = self._write_args(spec)
         if not self.compat:
             full["ChecksumAlgorithm"] = "SHA256"
 
@@ -384,9 +428,11 @@ class S3Store:
             )
             self.abort(key, resp["UploadId"])
 
+        how = "multipart upload created and aborted"
+        features = "tagging, SHA-256 checksums" if not self.compat else "compat mode"
         try:
             create_and_abort(full)
-            return []
+            return WriteProbe(how, accepted=f"{features}, {spec.storage_class}")
         except PermanentStorageError as exc:
             if exc.code in (
                 "AccessDenied",
@@ -397,396 +443,74 @@ class S3Store:
                 raise
             LOG.debug("the store refused the full probe: %s", exc)
         create_and_abort(self._sse_args())
-        return [name for name in ("ChecksumAlgorithm", "Tagging", "StorageClass") if name in full]
+        refused = tuple(n for n in ("ChecksumAlgorithm", "Tagging", "StorageClass") if n in full)
+        return WriteProbe(how, refused=refused)
 
-    def _list_parts(self, key: str, upload_id: str) -> dict[int, dict[str, Any]]:
-        parts: dict[int, dict[str, Any]] = {}
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "UploadId": upload_id}
-        while True:
-            page = self._call(f"list parts {key}", self.client.list_parts, **kwargs)
-            for part in page.get("Parts", []):
-                parts[part["PartNumber"]] = part
-            if not page.get("IsTruncated"):
-                return parts
-            kwargs["PartNumberMarker"] = page["NextPartNumberMarker"]
-
-    # Long: the resumable upload's one place (resume, part size, one PUT or parts, complete).
-    def upload_file(
-        self,
-        key: str,
-        path: Path,
-        spec: UploadSpec,
-        *,
-        upload_id: str | None = None,
-        part_size: int | None = None,
-        on_created: Callable[[str, int], None] | None = None,
-        progress: Callable[[int], None] | None = None,
-    ) -> UploadOutcome:
-        """Upload ``path`` to ``key``: one PUT when small, else resumable parallel multipart.
-
-        ``upload_id``/``part_size`` resume an interrupted upload (only parts whose checksum
-        matches the local bytes are reused); ``on_created`` is told a new upload's id and
-        part size before any part is sent, so a crash can be resumed. An error leaves the
-        multipart upload in place (expired credentials, a kill): the next run resumes it.
-        """
-        size = path.stat().st_size
-        existing: dict[int, dict[str, Any]] = {}
-        if upload_id is not None:
-            try:
-                existing = self._list_parts(key, upload_id)
-            except PermanentStorageError as exc:
-                if exc.code not in ("NoSuchUpload", "NoSuchKey", "404", "NotFound"):
-                    raise
-                # Gone: completed by a run that died before recording it, or aborted.
-                present = self._already_present(
-                    key, path, size, part_size or choose_part_size(size, self.part_size), spec
-                )
-                if present is not None:
-                    LOG.info("%s is already complete in S3; not sending it again", key)
-                    if progress:
-                        progress(size)
-                    return present
-                LOG.info("upload %s of %s is gone; starting over", upload_id[:12], key)
-                upload_id, existing = None, {}
-        if part_size is None and 1 in existing:
-            part_size = int(existing[1]["Size"])  # an upload found without its local record
-        part_size = part_size or choose_part_size(size, self.part_size)
-        if upload_id is not None and -(-size // part_size) > MAX_PARTS:
-            # A streamed upload sized its parts from an estimate the archive outgrew: its
-            # parts cannot make this archive. Start over with parts that fit.
-            LOG.info(
-                "upload %s of %s has %d-byte parts, too small for %d bytes; starting over",
-                upload_id[:12],
-                key,
-                part_size,
-                size,
-            )
-            self._abort_quietly(key, upload_id)
-            upload_id, existing = None, {}
-            part_size = choose_part_size(size, self.part_size)
-        if size <= part_size and upload_id is None:
-            return self._put_small(key, path, size, spec, part_size, progress)
-        part_count = max(1, -(-size // part_size))
-        if part_count > MAX_PARTS:
-            raise PermanentStorageError(
-                f"{path} needs {part_count} parts of {part_size} bytes; S3 allows 10,000"
-            )
-        if upload_id is None:
-            upload_id = self._create_upload(key, spec)
-            if on_created:
-                on_created(upload_id, part_size)
-        assert upload_id is not None
-        ranges = (
-            (n, (n - 1) * part_size, min(part_size, size - (n - 1) * part_size))
-            for n in range(1, part_count + 1)
-        )
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # never a planted link
-        try:
-            sent = self._send_parts(
-                key,
-                upload_id,
-                fd,
-                ranges,
-                existing,
-                progress,
-                total_label=f"/{part_count}",
-                file_label=str(path),
-            )
-        finally:
-            os.close(fd)
-        return self.complete_parts(key, sent, size, part_size, spec)
-
-    def upload_growing(
-        self,
-        key: str,
-        tail: GrowingFile,
-        spec: UploadSpec,
-        part_size: int,
-        *,
-        on_created: Callable[[str, int], None] | None = None,
-        progress: Callable[[int], None] | None = None,
-    ) -> SentParts | None:
-        """Send the parts of a file that is still being written, each once it exists.
-
-        The multipart upload is created only when the file outgrows one part: a smaller
-        file returns ``None`` (the caller PUTs it whole, once complete). Completing is left
-        to :meth:`complete_parts`, so the caller decides whether the file is kept. A file
-        that would need part 10,001 raises PermanentStorageError (code ``TooManyParts``)
-        before sending it; the upload is left for the caller to abort.
-        """
-        # One byte more than a part: a file of exactly one part is one PUT.
-        written, final = tail.wait_for(part_size + 1)
-        if final is not None and final <= part_size:
-            return None
-        upload_id = self._create_upload(key, spec)
-        if on_created:
-            on_created(upload_id, part_size)
-
-        def ranges(written: int) -> Iterator[tuple[int, int, int]]:
-            number, offset = 1, 0  # part 1 is there already
-            while True:
-                if number > MAX_PARTS:
-                    raise PermanentStorageError(
-                        f"{key} outgrew {MAX_PARTS} parts of {part_size} bytes while streaming",
-                        code="TooManyParts",
-                    )
-                yield number, offset, min(part_size, written - offset)
-                number, offset = number + 1, offset + part_size
-                written, final = tail.wait_for(offset + part_size)
-                if final is not None and final <= offset:
-                    return
-
-        assert tail.fd is not None  # open since the first byte was written
-        return self._send_parts(
-            key, upload_id, tail.fd, ranges(written), {}, progress, total_label="", file_label=key
-        )
-
-    def _create_upload(self, key: str, spec: UploadSpec) -> str:
-        args = self._write_args(spec)
+    def _put_part(
+        self, key: str, upload_id: str, number: int, data: bytes, checksum: str, label: str
+    ) -> str:
+        args: dict[str, Any] = {}
         if not self.compat:
-            args["ChecksumAlgorithm"] = "SHA256"
-            args["ChecksumType"] = "COMPOSITE"
+            args = {"ChecksumAlgorithm": "SHA256", "ChecksumSHA256": checksum}
         resp = self._call(
-            f"create upload {key}",
-            self.client.create_multipart_upload,
+            f"upload {label}",
+            self.client.upload_part,
             Bucket=self.bucket,
             Key=key,
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=data,
             **args,
         )
-        return str(resp["UploadId"])
-
-    # Long: the parallel parts loop keeps its state (sent, reused, in flight) in one frame.
-    def _send_parts(
-        self,
-        key: str,
-        upload_id: str,
-        fd: int,
-        ranges: Iterator[tuple[int, int, int]],
-        existing: dict[int, dict[str, Any]],
-        progress: Callable[[int], None] | None,
-        *,
-        total_label: str,
-        file_label: str,
-    ) -> SentParts:
-        """Send ``(number, offset, length)`` ranges of ``fd``, ``concurrency`` at a time.
-
-        ``total_label`` follows the part number in messages (``"/12"``, or ``""`` while the
-        count is unknown); ``file_label`` names the local file in a short-read error.
-
-        Memory stays bounded: each running worker reads and holds one part; at most
-        2×concurrency part numbers are queued (no data). ``ranges`` may block (a growing file). The first error stops the
-        queue; it is the one raised. A part already in ``existing`` is kept when it provably
-        holds the same bytes.
-        """
-        sent = SentParts(upload_id)
-        lock = threading.Lock()
-
-        def reusable(previous: dict[str, Any] | None, data: bytes, checksum: str) -> bool:
-            """A part already in S3 is kept only when it provably holds these bytes."""
-            if previous is None or previous.get("Size") != len(data):
-                return False
-            if previous.get("ChecksumSHA256"):
-                return bool(previous["ChecksumSHA256"] == checksum)
-            if self.sse == "aws:kms":  # the ETag is not the MD5 of the data then
-                return False
-            md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
-            return bool(previous.get("ETag", "").strip('"') == md5)
-
-        def send(number: int, offset: int, length: int) -> None:
-            data = os.pread(fd, length, offset)
-            if len(data) != length:
-                raise IntegrityError(f"{file_label} changed while uploading (short read)")
-            checksum = sha256_b64(data)
-            previous = existing.get(number)
-            if reusable(previous, data, checksum):
-                assert previous is not None
-                with lock:
-                    sent.reused += 1
-                    sent.checksums[number] = checksum
-                    sent.etags[number] = previous["ETag"]
-                if progress:
-                    progress(len(data))
-                return
-            args: dict[str, Any] = {}
-            if not self.compat:
-                args = {"ChecksumAlgorithm": "SHA256", "ChecksumSHA256": checksum}
-            resp = self._call(
-                f"upload part {number}{total_label} of {key}",
-                self.client.upload_part,
-                Bucket=self.bucket,
-                Key=key,
-                UploadId=upload_id,
-                PartNumber=number,
-                Body=data,
-                **args,
+        returned = resp.get("ChecksumSHA256")
+        if returned and returned != checksum:
+            raise IntegrityError(
+                f"S3 stored part {number} of {key} with checksum {returned}, sent {checksum}"
             )
-            returned = resp.get("ChecksumSHA256")
-            if returned and returned != checksum:
-                raise IntegrityError(
-                    f"S3 stored part {number} of {key} with checksum {returned}, sent {checksum}"
-                )
-            with lock:
-                sent.checksums[number] = checksum
-                sent.etags[number] = resp["ETag"]
-            if progress:
-                progress(len(data))
+        return str(resp["ETag"])
 
-        errors: builtins.list[BaseException] = []
-
-        def guarded(number: int, offset: int, length: int) -> None:
-            if errors:  # an earlier part failed: send nothing more
-                return
-            try:
-                send(number, offset, length)
-            except BaseException as exc:
-                with lock:
-                    errors.append(exc)
-
-        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="upload") as pool:
-            pending: set[Future[None]] = set()
-            try:
-                for number, offset, length in ranges:
-                    while len(pending) >= self.concurrency * 2 and not errors:
-                        _, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    if errors:
-                        break
-                    pending.add(pool.submit(guarded, number, offset, length))
-                    sent.count = number
-                while pending and not errors:
-                    _, pending = wait(pending, return_when=FIRST_COMPLETED)
-            finally:
-                for future in pending:
-                    future.cancel()
-        if errors:
-            raise errors[0]
-        return sent
-
-    def complete_parts(
-        self, key: str, sent: SentParts, size: int, part_size: int, spec: UploadSpec
-    ) -> UploadOutcome:
-        """Complete a multipart upload with ``If-None-Match: *``; accept an object that is
-        already there only when it is provably these bytes."""
-        numbers = range(1, sent.count + 1)
+    def _complete(self, key: str, sent: SentParts) -> tuple[str | None, str | None]:
         parts = []
-        for number in numbers:
+        for number in range(1, sent.count + 1):
             part: dict[str, Any] = {"PartNumber": number, "ETag": sent.etags[number]}
             if not self.compat:
                 part["ChecksumSHA256"] = sent.checksums[number]
             parts.append(part)
-        expected = composite_checksum([sent.checksums[n] for n in numbers])
-        try:
-            resp = self._call(
-                f"complete upload {key}",
-                self.client.complete_multipart_upload,
-                Bucket=self.bucket,
-                Key=key,
-                UploadId=sent.upload_id,
-                MultipartUpload={"Parts": parts},
-                IfNoneMatch="*",
-            )
-            etag = resp.get("ETag")
-        except PermanentStorageError as exc:
-            # NoSuchUpload: a retried Complete whose first attempt succeeded (the response was
-            # lost). PreconditionFailed: the object exists already. Either way, accept what is
-            # there only when it is provably these bytes.
-            if exc.code not in ("NoSuchUpload", "PreconditionFailed"):
-                raise
-            head = self.head(key)
-            if not self._same_object(head, size, expected, spec):
-                raise self._differs(key) from None
-            assert head is not None
-            etag = head.etag
-            if exc.code == "PreconditionFailed":
-                self._abort_quietly(key, sent.upload_id)
-        return UploadOutcome(
-            key=key,
-            size=size,
-            part_size=part_size,
-            part_count=sent.count,
-            checksum=None if self.compat else expected,
-            etag=etag,
-            upload_id=sent.upload_id,
-            parts_reused=sent.reused,
-            parts_sent=sent.count - sent.reused,
+        resp = self._call(
+            f"complete upload {key}",
+            self.client.complete_multipart_upload,
+            Bucket=self.bucket,
+            Key=key,
+            UploadId=sent.upload_id,
+            MultipartUpload={"Parts": parts},
+            IfNoneMatch="*",
         )
+        return resp.get("ETag"), None
 
-    def _same_object(
-        self, head: ObjectHead | None, size: int, checksum: str, spec: UploadSpec
+    def _records_checksums(self) -> bool:
+        return not self.compat
+
+    def _reusable(self, previous: PartInfo, data: bytes, checksum: str) -> bool:
+        if previous.size != len(data):
+            return False
+        if previous.checksum_sha256:
+            return previous.checksum_sha256 == checksum
+        if self.sse == "aws:kms":  # the ETag is not the MD5 of the data then
+            return False
+        md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        return (previous.etag or "").strip('"') == md5
+
+    def _holds(
+        self, head: ObjectHead, size: int, checksum: str, part_size: int, spec: UploadSpec
     ) -> bool:
         """Is the object S3 holds the one we meant to write (size and SHA-256)?"""
-        if head is None or head.size != size:
+        if head.size != size:
             return False
         if head.checksum_sha256:
             return checksums_match(checksum, head.checksum_sha256)
         # Without checksums (CLOUDBACKUP_S3_COMPAT) the archive's sha256 metadata must match.
         ours = spec.metadata.get("sha256")
         return bool(self.compat and ours and head.metadata.get("sha256") == ours)
-
-    def _differs(self, key: str) -> PermanentStorageError:
-        return PermanentStorageError(
-            f"s3://{self.bucket}/{key} already exists and differs from the local archive",
-            "a different object was written there; investigate before deleting anything",
-            code="PreconditionFailed",
-        )
-
-    def _abort_quietly(self, key: str, upload_id: str) -> None:
-        try:
-            self.abort(key, upload_id)
-        except CloudBackupError as exc:
-            LOG.warning("cannot abort the leftover upload of %s: %s", key, exc)
-
-    def _already_present(
-        self, key: str, path: Path, size: int, part_size: int, spec: UploadSpec
-    ) -> UploadOutcome | None:
-        """The object exists and holds exactly the local bytes (same parts): say so."""
-        head = self.head(key)
-        if head is None or head.size != size:
-            return None
-        part_count = max(1, -(-size // part_size))
-        digests = []
-        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as handle:
-            for _ in range(part_count):
-                digests.append(sha256_b64(handle.read(part_size)))
-        expected = composite_checksum(digests)
-        if not self._same_object(head, size, expected, spec):
-            return None
-        return UploadOutcome(
-            key=key,
-            size=size,
-            part_size=part_size,
-            part_count=part_count,
-            checksum=None if self.compat else expected,
-            etag=head.etag,
-            parts_reused=part_count,
-            already_present=True,
-        )
-
-    def _put_small(
-        self,
-        key: str,
-        path: Path,
-        size: int,
-        spec: UploadSpec,
-        part_size: int,
-        progress: Callable[[int], None] | None,
-    ) -> UploadOutcome:
-        data = path.read_bytes()
-        checksum = sha256_b64(data)
-        etag = None
-        try:
-            self.put_bytes(key, data, spec=spec)
-        except PermanentStorageError as exc:
-            # A retried PUT whose first attempt succeeded, or an object already there.
-            if exc.code != "PreconditionFailed":
-                raise
-            head = self.head(key)
-            if not self._same_object(head, size, checksum, spec):
-                raise self._differs(key) from None
-            assert head is not None
-            etag = head.etag
-        if progress:
-            progress(size)
-        return UploadOutcome(key, size, part_size, 1, None if self.compat else checksum, etag)
 
 
 class _ClassifyingBody:
@@ -795,7 +519,7 @@ class _ClassifyingBody:
     def __init__(self, body: Any, what: str, bucket: str) -> None:
         self.body, self.what, self.bucket = body, what, bucket
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int = -1, /) -> bytes:
         try:
             return self.body.read(size if size >= 0 else None)  # type: ignore[no-any-return]
         except Exception as exc:  # noqa: BLE001
@@ -804,17 +528,76 @@ class _ClassifyingBody:
     def close(self) -> None:
         self.body.close()
 
-    def __enter__(self) -> _ClassifyingBody:
+
+class _EmptyBody:
+    """What is left of an object read to its end."""
+
+    def read(self, size: int = -1, /) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+class _RangedReader:
+    """An object read as parallel ranged GETs, served in order as one stream: at most
+    ``2 × workers`` ranges are fetched or waiting (bounded memory); each range is one
+    retried attempt, body included."""
+
+    def __init__(self, store: S3Store, key: str, size: int, part_size: int, workers: int) -> None:
+        self.store, self.key, self.size, self.part_size = store, key, size, part_size
+        self.window = max(2 * workers, 2)
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="download")
+        self.pending: deque[Future[bytes]] = deque()
+        self.next_start = 0
+        self.buffer = memoryview(b"")
+        self._fill()
+
+    def _fill(self) -> None:
+        while len(self.pending) < self.window and self.next_start < self.size:
+            start = self.next_start
+            end = min(start + self.part_size, self.size) - 1
+            self.pending.append(self.pool.submit(self.store._get_range, self.key, start, end))
+            self.next_start = end + 1
+
+    def read(self, size: int = -1, /) -> bytes:
+        if size < 0:
+            chunks = []
+            while chunk := self.read(self.part_size):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        if not self.buffer:
+            if not self.pending:
+                return b""
+            data = self.pending.popleft().result()
+            self._fill()
+            self.buffer = memoryview(data)
+        part, self.buffer = self.buffer[:size], self.buffer[size:]
+        return bytes(part)
+
+    def close(self) -> None:
+        for future in self.pending:
+            future.cancel()
+        self.pending.clear()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> _RangedReader:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
 
 def make_client(
     *, endpoint_url: str | None, compat: bool, addressing: str = "auto", max_pool: int = 10
 ) -> Any:
-    """botocore's own retries are off: the retry wrapper owns every retry (see README)."""
+    """botocore's own retries are off: the store's retry policy owns every retry (see
+    README)."""
     s3_config: dict[str, Any] = {}
     if addressing != "auto":
         s3_config["addressing_style"] = addressing
@@ -838,7 +621,3 @@ def make_client(
     session = boto3.session.Session()
     region = session.region_name or "us-east-1"
     return session.client("s3", endpoint_url=endpoint_url, config=config, region_name=region)
-
-
-def lock_until(created_at: datetime, days: int) -> datetime:
-    return created_at.astimezone(UTC) + timedelta(days=days)

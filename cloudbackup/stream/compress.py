@@ -27,6 +27,9 @@ class _Identity:
         return b""
 
 
+JOB_SIZE = 2 * 1024 * 1024
+
+
 class _Zstd:
     """zstd through a stream writer: output goes to ``emit`` in 1 MiB pieces as it is
     produced (a compressobj would hand back multi-MiB chunks and hold more memory)."""
@@ -40,8 +43,14 @@ class _Zstd:
             return len(data)
 
     def __init__(self, level: int, emit: Callable[[bytes], None]) -> None:
-        # threads=-1: one worker per core; compression overlaps with our reading.
-        cctx = zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True)
+        # threads=-1: one worker per core; compression overlaps with our reading. Jobs of
+        # JOB_SIZE: zstd's default at level 3 (four windows, 8 MiB) held ~110 MiB of input
+        # and output buffers on two cores; 2 MiB jobs hold ~35 MiB, compress as fast and
+        # cost 0.04 % of the output size (benchmarks/README.md, "Memory").
+        params = zstandard.ZstdCompressionParameters.from_level(
+            level, threads=-1, job_size=JOB_SIZE, write_checksum=1
+        )
+        cctx = zstandard.ZstdCompressor(compression_params=params)
         self._writer = cctx.stream_writer(
             self._Out(emit),  # type: ignore[arg-type]
             write_size=1024 * 1024,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import stat
 import tarfile
 from collections import OrderedDict
@@ -28,7 +27,7 @@ from cloudbackup.core.errors import IntegrityError
 from cloudbackup.core.patterns import PathMatcher
 from cloudbackup.fs import xattrs
 from cloudbackup.fs.walk import default_capacity, identity, open_parent
-from cloudbackup.stream.tarformat import XATTR_PREFIX, TarReader
+from cloudbackup.stream.tarformat import XATTR_PREFIX, TarReader, pax_time_ns
 
 __all__ = ["CHUNK_SIZE", "ExtractResult", "extract"]
 
@@ -41,7 +40,6 @@ _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXE
 # Errors that concern one member (its name or its place in the tree), not the whole restore.
 _MEMBER_ERRNOS = {errno.ENAMETOOLONG, errno.EILSEQ, errno.EMLINK, errno.EINVAL}
 _INTEGRITY_HINT = "restore another copy (--from local/remote) or an older backup"
-_PAX_TIME_RE = re.compile(r"(-?)([0-9]{1,30})(?:\.([0-9]*))?", re.ASCII)
 
 Parts = tuple[str, ...]
 
@@ -70,6 +68,8 @@ class _Attrs:
 
     @classmethod
     def of(cls, member: tarfile.TarInfo) -> _Attrs:
+        """The attributes of a member the reader let through (its numbers are in range:
+        ``tarformat.member_problem``)."""
         pax = member.pax_headers
         if not pax:
             return cls(member.mode & 0o7777, _ns(member.mtime), member.uid, member.gid)
@@ -78,7 +78,8 @@ class _Attrs:
             for key, value in pax.items()
             if key.startswith(XATTR_PREFIX)
         )
-        mtime_ns = _pax_time_ns(pax.get("mtime"))
+        text = pax.get("mtime")
+        mtime_ns = pax_time_ns(text) if text is not None else None
         if mtime_ns is None:
             mtime_ns = _ns(member.mtime)
         return cls(member.mode & 0o7777, mtime_ns, member.uid, member.gid, xattrs)
@@ -111,17 +112,19 @@ class _Tree(Protocol):
 
 
 class _RealTree:
-    """Writes under ``root`` through directory fds opened with O_NOFOLLOW, never by path."""
+    """Writes under ``root`` through directory fds opened with O_NOFOLLOW, never by path.
+    ``root`` is an open directory's descriptor (duplicated: the caller keeps its own), or a
+    path, opened once (not through a symlink at its end)."""
 
     def __init__(
         self,
-        root: Path,
+        root: Path | int,
         *,
         same_owner: bool,
         progress: Callable[[int], None] | None,
         warnings: list[str],
     ) -> None:
-        self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._root_fd = os.dup(root) if isinstance(root, int) else os.open(root, _DIR_FLAGS)
         self._fds: OrderedDict[Parts, int] = OrderedDict()
         self._capacity = min(_DIR_FD_CACHE, default_capacity())
         self._ids: dict[Parts, tuple[int, int]] = {}  # (st_dev, st_ino) of each dir opened
@@ -407,22 +410,6 @@ def _ns(mtime: float) -> int:
     return int(mtime * 1e9)
 
 
-def _pax_time_ns(text: str | None) -> int | None:
-    """A PAX time (``1700000000.123456789``, ``-1.5``) in exact nanoseconds, or None.
-
-    tarfile turns it into a float, which keeps only about 0.2 microseconds of today's
-    times; the string is read here digit for digit (digits past nanoseconds dropped).
-    """
-    if text is None:
-        return None
-    match = _PAX_TIME_RE.fullmatch(text)
-    if match is None:
-        return None
-    sign, seconds, fraction = match.groups()
-    ns = int(seconds) * 1_000_000_000 + int((fraction or "")[:9].ljust(9, "0"))
-    return -ns if sign else ns
-
-
 def _split_name(name: str, what: str = "path") -> Parts:
     """Normalised components of a member name or link target; raises _Refused if unsafe."""
     if "\0" in name:
@@ -467,9 +454,23 @@ class _Extraction:
     def refuse(self, name: str, reason: str) -> None:
         self.result.refused.append(f"refused {name!r}: {reason}")
 
+    def refuse_member(self, member: tarfile.TarInfo, reason: str) -> None:
+        """A member whose numbers no file can have (the reader's judgement): refused, unless
+        ``include`` leaves it out anyway."""
+        name = member.name
+        if self.matcher:
+            try:
+                parts = _split_name(name)
+            except _Refused:
+                parts = ()
+            if parts and not self.matcher.matches("/".join(parts)):
+                self.result.skipped_not_included += 1
+                return
+        self.refuse(name, f"it {reason}")
+
     def run(self, stream: BinaryIO) -> None:
         try:
-            with TarReader(stream) as tar:
+            with TarReader(stream, refuse=self.refuse_member) as tar:
                 self.tar = tar
                 for member in tar:
                     self.member(member)
@@ -572,14 +573,16 @@ class _Extraction:
 
 def extract(
     stream: BinaryIO,
-    target: Path,
+    target: Path | int,
     *,
     include: Sequence[str] = (),
     same_owner: bool | None = None,
     dry_run: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> ExtractResult:
-    """Extract the uncompressed tar ``stream`` into the existing empty directory ``target``.
+    """Extract the uncompressed tar ``stream`` into the existing empty directory ``target``:
+    an open directory's descriptor (a restore's staging directory, never reopened by name),
+    or a path (not followed if it is a symlink).
 
     ``include`` selects members with ``PathMatcher`` (a matched directory brings its subtree, a
     matched file its parent directories). ``same_owner`` (default: running as root) restores

@@ -11,7 +11,7 @@ import queue
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, Protocol
 
 from cloudbackup.core.errors import CloudBackupError
 from cloudbackup.fs.files import open_regular
@@ -39,8 +39,10 @@ class ArchiveTail:
         self.size: int | None = None  # set once the archive is complete and fsynced
         self.failed = False
 
-    def attach(self, path: Path) -> None:
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    def attach(self, source: Path | int) -> None:
+        """Follow the file at ``source``, or the one open for reading as descriptor
+        ``source`` (the tail then owns it)."""
+        self.fd = source if isinstance(source, int) else os.open(source, os.O_RDONLY | os.O_CLOEXEC)
 
     def advance(self, total: int) -> None:
         with self._cond:
@@ -131,10 +133,16 @@ class HashingSink:
             raise self.error
 
 
+class Readable(Protocol):
+    """Anything with ``read`` (a file, a store's streaming GET)."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 class HashingReader(io.RawIOBase):
     """Wraps a stream; hashes and counts every byte read through it."""
 
-    def __init__(self, raw: IO[bytes], progress: Callable[[int], None] | None = None) -> None:
+    def __init__(self, raw: Readable, progress: Callable[[int], None] | None = None) -> None:
         self.raw = raw
         self.sha = hashlib.sha256()
         self.count = 0

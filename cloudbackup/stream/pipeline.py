@@ -17,22 +17,23 @@ import tarfile
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, BinaryIO, cast
 
 import zstandard
 
 from cloudbackup.core.errors import CloudBackupError, IntegrityError, SourceError
+from cloudbackup.fs.dirs import Dir
 from cloudbackup.fs.walk import FileEntry
 from cloudbackup.stream.compress import make_compressor
 from cloudbackup.stream.hashing import ArchiveTail, HashingSink
 from cloudbackup.stream.tarformat import TarReader
-from cloudbackup.stream.tarwriter import ArchiveStats, TarOut, Warn, prefetched, write_tar
+from cloudbackup.stream.tarwriter import ArchiveStats, TarOut, Warn, write_tar
 
 
 def write_archive(
     entries: Iterable[FileEntry],
-    partial: Path,
+    directory: Dir,
+    partial: str,
     *,
     compression: str,
     level: int | None,
@@ -41,13 +42,15 @@ def write_archive(
     tail: ArchiveTail | None = None,
     prefetch: bool = False,
 ) -> ArchiveStats:
-    """Write ``partial`` in one pass and fsync it; the caller renames it into place.
+    """Write the new file ``partial`` of ``directory`` in one pass and fsync it; the
+    caller publishes it under its final name. It is created relative to the directory's
+    descriptor, never through a symlink and never over an existing file.
 
     ``tail`` follows the bytes as they are written (it is finished once the file is
-    fsynced, failed on error). ``prefetch`` reads ahead of ``entries`` (see
-    :func:`prefetched`): only for sources whose entries stay valid once the next one is
-    asked for (files on disk, not a spool removed after its entry). On any error the partial file is removed and the error
-    re-raised.
+    fsynced, failed on error). ``prefetch`` opens and reads ahead of ``entries`` (see
+    ``tarwriter.prefetched``): only for sources whose entries stay valid once the next one
+    is asked for (files on disk, not a spool removed after its entry). On any error the
+    partial file is removed and the error re-raised.
     """
     stats = ArchiveStats()
 
@@ -61,31 +64,32 @@ def write_archive(
             stats.changed += 1
         warn(category, message)
 
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fd = directory.create(partial)
     try:
         if tail is not None:
-            tail.attach(partial)
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+            tail.attach(os.open(partial, flags, dir_fd=directory.fd))
         sink = HashingSink(fd, tail=tail)
     except BaseException:
         os.close(fd)
-        partial.unlink(missing_ok=True)
+        directory.unlink(partial)
         raise
     try:
         out = TarOut(make_compressor(compression, level, sink.put), sink, progress)
         try:
-            write_tar(prefetched(entries) if prefetch else entries, out, stats, record)
+            write_tar(entries, out, stats, record, prefetch=prefetch)
             out.finish()
         finally:
             sink.close()
         os.fsync(fd)
     except BaseException as exc:
         os.close(fd)
-        partial.unlink(missing_ok=True)
+        directory.unlink(partial)
         if tail is not None:
             tail.fail()
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             raise SourceError(
-                f"no space left on {partial.parent} while writing the archive", "free space"
+                f"no space left on {directory.path} while writing the archive", "free space"
             ) from None
         raise
     os.close(fd)

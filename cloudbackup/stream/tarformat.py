@@ -16,16 +16,19 @@ import os
 import re
 import tarfile
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import IO, Any, BinaryIO, cast
+from zlib import adler32
 
 __all__ = [
     "XATTR_PREFIX",
     "TarReader",
     "member_header",
+    "member_problem",
     "pax_block",
     "pax_time",
+    "pax_time_ns",
 ]
 
 BLOCK = tarfile.BLOCKSIZE
@@ -37,30 +40,42 @@ _SKIP_CHUNK = 1 << 20
 
 
 _USTAR_TAIL = b"ustar\x0000" + bytes(32 + 32 + 8 + 8 + 155 + 12)  # magic, owners, dev, prefix, pad
-_USTAR_TAIL_SUM = sum(_USTAR_TAIL)
 _FAST_TYPES = (tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE)
 _PAX_NAME = b"././@PaxHeader"  # what tarfile writes (star's convention)
 _OCTAL_7 = 0o7777777
 _OCTAL_11 = 0o77777777777
 XATTR_PREFIX = "SCHILY.xattr."
+# The part of a block after its checksum when it has no link name, and what it adds to the
+# checksum (with the checksum field itself, counted as eight spaces).
+_TAILS = {kind: kind + bytes(100) + _USTAR_TAIL for kind in (*_FAST_TYPES, tarfile.XHDTYPE)}
+_TAIL_SUMS = {kind: 8 * 32 + sum(tail) for kind, tail in _TAILS.items()}
 
 
 def _ustar_block(
     name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int, kind: bytes, link: bytes
 ) -> bytes:
-    """One ustar block with no prefix, owner names or device numbers. The checksum adds up
-    the variable fields only (the rest is constant): summing the 512-byte block costs more
-    than building it."""
-    numbers = b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (mode & 0o7777, uid, gid, size, mtime)
-    checksum = 256 + sum(name) + sum(numbers) + kind[0] + sum(link) + _USTAR_TAIL_SUM
-    return b"%s%s%06o\0 %s%s%s" % (
+    """One ustar block with no prefix, owner names or device numbers; ``name`` and ``link``
+    are ASCII of at most 100 bytes.
+
+    The checksum (the sum of the block's bytes) comes from ``zlib.adler32``, whose low half
+    is one plus that sum modulo 65,521: such a block sums to less than 30,000, and adler32
+    sums in C what ``sum()`` would walk byte by byte. The tail of a block without a link name
+    is a constant, and so is its share of the checksum."""
+    head = b"%s%07o\0%07o\0%07o\0%011o\0%011o\0" % (
         name.ljust(100, b"\0"),
-        numbers,
-        checksum,
-        kind,
-        link.ljust(100, b"\0"),
-        _USTAR_TAIL,
+        mode & 0o7777,
+        uid,
+        gid,
+        size,
+        mtime,
     )
+    if link:
+        tail = kind + link.ljust(100, b"\0") + _USTAR_TAIL
+        checksum = (adler32(tail, adler32(head)) & 0xFFFF) - 1 + 8 * 32
+    else:
+        tail = _TAILS[kind]
+        checksum = (adler32(head) & 0xFFFF) - 1 + _TAIL_SUMS[kind]
+    return b"%s%06o\0 %s" % (head, checksum, tail)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -114,29 +129,21 @@ def pax_time(ns: int) -> str:
     return f"{sign}{seconds}.{fraction:09d}".rstrip("0")
 
 
-class _MtimeHeaders:
-    """The extended header of a member whose only record is its sub-second mtime: the
-    common case (every file written since ext4/XFS/btrfs keep nanoseconds). Its ``x`` block
-    and record prefix depend only on the value's length, so they are built once per length;
-    a header then costs one formatting of the time instead of a generic record encoding."""
-
-    def __init__(self) -> None:
-        self._parts: dict[int, tuple[bytes, bytes]] = {}
-
-    def __call__(self, ns: int) -> bytes:
-        value = (b"%d.%09d" % divmod(ns, _NS)).rstrip(b"0")
-        parts = self._parts.get(len(value))
-        if parts is None:
-            record = _pax_record(b"mtime", value)
-            prefix = record[: record.index(b"=") + 1]
-            parts = self._parts[len(value)] = (
-                pax_block(len(record)) + prefix,
-                b"\n" + bytes(-len(record) % BLOCK),
-            )
-        return parts[0] + value + parts[1]
+# The extended header of a member whose only record is its sub-second mtime (the common
+# case: ext4, XFS and btrfs keep nanoseconds), by the length of the value: its ``x`` block
+# and record prefix, and the record's end with the padding to a block.
+_MTIME_PARTS: dict[int, tuple[bytes, bytes]] = {}
 
 
-_mtime_header = _MtimeHeaders()
+def _mtime_parts(length: int) -> tuple[bytes, bytes]:
+    value = b"1" * length
+    record = _pax_record(b"mtime", value)
+    prefix = record[: record.index(b"=") + 1]
+    parts = _MTIME_PARTS[length] = (
+        pax_block(len(record)) + prefix,
+        b"\n" + bytes(-len(record) % BLOCK),
+    )
+    return parts
 
 
 def member_header(
@@ -158,22 +165,22 @@ def member_header(
     Most entries fit a plain ustar block (ASCII names up to 100 bytes, numbers within the
     octal fields), preceded by an extended header for a sub-second mtime or xattrs: both
     are built directly, several times faster than tarfile's generic path, which costs
-    about a second per 35,000 files. Anything else (long or non-ASCII names, huge numbers,
-    times before 1970) goes through tarfile.
+    about a second per 35,000 files. The extended header of a sub-second mtime alone is
+    one formatting of the time between two cached pieces. Anything else (long or
+    non-ASCII names, huge numbers, times before 1970) goes through tarfile.
     """
     if kind == tarfile.DIRTYPE and not name.endswith("/"):
         name += "/"
     mtime, fraction = divmod(mtime_ns, _NS)
     if (
-        kind in _FAST_TYPES
-        and len(name) <= 100
-        and len(linkname) <= 100
+        len(name) <= 100
         and name.isascii()
-        and linkname.isascii()
+        and 0 <= mtime < _OCTAL_11
+        and 0 <= size < _OCTAL_11
         and 0 <= uid < _OCTAL_7
         and 0 <= gid < _OCTAL_7
-        and 0 <= size < _OCTAL_11
-        and 0 <= mtime < _OCTAL_11
+        and kind in _FAST_TYPES
+        and (not linkname or (len(linkname) <= 100 and linkname.isascii()))
     ):
         block = _ustar_block(
             name.encode("ascii"), mode, uid, gid, size, mtime, kind, linkname.encode("ascii")
@@ -182,7 +189,11 @@ def member_header(
             pax = {"mtime": pax_time(mtime_ns)} if fraction else {}
             pax.update(xattrs)
             return _pax_header(pax) + block
-        return _mtime_header(mtime_ns) + block if fraction else block
+        if not fraction:
+            return block
+        value = (b"%d.%09d" % (mtime, fraction)).rstrip(b"0")
+        parts = _MTIME_PARTS.get(len(value)) or _mtime_parts(len(value))
+        return b"".join((parts[0], value, parts[1], block))
     info = tarfile.TarInfo(name)
     info.type = kind
     info.mode, info.uid, info.gid, info.size, info.mtime = mode, uid, gid, size, mtime
@@ -196,6 +207,59 @@ def member_header(
 
 
 # ---------------------------------------------------------------- reading
+
+# The numbers a member may have: anything else is refused (see member_problem).
+_MAX_ID = 2**32 - 2  # uid_t/gid_t: 2**32 - 1 is (uid_t) -1, "leave the owner unchanged"
+_MAX_SIZE = 2**62  # bytes: past the end of any archive, and its offset still fits off_t
+_TIME_T = 2**63  # seconds: a time is within (-2**63, 2**63)
+_PAX_TIME_RE = re.compile(r"(-?)([0-9]{1,30})(?:\.([0-9]*))?", re.ASCII)
+_PAX_INT_KEYS = ("uid", "gid", "size")
+
+
+def pax_time_ns(text: str) -> int | None:
+    """A PAX time (``1700000000.123456789``, ``-1.5``) in exact nanoseconds; None when it is
+    not one (``1e300``, ``nan``).
+
+    tarfile turns it into a float, which keeps only about 0.2 microseconds of today's
+    times; the string is read here digit for digit (digits past nanoseconds dropped).
+    """
+    match = _PAX_TIME_RE.fullmatch(text)
+    if match is None:
+        return None
+    sign, seconds, fraction = match.groups()
+    ns = int(seconds) * _NS + int((fraction or "")[:9].ljust(9, "0"))
+    return -ns if sign else ns
+
+
+def _shown(text: str) -> str:
+    return repr(text) if len(text) <= 40 else repr(text[:40])[:-1] + "...'"
+
+
+def member_problem(member: tarfile.TarInfo) -> str | None:
+    """Why ``member``'s numbers are ones no file can have, or None: an owner outside
+    ``uid_t``/``gid_t`` (or ``-1``), a negative size, an mtime that is not a finite time a
+    ``time_t`` holds, or a PAX record of those that is not a plain number (tarfile alone
+    would read ``gid=1e20`` as 0, ``mtime=nan`` as a NaN). The one rule of every reader:
+    the extractor refuses such a member, ``verify --deep`` calls the archive damaged."""
+    pax = member.pax_headers
+    if pax:
+        for key in _PAX_INT_KEYS:
+            text = pax.get(key)
+            if text is not None and not (text.isascii() and text.isdigit()):
+                return f"has {key} {_shown(text)}, not a number a file can have"
+        text = pax.get("mtime")
+        if text is not None:
+            ns = pax_time_ns(text)
+            if ns is None or not -_TIME_T * _NS < ns < _TIME_T * _NS:
+                return f"has mtime {_shown(text)}, not a time a file can have"
+    for key, value in (("uid", member.uid), ("gid", member.gid)):
+        if not 0 <= value <= _MAX_ID:
+            return f"has {key} {value}, not an owner a file can have"
+    if member.size < 0:
+        return f"has size {member.size}, a negative size"
+    if not -_TIME_T < member.mtime < _TIME_T:  # False for NaN too
+        return f"has mtime {member.mtime}, not a time a file can have"
+    return None
 
 
 class _TailReader(io.RawIOBase):
@@ -309,6 +373,9 @@ _PAX_LENGTH_RE = re.compile(rb"[1-9][0-9]{0,8} ")
 _USTAR_MAGIC = b"ustar\x0000"  # POSIX ustar/pax (GNU's "ustar  \0" is tarfile's job)
 # The most header bytes parsed here: an extended header of up to 7 blocks, then the member's.
 FAST_HEADER_BYTES = 9 * BLOCK
+# A PAX mtime the short cut takes: a plain number within time_t (no member_problem then:
+# its other numbers are fixed-width octal, always in range).
+_FAST_TIME_RE = re.compile(r"-?[0-9]{1,18}(?:\.[0-9]*)?", re.ASCII)
 
 
 def _name(field: bytes) -> str:
@@ -432,7 +499,10 @@ def _fast_member(data: bytes, offset: int) -> tuple[tarfile.TarInfo, int] | None
             if "linkpath" in records:
                 info.linkname = records["linkpath"]
             if "mtime" in records:
-                info.mtime = float(records["mtime"])
+                text = records["mtime"]
+                if _FAST_TIME_RE.fullmatch(text) is None:
+                    return None  # tarfile's, and judged there (member_problem)
+                info.mtime = float(text)
             info.pax_headers = records
     except ValueError:
         return None
@@ -451,9 +521,17 @@ class TarReader:
     is raised when the members are exhausted (tarfile alone stops silently at a truncated
     or corrupt header). Member data is read with ``data(member)`` before the next member is
     asked for, or skipped.
+
+    Every member's numbers are judged here (``member_problem``): one whose numbers no file
+    can have is handed to ``refuse`` (member, reason) and skipped; without ``refuse`` it
+    raises ``tarfile.ReadError`` (the archive is damaged). A size past the end of any
+    archive raises ``tarfile.ReadError`` either way: no member after it can be found.
     """
 
-    def __init__(self, stream: BinaryIO) -> None:
+    def __init__(
+        self, stream: BinaryIO, *, refuse: Callable[[tarfile.TarInfo, str], None] | None = None
+    ) -> None:
+        self._refuse = refuse
         self._tail = _TailReader(stream)
         self._buffered = io.BufferedReader(self._tail, _READ_AHEAD)
         self._archive = tarfile.open(
@@ -476,7 +554,7 @@ class TarReader:
 
     def __iter__(self) -> Iterator[tarfile.TarInfo]:
         archive = self._archive
-        member = archive.next()
+        member = self._judged_next()
         while member is not None:
             # tarfile keeps every member it reads; drop them to stay flat on huge archives.
             archive.members.clear()  # type: ignore[attr-defined]
@@ -495,7 +573,28 @@ class TarReader:
             if parsed is not None:
                 member, archive.offset = parsed
                 return member
-        return archive.next()
+        return self._judged_next()
+
+    def _judged_next(self) -> tarfile.TarInfo | None:
+        """tarfile's next member whose numbers are fine (see the class docstring)."""
+        archive = self._archive
+        while True:
+            member = archive.next()
+            if member is None:
+                return None
+            if member.size > _MAX_SIZE:
+                raise tarfile.ReadError(
+                    f"member {member.name!r} has size {member.size}, past the end of any archive"
+                )
+            problem = member_problem(member)
+            if problem is None:
+                return member
+            archive.members.clear()  # type: ignore[attr-defined]
+            if member.size < 0:  # tarfile would seek back by it: the next header follows
+                archive.offset = member.offset_data
+            if self._refuse is None:
+                raise tarfile.ReadError(f"member {member.name!r} {problem}")
+            self._refuse(member, problem)
 
     def data(self, member: tarfile.TarInfo) -> IO[bytes] | None:
         """A regular member's data, read straight from the buffered stream (what tarfile's

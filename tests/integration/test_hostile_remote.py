@@ -663,3 +663,120 @@ def test_a_symlink_planted_in_the_local_dir_is_never_listed_uploaded_or_restored
     restored = cli("restore", "www", "--from", "local", "--to", env.tmp / "out")
     assert restored.exit_code == 2, restored.stderr  # not found: the link is no backup
     assert not (env.tmp / "out").exists()
+
+
+# ---------------------------------------------------------------- hostile numbers in headers
+
+
+HOSTILE_NUMBERS = {
+    "mtime-1e300": {"mtime": "1e300"},
+    "mtime-nan": {"mtime": "nan"},
+    "mtime--inf": {"mtime": "-inf"},
+    "uid--5": {"uid": "-5"},
+    "uid-2**40": {"uid": str(2**40)},
+    "gid-1e20": {"gid": "1e20"},
+    "size--1000": {"size": "-1000"},
+}
+
+
+@pytest.mark.parametrize("kind", ["file", "dir", "symlink"])
+@pytest.mark.parametrize("case", sorted(HOSTILE_NUMBERS))
+def test_hostile_numbers_refuse_the_member_restore_the_rest_and_fail_verify_deep(
+    env: Env, s3_env: S3Env, cli: Cli, case: str, kind: str
+) -> None:
+    """The same rule for restore (the member refused, the rest restored: exit 1), a dry run
+    with --include (exit 1, nothing written) and verify --deep (damaged: exit 3)."""
+    attrs: dict[str, Any] = {
+        "file": regular(b""),
+        "dir": directory(),
+        "symlink": symlink("a.txt"),
+    }[kind]
+    attrs["pax_headers"] = HOSTILE_NUMBERS[case]
+    members = tar_of(("a.txt", regular(b"a")), ("victim", attrs), ("z.txt", regular(b"z")))
+    forge_remote(
+        s3_env, "www", members, kind="directory", file_count=3, uncompressed_bytes=2
+    )
+    target = env.work / "t"
+
+    restored = cli("restore", "www", "--to", target)
+    assert restored.exit_code == 1, restored.stderr
+    assert "Traceback" not in restored.stderr and "unexpected" not in restored.stderr
+    (refusal,) = [line for line in restored.stdout.splitlines() if "refused 'victim'" in line]
+    assert next(iter(HOSTILE_NUMBERS[case])) in refusal
+    assert sorted(os.listdir(target)) == ["a.txt", "z.txt"]
+    assert (target / "z.txt").read_bytes() == b"z"
+
+    dry = cli("restore", "www", "--dry-run", "--include", "**", "--to", env.work / "d")
+    assert dry.exit_code == 1, dry.stderr
+    assert "Traceback" not in dry.stderr and "unexpected" not in dry.stderr
+    assert "refused 'victim'" in dry.stdout
+    assert not (env.work / "d").exists()
+
+    verified = cli("verify", "--where", "remote", "--deep", "--json")
+    assert verified.exit_code == 3, verified.stderr
+    assert "Traceback" not in verified.stderr and "unexpected" not in verified.stderr
+    (entry,) = json.loads(verified.stdout)["results"]
+    assert entry["ok"] is False and "victim" in entry["detail"]
+
+
+# ---------------------------------------------------------------- host claim and upload records
+
+
+def test_a_hostile_host_claim_is_read_bounded_and_shown_printable(
+    env: Env, s3_env: S3Env, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``.host-id`` without metadata whose body is 4 MiB of terminal escapes: the claim is
+    refused as another machine's, in one line of printable characters, and only its first
+    bytes are ever read."""
+    from botocore.response import StreamingBody
+
+    body = b"\x1b[31m\x1b]0;owned\x07EVIL" + b"\x1b[2J" * (1 << 20)
+    s3_env.client.put_object(
+        Bucket=s3_env.bucket, Key=f"{s3_env.prefix}/{HOST}/.host-id", Body=body
+    )
+    read: list[int] = []
+    real_read = StreamingBody.read
+
+    def counting_read(self: Any, amt: int | None = None) -> bytes:
+        data = real_read(self, amt)
+        read.append(len(data))
+        return data
+
+    monkeypatch.setattr(StreamingBody, "read", counting_read)
+    src = make_tree(env.tmp / "www", {"a.txt": "a"})
+    result = cli("backup", src)
+    assert result.exit_code == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "\x1b" not in result.stderr + result.stdout and "\x07" not in result.stderr
+    assert "claimed by another machine" in result.stderr
+    assert "[31m]0;ownedEVIL"[:12] in result.stderr
+    assert sum(read) <= 4096, sum(read)
+
+
+def test_a_local_upload_record_naming_another_prefix_never_aborts_that_upload(
+    env: Env, s3_env: S3Env, cli: Cli
+) -> None:
+    """The record of a backup that never completed names an upload under another prefix
+    (only its last components look right): the tool never aborts that upload."""
+    when = "20261120T021500Z"
+    backup_id = BackupId.parse(f"www-{when}")
+    elsewhere = f"other-team/{HOST}/www/{archive_name(backup_id, 'zstd')}"
+    upload = s3_env.client.create_multipart_upload(Bucket=s3_env.bucket, Key=elsewhere)
+    source_dir = env.source_dir("www")
+    source_dir.mkdir(parents=True)
+    (source_dir / f"www-{when}.upload.json").write_text(
+        json.dumps(
+            {
+                "key": elsewhere,
+                "part_size": 8 << 20,
+                "part_count": 1,
+                "checksum_algorithm": "SHA256",
+                "upload_id": upload["UploadId"],
+            }
+        )
+    )
+    src = make_tree(env.tmp / "www", {"a.txt": "a"})
+    result = cli("backup", src)
+    assert result.exit_code == 0, result.stderr
+    uploads = s3_env.client.list_multipart_uploads(Bucket=s3_env.bucket).get("Uploads", [])
+    assert [(u["Key"], u["UploadId"]) for u in uploads] == [(elsewhere, upload["UploadId"])]

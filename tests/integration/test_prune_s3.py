@@ -1,6 +1,7 @@
 """Prune against moto (ThreadedMotoServer behind a recording proxy): real uploads, then the
 plan executed over S3 — zero GETs, manifest before archive, Object Lock pins, orphans,
-AccessDenied, other machines' claims and --all-hosts."""
+AccessDenied; other machines' claims, --all-hosts, --host and remote policies over both
+destinations (S3 and a directory)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Clock, Env, S3Env, make_tree
+from tests.conftest import Clock, Env, RemoteEnv, S3Env, make_tree
 from tests.s3_helpers import Fault, FaultProxy
 
 pytestmark = pytest.mark.slow
@@ -27,22 +28,23 @@ def proxy(s3_env: S3Env, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy
         yield recorder
 
 
-def put_backup(s3: S3Env, host: str, source: str, stamp: str, *, manifest: bool = True) -> str:
+def put_backup(
+    remote: S3Env | RemoteEnv, host: str, source: str, stamp: str, *, manifest: bool = True
+) -> str:
     """A backup as LIST sees it (prune reads nothing else)."""
+    where = remote if isinstance(remote, RemoteEnv) else RemoteEnv("s3", s3=remote)
     ident = f"{source}-{stamp}"
-    s3.client.put_object(Bucket=s3.bucket, Key=s3.key(host, source, f"{ident}.tar.zst"), Body=BODY)
+    where.put(where.key(host, source, f"{ident}.tar.zst"), BODY)
     if manifest:
-        s3.client.put_object(
-            Bucket=s3.bucket, Key=s3.key(host, source, f"{ident}.manifest.json"), Body=b"{}"
-        )
+        where.put(where.key(host, source, f"{ident}.manifest.json"), b"{}")
     return ident
 
 
-def remote_ids(s3: S3Env, host: str = "testhost", source: str = "www") -> list[str]:
+def remote_ids(remote: S3Env | RemoteEnv, host: str = "testhost", source: str = "www") -> list[str]:
     suffix = ".manifest.json"
     return sorted(
         k.rsplit("/", 1)[-1].removesuffix(suffix)
-        for k in s3.keys(f"{s3.prefix}/{host}/{source}/")
+        for k in remote.keys(f"{remote.prefix}/{host}/{source}/")
         if k.endswith(suffix)
     )
 
@@ -105,12 +107,11 @@ def test_remote_policy_from_the_environment(
     env: Env,
     cli: Any,
     clock: Clock,
-    s3_env: S3Env,
-    proxy: FaultProxy,
+    remote: RemoteEnv,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     for day in range(14, 21):
-        put_backup(s3_env, "testhost", "www", f"202611{day}T021500Z")
+        put_backup(remote, "testhost", "www", f"202611{day}T021500Z")
     assert cli("prune", "--where", "remote").exit_code == 2  # no remote policy: usage error
     monkeypatch.setenv("CLOUDBACKUP_REMOTE_RETENTION", "daily=3")
     (result,) = prune(cli, "--where", "remote")["results"]
@@ -120,7 +121,7 @@ def test_remote_policy_from_the_environment(
         ["daily 2026-11-19"],
         ["daily 2026-11-18"],
     ]
-    assert len(remote_ids(s3_env)) == 3
+    assert len(remote_ids(remote)) == 3
 
 
 def test_object_lock_pins_remote_backups(
@@ -209,22 +210,28 @@ def test_access_denied_on_delete_fails_the_source_and_names_the_permission(
 
 
 def test_all_hosts_and_other_machines_claims(
-    env: Env, cli: Any, clock: Clock, s3_env: S3Env, proxy: FaultProxy
+    env: Env, cli: Any, clock: Clock, remote: RemoteEnv
 ) -> None:
     for host in ("testhost", "db1", "web2"):
         for day in range(17, 21):
-            put_backup(s3_env, host, "www", f"202611{day}T021500Z")
-    # Another machine claimed "testhost" (two machines with one hostname).
-    s3_env.client.put_object(
-        Bucket=s3_env.bucket,
-        Key=f"{s3_env.prefix}/testhost/.host-id",
-        Body=b"other\n",
-        Metadata={"machine-id": "another-machine-id"},
-    )
+            put_backup(remote, host, "www", f"202611{day}T021500Z")
+    # Another machine claimed "testhost" (two machines with one hostname): S3 keeps its id
+    # in the claim's metadata (one HEAD), a directory in its body.
+    claim = f"{remote.prefix}/testhost/.host-id"
+    if remote.s3 is not None:
+        remote.s3.client.put_object(
+            Bucket=remote.s3.bucket,
+            Key=claim,
+            Body=b"other\n",
+            Metadata={"machine-id": "another-machine-id"},
+        )
+    else:
+        remote.put(claim, b"another-machine-id\n")
     refused = prune(cli, "--where", "remote", "--policy", "last=1", code=1)["results"]
     assert [(r["host"], r["deleted"]) for r in refused] == [("testhost", [])]
     assert "claimed by another machine" in refused[0]["errors"][0]
-    assert len(remote_ids(s3_env)) == 4
+    assert "another-ma" in refused[0]["errors"][0]
+    assert len(remote_ids(remote)) == 4
 
     results = prune(cli, "--where", "remote", "--policy", "last=1", "--all-hosts")["results"]
     assert [(r["host"], len(r["deleted"])) for r in results] == [
@@ -233,23 +240,22 @@ def test_all_hosts_and_other_machines_claims(
         ("web2", 3),
     ]
     for host in ("testhost", "db1", "web2"):
-        assert remote_ids(s3_env, host) == ["www-20261120T021500Z"]
-    assert proxy.count("GetObject") == 0
+        assert remote_ids(remote, host) == ["www-20261120T021500Z"]
 
 
 def test_explicit_host_prunes_that_host_only(
-    env: Env, cli: Any, clock: Clock, s3_env: S3Env, proxy: FaultProxy
+    env: Env, cli: Any, clock: Clock, remote: RemoteEnv
 ) -> None:
     for host in ("testhost", "db1"):
         for day in range(18, 21):
-            put_backup(s3_env, host, "www", f"202611{day}T021500Z")
+            put_backup(remote, host, "www", f"202611{day}T021500Z")
     results = prune(cli, "--where", "remote", "--policy", "last=1", "--host", "db1")["results"]
     assert [(r["host"], len(r["deleted"])) for r in results] == [("db1", 2)]
-    assert len(remote_ids(s3_env, "testhost")) == 3
+    assert len(remote_ids(remote, "testhost")) == 3
 
 
 def test_local_copy_not_yet_offsite_is_pinned(
-    env: Env, cli: Any, clock: Clock, s3_env: S3Env, proxy: FaultProxy
+    env: Env, cli: Any, clock: Clock, remote: RemoteEnv
 ) -> None:
     www = make_tree(env.tmp / "srv" / "www", {"index.html": "<h1>hello</h1>\n"})
     clock.advance(days=-2)
@@ -259,7 +265,7 @@ def test_local_copy_not_yet_offsite_is_pinned(
         result = cli("backup", str(www))
         assert result.exit_code == 0, result.stderr
     local = sorted(p.name.removesuffix(".manifest.json") for p in env.manifests("www"))
-    assert remote_ids(s3_env) == local[1:]
+    assert remote_ids(remote) == local[1:]
     (result,) = prune(cli, "--policy", "last=1")["results"]
     assert {k["id"]: k["reasons"] for k in result["keep"]} == {
         local[2]: ["last 1/1"],

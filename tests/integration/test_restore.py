@@ -1,6 +1,7 @@
-"""`cloudbackup restore` end to end: real files, a moto S3 server over HTTP, the real CLI.
+"""`cloudbackup restore` end to end: real files, both destinations (a moto S3 server over HTTP,
+a directory), the real CLI.
 
-A fresh machine (empty local dir) restores from the bucket by LIST alone; a tampered remote
+A fresh machine (empty local dir) restores from the offsite copy by LIST alone; a tampered remote
 archive is an integrity failure that writes nothing; malicious archives put nothing outside
 the target; a non-empty target needs --force; a restore killed with SIGKILL never leaves a
 half-restored tree under the target's name.
@@ -30,10 +31,10 @@ from tests.conftest import (
     CliResult,
     Clock,
     Env,
+    RemoteEnv,
     S3Env,
     kill_when,
     make_tree,
-    s3_test_client,
 )
 from tests.integration.pgserver import SUPERUSER_PASSWORD
 
@@ -56,15 +57,6 @@ def moto_endpoint(moto_server: str) -> str:
 def bucket(s3_env: S3Env) -> str:
     """A fresh bucket, configured for the CLI (CLOUDBACKUP_S3_BUCKET, ..._ENDPOINT_URL)."""
     return s3_env.bucket
-
-
-def s3(endpoint: str) -> Any:
-    return s3_test_client(endpoint)
-
-
-def remote_keys(endpoint: str, bucket: str) -> list[str]:
-    page = s3(endpoint).list_objects_v2(Bucket=bucket)
-    return sorted(item["Key"] for item in page.get("Contents", []))
 
 
 # ---------------------------------------------------------------- trees
@@ -134,7 +126,7 @@ def restore_json(result: CliResult) -> dict[str, Any]:
 
 
 def test_fresh_machine_round_trip(
-    env: Env, bucket: str, moto_endpoint: str, cli: Callable[..., CliResult]
+    env: Env, remote: RemoteEnv, cli: Callable[..., CliResult]
 ) -> None:
     src = build_source(env.tmp / "www")
     expected = snapshot(src)
@@ -142,7 +134,7 @@ def test_fresh_machine_round_trip(
     assert backed.exit_code == 0, backed.stderr
     assert json.loads(backed.stdout)["results"][0]["uploaded"] is True
 
-    # The old machine is gone: nothing local, only the bucket.
+    # The old machine is gone: nothing local, only the offsite copy.
     os.chmod(src / "ro", 0o755)
     shutil.rmtree(env.local_dir)
     target = env.work / "restored"
@@ -166,7 +158,7 @@ def test_fresh_machine_round_trip(
 
 
 def test_default_target_is_the_backup_id_and_local_copy_is_preferred(
-    env: Env, bucket: str, cli: Callable[..., CliResult]
+    env: Env, remote: RemoteEnv, cli: Callable[..., CliResult]
 ) -> None:
     src = make_tree(env.tmp / "www", {"a.txt": "a", "b/c.txt": "c"})
     assert cli("backup", src).exit_code == 0
@@ -178,7 +170,7 @@ def test_default_target_is_the_backup_id_and_local_copy_is_preferred(
 
 
 def test_tampered_local_copy_falls_back_to_remote(
-    env: Env, bucket: str, cli: Callable[..., CliResult]
+    env: Env, remote: RemoteEnv, cli: Callable[..., CliResult]
 ) -> None:
     src = make_tree(env.tmp / "www", {"a.txt": "a" * 1000})
     assert cli("backup", src).exit_code == 0
@@ -214,7 +206,7 @@ def _three_backups(env: Env, cli: Callable[..., CliResult], clock: Clock) -> lis
 
 
 def test_at_picks_the_newest_backup_at_or_before(
-    env: Env, bucket: str, cli: Callable[..., CliResult], clock: Clock
+    env: Env, remote: RemoteEnv, cli: Callable[..., CliResult], clock: Clock
 ) -> None:
     ids = _three_backups(env, cli, clock)
     assert ids == [
@@ -253,7 +245,7 @@ def test_at_picks_the_newest_backup_at_or_before(
 
 def test_host_not_found_lists_the_hosts_that_have_it(
     env: Env,
-    bucket: str,
+    remote: RemoteEnv,
     cli: Callable[..., CliResult],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -279,14 +271,15 @@ def test_host_not_found_lists_the_hosts_that_have_it(
 
 
 def test_tampered_remote_archive_is_exit_3_and_writes_nothing(
-    env: Env, bucket: str, moto_endpoint: str, cli: Callable[..., CliResult]
+    env: Env, remote: RemoteEnv, cli: Callable[..., CliResult]
 ) -> None:
     src = make_tree(env.tmp / "www", {"a.txt": os.urandom(50_000), "b.txt": "b"})
     assert cli("backup", src).exit_code == 0
-    (key,) = [k for k in remote_keys(moto_endpoint, bucket) if ".tar.zst" in k]
-    body = bytearray(s3(moto_endpoint).get_object(Bucket=bucket, Key=key)["Body"].read())
+    (key,) = [k for k in remote.keys() if ".tar.zst" in k]
+    body = bytearray(remote.get(key))
     body[len(body) // 2] ^= 0x01  # one bit, same size
-    s3(moto_endpoint).put_object(Bucket=bucket, Key=key, Body=bytes(body))
+    remote.delete(key)
+    remote.put(key, bytes(body))
 
     target = env.work / "t"
     result = cli("restore", "www", "--to", target, "--from", "remote")
@@ -432,9 +425,7 @@ def test_non_empty_target_needs_force_which_moves_it_aside(
     assert (empty / "new.txt").read_text() == "new"
 
 
-def test_include_and_dry_run(
-    env: Env, bucket: str, moto_endpoint: str, cli: Callable[..., CliResult]
-) -> None:
+def test_include_and_dry_run(env: Env, remote: RemoteEnv, cli: Callable[..., CliResult]) -> None:
     src = make_tree(
         env.tmp / "www",
         {"a.txt": "aaaa", "conf/x.yaml": "x: 1\n", "conf/sub/y.yaml": "y: 2\n", "z/z.log": "z"},
@@ -536,43 +527,41 @@ def test_kill_9_mid_restore_leaves_no_partial_tree(env: Env, cli: Callable[..., 
 # ---------------------------------------------------------------- ranged GETs
 
 
-def test_ranged_download_of_a_multipart_object(env: Env, bucket: str, moto_endpoint: str) -> None:
+def test_ranged_download_of_a_multipart_object(
+    env: Env, bucket: str, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """S3Store.open with CLOUDBACKUP_S3_DOWNLOAD=ranged: ranges of any size, in parallel,
+    served in order; the download checks the bytes as for one GET."""
     from cloudbackup.core.errors import IntegrityError
-    from cloudbackup.restore.download import download
-    from cloudbackup.storage.retry import RetryingStore
+    from cloudbackup.restore.download import fetch_archive
+    from cloudbackup.storage.base import UploadSpec
+    from cloudbackup.storage.retry import RetryPolicy
     from cloudbackup.storage.s3 import S3Store, make_client
 
-    store = RetryingStore(
-        S3Store(make_client(endpoint_url=moto_endpoint, compat=False), bucket, part_size=5 << 20),
-        sleep=lambda s: None,
-    )
+    client = make_client(endpoint_url=moto_endpoint, compat=False)
+    policy = RetryPolicy(sleep=lambda s: None)
+    store = S3Store(client, bucket, policy=policy, part_size=5 << 20, download="ranged")
     data = os.urandom(5 << 20) * 2 + os.urandom(1_234_567)  # 3 parts of 5 MiB, last short
     src = env.tmp / "obj"
     src.write_bytes(data)
-    from cloudbackup.storage.s3 import UploadSpec
-
-    outcome = store.upload_file("k/obj", src, UploadSpec())
+    with src.open("rb") as file:
+        outcome = store.upload_file("k/obj", file, UploadSpec())
     assert outcome.part_count == 3
     digest = hashlib.sha256(data).hexdigest()
     seen: list[int] = []
-    for parts, part_size in ((3, 1 << 20), (2, 3 << 20), (4, 7 << 20), (0, 1 << 20)):
-        dest = env.tmp / f"dl-{parts}-{part_size}"
-        download(
-            store,
-            "k/obj",
-            dest,
-            size=len(data),
-            sha256=digest,
-            ranged_parts=parts,
-            part_size=part_size,
-            progress=seen.append,
-        )
+    monkeypatch.setattr("cloudbackup.storage.s3.RANGED_MIN_SIZE", 0)
+    for workers, part_size in ((3, 1 << 20), (2, 3 << 20), (4, 7 << 20), (1, 1 << 20)):
+        monkeypatch.setattr("cloudbackup.storage.s3.RANGED_PART_SIZE", part_size)
+        store.concurrency = workers
+        dest = env.tmp / f"dl-{workers}-{part_size}"
+        fetch_archive(store, "k/obj", dest, size=len(data), sha256=digest, progress=seen.append)
         assert dest.read_bytes() == data
     assert sum(seen) == 4 * len(data)
 
     bad = env.tmp / "bad"
+    store.concurrency = 3
     with pytest.raises(IntegrityError):
-        download(store, "k/obj", bad, size=len(data), sha256="0" * 64, ranged_parts=3)
+        fetch_archive(store, "k/obj", bad, size=len(data), sha256="0" * 64)
     assert not bad.exists()
 
 
@@ -580,25 +569,26 @@ def test_cli_ranged_download_setting(
     env: Env, bucket: str, cli: Callable[..., CliResult], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """CLOUDBACKUP_S3_DOWNLOAD=ranged: parallel ranged GETs (thresholds shrunk for the test)."""
-    from cloudbackup.restore import download as restoring
+    from cloudbackup.storage import s3 as s3store
 
     src = make_tree(env.tmp / "www", {"big.bin": os.urandom(3 << 20), "small.txt": "s"})
     assert cli("backup", src).exit_code == 0
     shutil.rmtree(env.local_dir)
-    monkeypatch.setattr(restoring, "RANGED_MIN_SIZE", 0)
-    monkeypatch.setattr(restoring, "RANGED_PART_SIZE", 256 << 10)
-    calls: list[tuple[int, int]] = []
-    real = restoring._download_ranged
+    monkeypatch.setattr(s3store, "RANGED_MIN_SIZE", 0)
+    monkeypatch.setattr(s3store, "RANGED_PART_SIZE", 256 << 10)
+    ranges: list[str] = []
+    real = s3store.S3Store._get_range
 
-    def spy(remote: Any, key: str, fd: int, size: int, workers: int, part: int, *a: Any) -> Any:
-        calls.append((workers, part))
-        return real(remote, key, fd, size, workers, part, *a)
+    def spy(self: Any, key: str, start: int, end: int) -> bytes:
+        ranges.append(key)
+        return real(self, key, start, end)
 
-    monkeypatch.setattr(restoring, "_download_ranged", spy)
+    monkeypatch.setattr(s3store.S3Store, "_get_range", spy)
     monkeypatch.setenv("CLOUDBACKUP_S3_DOWNLOAD", "ranged")
     result = cli("restore", "www", "--to", env.work / "t")
     assert result.exit_code == 0, result.stderr
-    assert calls == [(4, 256 << 10)]
+    (archive,) = {key for key in ranges}
+    assert archive.endswith(".tar.zst") and len(ranges) >= 12  # ≥ 3 MiB in 256 KiB ranges
     assert snapshot(env.work / "t") == snapshot(src)
 
 
@@ -606,7 +596,7 @@ def test_cli_ranged_download_setting(
 
 
 def test_sqlite_restore_keeps_the_old_file_aside(
-    env: Env, bucket: str, cli: Callable[..., CliResult], clock: Clock
+    env: Env, remote: RemoteEnv, cli: Callable[..., CliResult], clock: Clock
 ) -> None:
     import sqlite3
 

@@ -1,6 +1,7 @@
-"""`cloudbackup run` end to end over moto: retention across nights, partial failures, pings
-(green, failed, server down or hanging), the bucket requirement, the lock, kill -9 and
-recovery; plus `status` against a bucket (offsite state, other hosts)."""
+"""`cloudbackup run` end to end over both destinations (moto, a directory): retention across
+nights, partial failures, pings (green, failed, server down or hanging), the bucket
+requirement, the lock, kill -9 and recovery; plus `status` against the offsite copy (offsite
+state, other hosts)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from cloudbackup.lock import DirLock
-from tests.conftest import Clock, Env, S3Env, kill_when, make_tree
+from tests.conftest import Clock, Env, RemoteEnv, S3Env, kill_when, make_tree
 from tests.s3_helpers import Fault, fault_proxy
 from tests.test_monitor import PingServer, closed_port_url, hanging_server
 
@@ -63,7 +64,7 @@ def ids(backups: list[dict[str, Any]], source: str | None = None) -> list[str]:
 
 
 def test_four_nights_keep_two_local_and_three_remote(
-    env: Env, s3_env: S3Env, cli: Any, clock: Clock, www: Path, monkeypatch: pytest.MonkeyPatch
+    env: Env, remote: RemoteEnv, cli: Any, clock: Clock, www: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     set_sources(monkeypatch, www)
     monkeypatch.setenv("CLOUDBACKUP_LOCAL_RETENTION", "last=2")
@@ -92,12 +93,12 @@ def test_four_nights_keep_two_local_and_three_remote(
     assert all(b["verified"] for b in everything if b["local"])
     # Nothing else left behind: two local archives + manifests + upload records, three remote.
     assert len(env.archives("www")) == 2 and len(env.manifests("www")) == 2
-    remote = s3_env.keys(f"{s3_env.prefix}/testhost/www/")
-    assert len(remote) == 6 and not any(made[0] in key for key in remote)
+    offsite = remote.keys(f"{remote.prefix}/testhost/www/")
+    assert len(offsite) == 6 and not any(made[0] in key for key in offsite)
 
 
 def test_run_without_remote_retention_does_not_prune_s3(
-    env: Env, s3_env: S3Env, cli: Any, clock: Clock, www: Path, monkeypatch: pytest.MonkeyPatch
+    env: Env, remote: RemoteEnv, cli: Any, clock: Clock, www: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     set_sources(monkeypatch, www)
     monkeypatch.setenv("CLOUDBACKUP_LOCAL_RETENTION", "last=1")
@@ -113,7 +114,7 @@ def test_run_without_remote_retention_does_not_prune_s3(
 
 def test_broken_source_fails_the_run_but_not_the_others(
     env: Env,
-    s3_env: S3Env,
+    remote: RemoteEnv,
     cli: Any,
     clock: Clock,
     www: Path,
@@ -153,7 +154,7 @@ def test_broken_source_fails_the_run_but_not_the_others(
 
 
 def test_run_json_reports_each_source(
-    env: Env, s3_env: S3Env, cli: Any, clock: Clock, www: Path, monkeypatch: pytest.MonkeyPatch
+    env: Env, remote: RemoteEnv, cli: Any, clock: Clock, www: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     set_sources(monkeypatch, www, env.tmp / "nope")
     result = cli("run", "--json")
@@ -278,21 +279,21 @@ def start_run(env: Env, **extra: str) -> subprocess.Popen[bytes]:
 
 
 def assert_each_backup_once_and_complete(
-    env: Env, s3_env: S3Env, backups: list[dict[str, Any]]
+    env: Env, remote: RemoteEnv, backups: list[dict[str, Any]]
 ) -> None:
     listed_ids = ids(backups)
     assert len(listed_ids) == len(set(listed_ids)), f"a backup is listed twice: {listed_ids}"
     assert all(b["local"] and b["remote"] and b["verified"] for b in backups), backups
     assert list(env.local_dir.rglob("*.partial")) == []
-    assert s3_env.client.list_multipart_uploads(Bucket=s3_env.bucket).get("Uploads", []) == []
+    assert remote.uploads() == []
     # Every remote archive has its manifest: nothing half-uploaded is left behind.
-    keys = s3_env.keys()
+    keys = remote.keys()
     assert len([k for k in keys if ".tar" in k]) == len(listed_ids)
     assert len([k for k in keys if k.endswith(".manifest.json")]) == len(listed_ids)
 
 
 def test_kill_9_during_run_then_run_again(
-    env: Env, s3_env: S3Env, cli: Any, www: Path, etc: Path, monkeypatch: pytest.MonkeyPatch
+    env: Env, remote: RemoteEnv, cli: Any, www: Path, etc: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     big = make_tree(env.tmp / "srv" / "big", {"small.txt": "small\n"})
     set_sources(monkeypatch, www, big, etc)
@@ -320,7 +321,7 @@ def test_kill_9_during_run_then_run_again(
     after = listed(cli, "--where", "all")
     assert set(ids(before)) <= set(ids(after)), "an earlier backup was lost"
     assert {r["id"] for r in results} <= set(ids(after))
-    assert_each_backup_once_and_complete(env, s3_env, after)
+    assert_each_backup_once_and_complete(env, remote, after)
     newest_big = next(r for r in results if r["source"] == "big")
     assert newest_big["size"] > 40 * 1024 * 1024
 
@@ -344,7 +345,9 @@ def test_kill_9_during_upload_then_run_resumes_it(
         )
 
         def part_one_landed() -> bool:
-            return any(
+            # ... and the archive published locally (the streamed upload follows the
+            # archive as it is written: under load, part 1 can land before it is complete).
+            return bool(env.manifests("big")) and any(
                 r.query.get("partNumber") == ["1"] and r.status == 200
                 for r in proxy.requests("UploadPart")
             )
@@ -371,7 +374,55 @@ def test_kill_9_during_upload_then_run_resumes_it(
         after = listed(cli, "--where", "all")
 
     assert interrupted in ids(after) and len(ids(after, "big")) == 2
-    assert_each_backup_once_and_complete(env, s3_env, after)
+    assert_each_backup_once_and_complete(env, RemoteEnv("s3", s3=s3_env), after)
+
+
+def test_kill_9_during_upload_to_a_directory_then_run_resumes_it(
+    env: Env, cli: Any, www: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The directory destination resumes too: the parts written before the kill (files in
+    the upload's hidden directory) are reused when they hash to the local bytes."""
+    dest = RemoteEnv("dir", root=env.tmp / "dest")
+    assert dest.root is not None
+    dest.root.mkdir()
+    monkeypatch.setenv("CLOUDBACKUP_DEST", dest.root.as_uri())
+    big = make_tree(env.tmp / "srv" / "big", {"random.bin": os.urandom(12 * 1024 * 1024)})
+    set_sources(monkeypatch, www, big)
+    monkeypatch.setenv("CLOUDBACKUP_S3_PART_SIZE", "5MiB")  # three parts
+    # Part 1 lands; the others hang until the process is killed.
+    script = (
+        "import time, cloudbackup.storage.directory as d\n"
+        "real = d.DirectoryStore._put_part\n"
+        "def put(self, key, upload_id, number, *a, **k):\n"
+        "    if number != 1:\n"
+        "        time.sleep(60)\n"
+        "    return real(self, key, upload_id, number, *a, **k)\n"
+        "d.DirectoryStore._put_part = put\n"
+        "from cloudbackup.cli import main\n"
+        "main(['run'])\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=env.work,
+        env=dict(os.environ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    kill_when(
+        proc,
+        lambda: bool(env.manifests("big")) and any(dest.root.rglob(".~upload-*/part-00001")),
+    )
+    (interrupted,) = ids(listed(cli, "--where", "local"), "big")
+    assert dest.uploads() == [f"cloudbackup/testhost/big/{interrupted}.tar.zst"]
+
+    again = cli("run", "--json")
+    assert again.exit_code == 0, again.stderr
+    report = json.loads(again.stdout)
+    (resumed,) = [u for u in report["uploads"] if u["id"] == interrupted]
+    assert resumed["ok"] and (resumed["parts_reused"], resumed["parts_sent"]) == (1, 2)
+    after = listed(cli, "--where", "all")
+    assert interrupted in ids(after) and len(ids(after, "big")) == 2
+    assert_each_backup_once_and_complete(env, dest, after)
 
 
 # ---------------------------------------------------------------- status against a bucket
@@ -384,7 +435,7 @@ def status_json(cli: Any, *args: str) -> tuple[int, dict[str, Any]]:
 
 
 def test_status_warns_until_the_newest_backup_is_offsite(
-    env: Env, s3_env: S3Env, cli: Any, clock: Clock, www: Path, monkeypatch: pytest.MonkeyPatch
+    env: Env, remote: RemoteEnv, cli: Any, clock: Clock, www: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     set_sources(monkeypatch, www)
     assert cli("backup", "--no-upload").exit_code == 0
@@ -403,7 +454,7 @@ def test_status_warns_until_the_newest_backup_is_offsite(
 
 
 def test_status_warns_when_many_local_copies_are_not_offsite(
-    env: Env, s3_env: S3Env, cli: Any, clock: Clock, www: Path, monkeypatch: pytest.MonkeyPatch
+    env: Env, remote: RemoteEnv, cli: Any, clock: Clock, www: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     set_sources(monkeypatch, www)
     assert cli("run").exit_code == 0
@@ -416,7 +467,7 @@ def test_status_warns_when_many_local_copies_are_not_offsite(
 
 
 def test_status_all_hosts_flags_stale_hosts_from_the_bucket(
-    env: Env, s3_env: S3Env, cli: Any, clock: Clock, www: Path, monkeypatch: pytest.MonkeyPatch
+    env: Env, remote: RemoteEnv, cli: Any, clock: Clock, www: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     set_sources(monkeypatch, www)
     # Another machine sharing the bucket (its own local dir) stopped backing up 3 days ago.
@@ -449,7 +500,7 @@ def test_status_all_hosts_flags_stale_hosts_from_the_bucket(
 
 def test_run_with_a_missing_bucket_keeps_local_archives(
     env: Env,
-    s3_env: S3Env,
+    remote: RemoteEnv,
     cli: Any,
     clock: Clock,
     www: Path,
@@ -457,7 +508,11 @@ def test_run_with_a_missing_bucket_keeps_local_archives(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     set_sources(monkeypatch, www)
-    monkeypatch.setenv("CLOUDBACKUP_S3_BUCKET", s3_env.bucket + "-nope")
+    if remote.s3 is not None:
+        monkeypatch.setenv("CLOUDBACKUP_S3_BUCKET", remote.s3.bucket + "-nope")
+    else:  # a disk that is not mounted: the destination is never created
+        assert remote.root is not None
+        monkeypatch.setenv("CLOUDBACKUP_DEST", (remote.root / "not-mounted").as_uri())
     monkeypatch.setenv("CLOUDBACKUP_PING_URL", ping_server.url)
     started = time.monotonic()
     result = cli("run")

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import CliResult, Env, S3Env, make_tree
+from tests.conftest import CliResult, Env, RemoteEnv, S3Env, make_tree
 from tests.s3_helpers import Fault, FaultProxy, Request, Sleeps
 
 pytestmark = pytest.mark.slow
@@ -42,18 +42,12 @@ def proxy(s3_env: S3Env, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy
 
 @pytest.fixture
 def sleeps(monkeypatch: pytest.MonkeyPatch) -> Sleeps:
-    """The CLI's retry wrapper records its waits instead of sleeping."""
-    from cloudbackup.storage.retry import RetryingStore
-    from cloudbackup.storage.s3 import S3Store
+    """The CLI's retry policy records its waits instead of sleeping."""
+    from cloudbackup.cli import commands
 
     recorded = Sleeps()
-
-    def make_remote(settings: Any) -> RetryingStore:
-        return RetryingStore(
-            S3Store.from_settings(settings), attempts=settings.retry_attempts, sleep=recorded
-        )
-
-    monkeypatch.setattr("cloudbackup.cli.commands.make_remote", make_remote)
+    real = commands.make_remote
+    monkeypatch.setattr(commands, "make_remote", lambda settings: real(settings, sleep=recorded))
     return recorded
 
 
@@ -417,7 +411,7 @@ def test_kill_during_upload_then_resume_without_resending_parts(
 
 
 def test_list_where_remote_shows_an_uploaded_backup_verified(
-    cli: Cli, env: Env, s3_env: S3Env
+    cli: Cli, env: Env, remote: RemoteEnv
 ) -> None:
     assert cli("backup", source_tree(env.tmp / "www")).exit_code == 0
     listed = json.loads(cli("list", "--where", "remote", "--json").stdout)["backups"]
@@ -474,14 +468,12 @@ def test_list_and_verify_issue_no_get_and_tampering_is_caught(
 
 
 def test_a_second_machine_cannot_write_under_a_claimed_host(
-    cli: Cli, env: Env, s3_env: S3Env, monkeypatch: Any
+    cli: Cli, env: Env, remote: RemoteEnv, monkeypatch: Any
 ) -> None:
     monkeypatch.setattr("cloudbackup.context.machine_id", lambda *a, **k: "a" * 32)
     assert cli("backup", source_tree(env.tmp / "www")).exit_code == 0
-    claim = f"{s3_env.prefix}/{HOST}/.host-id"
-    assert s3_env.client.get_object(Bucket=s3_env.bucket, Key=claim)["Body"].read().strip() == (
-        b"a" * 32
-    )
+    claim = f"{remote.prefix}/{HOST}/.host-id"
+    assert remote.get(claim).strip() == b"a" * 32
 
     monkeypatch.setattr("cloudbackup.context.machine_id", lambda *a, **k: "b" * 32)
     result, doc = backup(cli, source_tree(env.tmp / "www"))
@@ -489,7 +481,7 @@ def test_a_second_machine_cannot_write_under_a_claimed_host(
     result.assert_one_error("claimed by another machine", HOST)
     assert doc["results"][0]["uploaded"] is False
     assert len(env.archives("www")) == 2  # kept locally
-    assert len([k for k in s3_env.keys() if k.endswith(".tar.zst")]) == 1
+    assert len([k for k in remote.keys() if k.endswith(".tar.zst")]) == 1
 
     # Without --host, `upload` refuses too; with the host given explicitly (a DR machine,
     # a central job) the claim is not enforced.
@@ -499,10 +491,9 @@ def test_a_second_machine_cannot_write_under_a_claimed_host(
     uploaded = cli("upload", "--host", HOST, "--json")
     assert uploaded.exit_code == 0, uploaded.stderr
     assert [r["ok"] for r in json.loads(uploaded.stdout)["results"]] == [True]
-    assert len([k for k in s3_env.keys() if k.endswith(".tar.zst")]) == 2
+    assert len([k for k in remote.keys() if k.endswith(".tar.zst")]) == 2
     # The claim still names the first machine.
-    body = s3_env.client.get_object(Bucket=s3_env.bucket, Key=claim)["Body"].read()
-    assert body.strip() == b"a" * 32
+    assert remote.get(claim).strip() == b"a" * 32
 
 
 # ---------------------------------------------------------------- compat mode and object lock
@@ -781,7 +772,7 @@ def test_a_streamed_upload_left_uncompleted_is_completed_by_upload(
 def test_an_archive_that_outgrows_the_part_count_is_uploaded_whole(
     cli: Cli, env: Env, s3_env: S3Env, proxy: FaultProxy, monkeypatch: Any
 ) -> None:
-    monkeypatch.setattr("cloudbackup.storage.s3.MAX_PARTS", 3)
+    monkeypatch.setattr("cloudbackup.storage.parts.MAX_PARTS", 3)
     monkeypatch.setenv("CLOUDBACKUP_S3_PART_SIZE", "5MiB")
     src = source_tree(env.tmp / "www", big=22 * MiB)  # 5 parts of 5 MiB
     result, _ = backup(cli, src)
