@@ -37,7 +37,7 @@ from cloudbackup.core.errors import (
     UsageError,
 )
 from cloudbackup.core.model import Manifest
-from cloudbackup.core.outcome import Outcome
+from cloudbackup.core.outcome import REPORTED, Outcome
 from cloudbackup.core.outcome import exit_code as code_of
 from cloudbackup.fs.files import open_regular
 from cloudbackup.fs.tree import Tally, tally_tree
@@ -226,7 +226,10 @@ def restore(
         result.seconds = time.monotonic() - started
     if not dry_run and not result.ok:
         LOG.error(
-            "restore of %s is incomplete (exit %d): see the summary", cand.id, result.exit_code
+            "restore of %s is incomplete (exit %d): see the summary",
+            cand.id,
+            result.exit_code,
+            extra=REPORTED,  # the summary follows
         )
     return result
 
