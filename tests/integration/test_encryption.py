@@ -2,7 +2,7 @@
 only recipients writes backups it cannot read; the restorer's identity reads them; tampered
 ciphertext, a damaged header, a wrong or missing key each get their exit code with nothing
 written; stock `age -d` + `tar` restore an archive; manifests stay plaintext and path-free;
-the identity never reaches a log (what notifications quote), output or a manifest."""
+the identity never reaches a log, an output, a manifest or a notification."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ import pytest
 
 from cloudbackup.stream.age import generate_identity
 from tests.conftest import HOST, CliResult, Clock, Env, RemoteEnv, make_tree
+from tests.integration.test_notify_delivery import Request
+from tests.integration.test_notify_delivery import webhook as webhook  # noqa: F401 (fixture)
 from tests.integration.test_restore import build_source, hidden_leftovers, snapshot
 
 pytestmark = pytest.mark.slow
@@ -324,18 +326,22 @@ def test_sqlite_source_encrypted(
 # ---------------------------------------------------------------- secrets and check
 
 
-def test_the_identity_never_reaches_logs_output_or_manifests(
+def test_the_identity_never_reaches_logs_output_manifests_or_notifications(
     env: Env,
     remote: RemoteEnv,
     cli: CLI,
     keys: Keys,
     monkeypatch: pytest.MonkeyPatch,
+    webhook: tuple[int, list[Request]],  # noqa: F811
 ) -> None:
+    port, requests = webhook
     src = make_tree(env.tmp / "www", {"a.txt": "a" * 10_000})
     log = env.tmp / "cloudbackup.log"
     monkeypatch.setenv("CLOUDBACKUP_SOURCES", str(src))
     monkeypatch.setenv("CLOUDBACKUP_LOG_FILE", str(log))
     monkeypatch.setenv("CLOUDBACKUP_LOG_LEVEL", "DEBUG")
+    monkeypatch.setenv("CLOUDBACKUP_NOTIFY", f"json://127.0.0.1:{port}/hook")
+    monkeypatch.setenv("CLOUDBACKUP_NOTIFY_ON", "always")
     restorer(monkeypatch, keys)  # a misconfigured writer: it holds the identity too
     night = cli("-v", "run", "--deep", "--json")
     assert night.exit_code == 0, night.stderr
@@ -345,8 +351,10 @@ def test_the_identity_never_reaches_logs_output_or_manifests(
     assert deep.exit_code == 0, deep.stderr
     checked = cli("check")
     assert "this host can read its backups" in checked.stdout
+    assert len(requests) == 1  # the night's notification: its summary and last log lines
     seen = [night.stdout, night.stderr, restored.stdout, restored.stderr, deep.stdout,
-            deep.stderr, checked.stdout, checked.stderr, log.read_text()]  # fmt: skip
+            deep.stderr, checked.stdout, checked.stderr, log.read_text(),
+            requests[0].body.decode()]  # fmt: skip
     seen += [remote.get(k).decode() for k in remote.keys() if k.endswith(".json")]
     seen += [p.read_text() for p in env.files("www", "*.json")]
     body = keys.secret.removeprefix("AGE-SECRET-KEY-1")
