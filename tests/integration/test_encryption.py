@@ -115,6 +115,10 @@ def test_a_host_with_only_recipients_backs_up_but_cannot_restore(
     deep = cli("verify", "--deep")
     assert deep.exit_code == 2
     deep.assert_one_error("verify --deep needs CLOUDBACKUP_AGE_IDENTITY_FILE")
+    before = remote.keys()
+    deep_run = cli("run", "--deep")
+    assert deep_run.exit_code == 2 and "needs CLOUDBACKUP_AGE_IDENTITY_FILE" in deep_run.stderr
+    assert remote.keys() == before  # refused before anything was done
 
     # The restorer, on a fresh machine, holds the identity.
     os.chmod(src / "ro", 0o755)
