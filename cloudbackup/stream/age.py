@@ -55,9 +55,12 @@ _PIPE = 13
 # The child: reads the header, then streams stdin → age → stdout. It imports nothing of
 # cloudbackup; the parent's sys.path finds pyrage wherever this process found it.
 _CHILD = r"""
-import json, sys
+import io, json, sys
 def main():
-    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    # pyrage reads 8 KiB at a time and writes 64 KiB chunks: 1 MiB buffers over the pipes
+    # turn those into few system calls.
+    inp = io.BufferedReader(io.FileIO(0, "rb", closefd=False), 1 << 20)
+    out = io.BufferedWriter(io.FileIO(1, "wb", closefd=False), 1 << 20)
     head = json.loads(inp.read(int(inp.readline())))
     sys.path[:] = head["path"]
     import pyrage
