@@ -149,7 +149,8 @@ def _extract_file(
     # a read-ahead thread measured slower, not faster (see benchmarks/RESULTS.md, Restore).
     # Decryption is the stage before it, in a child process (stream.age).
     raw: BinaryIO = open_regular(path)
-    plain = decryption.open(raw) if decryption is not None else None
+    # The child reads the (verified) file itself: no copy of the ciphertext through here.
+    plain = decryption.open(raw.fileno()) if decryption is not None else None
     try:
         stream = open_decompressed(plain if plain is not None else raw, compression)
         extracted = extract(stream, into, include=includes, dry_run=dry_run, progress=progress)

@@ -6,10 +6,11 @@ process running ``pyrage`` (the Rust ``rage`` implementation of age; no cryptogr
 its ``encrypt_io``/``decrypt_io`` hold the GIL until the end of the stream, so in this process
 they would stall the tar writer, the hashing thread and the uploader. The child gets:
 
-* a command line and environment that hold nothing (``python -I -c <program>``, an empty
-  environment); the keys — recipients, or the identity when decrypting — and the parent's
-  ``sys.path`` arrive as a JSON header on its stdin, then the data;
-* the data on stdin and gives the result on stdout, in pipes of 1 MiB;
+* a command line and environment that hold nothing (``python -I -S -c <program> <fd>``, an
+  empty environment); the keys — recipients, or the identity when decrypting — and the
+  parent's ``sys.path`` arrive as JSON through a pipe of their own (descriptor ``<fd>``);
+* the data on stdin — a pipe of 1 MiB this process feeds, or the archive file itself when
+  it is read from disk (no copy through this process) — and gives the result on stdout;
 * its verdict as an exit status: a tampered or truncated ciphertext (pyrage's plain
   ``OSError('decryption error')``, or an unreadable header) is an integrity failure (exit 3);
   "No matching keys found" is a wrong key (exit 2) unless one of the identities is among the
@@ -61,7 +62,8 @@ def main():
     # turn those into few system calls.
     inp = io.BufferedReader(io.FileIO(0, "rb", closefd=False), 1 << 20)
     out = io.BufferedWriter(io.FileIO(1, "wb", closefd=False), 1 << 20)
-    head = json.loads(inp.read(int(inp.readline())))
+    with io.FileIO(int(sys.argv[1]), "rb") as keys:
+        head = json.loads(keys.readall())
     sys.path[:] = head["path"]
     import pyrage
     from pyrage import x25519
@@ -240,26 +242,39 @@ def _write_all(fd: int, data: Any) -> None:
 class _Child:
     """One pyrage child: header and data in, result out, verdict as exit status."""
 
-    def __init__(self, mode: str, keys: Sequence[str]) -> None:
+    def __init__(self, mode: str, keys: Sequence[str], source: int | None = None) -> None:
+        """``source``: a file descriptor the child reads the data from itself (it is
+        inherited as its stdin); None: a pipe this process writes into (``stdin``)."""
         self._verdict: tuple[int, str] | None = None
-        self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", _CHILD],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env={},
-            close_fds=True,
-        )
-        assert self.proc.stdin and self.proc.stdout and self.proc.stderr
-        self.stdin = self.proc.stdin.fileno()
+        keys_in, keys_out = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _CHILD, str(keys_in)],
+                stdin=subprocess.PIPE if source is None else source,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env={},
+                close_fds=True,
+                pass_fds=(keys_in,),
+            )
+        except BaseException:
+            os.close(keys_out)
+            raise
+        finally:
+            os.close(keys_in)
+        assert self.proc.stdout and self.proc.stderr
+        self.stdin = self.proc.stdin.fileno() if self.proc.stdin else -1
         self.stdout = self.proc.stdout.fileno()
-        _widen(self.stdin)
+        if self.proc.stdin:
+            _widen(self.stdin)
         _widen(self.stdout)
         head = json.dumps({"mode": mode, "keys": list(keys), "path": sys.path}).encode()
         try:
-            _write_all(self.stdin, b"%d\n" % len(head) + head)
+            _write_all(keys_out, head)  # a few hundred bytes: the pipe holds them
         except OSError:
             pass  # the child died at once: its exit status says why
+        finally:
+            os.close(keys_out)
         del head
 
     def close_input(self) -> None:
@@ -361,13 +376,19 @@ class DecryptingReader:
     def __init__(
         self, raw: Any, keyring: Keyring, recipients: Sequence[str], name: str
     ) -> None:
-        self._raw = raw
+        """``raw``: a stream to feed the child from a thread, or the descriptor of a file
+        the child reads itself (from its current offset to its end)."""
         self._keyring = keyring
         self._recipients = tuple(recipients)
         self._name = name
-        self._child = _Child("decrypt", keyring._secrets)
         self._feed_error: BaseException | None = None
         self._done = False
+        self._thread: threading.Thread | None = None
+        if isinstance(raw, int):
+            self._child = _Child("decrypt", keyring._secrets, source=raw)
+            return
+        self._raw = raw
+        self._child = _Child("decrypt", keyring._secrets)
         self._thread = threading.Thread(target=self._feed, name="age-decrypt", daemon=True)
         self._thread.start()
 
@@ -404,7 +425,8 @@ class DecryptingReader:
         return len(data)
 
     def _conclude(self) -> None:
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         code, said = self._child.finish()
         if self._feed_error is not None:
             raise self._feed_error
@@ -442,7 +464,8 @@ class DecryptingReader:
         if not self._done:
             self._done = True
             self._child.kill()
-            self._thread.join()
+            if self._thread is not None:
+                self._thread.join()
 
 
 @dataclass(frozen=True)
@@ -455,7 +478,8 @@ class Decryption:
     name: str
 
     def open(self, raw: Any) -> DecryptingReader:
-        """``raw`` (the stored bytes, already being hashed) decrypted."""
+        """``raw`` (the stored bytes: a stream, or a file descriptor the child reads
+        itself) decrypted."""
         return DecryptingReader(raw, self.keyring, self.recipients, self.name)
 
 
