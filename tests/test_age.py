@@ -43,7 +43,7 @@ def keyring(tmp_path: Path, *secrets: str) -> age.Keyring:
 
 def encrypt(data: bytes, recipients: list[str]) -> bytes:
     out: list[bytes] = []
-    stage = age.EncryptStage(recipients, out.append)
+    stage = age.EncryptStage(recipients, lambda view: out.append(bytes(view)))
     for i in range(0, len(data), 300_000):
         stage.put(data[i : i + 300_000])
     stage.close()
@@ -275,7 +275,7 @@ def test_the_child_gets_no_secret_in_argv_or_environment(
 
 
 def test_a_failing_sink_stops_the_encryption(keys: dict[str, str]) -> None:
-    def full(chunk: bytes) -> None:
+    def full(chunk: memoryview) -> None:
         raise OSError(28, "No space left on device")
 
     stage = age.EncryptStage([keys["public"]], full)

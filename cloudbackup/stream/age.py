@@ -315,10 +315,11 @@ def _child_failed(code: int, said: str, what: str) -> CloudBackupError:
 
 class EncryptStage:
     """A sink for compressed bytes (``put``) that encrypts them to ``recipients`` and hands
-    the ciphertext to ``emit`` (the hashing sink) from its own thread. ``close`` ends the
+    the ciphertext to ``emit`` (the hashing sink's ``write``) from its own thread, in one
+    reused buffer (``emit`` must be done with it when it returns). ``close`` ends the
     stream and raises what went wrong; ``abort`` stops everything on an error elsewhere."""
 
-    def __init__(self, recipients: Sequence[str], emit: Callable[[bytes], None]) -> None:
+    def __init__(self, recipients: Sequence[str], emit: Callable[[memoryview], None]) -> None:
         if not recipients:
             raise ValueError("encryption needs at least one recipient")
         self._emit = emit
@@ -328,9 +329,11 @@ class EncryptStage:
         self._thread.start()
 
     def _pump(self) -> None:
+        buffer = bytearray(CHUNK)
+        view = memoryview(buffer)
         try:
-            while data := os.read(self._child.stdout, CHUNK):
-                self._emit(data)
+            while n := os.readv(self._child.stdout, [buffer]):
+                self._emit(view[:n])
         except BaseException as exc:  # surfaced on the writing thread
             self.error = exc
             if self._child.proc.poll() is None:

@@ -82,7 +82,7 @@ def write_archive(
     try:
         front: Sink = sink
         if recipients:
-            stage = front = EncryptStage(recipients, sink.put)
+            stage = front = EncryptStage(recipients, sink.write)
         out = TarOut(make_compressor(compression, level, front.put), front, progress)
         try:
             write_tar(entries, out, stats, record, prefetch=prefetch)
