@@ -304,8 +304,8 @@ BID = BackupId.parse("www-20261121T021500Z")
 
 
 def test_encrypted_names() -> None:
-    assert archive_name(BID, "zstd", True) == "www-20261121T021500Z.tar.zst.age"
-    assert archive_name(BID, "none", True) == "www-20261121T021500Z.tar.age"
+    assert archive_name(BID, "zstd", encrypted=True) == "www-20261121T021500Z.tar.zst.age"
+    assert archive_name(BID, "none", encrypted=True) == "www-20261121T021500Z.tar.age"
     key = name_for("cb", "web1", BID, "archive", "gzip", encrypted=True)
     parsed = parse_name(key, "cb")
     assert parsed is not None and parsed.encrypted and parsed.compression == "gzip"

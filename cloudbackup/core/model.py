@@ -98,13 +98,16 @@ class ParsedName:
     encrypted: bool = False  # the archive's name ends in .age
 
 
-def archive_name(backup_id: BackupId, compression: str, encrypted: bool = False) -> str:
+def archive_name(backup_id: BackupId, compression: str, *, encrypted: bool = False) -> str:
+    """``<id>.tar.zst``; ``.age`` appended when encrypted."""
     return f"{backup_id}{COMPRESSION_EXT[compression]}{AGE_SUFFIX if encrypted else ''}"
 
 
 def archive_names(backup_id: BackupId) -> set[str]:
     """Every name an archive of this backup may have (any compression, encrypted or not)."""
-    return {archive_name(backup_id, c, e) for c in COMPRESSION_EXT for e in (False, True)}
+    return {
+        archive_name(backup_id, c, encrypted=e) for c in COMPRESSION_EXT for e in (False, True)
+    }
 
 
 def manifest_name(backup_id: BackupId) -> str:
@@ -132,10 +135,11 @@ def name_for(
     backup_id: BackupId,
     kind: str,
     compression: str = "zstd",
+    *,
     encrypted: bool = False,
 ) -> str:
     if kind == "archive":
-        name = archive_name(backup_id, compression, encrypted)
+        name = archive_name(backup_id, compression, encrypted=encrypted)
     elif kind == "manifest":
         name = manifest_name(backup_id)
     elif kind == "upload":
@@ -608,7 +612,7 @@ def _manifest_from(data: Any, ref: BackupRef, kinds: Mapping[str, MemberSchema])
     if compression not in COMPRESSION_EXT:
         raise _Invalid(f"has an unknown compression {_show(compression)}")
     encryption, recipients = _encryption(data)
-    archive = archive_name(ref.backup_id, compression, encryption is not None)
+    archive = archive_name(ref.backup_id, compression, encrypted=encryption is not None)
     if _str(_take(data, "archive"), "archive") != archive:
         raise _Invalid(f"names archive {_show(data['archive'])}, not {archive} as its key says")
     if ref.archive_key is not None and ref.archive_key.rsplit("/", 1)[-1] != archive:

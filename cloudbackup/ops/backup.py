@@ -544,7 +544,7 @@ def _archive(
     guard passed) and its manifest; the stream that followed it is handed on in
     ``result.stream``. Returns the archive's stats and file name."""
     settings = ctx.settings.for_source(source.name)
-    final = archive_name(backup_id, settings.compression, bool(settings.age_recipients))
+    final = archive_name(backup_id, settings.compression, encrypted=bool(settings.age_recipients))
     partial = final + ".partial"
     warn = _warner(source.name)
     walk_warnings: list[str] = []
@@ -748,7 +748,7 @@ def _plan(
     if survey is not None and not options.allow_shrink:
         found = ArchiveStats(file_count=survey[0], uncompressed_bytes=survey[1])
         shrink_check(source, found, previous, settings.shrink_guard)
-    name = archive_name(backup_id, settings.compression, bool(settings.age_recipients))
+    name = archive_name(backup_id, settings.compression, encrypted=bool(settings.age_recipients))
     plan = SourcePlan(
         source=source.name,
         id=str(backup_id),
