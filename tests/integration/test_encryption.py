@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -325,6 +326,29 @@ def test_sqlite_source_encrypted(
     with sqlite3.connect(out) as conn:
         assert conn.execute("SELECT count(*) FROM t").fetchone() == (500,)
     conn.close()
+
+
+def test_postgres_source_encrypted_and_restored(
+    env: Env, cli: CLI, keys: Keys, monkeypatch: pytest.MonkeyPatch, pg_server: Any
+) -> None:
+    suffix = os.urandom(4).hex()
+    source_db, target_db = f"esrc_{suffix}", f"edst_{suffix}"
+    pg_server.psql(f"CREATE DATABASE {source_db}")
+    pg_server.psql(
+        "CREATE TABLE items (id serial PRIMARY KEY, name text);"
+        "INSERT INTO items (name) SELECT 'item ' || g FROM generate_series(1, 500) g;",
+        db=source_db,
+    )
+    assert cli("backup", f"shopdb={pg_server.url(source_db)}").exit_code == 0
+    (archive,) = env.archives("shopdb")
+    assert archive.name.endswith(".tar.zst.age")
+    refused = cli("restore", "shopdb", "--to", pg_server.url(target_db))
+    assert refused.exit_code == 2
+    refused.assert_one_error("needs CLOUDBACKUP_AGE_IDENTITY_FILE")
+    restorer(monkeypatch, keys)
+    result = cli("restore", "shopdb", "--to", pg_server.url(target_db))
+    assert result.exit_code == 0, result.stderr
+    assert pg_server.psql("SELECT count(*) FROM items", db=target_db) == "500"
 
 
 # ---------------------------------------------------------------- secrets and check
