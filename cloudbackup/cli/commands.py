@@ -455,12 +455,15 @@ def _verify(
     an id found nowhere is a usage error (exit 2)."""
     results = []
     host = ctx.settings.host
+    local = remote = []
     if where in ("local", "all"):
-        refs = verifying.select_refs(ctx.local_catalog.listing().refs, ids, source, host)
-        results += [verifying.verify_local_ref(ctx, ref, deep=deep) for ref in refs]
+        local = verifying.select_refs(ctx.local_catalog.listing().refs, ids, source, host)
     if where in ("remote", "all"):
-        refs = verifying.select_refs(ctx.remote_catalog.listing().refs, ids, source, host)
-        results += [verifying.verify_remote_ref(ctx, ref, deep=deep) for ref in refs]
+        remote = verifying.select_refs(ctx.remote_catalog.listing().refs, ids, source, host)
+    if deep:
+        verifying.require_identity(ctx, [*local, *remote])  # exit 2 before any is read
+    results += [verifying.verify_local_ref(ctx, ref, deep=deep) for ref in local]
+    results += [verifying.verify_remote_ref(ctx, ref, deep=deep) for ref in remote]
     found = {r.id for r in results}
     for missing in ids:
         if missing not in found:

@@ -19,6 +19,18 @@ from cloudbackup.stream.age import Decryption, decryption_for, keyring_at
 from cloudbackup.stream.hashing import sha256_file
 
 
+def require_identity(ctx: Context, refs: Sequence[BackupRef]) -> None:
+    """``--deep`` of encrypted archives (their names end in .age) without an identity file:
+    ConfigError (exit 2) before any archive is read."""
+    encrypted = [ref for ref in refs if ref.encrypted]
+    if encrypted and ctx.settings.age_identity_file is None:
+        raise ConfigError(
+            f"{len(encrypted)} of the backups to verify are encrypted (e.g. {encrypted[0].id}): "
+            "verify --deep needs CLOUDBACKUP_AGE_IDENTITY_FILE",
+            "set it where the identity is, or verify without --deep (no key needed)",
+        )
+
+
 def _decryption(ctx: Context, manifest: Manifest) -> Decryption | None:
     """How ``--deep`` opens this archive; ConfigError (exit 2) when it is encrypted and
     there is no identity of its recipients."""
