@@ -310,6 +310,33 @@ def _child_failed(code: int, said: str, what: str) -> CloudBackupError:
     )
 
 
+def decryption_failure(
+    code: int, said: str, keyring: Keyring, recipients: Sequence[str], name: str
+) -> CloudBackupError:
+    """The error a decrypting child's exit status ``code`` (and its message) means: a wrong
+    key (exit 2) or — when the identity is among the manifest's ``recipients`` — a damaged
+    header, tampered or truncated ciphertext (exit 3), or the child's own failure."""
+    if code == _NO_MATCH:
+        if keyring.matches(recipients):
+            return IntegrityError(
+                f"{name}: the identity is one of the archive's recipients, but no recipient "
+                "stanza of the archive opens with it (the header is damaged)",
+                _INTEGRITY_HINT,
+            )
+        return ConfigError(
+            f"{name}: no identity in {keyring.path} matches the archive's recipients",
+            "give the identity of one of the recipients its manifest records "
+            "(CLOUDBACKUP_AGE_IDENTITY_FILE)",
+        )
+    if code in (_TAMPERED, _BAD_HEADER):
+        return IntegrityError(
+            f"{name} fails age's authentication (tampered or truncated ciphertext: "
+            f"{said or 'decryption error'}); nothing was restored",
+            _INTEGRITY_HINT,
+        )
+    return _child_failed(code, said, "decryption")
+
+
 # ---------------------------------------------------------------- write
 
 
@@ -433,28 +460,8 @@ class DecryptingReader:
         code, said = self._child.finish()
         if self._feed_error is not None:
             raise self._feed_error
-        if code == 0:
-            return
-        if code == _NO_MATCH:
-            if self._keyring.matches(self._recipients):
-                raise IntegrityError(
-                    f"{self._name}: the identity is one of the archive's recipients, but "
-                    "no recipient stanza of the archive opens with it (the header is damaged)",
-                    _INTEGRITY_HINT,
-                )
-            raise ConfigError(
-                f"{self._name}: no identity in {self._keyring.path} matches the archive's "
-                "recipients",
-                "give the identity of one of the recipients its manifest records "
-                "(CLOUDBACKUP_AGE_IDENTITY_FILE)",
-            )
-        if code in (_TAMPERED, _BAD_HEADER):
-            raise IntegrityError(
-                f"{self._name} fails age's authentication (tampered or truncated "
-                f"ciphertext: {said or 'decryption error'}); nothing was restored",
-                _INTEGRITY_HINT,
-            )
-        raise _child_failed(code, said, "decryption")
+        if code != 0:
+            raise decryption_failure(code, said, self._keyring, self._recipients, self._name)
 
     def drain(self) -> None:
         """Read to the end (a tar reader stops at its end-of-archive blocks): every byte
