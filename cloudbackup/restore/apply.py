@@ -209,13 +209,19 @@ def stream_archive(
     clock: Stages,
     *,
     includes: Sequence[str] = (),
+    select: Callable[[str], bool] | None = None,
+    stages: Sequence[Stage] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> ExtractResult:
     """Read ``copy``'s archive once, extracting it into the directory ``into`` as it comes
     (None: a dry run that writes nothing); returns only once every byte was read and the
-    size and SHA-256 matched its manifest (IntegrityError otherwise)."""
+    size and SHA-256 matched its manifest (IntegrityError otherwise).
+
+    ``select`` filters members by path (see ``extract``); ``stages`` replaces the default
+    stages between the fetch and the tar stream (``archive_pipeline``). Called once per
+    archive into the same directory, it restores a chain of archives."""
     manifest = copy.manifest
-    with archive_pipeline(ctx, copy, clock) as pipe:
+    with archive_pipeline(ctx, copy, clock, stages) as pipe:
         started = time.perf_counter()
         try:
             try:
@@ -223,6 +229,7 @@ def stream_archive(
                     pipe.stream,
                     into if into is not None else -1,
                     include=includes,
+                    select=select,
                     dry_run=into is None,
                     progress=progress,
                 )
