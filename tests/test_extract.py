@@ -946,3 +946,23 @@ def test_fuzzed_archives_never_write_outside(
         for path in _listing(target):
             mode = os.lstat(target / path).st_mode
             assert stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)
+
+
+def test_select_filters_members_by_path_on_top_of_include(target: Path) -> None:
+    """A per-member filter (what a chain restore uses: each path only from the archive its
+    index names): members it rejects are left out as --include leaves them out."""
+    asked: list[str] = []
+
+    def select(path: str) -> bool:
+        asked.append(path)
+        return path != "docs/x.md"
+
+    result = run(_selection_archive(), target, include=["docs"], select=select)
+    assert _listing(target) == {"docs", "docs/deep", "docs/deep/y.md", "docs/link"}
+    assert "docs/x.md" in asked and "top.txt" not in asked  # --include decides first
+    assert result.skipped_not_included == 6
+    # Without --include, only the filter decides.
+    again = target.parent / "again"
+    again.mkdir()
+    run(_selection_archive(), again, select=lambda path: path.startswith("etc"))
+    assert _listing(again) == {"etc", "etc/app", "etc/app/a.conf", "etc/app/b.txt"}

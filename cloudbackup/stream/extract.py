@@ -438,11 +438,13 @@ class _Extraction:
         tree: _Tree,
         *,
         matcher: PathMatcher,
+        select: Callable[[str], bool] | None = None,
         dry_run: bool,
         result: ExtractResult,
     ) -> None:
         self.tree = tree
         self.matcher = matcher
+        self.select = select
         self.dry_run = dry_run
         self.result = result
         self.regular: set[Parts] = set()  # regular files extracted so far: hard link targets
@@ -451,6 +453,11 @@ class _Extraction:
         self.root_attrs: _Attrs | None = None
         self.tar: TarReader | None = None  # the archive being read
 
+    def _wanted(self, path: str) -> bool:
+        if self.matcher and not self.matcher.matches(path):
+            return False
+        return self.select is None or self.select(path)
+
     def refuse(self, name: str, reason: str) -> None:
         self.result.refused.append(f"refused {name!r}: {reason}")
 
@@ -458,12 +465,12 @@ class _Extraction:
         """A member whose numbers no file can have (the reader's judgement): refused, unless
         ``include`` leaves it out anyway."""
         name = member.name
-        if self.matcher:
+        if self.matcher or self.select is not None:
             try:
                 parts = _split_name(name)
             except _Refused:
                 parts = ()
-            if parts and not self.matcher.matches("/".join(parts)):
+            if parts and not self._wanted("/".join(parts)):
                 self.result.skipped_not_included += 1
                 return
         self.refuse(name, f"it {reason}")
@@ -504,7 +511,7 @@ class _Extraction:
         if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
             self.refuse(name, f"unsupported member type {member.type!r}")
             return
-        if self.matcher and not self.matcher.matches("/".join(parts)):
+        if (self.matcher or self.select is not None) and not self._wanted("/".join(parts)):
             self.result.skipped_not_included += 1
             return
         if member.issym():
@@ -576,6 +583,7 @@ def extract(
     target: Path | int,
     *,
     include: Sequence[str] = (),
+    select: Callable[[str], bool] | None = None,
     same_owner: bool | None = None,
     dry_run: bool = False,
     progress: Callable[[int], None] | None = None,
@@ -585,7 +593,9 @@ def extract(
     or a path (not followed if it is a symlink).
 
     ``include`` selects members with ``PathMatcher`` (a matched directory brings its subtree, a
-    matched file its parent directories). ``same_owner`` (default: running as root) restores
+    matched file its parent directories). ``select`` is a per-member filter on top of it:
+    called with each member's normalised path, False leaves the member out (a chain restore
+    takes each path only from the archive its index names). ``same_owner`` (default: running as root) restores
     numeric owners and setuid/setgid bits. ``dry_run`` reads the stream and counts what would
     be written without writing anything. ``progress`` receives each count of file bytes
     written. Refused members are listed in the result; the rest is extracted. A truncated or
@@ -600,7 +610,9 @@ def extract(
     else:
         tree = _RealTree(target, same_owner=same_owner, progress=progress, warnings=result.warnings)
     try:
-        _Extraction(tree, matcher=PathMatcher(include), dry_run=dry_run, result=result).run(stream)
+        _Extraction(
+            tree, matcher=PathMatcher(include), select=select, dry_run=dry_run, result=result
+        ).run(stream)
     finally:
         tree.close()
     return result
