@@ -61,12 +61,12 @@ def bucket(s3_env: S3Env) -> str:
 
 @pytest.fixture(params=["process", "inline"])
 def decompression(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both ways a restore decompresses: in a child process fed by pipes (archives of at
-    least PROCESS_MIN_SIZE, here every one), or on the extracting thread."""
+    """Both ways a restore decompresses: in a child process fed by pipes, or on the
+    extracting thread (the default)."""
     from cloudbackup.restore import apply
 
     mode: str = request.param
-    monkeypatch.setattr(apply, "PROCESS_MIN_SIZE", 0 if mode == "process" else 1 << 62)
+    monkeypatch.setattr(apply, "DECOMPRESS_IN_PROCESS", mode == "process")
     return mode
 
 
