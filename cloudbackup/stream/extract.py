@@ -518,6 +518,17 @@ class _Extraction:
         except _Refused as exc:
             self.refuse(name, str(exc))
             return
+        if member.type == tarfile.REGTYPE and parts:  # most members: the short way
+            if (self.matcher or self.select is not None) and not self._wanted("/".join(parts)):
+                self.result.skipped_not_included += 1
+                return
+            if self.symlinks:
+                self.symlinks.pop(parts, None)
+            try:
+                self.regular_file(parts, member)
+            except _Refused as exc:
+                self.refuse(name, str(exc))
+            return
         if not parts:
             if member.isdir():
                 self.root_attrs = _Attrs.of(member)
@@ -549,15 +560,16 @@ class _Extraction:
             elif member.islnk():
                 self.hard_link(parts, member)
             else:
-                self.regular.discard(parts)
-                data = None if self.dry_run or self.tar is None else self.tar.data(member)
-                self.result.bytes += self.tree.write_file(
-                    parts, data, member.size, _Attrs.of(member)
-                )
-                self.regular.add(parts)
-                self.result.files += 1
+                self.regular_file(parts, member)
         except _Refused as exc:
             self.refuse(name, str(exc))
+
+    def regular_file(self, parts: Parts, member: tarfile.TarInfo) -> None:
+        self.regular.discard(parts)
+        data = None if self.dry_run or self.tar is None else self.tar.data(member)
+        self.result.bytes += self.tree.write_file(parts, data, member.size, _Attrs.of(member))
+        self.regular.add(parts)
+        self.result.files += 1
 
     def hard_link(self, parts: Parts, member: tarfile.TarInfo) -> None:
         try:

@@ -475,6 +475,32 @@ def test_include_and_dry_run(env: Env, remote: RemoteEnv, cli: Callable[..., Cli
     assert hidden_leftovers(env.work) == []
 
 
+def test_dry_run_prints_the_plan_and_verbose_logs_the_stages(
+    env: Env, remote: RemoteEnv, cli: Callable[..., CliResult]
+) -> None:
+    """--dry-run is the plan (which backup, which copy, the target, what it holds), with no
+    byte of the archive read and nothing written; -v logs the stages of the real run."""
+    src = make_tree(env.tmp / "www", {"a.txt": "aaaa", "b/c.txt": "cc"})
+    assert cli("backup", src).exit_code == 0
+    target = env.work / "t"
+    make_tree(target, {"old.txt": "old"})
+    dry = cli("restore", "www", "--to", target, "--force", "--dry-run")
+    assert dry.exit_code == 0, dry.stderr
+    (line,) = dry.stdout.splitlines()
+    assert "would restore 2 files, 6 bytes of www-" in line and "from local into" in line
+    assert "the existing t would be moved aside" in line and "nothing written" in line
+    assert sorted(p.name for p in env.work.iterdir()) == ["t"]
+    assert (target / "old.txt").read_text() == "old"
+    data = restore_json(cli("restore", "www", "--to", target, "--force", "--dry-run", "--json"))
+    assert data["stages"] == {}  # nothing read, nothing run
+
+    real = cli("-v", "restore", "www", "--to", env.work / "r")
+    assert real.exit_code == 0, real.stderr
+    (stages,) = [x for x in real.stderr.splitlines() if x.startswith("restore stages")]
+    for name in ("read", "hash", "decompress", "extract", "count", "install"):
+        assert f"{name} " in stages
+
+
 def test_command_source_to_stdout_and_file(
     env: Env, cli: Callable[..., CliResult], decompression: str
 ) -> None:
