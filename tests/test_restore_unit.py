@@ -507,19 +507,10 @@ def _zstd_manifest(data: bytes) -> Any:
 def _through_child(
     packed: bytes, sha256: str, consume: Any = None, seen: list[Any] | None = None
 ) -> tuple[bytes, Stages, Any]:
-    from cloudbackup.restore.apply import PROCESS_MIN_SIZE, decompress_stage
+    from cloudbackup.restore.apply import decompress_stage
 
-    assert PROCESS_MIN_SIZE > 0
-    stage = decompress_stage(_zstd_manifest(b""), {})  # a size of 0: below the threshold
-    assert isinstance(stage, InlineStage)
-    import cloudbackup.restore.apply as apply
-
-    saved = apply.PROCESS_MIN_SIZE
-    apply.PROCESS_MIN_SIZE = 0
-    try:
-        stage = decompress_stage(_zstd_manifest(packed), dict(os.environ))
-    finally:
-        apply.PROCESS_MIN_SIZE = saved
+    assert isinstance(decompress_stage(_zstd_manifest(packed), {}), InlineStage)  # the default
+    stage = decompress_stage(_zstd_manifest(packed), dict(os.environ), in_process=True)
     if seen is not None:
         seen.append(stage)
     clock = Stages()

@@ -94,9 +94,12 @@ def test_kill_during_backup_then_recover(tmp_path: Path) -> None:
 
 # Runs the CLI after arranging to SIGKILL itself at one rename of the restore: "from:NAME"
 # (the target moved aside) or "to:NAME" (the staging directory moved into place), or never
-# ("-"). Test instrumentation only: the package has no such hook.
+# ("-"); decompressing in a child process (the pipeline's process stage), so that a kill
+# while reading has a child to outlive. Test instrumentation only: the package has no hook.
 _KILL_AT_RENAME = """
 import os, signal, sys
+import cloudbackup.restore.apply
+cloudbackup.restore.apply.DECOMPRESS_IN_PROCESS = True
 point = sys.argv[1]
 if point != "-":
     side, name = point.split(":", 1)
@@ -157,8 +160,7 @@ def _gone(pid: int, timeout: float = 10) -> bool:
 
 @pytest.fixture
 def big_backup(tmp_path: Path) -> tuple[Path, dict[str, str], dict[str, bytes | None]]:
-    """A backup large enough for every stage of a streaming restore, decompression in a
-    child process included (incompressible data: the archive is over PROCESS_MIN_SIZE)."""
+    """A backup large enough for every stage of a streaming restore to be caught at work."""
     files: dict[str, bytes | str] = {f"big/{i:02}.bin": os.urandom(400_000) for i in range(30)}
     files.update({f"small/{i // 100:02}/{i:04}.txt": f"file {i}\n" for i in range(3000)})
     src = make_tree(tmp_path / "data", files)
@@ -178,9 +180,10 @@ def _staging(work: Path, name: str) -> list[Path]:
 def test_kill_during_a_streaming_restore_leaves_nothing_under_the_target(
     big_backup: tuple[Path, dict[str, str], dict[str, bytes | None]], point: str
 ) -> None:
-    """SIGKILL while the archive is read (the staging directory made, nothing in it yet) or
-    while it is extracted: nothing under the target's name, the decompression child ends
-    too, and the next restore into the same place removes the dead staging directory."""
+    """SIGKILL while the archive is read (the staging directory made, the decompression
+    child started) or while it is extracted: nothing under the target's name, the child
+    ends too, and the next restore into the same place (decompressing inline, the default)
+    removes the dead staging directory."""
     work, env, expected = big_backup
     target = work / "t"
     proc = _restoring(work, env, "data", "--to", str(target))

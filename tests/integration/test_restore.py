@@ -61,12 +61,12 @@ def bucket(s3_env: S3Env) -> str:
 
 @pytest.fixture(params=["process", "inline"])
 def decompression(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both ways a restore decompresses: in a child process fed by pipes (archives of at
-    least PROCESS_MIN_SIZE, here every one), or on the extracting thread."""
+    """Both ways a restore decompresses: in a child process fed by pipes, or on the
+    extracting thread (the default)."""
     from cloudbackup.restore import apply
 
     mode: str = request.param
-    monkeypatch.setattr(apply, "PROCESS_MIN_SIZE", 0 if mode == "process" else 1 << 62)
+    monkeypatch.setattr(apply, "DECOMPRESS_IN_PROCESS", mode == "process")
     return mode
 
 
@@ -473,6 +473,32 @@ def test_include_and_dry_run(env: Env, remote: RemoteEnv, cli: Callable[..., Cli
     assert none.exit_code == 1
     assert "matched no member" in none.stdout and not (env.work / "n").exists()
     assert hidden_leftovers(env.work) == []
+
+
+def test_dry_run_prints_the_plan_and_verbose_logs_the_stages(
+    env: Env, remote: RemoteEnv, cli: Callable[..., CliResult]
+) -> None:
+    """--dry-run is the plan (which backup, which copy, the target, what it holds), with no
+    byte of the archive read and nothing written; -v logs the stages of the real run."""
+    src = make_tree(env.tmp / "www", {"a.txt": "aaaa", "b/c.txt": "cc"})
+    assert cli("backup", src).exit_code == 0
+    target = env.work / "t"
+    make_tree(target, {"old.txt": "old"})
+    dry = cli("restore", "www", "--to", target, "--force", "--dry-run")
+    assert dry.exit_code == 0, dry.stderr
+    (line,) = dry.stdout.splitlines()
+    assert "would restore 2 files, 6 bytes of www-" in line and "from local into" in line
+    assert "the existing t would be moved aside" in line and "nothing written" in line
+    assert sorted(p.name for p in env.work.iterdir()) == ["t"]
+    assert (target / "old.txt").read_text() == "old"
+    data = restore_json(cli("restore", "www", "--to", target, "--force", "--dry-run", "--json"))
+    assert data["stages"] == {}  # nothing read, nothing run
+
+    real = cli("-v", "restore", "www", "--to", env.work / "r")
+    assert real.exit_code == 0, real.stderr
+    (stages,) = [x for x in real.stderr.splitlines() if x.startswith("restore stages")]
+    for name in ("read", "hash", "decompress", "extract", "count", "install"):
+        assert f"{name} " in stages
 
 
 def test_command_source_to_stdout_and_file(
