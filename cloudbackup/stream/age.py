@@ -1,7 +1,8 @@
 """age encryption as one more stage of the archive pipeline, both ways (SPEC "Encryption").
 
 Write: compressor → :class:`EncryptStage` → SHA-256 + file (``hashing``). Read: hashed
-stored bytes → :func:`open_decrypted` → decompressor. Both are streams through one child
+stored bytes → the decrypting child (a stage of the restore pipeline, ``restore.apply``;
+:meth:`Decryption.open` for ``verify --deep``) → decompressor. Both are streams through one child
 process running ``pyrage`` (the Rust ``rage`` implementation of age; no cryptography here):
 its ``encrypt_io``/``decrypt_io`` hold the GIL until the end of the stream, so in this process
 they would stall the tar writer, the hashing thread and the uploader. The child gets:
@@ -9,8 +10,7 @@ they would stall the tar writer, the hashing thread and the uploader. The child 
 * a command line and environment that hold nothing (``python -I -S -c <program> <fd>``, an
   empty environment); the keys — recipients, or the identity when decrypting — and the
   parent's ``sys.path`` arrive as JSON through a pipe of their own (descriptor ``<fd>``);
-* the data on stdin — a pipe of 1 MiB this process feeds, or the archive file itself when
-  it is read from disk (no copy through this process) — and gives the result on stdout;
+* the data on stdin (a pipe of 1 MiB) and gives the result on stdout;
 * its verdict as an exit status: a tampered or truncated ciphertext (pyrage's plain
   ``OSError('decryption error')``, or an unreadable header) is an integrity failure (exit 3);
   "No matching keys found" is a wrong key (exit 2) unless one of the identities is among the
@@ -56,7 +56,7 @@ _PIPE = 13
 # The child: reads the header, then streams stdin → age → stdout. It imports nothing of
 # cloudbackup; the parent's sys.path finds pyrage wherever this process found it.
 _CHILD = r"""
-import io, json, sys
+import io, json, os, sys
 def main():
     # pyrage reads 8 KiB at a time and writes 64 KiB chunks: 1 MiB buffers over the pipes
     # turn those into few system calls.
@@ -87,7 +87,9 @@ def main():
         sys.stderr.write(str(exc)[:200] + "\n")
         return 11 if exc.errno is None and str(exc) == "decryption error" else 14
     return 0
-sys.exit(main())
+code = main()
+sys.stderr.flush()
+os._exit(code)  # at once: no interpreter teardown, no flush of what a failure left buffered
 """
 
 
@@ -239,43 +241,52 @@ def _write_all(fd: int, data: Any) -> None:
         view = view[os.write(fd, view) :]
 
 
+def child_argv(keys_fd: int) -> list[str]:
+    """The command line of an age child reading its keys from descriptor ``keys_fd``
+    (nothing secret: the program and a descriptor number)."""
+    return [sys.executable, "-I", "-S", "-c", _CHILD, str(keys_fd)]
+
+
+def keys_pipe(mode: str, keys: Sequence[str]) -> int:
+    """The reading end of a pipe that holds the child's header (``mode``, ``keys`` and this
+    process's ``sys.path``), written and closed: hand it to the child (``pass_fds``) and
+    close it here once the child is started."""
+    keys_in, keys_out = os.pipe()
+    try:
+        head = json.dumps({"mode": mode, "keys": list(keys), "path": sys.path}).encode()
+        _write_all(keys_out, head)  # a few hundred bytes: the pipe holds them
+        del head
+    except BaseException:
+        os.close(keys_in)
+        raise
+    finally:
+        os.close(keys_out)
+    return keys_in
+
+
 class _Child:
     """One pyrage child: header and data in, result out, verdict as exit status."""
 
-    def __init__(self, mode: str, keys: Sequence[str], source: int | None = None) -> None:
-        """``source``: a file descriptor the child reads the data from itself (it is
-        inherited as its stdin); None: a pipe this process writes into (``stdin``)."""
+    def __init__(self, mode: str, keys: Sequence[str]) -> None:
         self._verdict: tuple[int, str] | None = None
-        keys_in, keys_out = os.pipe()
+        keys_in = keys_pipe(mode, keys)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _CHILD, str(keys_in)],
-                stdin=subprocess.PIPE if source is None else source,
+                child_argv(keys_in),
+                stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 env={},
                 close_fds=True,
                 pass_fds=(keys_in,),
             )
-        except BaseException:
-            os.close(keys_out)
-            raise
         finally:
             os.close(keys_in)
-        assert self.proc.stdout and self.proc.stderr
-        self.stdin = self.proc.stdin.fileno() if self.proc.stdin else -1
+        assert self.proc.stdin and self.proc.stdout and self.proc.stderr
+        self.stdin = self.proc.stdin.fileno()
         self.stdout = self.proc.stdout.fileno()
-        if self.proc.stdin:
-            _widen(self.stdin)
+        _widen(self.stdin)
         _widen(self.stdout)
-        head = json.dumps({"mode": mode, "keys": list(keys), "path": sys.path}).encode()
-        try:
-            _write_all(keys_out, head)  # a few hundred bytes: the pipe holds them
-        except OSError:
-            pass  # the child died at once: its exit status says why
-        finally:
-            os.close(keys_out)
-        del head
 
     def close_input(self) -> None:
         if self.proc.stdin and not self.proc.stdin.closed:
@@ -406,17 +417,11 @@ class DecryptingReader:
     def __init__(
         self, raw: Any, keyring: Keyring, recipients: Sequence[str], name: str
     ) -> None:
-        """``raw``: a stream to feed the child from a thread, or the descriptor of a file
-        the child reads itself (from its current offset to its end)."""
         self._keyring = keyring
         self._recipients = tuple(recipients)
         self._name = name
         self._feed_error: BaseException | None = None
         self._done = False
-        self._thread: threading.Thread | None = None
-        if isinstance(raw, int):
-            self._child = _Child("decrypt", keyring._secrets, source=raw)
-            return
         self._raw = raw
         self._child = _Child("decrypt", keyring._secrets)
         self._thread = threading.Thread(target=self._feed, name="age-decrypt", daemon=True)
@@ -455,8 +460,7 @@ class DecryptingReader:
         return len(data)
 
     def _conclude(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
+        self._thread.join()
         code, said = self._child.finish()
         if self._feed_error is not None:
             raise self._feed_error
@@ -474,8 +478,7 @@ class DecryptingReader:
         if not self._done:
             self._done = True
             self._child.kill()
-            if self._thread is not None:
-                self._thread.join()
+            self._thread.join()
 
 
 @dataclass(frozen=True)
@@ -488,9 +491,17 @@ class Decryption:
     name: str
 
     def open(self, raw: Any) -> DecryptingReader:
-        """``raw`` (the stored bytes: a stream, or a file descriptor the child reads
-        itself) decrypted."""
+        """``raw`` (the stored bytes, already being hashed) decrypted, for a reader on this
+        thread (``verify --deep``); the restore pipeline runs the child as a stage."""
         return DecryptingReader(raw, self.keyring, self.recipients, self.name)
+
+    def keys_pipe(self) -> int:
+        """The header of a decrypting child (see :func:`keys_pipe`)."""
+        return keys_pipe("decrypt", self.keyring._secrets)
+
+    def failure(self, code: int, said: str) -> CloudBackupError:
+        """What the exit status ``code`` of a decrypting child means."""
+        return decryption_failure(code, said, self.keyring, self.recipients, self.name)
 
 
 def keyring_at(path: Path | None) -> Keyring | None:
