@@ -438,6 +438,19 @@ def test_schedule_prints_units_for_this_installation(env: Env, cli: Any) -> None
     bad.assert_one_error("--at", "25:00")
 
 
+def test_the_systemd_unit_may_write_a_directory_destination(env: Env, cli: Any) -> None:
+    """Under ProtectSystem=strict a directory destination that is not in ReadWritePaths=
+    is read-only: every upload of the nightly service would fail."""
+    dest = env.tmp / "nas backups"
+    dest.mkdir()
+    env_file = env.tmp / "cb.env"
+    env_file.write_text(f"CLOUDBACKUP_DEST={dest.as_uri()}\n")
+    systemd = cli("--env-file", str(env_file), "schedule", "systemd")
+    assert systemd.exit_code == 0, systemd.stderr
+    (line,) = [li for li in systemd.stdout.splitlines() if li.startswith("ReadWritePaths=")]
+    assert line == f"ReadWritePaths={env.local_dir} \"{dest}\" /var/log", line
+
+
 # ---------------------------------------------------------------- who hears of a refused run
 
 

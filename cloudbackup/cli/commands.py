@@ -794,14 +794,18 @@ def schedule(kind: str, at: str) -> None:
 
 
 def _write_paths(state: AppState) -> list[str]:
-    """What the systemd service may write: the configured local dir and the log file's
-    directory, as far as they can be read here (each on its own); else the defaults."""
+    """What the systemd service may write: the configured local dir, a directory
+    destination (CLOUDBACKUP_DEST) and the log file's directory, as far as they can be read
+    here (each on its own); else the defaults."""
     from cloudbackup.ops import schedule as scheduling
 
     dotenv = _dotenv(state)[1]  # an --env-file that cannot be read is exit 2, as anywhere
     local_dir = config.resolve_one("local_dir", {}, os.environ, dotenv)
+    dest = config.resolve_one("dest", {}, os.environ, dotenv)
     log_file = config.resolve_one("log_file", {}, os.environ, dotenv)
     paths = [str(local_dir) if local_dir else scheduling.DEFAULT_WRITE_PATHS[0]]
+    if dest is not None:
+        paths.append(str(dest))
     paths.append(str(log_file.parent) if log_file else scheduling.DEFAULT_WRITE_PATHS[1])
     return paths
 
