@@ -161,6 +161,20 @@ def test_verbose_logs_decisions_and_timings(local_only: Env, cli: Any, clock: Cl
     assert "phase" not in quiet_about_it and "previous backup" not in quiet_about_it
 
 
+def test_verbose_says_what_the_walk_left_out_and_why(
+    local_only: Env, cli: Any, env: Env, www: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_tree(www / "cache", {"c.bin": "c\n"})
+    monkeypatch.setenv("CLOUDBACKUP_LOCAL_DIR", str(www / "backups"))  # inside the source
+    assert cli("backup", "www").exit_code == 0  # creates the local dir
+    result = cli("-v", "backup", "www", "--exclude", "cache")
+    assert result.exit_code == 0, result.stderr
+    assert f"{www}/cache: excluded (CLOUDBACKUP_EXCLUDE, --exclude)" in result.stderr
+    assert f"{www}/backups: skipped (the local dir, the log or the .env file)" in result.stderr
+    plain = cli("backup", "www", "--exclude", "cache").stderr
+    assert "excluded" not in plain and "skipped" not in plain
+
+
 # ---------------------------------------------------------------- 9: one wording
 
 

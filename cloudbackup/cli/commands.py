@@ -330,7 +330,9 @@ def backup(
         )
     local_only = not settings.remote_configured
     if local_only and not no_upload:
-        LOG.info("no bucket configured (CLOUDBACKUP_S3_BUCKET): local-only backup")
+        LOG.info(
+            "no bucket configured (CLOUDBACKUP_S3_BUCKET or CLOUDBACKUP_DEST): local-only backup"
+        )
     ctx = make_context(settings, remote=not local_only and not dry_run)
     chosen = backing.BackupOptions(dry_run=dry_run, allow_shrink=allow_shrink)
     results = _back_up(ctx, chosen, upload=not no_upload and not local_only)

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Clock, Env, S3Env, make_tree
+from tests.conftest import Clock, Env, RemoteEnv, S3Env, make_tree
 from tests.integration import test_notify_delivery as delivery
 from tests.integration.test_notify_delivery import _SMTPHandler
 from tests.test_monitor import PingServer, closed_port_url
@@ -53,11 +53,24 @@ def www(env: Env) -> Path:
 
 
 @pytest.fixture
-def night(env: Env, s3_env: S3Env, www: Path, monkeypatch: pytest.MonkeyPatch) -> Env:
-    """A configured host: one directory source, a bucket on moto, a distinctive AWS key."""
+def host(env: Env, www: Path, monkeypatch: pytest.MonkeyPatch) -> Env:
+    """A configured host: one directory source and a distinctive AWS key (set after the
+    destination's fixture, which sets fake credentials)."""
     monkeypatch.setenv("CLOUDBACKUP_SOURCES", str(www))
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
     return env
+
+
+@pytest.fixture
+def night(s3_env: S3Env, host: Env) -> Env:
+    """A configured host with a bucket on moto."""
+    return host
+
+
+@pytest.fixture
+def any_night(remote: RemoteEnv, host: Env) -> tuple[Env, RemoteEnv]:
+    """A configured host, once with a bucket on moto and once with a directory destination."""
+    return host, remote
 
 
 def cloudbackup(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
@@ -75,8 +88,9 @@ def webhook_posts(server: PingServer) -> list[dict[str, Any]]:
 
 
 def test_quiet_good_night_prints_nothing_at_all(
-    night: Env, s3_env: S3Env, receiver: PingServer, monkeypatch: pytest.MonkeyPatch
+    any_night: tuple[Env, RemoteEnv], receiver: PingServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    _, remote = any_night
     hook_url = receiver.url.replace("/ping/0f6c2b9e", "/hook").replace("http://", "json://")
     monkeypatch.setenv("CLOUDBACKUP_NOTIFY", hook_url)  # on failure only: not tonight
     monkeypatch.setenv("CLOUDBACKUP_PING_URL", receiver.url)
@@ -86,11 +100,11 @@ def test_quiet_good_night_prints_nothing_at_all(
         assert (done.returncode, done.stdout, done.stderr) == (0, b"", b"")
     assert [p.path.split("/")[-1] for p in receiver.pings] == ["start", "0f6c2b9e"] * 2
     assert webhook_posts(receiver) == []
-    assert len([k for k in s3_env.keys() if k.endswith(".manifest.json")]) == 2
+    assert len([k for k in remote.keys() if k.endswith(".manifest.json")]) == 2
 
 
 def test_quiet_failed_night_prints_its_summary_and_errors_and_mails_them(
-    night: Env,
+    any_night: tuple[Env, RemoteEnv],
     www: Path,
     smtp_server: tuple[str, _SMTPHandler],
     monkeypatch: pytest.MonkeyPatch,
