@@ -363,12 +363,15 @@ def test_each_event_is_shown_once_on_a_terminal(
 ) -> None:
     gone = night.tmp / "srv" / "gone"
     monkeypatch.setenv("CLOUDBACKUP_SOURCES", f"{www}\n{gone}")
+    (www / "big.bin").write_bytes(os.urandom(12 << 20))  # parts sent while it is archived
     code, seen = _on_a_terminal("run")
     assert code == 1
     assert seen.count(f"{gone}") == 1, seen  # the failure: in the summary only
     assert "1 of 2 source(s) backed up; failed: gone" in seen
     # The progress bar was on that terminal too, and ended with its final count.
-    assert "archive www: 2 of 2 files" in seen, repr(seen)
+    assert "archive www: 3 of 3 files" in seen, repr(seen)
+    # The upload's bar: the parts sent while the archive was written, then the rest.
+    assert re.search(r"upload www-\S+: [1-9][0-9.]* MiB", seen), repr(seen)
     # Not on a terminal, the log keeps its line and the summary comes on top (cron mail).
     piped = cloudbackup("run")
     assert piped.stderr.decode().count(f"{gone}") == 1
