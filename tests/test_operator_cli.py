@@ -243,6 +243,8 @@ def test_the_archive_progress_gets_the_previous_backup_as_its_estimate(
     seen: list[tuple[str, dict[str, Any], int]] = []
 
     class Recorder:
+        tty = True  # a bar on a terminal: it counts files
+
         def __init__(self, label: str) -> None:
             self.label, self.files, self.estimated = label, 0, {}
 
@@ -269,6 +271,13 @@ def test_the_archive_progress_gets_the_previous_backup_as_its_estimate(
     label, estimated, files = seen[1]
     assert (label, estimated["files"], files) == ("archive www", 2, 2)
     assert estimated["nbytes"] >= 14  # the previous content, plus the members' headers
+    # Not on a terminal (cron: a log line now and then), no step per member counts files.
+    Recorder.tty = False
+    clock.advance(hours=1)
+    assert cli("backup", "--source", "www").exit_code == 0
+    label, estimated, files = seen[2]
+    assert (label, estimated["files"], files) == ("archive www", None, 0)
+    assert estimated["nbytes"] >= 14
 
 
 def test_no_progress_bar_when_quiet(monkeypatch: pytest.MonkeyPatch) -> None:

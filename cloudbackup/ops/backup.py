@@ -555,9 +555,8 @@ def _archive(
         warn(category, message)
 
     sctx = _source_context(ctx, source.name, backup_id, source_warn)
-    progress = _archive_progress(ctx, source, previous)
+    progress, count_file = _archive_progress(ctx, source, previous)
     stream = streamer(ctx, source.name, backup_id, final, previous) if streamer else None
-    count_file = getattr(progress, "count_file", None)
     found = source.entries(sctx)
     entries = EntryStream(_counted(found, count_file) if count_file is not None else found)
     try:
@@ -601,15 +600,20 @@ def _archive(
 _MEMBER_OVERHEAD = 1536
 
 
-def _archive_progress(ctx: Context, source: Source, previous: Manifest | None) -> Any:
-    """The archive's progress, with the previous backup's totals as the estimate."""
+def _archive_progress(
+    ctx: Context, source: Source, previous: Manifest | None
+) -> tuple[Any, Callable[[], None] | None]:
+    """The archive's progress, with the previous backup's totals as the estimate, and what
+    counts a file into it. Files are counted only for a bar on a terminal: elsewhere (cron)
+    the log line shows bytes, and the walk is not slowed by a step per member."""
     progress = ctx.progress(f"archive {source.name}", None)
+    count_file = getattr(progress, "count_file", None) if getattr(progress, "tty", False) else None
     estimate = getattr(progress, "estimate", None)
     if previous is not None and estimate is not None:
-        files = previous.file_count if source.counts_files else None
+        counted = source.counts_files and count_file is not None
         nbytes = previous.uncompressed_bytes + _MEMBER_OVERHEAD * previous.file_count
-        estimate(files=files, nbytes=nbytes)
-    return progress
+        estimate(files=previous.file_count if counted else None, nbytes=nbytes)
+    return progress, count_file
 
 
 def _counted(entries: Entries, count_file: Callable[[], None]) -> Entries:
