@@ -765,18 +765,21 @@ def backup(
     *,
     uploader: Uploader | None = None,
     streamer: Streamer | None = None,
+    results: list[SourceResult] | None = None,
 ) -> list[SourceResult]:
     """Archive each source; one failing source does not stop the others.
 
     ``streamer`` starts an upload that follows each archive while it is written;
-    ``uploader`` then completes (or performs) the upload of each archive kept.
+    ``uploader`` then completes (or performs) the upload of each archive kept. ``results``
+    (returned) gets each source's result as soon as it is done, so that a run stopped part
+    way (a signal) still reports what finished.
     """
     if not specs:
         raise UsageError(
             "no sources to back up",
             "give SPEC arguments or set CLOUDBACKUP_SOURCES (e.g. CLOUDBACKUP_SOURCES=/srv/www)",
         )
-    results: list[SourceResult] = []
+    results = [] if results is None else results
     if not options.dry_run:
         cleanup_partials(ctx)
     LOG.debug(

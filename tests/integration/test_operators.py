@@ -307,17 +307,24 @@ def test_an_interrupted_run_is_recorded_pinged_and_notified(
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
-    assert f"interrupted by {name}" in out.decode() and "run interrupted" in out.decode()
+    summary = out.decode()
+    assert f"interrupted by {name}" in summary and "run interrupted" in summary
+    # The summary, the notification and the record say what finished and what did not.
+    assert re.search(r"^www\s+www-\S+\s+ok\s", summary, re.M), summary
+    assert re.search(r"^slow\s+-\s+FAILED\s.*the run was interrupted", summary, re.M), summary
+    assert "1 of 2 source(s) backed up; failed: slow" in summary
     assert "Traceback" not in err.decode()
     assert (night.tmp / "after").read_text().strip() == "failed"
     assert [p.path.split("/")[-1] for p in receiver.pings if "/ping/" in p.path] == ["start", "fail"]
     (posted,) = webhook_posts(receiver)
     assert posted["title"] == f"cloudbackup testhost: failed (exit {code})"
     assert posted["type"] == "failure"
+    assert "1 of 2 source(s) backed up; failed: slow" in posted["message"]
     # What finished before the signal is kept; `status` says the run was interrupted.
     assert len(night.archives("www")) == 1 and night.archives("slow") == []
     state = json.loads((night.local_dir / ".state" / "testhost.last-run.json").read_text())
     assert state["interrupted"] == name and state["exit_code"] == code
+    assert [(r["source"], r["ok"]) for r in state["results"]] == [("www", True), ("slow", False)]
     status = cloudbackup("status", "--json")
     assert status.returncode == 2  # `slow` has no backup at all: CRITICAL
     document = json.loads(status.stdout)
