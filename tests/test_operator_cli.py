@@ -175,6 +175,23 @@ def test_verbose_says_what_the_walk_left_out_and_why(
     assert "excluded" not in plain and "skipped" not in plain
 
 
+def test_a_file_name_cannot_forge_a_log_line(
+    local_only: Env, cli: Any, env: Env, www: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name from the walked tree holding a newline would start a line of its own: a
+    forged priority for journald (``<0>``: emergency), a forged entry in cron's mail or the
+    log file. It is shown escaped, on the line of the warning that names it."""
+    os.mkfifo(www / "evil\n<0>forged\n2026-01-01T00:00:00+0000 ERROR forged\x1b[2K")
+    log_file = env.tmp / "log" / "cloudbackup.log"
+    monkeypatch.setenv("CLOUDBACKUP_LOG_FILE", str(log_file))
+    result = cli("backup")
+    assert result.exit_code == 0, result.stderr
+    for text in (result.stderr, log_file.read_text()):
+        (line,) = [li for li in text.splitlines() if "forged" in li]
+        assert line.endswith("evil\\n<0>forged\\n2026-01-01T00:00:00+0000 ERROR forged\\x1b[2K: FIFO skipped")
+        assert "\x1b" not in text
+
+
 # ---------------------------------------------------------------- 9: one wording
 
 

@@ -39,7 +39,9 @@ REPORTED_FLAG = next(iter(REPORTED))
 
 
 class RedactingFilter(logging.Filter):
-    """Replaces every known secret (raw and URL-encoded) in log records with ``***``."""
+    """Replaces every known secret (raw and URL-encoded) in log records with ``***``, and
+    makes each record's message one line (:func:`words.one_line`: a file name holding a
+    newline cannot forge a log entry)."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
@@ -51,13 +53,12 @@ class RedactingFilter(logging.Filter):
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            message = record.getMessage()
-            record.msg = self.redact(message)
-            record.args = None
-            if record.exc_info and record.exc_info[1] is not None:
-                record.exc_text = self.redact(logging.Formatter().formatException(record.exc_info))
-                record.exc_info = None
+        message = record.getMessage()
+        record.msg = words.one_line(self.redact(message))
+        record.args = None
+        if self.secrets and record.exc_info and record.exc_info[1] is not None:
+            record.exc_text = self.redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
         return True
 
 
