@@ -192,6 +192,29 @@ def test_a_file_name_cannot_forge_a_log_line(
         assert "\x1b" not in text
 
 
+def test_a_report_line_cannot_be_forged_by_a_message_from_outside() -> None:
+    """An error from a remote store (its XML message) or a child process may hold a
+    newline; the summary (cron's mail, the journal) shows it escaped, on its own line."""
+    from cloudbackup.cli import output
+    from cloudbackup.ops.backup import SourceResult
+    from cloudbackup.ops.run import RunReport
+    from cloudbackup.ops.upload import UploadResult
+    from cloudbackup.ops.verify import VerifyResult
+
+    forged = "denied\n<0>run succeeded in 0.1s (exit 0)"
+    report = RunReport(
+        results=[SourceResult("www", id="www-1", archived=True, upload_error=forged)],
+        uploads=[UploadResult("www-0", "www", forged)],
+        verifies=[VerifyResult("www-1", "remote", forged)],
+        errors=[forged],
+        notes=[forged],
+    )
+    text = output.run_summary(report)
+    assert not any(line.startswith("<0>") for line in text.splitlines()), text
+    assert text.count("denied\\n<0>run succeeded") == 5, text
+    assert text.splitlines()[-1] == "run found an integrity failure in 0.0s (exit 3)"
+
+
 # ---------------------------------------------------------------- 9: one wording
 
 
