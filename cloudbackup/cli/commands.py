@@ -31,6 +31,7 @@ from cloudbackup.config import Settings
 from cloudbackup.core.errors import CloudBackupError, ConfigError, Interrupted, UsageError
 from cloudbackup.core.model import valid_name
 from cloudbackup.core.outcome import REPORTED, Outcome, exit_code
+from cloudbackup.core.words import one_line
 from cloudbackup.lock import DirLock
 from cloudbackup.ops import backup as backing
 from cloudbackup.ops import list as listing
@@ -720,7 +721,7 @@ def status(max_age: str, all_hosts: bool, as_json: bool, prometheus: Path | None
         LOG.error("%s", exc, extra=REPORTED)  # said once: in the report (stderr with --json)
         detail = str(exc)
         document = {"hosts": [], "state": "UNKNOWN", "detail": [detail]}
-        _finish(as_json, document, lambda: f"UNKNOWN: {detail}", monitor.UNKNOWN)
+        _finish(as_json, document, lambda: f"UNKNOWN: {one_line(detail)}", monitor.UNKNOWN)
     if prometheus is not None:
         try:
             monitor.write_prometheus(prometheus, monitor.prometheus_text(report))
