@@ -336,15 +336,23 @@ def backup(
         )
     ctx = make_context(settings, remote=not local_only and not dry_run)
     chosen = backing.BackupOptions(dry_run=dry_run, allow_shrink=allow_shrink)
-    results = _back_up(ctx, chosen, upload=not no_upload and not local_only)
+    results, stopped = _back_up(ctx, chosen, upload=not no_upload and not local_only)
     document = {"results": [r.to_dict() for r in results], "dry_run": dry_run}
+    stop = [] if stopped is None else [
+        f"backup interrupted by {stopped.signal_name} (exit {stopped.exit_code})"
+    ]
+
+    def text() -> str:
+        summary = output.backup_summary(
+            results, local_only=local_only, dry_run=dry_run, remote_url=_remote_url(settings)
+        )
+        return "\n".join([summary, *stop])
+
     _finish(
         as_json,
-        document | {"local_only": local_only},
-        lambda: output.backup_summary(
-            results, local_only=local_only, dry_run=dry_run, remote_url=_remote_url(settings)
-        ),
-        exit_code(r.outcome for r in results),
+        document | {"local_only": local_only, "interrupted": stopped is not None},
+        text,
+        stopped.exit_code if stopped else exit_code(r.outcome for r in results),
     )
 
 
@@ -381,18 +389,28 @@ def _configured_specs(state: AppState) -> dict[str, str]:
 
 def _back_up(
     ctx: contexts.Context, chosen: backing.BackupOptions, *, upload: bool
-) -> list[backing.SourceResult]:
-    """Every source under the lock, uploaded (streamed while archived) when ``upload``."""
+) -> tuple[list[backing.SourceResult], Interrupted | None]:
+    """Every source under the lock, uploaded (streamed while archived) when ``upload``; and
+    the signal that stopped it part way, if one did (the results then say what finished)."""
     from cloudbackup.ops import upload as uploading
 
+    results: list[backing.SourceResult] = []
     with DirLock(ctx.settings.local_dir):
-        return backing.backup(
-            ctx,
-            ctx.settings.sources,
-            chosen,
-            uploader=uploading.upload_after_backup if upload else None,
-            streamer=uploading.start_stream if upload else None,
-        )
+        try:
+            backing.backup(
+                ctx,
+                ctx.settings.sources,
+                chosen,
+                uploader=uploading.upload_after_backup if upload else None,
+                streamer=uploading.start_stream if upload else None,
+                results=results,
+            )
+        except (KeyboardInterrupt, Interrupted) as exc:
+            stopped = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
+            message = f"interrupted by {stopped.signal_name}: the backup stopped where it was"
+            LOG.error("%s", message, extra=REPORTED)
+            return results, stopped
+    return results, None
 
 
 # ---------------------------------------------------------------- list / verify / upload

@@ -27,6 +27,7 @@ from cloudbackup.context import (
 from cloudbackup.core.errors import (
     CloudBackupError,
     IntegrityError,
+    Interrupted,
     ShrinkGuardError,
     SourceError,
     UsageError,
@@ -771,8 +772,9 @@ def backup(
 
     ``streamer`` starts an upload that follows each archive while it is written;
     ``uploader`` then completes (or performs) the upload of each archive kept. ``results``
-    (returned) gets each source's result as soon as it is done, so that a run stopped part
-    way (a signal) still reports what finished.
+    (returned) gets each source's result as soon as it is done, so that a backup stopped part
+    way (a signal) still reports what finished: the sources it did not finish are added as
+    failed before the signal's exception goes on.
     """
     if not specs:
         raise UsageError(
@@ -787,20 +789,38 @@ def backup(
         ", ".join(spec.name for spec in specs),
         "none" if uploader is None else "streamed" if streamer is not None else "after",
     )
-    for spec in specs:
-        try:
-            source = make_source(spec, env=ctx.settings.child_env)
-        except (ValueError, CloudBackupError) as exc:
-            results.append(SourceResult(source=spec.name, error=str(exc), outcome=Outcome.FAILED))
-            LOG.error("source %s: %s", spec.name, exc, extra=REPORTED)
-            continue
-        result = backup_source(ctx, source, options, streamer)
-        if result.archived and uploader is not None:
-            assert result.id is not None
-            stream, result.stream = result.stream, None
-            _record_upload(result, uploader(ctx, result.source, result.id, stream))
-        elif result.stream is not None:  # started but nobody will complete it
-            result.stream.abandon()
-            result.stream = None
-        results.append(result)
+    try:
+        for spec in specs:
+            results.append(_back_up_one(ctx, spec, options, uploader, streamer))
+    except (KeyboardInterrupt, Interrupted):
+        finished = {r.source for r in results}
+        results += [
+            SourceResult(spec.name, error="not backed up: interrupted", outcome=Outcome.FAILED)
+            for spec in specs
+            if spec.name not in finished
+        ]
+        raise
     return results
+
+
+def _back_up_one(
+    ctx: Context,
+    spec: Any,
+    options: BackupOptions,
+    uploader: Uploader | None,
+    streamer: Streamer | None,
+) -> SourceResult:
+    try:
+        source = make_source(spec, env=ctx.settings.child_env)
+    except (ValueError, CloudBackupError) as exc:
+        LOG.error("source %s: %s", spec.name, exc, extra=REPORTED)
+        return SourceResult(source=spec.name, error=str(exc), outcome=Outcome.FAILED)
+    result = backup_source(ctx, source, options, streamer)
+    if result.archived and uploader is not None:
+        assert result.id is not None
+        stream, result.stream = result.stream, None
+        _record_upload(result, uploader(ctx, result.source, result.id, stream))
+    elif result.stream is not None:  # started but nobody will complete it
+        result.stream.abandon()
+        result.stream = None
+    return result

@@ -437,8 +437,8 @@ def _recover_remote(ctx: Context, report: RunReport) -> tuple[Context, str | Non
 def _back_up(ctx: Context, options: RunOptions, offline: str | None, report: RunReport) -> None:
     """Every configured source, in order (those without room fail at once), each uploaded
     (streamed while archived) when there is a bucket; ``offline``: why there is none now.
-    Into ``report.results``, also when a signal stops it: what finished is reported as it
-    went, the sources it did not finish as failed."""
+    Into ``report.results``, also when a signal stops it (what finished, and the sources it
+    did not finish as failed)."""
     early: dict[str, SourceResult] = {}
     blocked = _free_space_check(ctx, early)
     uploader = uploading.upload_after_backup if ctx.remote is not None else None
@@ -457,10 +457,6 @@ def _back_up(ctx: Context, options: RunOptions, offline: str | None, report: Run
                 streamer=uploading.start_stream if uploader is not None else None,
                 results=done,
             )
-    except (KeyboardInterrupt, Interrupted):
-        finished = {r.source for r in done}
-        done += [_not_finished(s.name) for s in specs if s.name not in finished]
-        raise
     finally:
         by_name = {r.source: r for r in done} | early
         ordered = [by_name[s.name] for s in ctx.settings.sources if s.name in by_name]
@@ -470,13 +466,6 @@ def _back_up(ctx: Context, options: RunOptions, offline: str | None, report: Run
             if offline and result.archived:
                 result.fail_upload(offline)
         report.results = ordered
-
-
-def _not_finished(source: str) -> SourceResult:
-    """A source the run did not finish: a signal stopped it first."""
-    return SourceResult(
-        source=source, error="not backed up: the run was interrupted", outcome=Outcome.FAILED
-    )
 
 
 def _upload_and_verify(ctx: Context, report: RunReport, options: RunOptions) -> None:

@@ -267,12 +267,14 @@ def test_run_dry_run_plans_and_tells_nobody(
 # ---------------------------------------------------------------- interrupted (4)
 
 
-def _start_slow_run(env: Env, www: Path, monkeypatch: pytest.MonkeyPatch, **popen: Any) -> Any:
+def _start_slow_run(
+    env: Env, www: Path, monkeypatch: pytest.MonkeyPatch, command: str = "run", **popen: Any
+) -> Any:
     started = env.tmp / "slow-started"
     slow = f"slow=cmd:/bin/sh -c 'touch {started}; sleep 60'"
     monkeypatch.setenv("CLOUDBACKUP_SOURCES", f"{www}\n{slow}")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cloudbackup", "run"],
+        [sys.executable, "-m", "cloudbackup", command],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         **popen,
@@ -311,7 +313,7 @@ def test_an_interrupted_run_is_recorded_pinged_and_notified(
     assert f"interrupted by {name}" in summary and "run interrupted" in summary
     # The summary, the notification and the record say what finished and what did not.
     assert re.search(r"^www\s+www-\S+\s+ok\s", summary, re.M), summary
-    assert re.search(r"^slow\s+-\s+FAILED\s.*the run was interrupted", summary, re.M), summary
+    assert re.search(r"^slow\s+-\s+FAILED\s.*not backed up: interrupted", summary, re.M), summary
     assert "1 of 2 source(s) backed up; failed: slow" in summary
     assert "Traceback" not in err.decode()
     assert (night.tmp / "after").read_text().strip() == "failed"
@@ -333,6 +335,22 @@ def test_an_interrupted_run_is_recorded_pinged_and_notified(
     assert rows["www"]["reasons"] == [f"interrupted: the last run was stopped by {name}"]
     human = cloudbackup("status").stdout.decode()
     assert f"interrupted: the last run was stopped by {name}" in human
+
+
+def test_an_interrupted_backup_says_what_finished(
+    any_night: tuple[Env, RemoteEnv], www: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env, _ = any_night
+    proc = _start_slow_run(env, www, monkeypatch, "backup")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    summary = out.decode()
+    assert re.search(r"^www\s+www-\S+\s+ok\s.*yes", summary, re.M), summary
+    assert re.search(r"^slow\s+-\s+FAILED\s.*not backed up: interrupted", summary, re.M), summary
+    assert summary.rstrip().endswith("backup interrupted by SIGTERM (exit 143)"), summary
+    assert "Traceback" not in err.decode()
+    assert len(env.archives("www")) == 1 and env.archives("slow") == []
 
 
 # ---------------------------------------------------------------- one event, once (8)
