@@ -21,6 +21,8 @@ class ListedBackup:
     local: bool
     remote: bool
     verified: bool
+    #: The archive's name ends in .age (encrypted with age): known from LIST alone.
+    encrypted: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -32,6 +34,7 @@ class ListedBackup:
             "local": self.local,
             "remote": self.remote,
             "verified": self.verified,
+            "encrypted": self.encrypted,
         }
 
 
@@ -62,6 +65,7 @@ def list_backups(
                 True,
                 False,
                 ctx.local_catalog.verified_offsite(ref),
+                ref.encrypted,
             )
     if where in ("remote", "all") and ctx.remote is not None:
         for ref in ctx.remote_catalog.listing(all_hosts=all_hosts).refs:
@@ -84,6 +88,7 @@ def list_backups(
                     False,
                     True,
                     True,
+                    ref.encrypted,
                 )
     return sorted(merged.values(), key=lambda b: (b.host, b.source, b.created_at, b.id))
 

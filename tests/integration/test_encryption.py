@@ -97,7 +97,8 @@ def test_a_host_with_only_recipients_backs_up_but_cannot_restore(
 
     listed = cli("list", "--where", "all", "--json")
     assert listed.exit_code == 0, listed.stderr
-    assert len(json.loads(listed.stdout)["backups"]) == 3
+    backups = json.loads(listed.stdout)["backups"]
+    assert len(backups) == 3 and all(b["encrypted"] for b in backups)
     status = cli("status", "--max-age", "3d")
     assert status.exit_code == 0, status.stdout + status.stderr
     verified = cli("verify", "--where", "all", "--json")
