@@ -580,6 +580,8 @@ def describe(ctx: Context, plan: RestorePlan, result: RestoreResult, clock: Stag
     action = f"would restore {what} of {manifest.id} from {copy.where} into {result.target}"
     action += plan.target.dry_run_note(plan.force)
     result.detail = f"{action} ({basis})"
+    if manifest.encrypted and ctx.settings.age_identity_file is None:
+        result.detail += "; it is encrypted: the restore needs CLOUDBACKUP_AGE_IDENTITY_FILE"
     if result.refused:
         result.detail += f"; {len(result.refused)} member(s) would be refused"
         result.outcome = Outcome.FAILED

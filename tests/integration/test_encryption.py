@@ -110,6 +110,9 @@ def test_a_host_with_only_recipients_backs_up_but_cannot_restore(
     assert len([k for k in remote.keys() if ".tar" in k]) == 1
 
     target = env.work / "restored"
+    dry = cli("restore", "www", "--to", target, "--dry-run")  # the manifest is enough
+    assert dry.exit_code == 0, dry.stderr
+    assert "would restore" in dry.stdout and "needs CLOUDBACKUP_AGE_IDENTITY_FILE" in dry.stdout
     refused = cli("restore", "www", "--to", target)
     assert refused.exit_code == 2
     refused.assert_one_error("is encrypted", "needs CLOUDBACKUP_AGE_IDENTITY_FILE")
