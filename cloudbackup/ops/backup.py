@@ -27,6 +27,7 @@ from cloudbackup.context import (
 from cloudbackup.core.errors import (
     CloudBackupError,
     IntegrityError,
+    Interrupted,
     ShrinkGuardError,
     SourceError,
     UsageError,
@@ -41,11 +42,13 @@ from cloudbackup.core.model import (
     key_for,
     manifest_name,
 )
-from cloudbackup.core.outcome import Outcome, worst
+from cloudbackup.core.outcome import REPORTED, Outcome, worst
 from cloudbackup.core.outcome import exit_code as code_of
 from cloudbackup.core.patterns import PathMatcher
+from cloudbackup.core.words import plural
 from cloudbackup.fs.dirs import TEMP_PREFIX, Dir, NotFollowed
-from cloudbackup.sources.base import EntryStream, Source, SourceContext
+from cloudbackup.ops.timing import phase
+from cloudbackup.sources.base import Entries, EntryStream, Source, SourceContext
 from cloudbackup.sources.registry import make_source
 from cloudbackup.stream.hashing import ArchiveTail
 from cloudbackup.stream.pipeline import write_archive
@@ -56,14 +59,23 @@ LOG = logging.getLogger("cloudbackup")
 
 @dataclass
 class SourceResult:
+    """One source of a ``backup`` or ``run``: the one result model both report.
+
+    ``archived``: its archive and manifest are in the local dir. ``error``: why it was not
+    archived; ``upload_error``: why the archive, kept locally, is not offsite. Its words
+    (:attr:`state`) are the same in every summary: ``ok``, ``ok (warnings)``, ``archived
+    locally, upload failed``, ``FAILED``, or a dry run's ``would back up``.
+    """
+
     source: str
     id: str | None = None
-    ok: bool = False
+    archived: bool = False
     size: int | None = None
     seconds: float = 0.0
     uploaded: bool = False
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
+    upload_error: str | None = None
     outcome: Outcome = Outcome.OK
     file_count: int | None = None
     shrink_stopped: bool = False
@@ -76,6 +88,29 @@ class SourceResult:
     stream: ArchiveStream | None = field(default=None, repr=False, compare=False)
 
     @property
+    def ok(self) -> bool:
+        """Backed up as intended: archived (or, on a dry run, planned) and, unless local
+        only, offsite."""
+        return (self.archived or self.plan is not None) and self.upload_error is None
+
+    @property
+    def state(self) -> str:
+        """The one wording of this result, in every summary (``backup``, ``run``)."""
+        if self.plan is not None:
+            return "would back up"
+        if not self.archived:
+            return "FAILED"
+        if self.upload_error is not None:
+            return "archived locally, upload failed"
+        return "ok" if self.outcome is Outcome.OK else "ok (warnings)"
+
+    def fail_upload(self, reason: str, outcome: Outcome = Outcome.FAILED) -> None:
+        """The archive is kept locally but did not go offsite: say why."""
+        self.uploaded = False
+        self.upload_error = reason
+        self.outcome = worst([self.outcome, outcome])
+
+    @property
     def exit_code(self) -> int:
         return code_of(self.outcome)
 
@@ -84,11 +119,13 @@ class SourceResult:
             "source": self.source,
             "id": self.id,
             "ok": self.ok,
+            "result": self.state,
+            "archived": self.archived,
             "size": self.size,
             "seconds": round(self.seconds, 3),
             "uploaded": self.uploaded,
             "warnings": self.warnings,
-            "error": self.error,
+            "error": self.error or self.upload_error,
             "file_count": self.file_count,
         }
         if self.plan is not None:
@@ -235,6 +272,9 @@ Uploader = Callable[[Context, str, str, ArchiveStream | None], Uploaded | None]
 class BackupOptions:
     dry_run: bool = False
     allow_shrink: bool = False
+    #: ``--full``: a full backup whatever the chain (SPEC "Incremental archives"); every
+    #: archive is full until incremental chains are written, so it changes nothing yet.
+    full: bool = False
 
 
 def _skip_inodes(settings: Settings) -> frozenset[tuple[int, int]]:
@@ -368,9 +408,11 @@ def _back_up(
     result: SourceResult,
 ) -> None:
     assert ctx.machine_id is not None, "a backup needs a context made for writing"
-    source.check()
+    with phase(f"check {source.name}"):
+        LOG.debug("%s: %s", source.name, source.check())
     manifest_problems: list[str] = []
     previous = previous_manifest(ctx, source.name, manifest_problems)
+    _log_choices(ctx.settings.for_source(source.name), source, previous, options)
     moment = ctx.now()
     device = source.root_device()
     _guards(ctx.settings.for_source(source.name), source, options, previous, moment, device)
@@ -379,13 +421,13 @@ def _back_up(
     if options.dry_run:
         uploading = streamer is not None  # an upload follows every archive, or none
         result.plan = _plan(ctx, source, backup_id, previous, options, uploading)
-        result.ok, result.file_count = True, result.plan.files or 0
+        result.file_count = result.plan.files or 0
         return
     with _source_dir(ctx, source.name) as directory:
         stats, final = _archive(
             ctx, source, directory, backup_id, previous, device, options, streamer, result
         )
-    result.ok = True
+    result.archived = True
     result.size = stats.size
     result.file_count = stats.file_count
     result.warnings = stats.warnings
@@ -397,12 +439,39 @@ def _back_up(
         result.warnings = result.warnings + manifest_problems
         result.outcome = Outcome.INTEGRITY
     LOG.info(
-        "%s: archived %d files, %d bytes → %s (%d bytes)",
+        "%s: archived %s, %s → %s (%s)",
         source.name,
-        stats.file_count,
-        stats.uncompressed_bytes,
+        plural(stats.file_count, "file"),
+        plural(stats.uncompressed_bytes, "byte"),
         final,
-        stats.size,
+        plural(stats.size, "byte"),
+    )
+
+
+def _log_choices(
+    settings: Settings, source: Source, previous: Manifest | None, options: BackupOptions
+) -> None:
+    """``-v``: what this source's backup was decided from, and why."""
+    if previous is None:
+        LOG.debug("%s: no previous backup: the guards have nothing to compare with", source.name)
+    else:
+        LOG.debug(
+            "%s: previous backup %s (%s, %s): the shrink guard compares with it",
+            source.name,
+            previous.id,
+            plural(previous.file_count, "file"),
+            plural(previous.uncompressed_bytes, "byte"),
+        )
+    guard = "off" if settings.shrink_guard is None else f"{settings.shrink_guard:.0%}"
+    LOG.debug(
+        "%s: %s level %s; excludes: %s; shrink guard %s%s%s",
+        source.name,
+        settings.compression,
+        settings.compression_level,
+        ", ".join(settings.exclude) or "none",
+        guard,
+        " (--allow-shrink: not applied)" if options.allow_shrink else "",
+        " (--full)" if options.full else "",
     )
 
 
@@ -487,22 +556,26 @@ def _archive(
         warn(category, message)
 
     sctx = _source_context(ctx, source.name, backup_id, source_warn)
+    progress, count_file = _archive_progress(ctx, source, previous)
     stream = streamer(ctx, source.name, backup_id, final, previous) if streamer else None
-    entries = EntryStream(source.entries(sctx))
+    found = source.entries(sctx)
+    entries = EntryStream(_counted(found, count_file) if count_file is not None else found)
     try:
-        progress = ctx.progress(f"archive {source.name}", None)
-        stats = write_archive(
-            entries,
-            directory,
-            partial,
-            compression=settings.compression,
-            level=settings.compression_level,
-            warn=warn,
-            progress=progress,
-            tail=stream.tail if stream is not None else None,
-            prefetch=source.prefetch,
-        )
-        getattr(progress, "close", lambda: None)()
+        with phase(f"archive {source.name}"):
+            try:
+                stats = write_archive(
+                    entries,
+                    directory,
+                    partial,
+                    compression=settings.compression,
+                    level=settings.compression_level,
+                    warn=warn,
+                    progress=progress,
+                    tail=stream.tail if stream is not None else None,
+                    prefetch=source.prefetch,
+                )
+            finally:
+                getattr(progress, "close", lambda: None)()
         stats.warnings = walk_warnings + stats.warnings
         stats.unreadable += walk_unreadable
         try:
@@ -521,6 +594,43 @@ def _archive(
         raise
     result.stream = stream
     return stats, final
+
+
+#: What a member adds to the tar stream besides its content, about: its header, the PAX
+#: record of its mtime and the padding (for the progress estimate only).
+_MEMBER_OVERHEAD = 1536
+
+
+def _archive_progress(
+    ctx: Context, source: Source, previous: Manifest | None
+) -> tuple[Any, Callable[[], None] | None]:
+    """The archive's progress, with the previous backup's totals as the estimate, and what
+    counts a file into it. Files are counted only for a bar on a terminal: elsewhere (cron)
+    the log line shows bytes, and the walk is not slowed by a step per member."""
+    progress = ctx.progress(f"archive {source.name}", None)
+    count_file = getattr(progress, "count_file", None) if getattr(progress, "tty", False) else None
+    estimate = getattr(progress, "estimate", None)
+    if previous is not None and estimate is not None:
+        counted = source.counts_files and count_file is not None
+        nbytes = previous.uncompressed_bytes + _MEMBER_OVERHEAD * previous.file_count
+        estimate(files=previous.file_count if counted else None, nbytes=nbytes)
+    return progress, count_file
+
+
+def _counted(entries: Entries, count_file: Callable[[], None]) -> Entries:
+    """``entries``, each member that is not a directory counted (as the manifest counts)
+    as the writer takes it; the source's return value passed on."""
+    try:
+        while True:
+            try:
+                entry = next(entries)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            if not stat.S_ISDIR(entry.st.st_mode):
+                count_file()
+            yield entry
+    finally:
+        entries.close()
 
 
 def _source_context(
@@ -576,18 +686,18 @@ def _record_failure(result: SourceResult, source: Source, exc: Exception) -> Non
     if isinstance(exc, ShrinkGuardError):
         result.error = str(exc)
         result.shrink_stopped = True
-        LOG.error("%s", exc)
+        LOG.error("%s", exc, extra=REPORTED)
     elif isinstance(exc, CloudBackupError):
         result.error = str(exc)
         # A source refused (a usage error inside it) fails that source: exit 1, not 2.
         if exc.outcome is not Outcome.REFUSED:
             result.outcome = exc.outcome
-        LOG.error("%s", exc)
+        LOG.error("%s", exc, extra=REPORTED)
     elif isinstance(exc, OSError):
         result.error = (
             f"source {source.name}: {exc.strerror or exc} ({exc.filename or ''})".replace(" ()", "")
         )
-        LOG.error("%s", result.error)
+        LOG.error("%s", result.error, extra=REPORTED)
         LOG.debug("details", exc_info=exc)
     else:
         # A bug or an exhausted resource (RecursionError, MemoryError) in one source fails
@@ -596,7 +706,7 @@ def _record_failure(result: SourceResult, source: Source, exc: Exception) -> Non
         result.error = f"source {source.name} failed unexpectedly: {type(exc).__name__}" + (
             f" ({detail})" if detail else ""
         )
-        LOG.error("%s; run with -v for details", result.error)
+        LOG.error("%s; run with -v for details", result.error, extra=REPORTED)
         LOG.debug("details", exc_info=exc)
 
 
@@ -632,7 +742,9 @@ def _plan(
     LOG.debug(  # the plan itself is the command's output
         "%s: would archive %s as %s%s",
         source.name,
-        f"{plan.files} files, {plan.bytes} bytes" if survey is not None else source.spec.redacted,
+        f"{plural(plan.files or 0, 'file')}, {plan.bytes} bytes"
+        if survey is not None
+        else source.spec.redacted,
         name,
         " (dry run: nothing written)",
     )
@@ -643,10 +755,8 @@ def _record_upload(result: SourceResult, uploaded: Uploaded | None) -> None:
     if uploaded is None:
         return
     result.uploaded = uploaded.ok
-    if not uploaded.ok:
-        result.error = uploaded.detail
-        result.ok = False  # the backup's offsite half failed: never summarised as a success
-        result.outcome = worst([result.outcome, uploaded.outcome])
+    if not uploaded.ok:  # the offsite half failed: never summarised as a success
+        result.fail_upload(uploaded.detail, uploaded.outcome)
 
 
 def backup(
@@ -656,34 +766,61 @@ def backup(
     *,
     uploader: Uploader | None = None,
     streamer: Streamer | None = None,
+    results: list[SourceResult] | None = None,
 ) -> list[SourceResult]:
     """Archive each source; one failing source does not stop the others.
 
     ``streamer`` starts an upload that follows each archive while it is written;
-    ``uploader`` then completes (or performs) the upload of each archive kept.
+    ``uploader`` then completes (or performs) the upload of each archive kept. ``results``
+    (returned) gets each source's result as soon as it is done, so that a backup stopped part
+    way (a signal) still reports what finished: the sources it did not finish are added as
+    failed before the signal's exception goes on.
     """
     if not specs:
         raise UsageError(
             "no sources to back up",
             "give SPEC arguments or set CLOUDBACKUP_SOURCES (e.g. CLOUDBACKUP_SOURCES=/srv/www)",
         )
-    results: list[SourceResult] = []
+    results = [] if results is None else results
     if not options.dry_run:
         cleanup_partials(ctx)
-    for spec in specs:
-        try:
-            source = make_source(spec, env=ctx.settings.child_env)
-        except (ValueError, CloudBackupError) as exc:
-            results.append(SourceResult(source=spec.name, error=str(exc), outcome=Outcome.FAILED))
-            LOG.error("source %s: %s", spec.name, exc)
-            continue
-        result = backup_source(ctx, source, options, streamer)
-        if result.ok and not options.dry_run and uploader is not None:
-            assert result.id is not None
-            stream, result.stream = result.stream, None
-            _record_upload(result, uploader(ctx, result.source, result.id, stream))
-        elif result.stream is not None:  # started but nobody will complete it
-            result.stream.abandon()
-            result.stream = None
-        results.append(result)
+    LOG.debug(
+        "backing up %s; upload: %s",
+        ", ".join(spec.name for spec in specs),
+        "none" if uploader is None else "streamed" if streamer is not None else "after",
+    )
+    try:
+        for spec in specs:
+            results.append(_back_up_one(ctx, spec, options, uploader, streamer))
+    except (KeyboardInterrupt, Interrupted):
+        finished = {r.source for r in results}
+        results += [
+            SourceResult(spec.name, error="not backed up: interrupted", outcome=Outcome.FAILED)
+            for spec in specs
+            if spec.name not in finished
+        ]
+        raise
     return results
+
+
+def _back_up_one(
+    ctx: Context,
+    spec: Any,
+    options: BackupOptions,
+    uploader: Uploader | None,
+    streamer: Streamer | None,
+) -> SourceResult:
+    try:
+        source = make_source(spec, env=ctx.settings.child_env)
+    except (ValueError, CloudBackupError) as exc:
+        LOG.error("source %s: %s", spec.name, exc, extra=REPORTED)
+        return SourceResult(source=spec.name, error=str(exc), outcome=Outcome.FAILED)
+    result = backup_source(ctx, source, options, streamer)
+    if result.archived and uploader is not None:
+        assert result.id is not None
+        stream, result.stream = result.stream, None
+        _record_upload(result, uploader(ctx, result.source, result.id, stream))
+    elif result.stream is not None:  # started but nobody will complete it
+        result.stream.abandon()
+        result.stream = None
+    return result

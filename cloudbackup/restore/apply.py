@@ -35,7 +35,7 @@ from typing import IO, Any
 from cloudbackup.context import Context
 from cloudbackup.core.errors import CloudBackupError, IntegrityError, UsageError
 from cloudbackup.core.model import Manifest
-from cloudbackup.core.outcome import Outcome
+from cloudbackup.core.outcome import REPORTED, Outcome
 from cloudbackup.core.outcome import exit_code as code_of
 from cloudbackup.fs.tree import Tally, tally_tree
 from cloudbackup.restore.pipeline import (
@@ -376,6 +376,7 @@ def restore(
             "restore of %s is incomplete (exit %d): see the summary",
             plan.candidate.id,
             result.exit_code,
+            extra=REPORTED,  # the summary follows
         )
     return result
 

@@ -496,7 +496,7 @@ def test_dry_run_prints_the_plan_and_verbose_logs_the_stages(
 
     real = cli("-v", "restore", "www", "--to", env.work / "r")
     assert real.exit_code == 0, real.stderr
-    (stages,) = [x for x in real.stderr.splitlines() if x.startswith("restore stages")]
+    (stages,) = [x for x in real.stderr.splitlines() if "restore stages (busy" in x]
     for name in ("read", "hash", "decompress", "extract", "count", "install"):
         assert f"{name} " in stages
 
