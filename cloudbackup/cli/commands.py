@@ -231,6 +231,7 @@ def cli(ctx: click.Context, env_files: tuple[Path, ...], verbose: bool, quiet: b
 )
 @click.option("--compression", type=click.Choice(config.COMPRESSIONS), help="Compression codec.")
 @options.allow_shrink
+@options.full
 @options.dry_run
 @options.as_json
 def backup(
@@ -239,6 +240,7 @@ def backup(
     excludes: tuple[str, ...],
     compression: str | None,
     allow_shrink: bool,
+    full: bool,
     dry_run: bool,
     as_json: bool,
 ) -> None:
@@ -255,7 +257,7 @@ def backup(
     if local_only and not no_upload:
         LOG.info("no bucket configured (CLOUDBACKUP_S3_BUCKET): local-only backup")
     ctx = make_context(settings, remote=not local_only and not dry_run)
-    chosen = backing.BackupOptions(dry_run=dry_run, allow_shrink=allow_shrink)
+    chosen = backing.BackupOptions(dry_run=dry_run, allow_shrink=allow_shrink, full=full)
     results = _back_up(ctx, chosen, upload=not no_upload and not local_only)
     document = {"results": [r.to_dict() for r in results], "dry_run": dry_run}
     output.show(
@@ -502,10 +504,11 @@ def forget(
 
 @cli.command()
 @options.allow_shrink
+@options.full
 @click.option("--deep", is_flag=True, help="Verify uploads by streaming them back.")
 @options.act_as_host
 @options.as_json
-def run(allow_shrink: bool, deep: bool, host: str | None, as_json: bool) -> None:
+def run(allow_shrink: bool, full: bool, deep: bool, host: str | None, as_json: bool) -> None:
     """The nightly job: recover, back up, upload, verify, prune, ping; one summary."""
     from cloudbackup.ops import run as nightly
 
@@ -517,6 +520,7 @@ def run(allow_shrink: bool, deep: bool, host: str | None, as_json: bool) -> None
         fallback_ping_url=lambda: config.resolve_one("ping_url", {}, state.environ, state.dotenv),
         allow_shrink=allow_shrink,
         deep=deep,
+        full=full,
     )
     output.show(as_json, report.to_dict(), lambda: output.run_summary(report))
     _exit(report.exit_code)

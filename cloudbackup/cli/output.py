@@ -228,8 +228,24 @@ def result_row(r: SourceResult, *, local_only: bool) -> list[str]:
         human_size(r.size) if r.size is not None else "-",
         f"{r.seconds:.1f}s",
         "yes" if r.uploaded else ("local-only" if local_only else "no"),
-        r.error or (f"{len(r.warnings)} warning(s)" if r.warnings else ""),
+        r.error or "; ".join(filter(None, [_level_note(r), _warnings_note(r)])),
     ]
+
+
+def _warnings_note(r: SourceResult) -> str:
+    return f"{len(r.warnings)} warning(s)" if r.warnings else ""
+
+
+def _level_note(r: SourceResult) -> str:
+    """``full`` or ``incr: 3 files changed (1.2 KiB)`` for a tree source's backup."""
+    if r.level is None or r.dry_run:
+        return ""
+    if r.level == "full":
+        return "full"
+    files = r.changed_files or 0
+    return (
+        f"incr: {files} file{'' if files == 1 else 's'} changed ({human_size(r.changed_bytes)})"
+    )
 
 
 def backup_summary(
@@ -307,13 +323,16 @@ def backup_list(backups: Sequence[ListedBackup]) -> str:
             b.id,
             b.host,
             b.created_at.strftime("%Y-%m-%d %H:%M:%SZ"),
+            b.kind,
             human_size(b.size),
             "both" if b.local and b.remote else ("local" if b.local else "remote"),
             "yes" if b.verified else "no",
         ]
         for b in backups
     ]
-    return table(rows, ["id", "host", "created (UTC)", "size", "where", "verified offsite"])
+    return table(
+        rows, ["id", "host", "created (UTC)", "type", "size", "where", "verified offsite"]
+    )
 
 
 def verify_lines(results: Sequence[VerifyResult]) -> str:
@@ -341,7 +360,7 @@ def status_table(report: StatusReport, state_names: dict[int, str]) -> str:
             host,
             s.source,
             state_names[s.state],
-            s.newest or "-",
+            f"{s.newest} ({s.newest_level})" if s.newest and s.newest_level else s.newest or "-",
             human_duration(s.age_seconds),
             f"{s.local_count}/{s.remote_count}",
             human_size(s.local_bytes + s.remote_bytes),

@@ -9,11 +9,12 @@ prints.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -38,6 +39,7 @@ from cloudbackup.core.model import (
     UploadRecord,
     archive_name,
     format_time,
+    index_name,
     key_for,
     manifest_name,
 )
@@ -45,10 +47,14 @@ from cloudbackup.core.outcome import Outcome, worst
 from cloudbackup.core.outcome import exit_code as code_of
 from cloudbackup.core.patterns import PathMatcher
 from cloudbackup.fs.dirs import TEMP_PREFIX, Dir, NotFollowed
+from cloudbackup.fs.walk import FileEntry
+from cloudbackup.ops.chain import ChainStart
+from cloudbackup.ops.chain import start as start_chain
 from cloudbackup.sources.base import EntryStream, Source, SourceContext
 from cloudbackup.sources.registry import make_source
 from cloudbackup.stream.hashing import ArchiveTail
-from cloudbackup.stream.pipeline import write_archive
+from cloudbackup.stream.index import mark_unchanged
+from cloudbackup.stream.pipeline import IndexFile, write_archive
 from cloudbackup.stream.tarwriter import ArchiveStats
 
 LOG = logging.getLogger("cloudbackup")
@@ -72,6 +78,12 @@ class SourceResult:
     local_only: bool = False
     #: A dry run's plan: what the real run would write (None on a real run).
     plan: SourcePlan | None = None
+    #: "full" or "incr" (tree sources chain: SPEC "Incremental archives"), and its parent.
+    level: str | None = None
+    parent: str | None = None
+    #: What an incremental archived (changed or new files, their bytes); a full: everything.
+    changed_files: int | None = None
+    changed_bytes: int | None = None
     # The upload that ran while the archive was written; the uploader completes it.
     stream: ArchiveStream | None = field(default=None, repr=False, compare=False)
 
@@ -90,6 +102,10 @@ class SourceResult:
             "warnings": self.warnings,
             "error": self.error,
             "file_count": self.file_count,
+            "level": self.level,
+            "parent": self.parent,
+            "changed_files": self.changed_files,
+            "changed_bytes": self.changed_bytes,
         }
         if self.plan is not None:
             document["plan"] = self.plan.to_dict()
@@ -235,6 +251,8 @@ Uploader = Callable[[Context, str, str, ArchiveStream | None], Uploaded | None]
 class BackupOptions:
     dry_run: bool = False
     allow_shrink: bool = False
+    #: Make every tree source's backup full (``--full``).
+    full: bool = False
 
 
 def _skip_inodes(settings: Settings) -> frozenset[tuple[int, int]]:
@@ -309,7 +327,8 @@ def shrink_check(
     previous: Manifest | None,
     guard: float | None,
 ) -> None:
-    """Raise ShrinkGuardError for an empty source or one that fell by more than ``guard``."""
+    """Raise ShrinkGuardError for an empty source or one that fell by more than ``guard``
+    (``stats``: the whole tree's files and bytes)."""
     if guard is None:
         return
     bytes_only = not source.counts_files
@@ -326,18 +345,17 @@ def shrink_check(
     if previous is None:
         return
     floor = 1.0 - guard
-    if not bytes_only and previous.file_count and stats.file_count < previous.file_count * floor:
+    # The tree's totals (an incremental's archive holds only what changed).
+    before_files, before_bytes = previous.total_files, previous.total_bytes
+    if not bytes_only and before_files and stats.file_count < before_files * floor:
         raise ShrinkGuardError(
-            f"source {source.name} shrank from {previous.file_count} to {stats.file_count} files "
+            f"source {source.name} shrank from {before_files} to {stats.file_count} files "
             f"(more than {guard:.0%}) since {previous.id}",
             "check the source; if this is intended, pass --allow-shrink once",
         )
-    if (
-        previous.uncompressed_bytes
-        and stats.uncompressed_bytes < previous.uncompressed_bytes * floor
-    ):
+    if before_bytes and stats.uncompressed_bytes < before_bytes * floor:
         raise ShrinkGuardError(
-            f"source {source.name} shrank from {previous.uncompressed_bytes} to "
+            f"source {source.name} shrank from {before_bytes} to "
             f"{stats.uncompressed_bytes} bytes (more than {guard:.0%}) since {previous.id}",
             "check the source; if this is intended, pass --allow-shrink once",
         )
@@ -396,14 +414,26 @@ def _back_up(
     if manifest_problems:  # backed up all the same; a bad manifest is still exit 3
         result.warnings = result.warnings + manifest_problems
         result.outcome = Outcome.INTEGRITY
-    LOG.info(
-        "%s: archived %d files, %d bytes → %s (%d bytes)",
-        source.name,
-        stats.file_count,
-        stats.uncompressed_bytes,
-        final,
-        stats.size,
-    )
+    if result.level == "incr":
+        LOG.info(
+            "%s: incremental on %s: %d of %d files changed (%d bytes) → %s (%d bytes)",
+            source.name,
+            result.parent,
+            result.changed_files,
+            stats.file_count,
+            result.changed_bytes,
+            final,
+            stats.size,
+        )
+    else:
+        LOG.info(
+            "%s: archived %d files, %d bytes → %s (%d bytes)",
+            source.name,
+            stats.file_count,
+            stats.uncompressed_bytes,
+            final,
+            stats.size,
+        )
 
 
 def _guards(
@@ -471,10 +501,35 @@ def _archive(
     result: SourceResult,
 ) -> tuple[ArchiveStats, str]:
     """Write the archive into ``directory`` (``.partial``, then published once the shrink
-    guard passed) and its manifest; the stream that followed it is handed on in
-    ``result.stream``. Returns the archive's stats and file name."""
+    guard passed), its index (tree sources: same pass) and its manifest, last; the stream
+    that followed it is handed on in ``result.stream``. Returns the archive's stats (the
+    whole tree's totals) and file name."""
     settings = ctx.settings.for_source(source.name)
-    final = archive_name(backup_id, settings.compression)
+    chain = start_chain(ctx, source, settings, full=options.full, moment=backup_id.created_at)
+    try:
+        return _write_backup(
+            ctx, source, directory, backup_id, previous, device, options, streamer, result, chain
+        )
+    finally:
+        if chain is not None:
+            chain.close()
+
+
+# Long: one backup's files in their order (archive, index, manifest), undone together.
+def _write_backup(
+    ctx: Context,
+    source: Source,
+    directory: Dir,
+    backup_id: BackupId,
+    previous: Manifest | None,
+    device: int | None,
+    options: BackupOptions,
+    streamer: Streamer | None,
+    result: SourceResult,
+    chain: ChainStart | None,
+) -> tuple[ArchiveStats, str]:
+    settings = ctx.settings.for_source(source.name)
+    final = archive_name(backup_id, settings.compression, incremental=chain is not None)
     partial = final + ".partial"
     warn = _warner(source.name)
     walk_warnings: list[str] = []
@@ -486,13 +541,30 @@ def _archive(
         walk_unreadable += category == "unreadable"
         warn(category, message)
 
+    def parent_invalid(problem: str) -> None:
+        assert chain is not None
+        LOG.warning(
+            "%s: the index of %s is invalid (%s); the rest of the tree is archived again",
+            source.name,
+            chain.manifest.id,
+            problem,
+        )
+
     sctx = _source_context(ctx, source.name, backup_id, source_warn)
     stream = streamer(ctx, source.name, backup_id, final, previous) if streamer else None
+    index = None
+    index_final = index_name(backup_id)
+    started_ns = time.time_ns()
     entries = EntryStream(source.entries(sctx))
+    walked: Iterable[FileEntry] = entries
+    if chain is not None:
+        walked = mark_unchanged(entries, chain.parent, parent_invalid)
     try:
+        if source.chain_capable:
+            index = IndexFile(directory, index_final + ".partial", str(backup_id))
         progress = ctx.progress(f"archive {source.name}", None)
         stats = write_archive(
-            entries,
+            walked,
             directory,
             partial,
             compression=settings.compression,
@@ -501,25 +573,50 @@ def _archive(
             progress=progress,
             tail=stream.tail if stream is not None else None,
             prefetch=source.prefetch,
+            index=index,
         )
         getattr(progress, "close", lambda: None)()
         stats.warnings = walk_warnings + stats.warnings
         stats.unreadable += walk_unreadable
+        tree = stats
+        if index is not None:
+            tree = ArchiveStats(
+                file_count=index.writer.tree_files, uncompressed_bytes=index.writer.tree_bytes
+            )
         try:
             if not options.allow_shrink:
-                shrink_check(source, stats, previous, settings.shrink_guard)
+                shrink_check(source, tree, previous, settings.shrink_guard)
         except ShrinkGuardError:
             directory.unlink(partial)
             raise
         directory.publish(partial, final)  # never over an existing archive
+        facts = index.publish(index_final) if index is not None else None
         directory.fsync()
         manifest = _manifest(ctx, source, backup_id, final, stats, device, entries.members)
+        if index is not None and facts is not None:
+            manifest = dataclasses.replace(
+                manifest,
+                level=chain.level if chain is not None else 0,
+                parent=chain.manifest.id if chain is not None else None,
+                base=chain.base if chain is not None else str(backup_id),
+                index=facts,
+                tree_files=tree.file_count,
+                tree_bytes=tree.uncompressed_bytes,
+                walk_started_ns=started_ns,
+            )
         directory.write_atomic(manifest_name(backup_id), manifest.to_json())
     except BaseException:
+        if index is not None:
+            index.discard()
         if stream is not None:
             stream.abandon()
         raise
     result.stream = stream
+    if index is not None:
+        result.level = "incr" if chain is not None else "full"
+        result.parent = chain.manifest.id if chain is not None else None
+    result.changed_files, result.changed_bytes = stats.file_count, stats.uncompressed_bytes
+    stats.file_count, stats.uncompressed_bytes = tree.file_count, tree.uncompressed_bytes
     return stats, final
 
 

@@ -80,6 +80,7 @@ def nightly(
     describe: Callable[[RunReport], str],
     fallback_ping_url: Callable[[], str | None],
     allow_shrink: bool = False,
+    full: bool = False,
     deep: bool = False,
 ) -> RunReport:
     """``run`` with its pings: ``load`` the settings, refuse (exit 2) a run without a bucket
@@ -96,7 +97,9 @@ def nightly(
         _check_runnable(settings)
         with DirLock(settings.local_dir):
             monitor.ping(url, "/start")
-            report = run(open_context(settings), allow_shrink=allow_shrink, deep=deep)
+            report = run(
+                open_context(settings), allow_shrink=allow_shrink, deep=deep, full=full
+            )
     except CloudBackupError as exc:
         monitor.ping(url, "/fail", body=f"{on}: {exc}")
         raise
@@ -141,13 +144,15 @@ def _free_space_check(ctx: Context, results: dict[str, SourceResult]) -> set[str
     return blocked
 
 
-def run(ctx: Context, *, allow_shrink: bool = False, deep: bool = False) -> RunReport:
+def run(
+    ctx: Context, *, allow_shrink: bool = False, deep: bool = False, full: bool = False
+) -> RunReport:
     """Recover, back up, upload (incl. earlier failures), verify, prune; one report."""
     started = time.monotonic()
     report = RunReport()
     backing.cleanup_partials(ctx)
     ctx = _recover_remote(ctx, report)
-    report.results = _back_up(ctx, allow_shrink)
+    report.results = _back_up(ctx, allow_shrink, full)
     if ctx.remote is not None:
         _upload_and_verify(ctx, report, deep)
     try:
@@ -187,7 +192,7 @@ def _recover_remote(ctx: Context, report: RunReport) -> Context:
     return ctx
 
 
-def _back_up(ctx: Context, allow_shrink: bool) -> list[SourceResult]:
+def _back_up(ctx: Context, allow_shrink: bool, full: bool = False) -> list[SourceResult]:
     """Every configured source, in order (those without room fail at once), each uploaded
     (streamed while archived) when there is a bucket."""
     early: dict[str, SourceResult] = {}
@@ -198,7 +203,7 @@ def _back_up(ctx: Context, allow_shrink: bool) -> list[SourceResult]:
         backing.backup(
             ctx,
             specs,
-            BackupOptions(allow_shrink=allow_shrink),
+            BackupOptions(allow_shrink=allow_shrink, full=full),
             uploader=uploader,
             streamer=uploading.start_stream if uploader is not None else None,
         )
