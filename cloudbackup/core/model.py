@@ -764,8 +764,6 @@ def _chain(data: dict[str, Any], ref: BackupRef, level: int) -> tuple[str | None
     base_id = _earlier_id(base, "base", ref)
     if BackupId.parse(base_id) > BackupId.parse(parent_id):
         raise _Invalid(f"has base {base_id} newer than its parent {parent_id}")
-    if ref.archive_key is not None and not ref.incremental:
-        raise _Invalid(f"is level {level}, but its archive {ref.archive_key} is a full one")
     return parent_id, base_id
 
 

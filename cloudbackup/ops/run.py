@@ -152,6 +152,10 @@ def run(
     report = RunReport()
     backing.cleanup_partials(ctx)
     ctx = _recover_remote(ctx, report)
+    if ctx.remote is not None:
+        # Pending uploads oldest first: what earlier nights left goes before tonight's
+        # backups (an incremental's manifest only after its parent's).
+        _upload_pending(ctx, report)
     report.results = _back_up(ctx, allow_shrink, full)
     if ctx.remote is not None:
         _upload_and_verify(ctx, report, deep)
@@ -222,10 +226,7 @@ def _upload_and_verify(ctx: Context, report: RunReport, deep: bool) -> None:
     """Upload what earlier nights left behind, then verify (without downloading, unless
     ``deep``) everything this run uploaded."""
     uploaded_now = {r.id for r in report.results if r.uploaded and r.id}
-    try:
-        report.uploads = uploading.upload_pending(ctx)
-    except CloudBackupError as exc:
-        report.errors.append(f"upload of pending backups failed: {exc}")
+    _upload_pending(ctx, report)
     uploaded_now |= {upload.id for upload in report.uploads if upload.ok}
     try:
         listing = ctx.remote_catalog.refresh()
@@ -239,6 +240,13 @@ def _upload_and_verify(ctx: Context, report: RunReport, deep: bool) -> None:
             report.verifies.append(missing)
             continue
         report.verifies.append(verifying.verify_remote_ref(ctx, ref, deep=deep))
+
+
+def _upload_pending(ctx: Context, report: RunReport) -> None:
+    try:
+        report.uploads += uploading.upload_pending(ctx)
+    except CloudBackupError as exc:
+        report.errors.append(f"upload of pending backups failed: {exc}")
 
 
 def _last_run(ctx: Context, report: RunReport) -> dict[str, Any]:
