@@ -156,9 +156,10 @@ def _int(data: dict[str, Any], name: str) -> int:
     return value
 
 
-def parse_record(line: bytes, source: str) -> Record:
+def parse_record(line: bytes, source: str, owners: dict[str, bool] | None = None) -> Record:
     """One line of an index, validated: nothing in it is trusted (a path is a relative
-    member name, never absolute, never with ``..``; ``in`` a backup id of ``source``)."""
+    member name, never absolute, never with ``..``; ``in`` a backup id of ``source``).
+    ``owners`` remembers which ``in`` values were found valid (a chain has few)."""
     if len(line) > MAX_LINE:
         raise IndexInvalid("a record is too long")
     try:
@@ -191,11 +192,16 @@ def parse_record(line: bytes, source: str) -> Record:
     if link is not None and not isinstance(link, str):
         raise IndexInvalid(f"{path!r:.60} has a link that is not a string")
     within = data.get("in")
-    try:
-        owner = BackupId.parse(within) if isinstance(within, str) else None
-    except ValueError:
-        owner = None
-    if owner is None or owner.source != source or str(owner) != within:
+    known = owners.get(within) if owners is not None and isinstance(within, str) else None
+    if known is None:
+        try:
+            owner = BackupId.parse(within) if isinstance(within, str) else None
+        except ValueError:
+            owner = None
+        known = owner is not None and owner.source == source and str(owner) == within
+        if owners is not None and isinstance(within, str) and len(owners) < 10_000:
+            owners[within] = known
+    if not known:
         raise IndexInvalid(f"{path!r:.60} is in {within!r:.60}, not a backup of {source}")
     partial = data.get("partial", False)
     if type(partial) is not bool:
@@ -238,9 +244,10 @@ def read_lines(stream: IO[bytes]) -> Iterator[bytes]:
 
 def read_index(stream: IO[bytes], source: str) -> Iterator[Record]:
     """Every record of an index, validated, in order; IndexInvalid at the first bad one."""
+    owners: dict[str, bool] = {}
     for line in read_lines(stream):
         if line:
-            yield parse_record(line, source)
+            yield parse_record(line, source, owners)
 
 
 @dataclass
