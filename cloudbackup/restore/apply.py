@@ -39,7 +39,10 @@ from cloudbackup.core.outcome import exit_code as code_of
 from cloudbackup.fs.files import open_regular
 from cloudbackup.fs.tree import Tally, tally_tree
 from cloudbackup.restore.download import fetch_archive
-from cloudbackup.restore.select import Copy, choose_copy, find_backup, peek_manifest
+from cloudbackup.core.model import BackupRef
+from cloudbackup.core.patterns import PathMatcher
+from cloudbackup.restore import chain as chains
+from cloudbackup.restore.select import Candidate, Copy, choose_copy, find_backup, peek_manifest
 from cloudbackup.restore.targets import Target, Workspace, plan_target
 from cloudbackup.stream.compress import DECOMPRESS_ERRORS, open_decompressed
 from cloudbackup.stream.extract import ExtractResult, extract
@@ -135,12 +138,15 @@ def _extract_file(
     includes: Sequence[str] = (),
     dry_run: bool = False,
     progress: Callable[[int], None] | None = None,
+    select: Callable[[str], bool] | None = None,
 ) -> ExtractResult:
     # Decompression stays on this thread: python-zstandard holds the GIL while it works, so
     # a read-ahead thread measured slower, not faster (see benchmarks/RESULTS.md, Restore).
     raw, stream = _open_archive(path, compression)
     try:
-        return extract(stream, into, include=includes, dry_run=dry_run, progress=progress)
+        return extract(
+            stream, into, include=includes, dry_run=dry_run, progress=progress, select=select
+        )
     except DECOMPRESS_ERRORS as exc:
         raise IntegrityError(f"cannot decompress {path.name}: {exc}", _INTEGRITY_HINT) from None
     finally:
@@ -196,7 +202,11 @@ def restore(
         "restoring %s (host %s) from %s into %s", cand.id, cand.host, copy.where, result.target
     )
     try:
-        if dry_run:
+        if manifest.level > 0:
+            # An incremental: its chain, link by link, into one staging dir.
+            other = cand.remote if copy.where == "local" else cand.local
+            _run_chain(ctx, cand, copy, other, target, includes, force, from_, result)
+        elif dry_run:
             _dry_run(ctx, copy, target, includes, force, result)
         else:
             _run(ctx, copy, target, includes, result)
@@ -304,6 +314,81 @@ def _run(
             return
         target.install(ctx, staging, members, result)
         _conclude(result, on_disk, expected=expected, includes=includes)
+
+
+# Long: the chain's links found, checked and applied in order, then counted and installed
+# exactly as one archive is (see _run).
+def _run_chain(
+    ctx: Context,
+    cand: Candidate,
+    copy: Copy,
+    other: BackupRef | None,
+    target: Target,
+    includes: Sequence[str],
+    force: bool,
+    from_: str | None,
+    result: RestoreResult,
+) -> None:
+    """Restore the chain ``copy`` (an incremental) heads: every link verified, each path
+    from the link the final index names (cloudbackup.restore.chain)."""
+    manifest = copy.manifest
+    source = copy.ref.source
+    links = [chains.Link(c) for c in chains.chain_candidates(ctx, cand, from_)]
+    for link in links[:-1]:
+        link.copy = chains.choose_link(ctx, link.cand, from_)
+    links[-1].copy = copy
+    chains.check_links(links)
+    index = chains.final_index(ctx, copy, other)
+    wanted = PathMatcher(includes).matches if includes else None
+    files, size = chains.index_totals(index, source, wanted)
+    result.expected_files, result.expected_bytes = files, size
+    shown = f"{len(links)}-link chain from {links[0].cand.id}"
+    if result.dry_run:
+        result.ok = files > 0 or not includes
+        if not result.ok:
+            result.outcome = Outcome.FAILED
+        result.files, result.bytes = files, size
+        what = _counts(files, size) + (f" (--include {' '.join(includes)})" if includes else "")
+        result.detail = (
+            f"would restore {what} of {manifest.id} ({shown}) from {copy.where} into "
+            f"{result.target}{target.dry_run_note(force)} (index)"
+        )
+        return
+    target.ready()
+    with Workspace(target.workdir, target.staging_name) as ws:
+        staging = ws.staging(private=target.private_staging)
+        for link in links:
+            assert link.copy is not None
+            archive = _archive_path(ctx, link.copy, ws)
+            progress = ctx.progress(f"restore {link.cand.id}", link.copy.manifest.uncompressed_bytes)
+            try:
+                extracted = _extract_file(
+                    archive,
+                    link.copy.manifest.compression,
+                    staging.fd,
+                    includes=includes,
+                    progress=progress,
+                    select=chains.membership(index, source, link.cand.id),
+                )
+            finally:
+                getattr(progress, "close", lambda: None)()
+                if link.copy.local_path is None:
+                    Path(archive).unlink(missing_ok=True)
+            result.refused += extracted.refused
+            result.warnings += extracted.warnings
+            LOG.info("applied %s (%s)", link.cand.id, link.copy.where)
+        members = target.members(staging, manifest, source)
+        on_disk = tally_tree(staging.fd)
+        result.files, result.bytes = on_disk.files, on_disk.bytes
+        if on_disk.files == 0 and on_disk.dirs == 0:
+            result.outcome = Outcome.FAILED
+            result.detail = "nothing restored" + (
+                f": --include {' '.join(includes)} matched no member" if includes else ""
+            )
+            return
+        target.install(ctx, staging, members, result)
+        _conclude(result, on_disk, expected=(files, size), includes=includes)
+        result.detail += f" ({shown})"
 
 
 def _counts(files: int, size: int) -> str:

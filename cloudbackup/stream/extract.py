@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, BinaryIO, Protocol
+from typing import IO, Any, BinaryIO, Protocol
 
 from cloudbackup.core.errors import IntegrityError
 from cloudbackup.core.patterns import PathMatcher
@@ -437,7 +437,7 @@ class _Extraction:
         self,
         tree: _Tree,
         *,
-        matcher: PathMatcher,
+        matcher: PathMatcher | _Selected,
         dry_run: bool,
         result: ExtractResult,
     ) -> None:
@@ -571,6 +571,20 @@ class _Extraction:
             self.tree.finish_dir((), self.root_attrs)
 
 
+class _Selected:
+    """``--include`` (when given) and a selection of member names, both to match."""
+
+    def __init__(self, matcher: PathMatcher, select: Callable[[str], bool]) -> None:
+        self.matcher = matcher
+        self.select = select
+
+    def __bool__(self) -> bool:
+        return True
+
+    def matches(self, relpath: str) -> bool:
+        return (not self.matcher or self.matcher.matches(relpath)) and self.select(relpath)
+
+
 def extract(
     stream: BinaryIO,
     target: Path | int,
@@ -579,6 +593,7 @@ def extract(
     same_owner: bool | None = None,
     dry_run: bool = False,
     progress: Callable[[int], None] | None = None,
+    select: Callable[[str], bool] | None = None,
 ) -> ExtractResult:
     """Extract the uncompressed tar ``stream`` into the existing empty directory ``target``:
     an open directory's descriptor (a restore's staging directory, never reopened by name),
@@ -588,7 +603,8 @@ def extract(
     matched file its parent directories). ``same_owner`` (default: running as root) restores
     numeric owners and setuid/setgid bits. ``dry_run`` reads the stream and counts what would
     be written without writing anything. ``progress`` receives each count of file bytes
-    written. Refused members are listed in the result; the rest is extracted. A truncated or
+    written. ``select`` (a chain restore: the link each path is taken from) narrows the
+    members further; it is asked about member names in archive order. Refused members are listed in the result; the rest is extracted. A truncated or
     corrupt tar stream raises IntegrityError; errors of ``stream`` itself propagate.
     """
     if same_owner is None:
@@ -600,7 +616,10 @@ def extract(
     else:
         tree = _RealTree(target, same_owner=same_owner, progress=progress, warnings=result.warnings)
     try:
-        _Extraction(tree, matcher=PathMatcher(include), dry_run=dry_run, result=result).run(stream)
+        matcher: Any = PathMatcher(include)
+        if select is not None:
+            matcher = _Selected(matcher, select)
+        _Extraction(tree, matcher=matcher, dry_run=dry_run, result=result).run(stream)
     finally:
         tree.close()
     return result

@@ -123,3 +123,37 @@ def test_verify_checks_every_ancestor_exists(
     assert broken.exit_code == 3
     for row in json.loads(broken.stdout)["results"]:
         assert "its chain is broken" in row["detail"] and "no full backup before it" in row["detail"]
+
+
+def test_disaster_recovery_of_a_chain_on_a_fresh_machine(
+    env: Env, cli: CLI, remote: RemoteEnv, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new machine, an empty local dir, another host name: the chain comes from the
+    bucket, its final index too (read for the restore only), each link verified."""
+    www = tree(env)
+    ids = []
+    for night in range(3):
+        (www / f"night{night}.txt").write_text(f"night {night}\n")
+        if night == 2:
+            (www / "docs" / "0.txt").unlink()
+        ids.append(backup(cli, www)["id"])
+        clock.advance(days=1)
+    monkeypatch.setenv("CLOUDBACKUP_LOCAL_DIR", str(env.tmp / "fresh"))
+    monkeypatch.setenv("CLOUDBACKUP_HOST", "newbox")
+    target = env.tmp / "restored"
+    result = cli("restore", "www", "--host", HOST, "--to", target, "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["id"] == ids[-1] and doc["where_from"] == "remote"
+    assert "3-link chain" in doc["detail"]
+    restored = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
+    assert restored == sorted(
+        [f"docs/{i}.txt" for i in range(1, 10)] + [f"night{n}.txt" for n in range(3)]
+    )
+    assert not (env.tmp / "fresh").exists() or not list((env.tmp / "fresh").rglob("*.tar*"))
+    # A missing link in the bucket: exit 3 naming it, nothing written.
+    (middle,) = [k for k in remote.keys() if ids[1] in k and ".incr.tar" in k]
+    remote.delete(middle)
+    broken = cli("restore", "www", "--host", HOST, "--to", env.tmp / "again")
+    assert broken.exit_code == 3 and ids[1] in broken.stderr
+    assert not (env.tmp / "again").exists()
