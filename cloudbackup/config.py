@@ -25,8 +25,8 @@ import stat
 import sys
 import textwrap
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import timedelta
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit

@@ -28,8 +28,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 __all__ = [
     "DIR_FLAGS",

@@ -34,14 +34,14 @@ from cloudbackup.core.errors import (
     IntegrityError,
     UsageError,
 )
+from cloudbackup.core.model import BackupRef
 from cloudbackup.core.outcome import Outcome
 from cloudbackup.core.outcome import exit_code as code_of
+from cloudbackup.core.patterns import PathMatcher
 from cloudbackup.fs.files import open_regular
 from cloudbackup.fs.tree import Tally, tally_tree
-from cloudbackup.restore.download import fetch_archive
-from cloudbackup.core.model import BackupRef
-from cloudbackup.core.patterns import PathMatcher
 from cloudbackup.restore import chain as chains
+from cloudbackup.restore.download import fetch_archive
 from cloudbackup.restore.select import Candidate, Copy, choose_copy, find_backup, peek_manifest
 from cloudbackup.restore.targets import Target, Workspace, plan_target
 from cloudbackup.stream.compress import DECOMPRESS_ERRORS, open_decompressed

@@ -201,7 +201,7 @@ def parse_record(line: bytes, source: str, owners: dict[str, bool] | None = None
         known = owner is not None and owner.source == source and str(owner) == within
         if owners is not None and isinstance(within, str) and len(owners) < 10_000:
             owners[within] = known
-    if not known:
+    if not known or not isinstance(within, str):
         raise IndexInvalid(f"{path!r:.60} is in {within!r:.60}, not a backup of {source}")
     partial = data.get("partial", False)
     if type(partial) is not bool:
