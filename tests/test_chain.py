@@ -639,3 +639,35 @@ def test_prune_keeps_the_chain_locally(env: Env, cli: Any, www: Path, clock: Clo
     assert reasons[ids[0]] == [f"base of {ids[3]}"]
     assert reasons[ids[2]] == [f"parent of {ids[3]}"]
     assert len(env.manifests("www")) == 4
+
+
+def test_a_dry_run_names_the_incremental_the_real_run_writes(
+    env: Env, cli: Any, www: Path, clock: Clock
+) -> None:
+    backup_json(cli, www)
+    clock.advance(hours=1)
+    dry = cli("backup", "--dry-run", "--json", www)
+    assert dry.exit_code == 0, dry.stderr
+    (planned,) = json.loads(dry.stdout)["results"]
+    real = backup_json(cli, www)
+    assert planned["plan"]["archive"].endswith(f"{real['id']}.incr.tar.zst")
+    assert (env.source_dir("www") / f"{real['id']}.incr.tar.zst").exists()
+
+
+def test_an_index_without_its_manifest_is_an_orphan_swept_after_7_days(
+    env: Env, cli: Any, www: Path, clock: Clock
+) -> None:
+    first = backup_json(cli, www)
+    stray = env.source_dir("www") / "www-20261001T000000Z.index.zst"
+    stray.write_bytes(b"left by a crash")
+    young = env.source_dir("www") / "www-20261120T000000Z.index.zst"
+    young.write_bytes(b"its manifest may be on its way")
+    old = (clock.now - timedelta(days=30)).timestamp()
+    os.utime(stray, (old, old))
+    os.utime(young, (clock.now.timestamp(), clock.now.timestamp()))
+    result = cli("prune", "--json", "--policy", "last=1")
+    assert result.exit_code == 0, result.stderr
+    (group,) = json.loads(result.stdout)["results"]
+    assert group["orphans_deleted"] == ["www-20261001T000000Z"]
+    assert not stray.exists() and young.exists()
+    assert (env.source_dir("www") / f"{first['id']}.index.zst").exists()  # the newest's stays

@@ -714,7 +714,10 @@ def _plan(
     if survey is not None and not options.allow_shrink:
         found = ArchiveStats(file_count=survey[0], uncompressed_bytes=survey[1])
         shrink_check(source, found, previous, settings.shrink_guard)
-    name = archive_name(backup_id, settings.compression)
+    chain = start_chain(ctx, source, settings, full=options.full, moment=backup_id.created_at)
+    if chain is not None:
+        chain.close()
+    name = archive_name(backup_id, settings.compression, incremental=chain is not None)
     plan = SourcePlan(
         source=source.name,
         id=str(backup_id),
