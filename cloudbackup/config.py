@@ -32,7 +32,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from cloudbackup.core import childenv, retention
-from cloudbackup.core.errors import ConfigError
+from cloudbackup.core.errors import ConfigError, UsageError
 from cloudbackup.core.model import valid_name
 from cloudbackup.sources.base import SourceSpec, redact_url
 from cloudbackup.sources.registry import parse_spec
@@ -189,6 +189,47 @@ def parse_dest(text: str) -> Path:
 
 def parse_ping_url(text: str) -> str:
     return parse_http_url(text.strip().rstrip("/"))
+
+
+# A comma separates two targets only when a URL follows it, so ``?to=a@x.org,b@x.org`` stays whole.
+_TARGET_SPLIT_RE = re.compile(r",\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+NOTIFY_ON = ("failure", "warning", "always")
+
+
+def parse_notify_targets(text: str | None) -> tuple[str, ...]:
+    """The Apprise URLs in ``CLOUDBACKUP_NOTIFY``: one per line, or comma-separated.
+
+    A comma splits only where another URL (``scheme://``) follows, so a URL's own commas
+    (``mailto://...?to=a@example.org,b@example.org``) stay in it. Blank lines and lines
+    starting with ``#`` (in a ``CLOUDBACKUP_NOTIFY_FILE``) are ignored, duplicates dropped.
+    Whether Apprise can use them is checked at start-up (``ops.notify.validate``).
+    """
+    targets: list[str] = []
+    for line in (text or "").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        for part in _TARGET_SPLIT_RE.split(line):
+            part = part.strip().rstrip(",").strip()
+            if part and part not in targets:
+                targets.append(part)
+    return tuple(targets)
+
+
+def parse_command_line(text: str) -> str | None:
+    """A hook's shell command line (``/bin/sh -c``); blank is unset."""
+    return text.strip() or None
+
+
+def parse_hook_timeout(text: str) -> float:
+    """A duration (``90s``, ``10m``, ``1h``) in seconds, at least one second."""
+    try:
+        seconds = retention.Duration.parse(text.strip()).delta.total_seconds()
+    except ConfigError as exc:
+        raise Invalid(exc.message, exc.hint) from None
+    if seconds < 1:
+        raise Invalid(f"{text.strip()!r} is too short", "give at least 1s, e.g. 10m")
+    return seconds
 
 
 def parse_absolute_path(text: str) -> Path:
@@ -576,6 +617,41 @@ VARIABLES: tuple[Variable, ...] = (
         example="https://hc-ping.com/your-uuid",
     ),
     Variable(
+        "CLOUDBACKUP_NOTIFY", "notify", parse_notify_targets, None,
+        "Apprise URLs notified after `run` (newline- or comma-separated): `mailtos://`, "
+        "`ntfys://`, `slack://`, `json://` webhooks...; checked at start-up",
+        shown_default="none", secret=True, empty=(),
+        note="Where `run` sends its notification (Apprise URLs, newline- or comma-separated; "
+        "they may hold passwords: keep this file 0600).",
+        example="mailtos://user:password@smtp.example.org?to=ops@example.org",
+    ),
+    Variable(
+        "CLOUDBACKUP_NOTIFY_ON", "notify_on", _choice(*NOTIFY_ON), "failure",
+        "`failure` \\| `warning` (failures and warnings) \\| `always`",
+        example="failure",
+    ),
+    Variable(
+        "CLOUDBACKUP_BEFORE_RUN", "before_run", parse_command_line, None,
+        "shell command line run before `run` backs up; failing, it stops the run",
+        secret=True, example="systemctl stop app",
+    ),
+    Variable(
+        "CLOUDBACKUP_AFTER_RUN", "after_run", parse_command_line, None,
+        "shell command line run after every `run` (with `CLOUDBACKUP_RESULT`, "
+        "`CLOUDBACKUP_EXIT_CODE`, `CLOUDBACKUP_SUMMARY`)",
+        secret=True, example="systemctl start app",
+    ),
+    Variable(
+        "CLOUDBACKUP_ON_FAILURE", "on_failure", parse_command_line, None,
+        "shell command line run after a failed `run` (after `CLOUDBACKUP_AFTER_RUN`)",
+        secret=True, example="/usr/local/bin/page-oncall cloudbackup",
+    ),
+    Variable(
+        "CLOUDBACKUP_HOOK_TIMEOUT", "hook_timeout", parse_hook_timeout, "10m",
+        "how long a hook may take (a duration); then its processes are killed",
+        example="10m",
+    ),
+    Variable(
         "CLOUDBACKUP_LOG_FILE", "log_file", parse_absolute_path, None,
         "log file (rotated at 10 MiB, 5 kept)",
         shown_default="stderr only", example="/var/log/cloudbackup.log",
@@ -662,6 +738,12 @@ class Settings:
     incremental_ignore_inode: bool = _default("incremental_ignore_inode")
     retry_attempts: int = _default("retry_attempts")
     ping_url: str | None = _default("ping_url")
+    notify: tuple[str, ...] = _default("notify")
+    notify_on: str = _default("notify_on")
+    before_run: str | None = _default("before_run")
+    after_run: str | None = _default("after_run")
+    on_failure: str | None = _default("on_failure")
+    hook_timeout: float = _default("hook_timeout")
     log_file: Path | None = _default("log_file")
     log_level: str = _default("log_level")
     env_file: Path | None = None
@@ -692,6 +774,19 @@ class Settings:
             if spec.name == name:
                 return spec
         return None
+
+    def only(self, names: Sequence[str]) -> Settings:
+        """These configured sources only (``--source NAME``), in the order given; a name
+        that is not configured is a usage error (exit 2)."""
+        configured = {spec.name: spec for spec in self.sources}
+        unknown = [name for name in names if name not in configured]
+        if unknown:
+            raise UsageError(
+                f"no configured source named {', '.join(map(repr, unknown))}",
+                "configured: " + (", ".join(configured) or "none (set CLOUDBACKUP_SOURCES)"),
+            )
+        chosen = tuple(configured[name] for name in dict.fromkeys(names))
+        return dataclasses.replace(self, sources=chosen)
 
     def for_source(self, name: str) -> Settings:
         """The settings in effect for the source ``name``: its per-source values over the

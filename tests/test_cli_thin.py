@@ -103,18 +103,22 @@ def nightly_with(load: Any, report: nightly.RunReport | Exception | None = None,
     def open_context(chosen: Settings) -> Any:
         return chosen
 
-    def run(ctx: Any, **options: Any) -> nightly.RunReport:
+    def run(ctx: Any, options: Any, into: nightly.RunReport) -> nightly.RunReport:
         if isinstance(report, Exception):
             raise report
-        return report or nightly.RunReport()
+        if report is not None:
+            into.errors += report.errors
+        return into
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(nightly, "run", run)
+        patch.setattr(nightly, "_last_run", lambda ctx, report, options: {})
+        patch.setattr(nightly.monitor, "write_last_run", lambda ctx, document: None)
         return nightly.nightly(
             load,
             open_context,
             describe=lambda r: f"summary of {len(r.errors)} error(s)",
-            fallback_ping_url=lambda: "https://fallback.example/u",
+            fallback=lambda: nightly.Alerts("h1", "https://fallback.example/u"),
             **kw,
         )
 
@@ -169,6 +173,7 @@ def test_an_unexpected_error_after_start_pings_fail(tmp_path: Path, pings: Pings
         nightly_with(lambda: settings(tmp_path), full)
     assert [suffix for _url, suffix, _body in pings.calls] == ["/start", "/fail"]
     assert "unexpected error: OSError" in str(pings.calls[-1][2])
+    assert str(pings.calls[-1][2]).startswith("cloudbackup run on h1: ")
 
 
 # ---------------------------------------------------------------- through the command line

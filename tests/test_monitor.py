@@ -305,7 +305,7 @@ def test_status_warns_when_the_last_run_had_unreadable_files(
     result = cli("run")
     assert result.exit_code == 1, result.stderr
     assert "page2.html" in result.stderr
-    assert "completed with failures or warnings" in result.stdout
+    assert "run completed with warnings" in result.stdout
     code, doc = status_json(cli)
     assert code == 1 and doc["state"] == "WARNING"
     rows = by_source(doc)

@@ -32,6 +32,7 @@ def test_each_outcome_has_its_exit_code() -> None:
         Outcome.REFUSED: 2,
         Outcome.LOCKED: 4,
         Outcome.INTERRUPTED: 130,
+        Outcome.TERMINATED: 143,
     }
 
 
@@ -47,6 +48,7 @@ def test_each_outcome_has_its_exit_code() -> None:
         ([Outcome.LOCKED, Outcome.REFUSED, Outcome.FAILED], 4),
         ([Outcome.LOCKED, Outcome.INTEGRITY], 3),
         ([Outcome.INTEGRITY, Outcome.INTERRUPTED], 130),
+        ([Outcome.INTERRUPTED, Outcome.TERMINATED, Outcome.INTEGRITY], 143),
     ],
 )
 def test_the_most_severe_outcome_gives_the_exit_code(outcomes: list[Outcome], code: int) -> None:
@@ -69,6 +71,7 @@ def test_words_are_the_three_the_spec_uses() -> None:
         Outcome.REFUSED: "failed",
         Outcome.LOCKED: "failed",
         Outcome.INTERRUPTED: "failed",
+        Outcome.TERMINATED: "failed",
     }
 
 
@@ -100,9 +103,9 @@ def test_a_verify_result_is_judged_by_its_outcome_not_its_words() -> None:
 
 
 def test_a_run_report_derives_its_exit_code_from_every_part() -> None:
-    report = RunReport(results=[SourceResult("www", ok=True)])
+    report = RunReport(results=[SourceResult("www", archived=True)])
     assert report.exit_code == 0
-    report.results.append(SourceResult("db", ok=True, outcome=Outcome.WARNING))
+    report.results.append(SourceResult("db", archived=True, outcome=Outcome.WARNING))
     assert report.exit_code == 1
     report.uploads.append(UploadResult("www-20261121T021500Z", "www", outcome=Outcome.OK))
     report.prunes.append(PruneResult("local", "h", "www", "last=3", errors=["cannot delete"]))
@@ -110,6 +113,8 @@ def test_a_run_report_derives_its_exit_code_from_every_part() -> None:
     report.verifies.append(VerifyResult("www-20261121T021500Z", "remote", "size differs"))
     assert report.exit_code == 3
     assert RunReport(errors=["the bucket cannot be listed"]).exit_code == 1
+    report.interrupted = Outcome.TERMINATED
+    assert (report.exit_code, words(report.outcome)) == (143, "failed")
 
 
 def test_forget_fails_on_a_retained_backup_prune_does_not() -> None:

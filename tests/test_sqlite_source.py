@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from cloudbackup.core.errors import IntegrityError, SourceError
+from cloudbackup.core.errors import IntegrityError, Refused, SourceError
 from cloudbackup.core.patterns import PathMatcher
 from cloudbackup.sources.base import SourceContext
 from cloudbackup.sources.registry import parse_spec
@@ -239,9 +239,10 @@ def test_restore_refuses_a_database_in_use(tmp_path: Path, wal: bool, how: str) 
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
-        with pytest.raises(SourceError) as exc:
+        with pytest.raises(Refused) as exc:
             restore_sqlite(archived, target, now_stamp=STAMP)
         assert "in use" in str(exc.value) and "stop the app" in str(exc.value)
+        assert exc.value.exit_code == 2  # refused, nothing done
         assert not (tmp_path / f"app.db.before-restore-{STAMP}").exists()
     finally:
         assert holder.stdin is not None
@@ -257,7 +258,7 @@ def test_restore_refuses_to_overwrite_an_earlier_copy_aside(tmp_path: Path) -> N
     archived = make_db(tmp_path / "archived.sqlite3", rows=4, wal=False)
     target = make_db(tmp_path / "app.db", rows=3, wal=False)
     (tmp_path / f"app.db.before-restore-{STAMP}").write_text("precious")
-    with pytest.raises(SourceError, match="already exists"):
+    with pytest.raises(Refused, match="already exists"):
         restore_sqlite(archived, target, now_stamp=STAMP)
     assert ids(target) == [1, 2, 3]
 

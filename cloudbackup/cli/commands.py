@@ -4,14 +4,17 @@ errors to messages and exit codes (``core.outcome``)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
+import signal
 import socket
 import stat
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,10 +26,11 @@ from dotenv import dotenv_values
 from cloudbackup import __version__, config
 from cloudbackup import context as contexts
 from cloudbackup.cli import options, output
-from cloudbackup.cli.output import Progress, setup_logging
+from cloudbackup.cli.output import Progress, ProgressLine, setup_logging
 from cloudbackup.config import Settings
-from cloudbackup.core.errors import CloudBackupError, ConfigError, UsageError
-from cloudbackup.core.outcome import Outcome, exit_code
+from cloudbackup.core.errors import CloudBackupError, ConfigError, Interrupted, UsageError
+from cloudbackup.core.model import valid_name
+from cloudbackup.core.outcome import REPORTED, Outcome, exit_code
 from cloudbackup.lock import DirLock
 from cloudbackup.ops import backup as backing
 from cloudbackup.ops import list as listing
@@ -46,6 +50,7 @@ class AppState:
     env_file: Path | None = None
     verbose: bool = False
     quiet: bool = False
+    log_json: bool = False
     settings: Settings | None = None
     redact: list[str] = field(default_factory=list)
     #: What the settings were read from, read once per command (:func:`load_settings`).
@@ -85,14 +90,24 @@ def _home() -> Path | None:
         return None
 
 
-def load_settings(state: AppState, *, secrets: Sequence[str] = (), **given: Any) -> Settings:
+def load_settings(
+    state: AppState,
+    *,
+    as_json: bool = False,
+    secrets: Sequence[str] = (),
+    sources: Sequence[str] | None = None,
+    **given: Any,
+) -> Settings:
     """Resolve settings once per command: CLI (``given``, by settings field) > environment >
     .env > default. The process environment and the .env file are read here, once: below
-    the CLI nothing reads ``os.environ``."""
+    the CLI nothing reads ``os.environ``. ``as_json``: the result goes to stdout as JSON,
+    not as a report for people (the log then keeps every event on stderr)."""
+    from cloudbackup.ops.notify import target_secrets
+
     state.environ = dict(os.environ)
     env_file, state.dotenv = _dotenv(state)
     settings = config.load(
-        config.command_line(**given),
+        config.command_line(sources=sources, **given),
         state.environ,
         state.dotenv,
         hostname=socket.gethostname(),
@@ -103,18 +118,32 @@ def load_settings(state: AppState, *, secrets: Sequence[str] = (), **given: Any)
         *secrets,
         *(s for spec in settings.sources for s in spec.secrets),
         *ping_secrets(settings.ping_url),
+        *target_secrets(settings.notify),
     ]
-    setup_logging(
-        level=settings.log_level,
-        verbose=state.verbose,
-        quiet=state.quiet,
-        log_file=settings.log_file,
-        secrets=secrets,
-    )
+    _logging(state, as_json=as_json, settings=settings, secrets=secrets)
     for warning in settings.warnings:
         LOG.warning("%s", warning)
     state.settings = settings
     return settings
+
+
+def _logging(
+    state: AppState,
+    *,
+    as_json: bool = False,
+    settings: Settings | None = None,
+    secrets: Sequence[str] = (),
+) -> None:
+    setup_logging(
+        level=settings.log_level if settings else "INFO",
+        verbose=state.verbose,
+        quiet=state.quiet,
+        log_file=settings.log_file if settings else None,
+        secrets=secrets,
+        log_json=state.log_json,
+        human_report=not as_json,
+        environ=os.environ,
+    )
 
 
 def make_context(
@@ -161,10 +190,13 @@ def make_remote(
 
 
 def _progress_factory() -> Callable[[str, int | None], Callable[[int], None]]:
-    tty = sys.stderr.isatty()
+    """Bars on a terminal (one line for all of them), never with ``-q``; else a log line
+    every 10 s."""
+    tty = sys.stderr.isatty() and not _state().quiet
+    line = ProgressLine(sys.stderr) if tty else None
 
     def factory(label: str, total: int | None) -> Callable[[int], None]:
-        return Progress(label, total, tty=tty)
+        return Progress(label, total, tty=tty, line=line)
 
     return factory
 
@@ -185,6 +217,15 @@ def _exit(code: int) -> NoReturn:
     raise SystemExit(code)
 
 
+def _finish(as_json: bool, document: Any, text: Callable[[], str], code: int) -> NoReturn:
+    """Show the result and exit with ``code``: a human report is left out when ``-q`` and
+    the command succeeded (SPEC "Operations": a quiet good night prints nothing); JSON, which
+    a program asked for, always goes out."""
+    if as_json or code != 0 or not _state().quiet:
+        output.show(as_json, document, text)
+    _exit(code)
+
+
 def _remote_needs_bucket(settings: Settings, where: str) -> None:
     """``--where remote`` without a bucket is a usage error (exit 2)."""
     if where == "remote" and not settings.remote_configured:
@@ -199,28 +240,60 @@ def _remote_needs_bucket(settings: Settings, where: str) -> None:
     type=click.Path(path_type=Path),
     help="Read settings from this .env file.",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Debug output, with tracebacks.")
-@click.option("-q", "--quiet", is_flag=True, help="Errors only.")
+@click.option(
+    "-v", "--verbose", is_flag=True, help="Debug output: decisions, timings per phase, tracebacks."
+)
+@click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    help="Nothing at all when the command succeeds; else its summary and errors.",
+)
+@click.option(
+    "--log-json", is_flag=True, help="Log one JSON object per line (for log shippers)."
+)
 @click.version_option(__version__, prog_name="cloudbackup")
 @click.pass_context
-def cli(ctx: click.Context, env_files: tuple[Path, ...], verbose: bool, quiet: bool) -> None:
+def cli(
+    ctx: click.Context, env_files: tuple[Path, ...], verbose: bool, quiet: bool, log_json: bool
+) -> None:
     """Compressed, checksummed backups of directories and databases, pushed to S3 and
     pruned by one retention planner."""
-    setup_logging(verbose=verbose, quiet=quiet)
+    state = AppState(verbose=verbose, quiet=quiet, log_json=log_json)
+    _logging(state)
     if len(env_files) > 1:
         # Silently using the last one would hide the others' settings.
         raise UsageError(
             "--env-file is given more than once (" + ", ".join(map(str, env_files)) + ")",
             "give one .env file",
         )
-    ctx.obj = AppState(env_file=env_files[0] if env_files else None, verbose=verbose, quiet=quiet)
+    state.env_file = env_files[0] if env_files else None
+    ctx.obj = state
 
 
 # ---------------------------------------------------------------- backup
 
 
-@cli.command()
+BACKUP_HELP = """Archive each source, then upload it.
+
+SPEC is the name of a configured source (CLOUDBACKUP_SOURCES) or a source spec: a
+directory, NAME=glob, sqlite:///file, postgresql://..., NAME=cmd:command. Without SPEC
+(and without --source), every configured source.
+
+\b
+Examples:
+  cloudbackup backup                          every configured source
+  cloudbackup backup www                      the configured source named www
+  cloudbackup backup --source www --source db two configured sources
+  cloudbackup backup /srv/www                 a directory (source name: www)
+  cloudbackup backup conf='/etc/app/**/*.yaml' sqlite:///var/lib/app/app.db
+  cloudbackup backup --no-upload --dry-run    what would be archived, nothing written
+"""
+
+
+@cli.command(help=BACKUP_HELP)
 @click.argument("specs", nargs=-1, metavar="[SPEC]...")
+@options.sources
 @click.option("--no-upload", is_flag=True, help="Archive locally only; upload later with `upload`.")
 @click.option(
     "--exclude",
@@ -236,6 +309,7 @@ def cli(ctx: click.Context, env_files: tuple[Path, ...], verbose: bool, quiet: b
 @options.as_json
 def backup(
     specs: tuple[str, ...],
+    sources: tuple[str, ...],
     no_upload: bool,
     excludes: tuple[str, ...],
     compression: str | None,
@@ -244,10 +318,13 @@ def backup(
     dry_run: bool,
     as_json: bool,
 ) -> None:
-    """Archive each source (arguments or CLOUDBACKUP_SOURCES), then upload it."""
+    state = _state()
+    named, adhoc = _configured_or_specs(state, specs, sources)
     settings = load_settings(
-        _state(), sources=specs, extra_exclude=excludes, compression=compression
+        state, as_json=as_json, sources=adhoc, extra_exclude=excludes, compression=compression
     )
+    if named is not None:
+        settings = settings.only(named)
     if not settings.sources:
         raise UsageError(
             "no sources to back up",
@@ -260,14 +337,45 @@ def backup(
     chosen = backing.BackupOptions(dry_run=dry_run, allow_shrink=allow_shrink, full=full)
     results = _back_up(ctx, chosen, upload=not no_upload and not local_only)
     document = {"results": [r.to_dict() for r in results], "dry_run": dry_run}
-    output.show(
+    _finish(
         as_json,
         document | {"local_only": local_only},
         lambda: output.backup_summary(
             results, local_only=local_only, dry_run=dry_run, remote_url=_remote_url(settings)
         ),
+        exit_code(r.outcome for r in results),
     )
-    _exit(exit_code(r.outcome for r in results))
+
+
+def _configured_or_specs(
+    state: AppState, specs: Sequence[str], sources: Sequence[str]
+) -> tuple[list[str] | None, list[str] | None]:
+    """``backup NAME`` is the configured source of that name, a path or spec otherwise
+    (SPEC "Operations"); ``--source NAME`` only ever a configured source.
+
+    Returns (configured names to keep, or None for all of them; specs given on the command
+    line instead of the configured ones, or None). A configured source named alongside an
+    ad-hoc spec is passed on as its configured spec, so both go through one list."""
+    if not specs:
+        return (list(sources) if sources else None), None
+    configured = _configured_specs(state) if any(valid_name(s) for s in specs) else {}
+    if all(spec in configured for spec in specs):
+        return [*sources, *specs], None
+    if sources:
+        raise UsageError(
+            "--source names configured sources; it cannot be mixed with specs "
+            + ", ".join(repr(s) for s in specs if s not in configured),
+            "give either source names or specs",
+        )
+    return None, [configured[s] if s in configured else s for s in specs]
+
+
+def _configured_specs(state: AppState) -> dict[str, str]:
+    """The configured sources (CLOUDBACKUP_SOURCES) by name, as specs; none when the
+    variable is unset or does not parse (the spec is then read as a path)."""
+    env_file = _dotenv(state)[1]
+    found = config.resolve_one("sources", {}, os.environ, env_file) or ()
+    return {spec.name: f"{spec.name}={spec.spec}" for spec in found}
 
 
 def _back_up(
@@ -299,12 +407,17 @@ def list_cmd(
     source: str | None, where: str, host: str | None, all_hosts: bool, as_json: bool
 ) -> None:
     """Backups with id, time, size, where they are and whether the offsite copy is verified."""
-    settings = load_settings(_state(), host=host)
+    settings = load_settings(_state(), as_json=as_json, host=host)
     _remote_needs_bucket(settings, where)
     ctx = make_context(settings, remote=where != "local", need_local=False)
     backups = listing.list_backups(ctx, where=where, source=source, all_hosts=all_hosts)
-    document = {"backups": [b.to_dict() for b in backups]}
-    output.show(as_json, document, lambda: output.backup_list(backups))
+    document: dict[str, Any] = {"backups": [b.to_dict() for b in backups]}
+    others: list[str] = []
+    if not backups and where != "local" and not all_hosts:
+        others = [h for h in listing.hosts_with_backups(ctx) if h != settings.host]
+        document["hosts_with_backups"] = others
+    text = lambda: output.backup_list(backups, host=settings.host, other_hosts=others)  # noqa: E731
+    output.show(as_json, document, text)
 
 
 @cli.command()
@@ -326,14 +439,15 @@ def verify(
 ) -> None:
     """Local: re-hash archives against manifests. Remote: compare S3's checksum, size and
     metadata with the manifest without downloading (--deep streams and re-hashes)."""
-    settings = load_settings(_state(), host=host)
+    settings = load_settings(_state(), as_json=as_json, host=host)
     _remote_needs_bucket(settings, where)
     where = where if settings.remote_configured else "local"
     ctx = make_context(settings, remote=where != "local", need_local=False)
     results = _verify(ctx, ids, source, where, deep)
     document = {"results": [r.to_dict() for r in results]}
-    output.show(as_json, document, lambda: output.verify_lines(results))
-    _exit(exit_code(r.outcome for r in results))
+    _finish(
+        as_json, document, lambda: output.verify_lines(results), exit_code(r.outcome for r in results)
+    )
 
 
 def _verify(
@@ -364,15 +478,16 @@ def upload(source: str | None, host: str | None, as_json: bool) -> None:
     """Push every complete local backup not yet verified remotely; resumes interrupted uploads."""
     from cloudbackup.ops import upload as uploading
 
-    settings = load_settings(_state(), host=host)
+    settings = load_settings(_state(), as_json=as_json, host=host)
     if not settings.remote_configured:
         raise UsageError("no bucket configured", _NO_REMOTE)
     ctx = make_context(settings)
     with DirLock(settings.local_dir):
         results = uploading.upload_pending(ctx, source)
     document = {"results": [r.to_dict() for r in results]}
-    output.show(as_json, document, lambda: output.upload_lines(results))
-    _exit(exit_code(r.outcome for r in results))
+    _finish(
+        as_json, document, lambda: output.upload_lines(results), exit_code(r.outcome for r in results)
+    )
 
 
 # ---------------------------------------------------------------- restore
@@ -407,7 +522,9 @@ def restore(**kwargs: Any) -> None:
     if to == "-" and as_json:
         raise UsageError("--json cannot be used with --to -", "stdout carries the data alone")
     target_secrets = url_secrets(to) if to and "://" in to else []
-    settings = load_settings(_state(), host=kwargs["host"], secrets=target_secrets)
+    settings = load_settings(
+        _state(), as_json=as_json, host=kwargs["host"], secrets=target_secrets
+    )
     at = selecting.parse_at(kwargs["at"]) if kwargs["at"] is not None else None
     ctx = make_context(settings, remote=kwargs["from_"] != "local", need_local=False)
     result = restoring.restore(  # no lock: restore only reads the local dir (SPEC)
@@ -424,7 +541,7 @@ def restore(**kwargs: Any) -> None:
     )
     if as_json:
         output.print_json(result.to_dict())
-    else:  # with --to -, stdout carries the data alone
+    elif result.exit_code != 0 or not _state().quiet:  # with --to -, stdout carries the data alone
         lines = [result.summary(), *(f"  {line}" for line in result.refused)]
         click.echo("\n".join(lines), err=to == "-")
     _exit(result.exit_code)
@@ -454,7 +571,7 @@ def prune(
     from cloudbackup.ops import prune as pruning
 
     chosen = _policy(policy)
-    settings = load_settings(_state(), host=host)
+    settings = load_settings(_state(), as_json=as_json, host=host)
     pruning.validate(settings, where=where, policy=chosen, host=host, all_hosts=all_hosts)
     ctx = make_context(settings, remote=where != "local")
     with DirLock(settings.local_dir):
@@ -463,8 +580,10 @@ def prune(
             dry_run=dry_run,
         )  # fmt: skip
     document = {"dry_run": dry_run, "results": [r.to_dict() for r in results]}
-    output.show(as_json, document, lambda: "\n".join(output.prune_lines(results, dry_run=dry_run)))
-    _exit(pruning.exit_code(results))
+    document |= {"kept_bytes": sum(r.kept_bytes for r in results)}
+    document |= {"freed_bytes": sum(r.freed_bytes for r in results)}
+    text = lambda: "\n".join(output.prune_lines(results, dry_run=dry_run))  # noqa: E731
+    _finish(as_json, document, text, pruning.exit_code(results))
 
 
 def _policy(text: str | None) -> Any:
@@ -489,46 +608,97 @@ def forget(
     """Delete the named backups (manifest first); refuses unknown or locked ones."""
     from cloudbackup.ops import forget as forgetting
 
-    settings = load_settings(_state(), host=host)
+    settings = load_settings(_state(), as_json=as_json, host=host)
     _remote_needs_bucket(settings, where)
     ctx = make_context(settings, remote=where != "local")
     with DirLock(settings.local_dir):
         results = forgetting.forget(ctx, ids, where=where, dry_run=dry_run)
     document = {"dry_run": dry_run, "results": [r.to_dict() for r in results]}
-    output.show(as_json, document, lambda: "\n".join(output.forget_lines(results, dry_run=dry_run)))
-    _exit(forgetting.exit_code(results))
+    text = lambda: "\n".join(output.forget_lines(results, dry_run=dry_run))  # noqa: E731
+    _finish(as_json, document, text, forgetting.exit_code(results))
 
 
 # ---------------------------------------------------------------- run / status / check
 
 
-@cli.command()
+RUN_HELP = """The nightly job: recover, back up, upload, verify, prune; one summary.
+
+Around it: CLOUDBACKUP_BEFORE_RUN / AFTER_RUN / ON_FAILURE hooks, healthchecks pings
+(CLOUDBACKUP_PING_URL) and notifications (CLOUDBACKUP_NOTIFY). With -q a good night
+prints nothing. SIGINT/SIGTERM stop it as `interrupted` (exit 130/143).
+
+\b
+Examples:
+  cloudbackup --env-file /etc/cloudbackup.env -q run     the nightly cron line
+  cloudbackup run --source app-db                        an hourly database job
+  cloudbackup run --dry-run                              what it would archive, upload, prune
+"""
+
+
+@cli.command(help=RUN_HELP)
+@options.sources
 @options.allow_shrink
 @options.full
 @click.option("--deep", is_flag=True, help="Verify uploads by streaming them back.")
+@options.dry_run
 @options.act_as_host
 @options.as_json
-def run(allow_shrink: bool, full: bool, deep: bool, host: str | None, as_json: bool) -> None:
-    """The nightly job: recover, back up, upload, verify, prune, ping; one summary."""
+def run(
+    sources: tuple[str, ...],
+    full: bool,
+    allow_shrink: bool,
+    deep: bool,
+    dry_run: bool,
+    host: str | None,
+    as_json: bool,
+) -> None:
     from cloudbackup.ops import run as nightly
 
     state = _state()
+    chosen = nightly.RunOptions(
+        allow_shrink=allow_shrink, deep=deep, full=full, dry_run=dry_run, sources=sources
+    )
     report = nightly.nightly(
-        lambda: load_settings(state, host=host),
+        lambda: load_settings(state, as_json=as_json, host=host),
         make_context,
         describe=output.run_summary,
-        fallback_ping_url=lambda: config.resolve_one("ping_url", {}, state.environ, state.dotenv),
-        allow_shrink=allow_shrink,
-        deep=deep,
-        full=full,
+        fallback=lambda: _fallback_alerts(state),
+        logs=nightly.LogView(tail=_log_tail, redact=_redact),
+        options=chosen,
     )
-    output.show(as_json, report.to_dict(), lambda: output.run_summary(report))
-    _exit(report.exit_code)
+    _finish(as_json, report.to_dict(), lambda: output.run_summary(report), report.exit_code)
+
+
+def _fallback_alerts(state: AppState) -> Any:
+    """Who to tell about a run whose configuration is invalid: every value that can still
+    be read on its own (``CLOUDBACKUP_PING_URL``, ``CLOUDBACKUP_NOTIFY``, ...)."""
+    from cloudbackup.ops.run import Alerts
+
+    def value(name: str) -> Any:
+        return config.resolve_one(name, {}, state.environ, state.dotenv)
+
+    host = value("host") or socket.gethostname()
+    return Alerts(host, value("ping_url"), value("notify") or (), value("notify_on") or "failure")
+
+
+def _log_tail() -> Sequence[str]:
+    logs = output.current_logs()
+    return logs.tail.lines() if logs else ()
+
+
+def _redact(text: str) -> str:
+    logs = output.current_logs()
+    return logs.redactor.redact(text) if logs else text
 
 
 @cli.command()
 @click.option(
-    "--max-age", default="26h", show_default=True, help="CRITICAL when the newest backup is older."
+    "--max-age",
+    default="26h",
+    show_default=True,
+    metavar="DURATION",
+    help="CRITICAL when the newest backup is older: a number and s/m/h/d/w (90m, 26h, 8d), "
+    "1m to 3650d.",
 )
 @options.all_hosts
 @options.as_json
@@ -536,19 +706,19 @@ def run(allow_shrink: bool, full: bool, deep: bool, host: str | None, as_json: b
     "--prometheus", type=click.Path(path_type=Path), metavar="FILE", help="Write textfile metrics."
 )
 def status(max_age: str, all_hosts: bool, as_json: bool, prometheus: Path | None) -> None:
-    """Per host/source: newest backup, age, counts, sizes; monitoring exit codes."""
+    """Per host/source: newest backup, age, counts, local and remote sizes; monitoring
+    exit codes (0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN)."""
     from cloudbackup.ops import status as monitor
 
     try:
         age = monitor.parse_max_age(max_age)
-        ctx = make_context(load_settings(_state()), need_local=False)
+        ctx = make_context(load_settings(_state(), as_json=as_json), need_local=False)
         report = monitor.status(ctx, max_age=age, all_hosts=all_hosts)
     except CloudBackupError as exc:
-        LOG.error("%s", exc)
+        LOG.error("%s", exc, extra=REPORTED)  # said once: in the report (stderr with --json)
         detail = str(exc)
         document = {"hosts": [], "state": "UNKNOWN", "detail": [detail]}
-        output.show(as_json, document, lambda: f"UNKNOWN: {detail}")
-        _exit(monitor.UNKNOWN)
+        _finish(as_json, document, lambda: f"UNKNOWN: {detail}", monitor.UNKNOWN)
     if prometheus is not None:
         try:
             monitor.write_prometheus(prometheus, monitor.prometheus_text(report))
@@ -556,8 +726,7 @@ def status(max_age: str, all_hosts: bool, as_json: bool, prometheus: Path | None
             report.detail.append(f"cannot write {prometheus}: {exc.strerror or exc}")
             report.state = monitor.UNKNOWN
     text = lambda: output.status_table(report, monitor.STATE_NAMES)  # noqa: E731
-    output.show(as_json, report.to_dict(), text)
-    _exit(report.state)
+    _finish(as_json, report.to_dict(), text, report.state)
 
 
 @cli.command()
@@ -566,13 +735,75 @@ def check(as_json: bool) -> None:
     """Validate configuration, sources, the local dir and bucket access, one line per check."""
     from cloudbackup.ops import check as checking
 
-    settings = load_settings(_state())
+    settings = load_settings(_state(), as_json=as_json)
     ctx = make_context(settings, need_local=False)
     lines = checking.check(ctx)
+    if settings.notify:
+        lines.insert(1, _notify_check(settings, checking.CheckLine))
     code = checking.check_exit(lines)
     document = {"checks": [line.to_dict() for line in lines], "ok": code == 0}
-    output.show(as_json, document, lambda: output.check_lines(lines))
-    _exit(code)
+    _finish(as_json, document, lambda: output.check_lines(lines), code)
+
+
+def _notify_check(settings: Settings, line: Any) -> Any:
+    """One check line: whether Apprise can use every notification target (as `run` checks
+    them at start-up)."""
+    from cloudbackup.ops import notify
+
+    try:
+        notify.validate(settings.notify)
+    except ConfigError as exc:
+        return line("notifications", False, str(exc))
+    count = len(settings.notify)
+    detail = f"{count} target{'' if count == 1 else 's'} accepted by Apprise, on {settings.notify_on}"
+    return line("notifications", True, detail)
+
+
+SCHEDULE_HELP = """Print ready-to-install units that run `cloudbackup run` every day.
+
+KIND is `cron` (a cron.d file) or `systemd` (a service and a timer, each after a
+`# /etc/systemd/system/<name>` line), for this installation's absolute paths and
+--env-file (default /etc/cloudbackup.env).
+
+\b
+Examples:
+  cloudbackup schedule cron --at 03:30 > /etc/cron.d/cloudbackup
+  cloudbackup schedule systemd | awk '/^# \\/etc\\/systemd\\/system\\//{f=$2} {print > f}'
+"""
+
+
+@cli.command(help=SCHEDULE_HELP)
+@click.argument("kind", type=click.Choice(["cron", "systemd"]))
+@click.option(
+    "--at", "at", default="02:15", show_default=True, metavar="HH:MM",
+    help="Time of day (24-hour, this machine's local time).",
+)
+def schedule(kind: str, at: str) -> None:
+    from cloudbackup.ops import schedule as scheduling
+
+    state = _state()
+    env_file = str(state.env_file.absolute()) if state.env_file else scheduling.DEFAULT_ENV_FILE
+    text = scheduling.render(
+        kind,
+        at,
+        executable=scheduling.find_executable(),
+        env_file=env_file,
+        write_paths=_write_paths(state),
+    )
+    click.echo(text, nl=False)
+
+
+def _write_paths(state: AppState) -> list[str]:
+    """What the systemd service may write: the configured local dir and the log file's
+    directory, as far as they can be read here (each on its own); else the defaults."""
+    from cloudbackup.ops import schedule as scheduling
+
+    dotenv = _dotenv(state)[1]  # an --env-file that cannot be read is exit 2, as anywhere
+    local_dir = config.resolve_one("local_dir", {}, os.environ, dotenv)
+    log_file = config.resolve_one("log_file", {}, os.environ, dotenv)
+    paths = [str(local_dir) if local_dir else scheduling.DEFAULT_WRITE_PATHS[0]]
+    paths.append(str(log_file.parent) if log_file else scheduling.DEFAULT_WRITE_PATHS[1])
+    return paths
 
 
 @cli.group()
@@ -642,31 +873,72 @@ def render(
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: one place maps errors to messages and exit codes."""
     args = list(sys.argv[1:] if argv is None else argv)
+    with _signals_stop_the_work():
+        code = _main(args)
+    output.finish_logging(code)
+    sys.exit(code)
+
+
+def _main(args: list[str]) -> int:
     verbose = any(a in ("-v", "--verbose") for a in args)
     try:
         cli.main(args=args, prog_name="cloudbackup", standalone_mode=False)
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        sys.exit(code)
-    except click.exceptions.Abort:
-        click.echo("error: interrupted", err=True)
-        sys.exit(exit_code(Outcome.INTERRUPTED))
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        LOG.error("interrupted by SIGINT")
+        return exit_code(Outcome.INTERRUPTED)
+    except Interrupted as exc:
+        LOG.error("interrupted by %s", exc.signal_name)
+        return exc.exit_code
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(exit_code(Outcome.REFUSED) if isinstance(exc, click.UsageError) else exc.exit_code)
+        _show_click_error(exc)
+        return exit_code(Outcome.REFUSED) if isinstance(exc, click.UsageError) else exc.exit_code
     except CloudBackupError as exc:
         if verbose:
             LOG.exception("%s", exc)
         else:
             LOG.error("%s", exc)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
-        sys.exit(exit_code(Outcome.INTERRUPTED))
+        return exc.exit_code
     except Exception as exc:  # a bug: say so in one line unless -v
         if verbose:
             LOG.exception("unexpected error")
         else:
             LOG.error("unexpected error: %s: %s (run with -v for details)", type(exc).__name__, exc)
-        sys.exit(1)
-    sys.exit(0)
+        return 1
+    return 0
+
+
+def _show_click_error(exc: click.ClickException) -> None:
+    """Click's own errors (a bad option, a missing argument) in our words: ``error: ...``
+    after the usage, as every other error reads."""
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, click.UsageError) and ctx is not None:
+        click.echo(ctx.get_usage(), err=True)
+        click.echo(f"Try '{ctx.command_path} {ctx.help_option_names[0]}' for help.", err=True)
+    click.echo(f"error: {exc.format_message()}", err=True)
+
+
+@contextlib.contextmanager
+def _signals_stop_the_work() -> Iterator[None]:
+    """SIGTERM (systemd stopping the service, a shutdown) and SIGINT (Ctrl-C) raise
+    :class:`Interrupted` in the main thread, so the work stops where it is and ``run``
+    records it as interrupted (exit 143 / 130). A SIGINT that was ignored when this process
+    started (``nohup``) stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        current = signal.getsignal(signum)
+        if current in (signal.SIG_DFL, signal.default_int_handler):
+            previous[signum] = signal.signal(signum, _interrupt)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)

@@ -15,12 +15,29 @@ import click
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-WHERE = click.Choice(["local", "remote", "all"])
+
+
+class Where(click.Choice):
+    """``local|remote|all``; ``both`` (the word ``list`` shows) is taken for ``all``."""
+
+    def __init__(self) -> None:
+        super().__init__(["local", "remote", "all"])
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "both":
+            value = "all"
+        return super().convert(value, param, ctx)
+
+
+WHERE = Where()
 
 #: ``--json``: one JSON document on stdout, nothing else there (the command's ``as_json``).
 as_json = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+_SOURCE_HELP = "Only the source of this name."
 #: ``--source NAME``: only this source's backups.
-only_source = click.option("--source", help="Only this source.")
+only_source = click.option("--source", metavar="NAME", help=_SOURCE_HELP)
+#: ``--source NAME``, repeatable: only these configured sources (``backup``, ``run``).
+sources = click.option("--source", "sources", multiple=True, metavar="NAME", help=_SOURCE_HELP)
 #: ``--host H``: the backups of another host (this machine's by default).
 backups_of_host = click.option("--host", help="Backups of this host (default: this machine's).")
 #: ``--host H``: act as that host, an explicit claim (allowed under another machine's claim).

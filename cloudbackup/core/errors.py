@@ -3,6 +3,7 @@ what it makes of the work it stopped (its :class:`Outcome`); the exit code follo
 
 from __future__ import annotations
 
+import signal
 from typing import ClassVar
 
 from cloudbackup.core.outcome import Outcome
@@ -29,10 +30,16 @@ class CloudBackupError(Exception):
         return self.message
 
 
-class ConfigError(CloudBackupError):
-    """A value or spec that cannot be parsed; nothing was done."""
+class Refused(CloudBackupError):
+    """The command was refused and nothing was done (exit 2): a database in use, a target
+    that is not empty, a backup still needed. A *source* refused inside ``backup``/``run``
+    fails that source instead (exit 1)."""
 
     outcome = Outcome.REFUSED
+
+
+class ConfigError(Refused):
+    """A value or spec that cannot be parsed; nothing was done."""
 
 
 class UsageError(ConfigError):
@@ -77,3 +84,22 @@ class PermanentStorageError(StorageError):
 
 class NotFound(PermanentStorageError):
     """The object or backup does not exist."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived: the work stops where it is (a ``BaseException``, as
+    ``KeyboardInterrupt`` is, so no ``except Exception`` takes it for one source's failure).
+    ``outcome`` is INTERRUPTED (exit 130) or TERMINATED (exit 143)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.outcome = Outcome.TERMINATED if signum == signal.SIGTERM else Outcome.INTERRUPTED
+
+    @property
+    def exit_code(self) -> int:
+        return code_of(self.outcome)
+
+    @property
+    def signal_name(self) -> str:
+        return str(self.args[0])

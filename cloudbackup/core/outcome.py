@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 
-__all__ = ["Outcome", "exit_code", "worst", "words"]
+__all__ = ["REPORTED", "Outcome", "exit_code", "worst", "words"]
 
 
 class Outcome(enum.Enum):
@@ -29,8 +29,10 @@ class Outcome(enum.Enum):
     REFUSED = "refused"
     #: Another cloudbackup run holds the lock on the local dir.
     LOCKED = "locked"
-    #: Stopped by SIGINT/SIGTERM.
+    #: Stopped by SIGINT (Ctrl-C).
     INTERRUPTED = "interrupted"
+    #: Stopped by SIGTERM (systemd stopping the service, a shutdown, ``kill``).
+    TERMINATED = "terminated"
 
 
 _EXIT_CODES = {
@@ -40,11 +42,13 @@ _EXIT_CODES = {
     Outcome.INTEGRITY: 3,
     Outcome.REFUSED: 2,
     Outcome.LOCKED: 4,
-    Outcome.INTERRUPTED: 130,
+    Outcome.INTERRUPTED: 130,  # 128 + SIGINT, as shells report it
+    Outcome.TERMINATED: 143,  # 128 + SIGTERM
 }
 # Most severe first: an interruption, then an integrity failure outranks everything a run
 # can otherwise report; a failure outranks a warning only in words (both exit 1).
 _SEVERITY = (
+    Outcome.TERMINATED,
     Outcome.INTERRUPTED,
     Outcome.INTEGRITY,
     Outcome.LOCKED,
@@ -77,3 +81,10 @@ def words(outcome: Outcome) -> str:
     if outcome in (Outcome.OK, Outcome.WARNING):
         return outcome.value
     return Outcome.FAILED.value
+
+
+#: ``extra=`` of a log record whose event the command's result also carries (a source that
+#: failed, an upload, a deletion...): the console leaves it out when that result is shown to
+#: people, so each event is seen once; the log file, ``--log-json`` and ``--json`` runs keep
+#: it (SPEC "Operations": each event once on a terminal).
+REPORTED = {"cloudbackup_reported": True}

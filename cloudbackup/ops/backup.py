@@ -43,14 +43,16 @@ from cloudbackup.core.model import (
     key_for,
     manifest_name,
 )
-from cloudbackup.core.outcome import Outcome, worst
+from cloudbackup.core.outcome import REPORTED, Outcome, worst
 from cloudbackup.core.outcome import exit_code as code_of
 from cloudbackup.core.patterns import PathMatcher
+from cloudbackup.core.words import plural
 from cloudbackup.fs.dirs import TEMP_PREFIX, Dir, NotFollowed
 from cloudbackup.fs.walk import FileEntry
 from cloudbackup.ops.chain import ChainStart
 from cloudbackup.ops.chain import start as start_chain
-from cloudbackup.sources.base import EntryStream, Source, SourceContext
+from cloudbackup.ops.timing import phase
+from cloudbackup.sources.base import Entries, EntryStream, Source, SourceContext
 from cloudbackup.sources.registry import make_source
 from cloudbackup.stream.hashing import ArchiveTail
 from cloudbackup.stream.index import mark_unchanged
@@ -62,14 +64,23 @@ LOG = logging.getLogger("cloudbackup")
 
 @dataclass
 class SourceResult:
+    """One source of a ``backup`` or ``run``: the one result model both report.
+
+    ``archived``: its archive and manifest are in the local dir. ``error``: why it was not
+    archived; ``upload_error``: why the archive, kept locally, is not offsite. Its words
+    (:attr:`state`) are the same in every summary: ``ok``, ``ok (warnings)``, ``archived
+    locally, upload failed``, ``FAILED``, or a dry run's ``would back up``.
+    """
+
     source: str
     id: str | None = None
-    ok: bool = False
+    archived: bool = False
     size: int | None = None
     seconds: float = 0.0
     uploaded: bool = False
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
+    upload_error: str | None = None
     outcome: Outcome = Outcome.OK
     file_count: int | None = None
     shrink_stopped: bool = False
@@ -88,6 +99,29 @@ class SourceResult:
     stream: ArchiveStream | None = field(default=None, repr=False, compare=False)
 
     @property
+    def ok(self) -> bool:
+        """Backed up as intended: archived (or, on a dry run, planned) and, unless local
+        only, offsite."""
+        return (self.archived or self.plan is not None) and self.upload_error is None
+
+    @property
+    def state(self) -> str:
+        """The one wording of this result, in every summary (``backup``, ``run``)."""
+        if self.plan is not None:
+            return "would back up"
+        if not self.archived:
+            return "FAILED"
+        if self.upload_error is not None:
+            return "archived locally, upload failed"
+        return "ok" if self.outcome is Outcome.OK else "ok (warnings)"
+
+    def fail_upload(self, reason: str, outcome: Outcome = Outcome.FAILED) -> None:
+        """The archive is kept locally but did not go offsite: say why."""
+        self.uploaded = False
+        self.upload_error = reason
+        self.outcome = worst([self.outcome, outcome])
+
+    @property
     def exit_code(self) -> int:
         return code_of(self.outcome)
 
@@ -96,11 +130,13 @@ class SourceResult:
             "source": self.source,
             "id": self.id,
             "ok": self.ok,
+            "result": self.state,
+            "archived": self.archived,
             "size": self.size,
             "seconds": round(self.seconds, 3),
             "uploaded": self.uploaded,
             "warnings": self.warnings,
-            "error": self.error,
+            "error": self.error or self.upload_error,
             "file_count": self.file_count,
             "level": self.level,
             "parent": self.parent,
@@ -386,9 +422,11 @@ def _back_up(
     result: SourceResult,
 ) -> None:
     assert ctx.machine_id is not None, "a backup needs a context made for writing"
-    source.check()
+    with phase(f"check {source.name}"):
+        LOG.debug("%s: %s", source.name, source.check())
     manifest_problems: list[str] = []
     previous = previous_manifest(ctx, source.name, manifest_problems)
+    _log_choices(ctx.settings.for_source(source.name), source, previous, options)
     moment = ctx.now()
     device = source.root_device()
     _guards(ctx.settings.for_source(source.name), source, options, previous, moment, device)
@@ -397,13 +435,13 @@ def _back_up(
     if options.dry_run:
         uploading = streamer is not None  # an upload follows every archive, or none
         result.plan = _plan(ctx, source, backup_id, previous, options, uploading)
-        result.ok, result.file_count = True, result.plan.files or 0
+        result.file_count = result.plan.files or 0
         return
     with _source_dir(ctx, source.name) as directory:
         stats, final = _archive(
             ctx, source, directory, backup_id, previous, device, options, streamer, result
         )
-    result.ok = True
+    result.archived = True
     result.size = stats.size
     result.file_count = stats.file_count
     result.warnings = stats.warnings
@@ -416,24 +454,51 @@ def _back_up(
         result.outcome = Outcome.INTEGRITY
     if result.level == "incr":
         LOG.info(
-            "%s: incremental on %s: %d of %d files changed (%d bytes) → %s (%d bytes)",
+            "%s: incremental on %s: %s of %s changed (%s) → %s (%s)",
             source.name,
             result.parent,
-            result.changed_files,
-            stats.file_count,
-            result.changed_bytes,
+            plural(result.changed_files or 0, "file"),
+            plural(stats.file_count, "file"),
+            plural(result.changed_bytes or 0, "byte"),
             final,
-            stats.size,
+            plural(stats.size, "byte"),
         )
+        return
+    LOG.info(
+        "%s: archived %s, %s → %s (%s)",
+        source.name,
+        plural(stats.file_count, "file"),
+        plural(stats.uncompressed_bytes, "byte"),
+        final,
+        plural(stats.size, "byte"),
+    )
+
+
+def _log_choices(
+    settings: Settings, source: Source, previous: Manifest | None, options: BackupOptions
+) -> None:
+    """``-v``: what this source's backup was decided from, and why."""
+    if previous is None:
+        LOG.debug("%s: no previous backup: the guards have nothing to compare with", source.name)
     else:
-        LOG.info(
-            "%s: archived %d files, %d bytes → %s (%d bytes)",
+        LOG.debug(
+            "%s: previous backup %s (%s, %s): the shrink guard compares with it",
             source.name,
-            stats.file_count,
-            stats.uncompressed_bytes,
-            final,
-            stats.size,
+            previous.id,
+            plural(previous.file_count, "file"),
+            plural(previous.uncompressed_bytes, "byte"),
         )
+    guard = "off" if settings.shrink_guard is None else f"{settings.shrink_guard:.0%}"
+    LOG.debug(
+        "%s: %s level %s; excludes: %s; shrink guard %s%s%s",
+        source.name,
+        settings.compression,
+        settings.compression_level,
+        ", ".join(settings.exclude) or "none",
+        guard,
+        " (--allow-shrink: not applied)" if options.allow_shrink else "",
+        " (--full)" if options.full else "",
+    )
 
 
 def _guards(
@@ -551,31 +616,36 @@ def _write_backup(
         )
 
     sctx = _source_context(ctx, source.name, backup_id, source_warn)
+    progress = _archive_progress(ctx, source, previous)
     stream = streamer(ctx, source.name, backup_id, final, previous) if streamer else None
     index = None
     index_final = index_name(backup_id)
     started_ns = time.time_ns()
-    entries = EntryStream(source.entries(sctx))
+    count_file = getattr(progress, "count_file", None)
+    found = source.entries(sctx)
+    entries = EntryStream(_counted(found, count_file) if count_file is not None else found)
     walked: Iterable[FileEntry] = entries
     if chain is not None:
         walked = mark_unchanged(entries, chain.parent, parent_invalid)
     try:
         if source.chain_capable:
             index = IndexFile(directory, index_final + ".partial", str(backup_id))
-        progress = ctx.progress(f"archive {source.name}", None)
-        stats = write_archive(
-            walked,
-            directory,
-            partial,
-            compression=settings.compression,
-            level=settings.compression_level,
-            warn=warn,
-            progress=progress,
-            tail=stream.tail if stream is not None else None,
-            prefetch=source.prefetch,
-            index=index,
-        )
-        getattr(progress, "close", lambda: None)()
+        with phase(f"archive {source.name}"):
+            try:
+                stats = write_archive(
+                    walked,
+                    directory,
+                    partial,
+                    compression=settings.compression,
+                    level=settings.compression_level,
+                    warn=warn,
+                    progress=progress,
+                    tail=stream.tail if stream is not None else None,
+                    prefetch=source.prefetch,
+                    index=index,
+                )
+            finally:
+                getattr(progress, "close", lambda: None)()
         stats.warnings = walk_warnings + stats.warnings
         stats.unreadable += walk_unreadable
         tree = stats
@@ -618,6 +688,38 @@ def _write_backup(
     result.changed_files, result.changed_bytes = stats.file_count, stats.uncompressed_bytes
     stats.file_count, stats.uncompressed_bytes = tree.file_count, tree.uncompressed_bytes
     return stats, final
+
+
+#: What a member adds to the tar stream besides its content, about: its header, the PAX
+#: record of its mtime and the padding (for the progress estimate only).
+_MEMBER_OVERHEAD = 1536
+
+
+def _archive_progress(ctx: Context, source: Source, previous: Manifest | None) -> Any:
+    """The archive's progress, with the previous backup's totals as the estimate."""
+    progress = ctx.progress(f"archive {source.name}", None)
+    estimate = getattr(progress, "estimate", None)
+    if previous is not None and estimate is not None:
+        files = previous.total_files if source.counts_files else None
+        nbytes = previous.total_bytes + _MEMBER_OVERHEAD * previous.total_files
+        estimate(files=files, nbytes=nbytes)
+    return progress
+
+
+def _counted(entries: Entries, count_file: Callable[[], None]) -> Entries:
+    """``entries``, each member that is not a directory counted (as the manifest counts)
+    as the writer takes it; the source's return value passed on."""
+    try:
+        while True:
+            try:
+                entry = next(entries)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            if not stat.S_ISDIR(entry.st.st_mode):
+                count_file()
+            yield entry
+    finally:
+        entries.close()
 
 
 def _source_context(
@@ -673,18 +775,18 @@ def _record_failure(result: SourceResult, source: Source, exc: Exception) -> Non
     if isinstance(exc, ShrinkGuardError):
         result.error = str(exc)
         result.shrink_stopped = True
-        LOG.error("%s", exc)
+        LOG.error("%s", exc, extra=REPORTED)
     elif isinstance(exc, CloudBackupError):
         result.error = str(exc)
         # A source refused (a usage error inside it) fails that source: exit 1, not 2.
         if exc.outcome is not Outcome.REFUSED:
             result.outcome = exc.outcome
-        LOG.error("%s", exc)
+        LOG.error("%s", exc, extra=REPORTED)
     elif isinstance(exc, OSError):
         result.error = (
             f"source {source.name}: {exc.strerror or exc} ({exc.filename or ''})".replace(" ()", "")
         )
-        LOG.error("%s", result.error)
+        LOG.error("%s", result.error, extra=REPORTED)
         LOG.debug("details", exc_info=exc)
     else:
         # A bug or an exhausted resource (RecursionError, MemoryError) in one source fails
@@ -693,7 +795,7 @@ def _record_failure(result: SourceResult, source: Source, exc: Exception) -> Non
         result.error = f"source {source.name} failed unexpectedly: {type(exc).__name__}" + (
             f" ({detail})" if detail else ""
         )
-        LOG.error("%s; run with -v for details", result.error)
+        LOG.error("%s; run with -v for details", result.error, extra=REPORTED)
         LOG.debug("details", exc_info=exc)
 
 
@@ -732,7 +834,9 @@ def _plan(
     LOG.debug(  # the plan itself is the command's output
         "%s: would archive %s as %s%s",
         source.name,
-        f"{plan.files} files, {plan.bytes} bytes" if survey is not None else source.spec.redacted,
+        f"{plural(plan.files or 0, 'file')}, {plan.bytes} bytes"
+        if survey is not None
+        else source.spec.redacted,
         name,
         " (dry run: nothing written)",
     )
@@ -743,10 +847,8 @@ def _record_upload(result: SourceResult, uploaded: Uploaded | None) -> None:
     if uploaded is None:
         return
     result.uploaded = uploaded.ok
-    if not uploaded.ok:
-        result.error = uploaded.detail
-        result.ok = False  # the backup's offsite half failed: never summarised as a success
-        result.outcome = worst([result.outcome, uploaded.outcome])
+    if not uploaded.ok:  # the offsite half failed: never summarised as a success
+        result.fail_upload(uploaded.detail, uploaded.outcome)
 
 
 def backup(
@@ -770,15 +872,20 @@ def backup(
     results: list[SourceResult] = []
     if not options.dry_run:
         cleanup_partials(ctx)
+    LOG.debug(
+        "backing up %s; upload: %s",
+        ", ".join(spec.name for spec in specs),
+        "none" if uploader is None else "streamed" if streamer is not None else "after",
+    )
     for spec in specs:
         try:
             source = make_source(spec, env=ctx.settings.child_env)
         except (ValueError, CloudBackupError) as exc:
             results.append(SourceResult(source=spec.name, error=str(exc), outcome=Outcome.FAILED))
-            LOG.error("source %s: %s", spec.name, exc)
+            LOG.error("source %s: %s", spec.name, exc, extra=REPORTED)
             continue
         result = backup_source(ctx, source, options, streamer)
-        if result.ok and not options.dry_run and uploader is not None:
+        if result.archived and uploader is not None:
             assert result.id is not None
             stream, result.stream = result.stream, None
             _record_upload(result, uploader(ctx, result.source, result.id, stream))

@@ -16,6 +16,7 @@ from cloudbackup.context import Context
 from cloudbackup.core.errors import CloudBackupError, PermanentStorageError, SourceError
 from cloudbackup.core.outcome import Outcome
 from cloudbackup.core.outcome import exit_code as code_of
+from cloudbackup.core.words import size
 from cloudbackup.sources.registry import make_source
 from cloudbackup.storage.base import RemoteStore, UploadSpec
 
@@ -98,7 +99,7 @@ def _check_local_dir(path: Any) -> CheckLine:
         )
     free = shutil.disk_usage(probe).free
     what = "writable" if path.exists() else "creatable"
-    return CheckLine("local dir", True, f"{path} is {what}, {free // (1024**2)} MiB free")
+    return CheckLine("local dir", True, f"{path} is {what}, {size(free)} free")
 
 
 def _noun(settings: Settings) -> str:

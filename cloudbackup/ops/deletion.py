@@ -20,7 +20,7 @@ from cloudbackup.config import Settings
 from cloudbackup.context import Context
 from cloudbackup.core.errors import CloudBackupError, PermanentStorageError
 from cloudbackup.core.model import BackupRef, Listing, format_time, key_for, upload_name
-from cloudbackup.core.outcome import Outcome
+from cloudbackup.core.outcome import REPORTED, Outcome
 
 LOG = logging.getLogger("cloudbackup")
 
@@ -70,6 +70,21 @@ class PruneResult:
     named: bool = False
     #: The deletions of the plan, in the order they run (:func:`plan_deletions`).
     plan: list[Deletion] = field(default_factory=list, repr=False)
+    #: id -> archive size (from the listing) of every backup and orphan of the group.
+    sizes: dict[str, int] = field(default_factory=dict, repr=False)
+
+    @property
+    def kept_bytes(self) -> int:
+        """The space the backups kept take."""
+        return sum(self.sizes.get(ident, 0) for ident, _reasons in self.keep)
+
+    @property
+    def freed_bytes(self) -> int:
+        """The space freed: what was deleted, or on a dry run what would be."""
+        gone = [*self.delete, *self.orphans] if self.dry_run else [
+            *self.deleted, *self.orphans_deleted
+        ]
+        return sum(self.sizes.get(ident, 0) for ident in gone)
 
     @property
     def ok(self) -> bool:
@@ -98,6 +113,8 @@ class PruneResult:
             "orphans_deleted": list(self.orphans_deleted),
             "orphans_kept": [{"id": ident, "reason": why} for ident, why in self.orphans_kept],
             "retained": [{"id": ident, "reason": why} for ident, why in self.retained],
+            "kept_bytes": self.kept_bytes,
+            "freed_bytes": self.freed_bytes,
         }
 
 
@@ -163,6 +180,7 @@ def plan_deletions(
     backups it is built on, so an interrupted plan never leaves a listed backup without its
     ancestors), then the orphans swept, each with the ``keys`` deleting it removes."""
     by_id = {ref.id: ref for ref in [*refs, *orphans]}
+    result.sizes = {ident: ref.archive_size or 0 for ident, ref in by_id.items()}
     plan = [Deletion(by_id[ident], tuple(keys(by_id[ident]))) for ident in result.delete]
     plan += [Deletion(by_id[ident], tuple(keys(by_id[ident])), True) for ident in result.orphans]
     result.plan = plan
@@ -178,7 +196,7 @@ def carry_out(ctx: Context, store: Any, result: PruneResult) -> None:
     for step in result.plan:
         result.deleted_keys += step.keys
         what = "orphan archive " if step.orphan else ""
-        LOG.info("%s: would delete %s%s", label, what, step.ref.id)
+        LOG.info("%s: would delete %s%s", label, what, step.ref.id, extra=REPORTED)
 
 
 def execute(ctx: Context, store: Any, result: PruneResult) -> None:
@@ -208,7 +226,10 @@ def execute(ctx: Context, store: Any, result: PruneResult) -> None:
                 if deleted_here:  # the manifest was not locked, the archive is
                     why += " (its manifest is deleted: the archive is now an orphan)"
                 result.retained.append((ref.id, why))
-                LOG.warning("%s: %s is retained by object lock until %s", label, ref.id, until)
+                LOG.warning(
+                    "%s: %s is retained by object lock until %s", label, ref.id, until,
+                    extra=REPORTED,
+                )
                 continue
             result.errors.append(_failure(result, ref, shown(key), exc, deleted_here))
             break
@@ -216,9 +237,10 @@ def execute(ctx: Context, store: Any, result: PruneResult) -> None:
             result.errors.append(_failure(result, ref, shown(key), exc, deleted_here))
             break
         (result.orphans_deleted if step.orphan else result.deleted).append(ref.id)
-        LOG.info("%s: deleted %s%s", label, "orphan archive " if step.orphan else "", ref.id)
+        what = "orphan archive " if step.orphan else ""
+        LOG.info("%s: deleted %s%s", label, what, ref.id, extra=REPORTED)
     for error in result.errors:
-        LOG.error("%s: %s", label, error)
+        LOG.error("%s: %s", label, error, extra=REPORTED)
 
 
 def _failure(

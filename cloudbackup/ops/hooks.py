@@ -36,9 +36,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
 
+from cloudbackup import config
 from cloudbackup.core import childenv
 from cloudbackup.core.errors import ConfigError
-from cloudbackup.core.retention import Duration, format_duration
+from cloudbackup.core.outcome import REPORTED
+from cloudbackup.core.retention import format_duration
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -81,12 +83,9 @@ def parse_timeout(text: str | None, variable: str = "CLOUDBACKUP_HOOK_TIMEOUT") 
     empty: ``10m``), at least one second. ConfigError naming the variable otherwise."""
     clean = (text or "").strip() or DEFAULT_TIMEOUT
     try:
-        seconds = Duration.parse(clean).delta.total_seconds()
-    except ConfigError as exc:
-        raise ConfigError(f"{variable}: {exc.message}", exc.hint) from None
-    if seconds < 1:
-        raise ConfigError(f"{variable}: {clean!r} is too short", "give at least 1s, e.g. 10m")
-    return seconds
+        return config.parse_hook_timeout(clean)
+    except config.Invalid as exc:
+        raise ConfigError(f"{variable}: {exc}", exc.hint) from None
 
 
 @dataclass(frozen=True)
@@ -97,6 +96,16 @@ class Hooks:
     after_run: str | None = None
     on_failure: str | None = None
     timeout: float = 600.0
+
+    @classmethod
+    def from_settings(cls, settings: config.Settings) -> Hooks:
+        """The hooks of the configuration (``CLOUDBACKUP_BEFORE_RUN``... rows)."""
+        return cls(
+            before_run=settings.before_run,
+            after_run=settings.after_run,
+            on_failure=settings.on_failure,
+            timeout=settings.hook_timeout,
+        )
 
     @classmethod
     def from_values(cls, values: Mapping[str, str | None]) -> Hooks:
@@ -274,8 +283,8 @@ def _duration(seconds: float) -> str:
 def _finish(result: HookResult) -> HookResult:
     if result.ok:
         LOG.info("%s", result.message)
-    else:
-        LOG.warning("%s", result.message)
+    else:  # run's summary says it again (an error or a warning line)
+        LOG.warning("%s", result.message, extra=REPORTED)
     return result
 
 

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from cloudbackup.context import Context
+from cloudbackup.core.errors import CloudBackupError
 from cloudbackup.core.model import format_time
 
 
@@ -110,3 +111,16 @@ def list_backups(
             backup.level = 1  # its parent is not listed here
         previous = backup
     return listed
+
+
+def hosts_with_backups(ctx: Context) -> list[str]:
+    """Every host with backups in the bucket (one LIST of the whole prefix): what a listing
+    that found none of this host names, as ``restore`` does (a DR machine's hostname is not
+    the old host's)."""
+    if ctx.remote is None:
+        return []
+    try:
+        listing = ctx.remote_catalog.listing(all_hosts=True)
+    except CloudBackupError:  # a role scoped to this host's prefix cannot list the others
+        return []
+    return sorted({ref.host for ref in listing.refs})

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 from urllib.parse import unquote
 
+from cloudbackup.config import parse_notify_targets as parse_targets
 from cloudbackup.core.errors import ConfigError
 from cloudbackup.core.outcome import Outcome, words
 from cloudbackup.sources.base import secret_forms
@@ -76,8 +77,6 @@ SEND_TIMEOUT = 60.0
 Redact = Callable[[str], str]
 
 _SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
-# A comma separates two targets only when a URL follows it, so ``?to=a@x.org,b@x.org`` stays whole.
-_TARGET_SPLIT_RE = re.compile(r",\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
 # C0 controls (but tab) and DEL: a file name holding a newline or an escape sequence must not
 # forge a log line or repaint a terminal in the body of a notification.
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -108,26 +107,6 @@ def parse_notify_on(text: str | None, variable: str = "CLOUDBACKUP_NOTIFY_ON") -
             f"{variable}={text!r} is not a notification policy",
             "use failure (the default), warning or always",
         ) from None
-
-
-def parse_targets(text: str | None) -> tuple[str, ...]:
-    """The Apprise URLs in ``CLOUDBACKUP_NOTIFY``: one per line, or comma-separated.
-
-    A comma splits only where another URL (``scheme://``) follows, so a URL's own commas
-    (``mailto://...?to=a@example.org,b@example.org``) stay in it. Blank lines and lines
-    starting with ``#`` (in a ``CLOUDBACKUP_NOTIFY_FILE``) are ignored, duplicates dropped.
-    Nothing is checked here: :func:`validate` does that.
-    """
-    targets: list[str] = []
-    for line in (text or "").splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        for part in _TARGET_SPLIT_RE.split(line):
-            part = part.strip().rstrip(",").strip()
-            if part and part not in targets:
-                targets.append(part)
-    return tuple(targets)
 
 
 def target_label(url: str, index: int | None = None) -> str:

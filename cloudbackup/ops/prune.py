@@ -35,6 +35,7 @@ from cloudbackup.core.model import (
     Listing,
     format_time,
 )
+from cloudbackup.core.outcome import REPORTED
 from cloudbackup.core.outcome import exit_code as code_of
 from cloudbackup.core.retention import Policy, plan
 from cloudbackup.ops.deletion import (
@@ -129,11 +130,20 @@ def prune(
     return results
 
 
-def prune_for_run(ctx: Context) -> list[PruneResult]:
+def prune_for_run(
+    ctx: Context, sources: Sequence[str] = (), *, dry_run: bool = False
+) -> list[PruneResult]:
     """What ``run`` prunes: local copies always; remote ones only with a remote policy (the
-    global one, or a source's own)."""
+    global one, or a source's own). ``sources`` (``run --source``): only theirs."""
     remote = ctx.remote is not None and has_remote_policy(ctx.settings)
-    return prune(ctx, where="all" if remote else "local")
+    where = "all" if remote else "local"
+    if not sources:
+        return prune(ctx, where=where, dry_run=dry_run)
+    return [
+        result
+        for source in sources
+        for result in prune(ctx, where=where, source=source, dry_run=dry_run)
+    ]
 
 
 def has_remote_policy(settings: Settings) -> bool:
@@ -215,7 +225,7 @@ def _prune_remote(
         plan_deletions(result, refs, orphans, remote_keys)
         if problem:
             result.errors.append(problem)
-            LOG.error("remote %s/%s: %s", group_host, group_source, problem)
+            LOG.error("remote %s/%s: %s", group_host, group_source, problem, extra=REPORTED)
         else:
             carry_out(ctx, ctx.remote, result)
         results.append(result)
@@ -257,6 +267,10 @@ def _plan_group(
     pins: dict[str, list[str]],
 ) -> PruneResult:
     planned = plan(refs, policy, now=now, pinned=pins)
+    for ref, reasons in planned.keep:
+        LOG.debug("%s %s/%s: keep %s (%s)", where, host, source, ref.id, ", ".join(reasons))
+    for ident in planned.removed_ids:
+        LOG.debug("%s %s/%s: delete %s (no rule of %s keeps it)", where, host, source, ident, policy)
     return PruneResult(
         where=where,
         host=host,

@@ -176,6 +176,12 @@ def status(ctx: Context, *, max_age: timedelta, all_hosts: bool = False) -> Stat
 
     last_run = read_last_run(settings.local_dir, ctx.host)
     run_sources = {r.get("source"): r for r in (last_run or {}).get("results", [])}
+    stopped = (last_run or {}).get("interrupted")
+    if stopped:
+        detail.append(
+            f"interrupted: the last run was stopped by {stopped} at "
+            f"{(last_run or {}).get('finished_at')}"
+        )
     for (host, _source), st in sorted(statuses.items()):
         if st.newest_at is None:
             st.worsen(CRITICAL, "no backup at or before now" if st.future_dated else "no backup")
@@ -190,16 +196,8 @@ def status(ctx: Context, *, max_age: timedelta, all_hosts: bool = False) -> Stat
             st.worsen(WARNING, "newest backup is not offsite yet")
         if st.pinned_local > PINNED_WARN_THRESHOLD:
             st.worsen(WARNING, f"{st.pinned_local} local copies are not offsite")
-        if host == ctx.host and st.source in run_sources:
-            result = run_sources[st.source]
-            if result.get("shrink_stopped"):
-                st.worsen(WARNING, "stopped by the shrink guard in the last run")
-            elif result.get("ok") and result.get("exit_code", 0) == 1:
-                st.worsen(WARNING, "last run completed with warnings")
-            elif not result.get("ok"):
-                st.worsen(
-                    WARNING, f"failed in the last run: {result.get('error') or 'see the log'}"
-                )
+        if host == ctx.host:
+            _judge_last_run(st, run_sources.get(st.source), stopped)
         overall = max(overall, st.state)
     hosts: dict[str, list[SourceStatus]] = {}
     for (host, _source), st in sorted(statuses.items()):
@@ -209,6 +207,21 @@ def status(ctx: Context, *, max_age: timedelta, all_hosts: bool = False) -> Stat
         detail.append("no sources configured and no backups found")
         overall = max(overall, CRITICAL)
     return StatusReport(hosts=hosts, state=overall, detail=detail, last_run=last_run)
+
+
+def _judge_last_run(st: SourceStatus, result: dict[str, Any] | None, stopped: str | None) -> None:
+    """WARNING for what the last run of this host said about the source, or for a last run
+    stopped by a signal (``stopped``: its name)."""
+    if stopped:
+        st.worsen(WARNING, f"interrupted: the last run was stopped by {stopped}")
+    if result is None:
+        return
+    if result.get("shrink_stopped"):
+        st.worsen(WARNING, "stopped by the shrink guard in the last run")
+    elif result.get("ok") and result.get("exit_code", 0) == 1:
+        st.worsen(WARNING, "last run completed with warnings")
+    elif not result.get("ok"):
+        st.worsen(WARNING, f"failed in the last run: {result.get('error') or 'see the log'}")
 
 
 def _future_reason(ids: list[str], now: datetime) -> str:

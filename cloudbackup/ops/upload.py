@@ -27,7 +27,7 @@ from cloudbackup.core.model import (
     key_for,
     manifest_name,
 )
-from cloudbackup.core.outcome import Outcome
+from cloudbackup.core.outcome import REPORTED, Outcome
 from cloudbackup.storage.base import (
     RemoteStore,
     SentParts,
@@ -191,7 +191,7 @@ def upload_backup(
         + "; verified"
     )
     result.seconds = time.monotonic() - started
-    LOG.info("%s: %s", ref.id, result.detail)
+    LOG.info("%s: %s", ref.id, result.detail, extra=REPORTED)
     return result
 
 
@@ -408,14 +408,18 @@ class StreamedUpload:
         self._thread.start()
 
     def _run(self) -> None:
+        progress = self.ctx.progress(f"upload {self.backup_id}", None)
         try:
             self.sent = _remote(self.ctx).upload_growing(
-                self.key, self.tail, self.spec, self.part_size, on_created=self._created
+                self.key, self.tail, self.spec, self.part_size, on_created=self._created,
+                progress=progress,
             )
         except ArchiveAbandoned:
             pass
         except BaseException as exc:  # surfaced by finish()
             self.error = exc
+        finally:
+            getattr(progress, "close", lambda: None)()
 
     def _created(self, upload_id: str, part_size: int) -> None:
         self.upload_id = upload_id
@@ -515,7 +519,7 @@ def upload_after_backup(
     except (CloudBackupError, OSError) as exc:
         reason = str(exc) if isinstance(exc, CloudBackupError) else (exc.strerror or str(exc))
         detail = f"upload failed: {reason} (the local archive is kept; run `cloudbackup upload`)"
-        LOG.error("%s: %s", backup_id, detail)
+        LOG.error("%s: %s", backup_id, detail, extra=REPORTED)
         outcome = Outcome.INTEGRITY if isinstance(exc, IntegrityError) else Outcome.FAILED
         return UploadResult(backup_id, source, detail, outcome=outcome)
     finally:
@@ -530,6 +534,7 @@ def pending_uploads(ctx: Context, source: str | None = None) -> list[BackupRef]:
             continue
         if not ctx.local_catalog.verified_offsite(ref):
             refs.append(ref)
+    LOG.debug("not yet verified offsite: %s", ", ".join(r.id for r in refs) or "none")
     return refs
 
 
@@ -541,7 +546,7 @@ def upload_pending(ctx: Context, source: str | None = None) -> list[UploadResult
         except CloudBackupError as exc:
             outcome = exc.outcome if exc.outcome is Outcome.INTEGRITY else Outcome.FAILED
             results.append(UploadResult(ref.id, ref.source, str(exc), outcome=outcome))
-            LOG.error("%s: upload failed: %s", ref.id, exc)
+            LOG.error("%s: upload failed: %s", ref.id, exc, extra=REPORTED)
             if isinstance(exc, PermanentStorageError) and exc.code in (
                 "AccessDenied",
                 "NoSuchBucket",

@@ -19,6 +19,7 @@ from cloudbackup.core.model import (
     parse_manifest_metadata,
 )
 from cloudbackup.core.outcome import Outcome
+from cloudbackup.core.words import plural
 from cloudbackup.fs.files import open_regular
 from cloudbackup.storage.base import VerifyMethod, head_problems
 from cloudbackup.stream.hashing import sha256_file
@@ -89,13 +90,13 @@ def verify_local_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> Ver
             manifest.uncompressed_bytes,
         ):
             result.detail = (
-                f"archive holds {walked.file_count} files / {walked.uncompressed_bytes} bytes, "
+                f"archive holds {plural(walked.file_count, 'file')} / {walked.uncompressed_bytes} bytes, "
                 f"the manifest says {manifest.file_count} / {manifest.uncompressed_bytes}"
             )
         else:
             result.outcome = Outcome.OK
             result.detail = f"sha256 and size match ({size} bytes)" + (
-                f"; {walked.file_count} files, {walked.uncompressed_bytes} bytes walked"
+                f"; {plural(walked.file_count, 'file')}, {walked.uncompressed_bytes} bytes walked"
                 if deep
                 else ""
             )
@@ -278,10 +279,10 @@ def _read_back(
         manifest.uncompressed_bytes,
     ):
         result.detail = (
-            f"archive holds {walked.file_count} files / {walked.uncompressed_bytes} bytes, "
+            f"archive holds {plural(walked.file_count, 'file')} / {walked.uncompressed_bytes} bytes, "
             f"manifest says {manifest.file_count} / {manifest.uncompressed_bytes}"
         )
         return None
     return (
-        f"{size} bytes; {walked.file_count} files, {walked.uncompressed_bytes} bytes walked"
+        f"{size} bytes; {plural(walked.file_count, 'file')}, {walked.uncompressed_bytes} bytes walked"
     )

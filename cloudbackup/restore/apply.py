@@ -35,7 +35,7 @@ from cloudbackup.core.errors import (
     UsageError,
 )
 from cloudbackup.core.model import BackupRef
-from cloudbackup.core.outcome import Outcome
+from cloudbackup.core.outcome import REPORTED, Outcome
 from cloudbackup.core.outcome import exit_code as code_of
 from cloudbackup.core.patterns import PathMatcher
 from cloudbackup.fs.files import open_regular
@@ -216,7 +216,10 @@ def restore(
         result.seconds = time.monotonic() - started
     if not dry_run and not result.ok:
         LOG.error(
-            "restore of %s is incomplete (exit %d): see the summary", cand.id, result.exit_code
+            "restore of %s is incomplete (exit %d): see the summary",
+            cand.id,
+            result.exit_code,
+            extra=REPORTED,  # the summary follows
         )
     return result
 

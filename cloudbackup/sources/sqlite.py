@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-from cloudbackup.core.errors import IntegrityError, SourceError
+from cloudbackup.core.errors import IntegrityError, Refused, SourceError
 from cloudbackup.core.model import Exactly, MemberSchema
 from cloudbackup.fs.files import create_private
 from cloudbackup.fs.tree import open_directory
@@ -271,17 +271,18 @@ def _swap_in(archived: Path, target: Path, dir_fd: int, now_stamp: str) -> Path 
     name = target.name
     here = Path(f"/proc/self/fd/{dir_fd}")  # the target's directory, held open
     old = _lstat_at(dir_fd, name)
+    # Refused, nothing done (exit 2; SPEC "Operations"): the target is left as it is.
     existing = old is not None
     if old is not None and not (stat.S_ISREG(old.st_mode) or stat.S_ISLNK(old.st_mode)):
-        raise SourceError(f"{target} exists and is not a file", "give the path of a database file")
+        raise Refused(f"{target} exists and is not a file", "give the path of a database file")
     if old is not None and stat.S_ISREG(old.st_mode) and _open_elsewhere(here / name):
-        raise SourceError(
+        raise Refused(
             f"{target} is in use by another process",
             "stop the app that uses the database, then restore again",
         )
     aside = f"{name}.before-restore-{now_stamp}"
     if existing and _lstat_at(dir_fd, aside) is not None:
-        raise SourceError(
+        raise Refused(
             f"{target.with_name(aside)} already exists", "move it away or try again in a second"
         )
     _remove_dead_restore_temps(dir_fd, name)

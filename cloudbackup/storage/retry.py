@@ -84,7 +84,7 @@ class RetryPolicy:
                 raise
             # Every attempt failed: say so, so the one-line error is not mistaken for a blip.
             raise TransientStorageError(
-                f"{exc.message} (gave up after {self.attempts} attempts)", exc.hint
+                f"{without_query(exc.message)} (gave up after {self.attempts} attempts)", exc.hint
             ) from exc
 
 

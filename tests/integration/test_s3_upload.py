@@ -651,7 +651,8 @@ def test_parts_leave_while_the_archive_is_still_being_written(
     assert result.exit_code == 0, result.stderr
     assert gate == [True]
     assert manifest_there == [True]
-    assert labels == ["archive www"]  # no second display for an upload already done
+    # The streamed upload has its display; none follows for an upload already done.
+    assert labels[0] == "archive www" and labels[1].startswith("upload www-") and len(labels) == 2
     (entry,) = doc["results"]
     assert entry["ok"] and entry["uploaded"], entry
     manifest = local_manifest(env, "www")
