@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from cloudbackup.context import Context
 from cloudbackup.core.errors import CloudBackupError, IntegrityError
 from cloudbackup.core.model import BackupRef, Manifest
 from cloudbackup.restore.select import Candidate, Copy, _listings, choose_copy, peek_manifest
-from cloudbackup.stream.index import IndexInvalid, Record, read_index
+from cloudbackup.stream.index import IndexInvalid, Record, parse_record, read_index, read_lines
 
 LOG = logging.getLogger("cloudbackup")
 HINT = "restore another copy (--from local/remote) or an older backup (--at)"
@@ -153,7 +154,17 @@ class Membership:
 
 
 def membership(index: bytes, source: str, owner: str) -> Callable[[str], bool]:
-    return Membership(read_index(io.BytesIO(index), source), owner)
+    """The merge-join for link ``owner``: only the records that name it are parsed (a JSON
+    string holds no unescaped quote, so ``"in":"<owner>"`` is found only as the field)."""
+    needle = f'"in":{json.dumps(owner)}'.encode()
+    owners: dict[str, bool] = {}
+
+    def records() -> Iterator[Record]:
+        for line in read_lines(io.BytesIO(index)):
+            if needle in line:
+                yield parse_record(line, source, owners)
+
+    return Membership(records(), owner)
 
 
 def index_totals(
