@@ -342,8 +342,10 @@ def _run_chain(
     links[-1].copy = copy
     chains.check_links(links)
     index = chains.final_index(ctx, copy, other)
-    wanted = PathMatcher(includes).matches if includes else None
-    files, size = chains.index_totals(index, source, wanted)
+    if includes:
+        files, size = chains.index_totals(index, source, PathMatcher(includes).matches)
+    else:
+        files, size = chains.expected_totals(manifest)
     result.expected_files, result.expected_bytes = files, size
     shown = f"{len(links)}-link chain from {links[0].cand.id}"
     if result.dry_run:
@@ -371,7 +373,7 @@ def _run_chain(
                     staging.fd,
                     includes=includes,
                     progress=progress,
-                    select=chains.membership(index, source, link.cand.id),
+                    select=chains.membership(index, link.cand.id),
                 )
             finally:
                 getattr(progress, "close", lambda: None)()

@@ -28,7 +28,7 @@ from cloudbackup.context import Context
 from cloudbackup.core.errors import CloudBackupError, IntegrityError
 from cloudbackup.core.model import BackupRef, Manifest
 from cloudbackup.restore.select import Candidate, Copy, _listings, choose_copy, peek_manifest
-from cloudbackup.stream.index import IndexInvalid, Record, parse_record, read_index, read_lines
+from cloudbackup.stream.index import IndexInvalid, parse_path, read_index, read_lines
 
 LOG = logging.getLogger("cloudbackup")
 HINT = "restore another copy (--from local/remote) or an older backup (--at)"
@@ -127,44 +127,45 @@ def final_index(ctx: Context, head: Copy, other: BackupRef | None) -> bytes:
 
 
 class Membership:
-    """Whether a member of link ``owner`` is the copy the final index names: a merge-join
-    with the final index, asked in walk order (an out-of-order question is answered no,
-    and the restore's counts then say something is missing)."""
+    """Whether a member of a link is the copy the final index names: a merge-join with the
+    paths of the final index's records that name this link (``paths``), asked in walk
+    order (an out-of-order question is answered no, and the restore's counts then say
+    something is missing)."""
 
-    def __init__(self, records: Iterator[Record], owner: str) -> None:
-        self.records = records
-        self.owner = owner
-        self.current: Record | None = None
+    def __init__(self, paths: Iterator[str]) -> None:
+        self.paths = paths
+        self.current: str | None = None
         self.key: list[str] = []
         self.done = False
         self.advance()
 
     def advance(self) -> None:
         try:
-            self.current = next(self.records)
-            self.key = self.current.path.split("/")
+            self.current = next(self.paths)
+            self.key = self.current.split("/")
         except StopIteration:
             self.current, self.done = None, True
+        except IndexInvalid as exc:
+            raise IntegrityError(f"the final index is invalid: {exc}", HINT) from None
 
     def __call__(self, path: str) -> bool:
         key = path.split("/")
         while not self.done and self.key < key:
             self.advance()
-        return self.current is not None and self.key == key and self.current.within == self.owner
+        return self.current is not None and self.key == key
 
 
-def membership(index: bytes, source: str, owner: str) -> Callable[[str], bool]:
-    """The merge-join for link ``owner``: only the records that name it are parsed (a JSON
+def membership(index: bytes, owner: str) -> Callable[[str], bool]:
+    """The merge-join for link ``owner``: only the records that name it are read (a JSON
     string holds no unescaped quote, so ``"in":"<owner>"`` is found only as the field)."""
     needle = f'"in":{json.dumps(owner)}'.encode()
-    owners: dict[str, bool] = {}
 
-    def records() -> Iterator[Record]:
+    def paths() -> Iterator[str]:
         for line in read_lines(io.BytesIO(index)):
             if needle in line:
-                yield parse_record(line, source, owners)
+                yield parse_path(line)
 
-    return Membership(records(), owner)
+    return Membership(paths())
 
 
 def index_totals(

@@ -156,18 +156,7 @@ def _int(data: dict[str, Any], name: str) -> int:
     return value
 
 
-def parse_record(line: bytes, source: str, owners: dict[str, bool] | None = None) -> Record:
-    """One line of an index, validated: nothing in it is trusted (a path is a relative
-    member name, never absolute, never with ``..``; ``in`` a backup id of ``source``).
-    ``owners`` remembers which ``in`` values were found valid (a chain has few)."""
-    if len(line) > MAX_LINE:
-        raise IndexInvalid("a record is too long")
-    try:
-        data = json.loads(line)
-    except (ValueError, RecursionError):
-        raise IndexInvalid("a record is not JSON") from None
-    if not isinstance(data, dict):
-        raise IndexInvalid("a record is not an object")
+def _path_of(data: dict[str, Any]) -> str:
     path = data.get("path")
     if path is None:
         raw = data.get("path_b64")
@@ -185,6 +174,35 @@ def parse_record(line: bytes, source: str, owners: dict[str, bool] | None = None
         or any(part in ("", ".", "..") for part in path.split("/"))
     ):
         raise IndexInvalid(f"a record's path {path!r:.60} is not a relative member name")
+    return path
+
+
+def parse_path(line: bytes) -> str:
+    """The validated path of one index line (what a chain restore's merge-join needs)."""
+    if len(line) > MAX_LINE:
+        raise IndexInvalid("a record is too long")
+    try:
+        data = json.loads(line)
+    except (ValueError, RecursionError):
+        raise IndexInvalid("a record is not JSON") from None
+    if not isinstance(data, dict):
+        raise IndexInvalid("a record is not an object")
+    return _path_of(data)
+
+
+def parse_record(line: bytes, source: str, owners: dict[str, bool] | None = None) -> Record:
+    """One line of an index, validated: nothing in it is trusted (a path is a relative
+    member name, never absolute, never with ``..``; ``in`` a backup id of ``source``).
+    ``owners`` remembers which ``in`` values were found valid (a chain has few)."""
+    if len(line) > MAX_LINE:
+        raise IndexInvalid("a record is too long")
+    try:
+        data = json.loads(line)
+    except (ValueError, RecursionError):
+        raise IndexInvalid("a record is not JSON") from None
+    if not isinstance(data, dict):
+        raise IndexInvalid("a record is not an object")
+    path = _path_of(data)
     kind = data.get("type")
     if kind not in ("file", "dir", "symlink"):
         raise IndexInvalid(f"{path!r:.60} has type {kind!r:.20}")
