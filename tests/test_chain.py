@@ -24,6 +24,7 @@ from cloudbackup.core.model import (
     BackupRef,
     archive_name,
     build_listing,
+    chain_of,
     index_name,
     parse_name,
 )
@@ -671,3 +672,30 @@ def test_an_index_without_its_manifest_is_an_orphan_swept_after_7_days(
     assert group["orphans_deleted"] == ["www-20261001T000000Z"]
     assert not stray.exists() and young.exists()
     assert (env.source_dir("www") / f"{first['id']}.index.zst").exists()  # the newest's stays
+
+
+@settings(max_examples=15, deadline=None)
+@given(pattern=st.text(alphabet="FI", min_size=2, max_size=6), keep=st.integers(1, 3))
+def test_prune_dry_run_is_the_real_run_on_chains(pattern: str, keep: int) -> None:
+    """The plan a dry run prints is the one the real run executes, chains included:
+    the deletions, in order, with the keys each removes."""
+    from cloudbackup.ops.deletion import PruneResult, local_keys, plan_deletions
+
+    listing = _refs("F" + pattern[1:])
+    now = datetime(2026, 12, 30, tzinfo=UTC)
+    refs = listing.for_source("h", "www")
+    plans = []
+    for dry_run in (True, False):
+        chosen = plan(refs, parse_policy(f"last={keep}"), now=now)
+        result = PruneResult("local", "h", "www", f"last={keep}", dry_run=dry_run)
+        result.delete = chosen.removed_ids
+        plan_deletions(result, refs, [], local_keys(listing))
+        plans.append([(step.ref.id, step.keys) for step in result.plan])
+        kept = set(chosen.kept_ids)
+        for ref in refs:  # what is kept keeps its whole chain
+            if ref.id in kept:
+                assert all(link.id in kept for link in (chain_of(refs, ref) or []))
+    assert plans[0] == plans[1]
+    # Newest first: an incremental is deleted before anything it is built on.
+    order = [ident for ident, _keys in plans[1]]
+    assert order == sorted(order, reverse=True)
