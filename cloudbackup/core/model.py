@@ -624,7 +624,16 @@ def _upload_from(
         raise _Invalid(f"has {what} {_show(data)}, not an object")
     key = _str(_take(data, "key", within=what), f"{what}.key")
     parts = key.split("/")
-    names = {archive} if archive else {archive_name(backup_id, c) for c in COMPRESSION_EXT}
+    names = (
+        {archive}
+        if archive
+        else {
+            archive_name(backup_id, c, incremental=incr, encrypted=enc)
+            for c in COMPRESSION_EXT
+            for incr in (False, True)
+            for enc in (False, True)
+        }
+    )
     if prefix is not None:
         valid = key in {key_for(prefix, host, backup_id, name) for name in names}
     else:

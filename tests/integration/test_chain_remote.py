@@ -157,3 +157,22 @@ def test_disaster_recovery_of_a_chain_on_a_fresh_machine(
     broken = cli("restore", "www", "--host", HOST, "--to", env.tmp / "again")
     assert broken.exit_code == 3 and ids[1] in broken.stderr
     assert not (env.tmp / "again").exists()
+
+
+def test_an_uploaded_incremental_counts_as_verified_offsite(
+    env: Env, cli: CLI, remote: RemoteEnv, clock: Clock
+) -> None:
+    """Its upload record (naming the .incr archive) is read back: not pinned, not sent again."""
+    www = tree(env)
+    backup(cli, www)
+    clock.advance(hours=1)
+    second = backup(cli, www)
+    listed = json.loads(cli("list", "--where", "local", "--json").stdout)["backups"]
+    assert [b["verified"] for b in listed] == [True, True]
+    again = cli("upload", "--json")
+    assert again.exit_code == 0, again.stderr
+    assert second["id"] not in [
+        r["id"] for r in json.loads(again.stdout).get("results", []) if r.get("parts_sent")
+    ]
+    status = json.loads(cli("status", "--json").stdout)
+    assert status["hosts"][0]["sources"][0]["offsite"] is True
