@@ -699,3 +699,19 @@ def test_prune_dry_run_is_the_real_run_on_chains(pattern: str, keep: int) -> Non
     # Newest first: an incremental is deleted before anything it is built on.
     order = [ident for ident, _keys in plans[1]]
     assert order == sorted(order, reverse=True)
+
+
+@pytest.mark.parametrize(
+    "path", ["a/b.txt", 'say "hi"', "tab\there", "caf\u00e9", os.fsdecode(b"x\xff"), "back\\slash"]
+)
+def test_the_fast_path_reader_agrees_with_json(path: str) -> None:
+    from cloudbackup.stream.index import parse_path
+
+    out = io.BytesIO()
+    writer = IndexWriter(out.write, "www-20261121T000000Z")
+    writer.add(_entry(path))
+    writer.finish()
+    (line,) = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(out.getvalue())).read().splitlines()
+    assert parse_path(line) == path == parse_record(line, "www").path
+    with pytest.raises(IndexInvalid):
+        parse_path(b'{"path":"../etc/passwd","in":"www-20261121T000000Z"}')

@@ -166,9 +166,14 @@ def _path_of(data: dict[str, Any]) -> str:
             path = os.fsdecode(base64.b64decode(raw, validate=True))
         except (binascii.Error, ValueError):
             raise IndexInvalid("a record's path_b64 is not base64") from None
+    if not isinstance(path, str):
+        raise IndexInvalid(f"a record's path {path!r:.60} is not a string")
+    return _checked(path)
+
+
+def _checked(path: str) -> str:
     if (
-        not isinstance(path, str)
-        or not path
+        not path
         or path.startswith("/")
         or "\0" in path
         or any(part in ("", ".", "..") for part in path.split("/"))
@@ -177,10 +182,22 @@ def _path_of(data: dict[str, Any]) -> str:
     return path
 
 
+_PATH_START = b'{"path":"'
+
+
 def parse_path(line: bytes) -> str:
-    """The validated path of one index line (what a chain restore's merge-join needs)."""
+    """The validated path of one index line (what a chain restore's merge-join needs). A
+    line as the writer makes it (``{"path":"...`` with no escape in the path) is read
+    without a JSON parse; anything else goes through one."""
     if len(line) > MAX_LINE:
         raise IndexInvalid("a record is too long")
+    if line.startswith(_PATH_START):
+        end = line.find(b'"', len(_PATH_START))
+        raw = line[len(_PATH_START) : end]
+        if end > 0 and b"\\" not in raw and raw.isascii():
+            path = raw.decode("ascii")
+            if path.isprintable():  # JSON allows no raw control character in a string
+                return _checked(path)
     try:
         data = json.loads(line)
     except (ValueError, RecursionError):
