@@ -28,7 +28,7 @@ from cloudbackup.context import Context
 from cloudbackup.core.errors import CloudBackupError, IntegrityError
 from cloudbackup.core.model import BackupRef, Manifest
 from cloudbackup.restore.select import Candidate, Copy, _listings, choose_copy, peek_manifest
-from cloudbackup.stream.index import IndexInvalid, parse_path, read_index, read_lines
+from cloudbackup.stream.index import IndexInvalid, lines_with, parse_path, read_index
 
 LOG = logging.getLogger("cloudbackup")
 HINT = "restore another copy (--from local/remote) or an older backup (--at)"
@@ -161,9 +161,8 @@ def membership(index: bytes, owner: str) -> Callable[[str], bool]:
     needle = f'"in":{json.dumps(owner)}'.encode()
 
     def paths() -> Iterator[str]:
-        for line in read_lines(io.BytesIO(index)):
-            if needle in line:
-                yield parse_path(line)
+        for line in lines_with(io.BytesIO(index), needle):
+            yield parse_path(line)
 
     return Membership(paths())
 

@@ -277,6 +277,33 @@ def read_lines(stream: IO[bytes]) -> Iterator[bytes]:
         raise IndexInvalid("it ends in the middle of a record")
 
 
+def lines_with(stream: IO[bytes], needle: bytes) -> Iterator[bytes]:
+    """The lines of a compressed index that hold ``needle``, found by searching each
+    decompressed chunk (the lines in between are never split out)."""
+    reader = zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
+    rest = b""
+    while True:
+        try:
+            chunk = reader.read(1 << 20)
+        except zstandard.ZstdError as exc:
+            raise IndexInvalid(f"it is not zstd data ({exc})") from None
+        if not chunk:
+            break
+        buf = rest + chunk
+        cut = buf.rfind(b"\n") + 1
+        rest = buf[cut:]
+        if len(rest) > MAX_LINE:
+            raise IndexInvalid("a record is too long")
+        pos = 0
+        while (hit := buf.find(needle, pos, cut)) >= 0:
+            start = buf.rfind(b"\n", 0, hit) + 1
+            end = buf.find(b"\n", hit, cut)
+            yield buf[start:end]
+            pos = end + 1
+    if rest:
+        raise IndexInvalid("it ends in the middle of a record")
+
+
 def read_index(stream: IO[bytes], source: str) -> Iterator[Record]:
     """Every record of an index, validated, in order; IndexInvalid at the first bad one."""
     owners: dict[str, bool] = {}
