@@ -35,9 +35,11 @@ both ours: **chain** restores the newest backup of ``bench`` (the head of the ch
 **full** restores ``bench-full``. A version without incremental backups makes every backup
 full; the mode still runs and says so.
 
-When ours' ``restore --json`` output carries stage timings (``{"stages": {"download": s,
-"hash": s, "decrypt": s, "decompress": s, "extract": s, "install": s}}``, every key
-optional), the report has a table of their medians; otherwise it says "not reported".
+When ours' ``restore --json`` output carries stage timings (``{"stages": {"read": s,
+"hash": s, "decrypt": s, "decompress": s, "extract": s, "count": s, "install": s}}``, every
+key optional; older versions said ``download``), the report has a table of their medians;
+otherwise it says "not reported". The stages overlap (one streaming pass): their sum may
+exceed the wall time.
 
 Measured per command with ``os.wait4`` (see common.py): wall, CPU (user+sys of the
 whole process tree), peak RSS (the largest single process). moto answers every GET

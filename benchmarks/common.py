@@ -933,7 +933,7 @@ class Buckets:
 # ---------------------------------------------------------------- reading our --json output
 
 # The restore stages we expect, in pipeline order (others are shown after them, as reported).
-STAGE_ORDER = ("download", "hash", "decrypt", "decompress", "extract", "install")
+STAGE_ORDER = ("read", "download", "hash", "decrypt", "decompress", "extract", "count", "install")
 
 
 def json_document(sample: Sample) -> dict[str, Any] | None:
@@ -948,8 +948,8 @@ def json_document(sample: Sample) -> dict[str, Any] | None:
 def reported_stages(sample: Sample) -> dict[str, float] | None:
     """Stage timings from ``restore --json``, when the version under test reports them.
 
-    Expected (optional) shape: ``{"stages": {"download": 1.2, "hash": 1.1, "decompress": 2.0,
-    "extract": 3.1, "install": 0.01}}`` — seconds per stage, each stage's own busy (or
+    Expected (optional) shape: ``{"stages": {"read": 1.2, "hash": 1.1, "decompress": 2.0,
+    "extract": 3.1, "count": 0.2, "install": 0.01}}`` — seconds per stage, each stage's own busy (or
     elapsed) time; with streaming they overlap, so their sum may exceed the wall time.  A
     stage may also be an object with a ``seconds`` key (``{"download": {"seconds": 1.2,
     "bytes": 6.7e8}}``).  Anything else is ignored.

@@ -946,3 +946,60 @@ def test_fuzzed_archives_never_write_outside(
         for path in _listing(target):
             mode = os.lstat(target / path).st_mode
             assert stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)
+
+
+def test_select_filters_members_by_path_on_top_of_include(target: Path) -> None:
+    """A per-member filter (what a chain restore uses: each path only from the archive its
+    index names): members it rejects are left out as --include leaves them out."""
+    asked: list[str] = []
+
+    def select(path: str) -> bool:
+        asked.append(path)
+        return path != "docs/x.md"
+
+    result = run(_selection_archive(), target, include=["docs"], select=select)
+    assert _listing(target) == {"docs", "docs/deep", "docs/deep/y.md", "docs/link"}
+    assert "docs/x.md" in asked and "top.txt" not in asked  # --include decides first
+    assert result.skipped_not_included == 6
+    # Without --include, only the filter decides.
+    again = target.parent / "again"
+    again.mkdir()
+    run(_selection_archive(), again, select=lambda path: path.startswith("etc"))
+    assert _listing(again) == {"etc", "etc/app", "etc/app/a.conf", "etc/app/b.txt"}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o000])
+@pytest.mark.parametrize("same_owner", [True, False])
+def test_modes_exact_whatever_the_umask_when_chmod_is_skipped(
+    target: Path, umask: int, same_owner: bool
+) -> None:
+    """Files are created with their permission bits, and chmod'ed only when the umask took
+    some away or they have setuid/setgid/sticky bits: the result is exact either way."""
+    same_owner = same_owner and IS_ROOT  # (as another user: both runs without owners)
+    modes = [0o644, 0o600, 0o640, 0o666, 0o777, 0o444, 0o000, 0o2755, 0o4755, 0o1700]
+    tar = Tar()
+    for mode in modes:
+        tar.file(f"m{mode:04o}", b"x", mode=mode)
+    old = os.umask(umask)
+    try:
+        run(tar.bytes(), target, same_owner=same_owner)
+    finally:
+        os.umask(old)
+    mask = 0o7777 if same_owner else 0o1777
+    for mode in modes:
+        assert stat.S_IMODE((target / f"m{mode:04o}").lstat().st_mode) == mode & mask, oct(mode)
+
+
+def test_owner_set_when_a_setgid_directory_gives_new_files_another_group(target: Path) -> None:
+    """New files take the group of a setgid directory: an archive's gid 0 still needs its
+    fchown then (the owner it is created with is not assumed to be ours)."""
+    assert IS_ROOT, "the suite runs as root (CI's container): chown needs it"
+    os.chown(target, 0, 4321)
+    os.chmod(target, 0o2775)
+    run(
+        Tar().file("a", b"a", uid=0, gid=0).file("b", b"b", uid=0, gid=4321).bytes(),
+        target,
+        same_owner=True,
+    )
+    assert (target / "a").lstat().st_gid == 0
+    assert (target / "b").lstat().st_gid == 4321

@@ -161,6 +161,60 @@ def test_verbose_logs_decisions_and_timings(local_only: Env, cli: Any, clock: Cl
     assert "phase" not in quiet_about_it and "previous backup" not in quiet_about_it
 
 
+def test_verbose_says_what_the_walk_left_out_and_why(
+    local_only: Env, cli: Any, env: Env, www: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_tree(www / "cache", {"c.bin": "c\n"})
+    monkeypatch.setenv("CLOUDBACKUP_LOCAL_DIR", str(www / "backups"))  # inside the source
+    assert cli("backup", "www").exit_code == 0  # creates the local dir
+    result = cli("-v", "backup", "www", "--exclude", "cache")
+    assert result.exit_code == 0, result.stderr
+    assert f"{www}/cache: excluded (CLOUDBACKUP_EXCLUDE, --exclude)" in result.stderr
+    assert f"{www}/backups: skipped (the local dir, the log or the .env file)" in result.stderr
+    plain = cli("backup", "www", "--exclude", "cache").stderr
+    assert "excluded" not in plain and "skipped" not in plain
+
+
+def test_a_file_name_cannot_forge_a_log_line(
+    local_only: Env, cli: Any, env: Env, www: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name from the walked tree holding a newline would start a line of its own: a
+    forged priority for journald (``<0>``: emergency), a forged entry in cron's mail or the
+    log file. It is shown escaped, on the line of the warning that names it."""
+    os.mkfifo(www / "evil\n<0>forged\n2026-01-01T00:00:00+0000 ERROR forged\x1b[2K")
+    log_file = env.tmp / "log" / "cloudbackup.log"
+    monkeypatch.setenv("CLOUDBACKUP_LOG_FILE", str(log_file))
+    result = cli("backup")
+    assert result.exit_code == 0, result.stderr
+    for text in (result.stderr, log_file.read_text()):
+        (line,) = [li for li in text.splitlines() if "forged" in li]
+        assert line.endswith("evil\\n<0>forged\\n2026-01-01T00:00:00+0000 ERROR forged\\x1b[2K: FIFO skipped")
+        assert "\x1b" not in text
+
+
+def test_a_report_line_cannot_be_forged_by_a_message_from_outside() -> None:
+    """An error from a remote store (its XML message) or a child process may hold a
+    newline; the summary (cron's mail, the journal) shows it escaped, on its own line."""
+    from cloudbackup.cli import output
+    from cloudbackup.ops.backup import SourceResult
+    from cloudbackup.ops.run import RunReport
+    from cloudbackup.ops.upload import UploadResult
+    from cloudbackup.ops.verify import VerifyResult
+
+    forged = "denied\n<0>run succeeded in 0.1s (exit 0)"
+    report = RunReport(
+        results=[SourceResult("www", id="www-1", archived=True, upload_error=forged)],
+        uploads=[UploadResult("www-0", "www", forged)],
+        verifies=[VerifyResult("www-1", "remote", forged)],
+        errors=[forged],
+        notes=[forged],
+    )
+    text = output.run_summary(report)
+    assert not any(line.startswith("<0>") for line in text.splitlines()), text
+    assert text.count("denied\\n<0>run succeeded") == 5, text
+    assert text.splitlines()[-1] == "run found an integrity failure in 0.0s (exit 3)"
+
+
 # ---------------------------------------------------------------- 9: one wording
 
 
@@ -229,6 +283,8 @@ def test_the_archive_progress_gets_the_previous_backup_as_its_estimate(
     seen: list[tuple[str, dict[str, Any], int]] = []
 
     class Recorder:
+        tty = True  # a bar on a terminal: it counts files
+
         def __init__(self, label: str) -> None:
             self.label, self.files, self.estimated = label, 0, {}
 
@@ -255,6 +311,13 @@ def test_the_archive_progress_gets_the_previous_backup_as_its_estimate(
     label, estimated, files = seen[1]
     assert (label, estimated["files"], files) == ("archive www", 2, 2)
     assert estimated["nbytes"] >= 14  # the previous content, plus the members' headers
+    # Not on a terminal (cron: a log line now and then), no step per member counts files.
+    Recorder.tty = False
+    clock.advance(hours=1)
+    assert cli("backup", "--source", "www").exit_code == 0
+    label, estimated, files = seen[2]
+    assert (label, estimated["files"], files) == ("archive www", None, 0)
+    assert estimated["nbytes"] >= 14
 
 
 def test_no_progress_bar_when_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -436,6 +499,19 @@ def test_schedule_prints_units_for_this_installation(env: Env, cli: Any) -> None
     bad = cli("schedule", "cron", "--at", "25:00")
     assert bad.exit_code == 2
     bad.assert_one_error("--at", "25:00")
+
+
+def test_the_systemd_unit_may_write_a_directory_destination(env: Env, cli: Any) -> None:
+    """Under ProtectSystem=strict a directory destination that is not in ReadWritePaths=
+    is read-only: every upload of the nightly service would fail."""
+    dest = env.tmp / "nas backups"
+    dest.mkdir()
+    env_file = env.tmp / "cb.env"
+    env_file.write_text(f"CLOUDBACKUP_DEST={dest.as_uri()}\n")
+    systemd = cli("--env-file", str(env_file), "schedule", "systemd")
+    assert systemd.exit_code == 0, systemd.stderr
+    (line,) = [li for li in systemd.stdout.splitlines() if li.startswith("ReadWritePaths=")]
+    assert line == f"ReadWritePaths={env.local_dir} \"{dest}\" /var/log", line
 
 
 # ---------------------------------------------------------------- who hears of a refused run

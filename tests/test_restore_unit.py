@@ -1,9 +1,10 @@
 """Unit tests of cloudbackup.restore: --at parsing, choosing the backup from listings,
-downloads (streamed, restarted, ranged), the on-disk tally, workspaces and results."""
+the pipeline (streamed, hashed, resumed, checked), the on-disk tally, workspaces and results."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import re
@@ -27,7 +28,7 @@ from cloudbackup.core.errors import (
 from cloudbackup.core.model import BackupId, archive_name, manifest_name
 from cloudbackup.fs.tree import remove_tree, tally_tree
 from cloudbackup.restore.apply import RestoreResult
-from cloudbackup.restore.download import fetch_archive
+from cloudbackup.restore.pipeline import Fetch, InlineStage, Pipeline, Stages
 from cloudbackup.restore.select import find_backup, parse_at
 from cloudbackup.restore.targets import Workspace as _Workspace
 from cloudbackup.restore.targets import aside_name as _aside_name
@@ -239,19 +240,90 @@ DATA = os.urandom(300_000)
 DIGEST = hashlib.sha256(DATA).hexdigest()
 
 
-def test_download_streams_and_verifies(tmp_path: Path) -> None:
+def fetch_archive(
+    remote: DataRemote,
+    key: str,
+    dest: Path,
+    *,
+    size: int,
+    sha256: str,
+    progress: Any = None,
+    stages: Any = (),
+) -> Stages:
+    """The bytes of ``key`` through the restore pipeline into the file ``dest`` (a
+    consumer that writes what it reads), checked at the end: IntegrityError, and the
+    file removed, unless they are what the manifest says."""
+    clock = Stages()
+    fetch = Fetch(
+        lambda: remote.open(key, size=size),  # type: ignore[arg-type,return-value]
+        size=size,
+        sha256=sha256,
+        describe=remote.describe(key),
+        stages=clock,
+        progress=progress,
+    )
+    try:
+        with Pipeline(fetch, list(stages), clock) as pipe, dest.open("xb") as out:
+            try:
+                while chunk := pipe.stream.read(4096):
+                    out.write(chunk)
+                pipe.finish()
+            except BaseException as exc:
+                error = pipe.explain(exc)
+                if error is exc:
+                    raise
+                raise error from None
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    return clock
+
+
+def test_pipeline_streams_and_verifies(tmp_path: Path) -> None:
     dest = tmp_path / "d"
     seen: list[int] = []
-    fetch_archive(DataRemote(DATA), "k", dest, size=len(DATA), sha256=DIGEST, progress=seen.append)  # type: ignore[arg-type]
+    clock = fetch_archive(DataRemote(DATA), "k", dest, size=len(DATA), sha256=DIGEST, progress=seen.append)
     assert dest.read_bytes() == DATA and sum(seen) == len(DATA)
+    assert set(clock.as_dict()) == {"read", "hash"}
 
 
-def test_download_resumes_from_the_offset_reached_after_a_mid_stream_reset(
+def test_pipeline_inline_stage_transforms_and_is_timed(tmp_path: Path) -> None:
+    import zlib
+
+    packed = zlib.compress(DATA)
+
+    class Inflate:
+        def __init__(self, up: Any) -> None:
+            self.up, self.d = up, zlib.decompressobj()
+
+        def read(self, size: int = -1) -> bytes:
+            while True:
+                chunk = self.up.read(1000)
+                if not chunk:
+                    return self.d.flush()
+                out = self.d.decompress(chunk)
+                if out:
+                    return out
+
+    dest = tmp_path / "d"
+    clock = fetch_archive(
+        DataRemote(packed),
+        "k",
+        dest,
+        size=len(packed),
+        sha256=hashlib.sha256(packed).hexdigest(),
+        stages=[InlineStage("inflate", Inflate)],
+    )
+    assert dest.read_bytes() == DATA
+    assert list(clock.as_dict()) == ["inflate", "read", "hash"] or "inflate" in clock.as_dict()
+
+
+def test_pipeline_resumes_from_the_offset_reached_after_a_mid_stream_reset(
     tmp_path: Path,
 ) -> None:
     remote = DataRemote(DATA, failures=2)
     dest = tmp_path / "d"
-    fetch_archive(remote, "k", dest, size=len(DATA), sha256=DIGEST)  # type: ignore[arg-type]
+    fetch_archive(remote, "k", dest, size=len(DATA), sha256=DIGEST)
     assert dest.read_bytes() == DATA
     # Asked again from where each body broke, not from the start: 0, then 1/4, then 2/4.
     assert remote.opens[0] == 0 and 0 < remote.opens[1] < remote.opens[2] < len(DATA)
@@ -260,28 +332,51 @@ def test_download_resumes_from_the_offset_reached_after_a_mid_stream_reset(
     # policy's attempts (consecutive failures without a byte of progress).
     broken = DataRemote(DATA, failures=5, stuck=True)
     with pytest.raises(TransientStorageError, match="gave up after 3 attempts"):
-        fetch_archive(broken, "k", tmp_path / "e", size=len(DATA), sha256=DIGEST)  # type: ignore[arg-type]
+        fetch_archive(broken, "k", tmp_path / "e", size=len(DATA), sha256=DIGEST)
     assert len(broken.opens) == 3 and not (tmp_path / "e").exists()
 
 
-@pytest.mark.parametrize(("size", "digest"), [(len(DATA), "0" * 64), (len(DATA) + 1, DIGEST)])
-def test_download_mismatch_is_an_integrity_error_and_leaves_nothing(
-    tmp_path: Path, size: int, digest: str
-) -> None:
+@pytest.mark.parametrize(
+    ("size", "digest"),
+    [(len(DATA), "0" * 64), (len(DATA) + 1, DIGEST), (len(DATA) - 1, DIGEST)],
+)
+def test_pipeline_mismatch_is_an_integrity_error(tmp_path: Path, size: int, digest: str) -> None:
     remote = DataRemote(DATA)
     dest = tmp_path / "d"
     with pytest.raises(IntegrityError) as info:
-        fetch_archive(remote, "k", dest, size=size, sha256=digest)  # type: ignore[arg-type]
+        fetch_archive(remote, "k", dest, size=size, sha256=digest)
     assert info.value.exit_code == 3
     assert not dest.exists() and remote.opens == [0]  # never retried into success
 
 
-def test_download_refuses_to_overwrite(tmp_path: Path) -> None:
-    dest = tmp_path / "d"
-    dest.write_bytes(b"mine")
-    with pytest.raises(FileExistsError):
-        fetch_archive(DataRemote(DATA), "k", dest, size=len(DATA), sha256=DIGEST)  # type: ignore[arg-type]
-    assert dest.read_bytes() == b"mine"
+def test_pipeline_never_reads_past_the_manifest_size(tmp_path: Path) -> None:
+    """An object longer than its manifest says is refused after one byte more, not read on."""
+    remote = DataRemote(DATA * 4)
+    read: list[int] = []
+    with pytest.raises(IntegrityError, match="more than"):
+        fetch_archive(remote, "k", tmp_path / "d", size=1000, sha256=DIGEST, progress=read.append)
+    assert sum(read) == 1001
+
+
+def test_pipeline_consumer_error_stops_the_fetch(tmp_path: Path) -> None:
+    """The consumer fails part way: the fetch thread stops (it does not read on into a
+    full queue), and the consumer's error is the one raised."""
+    clock = Stages()
+    remote = DataRemote(DATA * 40)
+    fetch = Fetch(
+        lambda: remote.open("k"),  # type: ignore[arg-type,return-value]
+        size=len(DATA) * 40,
+        sha256=DIGEST,
+        describe="k",
+        stages=clock,
+    )
+    with pytest.raises(ZeroDivisionError), Pipeline(fetch, [], clock) as pipe:
+        try:
+            pipe.stream.read(10)
+            raise ZeroDivisionError
+        except BaseException as exc:
+            raise pipe.explain(exc) from None
+    assert fetch.done()
 
 
 # ---------------------------------------------------------------- tally, workspace, results
@@ -323,17 +418,13 @@ def test_workspace_removes_only_dead_restores_leftovers(tmp_path: Path) -> None:
     other.mkdir()
     with _Workspace(tmp_path, "site") as ws:
         staging = ws.staging()
-        download_path = ws.download_path()
-        download_path.write_bytes(b"partial")
         (staging.path / "inner").mkdir()
         made = tmp_path / staging.name
         assert made.is_dir() and os.listdir(made) == ["inner"]
         assert stat.S_IMODE(made.stat().st_mode) == 0o700
-        download = tmp_path / download_path.name
-        assert download.read_bytes() == b"partial"
     assert not stale_dir.exists() and not stale_file.exists()
     assert alive.exists() and other.exists()
-    assert not made.exists() and not download.exists()
+    assert not made.exists()
 
 
 def test_aside_name_never_reuses_a_name(tmp_path: Path) -> None:
@@ -399,3 +490,94 @@ def _single_file_members(tmp_path: Path, staging: Path, held: Any) -> None:
             _regular_member(held, name, "a.tar.zst")
         assert caught.value.exit_code == 3
     assert victim.read_text() == "root"
+
+
+# ---------------------------------------------------------------- the decompression child
+
+
+def _zstd_manifest(data: bytes) -> Any:
+    class M:
+        compression = "zstd"
+        size = len(data)
+        archive = "x.tar.zst"
+
+    return M
+
+
+def _through_child(
+    packed: bytes, sha256: str, consume: Any = None, seen: list[Any] | None = None
+) -> tuple[bytes, Stages, Any]:
+    from cloudbackup.restore.apply import decompress_stage
+
+    assert isinstance(decompress_stage(_zstd_manifest(packed), {}), InlineStage)  # the default
+    stage = decompress_stage(_zstd_manifest(packed), dict(os.environ), in_process=True)
+    if seen is not None:
+        seen.append(stage)
+    clock = Stages()
+    fetch = Fetch(
+        lambda: io.BytesIO(packed), size=len(packed), sha256=sha256, describe="x", stages=clock
+    )
+    out = bytearray()
+    with Pipeline(fetch, [stage], clock) as pipe:
+        try:
+            if consume is not None:
+                consume(pipe.stream)
+            while chunk := pipe.stream.read(65536):
+                out += chunk
+            pipe.finish()
+        except BaseException as exc:
+            error = pipe.explain(exc, damaged=isinstance(exc, IntegrityError))
+            if error is exc:
+                raise
+            raise error from None
+    return bytes(out), clock, stage
+
+
+def test_decompression_child_streams_and_reports_its_cpu_time() -> None:
+    import zstandard
+
+    data = os.urandom(1 << 20) * 3
+    packed = zstandard.ZstdCompressor().compress(data)
+    out, clock, stage = _through_child(packed, hashlib.sha256(packed).hexdigest())
+    assert out == data
+    assert {"read", "hash", "decompress"} <= set(clock.as_dict())
+    assert stage._proc.returncode == 0
+
+
+def test_decompression_child_corrupt_stream_is_an_integrity_error() -> None:
+    """An archive whose bytes are the ones the manifest names, but not zstd: the child
+    exits 3 and the restore says the archive cannot be decompressed (exit 3)."""
+    packed = b"\x28\xb5\x2f\xfd" + os.urandom(5000)
+    with pytest.raises(IntegrityError, match="cannot decompress x.tar.zst") as info:
+        _through_child(packed, hashlib.sha256(packed).hexdigest())
+    assert info.value.exit_code == 3
+
+
+def test_decompression_child_damaged_archive_names_the_checksum() -> None:
+    """A byte flipped in transit: the checksum, not the codec, is what the error names."""
+    import zstandard
+
+    good = zstandard.ZstdCompressor(write_checksum=True).compress(os.urandom(300_000))
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 1
+    with pytest.raises(IntegrityError, match="fails its checksum"):
+        _through_child(bytes(bad), hashlib.sha256(good).hexdigest())
+
+
+def test_decompression_child_is_killed_when_the_consumer_fails() -> None:
+    import zstandard
+
+    packed = zstandard.ZstdCompressor().compress(os.urandom(1 << 20) * 8)
+
+    def fail(stream: Any) -> None:
+        stream.read(1000)
+        raise ZeroDivisionError
+
+    seen: list[Any] = []
+    with pytest.raises(ZeroDivisionError):
+        _through_child(packed, hashlib.sha256(packed).hexdigest(), fail, seen)
+    (stage,) = seen
+    # Killed and reaped (no zombie): nothing of this restore runs on.
+    assert stage._proc.returncode == -9
+    with pytest.raises(ProcessLookupError):
+        os.kill(stage._proc.pid, 0)

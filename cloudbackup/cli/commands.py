@@ -31,6 +31,7 @@ from cloudbackup.config import Settings
 from cloudbackup.core.errors import CloudBackupError, ConfigError, Interrupted, UsageError
 from cloudbackup.core.model import valid_name
 from cloudbackup.core.outcome import REPORTED, Outcome, exit_code
+from cloudbackup.core.words import one_line
 from cloudbackup.lock import DirLock
 from cloudbackup.ops import backup as backing
 from cloudbackup.ops import list as listing
@@ -332,18 +333,28 @@ def backup(
         )
     local_only = not settings.remote_configured
     if local_only and not no_upload:
-        LOG.info("no bucket configured (CLOUDBACKUP_S3_BUCKET): local-only backup")
+        LOG.info(
+            "no bucket configured (CLOUDBACKUP_S3_BUCKET or CLOUDBACKUP_DEST): local-only backup"
+        )
     ctx = make_context(settings, remote=not local_only and not dry_run)
     chosen = backing.BackupOptions(dry_run=dry_run, allow_shrink=allow_shrink, full=full)
-    results = _back_up(ctx, chosen, upload=not no_upload and not local_only)
+    results, stopped = _back_up(ctx, chosen, upload=not no_upload and not local_only)
     document = {"results": [r.to_dict() for r in results], "dry_run": dry_run}
+    stop = [] if stopped is None else [
+        f"backup interrupted by {stopped.signal_name} (exit {stopped.exit_code})"
+    ]
+
+    def text() -> str:
+        summary = output.backup_summary(
+            results, local_only=local_only, dry_run=dry_run, remote_url=_remote_url(settings)
+        )
+        return "\n".join([summary, *stop])
+
     _finish(
         as_json,
-        document | {"local_only": local_only},
-        lambda: output.backup_summary(
-            results, local_only=local_only, dry_run=dry_run, remote_url=_remote_url(settings)
-        ),
-        exit_code(r.outcome for r in results),
+        document | {"local_only": local_only, "interrupted": stopped is not None},
+        text,
+        stopped.exit_code if stopped else exit_code(r.outcome for r in results),
     )
 
 
@@ -380,18 +391,28 @@ def _configured_specs(state: AppState) -> dict[str, str]:
 
 def _back_up(
     ctx: contexts.Context, chosen: backing.BackupOptions, *, upload: bool
-) -> list[backing.SourceResult]:
-    """Every source under the lock, uploaded (streamed while archived) when ``upload``."""
+) -> tuple[list[backing.SourceResult], Interrupted | None]:
+    """Every source under the lock, uploaded (streamed while archived) when ``upload``; and
+    the signal that stopped it part way, if one did (the results then say what finished)."""
     from cloudbackup.ops import upload as uploading
 
+    results: list[backing.SourceResult] = []
     with DirLock(ctx.settings.local_dir):
-        return backing.backup(
-            ctx,
-            ctx.settings.sources,
-            chosen,
-            uploader=uploading.upload_after_backup if upload else None,
-            streamer=uploading.start_stream if upload else None,
-        )
+        try:
+            backing.backup(
+                ctx,
+                ctx.settings.sources,
+                chosen,
+                uploader=uploading.upload_after_backup if upload else None,
+                streamer=uploading.start_stream if upload else None,
+                results=results,
+            )
+        except (KeyboardInterrupt, Interrupted) as exc:
+            stopped = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
+            message = f"interrupted by {stopped.signal_name}: the backup stopped where it was"
+            LOG.error("%s", message, extra=REPORTED)
+            return results, stopped
+    return results, None
 
 
 # ---------------------------------------------------------------- list / verify / upload
@@ -718,7 +739,7 @@ def status(max_age: str, all_hosts: bool, as_json: bool, prometheus: Path | None
         LOG.error("%s", exc, extra=REPORTED)  # said once: in the report (stderr with --json)
         detail = str(exc)
         document = {"hosts": [], "state": "UNKNOWN", "detail": [detail]}
-        _finish(as_json, document, lambda: f"UNKNOWN: {detail}", monitor.UNKNOWN)
+        _finish(as_json, document, lambda: f"UNKNOWN: {one_line(detail)}", monitor.UNKNOWN)
     if prometheus is not None:
         try:
             monitor.write_prometheus(prometheus, monitor.prometheus_text(report))
@@ -794,14 +815,18 @@ def schedule(kind: str, at: str) -> None:
 
 
 def _write_paths(state: AppState) -> list[str]:
-    """What the systemd service may write: the configured local dir and the log file's
-    directory, as far as they can be read here (each on its own); else the defaults."""
+    """What the systemd service may write: the configured local dir, a directory
+    destination (CLOUDBACKUP_DEST) and the log file's directory, as far as they can be read
+    here (each on its own); else the defaults."""
     from cloudbackup.ops import schedule as scheduling
 
     dotenv = _dotenv(state)[1]  # an --env-file that cannot be read is exit 2, as anywhere
     local_dir = config.resolve_one("local_dir", {}, os.environ, dotenv)
+    dest = config.resolve_one("dest", {}, os.environ, dotenv)
     log_file = config.resolve_one("log_file", {}, os.environ, dotenv)
     paths = [str(local_dir) if local_dir else scheduling.DEFAULT_WRITE_PATHS[0]]
+    if dest is not None:
+        paths.append(str(dest))
     paths.append(str(log_file.parent) if log_file else scheduling.DEFAULT_WRITE_PATHS[1])
     return paths
 

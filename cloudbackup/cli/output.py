@@ -21,7 +21,7 @@ import click
 
 from cloudbackup.core import words
 from cloudbackup.core.outcome import REPORTED, Outcome
-from cloudbackup.core.words import plural
+from cloudbackup.core.words import one_line, plural
 from cloudbackup.ops.notify import LogTail
 
 if TYPE_CHECKING:
@@ -39,7 +39,9 @@ REPORTED_FLAG = next(iter(REPORTED))
 
 
 class RedactingFilter(logging.Filter):
-    """Replaces every known secret (raw and URL-encoded) in log records with ``***``."""
+    """Replaces every known secret (raw and URL-encoded) in log records with ``***``, and
+    makes each record's message one line (:func:`words.one_line`: a file name holding a
+    newline cannot forge a log entry)."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
@@ -51,13 +53,12 @@ class RedactingFilter(logging.Filter):
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            message = record.getMessage()
-            record.msg = self.redact(message)
-            record.args = None
-            if record.exc_info and record.exc_info[1] is not None:
-                record.exc_text = self.redact(logging.Formatter().formatException(record.exc_info))
-                record.exc_info = None
+        message = record.getMessage()
+        record.msg = words.one_line(self.redact(message))
+        record.args = None
+        if self.secrets and record.exc_info and record.exc_info[1] is not None:
+            record.exc_text = self.redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
         return True
 
 
@@ -407,8 +408,10 @@ def print_json(document: Any, stream: TextIO | None = None) -> None:
 
 
 def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    """Columns padded to their widths; each cell one line (:func:`one_line`: an error message
+    from a remote store or a child process may hold a newline)."""
     cells = [[str(h) for h in headers]] + [
-        [("-" if c is None else str(c)) for c in row] for row in rows
+        [("-" if c is None else one_line(str(c))) for c in row] for row in rows
     ]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
@@ -540,9 +543,9 @@ def run_summary(report: RunReport, remote_url: Callable[[str], str] | None = Non
     lines += [verify_line(v) for v in report.verifies]
     for p in report.prunes:
         if p.errors:
-            lines.append(f"prune {p.where} {p.source}: " + "; ".join(p.errors))
-    lines += [f"error: {e}" for e in report.errors]
-    lines += [f"warning: {note}" for note in report.notes]
+            lines.append(f"prune {p.where} {p.source}: " + one_line("; ".join(p.errors)))
+    lines += [f"error: {one_line(e)}" for e in report.errors]
+    lines += [f"warning: {one_line(note)}" for note in report.notes]
     lines.append(_sources_summary(report.results, dry_run=False))
     verdict = _VERDICTS.get(report.outcome, "run failed")
     lines.append(f"{verdict} in {report.seconds:.1f}s (exit {report.exit_code})")
@@ -556,7 +559,7 @@ def _dry_run_summary(
     if report.would_upload:
         lines.append("would upload (not yet offsite): " + ", ".join(report.would_upload))
     lines += prune_lines(report.prunes, dry_run=True)[:-1] if report.prunes else []
-    lines += [f"error: {e}" for e in report.errors]
+    lines += [f"error: {one_line(e)}" for e in report.errors]
     lines.append(
         _sources_summary(report.results, dry_run=True)
         + f" (exit {report.exit_code}); no hooks, pings or notifications"
@@ -594,7 +597,7 @@ def backup_list(
 
 def verify_line(r: VerifyResult) -> str:
     """One verified copy, as ``verify`` and ``run`` both show it."""
-    return f"{_mark(r.ok)} {r.where:6} {r.id}: {r.detail}"
+    return f"{_mark(r.ok)} {r.where:6} {r.id}: {one_line(r.detail)}"
 
 
 def verify_lines(results: Sequence[VerifyResult]) -> str:
@@ -605,7 +608,7 @@ def verify_lines(results: Sequence[VerifyResult]) -> str:
 
 def upload_line(r: UploadResult) -> str:
     """One upload, as ``upload`` and ``run`` both show it."""
-    return f"{_mark(r.ok)} {r.id}: {r.detail}"
+    return f"{_mark(r.ok)} {r.id}: {one_line(r.detail)}"
 
 
 def upload_lines(results: Sequence[UploadResult]) -> str:
@@ -620,7 +623,7 @@ def check_lines(lines: Sequence[CheckLine]) -> str:
 
     def detail(line: CheckLine) -> str:
         # A source's own message names it already ("source www: ..."): say it once.
-        return line.detail.removeprefix(f"{line.name}: ")
+        return one_line(line.detail.removeprefix(f"{line.name}: "))
 
     return "\n".join(f"{mark(line)} {line.name}: {detail(line)}" for line in lines)
 
@@ -645,7 +648,8 @@ def status_table(report: StatusReport, state_names: dict[int, str]) -> str:
         "host", "source", "state", "newest", "age", "local/remote", "local size",
         "remote size", "why",
     ]  # fmt: skip
-    lines = [table(rows, headers), *report.detail, f"status: {state_names[report.state]}"]
+    details = [one_line(d) for d in report.detail]
+    lines = [table(rows, headers), *details, f"status: {state_names[report.state]}"]
     return "\n".join(lines)
 
 
@@ -709,7 +713,7 @@ def _prune_group_lines(r: PruneResult, dry_run: bool) -> list[str]:
         lines.append(f"  {'orphan':<13} {ident}  (archive without manifest: {state})")
     for ident, why in r.orphans_kept:
         lines.append(f"  {'orphan kept':<13} {ident}  ({why})")
-    lines += [f"  FAILED: {error}" for error in r.errors]
+    lines += [f"  FAILED: {one_line(error)}" for error in r.errors]
     lines.append(f"  {'space':<13} {_space(r.kept_bytes, r.freed_bytes, dry_run)}")
     return lines
 
@@ -737,7 +741,7 @@ def forget_lines(results: Sequence[PruneResult], *, dry_run: bool) -> list[str]:
             lines.append(f"{r.where:<6} {ident}  {state}")
         if dry_run:
             lines += [f"         {key}" for key in r.deleted_keys]
-        lines += [f"  FAILED: {error}" for error in r.errors]
+        lines += [f"  FAILED: {one_line(error)}" for error in r.errors]
     done = sum(len(r.delete) if dry_run else len(r.deleted) for r in results)
     verb = "would delete" if dry_run else "deleted"
     summary = f"{verb} {done} backup cop{'y' if done == 1 else 'ies'}"

@@ -1,9 +1,26 @@
-"""How numbers read in messages: counts with their noun (``1 file``, ``2 files``) and sizes
-in binary units (``70.9 GiB``). One wording for every message, log line and report."""
+"""How numbers and outside text read in messages: counts with their noun (``1 file``,
+``2 files``), sizes in binary units (``70.9 GiB``), and text from outside (a file name) as
+one line. One wording for every message, log line and report."""
 
 from __future__ import annotations
 
-__all__ = ["plural", "size"]
+import re
+
+__all__ = ["one_line", "plural", "size"]
+
+# C0 controls but tab, and DEL: a newline would start a line of its own (a forged log entry,
+# a journald ``<0>`` priority), an escape sequence would move a terminal's cursor.
+_CONTROLS_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with its control characters shown escaped (``\\n``, ``\\x1b``): one line,
+    whatever a file name held."""
+    return _CONTROLS_RE.sub(_escaped, text)
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return match[0].encode("unicode_escape").decode("ascii")
 
 _IRREGULAR = {"copy": "copies", "entry": "entries"}
 

@@ -28,6 +28,7 @@ from cloudbackup.context import (
 from cloudbackup.core.errors import (
     CloudBackupError,
     IntegrityError,
+    Interrupted,
     ShrinkGuardError,
     SourceError,
     UsageError,
@@ -616,12 +617,11 @@ def _write_backup(
         )
 
     sctx = _source_context(ctx, source.name, backup_id, source_warn)
-    progress = _archive_progress(ctx, source, previous)
+    progress, count_file = _archive_progress(ctx, source, previous)
     stream = streamer(ctx, source.name, backup_id, final, previous) if streamer else None
     index = None
     index_final = index_name(backup_id)
     started_ns = time.time_ns()
-    count_file = getattr(progress, "count_file", None)
     found = source.entries(sctx)
     entries = EntryStream(_counted(found, count_file) if count_file is not None else found)
     walked: Iterable[FileEntry] = entries
@@ -695,15 +695,20 @@ def _write_backup(
 _MEMBER_OVERHEAD = 1536
 
 
-def _archive_progress(ctx: Context, source: Source, previous: Manifest | None) -> Any:
-    """The archive's progress, with the previous backup's totals as the estimate."""
+def _archive_progress(
+    ctx: Context, source: Source, previous: Manifest | None
+) -> tuple[Any, Callable[[], None] | None]:
+    """The archive's progress, with the previous backup's totals as the estimate, and what
+    counts a file into it. Files are counted only for a bar on a terminal: elsewhere (cron)
+    the log line shows bytes, and the walk is not slowed by a step per member."""
     progress = ctx.progress(f"archive {source.name}", None)
+    count_file = getattr(progress, "count_file", None) if getattr(progress, "tty", False) else None
     estimate = getattr(progress, "estimate", None)
     if previous is not None and estimate is not None:
-        files = previous.total_files if source.counts_files else None
+        counted = source.counts_files and count_file is not None
         nbytes = previous.total_bytes + _MEMBER_OVERHEAD * previous.total_files
-        estimate(files=files, nbytes=nbytes)
-    return progress
+        estimate(files=previous.total_files if counted else None, nbytes=nbytes)
+    return progress, count_file
 
 
 def _counted(entries: Entries, count_file: Callable[[], None]) -> Entries:
@@ -858,18 +863,22 @@ def backup(
     *,
     uploader: Uploader | None = None,
     streamer: Streamer | None = None,
+    results: list[SourceResult] | None = None,
 ) -> list[SourceResult]:
     """Archive each source; one failing source does not stop the others.
 
     ``streamer`` starts an upload that follows each archive while it is written;
-    ``uploader`` then completes (or performs) the upload of each archive kept.
+    ``uploader`` then completes (or performs) the upload of each archive kept. ``results``
+    (returned) gets each source's result as soon as it is done, so that a backup stopped part
+    way (a signal) still reports what finished: the sources it did not finish are added as
+    failed before the signal's exception goes on.
     """
     if not specs:
         raise UsageError(
             "no sources to back up",
             "give SPEC arguments or set CLOUDBACKUP_SOURCES (e.g. CLOUDBACKUP_SOURCES=/srv/www)",
         )
-    results: list[SourceResult] = []
+    results = [] if results is None else results
     if not options.dry_run:
         cleanup_partials(ctx)
     LOG.debug(
@@ -877,20 +886,38 @@ def backup(
         ", ".join(spec.name for spec in specs),
         "none" if uploader is None else "streamed" if streamer is not None else "after",
     )
-    for spec in specs:
-        try:
-            source = make_source(spec, env=ctx.settings.child_env)
-        except (ValueError, CloudBackupError) as exc:
-            results.append(SourceResult(source=spec.name, error=str(exc), outcome=Outcome.FAILED))
-            LOG.error("source %s: %s", spec.name, exc, extra=REPORTED)
-            continue
-        result = backup_source(ctx, source, options, streamer)
-        if result.archived and uploader is not None:
-            assert result.id is not None
-            stream, result.stream = result.stream, None
-            _record_upload(result, uploader(ctx, result.source, result.id, stream))
-        elif result.stream is not None:  # started but nobody will complete it
-            result.stream.abandon()
-            result.stream = None
-        results.append(result)
+    try:
+        for spec in specs:
+            results.append(_back_up_one(ctx, spec, options, uploader, streamer))
+    except (KeyboardInterrupt, Interrupted):
+        finished = {r.source for r in results}
+        results += [
+            SourceResult(spec.name, error="not backed up: interrupted", outcome=Outcome.FAILED)
+            for spec in specs
+            if spec.name not in finished
+        ]
+        raise
     return results
+
+
+def _back_up_one(
+    ctx: Context,
+    spec: Any,
+    options: BackupOptions,
+    uploader: Uploader | None,
+    streamer: Streamer | None,
+) -> SourceResult:
+    try:
+        source = make_source(spec, env=ctx.settings.child_env)
+    except (ValueError, CloudBackupError) as exc:
+        LOG.error("source %s: %s", spec.name, exc, extra=REPORTED)
+        return SourceResult(source=spec.name, error=str(exc), outcome=Outcome.FAILED)
+    result = backup_source(ctx, source, options, streamer)
+    if result.archived and uploader is not None:
+        assert result.id is not None
+        stream, result.stream = result.stream, None
+        _record_upload(result, uploader(ctx, result.source, result.id, stream))
+    elif result.stream is not None:  # started but nobody will complete it
+        result.stream.abandon()
+        result.stream = None
+    return result

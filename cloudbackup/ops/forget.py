@@ -59,7 +59,7 @@ def forget(
     if where in ("remote", "all") and ctx.remote is not None:
         sides.append(("remote", ctx.remote_catalog.refresh()))
     elif where == "all":
-        LOG.info("no bucket configured (CLOUDBACKUP_S3_BUCKET): only local copies are forgotten")
+        LOG.info("no bucket or destination configured: only local copies are forgotten")
 
     found = {side: _matching(listing, wanted, ctx.host) for side, listing in sides}
     unknown = [i for i in wanted if not any(i in refs for refs in found.values())]

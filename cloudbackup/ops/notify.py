@@ -36,6 +36,7 @@ from urllib.parse import unquote
 from cloudbackup.config import parse_notify_targets as parse_targets
 from cloudbackup.core.errors import ConfigError
 from cloudbackup.core.outcome import Outcome, words
+from cloudbackup.core.words import one_line
 from cloudbackup.sources.base import secret_forms
 
 __all__ = [
@@ -338,7 +339,7 @@ def _escaped(match: re.Match[str]) -> str:
 
 
 def _escape_controls(text: str) -> str:
-    return _CONTROL_RE.sub(_escaped, text)
+    return one_line(text)
 
 
 # --------------------------------------------------------------------------- sending

@@ -124,7 +124,9 @@ def prune(
         results += _prune_local(ctx, policy, now, source, host, dry_run)
     if where in ("remote", "all"):
         if ctx.remote is None or (policy is None and not has_remote_policy(settings)):
-            LOG.info("no bucket configured (CLOUDBACKUP_S3_BUCKET): remote copies not pruned")
+            LOG.info(
+                "no bucket configured (CLOUDBACKUP_S3_BUCKET or CLOUDBACKUP_DEST): remote copies not pruned"
+            )
         else:
             results += _prune_remote(ctx, policy, now, source, host, all_hosts, dry_run)
     return results

@@ -370,7 +370,7 @@ def run(ctx: Context, options: RunOptions | None = None, report: RunReport | Non
         with phase("upload pending"):
             _upload_pending(ctx, report, options)
     with phase("backup"):
-        report.results = _back_up(ctx, options, offline)
+        _back_up(ctx, options, offline, report)
     if ctx.remote is not None:
         with phase("upload and verify"):
             _upload_and_verify(ctx, report, options)
@@ -399,7 +399,7 @@ def dry_run(ctx: Context, options: RunOptions) -> RunReport:
         except CloudBackupError as exc:
             report.errors.append(f"the bucket cannot be listed: {exc}")
             ctx = dataclasses.replace(ctx, remote=None)
-    report.results = _back_up(ctx, dataclasses.replace(options, dry_run=True), None)
+    _back_up(ctx, dataclasses.replace(options, dry_run=True), None, report)
     if ctx.remote is not None:
         pending = _per_source(options.sources, lambda s: uploading.pending_uploads(ctx, s))
         report.would_upload = [ref.id for ref in pending]
@@ -439,9 +439,11 @@ def _recover_remote(ctx: Context, report: RunReport) -> tuple[Context, str | Non
     return ctx, None
 
 
-def _back_up(ctx: Context, options: RunOptions, offline: str | None) -> list[SourceResult]:
+def _back_up(ctx: Context, options: RunOptions, offline: str | None, report: RunReport) -> None:
     """Every configured source, in order (those without room fail at once), each uploaded
-    (streamed while archived) when there is a bucket; ``offline``: why there is none now."""
+    (streamed while archived) when there is a bucket; ``offline``: why there is none now.
+    Into ``report.results``, also when a signal stops it (what finished, and the sources it
+    did not finish as failed)."""
     early: dict[str, SourceResult] = {}
     blocked = _free_space_check(ctx, early)
     uploader = uploading.upload_after_backup if ctx.remote is not None else None
@@ -449,25 +451,26 @@ def _back_up(ctx: Context, options: RunOptions, offline: str | None) -> list[Sou
     chosen = BackupOptions(
         dry_run=options.dry_run, allow_shrink=options.allow_shrink, full=options.full
     )
-    results = (
-        backing.backup(
-            ctx,
-            specs,
-            chosen,
-            uploader=uploader if not options.dry_run else None,
-            streamer=uploading.start_stream if uploader is not None else None,
-        )
-        if specs
-        else []
-    )
-    by_name = {r.source: r for r in results} | early
-    ordered = [by_name[s.name] for s in ctx.settings.sources if s.name in by_name]
-    for result in ordered:
-        # The summary says "local-only" only when that is intended, not when S3 is down.
-        result.local_only = not ctx.settings.remote_configured
-        if offline and result.archived:
-            result.fail_upload(offline)
-    return ordered
+    done: list[SourceResult] = []
+    try:
+        if specs:
+            backing.backup(
+                ctx,
+                specs,
+                chosen,
+                uploader=uploader if not options.dry_run else None,
+                streamer=uploading.start_stream if uploader is not None else None,
+                results=done,
+            )
+    finally:
+        by_name = {r.source: r for r in done} | early
+        ordered = [by_name[s.name] for s in ctx.settings.sources if s.name in by_name]
+        for result in ordered:
+            # The summary says "local-only" only when that is intended, not when S3 is down.
+            result.local_only = not ctx.settings.remote_configured
+            if offline and result.archived:
+                result.fail_upload(offline)
+        report.results = ordered
 
 
 def _upload_and_verify(ctx: Context, report: RunReport, options: RunOptions) -> None:

@@ -105,8 +105,8 @@ def render(
     """The units for ``kind`` (``cron`` or ``systemd``) running ``run`` daily at ``at``.
 
     ``executable`` is the command that starts cloudbackup (:func:`find_executable`);
-    ``write_paths`` are what the systemd service may write (the local dir and the log file's
-    directory). Bad input is a :class:`UsageError` / :class:`ConfigError` (exit 2).
+    ``write_paths`` are what the systemd service may write (the local dir, a directory
+    destination and the log file's directory). Bad input is a :class:`UsageError` / :class:`ConfigError` (exit 2).
     """
     time = at if isinstance(at, TimeOfDay) else TimeOfDay.parse(at)
     command = _check_paths("executable", executable)
@@ -211,8 +211,9 @@ IOSchedulingClass=best-effort
 IOSchedulingPriority=7
 TimeoutStartSec=12h
 
-# Hardening. The service reads the sources and writes only the local dir and the log; its
-# hooks and cmd: sources run inside the same sandbox.
+# Hardening. The service reads the sources and writes only the local dir, a directory
+# destination (CLOUDBACKUP_DEST) and the log; its hooks and cmd: sources run inside the same
+# sandbox.
 # It must be able to READ every source: ProtectHome=read-only, never yes (a source may live
 # under /home). The local dir must exist and be listed in ReadWritePaths=, and so must the
 # directory of a SQLite source in WAL mode (read-only, SQLite cannot open such a database

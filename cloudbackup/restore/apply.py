@@ -1,18 +1,23 @@
-"""Restore: find a backup by LIST, verify its archive, extract it safely, swap it into place.
+"""Restore: plan it, then stream the archive into a staging directory and swap it in.
 
-The flow (SPEC "Restore staging")::
+Plan first, then execute (:class:`RestorePlan` is a value: ``--dry-run`` prints it, the real
+run carries it out)::
 
     LIST (local + remote) ─▶ choose the backup (select: newest, or newest at/before --at)
       ─▶ plan the target (targets: a usage error before any byte is read)
-      ─▶ local copy re-hashes to the manifest?  yes: use it   no: GET the remote copy into a
-         temp file beside the target, hashing on the way (download); a mismatch is an
-         IntegrityError
-      ─▶ decompress ─▶ extract into a staging directory beside the target (held open:
-         extracted into, counted and installed through its descriptor, never its name)
+      ─▶ choose the copy (local when its archive is there at its size, else remote)
+
+    execute: one pass over the archive (pipeline), every stage at once
+      fetch (read ─▶ SHA-256) ─▶ decompress (a child process) ─▶ extract into a staging
+      directory beside the target (held open: extracted into, counted and installed
+      through its descriptor, never its name)
+      ─▶ the whole archive read: size and SHA-256 match the manifest?  no: the staging
+         directory goes, nothing was put in place, exit 3 (a local copy that fails is
+         replaced by the remote one, into a fresh staging directory)
       ─▶ count what is on disk ─▶ the target installs it (--force: the old one moved aside)
 
-Nothing unverified is ever decompressed, nothing is ever written under the target's own
-name until the whole tree is complete (a restore killed with SIGKILL leaves at most a
+Nothing is ever written under the target's own name, handed to a pipe or to a database
+until every byte was read and matched (a restore killed with SIGKILL leaves at most a
 hidden staging directory, removed by the next restore into the same place), and a restore
 counts what it wrote against the manifest and says so.
 """
@@ -22,35 +27,56 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO, Any
 
 from cloudbackup.context import Context
-from cloudbackup.core.errors import (
-    CloudBackupError,
-    IntegrityError,
-    UsageError,
-)
-from cloudbackup.core.model import BackupRef
+from cloudbackup.core.errors import CloudBackupError, IntegrityError, UsageError
+from cloudbackup.core.model import BackupRef, Manifest
 from cloudbackup.core.outcome import REPORTED, Outcome
 from cloudbackup.core.outcome import exit_code as code_of
 from cloudbackup.core.patterns import PathMatcher
-from cloudbackup.fs.files import open_regular
 from cloudbackup.fs.tree import Tally, tally_tree
 from cloudbackup.restore import chain as chains
-from cloudbackup.restore.download import fetch_archive
-from cloudbackup.restore.select import Candidate, Copy, choose_copy, find_backup, peek_manifest
-from cloudbackup.restore.targets import Target, Workspace, plan_target
+from cloudbackup.restore.pipeline import (
+    Fetch,
+    InlineStage,
+    Pipeline,
+    ProcessStage,
+    Stage,
+    Stages,
+    python_child,
+)
+from cloudbackup.restore.select import (
+    Candidate,
+    Copy,
+    can_fall_back,
+    choose_copy,
+    find_backup,
+    peek_manifest,
+    remote_copy,
+)
+from cloudbackup.restore.targets import Staging, Target, Workspace, plan_target
 from cloudbackup.stream.compress import DECOMPRESS_ERRORS, open_decompressed
 from cloudbackup.stream.extract import ExtractResult, extract
-from cloudbackup.stream.hashing import HashingReader
 
 LOG = logging.getLogger("cloudbackup")
 
 _INTEGRITY_HINT = "restore another copy (--from local/remote) or an older backup (--at)"
+
+#: Decompress in a child process fed by pipes (python-zstandard holds the GIL, which the tar
+#: parser needs) rather than on the extracting thread. Measured on the 2-core benchmark VM
+#: (moto on the same cores): the same wall time on 256 MiB (quiet), 6.3 s inline vs 8.9 s in
+#: a process on 1 GiB under load, and ~0.6 s more CPU per GiB for the pipes (benchmarks/
+#: README.md, "Restore"): inline by default; the process stage stays for callers that
+#: have a core to spare, and is how the age decryption stage runs.
+DECOMPRESS_IN_PROCESS = False
+_CHILD_CODE = (
+    "import sys; from cloudbackup.stream.compress import decompress_child; "
+    "sys.exit(decompress_child(sys.argv[1]))"
+)
 
 
 # ---------------------------------------------------------------- results
@@ -80,6 +106,9 @@ class RestoreResult:
     detail: str = ""
     dry_run: bool = False
     warnings: list[str] = field(default_factory=list)
+    #: Busy seconds per stage of the pipeline (read, hash, decompress, extract, count,
+    #: install): they overlap, so they may add up to more than ``seconds``.
+    stages: dict[str, float] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -105,6 +134,7 @@ class RestoreResult:
             "detail": self.detail,
             "dry_run": self.dry_run,
             "warnings": self.warnings,
+            "stages": self.stages,
         }
 
     def summary(self) -> str:
@@ -119,38 +149,171 @@ class RestoreResult:
         return f"restore of {what} FAILED: {self.detail}"
 
 
-# ---------------------------------------------------------------- targets and workspace
+# ---------------------------------------------------------------- the pipeline of one archive
 
 
-# ---------------------------------------------------------------- extraction
+def decompress_stage(
+    manifest: Manifest, env: Mapping[str, str], *, in_process: bool | None = None
+) -> Stage | None:
+    """How ``manifest``'s archive is decompressed: on the consumer's thread, or (with
+    ``in_process``, default DECOMPRESS_IN_PROCESS) in a child process fed by pipes; None
+    for an uncompressed archive."""
+    compression = manifest.compression
+    if compression == "none":
+        return None
+    if not (DECOMPRESS_IN_PROCESS if in_process is None else in_process):
+        return InlineStage("decompress", lambda stream: open_decompressed(stream, compression))
+
+    def failed(code: int, message: str) -> BaseException:
+        if code == 3:
+            return IntegrityError(
+                f"cannot decompress {manifest.archive}: {message or 'corrupt data'}",
+                _INTEGRITY_HINT,
+            )
+        return CloudBackupError(
+            f"the decompression of {manifest.archive} failed (exit {code}): {message}"
+        )
+
+    return ProcessStage(
+        "decompress", python_child(_CHILD_CODE, compression), env=env, errors=failed
+    )
 
 
-def _open_archive(path: Path, compression: str) -> tuple[BinaryIO, Any]:
-    raw = open_regular(path)
-    return raw, open_decompressed(raw, compression)
+def archive_pipeline(
+    ctx: Context, copy: Copy, clock: Stages, stages: Sequence[Stage] | None = None
+) -> Pipeline:
+    """The pipeline of ``copy``'s archive: read once (from the local dir or the store) and
+    hashed, then ``stages`` (default: decompression), then the tar stream."""
+    manifest = copy.manifest
+    key = copy.ref.archive_key
+    assert key is not None
+    if copy.where == "local":
+        describe = f"the local copy of {manifest.archive}"
+
+        def opener() -> Any:
+            return ctx.local.open(key)
+
+    else:
+        remote = ctx.remote
+        assert remote is not None
+        describe = remote.describe(key)
+
+        def opener() -> Any:
+            return remote.open(key, size=manifest.size)
+
+    fetch = Fetch(
+        opener, size=manifest.size, sha256=manifest.sha256, describe=describe, stages=clock
+    )
+    if stages is None:
+        stage = decompress_stage(manifest, ctx.settings.child_env)
+        stages = [stage] if stage is not None else []
+    return Pipeline(fetch, stages, clock)
 
 
-def _extract_file(
-    path: Path,
-    compression: str,
-    into: Path | int,
+def stream_archive(
+    ctx: Context,
+    copy: Copy,
+    into: int | None,
+    clock: Stages,
     *,
     includes: Sequence[str] = (),
-    dry_run: bool = False,
-    progress: Callable[[int], None] | None = None,
     select: Callable[[str], bool] | None = None,
+    stages: Sequence[Stage] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> ExtractResult:
-    # Decompression stays on this thread: python-zstandard holds the GIL while it works, so
-    # a read-ahead thread measured slower, not faster (see benchmarks/RESULTS.md, Restore).
-    raw, stream = _open_archive(path, compression)
-    try:
-        return extract(
-            stream, into, include=includes, dry_run=dry_run, progress=progress, select=select
-        )
-    except DECOMPRESS_ERRORS as exc:
-        raise IntegrityError(f"cannot decompress {path.name}: {exc}", _INTEGRITY_HINT) from None
-    finally:
-        raw.close()
+    """Read ``copy``'s archive once, extracting it into the directory ``into`` as it comes
+    (None: a dry run that writes nothing); returns only once every byte was read and the
+    size and SHA-256 matched its manifest (IntegrityError otherwise).
+
+    ``select`` filters members by path (see ``extract``); ``stages`` replaces the default
+    stages between the fetch and the tar stream (``archive_pipeline``). Called once per
+    archive into the same directory, it restores a chain of archives."""
+    manifest = copy.manifest
+    with archive_pipeline(ctx, copy, clock, stages) as pipe:
+        started = time.perf_counter()
+        try:
+            try:
+                extracted = extract(
+                    pipe.stream,
+                    into if into is not None else -1,
+                    include=includes,
+                    select=select,
+                    dry_run=into is None,
+                    progress=progress,
+                )
+            finally:
+                clock.add("extract", time.perf_counter() - started - pipe.waited)
+            pipe.finish()
+        except BaseException as exc:
+            error = pipe.explain(exc, damaged=isinstance(exc, (IntegrityError, *DECOMPRESS_ERRORS)))
+            if isinstance(error, DECOMPRESS_ERRORS):
+                raise IntegrityError(
+                    f"cannot decompress {manifest.archive}: {error}", _INTEGRITY_HINT
+                ) from None
+            if error is exc:
+                raise
+            raise error from None
+    return extracted
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclass
+class RestorePlan:
+    """What a restore will do, decided before any byte of the archive is read: which
+    backup, which copy, which target (checked), and what it holds."""
+
+    candidate: Candidate
+    copy: Copy
+    target: Target
+    includes: tuple[str, ...]
+    force: bool
+    from_: str | None
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.copy.manifest
+
+    def result(self, *, dry_run: bool) -> RestoreResult:
+        manifest = self.manifest
+        cand = self.candidate
+        result = RestoreResult(cand.id, cand.host, cand.backup_id.source, dry_run=dry_run)
+        result.kind = manifest.kind
+        result.where_from = self.copy.where
+        result.target = self.target.show()
+        result.expected_files = manifest.file_count
+        result.expected_bytes = manifest.uncompressed_bytes
+        if manifest.warnings:
+            result.warnings.append(
+                f"the backup recorded {len(manifest.warnings)} warning(s) when it was made"
+            )
+        return result
+
+
+def plan_restore(
+    ctx: Context,
+    what: str,
+    *,
+    host: str,
+    at: datetime | None = None,
+    to: str | None = None,
+    from_: str | None = None,
+    includes: Sequence[str] = (),
+    force: bool = False,
+    stdout: IO[bytes] | None = None,
+) -> RestorePlan:
+    """The plan of restoring ``what``: UsageError (2) when the backup cannot be found or the
+    target is not acceptable, IntegrityError (3) when no usable copy exists; nothing of the
+    archive is read."""
+    if from_ not in (None, "local", "remote"):
+        raise UsageError(f"--from {from_!r}: use remote or local")
+    cand = find_backup(ctx, what, host=host, at=at, from_=from_)
+    # A cheap plan first: a bad target fails before anything is downloaded or hashed.
+    peeked = peek_manifest(ctx, cand, from_)
+    target = plan_target(ctx, peeked.manifest, to, force=force, includes=includes, stdout=stdout)
+    copy = choose_copy(ctx, cand, from_, peeked)
+    return RestorePlan(cand, copy, target, tuple(includes), force, from_)
 
 
 # ---------------------------------------------------------------- the use case
@@ -169,7 +332,8 @@ def restore(
     dry_run: bool = False,
     stdout: IO[bytes] | None = None,
 ) -> RestoreResult:
-    """Restore backup ``what`` (a source name or a backup id) of ``host``.
+    """Restore backup ``what`` (a source name or a backup id) of ``host``: plan it, then
+    (unless ``dry_run``, which describes the plan) execute it.
 
     Raises UsageError (2) before anything is read when the backup cannot be found or the
     target is not acceptable, IntegrityError (3) when no verified copy exists. Refused
@@ -177,47 +341,45 @@ def restore(
     ``stdout`` receives a command source's output for ``to == "-"``.
     """
     started = time.monotonic()
-    host = host or ctx.host
-    if from_ not in (None, "local", "remote"):
-        raise UsageError(f"--from {from_!r}: use remote or local")
-    cand = find_backup(ctx, what, host=host, at=at, from_=from_)
-    result = RestoreResult(cand.id, cand.host, cand.backup_id.source, dry_run=dry_run)
-    # A cheap plan first: a bad target fails before anything is downloaded or hashed.
-    peeked = peek_manifest(ctx, cand, from_)
-    target = plan_target(
-        ctx, peeked.manifest, to, force=force, includes=includes, stdout=stdout
+    plan = plan_restore(
+        ctx,
+        what,
+        host=host or ctx.host,
+        at=at,
+        to=to,
+        from_=from_,
+        includes=includes,
+        force=force,
+        stdout=stdout,
     )
-    copy = choose_copy(ctx, cand, from_, peeked)
-    manifest = copy.manifest
-    result.kind = manifest.kind
-    result.where_from = copy.where
-    result.target = target.show()
-    result.expected_files = manifest.file_count
-    result.expected_bytes = manifest.uncompressed_bytes
-    if manifest.warnings:
-        result.warnings.append(
-            f"the backup recorded {len(manifest.warnings)} warning(s) when it was made"
-        )
+    result = plan.result(dry_run=dry_run)
+    clock = Stages()
     LOG.info(
-        "restoring %s (host %s) from %s into %s", cand.id, cand.host, copy.where, result.target
+        "restoring %s (host %s) from %s into %s",
+        plan.candidate.id,
+        plan.candidate.host,
+        plan.copy.where,
+        result.target,
     )
     try:
-        if manifest.level > 0:
-            # An incremental: its chain, link by link, into one staging dir.
-            other = cand.remote if copy.where == "local" else cand.local
-            _run_chain(ctx, cand, copy, other, target, includes, force, from_, result)
+        if plan.manifest.level > 0:
+            # An incremental: its chain, link by link, into one staging directory.
+            execute_chain(ctx, plan, result, clock)
         elif dry_run:
-            _dry_run(ctx, copy, target, includes, force, result)
+            describe(ctx, plan, result, clock)
         else:
-            _run(ctx, copy, target, includes, result)
+            execute(ctx, plan, result, clock)
     except OSError as exc:
         raise _os_error(exc, result.target) from exc
     finally:
         result.seconds = time.monotonic() - started
+        result.stages = clock.as_dict()
+        if result.stages:
+            LOG.debug("restore stages (busy seconds): %s", clock.line())
     if not dry_run and not result.ok:
         LOG.error(
             "restore of %s is incomplete (exit %d): see the summary",
-            cand.id,
+            plan.candidate.id,
             result.exit_code,
             extra=REPORTED,  # the summary follows
         )
@@ -243,60 +405,59 @@ def _os_error(exc: OSError, target: str) -> CloudBackupError:
     )
 
 
-def _archive_path(ctx: Context, copy: Copy, ws: Workspace) -> Path:
-    if copy.local_path is not None:
-        return copy.local_path
-    manifest = copy.manifest
-    assert copy.ref.archive_key
-    dest = ws.download_path()
-    progress = ctx.progress(f"download {manifest.id}", manifest.size)
-    assert ctx.remote is not None
-    try:
-        fetch_archive(
-            ctx.remote,
-            copy.ref.archive_key,
-            dest,
-            size=manifest.size,
-            sha256=manifest.sha256,
-            progress=progress,
-        )
-    finally:
-        getattr(progress, "close", lambda: None)()
-    LOG.info(
-        "downloaded and verified %s (%d bytes, sha256 matches)", manifest.archive, manifest.size
-    )
-    return dest
-
-
-def _run(
+def _extract_verified(
     ctx: Context,
-    copy: Copy,
-    target: Target,
-    includes: Sequence[str],
+    plan: RestorePlan,
+    ws: Workspace,
     result: RestoreResult,
-) -> None:
-    """Open the copy (a verified local archive, or a download verified on the way) →
-    decompress → extract into the staging directory → count → install."""
-    manifest = copy.manifest
-    target.ready()
-    with Workspace(target.workdir, target.staging_name) as ws:
-        archive = _archive_path(ctx, copy, ws)
-        # Held open from here on: extracted into, checked, counted and installed through
-        # its descriptor, never by its name (see targets.Staging).
-        staging = ws.staging(private=target.private_staging)
-        progress = ctx.progress(f"restore {manifest.id}", manifest.uncompressed_bytes)
+    clock: Stages,
+) -> tuple[Staging, Copy, ExtractResult]:
+    """Stream the chosen copy into a new staging directory; a local copy that fails its
+    checksum is replaced by the remote one (the staging directory emptied first)."""
+    copy = plan.copy
+    while True:
+        staging = ws.staging(private=plan.target.private_staging)
+        progress = ctx.progress(f"restore {copy.manifest.id}", copy.manifest.uncompressed_bytes)
         try:
-            extracted = _extract_file(
-                archive, manifest.compression, staging.fd, includes=includes, progress=progress
+            extracted = stream_archive(
+                ctx, copy, staging.fd, clock, includes=plan.includes, progress=progress
             )
+        except IntegrityError as exc:
+            if not can_fall_back(ctx, plan.candidate, plan.from_, copy):
+                raise
+            LOG.warning(
+                "%s: the local copy fails its checksum (%s); restoring from remote",
+                plan.candidate.id,
+                exc.message,
+            )
+            ws.discard(staging)
+            copy = remote_copy(ctx, plan.candidate, copy.manifest.kind)
+            result.where_from = copy.where
+            continue
         finally:
             getattr(progress, "close", lambda: None)()
-        if copy.local_path is None:
-            Path(archive).unlink(missing_ok=True)  # free the space before anything else
-        members = target.members(staging, manifest, copy.ref.source)
-        result.refused = list(extracted.refused)
-        result.warnings += extracted.warnings
-        on_disk = tally_tree(staging.fd)
+        LOG.info(
+            "read and verified %s from %s (%d bytes, sha256 matches)",
+            copy.manifest.archive,
+            copy.where,
+            copy.manifest.size,
+        )
+        return staging, copy, extracted
+
+
+def execute(ctx: Context, plan: RestorePlan, result: RestoreResult, clock: Stages) -> None:
+    """Carry out ``plan``: the archive streamed into the staging directory and verified →
+    count → install."""
+    target, includes = plan.target, plan.includes
+    target.ready()
+    with Workspace(target.workdir, target.staging_name) as ws:
+        staging, copy, extracted = _extract_verified(ctx, plan, ws, result, clock)
+        manifest = copy.manifest
+        with clock.timing("count"):
+            members = target.members(staging, manifest, copy.ref.source)
+            result.refused = list(extracted.refused)
+            result.warnings += extracted.warnings
+            on_disk = tally_tree(staging.fd)
         if includes:
             expected = (
                 extracted.files + extracted.symlinks + extracted.hardlinks,
@@ -315,32 +476,31 @@ def _run(
             if result.refused:
                 result.detail += f"; {len(result.refused)} member(s) refused"
             return
-        target.install(ctx, staging, members, result)
+        with clock.timing("install"):
+            target.install(ctx, staging, members, result)
         _conclude(result, on_disk, expected=expected, includes=includes)
 
 
-# Long: the chain's links found, checked and applied in order, then counted and installed
-# exactly as one archive is (see _run).
-def _run_chain(
-    ctx: Context,
-    cand: Candidate,
-    copy: Copy,
-    other: BackupRef | None,
-    target: Target,
-    includes: Sequence[str],
-    force: bool,
-    from_: str | None,
-    result: RestoreResult,
-) -> None:
-    """Restore the chain ``copy`` (an incremental) heads: every link verified, each path
-    from the link the final index names (cloudbackup.restore.chain)."""
+# ---------------------------------------------------------------- a chain
+
+
+# Long: the chain's links found, checked and streamed in order into one staging directory,
+# then counted and installed exactly as one archive is (see execute).
+def execute_chain(ctx: Context, plan: RestorePlan, result: RestoreResult, clock: Stages) -> None:
+    """Restore the chain ``plan.copy`` (an incremental) heads: each link streamed through the
+    archive pipeline (``stream_archive``) into the same staging directory, every path taken
+    from the link its record in the final index names (cloudbackup.restore.chain). A link
+    whose local copy fails its checksum is replaced by its remote copy and the chain applied
+    again into a fresh staging directory; any other failure names the link (exit 3)."""
+    cand, copy, includes = plan.candidate, plan.copy, plan.includes
     manifest = copy.manifest
     source = copy.ref.source
-    links = [chains.Link(c) for c in chains.chain_candidates(ctx, cand, from_)]
+    links = [chains.Link(c) for c in chains.chain_candidates(ctx, cand, plan.from_)]
     for link in links[:-1]:
-        link.copy = chains.choose_link(ctx, link.cand, from_)
+        link.copy = chains.choose_link(ctx, link.cand, plan.from_)
     links[-1].copy = copy
     chains.check_links(links)
+    other: BackupRef | None = cand.remote if copy.where == "local" else cand.local
     index = chains.final_index(ctx, copy, other)
     if includes:
         files, size = chains.index_totals(index, source, PathMatcher(includes).matches)
@@ -356,34 +516,16 @@ def _run_chain(
         what = _counts(files, size) + (f" (--include {' '.join(includes)})" if includes else "")
         result.detail = (
             f"would restore {what} of {manifest.id} ({shown}) from {copy.where} into "
-            f"{result.target}{target.dry_run_note(force)} (index)"
+            f"{result.target}{plan.target.dry_run_note(plan.force)} (index)"
         )
         return
+    target = plan.target
     target.ready()
     with Workspace(target.workdir, target.staging_name) as ws:
-        staging = ws.staging(private=target.private_staging)
-        for link in links:
-            assert link.copy is not None
-            archive = _archive_path(ctx, link.copy, ws)
-            progress = ctx.progress(f"restore {link.cand.id}", link.copy.manifest.uncompressed_bytes)
-            try:
-                extracted = _extract_file(
-                    archive,
-                    link.copy.manifest.compression,
-                    staging.fd,
-                    includes=includes,
-                    progress=progress,
-                    select=chains.membership(index, link.cand.id),
-                )
-            finally:
-                getattr(progress, "close", lambda: None)()
-                if link.copy.local_path is None:
-                    Path(archive).unlink(missing_ok=True)
-            result.refused += extracted.refused
-            result.warnings += extracted.warnings
-            LOG.info("applied %s (%s)", link.cand.id, link.copy.where)
-        members = target.members(staging, manifest, source)
-        on_disk = tally_tree(staging.fd)
+        staging = _stream_links(ctx, plan, links, index, ws, result, clock)
+        with clock.timing("count"):
+            members = target.members(staging, manifest, source)
+            on_disk = tally_tree(staging.fd)
         result.files, result.bytes = on_disk.files, on_disk.bytes
         if on_disk.files == 0 and on_disk.dirs == 0:
             result.outcome = Outcome.FAILED
@@ -391,9 +533,70 @@ def _run_chain(
                 f": --include {' '.join(includes)} matched no member" if includes else ""
             )
             return
-        target.install(ctx, staging, members, result)
+        with clock.timing("install"):
+            target.install(ctx, staging, members, result)
         _conclude(result, on_disk, expected=(files, size), includes=includes)
         result.detail += f" ({shown})"
+
+
+def _stream_links(
+    ctx: Context,
+    plan: RestorePlan,
+    links: Sequence[chains.Link],
+    index: bytes,
+    ws: Workspace,
+    result: RestoreResult,
+    clock: Stages,
+) -> Staging:
+    """Every link streamed, in order, into one new staging directory; a local link that
+    fails its checksum is swapped for its remote copy and the chain applied again."""
+    while True:
+        staging = ws.staging(private=plan.target.private_staging)
+        refused: list[str] = []
+        warnings: list[str] = []
+        try:
+            for link in links:
+                assert link.copy is not None
+                manifest = link.copy.manifest
+                progress = ctx.progress(f"restore {link.cand.id}", manifest.uncompressed_bytes)
+                try:
+                    extracted = stream_archive(
+                        ctx,
+                        link.copy,
+                        staging.fd,
+                        clock,
+                        includes=plan.includes,
+                        select=chains.membership(index, link.cand.id),
+                        progress=progress,
+                    )
+                except IntegrityError as exc:
+                    if can_fall_back(ctx, link.cand, plan.from_, link.copy):
+                        LOG.warning(
+                            "%s: the local copy fails its checksum (%s); using the remote one",
+                            link.cand.id,
+                            exc.message,
+                        )
+                        link.copy = remote_copy(ctx, link.cand, manifest.kind)
+                        raise _Again from None
+                    raise IntegrityError(
+                        f"link {link.cand.id} of the chain: {exc.message}", _INTEGRITY_HINT
+                    ) from None
+                finally:
+                    getattr(progress, "close", lambda: None)()
+                refused += extracted.refused
+                warnings += extracted.warnings
+                LOG.info("applied %s from %s (sha256 matches)", link.cand.id, link.copy.where)
+        except _Again:
+            ws.discard(staging)
+            continue
+        result.refused = refused
+        result.warnings += warnings
+        result.where_from = "+".join(sorted({link.copy.where for link in links if link.copy}))
+        return staging
+
+
+class _Again(Exception):
+    """A link's copy was replaced: apply the chain again into a fresh staging directory."""
 
 
 def _counts(files: int, size: int) -> str:
@@ -430,19 +633,15 @@ def _conclude(
         )
 
 
-def _dry_run(
-    ctx: Context,
-    copy: Copy,
-    target: Target,
-    includes: Sequence[str],
-    force: bool,
-    result: RestoreResult,
-) -> None:
+def describe(ctx: Context, plan: RestorePlan, result: RestoreResult, clock: Stages) -> None:
+    """A dry run: what ``plan`` would restore (the manifest's counts; with ``--include``
+    the archive is walked, through the same pipeline, verified, and nothing written)."""
+    copy, includes = plan.copy, plan.includes
     manifest = copy.manifest
     result.ok = True
     basis = "manifest"
     if includes:
-        extracted = _dry_walk(ctx, copy, includes)
+        extracted = stream_archive(ctx, copy, None, clock, includes=includes)
         result.files = extracted.files + extracted.symlinks + extracted.hardlinks
         result.bytes = extracted.bytes
         result.refused = list(extracted.refused)
@@ -455,34 +654,9 @@ def _dry_run(
     what = _counts(result.files, result.bytes)
     if includes:
         what += f" (--include {' '.join(includes)})"
-    action = f"would restore {what} of {copy.manifest.id} from {copy.where} into {result.target}"
-    action += target.dry_run_note(force)
+    action = f"would restore {what} of {manifest.id} from {copy.where} into {result.target}"
+    action += plan.target.dry_run_note(plan.force)
     result.detail = f"{action} ({basis})"
     if result.refused:
         result.detail += f"; {len(result.refused)} member(s) would be refused"
         result.outcome = Outcome.FAILED
-
-
-def _dry_walk(ctx: Context, copy: Copy, includes: Sequence[str]) -> ExtractResult:
-    manifest = copy.manifest
-    if copy.local_path is not None:
-        return _extract_file(
-            copy.local_path, manifest.compression, Path("."), includes=includes, dry_run=True
-        )
-    # Remote: stream the object (no temp file), hash it on the way, check it at the end.
-    assert copy.ref.archive_key and ctx.remote is not None
-    with ctx.remote.open(copy.ref.archive_key, size=manifest.size) as body:
-        hashing = HashingReader(body)
-        stream = open_decompressed(hashing, manifest.compression)
-        try:
-            walked = extract(stream, Path("."), include=includes, dry_run=True)
-        except DECOMPRESS_ERRORS as exc:
-            raise IntegrityError(f"cannot decompress {manifest.archive}: {exc}") from None
-        hashing.drain()
-    if hashing.count != manifest.size or hashing.sha.hexdigest() != manifest.sha256:
-        raise IntegrityError(
-            f"the remote {manifest.archive} fails its checksum (sha256 {hashing.sha.hexdigest()}, "
-            f"{hashing.count} bytes)",
-            _INTEGRITY_HINT,
-        )
-    return walked

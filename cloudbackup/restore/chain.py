@@ -2,8 +2,9 @@
 
 SPEC "Incremental archives": the links (the full the chain starts from, then each
 incremental up to the one asked for) are found by LIST alone; each is taken from local when
-its archive re-hashes to its manifest, else from the bucket (verified on the way), and
-extracted into the same staging directory. Every path is taken from the link its record in
+its archive is there, else from the bucket, and streamed through the archive pipeline
+(``restore.apply.stream_archive``: read once, hashed while it is applied) into the same
+staging directory. Every path is taken from the link its record in
 the final index names (``in``): nothing is overwritten and nothing deleted afterwards, so a
 path deleted along the chain is simply never extracted. A link that is missing, or whose
 manifest does not name the link before it as its parent, or whose bytes fail their checksum,
@@ -91,8 +92,8 @@ def check_links(links: Sequence[Link]) -> None:
 
 
 def choose_link(ctx: Context, cand: Candidate, from_: str | None) -> Copy:
-    """The verified copy of one link (local when it re-hashes, else remote); an error
-    names the link."""
+    """The copy of one link (local when it is there, else remote; verified as it is
+    streamed); an error names the link."""
     try:
         return choose_copy(ctx, cand, from_, peek_manifest(ctx, cand, from_))
     except CloudBackupError as exc:

@@ -14,7 +14,6 @@ from pathlib import Path
 from cloudbackup.context import Context
 from cloudbackup.core.errors import ConfigError, IntegrityError, StorageError, UsageError
 from cloudbackup.core.model import BackupId, BackupRef, Listing, Manifest, valid_name
-from cloudbackup.stream.hashing import sha256_file
 
 _INTEGRITY_HINT = "restore another copy (--from local/remote) or an older backup (--at)"
 LOG = logging.getLogger("cloudbackup")
@@ -84,7 +83,9 @@ def _listings(ctx: Context, from_: str | None) -> tuple[Listing, Listing]:
             try:
                 remote = ctx.remote_catalog.listing(all_hosts=True)
             except StorageError:
-                remote = ctx.remote_catalog.listing()  # a host-scoped role may list only its own prefix
+                remote = (
+                    ctx.remote_catalog.listing()
+                )  # a host-scoped role may list only its own prefix
         except StorageError as exc:
             if from_ == "remote":
                 raise
@@ -161,30 +162,12 @@ def _where_words(ctx: Context, from_: str | None) -> str:
     return " or ".join(places) or "nowhere to look"
 
 
-def _local_copy_ok(ctx: Context, ref: BackupRef, manifest: Manifest) -> str | None:
-    """None when the local archive re-hashes to its manifest, else what is wrong."""
-    assert ref.archive_key
-    path = ctx.local.path(ref.archive_key)
-    progress = ctx.progress(f"verify {ref.id}", manifest.size)
-    try:
-        digest, size = sha256_file(path, progress)
-    except OSError as exc:
-        return f"cannot read {path}: {exc.strerror}"
-    finally:
-        getattr(progress, "close", lambda: None)()
-    if size != manifest.size:
-        return f"{path} has {size} bytes, the manifest says {manifest.size}"
-    if digest != manifest.sha256:
-        return f"{path} has sha256 {digest}, the manifest says {manifest.sha256}"
-    return None
-
-
 @dataclass
 class Copy:
     where: str  # "local" | "remote"
     manifest: Manifest
     ref: BackupRef
-    local_path: Path | None = None  # verified local archive
+    local_path: Path | None = None  # a local archive (checked while it is read)
 
 
 def peek_manifest(ctx: Context, cand: Candidate, from_: str | None) -> Copy:
@@ -212,10 +195,11 @@ def peek_manifest(ctx: Context, cand: Candidate, from_: str | None) -> Copy:
 
 
 def choose_copy(ctx: Context, cand: Candidate, from_: str | None, peeked: Copy) -> Copy:
-    """The copy to restore from: the local one when its archive re-hashes to its manifest
-    (unless --from remote), else the remote one. ``peeked`` is what ``peek_manifest`` read."""
+    """The copy to read: the local one when its archive is there with the size its manifest
+    names (its checksum is checked while it is restored: see ``remote_fallback``), unless
+    ``--from remote``; else the remote one. ``peeked`` is what ``peek_manifest`` read."""
     if peeked.where == "local":
-        problem = _local_copy_ok(ctx, peeked.ref, peeked.manifest)
+        problem = _local_copy_problem(ctx, peeked.ref, peeked.manifest)
         if problem is None:
             assert peeked.ref.archive_key
             return Copy(
@@ -223,20 +207,12 @@ def choose_copy(ctx: Context, cand: Candidate, from_: str | None, peeked: Copy) 
             )
         if from_ == "local" or cand.remote is None or ctx.remote is None:
             raise IntegrityError(
-                f"{cand.id}: local archive fails its checksum: {problem}", _INTEGRITY_HINT
+                f"{cand.id}: the local copy is not usable: {problem}", _INTEGRITY_HINT
             )
         LOG.warning(
-            "%s: the local copy fails its checksum (%s); restoring from remote", cand.id, problem
+            "%s: the local copy is not usable (%s); restoring from remote", cand.id, problem
         )
-        manifest = ctx.remote_catalog.manifest(cand.remote)
-        if manifest.kind != peeked.manifest.kind:
-            # The target was planned for the local manifest's kind.
-            raise IntegrityError(
-                f"{cand.id}: the remote manifest says a {manifest.kind} backup, the local one "
-                f"a {peeked.manifest.kind} backup",
-                _INTEGRITY_HINT,
-            )
-        peeked = Copy("remote", manifest, cand.remote)
+        peeked = remote_copy(ctx, cand, peeked.manifest.kind)
     manifest = peeked.manifest
     if peeked.ref.archive_size is not None and peeked.ref.archive_size != manifest.size:
         raise IntegrityError(
@@ -245,3 +221,44 @@ def choose_copy(ctx: Context, cand: Candidate, from_: str | None, peeked: Copy) 
             _INTEGRITY_HINT,
         )
     return peeked
+
+
+def _local_copy_problem(ctx: Context, ref: BackupRef, manifest: Manifest) -> str | None:
+    """None when the local archive is a regular file of the manifest's size (what can be
+    known without reading it), else what is wrong."""
+    assert ref.archive_key
+    path = ctx.local.path(ref.archive_key)
+    try:
+        head = ctx.local.head(ref.archive_key)
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    if head is None:
+        return f"{path} is missing (or not a regular file)"
+    if head.size != manifest.size:
+        return f"{path} has {head.size} bytes, the manifest says {manifest.size}"
+    return None
+
+
+def can_fall_back(ctx: Context, cand: Candidate, from_: str | None, copy: Copy) -> bool:
+    """Whether a local copy that fails its checksum while restored may be replaced by the
+    remote one (not with ``--from local``)."""
+    return (
+        copy.where == "local"
+        and from_ != "local"
+        and cand.remote is not None
+        and ctx.remote is not None
+    )
+
+
+def remote_copy(ctx: Context, cand: Candidate, kind: str) -> Copy:
+    """The remote copy of ``cand`` (its manifest read and parsed), which must be a backup of
+    ``kind`` (the target was planned for it)."""
+    assert cand.remote is not None
+    manifest = ctx.remote_catalog.manifest(cand.remote)
+    if manifest.kind != kind:
+        raise IntegrityError(
+            f"{cand.id}: the remote manifest says a {manifest.kind} backup, the local one "
+            f"a {kind} backup",
+            _INTEGRITY_HINT,
+        )
+    return Copy("remote", manifest, cand.remote)

@@ -166,8 +166,10 @@ class DirectoryTarget(Target):
             return
         staging.check_named()
         existing = lstat_at(parent, name)
-        if existing is not None and stat.S_ISDIR(existing.st_mode) and not _nonempty_at(
-            parent, name
+        if (
+            existing is not None
+            and stat.S_ISDIR(existing.st_mode)
+            and not _nonempty_at(parent, name)
         ):
             with contextlib.suppress(OSError):
                 os.rmdir(name, dir_fd=parent)  # an empty directory is simply replaced
@@ -216,7 +218,9 @@ class FileTarget(_SingleFile):
         """The path ``--to`` names (``stdout``: the kind may also go to ``--to -``)."""
         if not to or to.startswith(_URL_PREFIXES):
             extra = " or --to - (stdout)" if stdout else ""
-            raise UsageError(f"{manifest.source} is a {manifest.kind} backup: give --to FILE{extra}")
+            raise UsageError(
+                f"{manifest.source} is a {manifest.kind} backup: give --to FILE{extra}"
+            )
         if to == "-":
             raise UsageError("--to - (stdout) is for command sources only; give --to FILE")
         path = resolved(Path(os.path.abspath(to)))
@@ -364,8 +368,7 @@ def plan_target(
     shape = kind_of(manifest.kind).restore_as
     if includes and shape is not RestoreAs.TREE:
         raise UsageError(
-            f"--include applies to directory and glob sources; {manifest.source} is "
-            f"{manifest.kind}"
+            f"--include applies to directory and glob sources; {manifest.source} is {manifest.kind}"
         )
     return _PLANS[shape](ctx, manifest, to, force, stdout)
 
@@ -568,8 +571,9 @@ class Staging:
 
 
 class Workspace:
-    """Hidden temp files and staging directories beside the target; removed on exit (and
-    those a killed restore into the same place left, once its process is gone).
+    """Hidden staging directories beside the target; removed on exit (and those a killed
+    restore into the same place left, once its process is gone: staging directories, and
+    the downloads older versions made).
 
     The workdir is opened once, component by component without following a symlink, and
     everything in it is made, checked and removed relative to that descriptor.
@@ -580,7 +584,6 @@ class Workspace:
         self.name = name
         self.token = f"{os.getpid()}-{os.urandom(4).hex()}"
         self.fd = -1
-        self._downloads: list[str] = []
         self._stagings: list[Staging] = []
 
     def __enter__(self) -> Workspace:
@@ -599,12 +602,6 @@ class Workspace:
                 continue
             LOG.info("removing %s left by an interrupted restore", self.workdir / name)
             remove_tree(name, dir_fd=self.fd)
-
-    def download_path(self) -> Path:
-        """A new name for a download, through the workdir held open (see Staging.path)."""
-        name = f".{self.name}.cloudbackup-download-{self.token}.partial"
-        self._downloads.append(name)
-        return Path(f"/proc/{os.getpid()}/fd/{self.fd}") / name
 
     def staging(self, *, private: bool = True) -> Staging:
         """Make the staging directory and open it; it must be the one made: a symlink
@@ -642,22 +639,23 @@ class Workspace:
         parent = os.fstat(self.fd)
         return st.st_uid == parent.st_uid and not parent.st_mode & 0o022
 
+    def discard(self, staging: Staging) -> None:
+        """Remove ``staging`` now (a copy that failed its check: another one is tried)."""
+        self._stagings.remove(staging)
+        self._remove(staging)
+
+    def _remove(self, staging: Staging) -> None:
+        try:
+            if not staging.installed:
+                empty_tree(staging.fd, str(staging.shown))
+                if staging.still_named():
+                    os.rmdir(staging.name, dir_fd=self.fd)
+        except OSError as error:
+            LOG.warning("cannot remove %s: %s", staging.shown, error.strerror)
+        finally:
+            os.close(staging.fd)
+
     def __exit__(self, *exc: object) -> None:
         for staging in reversed(self._stagings):
-            try:
-                if not staging.installed:
-                    empty_tree(staging.fd, str(staging.shown))
-                    if staging.still_named():
-                        os.rmdir(staging.name, dir_fd=self.fd)
-            except OSError as error:
-                LOG.warning("cannot remove %s: %s", staging.shown, error.strerror)
-            finally:
-                os.close(staging.fd)
-        for name in self._downloads:
-            try:
-                os.unlink(name, dir_fd=self.fd)
-            except FileNotFoundError:
-                pass
-            except OSError as error:
-                LOG.warning("cannot remove %s: %s", self.workdir / name, error.strerror)
+            self._remove(staging)
         os.close(self.fd)

@@ -4,6 +4,7 @@ never following a symlink (see cloudbackup.fs.walk), and a base class."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from cloudbackup.core.errors import SourceError
 from cloudbackup.fs.walk import DirCursor, DirHandle, DirTable, FileEntry
 from cloudbackup.sources.base import RestoreAs, Source, SourceContext
+
+LOG = logging.getLogger("cloudbackup")
 
 _S_IFMT = 0o170000
 _S_IFREG = stat.S_IFREG
@@ -91,6 +94,7 @@ def walk_tree(
     warn = ctx.warn
     exclude = ctx.exclude if ctx.exclude else None
     skip = ctx.skip_inodes
+    explain = LOG.isEnabledFor(logging.DEBUG)  # -v: what the walk leaves out, and why
     visited: set[tuple[int, int]] = {(top.dev, top.ino)}
     pending: list[FileEntry] = []  # glob mode: directories of the current path not yet emitted
     cursor = DirCursor()
@@ -116,6 +120,11 @@ def walk_tree(
                 index += 1
                 arcname = f"{rel}/{name}" if rel else name
                 if exclude is not None and exclude.matches_child(arcname, name):
+                    if explain:
+                        LOG.debug(
+                            "%s: excluded (CLOUDBACKUP_EXCLUDE, --exclude)",
+                            handle.child_path(name),
+                        )
                     continue
                 if fd < 0:
                     try:
@@ -144,6 +153,11 @@ def walk_tree(
                     warn("unreadable", f"{handle.child_path(name)}: cannot stat ({exc.strerror})")
                     continue
                 if skip and (st.st_dev, st.st_ino) in skip:
+                    if explain:
+                        LOG.debug(
+                            "%s: skipped (the local dir, the log or the .env file)",
+                            handle.child_path(name),
+                        )
                     continue
                 mode = st.st_mode
                 kind = mode & _S_IFMT

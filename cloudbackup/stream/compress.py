@@ -109,3 +109,44 @@ DECOMPRESS_ERRORS: tuple[type[BaseException], ...] = (
     gzip.BadGzipFile,
     EOFError,
 )
+
+
+# ---------------------------------------------------------------- the decompression child
+
+#: Bytes a decompression child reads from its input and writes to its output at a time.
+CHILD_CHUNK = 1024 * 1024
+
+
+def decompress_child(compression: str, source: int = 0, sink: int = 1) -> int:
+    """The body of a decompression child process (``python -c``): the compressed stream on
+    descriptor ``source``, the decompressed one to ``sink``. python-zstandard holds the GIL
+    while it decompresses, so a restore runs it beside the tar parser in a process of its
+    own, fed by pipes. Returns the exit status: 0, or 3 with one line on stderr for a
+    corrupt or truncated stream (2 for an unknown codec, 1 for a closed pipe)."""
+    import os
+    import sys
+
+    raw = open(source, "rb", buffering=0, closefd=False)  # noqa: SIM115 - closed below
+    try:
+        stream = open_decompressed(raw, compression)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    buffer = bytearray(CHILD_CHUNK)
+    view = memoryview(buffer)
+    try:
+        while True:
+            n = stream.readinto(view)
+            if not n:
+                break
+            out = view[:n]
+            while out:
+                out = out[os.write(sink, out) :]
+    except DECOMPRESS_ERRORS as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 3
+    except BrokenPipeError:
+        return 1
+    finally:
+        raw.close()
+    return 0

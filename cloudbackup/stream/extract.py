@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, BinaryIO, Protocol
+from typing import IO, BinaryIO, NamedTuple, Protocol
 
 from cloudbackup.core.errors import IntegrityError
 from cloudbackup.core.patterns import PathMatcher
@@ -58,8 +58,7 @@ class ExtractResult:
     warnings: list[str] = field(default_factory=list)  # e.g. an owner that could not be set
 
 
-@dataclass(frozen=True)
-class _Attrs:
+class _Attrs(NamedTuple):
     mode: int
     mtime_ns: int
     uid: int
@@ -131,6 +130,12 @@ class _RealTree:
         self._last: Parts | None = None  # the directory _dir() returned last
         self._same_owner = same_owner
         self._mode_mask = 0o7777 if same_owner else 0o1777
+        # Who owns what is created here (the group of a setgid directory, else ours), and
+        # the umask: a file created with its mode already right needs no fchown or fchmod.
+        root_st = os.fstat(self._root_fd)
+        gid = root_st.st_gid if root_st.st_mode & stat.S_ISGID else os.getegid()
+        self._created_owner = (os.geteuid(), gid)
+        self._umask = _current_umask()
         self._progress = progress
         self._warnings = warnings
         # The namespaces the writer archives as this user (security.*, trusted.*: root).
@@ -241,15 +246,27 @@ class _RealTree:
             raise _Refused(f"{what} collides with {_show(parts)}, which is {kind}")
         os.unlink(parts[-1], dir_fd=parent)
 
-    def _apply(self, fd: int, attrs: _Attrs, *, parts: Parts) -> None:
+    def _apply(self, fd: int, attrs: _Attrs, *, parts: Parts, created: int | None = None) -> None:
+        """Owner, mode, xattrs and mtime of ``fd``; ``created``: the mode it was created
+        with (a chmod that would change nothing is not done)."""
+        mode = attrs.mode & self._mode_mask
         # chown first: it clears setuid/setgid bits that chmod then sets.
-        if self._same_owner:
+        if self._same_owner and (attrs.uid, attrs.gid) != self._created_owner:
             try:
                 os.fchown(fd, attrs.uid, attrs.gid)
             except OSError as exc:
                 self._warnings.append(f"cannot set owner of {_show(parts)}: {exc.strerror}")
-        os.fchmod(fd, attrs.mode & self._mode_mask)
+        if created is None or mode != created & ~self._umask:
+            os.fchmod(fd, mode)
         # After chown, which clears security.capability; before utime (it changes ctime only).
+        if attrs.xattrs:
+            self._set_xattrs(fd, attrs, parts)
+        try:
+            os.utime(fd, ns=(attrs.mtime_ns, attrs.mtime_ns))
+        except (OSError, OverflowError, ValueError) as exc:
+            self._warnings.append(f"cannot set mtime of {_show(parts)}: {exc}")
+
+    def _set_xattrs(self, fd: int, attrs: _Attrs, parts: Parts) -> None:
         for name, value in attrs.xattrs:
             if not name.startswith(self._xattr_prefixes):
                 continue
@@ -259,19 +276,18 @@ class _RealTree:
                 reason = getattr(exc, "strerror", None) or str(exc)
                 count, example = self._xattr_failures.get(reason, (0, f"{name} of {_show(parts)}"))
                 self._xattr_failures[reason] = (count + 1, example)
-        try:
-            os.utime(fd, ns=(attrs.mtime_ns, attrs.mtime_ns))
-        except (OSError, OverflowError, ValueError) as exc:
-            self._warnings.append(f"cannot set mtime of {_show(parts)}: {exc}")
 
     def write_file(self, parts: Parts, data: IO[bytes] | None, size: int, attrs: _Attrs) -> int:
         parent = self._dir(parts[:-1])
         name = parts[-1]
+        # Created with its permission bits (less the umask): no fchmod afterwards. A file
+        # with setuid/setgid/sticky bits is made 0600 and chmod'ed after its chown.
+        perms = attrs.mode & 0o777 if not attrs.mode & 0o7000 else 0o600
         try:
-            fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=parent)
+            fd = os.open(name, _FILE_FLAGS, perms, dir_fd=parent)
         except FileExistsError:
             self._remove_regular(parent, parts, "file")
-            fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=parent)
+            fd = os.open(name, _FILE_FLAGS, perms, dir_fd=parent)
         except OSError as exc:
             if exc.errno in _MEMBER_ERRNOS:
                 raise _Refused(f"cannot create {_show(parts)}: {exc.strerror}") from None
@@ -281,17 +297,19 @@ class _RealTree:
             remaining = size if data is not None else 0
             while remaining > 0:  # exactly ``size``: no extra read to find the end
                 assert data is not None
-                chunk = data.read(min(remaining, CHUNK_SIZE))
+                chunk = data.read(min(remaining, CHUNK_SIZE))  # a small file: one read
                 if not chunk:
                     break
                 remaining -= len(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
+                n = os.write(fd, chunk)  # one write, unless the kernel takes less
+                if n < len(chunk):
+                    view = memoryview(chunk)[n:]
+                    while view:
+                        view = view[os.write(fd, view) :]
                 written += len(chunk)
                 if self._progress is not None:
                     self._progress(len(chunk))
-            self._apply(fd, attrs, parts=parts)
+            self._apply(fd, attrs, parts=parts, created=perms)
         finally:
             os.close(fd)
         return written
@@ -404,6 +422,12 @@ class _DryTree:
         pass
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def _ns(mtime: float) -> int:
     if isinstance(mtime, int):
         return mtime * 1_000_000_000
@@ -437,12 +461,14 @@ class _Extraction:
         self,
         tree: _Tree,
         *,
-        matcher: PathMatcher | _Selected,
+        matcher: PathMatcher,
+        select: Callable[[str], bool] | None = None,
         dry_run: bool,
         result: ExtractResult,
     ) -> None:
         self.tree = tree
         self.matcher = matcher
+        self.select = select
         self.dry_run = dry_run
         self.result = result
         self.regular: set[Parts] = set()  # regular files extracted so far: hard link targets
@@ -451,6 +477,11 @@ class _Extraction:
         self.root_attrs: _Attrs | None = None
         self.tar: TarReader | None = None  # the archive being read
 
+    def _wanted(self, path: str) -> bool:
+        if self.matcher and not self.matcher.matches(path):
+            return False
+        return self.select is None or self.select(path)
+
     def refuse(self, name: str, reason: str) -> None:
         self.result.refused.append(f"refused {name!r}: {reason}")
 
@@ -458,12 +489,12 @@ class _Extraction:
         """A member whose numbers no file can have (the reader's judgement): refused, unless
         ``include`` leaves it out anyway."""
         name = member.name
-        if self.matcher:
+        if self.matcher or self.select is not None:
             try:
                 parts = _split_name(name)
             except _Refused:
                 parts = ()
-            if parts and not self.matcher.matches("/".join(parts)):
+            if parts and not self._wanted("/".join(parts)):
                 self.result.skipped_not_included += 1
                 return
         self.refuse(name, f"it {reason}")
@@ -487,6 +518,17 @@ class _Extraction:
         except _Refused as exc:
             self.refuse(name, str(exc))
             return
+        if member.type == tarfile.REGTYPE and parts:  # most members: the short way
+            if (self.matcher or self.select is not None) and not self._wanted("/".join(parts)):
+                self.result.skipped_not_included += 1
+                return
+            if self.symlinks:
+                self.symlinks.pop(parts, None)
+            try:
+                self.regular_file(parts, member)
+            except _Refused as exc:
+                self.refuse(name, str(exc))
+            return
         if not parts:
             if member.isdir():
                 self.root_attrs = _Attrs.of(member)
@@ -504,7 +546,7 @@ class _Extraction:
         if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
             self.refuse(name, f"unsupported member type {member.type!r}")
             return
-        if self.matcher and not self.matcher.matches("/".join(parts)):
+        if (self.matcher or self.select is not None) and not self._wanted("/".join(parts)):
             self.result.skipped_not_included += 1
             return
         if member.issym():
@@ -518,15 +560,16 @@ class _Extraction:
             elif member.islnk():
                 self.hard_link(parts, member)
             else:
-                self.regular.discard(parts)
-                data = None if self.dry_run or self.tar is None else self.tar.data(member)
-                self.result.bytes += self.tree.write_file(
-                    parts, data, member.size, _Attrs.of(member)
-                )
-                self.regular.add(parts)
-                self.result.files += 1
+                self.regular_file(parts, member)
         except _Refused as exc:
             self.refuse(name, str(exc))
+
+    def regular_file(self, parts: Parts, member: tarfile.TarInfo) -> None:
+        self.regular.discard(parts)
+        data = None if self.dry_run or self.tar is None else self.tar.data(member)
+        self.result.bytes += self.tree.write_file(parts, data, member.size, _Attrs.of(member))
+        self.regular.add(parts)
+        self.result.files += 1
 
     def hard_link(self, parts: Parts, member: tarfile.TarInfo) -> None:
         try:
@@ -571,40 +614,27 @@ class _Extraction:
             self.tree.finish_dir((), self.root_attrs)
 
 
-class _Selected:
-    """``--include`` (when given) and a selection of member names, both to match."""
-
-    def __init__(self, matcher: PathMatcher, select: Callable[[str], bool]) -> None:
-        self.matcher = matcher
-        self.select = select
-
-    def __bool__(self) -> bool:
-        return True
-
-    def matches(self, relpath: str) -> bool:
-        return (not self.matcher or self.matcher.matches(relpath)) and self.select(relpath)
-
-
 def extract(
     stream: BinaryIO,
     target: Path | int,
     *,
     include: Sequence[str] = (),
+    select: Callable[[str], bool] | None = None,
     same_owner: bool | None = None,
     dry_run: bool = False,
     progress: Callable[[int], None] | None = None,
-    select: Callable[[str], bool] | None = None,
 ) -> ExtractResult:
     """Extract the uncompressed tar ``stream`` into the existing empty directory ``target``:
     an open directory's descriptor (a restore's staging directory, never reopened by name),
     or a path (not followed if it is a symlink).
 
     ``include`` selects members with ``PathMatcher`` (a matched directory brings its subtree, a
-    matched file its parent directories). ``same_owner`` (default: running as root) restores
+    matched file its parent directories). ``select`` is a per-member filter on top of it:
+    called with each member's normalised path, False leaves the member out (a chain restore
+    takes each path only from the archive its index names). ``same_owner`` (default: running as root) restores
     numeric owners and setuid/setgid bits. ``dry_run`` reads the stream and counts what would
     be written without writing anything. ``progress`` receives each count of file bytes
-    written. ``select`` (a chain restore: the link each path is taken from) narrows the
-    members further; it is asked about member names in archive order. Refused members are listed in the result; the rest is extracted. A truncated or
+    written. Refused members are listed in the result; the rest is extracted. A truncated or
     corrupt tar stream raises IntegrityError; errors of ``stream`` itself propagate.
     """
     if same_owner is None:
@@ -616,10 +646,9 @@ def extract(
     else:
         tree = _RealTree(target, same_owner=same_owner, progress=progress, warnings=result.warnings)
     try:
-        matcher: Any = PathMatcher(include)
-        if select is not None:
-            matcher = _Selected(matcher, select)
-        _Extraction(tree, matcher=matcher, dry_run=dry_run, result=result).run(stream)
+        _Extraction(
+            tree, matcher=PathMatcher(include), select=select, dry_run=dry_run, result=result
+        ).run(stream)
     finally:
         tree.close()
     return result

@@ -407,9 +407,16 @@ def _parse_ustar(raw: bytes, offset: int) -> tarfile.TarInfo:
         raise ValueError("not a POSIX ustar header")
     numbers = _OUR_NUMBERS.match(raw, 100)
     if numbers is not None and raw[265:] == _EMPTY_TAIL:
-        mode, uid, gid, size, mtime, checksum = (int(field, 8) for field in numbers.groups())
-        if checksum != 256 + sum(raw[:148]) + sum(raw[156:265]):
+        fields = numbers.groups()
+        checksum = int(fields[5], 8)
+        # The sum of the block's bytes (the checksum field counted as spaces, the zeros
+        # after byte 265 adding nothing), each half by adler32, whose low 16 bits are one
+        # plus the sum of the bytes while that stays below 65,521: at most 148 * 255 and
+        # 109 * 255 here (as the writer computes it).
+        if checksum != 254 + (adler32(raw[:148]) & 0xFFFF) + (adler32(raw[156:265]) & 0xFFFF):
             raise ValueError("bad checksum")
+        mode, uid, gid = int(fields[0], 8), int(fields[1], 8), int(fields[2], 8)
+        size, mtime = int(fields[3], 8), int(fields[4], 8)
         info = tarfile.TarInfo(_name(raw[:100]))
         info.mode, info.uid, info.gid, info.size, info.mtime = mode, uid, gid, size, mtime
         info.chksum = checksum

@@ -176,3 +176,28 @@ def test_an_uploaded_incremental_counts_as_verified_offsite(
     ]
     status = json.loads(cli("status", "--json").stdout)
     assert status["hosts"][0]["sources"][0]["offsite"] is True
+
+
+def test_a_damaged_local_link_is_taken_from_the_bucket(
+    env: Env, cli: CLI, remote: RemoteEnv, clock: Clock
+) -> None:
+    """The local copy of the chain's full fails its checksum while it is applied: the chain
+    is applied again into a fresh staging directory, that link from the bucket."""
+    www = tree(env)
+    first = backup(cli, www)
+    (www / "late.txt").write_text("late\n")
+    clock.advance(hours=1)
+    second = backup(cli, www)
+    (archive,) = env.source_dir("www").glob(f"{first['id']}.tar.zst")
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    archive.write_bytes(bytes(data))
+    target = env.tmp / "restored"
+    result = cli("restore", "www", "--to", target, "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["id"] == second["id"] and doc["where_from"] == "local+remote"
+    assert f"{first['id']}: the local copy fails its checksum" in result.stderr
+    assert sorted(p.name for p in target.rglob("*.txt")) == sorted(
+        [f"{i}.txt" for i in range(10)] + ["late.txt"]
+    )

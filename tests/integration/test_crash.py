@@ -1,5 +1,7 @@
 """A backup killed with SIGKILL mid-write leaves the previous backups intact, lists nothing new,
-and the next run cleans the stale ``.partial`` and succeeds."""
+and the next run cleans the stale ``.partial`` and succeeds; a streaming restore killed at any
+point (reading, extracting, swapping) leaves nothing under the target's name that was not there
+before, and the next restore into the same place cleans up after it."""
 
 from __future__ import annotations
 
@@ -7,7 +9,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -136,3 +140,149 @@ def test_kill_during_prune_of_chains_leaves_every_listed_backup_restorable(
     again = _cloudbackup(work, env, "prune", "--policy", "last=1")
     assert again.returncode == 0, again.stderr
     assert _listed(work, env) == before[-2:]
+
+
+# ---------------------------------------------------------------- streaming restore
+
+# Runs the CLI after arranging to SIGKILL itself at one rename of the restore: "from:NAME"
+# (the target moved aside) or "to:NAME" (the staging directory moved into place), or never
+# ("-"); decompressing in a child process (the pipeline's process stage), so that a kill
+# while reading has a child to outlive. Test instrumentation only: the package has no hook.
+_KILL_AT_RENAME = """
+import os, signal, sys
+import cloudbackup.restore.apply
+cloudbackup.restore.apply.DECOMPRESS_IN_PROCESS = True
+point = sys.argv[1]
+if point != "-":
+    side, name = point.split(":", 1)
+    real = os.rename
+    def rename(src, dst, *args, **kwargs):
+        if (src if side == "from" else dst) == name:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(src, dst, *args, **kwargs)
+    os.rename = rename
+from cloudbackup.cli.commands import main
+main(sys.argv[2:])
+"""
+
+
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    return {
+        str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def _restoring(work: Path, env: dict[str, str], *args: str, kill_at: str = "-") -> Any:
+    return subprocess.Popen(
+        [sys.executable, "-c", _KILL_AT_RENAME, kill_at, "restore", *args],
+        cwd=work,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _gone(pid: int, timeout: float = 10) -> bool:
+    """True once ``pid`` has exited (a zombie waiting for its new parent counts as gone)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture
+def big_backup(tmp_path: Path) -> tuple[Path, dict[str, str], dict[str, bytes | None]]:
+    """A backup large enough for every stage of a streaming restore to be caught at work."""
+    files: dict[str, bytes | str] = {f"big/{i:02}.bin": os.urandom(400_000) for i in range(30)}
+    files.update({f"small/{i // 100:02}/{i:04}.txt": f"file {i}\n" for i in range(3000)})
+    src = make_tree(tmp_path / "data", files)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = _env(tmp_path / "local")
+    done = _cloudbackup(work, env, "backup", str(src))
+    assert done.returncode == 0, done.stderr
+    return work, env, _snapshot(src)
+
+
+def _staging(work: Path, name: str) -> list[Path]:
+    return sorted(work.glob(f".{name}.restore-*"))
+
+
+@pytest.mark.parametrize("point", ["read", "extract"])
+def test_kill_during_a_streaming_restore_leaves_nothing_under_the_target(
+    big_backup: tuple[Path, dict[str, str], dict[str, bytes | None]], point: str
+) -> None:
+    """SIGKILL while the archive is read (the staging directory made, the decompression
+    child started) or while it is extracted: nothing under the target's name, the child
+    ends too, and the next restore into the same place (decompressing inline, the default)
+    removes the dead staging directory."""
+    work, env, expected = big_backup
+    target = work / "t"
+    proc = _restoring(work, env, "data", "--to", str(target))
+    children: list[int] = []
+
+    def ready() -> bool:
+        children.extend(c for c in _children(proc.pid) if c not in children)
+        staged = _staging(work, "t")
+        if point == "read":
+            return bool(staged) and bool(children)
+        return bool(staged) and any((staged[0] / "small").glob("*/*.txt"))
+
+    kill_when(proc, ready, timeout=30)
+    assert not target.exists(), "something was put under the target's name"
+    assert _staging(work, "t"), "the killed restore left no staging directory (killed too late)"
+    assert children and all(_gone(c) for c in children), "the decompression child runs on"
+
+    again = _cloudbackup(work, env, "restore", "data", "--to", str(target), "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["ok"] is True
+    assert _snapshot(target) == expected
+    assert [p.name for p in work.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("rename", ["from", "to"])
+def test_kill_during_the_swap_never_mixes_old_and_new(
+    big_backup: tuple[Path, dict[str, str], dict[str, bytes | None]], rename: str
+) -> None:
+    """With --force over an existing tree, SIGKILL just before the old tree is moved aside
+    (the target is still the old tree, untouched) or just before the staging directory is
+    moved in (the target's name is free, the old tree kept aside whole)."""
+    work, env, expected = big_backup
+    target = work / "t"
+    make_tree(target, {"old.txt": "old", "keep/me.txt": "kept"})
+    before = _snapshot(target)
+    proc = _restoring(work, env, "data", "--to", str(target), "--force", kill_at=f"{rename}:t")
+    proc.wait(timeout=60)
+    assert proc.returncode == -9
+    aside = sorted(work.glob("t.before-restore-*"))
+    if rename == "from":
+        assert _snapshot(target) == before and aside == []
+    else:
+        assert not target.exists()
+        (old,) = aside
+        assert _snapshot(old) == before
+
+    again = _cloudbackup(work, env, "restore", "data", "--to", str(target), "--force", "--json")
+    assert again.returncode == 0, again.stderr
+    assert _snapshot(target) == expected
+    assert [p.name for p in work.iterdir() if p.name.startswith(".")] == []

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Clock, Env, S3Env, make_tree
+from tests.conftest import Clock, Env, RemoteEnv, S3Env, make_tree
 from tests.integration import test_notify_delivery as delivery
 from tests.integration.test_notify_delivery import _SMTPHandler
 from tests.test_monitor import PingServer, closed_port_url
@@ -53,11 +53,24 @@ def www(env: Env) -> Path:
 
 
 @pytest.fixture
-def night(env: Env, s3_env: S3Env, www: Path, monkeypatch: pytest.MonkeyPatch) -> Env:
-    """A configured host: one directory source, a bucket on moto, a distinctive AWS key."""
+def host(env: Env, www: Path, monkeypatch: pytest.MonkeyPatch) -> Env:
+    """A configured host: one directory source and a distinctive AWS key (set after the
+    destination's fixture, which sets fake credentials)."""
     monkeypatch.setenv("CLOUDBACKUP_SOURCES", str(www))
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
     return env
+
+
+@pytest.fixture
+def night(s3_env: S3Env, host: Env) -> Env:
+    """A configured host with a bucket on moto."""
+    return host
+
+
+@pytest.fixture
+def any_night(remote: RemoteEnv, host: Env) -> tuple[Env, RemoteEnv]:
+    """A configured host, once with a bucket on moto and once with a directory destination."""
+    return host, remote
 
 
 def cloudbackup(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
@@ -75,8 +88,9 @@ def webhook_posts(server: PingServer) -> list[dict[str, Any]]:
 
 
 def test_quiet_good_night_prints_nothing_at_all(
-    night: Env, s3_env: S3Env, receiver: PingServer, monkeypatch: pytest.MonkeyPatch
+    any_night: tuple[Env, RemoteEnv], receiver: PingServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    _, remote = any_night
     hook_url = receiver.url.replace("/ping/0f6c2b9e", "/hook").replace("http://", "json://")
     monkeypatch.setenv("CLOUDBACKUP_NOTIFY", hook_url)  # on failure only: not tonight
     monkeypatch.setenv("CLOUDBACKUP_PING_URL", receiver.url)
@@ -86,11 +100,11 @@ def test_quiet_good_night_prints_nothing_at_all(
         assert (done.returncode, done.stdout, done.stderr) == (0, b"", b"")
     assert [p.path.split("/")[-1] for p in receiver.pings] == ["start", "0f6c2b9e"] * 2
     assert webhook_posts(receiver) == []
-    assert len([k for k in s3_env.keys() if k.endswith(".manifest.json")]) == 2
+    assert len([k for k in remote.keys() if k.endswith(".manifest.json")]) == 2
 
 
 def test_quiet_failed_night_prints_its_summary_and_errors_and_mails_them(
-    night: Env,
+    any_night: tuple[Env, RemoteEnv],
     www: Path,
     smtp_server: tuple[str, _SMTPHandler],
     monkeypatch: pytest.MonkeyPatch,
@@ -253,12 +267,14 @@ def test_run_dry_run_plans_and_tells_nobody(
 # ---------------------------------------------------------------- interrupted (4)
 
 
-def _start_slow_run(env: Env, www: Path, monkeypatch: pytest.MonkeyPatch, **popen: Any) -> Any:
+def _start_slow_run(
+    env: Env, www: Path, monkeypatch: pytest.MonkeyPatch, command: str = "run", **popen: Any
+) -> Any:
     started = env.tmp / "slow-started"
     slow = f"slow=cmd:/bin/sh -c 'touch {started}; sleep 60'"
     monkeypatch.setenv("CLOUDBACKUP_SOURCES", f"{www}\n{slow}")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cloudbackup", "run"],
+        [sys.executable, "-m", "cloudbackup", command],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         **popen,
@@ -293,17 +309,24 @@ def test_an_interrupted_run_is_recorded_pinged_and_notified(
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
-    assert f"interrupted by {name}" in out.decode() and "run interrupted" in out.decode()
+    summary = out.decode()
+    assert f"interrupted by {name}" in summary and "run interrupted" in summary
+    # The summary, the notification and the record say what finished and what did not.
+    assert re.search(r"^www\s+www-\S+\s+ok\s", summary, re.M), summary
+    assert re.search(r"^slow\s+-\s+FAILED\s.*not backed up: interrupted", summary, re.M), summary
+    assert "1 of 2 source(s) backed up; failed: slow" in summary
     assert "Traceback" not in err.decode()
     assert (night.tmp / "after").read_text().strip() == "failed"
     assert [p.path.split("/")[-1] for p in receiver.pings if "/ping/" in p.path] == ["start", "fail"]
     (posted,) = webhook_posts(receiver)
     assert posted["title"] == f"cloudbackup testhost: failed (exit {code})"
     assert posted["type"] == "failure"
+    assert "1 of 2 source(s) backed up; failed: slow" in posted["message"]
     # What finished before the signal is kept; `status` says the run was interrupted.
     assert len(night.archives("www")) == 1 and night.archives("slow") == []
     state = json.loads((night.local_dir / ".state" / "testhost.last-run.json").read_text())
     assert state["interrupted"] == name and state["exit_code"] == code
+    assert [(r["source"], r["ok"]) for r in state["results"]] == [("www", True), ("slow", False)]
     status = cloudbackup("status", "--json")
     assert status.returncode == 2  # `slow` has no backup at all: CRITICAL
     document = json.loads(status.stdout)
@@ -312,6 +335,22 @@ def test_an_interrupted_run_is_recorded_pinged_and_notified(
     assert rows["www"]["reasons"] == [f"interrupted: the last run was stopped by {name}"]
     human = cloudbackup("status").stdout.decode()
     assert f"interrupted: the last run was stopped by {name}" in human
+
+
+def test_an_interrupted_backup_says_what_finished(
+    any_night: tuple[Env, RemoteEnv], www: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env, _ = any_night
+    proc = _start_slow_run(env, www, monkeypatch, "backup")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    summary = out.decode()
+    assert re.search(r"^www\s+www-\S+\s+ok\s.*yes", summary, re.M), summary
+    assert re.search(r"^slow\s+-\s+FAILED\s.*not backed up: interrupted", summary, re.M), summary
+    assert summary.rstrip().endswith("backup interrupted by SIGTERM (exit 143)"), summary
+    assert "Traceback" not in err.decode()
+    assert len(env.archives("www")) == 1 and env.archives("slow") == []
 
 
 # ---------------------------------------------------------------- one event, once (8)
@@ -349,12 +388,15 @@ def test_each_event_is_shown_once_on_a_terminal(
 ) -> None:
     gone = night.tmp / "srv" / "gone"
     monkeypatch.setenv("CLOUDBACKUP_SOURCES", f"{www}\n{gone}")
+    (www / "big.bin").write_bytes(os.urandom(12 << 20))  # parts sent while it is archived
     code, seen = _on_a_terminal("run")
     assert code == 1
     assert seen.count(f"{gone}") == 1, seen  # the failure: in the summary only
     assert "1 of 2 source(s) backed up; failed: gone" in seen
     # The progress bar was on that terminal too, and ended with its final count.
-    assert "archive www: 2 of 2 files" in seen, repr(seen)
+    assert "archive www: 3 of 3 files" in seen, repr(seen)
+    # The upload's bar: the parts sent while the archive was written, then the rest.
+    assert re.search(r"upload www-\S+: [1-9][0-9.]* MiB", seen), repr(seen)
     # Not on a terminal, the log keeps its line and the summary comes on top (cron mail).
     piped = cloudbackup("run")
     assert piped.stderr.decode().count(f"{gone}") == 1

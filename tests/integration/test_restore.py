@@ -59,6 +59,17 @@ def bucket(s3_env: S3Env) -> str:
     return s3_env.bucket
 
 
+@pytest.fixture(params=["process", "inline"])
+def decompression(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a restore decompresses: in a child process fed by pipes, or on the
+    extracting thread (the default)."""
+    from cloudbackup.restore import apply
+
+    mode: str = request.param
+    monkeypatch.setattr(apply, "DECOMPRESS_IN_PROCESS", mode == "process")
+    return mode
+
+
 # ---------------------------------------------------------------- trees
 
 
@@ -126,7 +137,7 @@ def restore_json(result: CliResult) -> dict[str, Any]:
 
 
 def test_fresh_machine_round_trip(
-    env: Env, remote: RemoteEnv, cli: Callable[..., CliResult]
+    env: Env, remote: RemoteEnv, cli: Callable[..., CliResult], decompression: str
 ) -> None:
     src = build_source(env.tmp / "www")
     expected = snapshot(src)
@@ -144,9 +155,12 @@ def test_fresh_machine_round_trip(
     assert data["ok"] is True and data["where_from"] == "remote"
     assert data["files"] == data["expected_files"] and data["bytes"] == data["expected_bytes"]
     assert data["id"].startswith("www-") and data["host"] == HOST
+    # Every stage of the one pass reports its busy seconds.
+    assert {"read", "hash", "decompress", "extract", "count", "install"} <= set(data["stages"])
+    assert all(isinstance(v, float) and v >= 0 for v in data["stages"].values())
     assert snapshot(target) == expected
     assert (target / "hard.html").stat().st_ino == (target / "index.html").stat().st_ino
-    assert hidden_leftovers(env.work) == []  # no temp download, no staging directory
+    assert hidden_leftovers(env.work) == []  # no staging directory left
     assert not env.local_dir.exists()  # a remote restore keeps no local backup
 
     # The human summary: one line on stdout saying it matched the manifest.
@@ -170,7 +184,7 @@ def test_default_target_is_the_backup_id_and_local_copy_is_preferred(
 
 
 def test_tampered_local_copy_falls_back_to_remote(
-    env: Env, remote: RemoteEnv, cli: Callable[..., CliResult]
+    env: Env, remote: RemoteEnv, cli: Callable[..., CliResult], decompression: str
 ) -> None:
     src = make_tree(env.tmp / "www", {"a.txt": "a" * 1000})
     assert cli("backup", src).exit_code == 0
@@ -271,7 +285,7 @@ def test_host_not_found_lists_the_hosts_that_have_it(
 
 
 def test_tampered_remote_archive_is_exit_3_and_writes_nothing(
-    env: Env, remote: RemoteEnv, cli: Callable[..., CliResult]
+    env: Env, remote: RemoteEnv, cli: Callable[..., CliResult], decompression: str
 ) -> None:
     src = make_tree(env.tmp / "www", {"a.txt": os.urandom(50_000), "b.txt": "b"})
     assert cli("backup", src).exit_code == 0
@@ -286,7 +300,7 @@ def test_tampered_remote_archive_is_exit_3_and_writes_nothing(
     assert result.exit_code == 3
     result.assert_one_error("sha256")
     assert not target.exists()
-    assert hidden_leftovers(env.work) == []  # the temp download is gone
+    assert hidden_leftovers(env.work) == []  # the staging directory is gone
 
     # An existing target is left exactly as it was, even with --force.
     make_tree(target, {"old.txt": "old"})
@@ -461,7 +475,35 @@ def test_include_and_dry_run(env: Env, remote: RemoteEnv, cli: Callable[..., Cli
     assert hidden_leftovers(env.work) == []
 
 
-def test_command_source_to_stdout_and_file(env: Env, cli: Callable[..., CliResult]) -> None:
+def test_dry_run_prints_the_plan_and_verbose_logs_the_stages(
+    env: Env, remote: RemoteEnv, cli: Callable[..., CliResult]
+) -> None:
+    """--dry-run is the plan (which backup, which copy, the target, what it holds), with no
+    byte of the archive read and nothing written; -v logs the stages of the real run."""
+    src = make_tree(env.tmp / "www", {"a.txt": "aaaa", "b/c.txt": "cc"})
+    assert cli("backup", src).exit_code == 0
+    target = env.work / "t"
+    make_tree(target, {"old.txt": "old"})
+    dry = cli("restore", "www", "--to", target, "--force", "--dry-run")
+    assert dry.exit_code == 0, dry.stderr
+    (line,) = dry.stdout.splitlines()
+    assert "would restore 2 files, 6 bytes of www-" in line and "from local into" in line
+    assert "the existing t would be moved aside" in line and "nothing written" in line
+    assert sorted(p.name for p in env.work.iterdir()) == ["t"]
+    assert (target / "old.txt").read_text() == "old"
+    data = restore_json(cli("restore", "www", "--to", target, "--force", "--dry-run", "--json"))
+    assert data["stages"] == {}  # nothing read, nothing run
+
+    real = cli("-v", "restore", "www", "--to", env.work / "r")
+    assert real.exit_code == 0, real.stderr
+    (stages,) = [x for x in real.stderr.splitlines() if "restore stages (busy" in x]
+    for name in ("read", "hash", "decompress", "extract", "count", "install"):
+        assert f"{name} " in stages
+
+
+def test_command_source_to_stdout_and_file(
+    env: Env, cli: Callable[..., CliResult], decompression: str
+) -> None:
     payload = "".join(f"INSERT INTO t VALUES ({i});\n" for i in range(2000))
     script = env.tmp / "dump.sh"
     script.write_text(f"#!/bin/sh\ncat {env.tmp / 'dump.sql'}\n")
@@ -533,10 +575,10 @@ def test_ranged_download_of_a_multipart_object(
     """S3Store.open with CLOUDBACKUP_S3_DOWNLOAD=ranged: ranges of any size, in parallel,
     served in order; the download checks the bytes as for one GET."""
     from cloudbackup.core.errors import IntegrityError
-    from cloudbackup.restore.download import fetch_archive
     from cloudbackup.storage.base import UploadSpec
     from cloudbackup.storage.retry import RetryPolicy
     from cloudbackup.storage.s3 import S3Store, make_client
+    from tests.test_restore_unit import fetch_archive
 
     client = make_client(endpoint_url=moto_endpoint, compat=False)
     policy = RetryPolicy(sleep=lambda s: None)
