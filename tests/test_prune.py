@@ -722,3 +722,31 @@ def test_forget_remote_only_makes_the_local_copy_not_offsite(
     assert result.deleted == ["www-20261116T021500Z"]
     assert archive.exists() and manifest.exists()
     assert not record.exists(), "the local copy is pinned and uploaded again"
+
+
+def test_remote_prune_of_every_host_keeps_each_chain(tmp_path: Path) -> None:
+    """--all-hosts: each host's chains planned on their own; every kept incremental keeps
+    its ancestors, with the reason."""
+    remote = FakeRemote()
+    for host, pattern in (("h1", "FIIFI"), ("h2", "FIII")):
+        for day, kind in enumerate(pattern, start=10):
+            ident = f"www-202611{day}T021500Z"
+            name = f"{ident}.incr.tar.zst" if kind == "I" else f"{ident}.tar.zst"
+            remote.add(f"cloudbackup/{host}/www/{name}")
+            remote.add(f"cloudbackup/{host}/www/{ident}.manifest.json")
+            remote.add(f"cloudbackup/{host}/www/{ident}.index.zst")
+    ctx = make_ctx(tmp_path, remote, remote_retention=parse_policy("last=1"))
+    results = pruning.prune(ctx, where="remote", all_hosts=True)
+    by_host = {r.host: r for r in results}
+    assert dict(by_host["h1"].keep) == {
+        "www-20261114T021500Z": ["last 1/1"],
+        "www-20261113T021500Z": ["base of www-20261114T021500Z"],
+    }
+    assert by_host["h1"].deleted == [
+        "www-20261112T021500Z",
+        "www-20261111T021500Z",
+        "www-20261110T021500Z",
+    ]
+    assert by_host["h2"].deleted == []  # one chain: all of it needed by its newest
+    assert dict(by_host["h2"].keep)["www-20261110T021500Z"] == ["base of www-20261113T021500Z"]
+    assert "cloudbackup/h1/www/www-20261110T021500Z.index.zst" in remote.deletes
