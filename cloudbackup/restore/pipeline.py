@@ -42,6 +42,7 @@ from cloudbackup.core.errors import IntegrityError
 READ_CHUNK = 1024 * 1024  # 4 MiB reads fault in a fresh mapping each (benchmarks/RESULTS.md)
 QUEUE_DEPTH = 8
 PIPE_SIZE = 1024 * 1024
+_ABORT_WAIT = 10.0  # seconds an abort waits for the fetch thread to notice
 _POLL = 0.2  # seconds a blocked hand-over waits before it looks whether the run was aborted
 _INTEGRITY_HINT = "restore another copy (--from local/remote) or an older backup (--at)"
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -289,7 +290,9 @@ class Fetch:
             while True:
                 self._chunks.get_nowait()
         if self.started():
-            self._thread.join()
+            # Bounded: a read stuck on the network ends with the store's timeout, and the
+            # thread (a daemon) writes nowhere but the queue or a child's pipe meanwhile.
+            self._thread.join(_ABORT_WAIT)
 
 
 class Stage(Protocol):

@@ -471,7 +471,9 @@ class _Extraction:
         self.select = select
         self.dry_run = dry_run
         self.result = result
-        self.regular: set[Parts] = set()  # regular files extracted so far: hard link targets
+        # Regular files extracted so far (hard link targets), by path: one string per file
+        # (a tuple of components holds its own copy of every directory name).
+        self.regular: set[str] = set()
         self.symlinks: dict[Parts, _PendingSymlink] = {}
         self.dir_attrs: dict[Parts, _Attrs] = {}  # every directory member, included or not
         self.root_attrs: _Attrs | None = None
@@ -565,10 +567,11 @@ class _Extraction:
             self.refuse(name, str(exc))
 
     def regular_file(self, parts: Parts, member: tarfile.TarInfo) -> None:
-        self.regular.discard(parts)
+        path = "/".join(parts)
+        self.regular.discard(path)
         data = None if self.dry_run or self.tar is None else self.tar.data(member)
         self.result.bytes += self.tree.write_file(parts, data, member.size, _Attrs.of(member))
-        self.regular.add(parts)
+        self.regular.add(path)
         self.result.files += 1
 
     def hard_link(self, parts: Parts, member: tarfile.TarInfo) -> None:
@@ -576,15 +579,16 @@ class _Extraction:
             source = _split_name(member.linkname, "hard link target")
         except _Refused as exc:
             raise _Refused(f"{exc} ({member.linkname!r})") from None
-        if source not in self.regular:
+        if "/".join(source) not in self.regular:
             raise _Refused(
                 f"hard link target {member.linkname!r} is not a regular file restored before it"
             )
         if source == parts:
             return  # a link to itself: the file is already there
-        self.regular.discard(parts)
+        path = "/".join(parts)
+        self.regular.discard(path)
         self.tree.hard_link(source, parts)
-        self.regular.add(parts)
+        self.regular.add(path)
         self.result.hardlinks += 1
 
     def add_symlink(self, name: str, parts: Parts, member: tarfile.TarInfo) -> None:

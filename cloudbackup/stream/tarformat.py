@@ -324,20 +324,30 @@ class _TailReader(io.RawIOBase):
     def window(self, offset: int, size: int) -> bytes:
         """Up to ``size`` bytes of the stream from ``offset``, from what was read and kept:
         fewer when the stream was not read that far yet, none when ``offset`` is gone."""
-        pos = self.position - self._kept  # the stream offset of the first byte kept
-        if offset < pos:
+        chunks = self._chunks
+        # The chunk holding ``offset``, looked for from the newest: the next header is
+        # almost always in one of the last pieces read.
+        pos = self.position
+        index = len(chunks)
+        while index:
+            index -= 1
+            pos -= len(chunks[index])
+            if pos <= offset:
+                break
+        else:
             return b""
-        parts: list[bytes] = []
-        for chunk in self._chunks:
-            end = pos + len(chunk)
-            if end > offset:
-                start = offset - pos if offset > pos else 0
-                parts.append(chunk[start : start + size])
-                size -= len(parts[-1])
-                if size <= 0:
-                    break
-            pos = end
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        start = offset - pos
+        piece = chunks[index][start : start + size]
+        if len(piece) == size or index == len(chunks) - 1:
+            return piece
+        parts = [piece]
+        size -= len(piece)
+        for later in range(index + 1, len(chunks)):
+            parts.append(chunks[later][:size])
+            size -= len(parts[-1])
+            if size <= 0:
+                break
+        return b"".join(parts)
 
     def is_zero_block_at(self, offset: int) -> bool:
         start = offset - (self.position - self._kept)
