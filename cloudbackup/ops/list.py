@@ -21,6 +21,14 @@ class ListedBackup:
     local: bool
     remote: bool
     verified: bool
+    incremental: bool = False
+    #: 0 for a full; n for the n-th incremental after it (the names carry the chain).
+    level: int = 0
+    parent: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "incr" if self.incremental else "full"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -32,6 +40,8 @@ class ListedBackup:
             "local": self.local,
             "remote": self.remote,
             "verified": self.verified,
+            "level": self.level,
+            "parent": self.parent,
         }
 
 
@@ -62,6 +72,7 @@ def list_backups(
                 True,
                 False,
                 ctx.local_catalog.verified_offsite(ref),
+                ref.incremental,
             )
     if where in ("remote", "all") and ctx.remote is not None:
         for ref in ctx.remote_catalog.listing(all_hosts=all_hosts).refs:
@@ -84,8 +95,22 @@ def list_backups(
                     False,
                     True,
                     True,
+                    ref.incremental,
                 )
-    return sorted(merged.values(), key=lambda b: (b.host, b.source, b.created_at, b.id))
+    listed = sorted(merged.values(), key=lambda b: (b.host, b.source, b.created_at, b.id))
+    previous: ListedBackup | None = None
+    for backup in listed:
+        same = previous is not None and (previous.host, previous.source) == (
+            backup.host,
+            backup.source,
+        )
+        if backup.incremental and same and previous is not None:
+            backup.parent = previous.id
+            backup.level = previous.level + 1
+        elif backup.incremental:
+            backup.level = 1  # its parent is not listed here
+        previous = backup
+    return listed
 
 
 def hosts_with_backups(ctx: Context) -> list[str]:
