@@ -26,6 +26,7 @@ import sys
 import textwrap
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -331,6 +332,38 @@ def parse_shrink_guard(text: str) -> float | None:
     return float(match[1]) / 100
 
 
+@dataclass(frozen=True)
+class FullEvery:
+    """``CLOUDBACKUP_FULL_EVERY``: a duration (a full when the newest full is at least that
+    old), a count ``N`` (a full after every ``N-1`` incrementals), or 0 (every backup full)."""
+
+    count: int | None = None
+    age: timedelta | None = None
+
+    @property
+    def always(self) -> bool:
+        return self.count is not None and self.count <= 1
+
+    def __str__(self) -> str:
+        if self.age is not None:
+            return retention.format_duration(self.age)
+        return str(self.count)
+
+
+def parse_full_every(text: str) -> FullEvery:
+    clean = text.strip()
+    if clean.isascii() and clean.isdigit():
+        if len(clean) > 9:
+            raise ValueError("the count is far too large")
+        return FullEvery(count=int(clean))
+    try:
+        return FullEvery(age=retention.parse_duration(clean))
+    except ConfigError:
+        raise ValueError(
+            "use a duration such as 7d, a count such as 7, or 0 (every backup full)"
+        ) from None
+
+
 def parse_policy(text: str) -> retention.Policy:
     try:
         return retention.parse_policy(text)
@@ -583,6 +616,17 @@ VARIABLES: tuple[Variable, ...] = (
         per_source=True, example="50%", example_on=True,
     ),
     Variable(
+        "CLOUDBACKUP_FULL_EVERY", "full_every", parse_full_every, "7d",
+        "directory and glob sources: a full backup when the newest full is this old (`7d`), "
+        "after every `N-1` incrementals (`N`), or always (`0`)",
+        per_source=True, example="7d",
+    ),
+    Variable(
+        "CLOUDBACKUP_INCREMENTAL_IGNORE_INODE", "incremental_ignore_inode", parse_flag, "0",
+        "`1`: change detection ignores inode numbers (NFS, overlayfs: not stable)",
+        shown_default="unset", per_source=True, example="1",
+    ),
+    Variable(
         "CLOUDBACKUP_RETRY_ATTEMPTS", "retry_attempts", _whole(1, 100), "5",
         "attempts per S3 operation (transient errors only)",
         example="5", example_on=True,
@@ -713,6 +757,8 @@ class Settings:
     local_retention: retention.Policy = _default("local_retention")
     remote_retention: retention.Policy | None = _default("remote_retention")
     shrink_guard: float | None = _default("shrink_guard")
+    full_every: FullEvery = _default("full_every")
+    incremental_ignore_inode: bool = _default("incremental_ignore_inode")
     retry_attempts: int = _default("retry_attempts")
     ping_url: str | None = _default("ping_url")
     notify: tuple[str, ...] = _default("notify")

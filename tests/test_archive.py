@@ -87,9 +87,11 @@ def backup_with(
     assert result.id is not None
     directory = settings_.local_dir / "testhost" / result.source
     manifest = load_manifest(directory / f"{result.id}.manifest.json")
-    return Backup(
-        result, manifest, directory / archive_name(BackupId.parse(result.id), compression)
+    expected = archive_name(
+        BackupId.parse(result.id), compression, incremental=manifest.level > 0
     )
+    assert manifest.archive == expected
+    return Backup(result, manifest, directory / expected)
 
 
 def system_extract(path: Path, compression: str, dest: Path) -> None:

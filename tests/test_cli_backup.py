@@ -442,8 +442,15 @@ def test_list_local_json(env: Env, cli: Any, www: Path, clock: Clock) -> None:
             False,
             False,
         )
-        assert b["size"] == (env.source_dir(b["source"]) / f"{b['id']}.tar.zst").stat().st_size
+        name = f"{b['id']}{'.incr' if b['level'] else ''}.tar.zst"
+        assert b["size"] == (env.source_dir(b["source"]) / name).stat().st_size
     assert backups[2]["created_at"] == "2026-11-21T03:15:00Z"
+    # The second backup of www is an incremental of the first (the name says so).
+    assert [(b["level"], b["parent"]) for b in backups] == [
+        (0, None),
+        (0, None),
+        (1, "www-20261121T021500Z"),
+    ]
     only = json.loads(cli("list", "--where", "local", "--source", "app", "--json").stdout)
     assert [b["id"] for b in only["backups"]] == ["app-20261121T021500Z"]
     human = cli("list", "--where", "local")

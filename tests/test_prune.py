@@ -37,12 +37,13 @@ def www(env: Env) -> Path:
 
 
 def backups(cli: Any, clock: Clock, *specs: Path, days: int = 4) -> None:
-    """One backup of every spec per day for ``days`` days, ending at the clock's time."""
+    """One full backup of every spec per day for ``days`` days, ending at the clock's time
+    (independent backups: chains are planned in tests/test_chain.py)."""
     clock.advance(days=-(days - 1))
     for day in range(days):
         if day:
             clock.advance(days=1)
-        result = cli("backup", "--no-upload", *specs)
+        result = cli("backup", "--no-upload", "--full", *specs)
         assert result.exit_code == 0, result.stderr
 
 
@@ -409,16 +410,18 @@ def bucket() -> FakeRemote:
     return remote
 
 
-def test_remote_deletes_manifest_before_archive_oldest_first(
+def test_remote_deletes_manifest_before_archive_newest_first(
     tmp_path: Path, bucket: FakeRemote
 ) -> None:
+    """Newest first: an interrupted prune never leaves a listed incremental whose ancestor
+    is gone (tests/test_chain.py)."""
     ctx = make_ctx(tmp_path, bucket)
     (result,) = pruning.prune(ctx, where="remote")
     assert result.delete == ["www-20261118T021500Z", "www-20261117T021500Z", "www-20261116T021500Z"]
-    assert result.deleted == list(reversed(result.delete))
+    assert result.deleted == result.delete
     prefix = "cloudbackup/h1/www/"
     expected = []
-    for ident in reversed(result.delete):
+    for ident in result.delete:
         expected += [f"{prefix}{ident}.manifest.json", f"{prefix}{ident}.tar.zst"]
     assert bucket.deletes == expected == result.deleted_keys
     assert bucket.ids() == ["www-20261119T021500Z", "www-20261120T021500Z"]
@@ -453,10 +456,10 @@ def test_access_denied_fails_the_source_naming_the_permission(
     assert www.deleted == [] and len(www.errors) == 1
     error = www.errors[0]
     assert "s3:DeleteObject" in error and "iam render --role pruner" in error
-    assert "s3://bkt/cloudbackup/h1/www/www-20261116T021500Z.manifest.json" in error
+    assert "s3://bkt/cloudbackup/h1/www/www-20261118T021500Z.manifest.json" in error
     # Stopped at the first refusal: one delete attempted for www, nothing else.
     assert [k for k in bucket.deletes if "/www/" in k] == [
-        "cloudbackup/h1/www/www-20261116T021500Z.manifest.json"
+        "cloudbackup/h1/www/www-20261118T021500Z.manifest.json"
     ]
     assert len(bucket.ids()) == 5
     # The other source went on.
@@ -597,7 +600,7 @@ def test_a_dry_run_prints_the_plan_the_real_run_executes(
     ctx = make_ctx(tmp_path, bucket)
     (dry,) = pruning.prune(ctx, where="remote", dry_run=True)
     assert {op for op, _ in bucket.calls} == {"list", "head"}
-    assert [step.ref.id for step in dry.plan] == list(reversed(dry.delete))
+    assert [step.ref.id for step in dry.plan] == dry.delete
     (real,) = pruning.prune(ctx, where="remote")
     assert [(s.ref.id, s.keys) for s in dry.plan] == [(s.ref.id, s.keys) for s in real.plan]
     assert [key for step in real.plan for key in step.keys] == bucket.deletes
@@ -618,18 +621,18 @@ def local_backup(tmp_path: Path, ident: str, *, uploaded: bool = True) -> list[P
     return files
 
 
-def test_forget_deletes_manifest_first_oldest_first(tmp_path: Path, bucket: FakeRemote) -> None:
+def test_forget_deletes_manifest_first_newest_first(tmp_path: Path, bucket: FakeRemote) -> None:
     ctx = make_ctx(tmp_path, bucket)
     named = ["www-20261117T021500Z", "www-20261116T021500Z", "www-20261117T021500Z"]
     (result,) = forgetting.forget(ctx, named, where="remote")
     prefix = "cloudbackup/h1/www/"
     assert bucket.deletes == [
-        f"{prefix}www-20261116T021500Z.manifest.json",
-        f"{prefix}www-20261116T021500Z.tar.zst",
         f"{prefix}www-20261117T021500Z.manifest.json",
         f"{prefix}www-20261117T021500Z.tar.zst",
+        f"{prefix}www-20261116T021500Z.manifest.json",
+        f"{prefix}www-20261116T021500Z.tar.zst",
     ]
-    assert result.deleted == ["www-20261116T021500Z", "www-20261117T021500Z"]
+    assert result.deleted == ["www-20261117T021500Z", "www-20261116T021500Z"]
     assert result.policy == "forget" and forgetting.exit_code([result]) == 0
     assert set(result.to_dict()) >= RESULT_KEYS
 
@@ -719,3 +722,31 @@ def test_forget_remote_only_makes_the_local_copy_not_offsite(
     assert result.deleted == ["www-20261116T021500Z"]
     assert archive.exists() and manifest.exists()
     assert not record.exists(), "the local copy is pinned and uploaded again"
+
+
+def test_remote_prune_of_every_host_keeps_each_chain(tmp_path: Path) -> None:
+    """--all-hosts: each host's chains planned on their own; every kept incremental keeps
+    its ancestors, with the reason."""
+    remote = FakeRemote()
+    for host, pattern in (("h1", "FIIFI"), ("h2", "FIII")):
+        for day, kind in enumerate(pattern, start=10):
+            ident = f"www-202611{day}T021500Z"
+            name = f"{ident}.incr.tar.zst" if kind == "I" else f"{ident}.tar.zst"
+            remote.add(f"cloudbackup/{host}/www/{name}")
+            remote.add(f"cloudbackup/{host}/www/{ident}.manifest.json")
+            remote.add(f"cloudbackup/{host}/www/{ident}.index.zst")
+    ctx = make_ctx(tmp_path, remote, remote_retention=parse_policy("last=1"))
+    results = pruning.prune(ctx, where="remote", all_hosts=True)
+    by_host = {r.host: r for r in results}
+    assert dict(by_host["h1"].keep) == {
+        "www-20261114T021500Z": ["last 1/1"],
+        "www-20261113T021500Z": ["base of www-20261114T021500Z"],
+    }
+    assert by_host["h1"].deleted == [
+        "www-20261112T021500Z",
+        "www-20261111T021500Z",
+        "www-20261110T021500Z",
+    ]
+    assert by_host["h2"].deleted == []  # one chain: all of it needed by its newest
+    assert dict(by_host["h2"].keep)["www-20261110T021500Z"] == ["base of www-20261113T021500Z"]
+    assert "cloudbackup/h1/www/www-20261110T021500Z.index.zst" in remote.deletes

@@ -70,6 +70,8 @@ def test_every_row_is_documented_and_sets_a_field() -> None:
             "COMPRESSION",
             "COMPRESSION_LEVEL",
             "SHRINK_GUARD",
+            "FULL_EVERY",
+            "INCREMENTAL_IGNORE_INODE",
         )
     }
 

@@ -305,6 +305,7 @@ Examples:
 )
 @click.option("--compression", type=click.Choice(config.COMPRESSIONS), help="Compression codec.")
 @options.allow_shrink
+@options.full
 @options.dry_run
 @options.as_json
 def backup(
@@ -314,6 +315,7 @@ def backup(
     excludes: tuple[str, ...],
     compression: str | None,
     allow_shrink: bool,
+    full: bool,
     dry_run: bool,
     as_json: bool,
 ) -> None:
@@ -335,7 +337,7 @@ def backup(
             "no bucket configured (CLOUDBACKUP_S3_BUCKET or CLOUDBACKUP_DEST): local-only backup"
         )
     ctx = make_context(settings, remote=not local_only and not dry_run)
-    chosen = backing.BackupOptions(dry_run=dry_run, allow_shrink=allow_shrink)
+    chosen = backing.BackupOptions(dry_run=dry_run, allow_shrink=allow_shrink, full=full)
     results, stopped = _back_up(ctx, chosen, upload=not no_upload and not local_only)
     document = {"results": [r.to_dict() for r in results], "dry_run": dry_run}
     stop = [] if stopped is None else [
@@ -659,10 +661,8 @@ Examples:
 
 @cli.command(help=RUN_HELP)
 @options.sources
-@click.option(
-    "--full", is_flag=True, help="Force a full backup (once incremental backups are in use)."
-)
 @options.allow_shrink
+@options.full
 @click.option("--deep", is_flag=True, help="Verify uploads by streaming them back.")
 @options.dry_run
 @options.act_as_host

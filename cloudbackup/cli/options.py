@@ -53,6 +53,11 @@ allow_shrink = click.option(
     "--allow-shrink", is_flag=True, help="Accept a source the shrink guard would stop, once."
 )
 
+#: ``--full``: every directory and glob source backed up in full (a new chain starts).
+full = click.option(
+    "--full", is_flag=True, help="Back up directory and glob sources in full (a new chain)."
+)
+
 
 def where(default: str) -> Callable[[F], F]:
     """``--where local|remote|all``: which copies."""

@@ -440,7 +440,9 @@ def result_row(r: SourceResult, *, local_only: bool) -> list[str]:
         uploaded = "would" if r.plan.remote_key else ("local-only" if local_only else "no")
     else:
         uploaded = "yes" if r.uploaded else ("local-only" if local_only else "no")
-    notes = r.error or r.upload_error or (plural(len(r.warnings), "warning") if r.warnings else "")
+    notes = r.error or r.upload_error or "; ".join(
+        filter(None, [_level_note(r), plural(len(r.warnings), "warning") if r.warnings else ""])
+    )
     return [
         r.source,
         r.id or "-",
@@ -467,6 +469,18 @@ def _sources_summary(results: Sequence[SourceResult], *, dry_run: bool) -> str:
     if failed:
         summary += "; failed: " + ", ".join(failed)
     return summary
+
+
+def _level_note(r: SourceResult) -> str:
+    """``full`` or ``incr: 3 files changed (1.2 KiB)`` for a tree source's backup."""
+    if r.level is None or r.dry_run:
+        return ""
+    if r.level == "full":
+        return "full"
+    files = r.changed_files or 0
+    return (
+        f"incr: {files} file{'' if files == 1 else 's'} changed ({human_size(r.changed_bytes)})"
+    )
 
 
 def backup_summary(
@@ -569,13 +583,16 @@ def backup_list(
             b.id,
             b.host,
             b.created_at.strftime("%Y-%m-%d %H:%M:%SZ"),
+            b.kind,
             human_size(b.size),
             "both" if b.local and b.remote else ("local" if b.local else "remote"),
             "yes" if b.verified else "no",
         ]
         for b in backups
     ]
-    return table(rows, ["id", "host", "created (UTC)", "size", "where", "verified offsite"])
+    return table(
+        rows, ["id", "host", "created (UTC)", "type", "size", "where", "verified offsite"]
+    )
 
 
 def verify_line(r: VerifyResult) -> str:
@@ -617,7 +634,7 @@ def status_table(report: StatusReport, state_names: dict[int, str]) -> str:
             host,
             s.source,
             state_names[s.state],
-            s.newest or "-",
+            f"{s.newest} ({s.newest_level})" if s.newest and s.newest_level else s.newest or "-",
             human_duration(s.age_seconds),
             f"{s.local_count}/{s.remote_count}",
             human_size(s.local_bytes),

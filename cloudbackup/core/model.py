@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -27,10 +27,14 @@ COMPRESSION_EXT: dict[str, str] = {
     "none": ".tar",
 }
 MANIFEST_SUFFIX = ".manifest.json"
+#: An incremental archive's name carries it before the tar extension: ``<id>.incr.tar.zst``.
+INCR_MARK = ".incr"
+#: The per-backup index of a directory or glob source: ``<id>.index.zst``.
+INDEX_SUFFIX = ".index.zst"
+#: Appended to archive and index names when they are encrypted.
+AGE_SUFFIX = ".age"
 UPLOAD_SUFFIX = ".upload.json"
 PARTIAL_SUFFIX = ".partial"
-#: Appended to an archive's (or index's) name when it is encrypted with age.
-AGE_SUFFIX = ".age"
 ENCRYPTION = "age"
 #: An age X25519 recipient: ``age1`` and 58 bech32 characters (checked fully by pyrage
 #: where recipients are configured; here only the shape of what a manifest records).
@@ -93,21 +97,36 @@ class ParsedName:
     host: str
     source: str
     backup_id: BackupId
-    kind: str  # "archive" | "manifest" | "upload" | "partial"
+    kind: str  # "archive" | "manifest" | "upload" | "partial" | "index"
     compression: str | None = None
-    encrypted: bool = False  # the archive's name ends in .age
+    #: An incremental archive (``<id>.incr.tar.zst``): names carry the chain.
+    incremental: bool = False
+    #: ``.age`` appended (an encrypted archive or index).
+    encrypted: bool = False
 
 
-def archive_name(backup_id: BackupId, compression: str, *, encrypted: bool = False) -> str:
-    """``<id>.tar.zst``; ``.age`` appended when encrypted."""
-    return f"{backup_id}{COMPRESSION_EXT[compression]}{AGE_SUFFIX if encrypted else ''}"
+def archive_name(
+    backup_id: BackupId, compression: str, *, incremental: bool = False, encrypted: bool = False
+) -> str:
+    """``<id>.tar.zst``; ``<id>.incr.tar.zst`` for an incremental; ``.age`` when encrypted."""
+    mark = INCR_MARK if incremental else ""
+    return f"{backup_id}{mark}{COMPRESSION_EXT[compression]}{AGE_SUFFIX if encrypted else ''}"
 
 
 def archive_names(backup_id: BackupId) -> set[str]:
-    """Every name an archive of this backup may have (any compression, encrypted or not)."""
+    """Every name an archive of this backup may have (any compression, full or incremental,
+    encrypted or not)."""
     return {
-        archive_name(backup_id, c, encrypted=e) for c in COMPRESSION_EXT for e in (False, True)
+        archive_name(backup_id, c, incremental=i, encrypted=e)
+        for c in COMPRESSION_EXT
+        for i in (False, True)
+        for e in (False, True)
     }
+
+
+def index_name(backup_id: BackupId, *, encrypted: bool = False) -> str:
+    """``<id>.index.zst`` (``.age`` appended when encrypted)."""
+    return f"{backup_id}{INDEX_SUFFIX}{AGE_SUFFIX if encrypted else ''}"
 
 
 def manifest_name(backup_id: BackupId) -> str:
@@ -165,32 +184,40 @@ def parse_name(key: str, prefix: str = "") -> ParsedName | None:
         return None
     kind = None
     compression = None
-    encrypted = False
+    incremental = encrypted = False
     stem = filename
     if filename.endswith(PARTIAL_SUFFIX):
         kind, stem = "partial", filename[: -len(PARTIAL_SUFFIX)]
     for suffix, k in ((MANIFEST_SUFFIX, "manifest"), (UPLOAD_SUFFIX, "upload")):
         if kind is None and stem.endswith(suffix):
             kind, stem = k, stem[: -len(suffix)]
-    if kind in (None, "partial") and stem.endswith(AGE_SUFFIX):
-        encrypted, stem = True, stem[: -len(AGE_SUFFIX)]
     if kind in (None, "partial"):
-        # Longest extension first: ".tar.zst" before ".tar".
-        for comp, ext in sorted(COMPRESSION_EXT.items(), key=lambda kv: -len(kv[1])):
-            if stem.endswith(ext):
-                compression, stem = comp, stem[: -len(ext)]
-                kind = kind or "archive"
-                break
+        if stem.endswith(AGE_SUFFIX):
+            encrypted, stem = True, stem[: -len(AGE_SUFFIX)]
+        if stem.endswith(INDEX_SUFFIX):
+            stem = stem[: -len(INDEX_SUFFIX)]
+            kind = kind or "index"
         else:
-            if kind is None:
-                return None
+            # Longest extension first: ".tar.zst" before ".tar".
+            for comp, ext in sorted(COMPRESSION_EXT.items(), key=lambda kv: -len(kv[1])):
+                if stem.endswith(ext):
+                    compression, stem = comp, stem[: -len(ext)]
+                    kind = kind or "archive"
+                    break
+            else:
+                if kind is None:
+                    return None
+            if stem.endswith(INCR_MARK):
+                incremental, stem = True, stem[: -len(INCR_MARK)]
     try:
         backup_id = BackupId.parse(stem)
     except ValueError:
         return None
     if backup_id.source != source:
         return None
-    return ParsedName(host, source, backup_id, kind or "archive", compression, encrypted)
+    return ParsedName(
+        host, source, backup_id, kind or "archive", compression, incremental, encrypted
+    )
 
 
 @dataclass
@@ -209,6 +236,15 @@ class UploadRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class IndexFacts:
+    """The index object of a backup: its name (``<id>.index.zst``), size and SHA-256."""
+
+    name: str
+    size: int
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -242,10 +278,35 @@ class Manifest:
     #: "age" when the archive is encrypted, to ``recipients`` (public keys; no secret).
     encryption: str | None = None
     recipients: list[str] = field(default_factory=list)
+    #: The chain (SPEC "Incremental archives"): 0 = full; the backup just before this one;
+    #: the full this chain starts from (the backup itself for a full).
+    level: int = 0
+    parent: str | None = None
+    base: str | None = None
+    #: The index written in the same pass (directory and glob sources).
+    index: IndexFacts | None = None
+    #: Totals of the whole tree (an incremental's archive holds only what changed): what
+    #: the shrink guard compares.
+    tree_files: int | None = None
+    tree_bytes: int | None = None
+    #: When the walk of this backup started (ns since the epoch): the "racy clean" rule.
+    walk_started_ns: int | None = None
 
     @property
     def encrypted(self) -> bool:
         return self.encryption is not None
+
+    @property
+    def incremental(self) -> bool:
+        return self.level > 0
+
+    @property
+    def total_files(self) -> int:
+        return self.file_count if self.tree_files is None else self.tree_files
+
+    @property
+    def total_bytes(self) -> int:
+        return self.uncompressed_bytes if self.tree_bytes is None else self.tree_bytes
 
     @property
     def backup_id(self) -> BackupId:
@@ -283,10 +344,18 @@ class BackupRef:
     archive_size: int | None = None
     manifest_key: str | None = None
     compression: str | None = None
-    encrypted: bool = False
     archive_mtime: datetime | None = None
     verified: bool = False
     manifest_size: int | None = None
+    #: The name says ``.incr``: its parent is the backup just before it (LIST is enough).
+    incremental: bool = False
+    index_key: str | None = None
+    index_size: int | None = None
+    encrypted: bool = False
+
+    @property
+    def level_name(self) -> str:
+        return "incr" if self.incremental else "full"
 
     @property
     def id(self) -> str:
@@ -321,11 +390,34 @@ class Listing:
                 return ref
         return None
 
+    def parent_of(self, ref: BackupRef) -> BackupRef | None:
+        """The backup just before ``ref`` (same host and source, id order) in this listing."""
+        before = [
+            r
+            for r in self.for_source(ref.host, ref.source)
+            if (r.created_at, r.backup_id.seq) < (ref.created_at, ref.backup_id.seq)
+        ]
+        return before[-1] if before else None
+
+
+def chain_of(refs: Sequence[Any], ref: Any) -> list[Any] | None:
+    """The chain ``ref`` needs, base first, among ``refs`` (one host and source, in id order,
+    as a listing holds them): the backups from the nearest full before it up to it. None when
+    a link is missing there (the first backup of ``refs`` is an incremental)."""
+    position = next(i for i, r in enumerate(refs) if r is ref)
+    start = position
+    while getattr(refs[start], "incremental", False):
+        if start == 0:
+            return None
+        start -= 1
+    return list(refs[start : position + 1])
+
 
 def build_listing(objects: Any, *, prefix: str, where: str) -> Listing:
     """Group LIST entries (objects with ``key``, ``size``, ``modified``) into backups."""
     archives: dict[tuple[str, str], Any] = {}
     manifests: dict[tuple[str, str], Any] = {}
+    indexes: dict[tuple[str, str], Any] = {}
     parsed: dict[tuple[str, str], ParsedName] = {}
     listing = Listing()
     clean = prefix.strip("/")
@@ -345,6 +437,9 @@ def build_listing(objects: Any, *, prefix: str, where: str) -> Listing:
         elif name.kind == "manifest":
             manifests[ident] = obj
             parsed.setdefault(ident, name)
+        elif name.kind == "index":
+            indexes[ident] = obj
+            parsed.setdefault(ident, name)
         elif name.kind == "upload":
             listing.upload_keys[str(name.backup_id)] = obj.key
         elif name.kind == "partial":
@@ -352,6 +447,7 @@ def build_listing(objects: Any, *, prefix: str, where: str) -> Listing:
     for ident, name in parsed.items():
         archive = archives.get(ident)
         manifest = manifests.get(ident)
+        index = indexes.get(ident)
         ref = BackupRef(
             host=name.host,
             source=name.source,
@@ -361,13 +457,16 @@ def build_listing(objects: Any, *, prefix: str, where: str) -> Listing:
             archive_size=archive.size if archive else None,
             manifest_key=manifest.key if manifest else None,
             compression=name.compression,
-            encrypted=name.encrypted,
-            archive_mtime=archive.modified if archive else None,
+            archive_mtime=archive.modified if archive else index.modified if index else None,
             manifest_size=manifest.size if manifest else None,
+            incremental=name.incremental,
+            index_key=index.key if index else None,
+            index_size=index.size if index else None,
+            encrypted=name.encrypted,
         )
         if archive and manifest:
             listing.refs.append(ref)
-        elif archive:
+        elif archive or not manifest:  # an archive or index without its manifest
             listing.orphans.append(ref)
         else:
             listing.stray_manifests.append(ref)
@@ -612,7 +711,11 @@ def _manifest_from(data: Any, ref: BackupRef, kinds: Mapping[str, MemberSchema])
     if compression not in COMPRESSION_EXT:
         raise _Invalid(f"has an unknown compression {_show(compression)}")
     encryption, recipients = _encryption(data)
-    archive = archive_name(ref.backup_id, compression, encrypted=encryption is not None)
+    level = _int(_take(data, "level", 0), "level")
+    parent, base = _chain(data, ref, level)
+    archive = archive_name(
+        ref.backup_id, compression, incremental=level > 0, encrypted=encryption is not None
+    )
     if _str(_take(data, "archive"), "archive") != archive:
         raise _Invalid(f"names archive {_show(data['archive'])}, not {archive} as its key says")
     if ref.archive_key is not None and ref.archive_key.rsplit("/", 1)[-1] != archive:
@@ -652,6 +755,15 @@ def _manifest_from(data: Any, ref: BackupRef, kinds: Mapping[str, MemberSchema])
         upload=None if upload is None else _upload_from(upload, ref.backup_id, ref.host, archive),
         encryption=encryption,
         recipients=recipients,
+        level=level,
+        parent=parent,
+        base=base,
+        index=_index_facts(_take(data, "index", None), ref.backup_id),
+        tree_files=_int(_take(data, "tree_files", None), "tree_files", optional=True),
+        tree_bytes=_int(_take(data, "tree_bytes", None), "tree_bytes", optional=True),
+        walk_started_ns=_int(
+            _take(data, "walk_started_ns", None), "walk_started_ns", optional=True
+        ),
     )
 
 
@@ -672,6 +784,53 @@ def _encryption(data: dict[str, Any]) -> tuple[str | None, list[str]]:
     ):
         raise _Invalid(f"has recipients {_show(recipients)}, not a list of age public keys")
     return encryption, list(recipients)
+
+
+def _earlier_id(value: Any, name: str, ref: BackupRef) -> str:
+    """A backup id of the same source, older than ``ref``'s."""
+    text = _str(value, name)
+    try:
+        other = BackupId.parse(text)
+    except ValueError:
+        raise _Invalid(f"has {name} {_show(text)}, not a backup id") from None
+    if other.source != ref.source or str(other) != text:
+        raise _Invalid(f"has {name} {_show(text)}, not a backup of source {ref.source}")
+    mine = ref.backup_id
+    if (other.created_at, other.seq) >= (mine.created_at, mine.seq):
+        raise _Invalid(f"has {name} {_show(text)}, not a backup older than {mine}")
+    return text
+
+
+def _chain(data: dict[str, Any], ref: BackupRef, level: int) -> tuple[str | None, str | None]:
+    """``parent`` and ``base``: none and the backup itself (or absent) for a full; older
+    backups of the same source for an incremental."""
+    parent = _take(data, "parent", None)
+    base = _take(data, "base", None)
+    if level == 0:
+        if parent is not None:
+            raise _Invalid(f"is a full backup (level 0) with parent {_show(parent)}")
+        if base is not None and base != str(ref.backup_id):
+            raise _Invalid(f"is a full backup (level 0) with base {_show(base)}")
+        return None, base
+    parent_id = _earlier_id(parent, "parent", ref)
+    base_id = _earlier_id(base, "base", ref)
+    if BackupId.parse(base_id) > BackupId.parse(parent_id):
+        raise _Invalid(f"has base {base_id} newer than its parent {parent_id}")
+    return parent_id, base_id
+
+
+def _index_facts(value: Any, backup_id: BackupId) -> IndexFacts | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _Invalid(f"has index {_show(value)}, not an object")
+    name = _str(_take(value, "name", within="index"), "index.name")
+    if name not in (index_name(backup_id), index_name(backup_id, encrypted=True)):
+        raise _Invalid(f"has index.name {_show(name)}, not {index_name(backup_id)}")
+    sha256 = _str(_take(value, "sha256", within="index"), "index.sha256")
+    if not _SHA256_RE.fullmatch(sha256):
+        raise _Invalid(f"has index.sha256 {_show(sha256)}, not 64 lowercase hex digits")
+    return IndexFacts(name, _int(_take(value, "size", within="index"), "index.size"), sha256)
 
 
 def _load_json(raw: bytes | str) -> Any:

@@ -465,10 +465,44 @@ def plan(
             remove.append(item)
     if not pins:
         remove.extend(real[tail:])
-        return Plan(keep, remove)
+        return _keep_ancestors(ordered, keep, remove)
     for item in real[tail:]:
         if item.id in pins:
             keep.append((item, _pin_reasons(pins, item.id)))
         else:
             remove.append(item)
-    return Plan(keep, remove)
+    return _keep_ancestors(ordered, keep, remove)
+
+
+def _keep_ancestors(ordered: list[T], keep: list[tuple[T, list[str]]], remove: list[T]) -> Plan[T]:
+    """Retention never breaks a chain: every ancestor of a kept backup is kept, with the
+    reason ``parent of <id>`` (its child), or ``base of <id>`` for the full a kept chain
+    starts from. An item is incremental when its ``incremental`` attribute is true; its
+    parent is the item just before it (the names carry the chain: SPEC "Incremental
+    archives")."""
+    if not remove or not any(getattr(item, "incremental", False) for item in ordered):
+        return Plan(keep, remove)
+    reasons = {item.id: item_reasons for item, item_reasons in keep}
+    removed = {item.id for item in remove}
+    added: dict[str, list[str]] = {}
+    head: str | None = None  # the newest kept backup of the chain being walked down
+    child: str | None = None  # the incremental just after the item being looked at
+    for item in ordered:  # newest first: each item's parent comes right after it
+        if child is not None:
+            reason = f"base of {head}" if not getattr(item, "incremental", False) else (
+                f"parent of {child}"
+            )
+            if item.id in removed:
+                added.setdefault(item.id, []).append(reason)
+        kept = item.id in reasons or item.id in added
+        if kept and getattr(item, "incremental", False):
+            head = head if child is not None else item.id
+            child = item.id
+        else:
+            head = child = None
+    if not added:
+        return Plan(keep, remove)
+    merged = [*keep, *((item, added[item.id]) for item in remove if item.id in added)]
+    order = {item.id: position for position, item in enumerate(ordered)}
+    merged.sort(key=lambda pair: order[pair[0].id])
+    return Plan(merged, [item for item in remove if item.id not in added])

@@ -28,7 +28,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 __all__ = [
     "DIR_FLAGS",
@@ -365,7 +365,7 @@ class FileEntry:
     no parent and is opened by ``path``. ``path`` is otherwise for messages only.
     """
 
-    __slots__ = ("_path", "arcname", "handle", "name", "parent", "st")
+    __slots__ = ("_path", "arcname", "carry", "handle", "name", "parent", "st")
 
     def __init__(
         self,
@@ -382,6 +382,9 @@ class FileEntry:
         self.parent = parent
         self.name = name
         self.handle = handle
+        #: An incremental backup's record of this path in its parent's index when the path
+        #: is unchanged: the writer indexes it without archiving it again.
+        self.carry: Any = None
 
     @property
     def path(self) -> str:

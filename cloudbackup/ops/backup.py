@@ -9,12 +9,13 @@ prints.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import stat
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -41,6 +42,7 @@ from cloudbackup.core.model import (
     UploadRecord,
     archive_name,
     format_time,
+    index_name,
     key_for,
     manifest_name,
 )
@@ -49,11 +51,15 @@ from cloudbackup.core.outcome import exit_code as code_of
 from cloudbackup.core.patterns import PathMatcher
 from cloudbackup.core.words import plural
 from cloudbackup.fs.dirs import TEMP_PREFIX, Dir, NotFollowed
+from cloudbackup.fs.walk import FileEntry
+from cloudbackup.ops.chain import ChainStart
+from cloudbackup.ops.chain import start as start_chain
 from cloudbackup.ops.timing import phase
 from cloudbackup.sources.base import Entries, EntryStream, Source, SourceContext
 from cloudbackup.sources.registry import make_source
 from cloudbackup.stream.hashing import ArchiveTail
-from cloudbackup.stream.pipeline import write_archive
+from cloudbackup.stream.index import mark_unchanged
+from cloudbackup.stream.pipeline import IndexFile, write_archive
 from cloudbackup.stream.tarwriter import ArchiveStats
 
 LOG = logging.getLogger("cloudbackup")
@@ -86,6 +92,12 @@ class SourceResult:
     local_only: bool = False
     #: A dry run's plan: what the real run would write (None on a real run).
     plan: SourcePlan | None = None
+    #: "full" or "incr" (tree sources chain: SPEC "Incremental archives"), and its parent.
+    level: str | None = None
+    parent: str | None = None
+    #: What an incremental archived (changed or new files, their bytes); a full: everything.
+    changed_files: int | None = None
+    changed_bytes: int | None = None
     # The upload that ran while the archive was written; the uploader completes it.
     stream: ArchiveStream | None = field(default=None, repr=False, compare=False)
 
@@ -129,6 +141,10 @@ class SourceResult:
             "warnings": self.warnings,
             "error": self.error or self.upload_error,
             "file_count": self.file_count,
+            "level": self.level,
+            "parent": self.parent,
+            "changed_files": self.changed_files,
+            "changed_bytes": self.changed_bytes,
         }
         if self.plan is not None:
             document["plan"] = self.plan.to_dict()
@@ -274,8 +290,7 @@ Uploader = Callable[[Context, str, str, ArchiveStream | None], Uploaded | None]
 class BackupOptions:
     dry_run: bool = False
     allow_shrink: bool = False
-    #: ``--full``: a full backup whatever the chain (SPEC "Incremental archives"); every
-    #: archive is full until incremental chains are written, so it changes nothing yet.
+    #: Make every tree source's backup full (``--full``).
     full: bool = False
 
 
@@ -351,7 +366,8 @@ def shrink_check(
     previous: Manifest | None,
     guard: float | None,
 ) -> None:
-    """Raise ShrinkGuardError for an empty source or one that fell by more than ``guard``."""
+    """Raise ShrinkGuardError for an empty source or one that fell by more than ``guard``
+    (``stats``: the whole tree's files and bytes)."""
     if guard is None:
         return
     bytes_only = not source.counts_files
@@ -368,18 +384,17 @@ def shrink_check(
     if previous is None:
         return
     floor = 1.0 - guard
-    if not bytes_only and previous.file_count and stats.file_count < previous.file_count * floor:
+    # The tree's totals (an incremental's archive holds only what changed).
+    before_files, before_bytes = previous.total_files, previous.total_bytes
+    if not bytes_only and before_files and stats.file_count < before_files * floor:
         raise ShrinkGuardError(
-            f"source {source.name} shrank from {previous.file_count} to {stats.file_count} files "
+            f"source {source.name} shrank from {before_files} to {stats.file_count} files "
             f"(more than {guard:.0%}) since {previous.id}",
             "check the source; if this is intended, pass --allow-shrink once",
         )
-    if (
-        previous.uncompressed_bytes
-        and stats.uncompressed_bytes < previous.uncompressed_bytes * floor
-    ):
+    if before_bytes and stats.uncompressed_bytes < before_bytes * floor:
         raise ShrinkGuardError(
-            f"source {source.name} shrank from {previous.uncompressed_bytes} to "
+            f"source {source.name} shrank from {before_bytes} to "
             f"{stats.uncompressed_bytes} bytes (more than {guard:.0%}) since {previous.id}",
             "check the source; if this is intended, pass --allow-shrink once",
         )
@@ -440,6 +455,18 @@ def _back_up(
     if manifest_problems:  # backed up all the same; a bad manifest is still exit 3
         result.warnings = result.warnings + manifest_problems
         result.outcome = Outcome.INTEGRITY
+    if result.level == "incr":
+        LOG.info(
+            "%s: incremental on %s: %s of %s changed (%s) → %s (%s)",
+            source.name,
+            result.parent,
+            plural(result.changed_files or 0, "file"),
+            plural(stats.file_count, "file"),
+            plural(result.changed_bytes or 0, "byte"),
+            final,
+            plural(stats.size, "byte"),
+        )
+        return
     LOG.info(
         "%s: archived %s, %s → %s (%s)",
         source.name,
@@ -542,10 +569,41 @@ def _archive(
     result: SourceResult,
 ) -> tuple[ArchiveStats, str]:
     """Write the archive into ``directory`` (``.partial``, then published once the shrink
-    guard passed) and its manifest; the stream that followed it is handed on in
-    ``result.stream``. Returns the archive's stats and file name."""
+    guard passed), its index (tree sources: same pass) and its manifest, last; the stream
+    that followed it is handed on in ``result.stream``. Returns the archive's stats (the
+    whole tree's totals) and file name."""
     settings = ctx.settings.for_source(source.name)
-    final = archive_name(backup_id, settings.compression, encrypted=bool(settings.age_recipients))
+    chain = start_chain(ctx, source, settings, full=options.full, moment=backup_id.created_at)
+    try:
+        return _write_backup(
+            ctx, source, directory, backup_id, previous, device, options, streamer, result, chain
+        )
+    finally:
+        if chain is not None:
+            chain.close()
+
+
+# Long: one backup's files in their order (archive, index, manifest), undone together.
+def _write_backup(
+    ctx: Context,
+    source: Source,
+    directory: Dir,
+    backup_id: BackupId,
+    previous: Manifest | None,
+    device: int | None,
+    options: BackupOptions,
+    streamer: Streamer | None,
+    result: SourceResult,
+    chain: ChainStart | None,
+) -> tuple[ArchiveStats, str]:
+    settings = ctx.settings.for_source(source.name)
+    recipients = settings.age_recipients
+    final = archive_name(
+        backup_id,
+        settings.compression,
+        incremental=chain is not None,
+        encrypted=bool(recipients),
+    )
     partial = final + ".partial"
     warn = _warner(source.name)
     walk_warnings: list[str] = []
@@ -563,16 +621,33 @@ def _archive(
         kinds[category] += 1
         warn(category, message)
 
+    def parent_invalid(problem: str) -> None:
+        assert chain is not None
+        LOG.warning(
+            "%s: the index of %s is invalid (%s); the rest of the tree is archived again",
+            source.name,
+            chain.manifest.id,
+            problem,
+        )
+
     sctx = _source_context(ctx, source.name, backup_id, source_warn)
     progress, count_file = _archive_progress(ctx, source, previous)
     stream = streamer(ctx, source.name, backup_id, final, previous) if streamer else None
+    index = None
+    index_final = index_name(backup_id)
+    started_ns = time.time_ns()
     found = source.entries(sctx)
     entries = EntryStream(_counted(found, count_file) if count_file is not None else found)
+    walked: Iterable[FileEntry] = entries
+    if chain is not None:
+        walked = mark_unchanged(entries, chain.parent, parent_invalid)
     try:
+        if source.chain_capable:
+            index = IndexFile(directory, index_final + ".partial", str(backup_id))
         with phase(f"archive {source.name}"):
             try:
                 stats = write_archive(
-                    entries,
+                    walked,
                     directory,
                     partial,
                     compression=settings.compression,
@@ -581,29 +656,54 @@ def _archive(
                     progress=progress,
                     tail=stream.tail if stream is not None else None,
                     prefetch=source.prefetch,
-                    recipients=settings.age_recipients,
+                    recipients=recipients,
+                    index=index,
                 )
             finally:
                 getattr(progress, "close", lambda: None)()
         stats.warnings = walk_warnings + stats.warnings
         stats.unreadable += walk_unreadable
+        tree = stats
+        if index is not None:
+            tree = ArchiveStats(
+                file_count=index.writer.tree_files, uncompressed_bytes=index.writer.tree_bytes
+            )
         try:
             if not options.allow_shrink:
-                shrink_check(source, stats, previous, settings.shrink_guard)
+                shrink_check(source, tree, previous, settings.shrink_guard)
         except ShrinkGuardError:
             directory.unlink(partial)
             raise
         directory.publish(partial, final)  # never over an existing archive
+        facts = index.publish(index_final) if index is not None else None
         directory.fsync()
         manifest = _manifest(
             ctx, source, backup_id, final, stats, device, entries.members, kinds
         )
+        if index is not None and facts is not None:
+            manifest = dataclasses.replace(
+                manifest,
+                level=chain.level if chain is not None else 0,
+                parent=chain.manifest.id if chain is not None else None,
+                base=chain.base if chain is not None else str(backup_id),
+                index=facts,
+                tree_files=tree.file_count,
+                tree_bytes=tree.uncompressed_bytes,
+                walk_started_ns=started_ns,
+            )
         directory.write_atomic(manifest_name(backup_id), manifest.to_json())
     except BaseException:
+        if index is not None:
+            index.discard()
         if stream is not None:
             stream.abandon()
         raise
     result.stream = stream
+    if index is not None:
+        result.level = "incr" if chain is not None else "full"
+        result.parent = chain.manifest.id if chain is not None else None
+    result.changed_files, result.changed_bytes = stats.file_count, stats.uncompressed_bytes
+    stats.file_count, stats.uncompressed_bytes = tree.file_count, tree.uncompressed_bytes
     return stats, final
 
 
@@ -623,8 +723,8 @@ def _archive_progress(
     estimate = getattr(progress, "estimate", None)
     if previous is not None and estimate is not None:
         counted = source.counts_files and count_file is not None
-        nbytes = previous.uncompressed_bytes + _MEMBER_OVERHEAD * previous.file_count
-        estimate(files=previous.file_count if counted else None, nbytes=nbytes)
+        nbytes = previous.total_bytes + _MEMBER_OVERHEAD * previous.total_files
+        estimate(files=previous.total_files if counted else None, nbytes=nbytes)
     return progress, count_file
 
 
@@ -753,7 +853,15 @@ def _plan(
     if survey is not None and not options.allow_shrink:
         found = ArchiveStats(file_count=survey[0], uncompressed_bytes=survey[1])
         shrink_check(source, found, previous, settings.shrink_guard)
-    name = archive_name(backup_id, settings.compression, encrypted=bool(settings.age_recipients))
+    chain = start_chain(ctx, source, settings, full=options.full, moment=backup_id.created_at)
+    if chain is not None:
+        chain.close()
+    name = archive_name(
+        backup_id,
+        settings.compression,
+        incremental=chain is not None,
+        encrypted=bool(settings.age_recipients),
+    )
     plan = SourcePlan(
         source=source.name,
         id=str(backup_id),

@@ -125,15 +125,15 @@ def local_keys(listing: Listing) -> Callable[[BackupRef], list[str]]:
 
     def keys(ref: BackupRef) -> list[str]:
         upload_key = key_for("", ref.host, ref.backup_id, upload_name(ref.backup_id))
-        found = [ref.manifest_key, ref.archive_key]
+        found = [ref.manifest_key, ref.archive_key, ref.index_key]
         return [k for k in found if k] + ([upload_key] if upload_key in upload_keys else [])
 
     return keys
 
 
 def remote_keys(ref: BackupRef) -> list[str]:
-    """What deleting a remote backup removes: manifest first, then archive."""
-    return [k for k in (ref.manifest_key, ref.archive_key) if k]
+    """What deleting a remote backup removes: manifest first, then archive, then index."""
+    return [k for k in (ref.manifest_key, ref.archive_key, ref.index_key) if k]
 
 
 def lock_until(settings: Settings, ref: BackupRef, now: datetime) -> datetime | None:
@@ -176,11 +176,12 @@ def plan_deletions(
     orphans: Sequence[BackupRef],
     keys: Callable[[BackupRef], list[str]],
 ) -> None:
-    """``result.plan``: ``result.delete`` oldest first, then the orphans swept, each with the
-    ``keys`` deleting it removes."""
+    """``result.plan``: ``result.delete`` newest first (an incremental goes before the
+    backups it is built on, so an interrupted plan never leaves a listed backup without its
+    ancestors), then the orphans swept, each with the ``keys`` deleting it removes."""
     by_id = {ref.id: ref for ref in [*refs, *orphans]}
     result.sizes = {ident: ref.archive_size or 0 for ident, ref in by_id.items()}
-    plan = [Deletion(by_id[ident], tuple(keys(by_id[ident]))) for ident in reversed(result.delete)]
+    plan = [Deletion(by_id[ident], tuple(keys(by_id[ident]))) for ident in result.delete]
     plan += [Deletion(by_id[ident], tuple(keys(by_id[ident])), True) for ident in result.orphans]
     result.plan = plan
 

@@ -101,7 +101,7 @@ def forget(
                 host=ctx.host,
                 source=source,
                 policy=POLICY,
-                delete=[ref.id for ref in refs],  # newest first: executed oldest first
+                delete=[ref.id for ref in refs],  # newest first, executed so (a chain from its head)
                 dry_run=dry_run,
                 named=True,
             )
@@ -120,10 +120,28 @@ def forget(
 
 def needed_by(listing: Listing, ids: Sequence[str]) -> dict[str, list[str]]:
     """The backups among ``ids`` that a backup not named still needs: id -> the ids that
-    need it. Every backup is self-contained today (a full archive), so nothing is needed;
-    incremental chains make a backup needed by the incrementals built on it, and add them
-    here."""
-    return {}
+    need it (the incrementals built on it, up to the next full: the names carry the chain,
+    SPEC "Incremental archives"). Forgetting a backup with its whole dependent chain
+    named is allowed."""
+    named = set(ids)
+    needed: dict[str, list[str]] = {}
+    groups: dict[tuple[str, str], list[BackupRef]] = {}
+    for ref in listing.refs:
+        groups.setdefault((ref.host, ref.source), []).append(ref)
+    for refs in groups.values():
+        refs.sort(key=lambda r: (r.created_at, r.backup_id.seq))
+        for position, ref in enumerate(refs):
+            if ref.id not in named:
+                continue
+            users = []
+            for later in refs[position + 1 :]:
+                if not later.incremental:
+                    break
+                if later.id not in named:
+                    users.append(later.id)
+            if users:
+                needed[ref.id] = users
+    return needed
 
 
 def _parse_ids(ids: Sequence[str]) -> list[str]:

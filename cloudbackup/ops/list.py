@@ -23,6 +23,14 @@ class ListedBackup:
     verified: bool
     #: The archive's name ends in .age (encrypted with age): known from LIST alone.
     encrypted: bool = False
+    incremental: bool = False
+    #: 0 for a full; n for the n-th incremental after it (the names carry the chain).
+    level: int = 0
+    parent: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "incr" if self.incremental else "full"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -35,6 +43,8 @@ class ListedBackup:
             "remote": self.remote,
             "verified": self.verified,
             "encrypted": self.encrypted,
+            "level": self.level,
+            "parent": self.parent,
         }
 
 
@@ -66,6 +76,7 @@ def list_backups(
                 False,
                 ctx.local_catalog.verified_offsite(ref),
                 ref.encrypted,
+                ref.incremental,
             )
     if where in ("remote", "all") and ctx.remote is not None:
         for ref in ctx.remote_catalog.listing(all_hosts=all_hosts).refs:
@@ -89,8 +100,22 @@ def list_backups(
                     True,
                     True,
                     ref.encrypted,
+                    ref.incremental,
                 )
-    return sorted(merged.values(), key=lambda b: (b.host, b.source, b.created_at, b.id))
+    listed = sorted(merged.values(), key=lambda b: (b.host, b.source, b.created_at, b.id))
+    previous: ListedBackup | None = None
+    for backup in listed:
+        same = previous is not None and (previous.host, previous.source) == (
+            backup.host,
+            backup.source,
+        )
+        if backup.incremental and same and previous is not None:
+            backup.parent = previous.id
+            backup.level = previous.level + 1
+        elif backup.incremental:
+            backup.level = 1  # its parent is not listed here
+        previous = backup
+    return listed
 
 
 def hosts_with_backups(ctx: Context) -> list[str]:

@@ -371,6 +371,11 @@ def run(ctx: Context, options: RunOptions | None = None, report: RunReport | Non
     with phase("recover"):
         backing.cleanup_partials(ctx)
         ctx, offline = _recover_remote(ctx, report)
+    if ctx.remote is not None and not options.dry_run:
+        # Pending uploads oldest first: what earlier nights left goes before tonight's
+        # backups (an incremental's manifest only after its parent's).
+        with phase("upload pending"):
+            _upload_pending(ctx, report, options)
     with phase("backup"):
         _back_up(ctx, options, offline, report)
     if ctx.remote is not None:
@@ -479,12 +484,7 @@ def _upload_and_verify(ctx: Context, report: RunReport, options: RunOptions) -> 
     """Upload what earlier nights left behind, then verify (without downloading, unless
     ``deep``) everything this run uploaded."""
     uploaded_now = {r.id for r in report.results if r.uploaded and r.id}
-    try:
-        report.uploads = _per_source(
-            options.sources, lambda source: uploading.upload_pending(ctx, source)
-        )
-    except CloudBackupError as exc:
-        report.errors.append(f"upload of pending backups failed: {exc}")
+    _upload_pending(ctx, report, options)
     uploaded_now |= {upload.id for upload in report.uploads if upload.ok}
     try:
         listing = ctx.remote_catalog.refresh()
@@ -498,6 +498,15 @@ def _upload_and_verify(ctx: Context, report: RunReport, options: RunOptions) -> 
             report.verifies.append(missing)
             continue
         report.verifies.append(verifying.verify_remote_ref(ctx, ref, deep=options.deep))
+
+
+def _upload_pending(ctx: Context, report: RunReport, options: RunOptions) -> None:
+    try:
+        report.uploads += _per_source(
+            options.sources, lambda source: uploading.upload_pending(ctx, source)
+        )
+    except CloudBackupError as exc:
+        report.errors.append(f"upload of pending backups failed: {exc}")
 
 
 def _last_run(ctx: Context, report: RunReport, options: RunOptions) -> dict[str, Any]:

@@ -79,6 +79,8 @@ class SourceStatus:
     state: int = OK
     reasons: list[str] = field(default_factory=list)
     newest_size: int | None = None
+    #: "full" or "incr": what the newest backup is (its name says).
+    newest_level: str | None = None
     #: Backups dated after ``now``: they take no part in freshness (SPEC "Clock").
     future_dated: list[str] = field(default_factory=list)
 
@@ -98,6 +100,7 @@ class SourceStatus:
             "local_bytes": self.local_bytes,
             "remote_bytes": self.remote_bytes,
             "offsite": self.newest_offsite,
+            "newest_level": self.newest_level,
             "state": STATE_NAMES[self.state],
             "reasons": self.reasons,
             "future_dated": sorted(self.future_dated),
@@ -122,6 +125,7 @@ class StatusReport:
         }
 
 
+# Long: every source's state, rule by rule, in the order SPEC "status" gives them.
 def status(ctx: Context, *, max_age: timedelta, all_hosts: bool = False) -> StatusReport:
     """Freshness of every source configured or found, for this host (or every host)."""
     settings = ctx.settings
@@ -157,6 +161,8 @@ def status(ctx: Context, *, max_age: timedelta, all_hosts: bool = False) -> Stat
         if settings.remote_configured and not verified:
             st.pinned_local += 1
         _consider(st, ref.id, ref.created_at, ref.archive_size, offsite=verified, now=now)
+        if st.newest == ref.id:
+            st.newest_level = ref.level_name
     if remote_listing is not None:
         for ref in remote_listing.refs:
             if wanted and ref.host != wanted:
@@ -165,6 +171,8 @@ def status(ctx: Context, *, max_age: timedelta, all_hosts: bool = False) -> Stat
             st.remote_count += 1
             st.remote_bytes += ref.archive_size or 0
             _consider(st, ref.id, ref.created_at, ref.archive_size, offsite=True, now=now)
+            if st.newest == ref.id:
+                st.newest_level = ref.level_name
 
     last_run = read_last_run(settings.local_dir, ctx.host)
     run_sources = {r.get("source"): r for r in (last_run or {}).get("results", [])}

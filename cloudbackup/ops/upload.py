@@ -5,6 +5,7 @@ cleaned up. The host claim is ``context.HostClaim``'s."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import threading
 import time
@@ -153,6 +154,7 @@ def upload_backup(
         result.outcome, result.detail = Outcome.OK, "already verified offsite"
         return result
     ctx.host_claim.ensure()
+    _parents_first(ctx, ref, manifest)
     backup_id = BackupId.parse(ref.id)
     key = key_for(_prefix(ctx), ctx.host, backup_id, manifest.archive)
     spec = archive_spec(ctx, manifest.source, manifest.created, manifest.sha256)
@@ -178,6 +180,7 @@ def upload_backup(
         uploaded_at=format_time(ctx.now()),
     )
     _confirm_archive(ctx, key, manifest, upload)
+    _put_index(ctx, ref, manifest, spec)
     _put_manifest(ctx, ref, manifest, upload, spec)
     upload.verified_at = format_time(ctx.now())
     ctx.local_catalog.write_upload_record(ref.source, ref.id, upload)
@@ -190,6 +193,74 @@ def upload_backup(
     result.seconds = time.monotonic() - started
     LOG.info("%s: %s", ref.id, result.detail, extra=REPORTED)
     return result
+
+
+def _parents_first(ctx: Context, ref: BackupRef, manifest: Manifest) -> None:
+    """An incremental's manifest goes up only after its parent's: the ancestors not yet
+    offsite are uploaded first, oldest first. A parent neither local nor remote fails it."""
+    if manifest.parent is None:
+        return
+    local = ctx.local_catalog.listing(ref.source)
+    listed = ctx.remote_catalog.listing_or_empty().for_source(ctx.host, ref.source)
+    remote_ids = {r.id for r in listed}
+    if manifest.parent in remote_ids:
+        return
+    if local.find(manifest.parent, ctx.host) is None:
+        raise CloudBackupError(
+            f"{ref.id}: its parent {manifest.parent} is neither local nor offsite; "
+            "it cannot be uploaded",
+            "make a full backup (`cloudbackup backup --full`)",
+        )
+    pending: list[BackupRef] = []
+    current = ref
+    while current.incremental:
+        parent = local.parent_of(current)
+        if parent is None or parent.id in remote_ids:
+            break
+        if ctx.local_catalog.verified_offsite(parent):
+            break
+        pending.append(parent)
+        current = parent
+    for parent in reversed(pending):
+        LOG.info("%s: uploading its parent %s first", ref.id, parent.id)
+        result = upload_backup(ctx, parent)
+        if not result.ok:
+            raise CloudBackupError(f"{ref.id}: its parent {parent.id} failed to upload")
+
+
+def _put_index(ctx: Context, ref: BackupRef, manifest: Manifest, spec: UploadSpec) -> None:
+    """The index, after the archive and before the manifest (checked against the manifest's
+    digest as read: the local dir is untrusted). One already there is left as it is."""
+    facts = manifest.index
+    if facts is None:
+        return
+    backup_id = BackupId.parse(ref.id)
+    local_key = key_for("", ctx.host, backup_id, facts.name)
+    data = ctx.local.get_bytes(local_key)
+    if len(data) != facts.size or hashlib.sha256(data).hexdigest() != facts.sha256:
+        raise IntegrityError(f"{ref.id}: the local index differs from its manifest")
+    key = key_for(_prefix(ctx), ctx.host, backup_id, facts.name)
+    try:
+        _remote(ctx).put_bytes(
+            key,
+            data,
+            spec=UploadSpec(
+                metadata={"sha256": facts.sha256, "source": ref.source, "host": ctx.host},
+                tags=object_tags(ctx, ref.source, "index"),
+                storage_class="STANDARD",
+                content_type="application/zstd",
+                lock_mode=spec.lock_mode,
+                lock_until=spec.lock_until,
+            ),
+        )
+    except PermanentStorageError as exc:
+        if exc.code != "PreconditionFailed":
+            raise
+        head = _remote(ctx).head(key)
+        if head is None or head.size != facts.size:
+            raise IntegrityError(
+                f"{_remote(ctx).describe(key)} exists and is another index"
+            ) from None
 
 
 def _upload_archive(

@@ -4,13 +4,20 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from cloudbackup.context import Context
 from cloudbackup.core.errors import CloudBackupError, ConfigError, IntegrityError
-from cloudbackup.core.model import BackupRef, Manifest, parse_manifest_metadata
+from cloudbackup.core.model import (
+    BackupRef,
+    Listing,
+    Manifest,
+    chain_of,
+    parse_manifest_metadata,
+)
 from cloudbackup.core.outcome import Outcome
 from cloudbackup.core.words import plural
 from cloudbackup.fs.files import open_regular
@@ -115,6 +122,12 @@ def verify_local_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> Ver
                 if deep
                 else ""
             )
+        if result.ok:
+            listing = ctx.local_catalog.listing(ref.source, host=ref.host)
+            _check_chain(listing, ref, manifest, result)
+        if result.ok and deep and manifest.index is not None and ref.index_key:
+            with open_regular(ctx.local.path(ref.index_key)) as raw:
+                _check_index(raw, manifest, result)
     except ConfigError:  # an encrypted archive and no identity of its recipients: exit 2
         raise
     except CloudBackupError as exc:  # IntegrityError, or a manifest that cannot be read
@@ -124,6 +137,46 @@ def verify_local_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> Ver
         result.detail = f"cannot read: {exc.strerror}"
         result.outcome = Outcome.FAILED
     return result
+
+
+def _check_chain(
+    listing: Listing, ref: BackupRef, manifest: Manifest | None, result: VerifyResult
+) -> None:
+    """An incremental's ancestors all exist on the same side (LIST only): the backups
+    before it down to a full; its manifest's parent (when read) is the one listed before it."""
+    if not ref.incremental:
+        return
+    refs = listing.for_source(ref.host, ref.source)
+    found = next((r for r in refs if r.id == ref.id), None)
+    links = chain_of(refs, found) if found is not None else None
+    problem = None
+    if links is None:
+        problem = "no full backup before it"
+    elif manifest is not None and manifest.parent != links[-2].id:
+        problem = f"its parent {manifest.parent} is missing (the backup before it is {links[-2].id})"
+    elif manifest is not None and manifest.base != links[0].id:
+        problem = f"its base {manifest.base} is missing"
+    if problem is not None:
+        result.outcome = Outcome.INTEGRITY
+        result.detail = f"its chain is broken ({result.where}): {problem}"
+        return
+    assert links is not None
+    result.detail += f"; chain of {len(links)} link(s) from {links[0].id} present"
+
+
+def _check_index(raw: Any, manifest: Manifest, result: VerifyResult) -> None:
+    """``--deep``: the index's bytes are the ones its manifest records."""
+    assert manifest.index is not None
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := raw.read(1 << 20):
+        digest.update(chunk)
+        size += len(chunk)
+    if (size, digest.hexdigest()) != (manifest.index.size, manifest.index.sha256):
+        result.outcome = Outcome.INTEGRITY
+        result.detail = f"the index {manifest.index.name} differs from its manifest"
+        return
+    result.detail += "; index matches"
 
 
 def verify_remote_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> VerifyResult:
@@ -137,6 +190,13 @@ def verify_remote_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> Ve
             _rehash(ctx, ref, deep, result)
         else:
             _compare_heads(ctx, ref, deep, result)
+        if result.ok:
+            _check_chain(ctx.remote_catalog.listing(all_hosts=False), ref, None, result)
+        if result.ok and deep and ref.index_key:
+            manifest = ctx.remote_catalog.manifest(ref)
+            if manifest.index is not None:
+                with ctx.remote.open(ref.index_key, size=manifest.index.size) as body:
+                    _check_index(body, manifest, result)
     except IntegrityError as exc:
         result.detail = str(exc)
     except ConfigError:  # an encrypted archive and no identity of its recipients: exit 2

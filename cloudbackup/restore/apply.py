@@ -35,10 +35,12 @@ from typing import IO, Any
 
 from cloudbackup.context import Context
 from cloudbackup.core.errors import CloudBackupError, IntegrityError, UsageError
-from cloudbackup.core.model import Manifest
+from cloudbackup.core.model import BackupRef, Manifest
 from cloudbackup.core.outcome import REPORTED, Outcome
 from cloudbackup.core.outcome import exit_code as code_of
+from cloudbackup.core.patterns import PathMatcher
 from cloudbackup.fs.tree import Tally, tally_tree
+from cloudbackup.restore import chain as chains
 from cloudbackup.restore.pipeline import (
     Fetch,
     InlineStage,
@@ -406,7 +408,10 @@ def restore(
         result.target,
     )
     try:
-        if dry_run:
+        if plan.manifest.level > 0:
+            # An incremental: its chain, link by link, into one staging directory.
+            execute_chain(ctx, plan, result, clock)
+        elif dry_run:
             describe(ctx, plan, result, clock)
         else:
             execute(ctx, plan, result, clock)
@@ -520,6 +525,124 @@ def execute(ctx: Context, plan: RestorePlan, result: RestoreResult, clock: Stage
         with clock.timing("install"):
             target.install(ctx, staging, members, result)
         _conclude(result, on_disk, expected=expected, includes=includes)
+
+
+# ---------------------------------------------------------------- a chain
+
+
+# Long: the chain's links found, checked and streamed in order into one staging directory,
+# then counted and installed exactly as one archive is (see execute).
+def execute_chain(ctx: Context, plan: RestorePlan, result: RestoreResult, clock: Stages) -> None:
+    """Restore the chain ``plan.copy`` (an incremental) heads: each link streamed through the
+    archive pipeline (``stream_archive``) into the same staging directory, every path taken
+    from the link its record in the final index names (cloudbackup.restore.chain). A link
+    whose local copy fails its checksum is replaced by its remote copy and the chain applied
+    again into a fresh staging directory; any other failure names the link (exit 3)."""
+    cand, copy, includes = plan.candidate, plan.copy, plan.includes
+    manifest = copy.manifest
+    source = copy.ref.source
+    links = [chains.Link(c) for c in chains.chain_candidates(ctx, cand, plan.from_)]
+    for link in links[:-1]:
+        link.copy = chains.choose_link(ctx, link.cand, plan.from_)
+    links[-1].copy = copy
+    chains.check_links(links)
+    other: BackupRef | None = cand.remote if copy.where == "local" else cand.local
+    index = chains.final_index(ctx, copy, other)
+    if includes:
+        files, size = chains.index_totals(index, source, PathMatcher(includes).matches)
+    else:
+        files, size = chains.expected_totals(manifest)
+    result.expected_files, result.expected_bytes = files, size
+    shown = f"{len(links)}-link chain from {links[0].cand.id}"
+    if result.dry_run:
+        result.ok = files > 0 or not includes
+        if not result.ok:
+            result.outcome = Outcome.FAILED
+        result.files, result.bytes = files, size
+        what = _counts(files, size) + (f" (--include {' '.join(includes)})" if includes else "")
+        result.detail = (
+            f"would restore {what} of {manifest.id} ({shown}) from {copy.where} into "
+            f"{result.target}{plan.target.dry_run_note(plan.force)} (index)"
+        )
+        return
+    target = plan.target
+    target.ready()
+    with Workspace(target.workdir, target.staging_name) as ws:
+        staging = _stream_links(ctx, plan, links, index, ws, result, clock)
+        with clock.timing("count"):
+            members = target.members(staging, manifest, source)
+            on_disk = tally_tree(staging.fd)
+        result.files, result.bytes = on_disk.files, on_disk.bytes
+        if on_disk.files == 0 and on_disk.dirs == 0:
+            result.outcome = Outcome.FAILED
+            result.detail = "nothing restored" + (
+                f": --include {' '.join(includes)} matched no member" if includes else ""
+            )
+            return
+        with clock.timing("install"):
+            target.install(ctx, staging, members, result)
+        _conclude(result, on_disk, expected=(files, size), includes=includes)
+        result.detail += f" ({shown})"
+
+
+def _stream_links(
+    ctx: Context,
+    plan: RestorePlan,
+    links: Sequence[chains.Link],
+    index: bytes,
+    ws: Workspace,
+    result: RestoreResult,
+    clock: Stages,
+) -> Staging:
+    """Every link streamed, in order, into one new staging directory; a local link that
+    fails its checksum is swapped for its remote copy and the chain applied again."""
+    while True:
+        staging = ws.staging(private=plan.target.private_staging)
+        refused: list[str] = []
+        warnings: list[str] = []
+        try:
+            for link in links:
+                assert link.copy is not None
+                manifest = link.copy.manifest
+                progress = ctx.progress(f"restore {link.cand.id}", manifest.uncompressed_bytes)
+                try:
+                    extracted = stream_archive(
+                        ctx,
+                        link.copy,
+                        staging.fd,
+                        clock,
+                        includes=plan.includes,
+                        select=chains.membership(index, link.cand.id),
+                        progress=progress,
+                    )
+                except IntegrityError as exc:
+                    if can_fall_back(ctx, link.cand, plan.from_, link.copy):
+                        LOG.warning(
+                            "%s: the local copy fails its checksum (%s); using the remote one",
+                            link.cand.id,
+                            exc.message,
+                        )
+                        link.copy = remote_copy(ctx, link.cand, manifest.kind)
+                        raise _Again from None
+                    raise IntegrityError(
+                        f"link {link.cand.id} of the chain: {exc.message}", _INTEGRITY_HINT
+                    ) from None
+                finally:
+                    getattr(progress, "close", lambda: None)()
+                refused += extracted.refused
+                warnings += extracted.warnings
+                LOG.info("applied %s from %s (sha256 matches)", link.cand.id, link.copy.where)
+        except _Again:
+            ws.discard(staging)
+            continue
+        result.refused = refused
+        result.warnings += warnings
+        result.where_from = "+".join(sorted({link.copy.where for link in links if link.copy}))
+        return staging
+
+
+class _Again(Exception):
+    """A link's copy was replaced: apply the chain again into a fresh staging directory."""
 
 
 def _counts(files: int, size: int) -> str:

@@ -11,6 +11,7 @@ overlap with reading. Read: bytes → hash → decompress → tar members.
 from __future__ import annotations
 
 import errno
+import hashlib
 import lzma
 import os
 import tarfile
@@ -22,15 +23,18 @@ from typing import IO, Any, BinaryIO, cast
 import zstandard
 
 from cloudbackup.core.errors import CloudBackupError, IntegrityError, SourceError
+from cloudbackup.core.model import IndexFacts
 from cloudbackup.fs.dirs import Dir
 from cloudbackup.fs.walk import FileEntry
 from cloudbackup.stream.age import Decryption, EncryptStage
 from cloudbackup.stream.compress import make_compressor, open_decompressed
 from cloudbackup.stream.hashing import ArchiveTail, HashingSink
+from cloudbackup.stream.index import IndexWriter
 from cloudbackup.stream.tarformat import TarReader
 from cloudbackup.stream.tarwriter import ArchiveStats, Sink, TarOut, Warn, write_tar
 
 
+# Long: the one pass (archive, index, tail) and its undoing on any error.
 def write_archive(
     entries: Iterable[FileEntry],
     directory: Dir,
@@ -43,6 +47,7 @@ def write_archive(
     tail: ArchiveTail | None = None,
     prefetch: bool = False,
     recipients: Sequence[str] = (),
+    index: IndexFile | None = None,
 ) -> ArchiveStats:
     """Write the new file ``partial`` of ``directory`` in one pass and fsync it; the
     caller publishes it under its final name. It is created relative to the directory's
@@ -55,6 +60,9 @@ def write_archive(
     the compressed stream is encrypted to them (age) before it is hashed and written: the
     sha256 and size are the stored, encrypted bytes'. On any error the partial file is
     removed and the error re-raised.
+
+    ``index``: the backup's index, written by the same pass (one record per path, archived
+    or not); the caller publishes and describes it once the archive is complete.
     """
     stats = ArchiveStats()
 
@@ -85,11 +93,20 @@ def write_archive(
             stage = front = EncryptStage(recipients, sink.write)
         out = TarOut(make_compressor(compression, level, front.put), front, progress)
         try:
-            write_tar(entries, out, stats, record, prefetch=prefetch)
+            write_tar(
+                entries,
+                out,
+                stats,
+                record,
+                prefetch=prefetch,
+                index=index.writer if index is not None else None,
+            )
             out.finish()
             if stage is not None:
                 stage.close()
                 stage = None
+            if index is not None:
+                index.finish()
         finally:
             if stage is not None:
                 stage.abort()
@@ -111,6 +128,43 @@ def write_archive(
     if tail is not None:
         tail.finish(stats.size)
     return stats
+
+
+class IndexFile:
+    """The index being written into ``partial`` of ``directory`` (created here, never over
+    an existing file), hashed as written; :meth:`publish` gives it its final name."""
+
+    def __init__(self, directory: Dir, partial: str, backup_id: str) -> None:
+        self.directory = directory
+        self.partial = partial
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self.fd = directory.create(partial)
+        self.writer = IndexWriter(self._put, backup_id)
+
+    def _put(self, data: bytes) -> None:
+        self.sha.update(data)
+        self.size += len(data)
+        view = memoryview(data)
+        while view:
+            written = os.write(self.fd, view)
+            view = view[written:]
+
+    def finish(self) -> None:
+        self.writer.finish()
+        os.fsync(self.fd)
+
+    def publish(self, name: str) -> IndexFacts:
+        os.close(self.fd)
+        self.fd = -1
+        self.directory.publish(self.partial, name)
+        return IndexFacts(name, self.size, self.sha.hexdigest())
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.directory.unlink(self.partial)
 
 
 @dataclass

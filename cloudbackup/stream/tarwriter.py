@@ -26,6 +26,7 @@ from cloudbackup.fs.walk import DirCursor, DirHandle, FileEntry
 from cloudbackup.fs.xattrs import UNSUPPORTED as XATTR_UNSUPPORTED
 from cloudbackup.fs.xattrs import namespaces as xattr_namespaces
 from cloudbackup.stream.compress import Compressor
+from cloudbackup.stream.index import IndexWriter
 from cloudbackup.stream.tarformat import XATTR_PREFIX, member_header
 
 CHUNK = 4 * 1024 * 1024
@@ -331,7 +332,7 @@ def prefetched(entries: Iterable[FileEntry]) -> Generator[tuple[FileEntry, int],
                 st = entry.st
                 cost = len(entry.arcname)
                 fd = -1
-                if st.st_mode & _S_IFMT == _S_IFREG and st.st_size:
+                if st.st_mode & _S_IFMT == _S_IFREG and st.st_size and entry.carry is None:
                     length = min(st.st_size, PREFETCH_BYTES)
                     cost += length
                     parent = entry.parent
@@ -448,6 +449,7 @@ def write_tar(
     warn: Warn,
     *,
     prefetch: bool = False,
+    index: IndexWriter | None = None,
 ) -> None:
     """Write each entry as a tar member (data read through its directory's descriptor).
 
@@ -455,6 +457,10 @@ def write_tar(
     and ``(st_dev, st_ino)``); one that changed size while read is padded or truncated to
     the header's size, as GNU tar does, with a ``changed`` warning. ``prefetch`` reads
     ahead of ``entries`` (:func:`prefetched`).
+
+    ``index`` gets one record per path, archived or not: an entry whose ``carry`` is set
+    (unchanged since the parent backup) is indexed and not archived; a file read only in
+    part is indexed as such (the next backup archives it again).
     """
     items = prefetched(entries) if prefetch else _unopened(entries)
     counts = _Counts()
@@ -462,7 +468,7 @@ def write_tar(
     cursor = DirCursor()
     xattr_reader = _Xattrs(warn)
     try:
-        _write_members(items, out, counts, warn, hardlinks, cursor, xattr_reader)
+        _write_members(items, out, counts, warn, hardlinks, cursor, xattr_reader, index)
     finally:
         items.close()
         cursor.release()
@@ -483,6 +489,7 @@ def _write_members(
     hardlinks: dict[tuple[int, int], str],
     cursor: DirCursor,
     xattr_reader: _Xattrs,
+    index: IndexWriter | None = None,
 ) -> None:
     files = data = 0
     add_file = out.add_file
@@ -493,13 +500,24 @@ def _write_members(
         for entry, fd in items:
             st = entry.st
             mode = st.st_mode
+            if entry.carry is not None and index is not None:
+                if fd >= 0:
+                    close(fd)
+                index.carry(entry, entry.carry)
+                continue
             if mode & _S_IFMT != _S_IFREG:
                 if mode & _S_IFMT == _S_IFDIR:
                     _write_dir(entry, out, xattr_reader)
                     counts.dirs += 1
-                elif mode & _S_IFMT == _S_IFLNK and _write_symlink(entry, out, warn, cursor):
-                    counts.symlinks += 1
-                    files += 1
+                    if index is not None:
+                        index.add(entry)
+                elif mode & _S_IFMT == _S_IFLNK:
+                    target = _write_symlink(entry, out, warn, cursor)
+                    if target is not None:
+                        counts.symlinks += 1
+                        files += 1
+                        if index is not None:
+                            index.add(entry, target)
                 # sources already skip FIFOs, sockets and devices with a note
                 continue
             if st.st_nlink > 1 and (st.st_dev, st.st_ino) in hardlinks:
@@ -508,6 +526,8 @@ def _write_members(
                 _write_hardlink(entry, out, hardlinks[st.st_dev, st.st_ino])
                 counts.hardlinks += 1
                 files += 1
+                if index is not None:
+                    index.add(entry)
                 continue
             if fd < 0:
                 fd = _open_for_writer(entry, cursor, warn)
@@ -543,6 +563,7 @@ def _write_members(
                     "",
                     xattr_reader.records(fd, entry, names) if names else None,
                 )
+                complete = False
                 try:
                     got = add_file(header, fd, size)
                 except ReadFailed as failed:
@@ -554,8 +575,11 @@ def _write_members(
                         "rest filled with zeros",
                     )
                 else:
-                    if got != size:
+                    complete = got == size
+                    if not complete:
                         _changed(entry, fd, size, got, warn)
+                if index is not None:
+                    index.add(entry, None, not complete)
             finally:
                 close(fd)
             if st.st_nlink > 1:
@@ -622,8 +646,9 @@ def _write_dir(entry: FileEntry, out: TarOut, xattr_reader: _Xattrs) -> None:
     )
 
 
-def _write_symlink(entry: FileEntry, out: TarOut, warn: Warn, cursor: DirCursor) -> bool:
-    """The symlink's member; False (with a warning) when it is gone or no longer a link."""
+def _write_symlink(entry: FileEntry, out: TarOut, warn: Warn, cursor: DirCursor) -> str | None:
+    """The symlink's member (its target returned); None (with a warning) when it is gone or
+    no longer a link."""
     st = entry.st
     try:
         if entry.parent is None:
@@ -632,13 +657,13 @@ def _write_symlink(entry: FileEntry, out: TarOut, warn: Warn, cursor: DirCursor)
             linkname = os.readlink(entry.name, dir_fd=cursor.fd_for(entry.parent))
     except FileNotFoundError:
         warn("vanished", f"{entry.path}: vanished while reading")
-        return False
+        return None
     except OSError as exc:
         if exc.errno == errno.EINVAL:
             warn("vanished", f"{entry.path}: no longer a symlink while reading; skipped")
         else:
             warn("unreadable", f"{entry.path}: cannot read link ({exc.strerror})")
-        return False
+        return None
     # Symlinks keep no extended attributes: Linux allows no user.* on them.
     out.write(
         member_header(
@@ -652,7 +677,7 @@ def _write_symlink(entry: FileEntry, out: TarOut, warn: Warn, cursor: DirCursor)
             linkname,
         )
     )
-    return True
+    return linkname
 
 
 def _write_hardlink(entry: FileEntry, out: TarOut, target: str) -> None:

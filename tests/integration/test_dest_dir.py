@@ -59,6 +59,7 @@ def test_the_bucket_layout_on_disk_and_the_same_upload_record(
         [
             f"cloudbackup/{HOST}/.host-id",
             f"cloudbackup/{HOST}/www/{archive.name}",
+            f"cloudbackup/{HOST}/www/{ident}.index.zst",
             f"cloudbackup/{HOST}/www/{ident}.manifest.json",
         ]
     )

@@ -241,7 +241,7 @@ def test_a_backup_dated_2036_is_forgotten_everywhere_and_backups_resume(
     assert planned["dry_run"] is True
     assert {r["where"] for r in planned["results"]} == {"local", "remote"}
     assert all(r["delete"] == [FUTURE_ID] and r["deleted"] == [] for r in planned["results"])
-    assert len([k for k in s3_env.keys() if FUTURE_ID in k]) == 2
+    assert len([k for k in s3_env.keys() if FUTURE_ID in k]) == 3  # archive, index, manifest
     assert env.files("www", f"{FUTURE_ID}.*")
 
     gone = cli("forget", FUTURE_ID, "--where", "all")
@@ -289,4 +289,5 @@ def test_forget_refuses_a_backup_under_object_lock(
     refused = cli("forget", ident, "--where", "all")
     assert refused.exit_code == 2
     refused.assert_one_error(ident, "object lock")
-    assert objects() == before and len(env.files("www", f"{ident}.*")) == 3
+    # archive, index, manifest, upload record
+    assert objects() == before and len(env.files("www", f"{ident}.*")) == 4

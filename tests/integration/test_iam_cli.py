@@ -149,14 +149,14 @@ def remote_backups(cli: Cli, *options: str) -> list[dict[str, Any]]:
 
 
 def two_backups(world: World, cli: Cli, clock: Clock) -> list[str]:
-    """Two backups of ``www`` uploaded by the writer (enforced); their keys, sorted."""
+    """Two full backups of ``www`` uploaded by the writer (enforced); their keys, sorted."""
     world.use(world.writer)
     ok(cli("backup"))
     clock.advance(hours=1)
     (world.www / "news.html").write_text("news\n")
-    ok(cli("backup"))
+    ok(cli("backup", "--full"))  # independent: the older one can be pruned
     keys = world.keys(f"{PREFIX}/{HOST}/www/")
-    assert len(keys) == 4, keys  # two archives, two manifests
+    assert len(keys) == 6, keys  # two archives, two indexes, two manifests
     return keys
 
 
@@ -243,7 +243,7 @@ def test_pruner_deletes_the_older_backup(world: World, env: Env, cli: Cli, clock
     assert group["deleted"] == [older_id], group
     remaining = world.keys(f"{PREFIX}/{HOST}/www/")
     assert remaining == [k for k in keys if older_id not in k], remaining
-    assert len(remaining) == 2
+    assert len(remaining) == 3
 
 
 # ---------------------------------------------------------------- restorer
@@ -306,11 +306,11 @@ def test_prefix_scoped_writer_cannot_touch_another_prefix(
     world.use(world.writer_p2, S3_PREFIX="p2", LOCAL_DIR=str(env.tmp / "p2-box"))
     ok(cli("backup"))
     p2_keys = world.keys("p2/")
-    assert len(p2_keys) == 3, p2_keys  # archive, manifest, host claim
+    assert len(p2_keys) == 4, p2_keys  # archive, index, manifest, host claim
 
     world.use(world.writer_p1, S3_PREFIX="p1", LOCAL_DIR=str(env.tmp / "p1-box"))
     ok(cli("backup"))
-    assert len(world.keys("p1/")) == 3
+    assert len(world.keys("p1/")) == 4
     clock.advance(hours=1)
     world.use(world.writer_p1, S3_PREFIX="p2")
     assert_denied(cli("backup"), BUCKET)

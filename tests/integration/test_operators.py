@@ -517,7 +517,7 @@ def test_remote_prune_reports_space_per_group_and_in_total(
     """15: what operators size buckets by."""
     for n in range(3):
         (www / f"n{n}.txt").write_text("x" * (1000 * (n + 1)))
-        assert cli("backup").exit_code == 0
+        assert cli("backup", "--full").exit_code == 0  # independent: a chain keeps ancestors
         clock.advance(hours=1)
     args = ("prune", "--where", "remote", "--policy", "last=1", "--json")
     dry = json.loads(cli(*args, "--dry-run").stdout)

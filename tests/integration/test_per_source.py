@@ -79,7 +79,8 @@ def test_hourly_database_and_daily_files_in_one_configuration(
     nights(cli, clock, configured)
     assert len(env.manifests("www")) == 3 and len(env.manifests("app-db")) == 15
     assert all(p.name.endswith(".tar.gz") for p in env.archives("app-db"))
-    assert all(p.name.endswith(".tar.zst") for p in env.archives("www"))
+    # www is a chain (a full, then incrementals): its names say so.
+    assert [p.name.endswith(".incr.tar.zst") for p in env.archives("www")] == [False, True, True]
     with tarfile.open(env.archives("app-db")[-1]) as tar:  # gzip, as its own setting says
         assert tar.getnames()
     manifest = json.loads(env.manifests("app-db")[-1].read_text())
@@ -101,14 +102,16 @@ def test_hourly_database_and_daily_files_in_one_configuration(
     kept = {group: len(r["keep"]) for group, r in by_group.items()}
     assert kept == {
         ("local", "app-db"): 3,
-        ("local", "www"): 2,
+        ("local", "www"): 3,  # daily=2 keeps the two newest, and their base
         ("remote", "app-db"): 5,
         ("remote", "www"): 3,
     }
+    (base,) = [k for k in by_group[("local", "www")]["keep"] if k["reasons"][0].startswith("base")]
+    assert base["reasons"] == [f"base of {by_group[('local', 'www')]['keep'][0]['id']}"]
     assert {g: r["delete"] for g, r in groups(json.loads(dry.stdout)).items()} == {
         g: r["delete"] for g, r in by_group.items()
     }, "the dry run printed the plan the real run executed"
-    assert len(env.manifests("www")) == 2 and len(env.manifests("app-db")) == 3
+    assert len(env.manifests("www")) == 3 and len(env.manifests("app-db")) == 3
     remote_db = [k for k in s3_env.keys() if "/app-db/" in k and k.endswith(".manifest.json")]
     remote_www = [k for k in s3_env.keys() if "/www/" in k and k.endswith(".manifest.json")]
     assert (len(remote_db), len(remote_www)) == (5, 3)

@@ -64,7 +64,8 @@ def test_uploaded_backups_pruned_remotely_with_zero_gets(
     for day in range(4):
         if day:
             clock.advance(days=1)
-        result = cli("backup", str(www))
+        # Independent fulls: prune of chains is tests/integration/test_chain_remote.py's.
+        result = cli("backup", "--full", str(www))
         assert result.exit_code == 0, result.stderr
     uploaded = remote_ids(s3_env)
     assert len(uploaded) == 4
@@ -84,13 +85,15 @@ def test_uploaded_backups_pruned_remotely_with_zero_gets(
     # LIST results only: no GetObject at all (one HEAD reads the host claim's metadata).
     assert proxy.count("GetObject") == 0
     assert proxy.count("ListObjectsV2") == 2
-    # Manifest first, then archive, oldest backup first.
+    # Manifest first, then archive and index, newest backup first.
     deletes = [r.key.rsplit("/", 1)[-1] for r in proxy.requests("DeleteObject")]
     assert deletes == [
-        f"{uploaded[0]}.manifest.json",
-        f"{uploaded[0]}.tar.zst",
         f"{uploaded[1]}.manifest.json",
         f"{uploaded[1]}.tar.zst",
+        f"{uploaded[1]}.index.zst",
+        f"{uploaded[0]}.manifest.json",
+        f"{uploaded[0]}.tar.zst",
+        f"{uploaded[0]}.index.zst",
     ]
     # The local copies follow the local policy, untouched by a remote prune.
     assert len(env.manifests("www")) == 4
@@ -259,10 +262,11 @@ def test_local_copy_not_yet_offsite_is_pinned(
 ) -> None:
     www = make_tree(env.tmp / "srv" / "www", {"index.html": "<h1>hello</h1>\n"})
     clock.advance(days=-2)
-    assert cli("backup", "--no-upload", str(www)).exit_code == 0  # never reached S3
+    # Fulls: an incremental's upload would send its parent first.
+    assert cli("backup", "--no-upload", "--full", str(www)).exit_code == 0  # never reached S3
     for _ in range(2):
         clock.advance(days=1)
-        result = cli("backup", str(www))
+        result = cli("backup", "--full", str(www))
         assert result.exit_code == 0, result.stderr
     local = sorted(p.name.removesuffix(".manifest.json") for p in env.manifests("www"))
     assert remote_ids(remote) == local[1:]

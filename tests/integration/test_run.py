@@ -69,6 +69,8 @@ def test_four_nights_keep_two_local_and_three_remote(
     set_sources(monkeypatch, www)
     monkeypatch.setenv("CLOUDBACKUP_LOCAL_RETENTION", "last=2")
     monkeypatch.setenv("CLOUDBACKUP_REMOTE_RETENTION", "last=3")
+    # Independent fulls (chains across nights: tests/integration/test_chain_remote.py).
+    monkeypatch.setenv("CLOUDBACKUP_FULL_EVERY", "0")
     made = []
     for night in range(4):
         if night:
@@ -94,7 +96,7 @@ def test_four_nights_keep_two_local_and_three_remote(
     # Nothing else left behind: two local archives + manifests + upload records, three remote.
     assert len(env.archives("www")) == 2 and len(env.manifests("www")) == 2
     offsite = remote.keys(f"{remote.prefix}/testhost/www/")
-    assert len(offsite) == 6 and not any(made[0] in key for key in offsite)
+    assert len(offsite) == 9 and not any(made[0] in key for key in offsite)
 
 
 def test_run_without_remote_retention_does_not_prune_s3(
@@ -102,6 +104,7 @@ def test_run_without_remote_retention_does_not_prune_s3(
 ) -> None:
     set_sources(monkeypatch, www)
     monkeypatch.setenv("CLOUDBACKUP_LOCAL_RETENTION", "last=1")
+    monkeypatch.setenv("CLOUDBACKUP_FULL_EVERY", "0")  # independent backups
     for _ in range(3):
         assert cli("run").exit_code == 0
         clock.advance(days=1)
@@ -125,6 +128,7 @@ def test_broken_source_fails_the_run_but_not_the_others(
     monkeypatch.setenv("CLOUDBACKUP_PING_URL", ping_server.url)
     monkeypatch.setenv("CLOUDBACKUP_LOCAL_RETENTION", "last=1")
     monkeypatch.setenv("CLOUDBACKUP_REMOTE_RETENTION", "last=1")
+    monkeypatch.setenv("CLOUDBACKUP_FULL_EVERY", "0")  # independent backups
     set_sources(monkeypatch, www, etc)
     green = cli("run")
     assert green.exit_code == 0, green.stderr

@@ -82,16 +82,20 @@ def tags(s3: S3Env, key: str) -> dict[str, str]:
     return {t["Key"]: t["Value"] for t in tag_set}
 
 
-def keys_of(s3: S3Env, manifest: dict[str, Any]) -> tuple[str, str]:
+def keys_of(s3: S3Env, manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The archive's and the manifest's keys (and the index's, when there is one)."""
     archive = s3.key(HOST, manifest["source"], manifest["archive"])
-    return archive, s3.key(HOST, manifest["source"], f"{manifest['id']}.manifest.json")
+    keys = (archive, s3.key(HOST, manifest["source"], f"{manifest['id']}.manifest.json"))
+    if manifest.get("index"):
+        keys += (s3.key(HOST, manifest["source"], manifest["index"]["name"]),)
+    return keys
 
 
 def tamper_with_archive(env: Env, s3: S3Env, source: str) -> dict[str, Any]:
     """Overwrite a source's archive object with random bytes of the same size and the same
     metadata; returns its local manifest."""
     manifest = local_manifest(env, source)
-    key, _ = keys_of(s3, manifest)
+    key, *_ = keys_of(s3, manifest)
     head = s3.client.head_object(Bucket=s3.bucket, Key=key)
     s3.client.put_object(
         Bucket=s3.bucket,
@@ -142,7 +146,7 @@ def test_backup_survives_throttling_and_connection_resets(
     assert "(attempt 1 of 5)" in result.stderr and "retrying in" in result.stderr
     assert "Traceback" not in result.stderr
     manifest = local_manifest(env, "www")
-    archive_key, manifest_key = keys_of(s3_env, manifest)
+    archive_key, manifest_key, *_ = keys_of(s3_env, manifest)
     (archive,) = env.archives("www")
     assert remote_sha256(s3_env, archive_key) == manifest["sha256"] == sha256_file(archive)
     remote_manifest = s3_env.client.get_object(Bucket=s3_env.bucket, Key=manifest_key)
@@ -253,7 +257,7 @@ def test_objects_carry_metadata_tags_storage_class_checksums_and_conditional_wri
 
     for source in ("small", "big"):
         manifest = local_manifest(env, source)
-        archive_key, manifest_key = keys_of(s3_env, manifest)
+        archive_key, manifest_key, *_ = keys_of(s3_env, manifest)
         head = s3_env.client.head_object(
             Bucket=s3_env.bucket, Key=archive_key, ChecksumMode="ENABLED"
         )
@@ -327,7 +331,7 @@ def test_a_50mb_archive_goes_multipart_in_parallel_and_arrives_intact(
     result, _ = backup(cli, src)
     assert result.exit_code == 0, result.stderr
     manifest = local_manifest(env, "media")
-    archive_key, _ = keys_of(s3_env, manifest)
+    archive_key, *_ = keys_of(s3_env, manifest)
     parts = proxy.requests("UploadPart")
     assert len(parts) == 7  # 50 MiB in 8 MiB parts
     assert proxy.max_in_flight["UploadPart"] >= 2
@@ -400,7 +404,7 @@ def test_kill_during_upload_then_resume_without_resending_parts(
     resent = sorted(r.part_number or 0 for r in proxy.requests("UploadPart"))
     assert resent == list(range(5, part_count + 1))  # completed parts 1-4 were not sent again
     assert proxy.count("CompleteMultipartUpload") == 1
-    archive_key, _ = keys_of(s3_env, manifest)
+    archive_key, *_ = keys_of(s3_env, manifest)
     assert remote_sha256(s3_env, archive_key) == manifest["sha256"]
     assert not s3_env.client.list_multipart_uploads(Bucket=s3_env.bucket).get("Uploads")
 
@@ -451,7 +455,7 @@ def test_list_and_verify_issue_no_get_and_tampering_is_caught(
 
     # A size change is caught without downloading anything.
     small = local_manifest(env, "small")
-    small_key, _ = keys_of(s3_env, small)
+    small_key, *_ = keys_of(s3_env, small)
     head = s3_env.client.head_object(Bucket=s3_env.bucket, Key=small_key)
     s3_env.client.put_object(
         Bucket=s3_env.bucket, Key=small_key, Body=b"short", Metadata=head["Metadata"]
@@ -526,7 +530,7 @@ def test_compat_mode_sends_no_checksums_and_no_tags(
         assert sent == [], (request.operation, sent)
         assert "x-amz-tagging" not in request.headers
     for source in ("small", "big"):
-        archive_key, manifest_key = keys_of(s3_env, local_manifest(env, source))
+        archive_key, manifest_key, *_ = keys_of(s3_env, local_manifest(env, source))
         assert tags(s3_env, archive_key) == {}
         assert tags(s3_env, manifest_key) == {}
     verified = cli("verify", "--where", "remote")
@@ -558,7 +562,7 @@ def test_object_lock_retention_on_archive_and_manifest(
         manifest = local_manifest(env, source)
         created = datetime.fromisoformat(manifest["created_at"].replace("Z", "+00:00"))
         until = created + timedelta(days=30)
-        archive_key, manifest_key = keys_of(s3_env, manifest)
+        archive_key, manifest_key, *_ = keys_of(s3_env, manifest)
         for key in (archive_key, manifest_key):
             (write,) = [
                 r
@@ -652,7 +656,7 @@ def test_parts_leave_while_the_archive_is_still_being_written(
     (entry,) = doc["results"]
     assert entry["ok"] and entry["uploaded"], entry
     manifest = local_manifest(env, "www")
-    archive_key, manifest_key = keys_of(s3_env, manifest)
+    archive_key, manifest_key, *_ = keys_of(s3_env, manifest)
     (archive,) = env.archives("www")
     assert remote_sha256(s3_env, archive_key) == manifest["sha256"] == sha256_file(archive)
     assert proxy.count("CreateMultipartUpload") == 1
@@ -682,7 +686,7 @@ def test_after_mode_uploads_once_the_archive_is_complete(
     assert gate == [True]  # nothing was sent while the archive was being written
     assert labels[0] == "archive www" and labels[1].startswith("upload www-")
     manifest = local_manifest(env, "www")
-    archive_key, _ = keys_of(s3_env, manifest)
+    archive_key, *_ = keys_of(s3_env, manifest)
     head = s3_env.client.head_object(Bucket=s3_env.bucket, Key=archive_key)
     assert head["Metadata"]["sha256"] == manifest["sha256"]
     assert proxy.count("UploadPart") == 3
@@ -711,8 +715,13 @@ def test_a_refused_archive_aborts_its_streamed_upload(
     ]
     assert {k for k in keys if "/www/" in k} == set(keys_of(s3_env, first))
     assert sorted(p.name for p in env.files("www")) == sorted(
-        [first["archive"], f"{first['id']}.manifest.json", f"{first['id']}.upload.json"]
-    )
+        [
+            first["archive"],
+            f"{first['id']}.index.zst",
+            f"{first['id']}.manifest.json",
+            f"{first['id']}.upload.json",
+        ]
+    )  # the refused archive's index (written in the same pass) went with it
 
 
 def test_a_streamed_upload_that_fails_is_finished_from_the_local_archive(
@@ -727,7 +736,7 @@ def test_a_streamed_upload_that_fails_is_finished_from_the_local_archive(
     assert "finishing it from the local archive" in result.stderr
     assert doc["results"][0]["uploaded"] is True
     manifest = local_manifest(env, "www")
-    archive_key, _ = keys_of(s3_env, manifest)
+    archive_key, *_ = keys_of(s3_env, manifest)
     assert remote_sha256(s3_env, archive_key) == manifest["sha256"]
     # The same multipart upload was resumed: its parts were listed, part 1 not sent again.
     assert proxy.count("CreateMultipartUpload") == 1
@@ -761,7 +770,7 @@ def test_a_streamed_upload_left_uncompleted_is_completed_by_upload(
     (entry,) = json.loads(result.stdout)["results"]
     assert entry["ok"] and entry["parts_reused"] == part_count and entry["parts_sent"] == 0
     assert proxy.count("UploadPart") == 0 and proxy.count("CreateMultipartUpload") == 0
-    archive_key, _ = keys_of(s3_env, manifest)
+    archive_key, *_ = keys_of(s3_env, manifest)
     assert remote_sha256(s3_env, archive_key) == manifest["sha256"]
     assert (
         "sha256" not in s3_env.client.head_object(Bucket=s3_env.bucket, Key=archive_key)["Metadata"]
@@ -787,7 +796,7 @@ def test_an_archive_that_outgrows_the_part_count_is_uploaded_whole(
     ]
     assert max(streamed) == 3
     manifest = local_manifest(env, "www")
-    archive_key, _ = keys_of(s3_env, manifest)
+    archive_key, *_ = keys_of(s3_env, manifest)
     head = s3_env.client.head_object(Bucket=s3_env.bucket, Key=archive_key)
     assert head["Metadata"]["sha256"] == manifest["sha256"]
     assert remote_sha256(s3_env, archive_key) == manifest["sha256"]
@@ -827,7 +836,12 @@ def test_a_kill_during_a_streamed_backup_leaves_nothing_behind_after_the_next_ru
 
     kill_when(proc, lambda: any(r.action == "hold" for r in proxy.requests("UploadPart")))
     proxy.release()
-    (partial,) = env.files("www", "*.partial")
+    # The archive and its index, both half-written.
+    (partial,) = env.files("www", "*.tar.zst.partial")
+    assert [p.name for p in env.files("www", "*.partial")] == [
+        partial.name.replace(".tar.zst.partial", ".index.zst.partial"),
+        partial.name,
+    ]
     (record,) = env.files("www", "*.upload.json")
     upload_id = json.loads(record.read_bytes())["upload_id"]
     uploads = s3_env.client.list_multipart_uploads(Bucket=s3_env.bucket).get("Uploads", [])
@@ -837,7 +851,7 @@ def test_a_kill_during_a_streamed_backup_leaves_nothing_behind_after_the_next_ru
     (src / "zz-last.txt").unlink()
     result, _ = backup(cli, src)
     assert result.exit_code == 0, result.stderr
-    assert not partial.exists()
+    assert not partial.exists() and env.files("www", "*.partial") == []
     assert "aborted the upload of" in result.stderr
     # The new backup may reuse the id (same second); every record left is of a kept backup.
     (manifest_path,) = env.manifests("www")
