@@ -352,6 +352,9 @@ class BackupRef:
     index_key: str | None = None
     index_size: int | None = None
     encrypted: bool = False
+    #: An encrypted backup's plaintext index (``<id>.index.zst`` beside ``.index.zst.age``):
+    #: kept in the local dir only, the parent of the next incremental.
+    plain_index_key: str | None = None
 
     @property
     def level_name(self) -> str:
@@ -418,6 +421,7 @@ def build_listing(objects: Any, *, prefix: str, where: str) -> Listing:
     archives: dict[tuple[str, str], Any] = {}
     manifests: dict[tuple[str, str], Any] = {}
     indexes: dict[tuple[str, str], Any] = {}
+    plain_indexes: dict[tuple[str, str], Any] = {}
     parsed: dict[tuple[str, str], ParsedName] = {}
     listing = Listing()
     clean = prefix.strip("/")
@@ -438,7 +442,9 @@ def build_listing(objects: Any, *, prefix: str, where: str) -> Listing:
             manifests[ident] = obj
             parsed.setdefault(ident, name)
         elif name.kind == "index":
-            indexes[ident] = obj
+            # An encrypted backup keeps both locally: the encrypted index is the one its
+            # manifest describes, the plaintext one is the next incremental's parent.
+            (indexes if name.encrypted else plain_indexes)[ident] = obj
             parsed.setdefault(ident, name)
         elif name.kind == "upload":
             listing.upload_keys[str(name.backup_id)] = obj.key
@@ -447,7 +453,8 @@ def build_listing(objects: Any, *, prefix: str, where: str) -> Listing:
     for ident, name in parsed.items():
         archive = archives.get(ident)
         manifest = manifests.get(ident)
-        index = indexes.get(ident)
+        plain_index = plain_indexes.get(ident)
+        index = indexes.get(ident, plain_index)
         ref = BackupRef(
             host=name.host,
             source=name.source,
@@ -463,6 +470,7 @@ def build_listing(objects: Any, *, prefix: str, where: str) -> Listing:
             index_key=index.key if index else None,
             index_size=index.size if index else None,
             encrypted=name.encrypted,
+            plain_index_key=plain_index.key if plain_index and plain_index is not index else None,
         )
         if archive and manifest:
             listing.refs.append(ref)
@@ -758,7 +766,7 @@ def _manifest_from(data: Any, ref: BackupRef, kinds: Mapping[str, MemberSchema])
         level=level,
         parent=parent,
         base=base,
-        index=_index_facts(_take(data, "index", None), ref.backup_id),
+        index=_index_facts(_take(data, "index", None), ref.backup_id, encryption is not None),
         tree_files=_int(_take(data, "tree_files", None), "tree_files", optional=True),
         tree_bytes=_int(_take(data, "tree_bytes", None), "tree_bytes", optional=True),
         walk_started_ns=_int(
@@ -819,14 +827,16 @@ def _chain(data: dict[str, Any], ref: BackupRef, level: int) -> tuple[str | None
     return parent_id, base_id
 
 
-def _index_facts(value: Any, backup_id: BackupId) -> IndexFacts | None:
+def _index_facts(value: Any, backup_id: BackupId, encrypted: bool) -> IndexFacts | None:
+    """``index``: the copy uploaded, encrypted like the archive when the backup is."""
     if value is None:
         return None
     if not isinstance(value, dict):
         raise _Invalid(f"has index {_show(value)}, not an object")
     name = _str(_take(value, "name", within="index"), "index.name")
-    if name not in (index_name(backup_id), index_name(backup_id, encrypted=True)):
-        raise _Invalid(f"has index.name {_show(name)}, not {index_name(backup_id)}")
+    expected = index_name(backup_id, encrypted=encrypted)
+    if name != expected:
+        raise _Invalid(f"has index.name {_show(name)}, not {expected}")
     sha256 = _str(_take(value, "sha256", within="index"), "index.sha256")
     if not _SHA256_RE.fullmatch(sha256):
         raise _Invalid(f"has index.sha256 {_show(sha256)}, not 64 lowercase hex digits")

@@ -635,6 +635,7 @@ def _write_backup(
     stream = streamer(ctx, source.name, backup_id, final, previous) if streamer else None
     index = None
     index_final = index_name(backup_id)
+    sealed_final = index_name(backup_id, encrypted=True)
     started_ns = time.time_ns()
     found = source.entries(sctx)
     entries = EntryStream(_counted(found, count_file) if count_file is not None else found)
@@ -643,7 +644,13 @@ def _write_backup(
         walked = mark_unchanged(entries, chain.parent, parent_invalid)
     try:
         if source.chain_capable:
-            index = IndexFile(directory, index_final + ".partial", str(backup_id))
+            index = IndexFile(
+                directory,
+                index_final + ".partial",
+                str(backup_id),
+                recipients=recipients,
+                sealed_partial=sealed_final + ".partial",
+            )
         with phase(f"archive {source.name}"):
             try:
                 stats = write_archive(
@@ -675,7 +682,11 @@ def _write_backup(
             directory.unlink(partial)
             raise
         directory.publish(partial, final)  # never over an existing archive
-        facts = index.publish(index_final) if index is not None else None
+        facts = (
+            index.publish(index_final, sealed_final if recipients else None)
+            if index is not None
+            else None
+        )
         directory.fsync()
         manifest = _manifest(
             ctx, source, backup_id, final, stats, device, entries.members, kinds

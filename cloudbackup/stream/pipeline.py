@@ -132,14 +132,39 @@ def write_archive(
 
 class IndexFile:
     """The index being written into ``partial`` of ``directory`` (created here, never over
-    an existing file), hashed as written; :meth:`publish` gives it its final name."""
+    an existing file), hashed as written; :meth:`publish` gives it its final name.
 
-    def __init__(self, directory: Dir, partial: str, backup_id: str) -> None:
+    With ``recipients`` (SPEC "Encryption") the same compressed bytes also go through an
+    age stage into a second hashing sink (``<partial>`` of the encrypted name): that copy is
+    the one uploaded and described by the manifest; the plaintext stays in the local dir
+    only, the parent of the next incremental (the host needs no identity to read it)."""
+
+    def __init__(
+        self,
+        directory: Dir,
+        partial: str,
+        backup_id: str,
+        *,
+        recipients: Sequence[str] = (),
+        sealed_partial: str | None = None,
+    ) -> None:
         self.directory = directory
         self.partial = partial
+        self.sealed_partial = sealed_partial if recipients else None
         self.sha = hashlib.sha256()
         self.size = 0
         self.fd = directory.create(partial)
+        self._sealed_fd = -1
+        self._sealed: HashingSink | None = None
+        self._stage: EncryptStage | None = None
+        try:
+            if self.sealed_partial is not None:
+                self._sealed_fd = directory.create(self.sealed_partial)
+                self._sealed = HashingSink(self._sealed_fd)
+                self._stage = EncryptStage(recipients, self._sealed.write)
+        except BaseException:
+            self.discard()
+            raise
         self.writer = IndexWriter(self._put, backup_id)
 
     def _put(self, data: bytes) -> None:
@@ -149,22 +174,46 @@ class IndexFile:
         while view:
             written = os.write(self.fd, view)
             view = view[written:]
+        if self._stage is not None:
+            self._stage.put(data)
 
     def finish(self) -> None:
         self.writer.finish()
         os.fsync(self.fd)
+        if self._stage is not None and self._sealed is not None:
+            self._stage.close()
+            self._stage = None
+            self._sealed.close()
+            os.fsync(self._sealed_fd)
 
-    def publish(self, name: str) -> IndexFacts:
+    def publish(self, name: str, sealed_name: str | None = None) -> IndexFacts:
+        """Publish the plaintext as ``name`` (and the encrypted copy as ``sealed_name``);
+        the facts describe the copy that is uploaded: the encrypted one when there is one."""
         os.close(self.fd)
         self.fd = -1
+        if self._sealed is not None:
+            assert sealed_name is not None and self.sealed_partial is not None
+            os.close(self._sealed_fd)
+            self._sealed_fd = -1
+            self.directory.publish(self.sealed_partial, sealed_name)
+            self.directory.publish(self.partial, name)
+            return IndexFacts(sealed_name, self._sealed.size, self._sealed.sha.hexdigest())
         self.directory.publish(self.partial, name)
         return IndexFacts(name, self.size, self.sha.hexdigest())
 
     def discard(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        self.directory.unlink(self.partial)
+        if self._stage is not None:
+            self._stage.abort()
+            self._stage = None
+        if self._sealed is not None:
+            self._sealed.close()
+            self._sealed = None
+        for fd, partial in ((self.fd, self.partial), (self._sealed_fd, self.sealed_partial)):
+            if fd >= 0:
+                os.close(fd)
+            if partial is not None:
+                self.directory.unlink(partial)
+        self.fd = self._sealed_fd = -1
 
 
 @dataclass
