@@ -420,3 +420,66 @@ def test_key_generate_to_stdout_with_the_recipient_on_stderr(tmp_path: Path, cli
 def test_generated_keys_differ(tmp_path: Path) -> None:
     one, two = generate_key(None), generate_key(None)
     assert one[1] != two[1] and one[0] != two[0]
+
+
+# ---------------------------------------------------------------- indexes of encrypted backups
+
+
+@pytest.mark.parametrize(
+    ("encrypted", "index", "accepted"),
+    [
+        (True, "www-20261121T021500Z.index.zst.age", True),
+        (True, "www-20261121T021500Z.index.zst", False),  # the plaintext index is never uploaded
+        (False, "www-20261121T021500Z.index.zst", True),
+        (False, "www-20261121T021500Z.index.zst.age", False),
+    ],
+)
+def test_the_manifest_names_the_index_encrypted_like_its_archive(
+    keys: dict[str, str], encrypted: bool, index: str, accepted: bool
+) -> None:
+    facts = {"name": index, "size": 3, "sha256": "1" * 64}
+    data = _manifest(keys, index=facts)
+    archive = "www-20261121T021500Z.tar.zst"
+    if not encrypted:
+        del data["encryption"], data["recipients"]
+        data["archive"] = archive
+    ref = _ref(archive + (".age" if encrypted else ""))
+    if accepted:
+        manifest = parse_manifest(json.dumps(data), ref)
+        assert manifest.index is not None and manifest.index.name == index
+    else:
+        with pytest.raises(IntegrityError, match="index.name"):
+            parse_manifest(json.dumps(data), ref)
+
+
+def test_a_listing_keeps_both_indexes_of_an_encrypted_backup_and_deletion_removes_both() -> None:
+    """The local dir holds the encrypted index (described by the manifest, uploaded) and the
+    plaintext one (the next parent): the listing names the first as the index, the second
+    as the plaintext index, and deleting the backup removes both."""
+    from dataclasses import dataclass
+
+    from cloudbackup.core.model import Listing, build_listing
+    from cloudbackup.ops.deletion import local_keys, remote_keys
+
+    @dataclass
+    class Obj:
+        key: str
+        size: int = 1
+        modified: Any = None
+
+    names = [
+        "www-20261121T021500Z.manifest.json",
+        "www-20261121T021500Z.tar.zst.age",
+        "www-20261121T021500Z.index.zst",
+        "www-20261121T021500Z.index.zst.age",
+    ]
+    for order in (names, list(reversed(names))):
+        listing: Listing = build_listing(
+            [Obj(f"web1/www/{n}") for n in order], prefix="", where="local"
+        )
+        (ref,) = listing.refs
+        assert ref.encrypted and not listing.orphans
+        assert ref.index_key == "web1/www/www-20261121T021500Z.index.zst.age"
+        assert ref.plain_index_key == "web1/www/www-20261121T021500Z.index.zst"
+        for keys_of in (local_keys(listing), remote_keys):
+            assert set(keys_of(ref)) == {f"web1/www/{n}" for n in names}

@@ -85,6 +85,7 @@ def test_a_host_with_only_recipients_backs_up_but_cannot_restore(
     src = build_source(env.tmp / "www")
     monkeypatch.setenv("CLOUDBACKUP_SOURCES", str(src))
     monkeypatch.setenv("CLOUDBACKUP_REMOTE_RETENTION", "last=5")
+    monkeypatch.setenv("CLOUDBACKUP_FULL_EVERY", "2")  # full, incr, full: last=1 prunes two
     for _ in range(3):
         night = cli("run", "--json")
         assert night.exit_code == 0, night.stderr
