@@ -27,7 +27,7 @@ from cloudbackup.core.errors import IntegrityError
 from cloudbackup.core.patterns import PathMatcher
 from cloudbackup.fs import xattrs
 from cloudbackup.fs.walk import default_capacity, identity, open_parent
-from cloudbackup.stream.tarformat import XATTR_PREFIX, TarReader, pax_time_ns
+from cloudbackup.stream.tarformat import XATTR_PREFIX, Header, TarReader, pax_time_ns
 
 __all__ = ["CHUNK_SIZE", "ExtractResult", "extract"]
 
@@ -66,10 +66,10 @@ class _Attrs(NamedTuple):
     xattrs: tuple[tuple[str, bytes], ...] = ()
 
     @classmethod
-    def of(cls, member: tarfile.TarInfo) -> _Attrs:
+    def of(cls, member: Header) -> _Attrs:
         """The attributes of a member the reader let through (its numbers are in range:
         ``tarformat.member_problem``)."""
-        pax = member.pax_headers
+        pax = member.pax
         if not pax:
             return cls(member.mode & 0o7777, _ns(member.mtime), member.uid, member.gid)
         xattrs = tuple(
@@ -505,7 +505,7 @@ class _Extraction:
         try:
             with TarReader(stream, refuse=self.refuse_member) as tar:
                 self.tar = tar
-                for member in tar:
+                for member in tar.headers():
                     self.member(member)
         except (tarfile.TarError, EOFError) as exc:
             raise IntegrityError(
@@ -513,7 +513,7 @@ class _Extraction:
             ) from exc
         self.finish()
 
-    def member(self, member: tarfile.TarInfo) -> None:
+    def member(self, member: Header) -> None:
         name = member.name
         try:
             parts = _split_name(name)
@@ -566,7 +566,7 @@ class _Extraction:
         except _Refused as exc:
             self.refuse(name, str(exc))
 
-    def regular_file(self, parts: Parts, member: tarfile.TarInfo) -> None:
+    def regular_file(self, parts: Parts, member: Header) -> None:
         path = "/".join(parts)
         self.regular.discard(path)
         data = None if self.dry_run or self.tar is None else self.tar.data(member)
@@ -574,7 +574,7 @@ class _Extraction:
         self.regular.add(path)
         self.result.files += 1
 
-    def hard_link(self, parts: Parts, member: tarfile.TarInfo) -> None:
+    def hard_link(self, parts: Parts, member: Header) -> None:
         try:
             source = _split_name(member.linkname, "hard link target")
         except _Refused as exc:
@@ -591,7 +591,7 @@ class _Extraction:
         self.regular.add(path)
         self.result.hardlinks += 1
 
-    def add_symlink(self, name: str, parts: Parts, member: tarfile.TarInfo) -> None:
+    def add_symlink(self, name: str, parts: Parts, member: Header) -> None:
         target = member.linkname
         if not target:
             self.refuse(name, "symlink has an empty target")
