@@ -99,7 +99,7 @@ class _Tree(Protocol):
 
     def make_dir(self, parts: Parts) -> None: ...
 
-    def write_file(self, parts: Parts, data: IO[bytes] | None, size: int, attrs: _Attrs) -> int: ...
+    def write_file(self, parts: Parts, data: IO[bytes] | bytes | None, size: int, attrs: _Attrs) -> int: ...
 
     def hard_link(self, source: Parts, parts: Parts) -> None: ...
 
@@ -277,7 +277,7 @@ class _RealTree:
                 count, example = self._xattr_failures.get(reason, (0, f"{name} of {_show(parts)}"))
                 self._xattr_failures[reason] = (count + 1, example)
 
-    def write_file(self, parts: Parts, data: IO[bytes] | None, size: int, attrs: _Attrs) -> int:
+    def write_file(self, parts: Parts, data: IO[bytes] | bytes | None, size: int, attrs: _Attrs) -> int:
         parent = self._dir(parts[:-1])
         name = parts[-1]
         # Created with its permission bits (less the umask): no fchmod afterwards. A file
@@ -297,7 +297,8 @@ class _RealTree:
             remaining = size if data is not None else 0
             while remaining > 0:  # exactly ``size``: no extra read to find the end
                 assert data is not None
-                chunk = data.read(min(remaining, CHUNK_SIZE))  # a small file: one read
+                # A small file comes whole (bytes); a larger one is read a chunk at a time.
+                chunk = data if isinstance(data, bytes) else data.read(min(remaining, CHUNK_SIZE))
                 if not chunk:
                     break
                 remaining -= len(chunk)
@@ -406,7 +407,7 @@ class _DryTree:
             raise _Refused(f"{what} collides with {_show(parts)}, which is {description}")
         self._kinds[parts] = kind
 
-    def write_file(self, parts: Parts, data: IO[bytes] | None, size: int, attrs: _Attrs) -> int:
+    def write_file(self, parts: Parts, data: IO[bytes] | bytes | None, size: int, attrs: _Attrs) -> int:
         self._place(parts, "f", "file")
         if self._progress is not None and size:
             self._progress(size)
@@ -569,7 +570,10 @@ class _Extraction:
     def regular_file(self, parts: Parts, member: Header) -> None:
         path = "/".join(parts)
         self.regular.discard(path)
-        data = None if self.dry_run or self.tar is None else self.tar.data(member)
+        tar = self.tar
+        data: IO[bytes] | bytes | None = None
+        if not self.dry_run and tar is not None:
+            data = tar.whole(member) if member.size <= CHUNK_SIZE else tar.data(member)
         self.result.bytes += self.tree.write_file(parts, data, member.size, _Attrs.of(member))
         self.regular.add(path)
         self.result.files += 1

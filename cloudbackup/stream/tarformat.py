@@ -741,3 +741,12 @@ class TarReader:
         if info is not None and info.issparse():
             return self._archive.extractfile(info)
         return cast(IO[bytes], _MemberData(self._input, member.offset_data, member.size))
+
+    def whole(self, member: Header) -> IO[bytes] | bytes | None:
+        """A small regular member's data as one piece of bytes (``data`` for a sparse one)."""
+        if member.info is not None and member.info.issparse():
+            return self.data(member)
+        data = self._input.take(member.offset_data, member.size)
+        if len(data) != member.size:
+            raise tarfile.ReadError("unexpected end of data")
+        return data
