@@ -289,16 +289,17 @@ class _Input:
         index = offset - self.base
         if index + size <= len(buf) or self._eof:
             return index
-        if index > len(buf):  # skipped data, read through
+        if index > len(buf):  # skipped data, read through (but the block before offset)
             self.base += len(buf)
             buf = self.buf = b""
-            while self.base < offset:
-                piece = self._stream.read(min(offset - self.base, _PIECE))
+            stop = offset - BLOCK
+            while self.base < stop:
+                piece = self._stream.read(min(stop - self.base, _PIECE))
                 if not piece:
                     self._eof = True
                     return offset - self.base
                 self.base += len(piece)
-            index = 0
+            index = offset - self.base
         keep = index - BLOCK if index > BLOCK else 0
         parts = [buf[keep:]] if keep else [buf]
         have = len(buf) - keep
