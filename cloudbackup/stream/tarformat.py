@@ -402,9 +402,13 @@ def _number(field: bytes) -> int:
     return int((field if end < 0 else field[:end]).strip() or b"0", 8)
 
 
-# The six fixed-width octal fields (mode, uid, gid, size, mtime, checksum) as written here.
-_OUR_NUMBERS = re.compile(
-    rb"([0-7]{7})\0([0-7]{7})\0([0-7]{7})\0([0-7]{11})\0([0-7]{11})\0([0-7]{6})\0 "
+# A ustar block as the writer lays it out: name, the six fixed-width octal fields (mode,
+# uid, gid, size, mtime, checksum), a regular file, hard link, symlink or directory, link
+# name, POSIX magic, and nothing after it (no owner names, device numbers or prefix).
+_OUR_BLOCK = re.compile(
+    rb"(.{100})([0-7]{7})\0([0-7]{7})\0([0-7]{7})\0([0-7]{11})\0([0-7]{11})\0([0-7]{6})\0 "
+    rb"([0125])(.{100})ustar\x0000\0{247}",
+    re.DOTALL,
 )
 _EMPTY_TAIL = bytes(BLOCK - 265)  # no owner names, device numbers or prefix
 
@@ -570,13 +574,10 @@ def _fast_header(buf: bytes, start: int, offset: int) -> tuple[Header, int] | No
             offset_data = offset + BLOCK
         if available < offset_data - offset:
             return None
-        kind = buf[start + 156 : start + 157]
-        if kind not in _FAST_KINDS or buf[start + 257 : start + 265] != _USTAR_MAGIC:
-            return None
-        numbers = _OUR_NUMBERS.match(buf, start + 100)
-        if numbers is not None and buf[start + 265 : start + BLOCK] == _EMPTY_TAIL:
-            fields = numbers.groups()
-            checksum = int(fields[5], 8)
+        block = _OUR_BLOCK.match(buf, start)
+        if block is not None:
+            field, *numbers, kind, link = block.groups()
+            checksum = int(numbers[5], 8)
             # The sum of the block's bytes (the checksum field counted as spaces, the zeros
             # after byte 265 adding nothing), each half by adler32, whose low 16 bits are
             # one plus the sum of the bytes while that stays below 65,521: at most 148 * 255
@@ -585,13 +586,19 @@ def _fast_header(buf: bytes, start: int, offset: int) -> tuple[Header, int] | No
                 adler32(buf[start + 156 : start + 265]) & 0xFFFF
             ):
                 return None
-            name = _name(buf[start : start + 100])
+            end = field.find(b"\0")
+            name = (field if end < 0 else field[:end]).decode("utf-8", "surrogateescape")
             if kind == tarfile.DIRTYPE:
                 name = name.rstrip("/")
-            linkname = _name(buf[start + 157 : start + 257])
-            mtime: float = int(fields[4], 8)
+            end = link.find(b"\0")
+            linkname = (link if end < 0 else link[:end]).decode("utf-8", "surrogateescape")
+            mtime: float = int(numbers[4], 8)
             info = None
+            fields = numbers
         else:
+            kind = buf[start + 156 : start + 157]
+            if kind not in _FAST_KINDS:
+                return None
             info = _parse_ustar(buf[start : start + BLOCK], offset)
             name, linkname, mtime, checksum = info.name, info.linkname, info.mtime, info.chksum
             fields = None
