@@ -294,23 +294,34 @@ class _RealTree:
             raise
         written = 0
         try:
-            remaining = size if data is not None else 0
-            while remaining > 0:  # exactly ``size``: no extra read to find the end
-                assert data is not None
-                # A small file comes whole (bytes); a larger one is read a chunk at a time.
-                chunk = data if isinstance(data, bytes) else data.read(min(remaining, CHUNK_SIZE))
-                if not chunk:
-                    break
-                remaining -= len(chunk)
-                n = os.write(fd, chunk)  # one write, unless the kernel takes less
-                if n < len(chunk):
-                    view = memoryview(chunk)[n:]
-                    while view:
-                        view = view[os.write(fd, view) :]
-                written += len(chunk)
-                if self._progress is not None:
-                    self._progress(len(chunk))
-            self._apply(fd, attrs, parts=parts, created=perms)
+            if isinstance(data, bytes):  # a small file comes whole: one write
+                if data:
+                    _write_all(fd, data)
+                    written = len(data)
+                    if self._progress is not None:
+                        self._progress(written)
+            elif data is not None:
+                remaining = size
+                while remaining > 0:  # exactly ``size``: no extra read to find the end
+                    chunk = data.read(min(remaining, CHUNK_SIZE))
+                    if not chunk:
+                        break
+                    remaining -= len(chunk)
+                    _write_all(fd, chunk)
+                    written += len(chunk)
+                    if self._progress is not None:
+                        self._progress(len(chunk))
+            if (
+                attrs.xattrs
+                or attrs.mode & self._mode_mask != perms & ~self._umask
+                or (self._same_owner and (attrs.uid, attrs.gid) != self._created_owner)
+            ):
+                self._apply(fd, attrs, parts=parts, created=perms)
+            else:  # the common case: only its mtime to set
+                try:
+                    os.utime(fd, ns=(attrs.mtime_ns, attrs.mtime_ns))
+                except (OSError, OverflowError, ValueError) as exc:
+                    self._warnings.append(f"cannot set mtime of {_show(parts)}: {exc}")
         finally:
             os.close(fd)
         return written
@@ -421,6 +432,15 @@ class _DryTree:
 
     def finish_dir(self, parts: Parts, attrs: _Attrs | None) -> None:
         pass
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data``: one write, unless the kernel takes less."""
+    n = os.write(fd, data)
+    if n < len(data):
+        view = memoryview(data)[n:]
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 def _current_umask() -> int:
