@@ -464,6 +464,42 @@ def test_a_2000_level_archive_is_extracted_with_a_few_descriptors(
         os.close(fd)
 
 
+def test_a_directory_reopened_after_eviction_is_not_made_again_unless_it_is_gone(
+    target: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory whose descriptor left the cache is reopened without a mkdir first; if
+    it went away meanwhile, it is made again (and its files land in the new one)."""
+    from cloudbackup.stream import extract as extract_module
+
+    monkeypatch.setattr(extract_module, "default_capacity", lambda: 2)
+    made: list[str] = []
+    real_mkdir = os.mkdir
+
+    def counting_mkdir(name: str, *args: object, **kwargs: object) -> None:
+        made.append(name)
+        real_mkdir(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "mkdir", counting_mkdir)
+    tree = extract_module._RealTree(target, same_owner=False, progress=None, warnings=[])
+    attrs = extract_module._Attrs(0o644, 0, os.getuid(), os.getgid())
+    try:
+        tree.write_file(("a", "f"), b"1", 1, attrs)
+        for name in ("b", "c", "d"):  # "a" leaves the cache of 2
+            tree.write_file((name, "f"), b"2", 1, attrs)
+        assert ("a",) not in tree._fds
+        tree.write_file(("a", "g"), b"3", 1, attrs)
+        assert made == ["a", "b", "c", "d"]
+        for name in ("b", "c", "d"):
+            tree.write_file((name, "g"), b"4", 1, attrs)
+        shutil.rmtree(target / "a")
+        tree.write_file(("a", "h"), b"5", 1, attrs)
+        assert made == ["a", "b", "c", "d", "a"]
+    finally:
+        tree.close()
+    assert (target / "a" / "h").read_bytes() == b"5"
+    assert sorted(os.listdir(target / "a")) == ["h"]
+
+
 def test_a_file_streams_in_chunks(target: Path) -> None:
     size = 3 * CHUNK_SIZE + 1
     data = Tar().file("big", b"\xab" * size).bytes()

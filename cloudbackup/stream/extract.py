@@ -212,10 +212,25 @@ class _RealTree:
             os.close(self._fds.popitem(last=False)[1])
 
     def _open_dir(self, parent: int, parts: Parts) -> int:
-        """Create (if missing) and open directory ``parts`` in its parent's fd; cache it."""
-        name = parts[-1]
+        """Create (if missing) and open directory ``parts`` in its parent's fd; cache it.
+        One opened before (evicted from the cache since) is opened without a mkdir first."""
+        known = parts in self._ids
+        if not known:
+            self._mkdir(parent, parts)
         try:
-            os.mkdir(name, 0o700, dir_fd=parent)
+            fd = self._open_existing(parent, parts)
+        except FileNotFoundError:
+            if not known:
+                raise
+            self._mkdir(parent, parts)
+            fd = self._open_existing(parent, parts)
+        self._ids[parts] = identity(fd)
+        self._cache(parts, fd)
+        return fd
+
+    def _mkdir(self, parent: int, parts: Parts) -> None:
+        try:
+            os.mkdir(parts[-1], 0o700, dir_fd=parent)
             self.created_dirs.add(parts)
         except FileExistsError:
             pass
@@ -223,17 +238,16 @@ class _RealTree:
             if exc.errno in _MEMBER_ERRNOS:
                 raise _Refused(f"cannot create directory {_show(parts)}: {exc.strerror}") from None
             raise
+
+    def _open_existing(self, parent: int, parts: Parts) -> int:
         try:
-            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+            return os.open(parts[-1], _DIR_FLAGS, dir_fd=parent)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise _Refused(f"{_show(parts)} is not a directory") from None
             if exc.errno in _MEMBER_ERRNOS:
                 raise _Refused(f"cannot open directory {_show(parts)}: {exc.strerror}") from None
             raise
-        self._ids[parts] = identity(fd)
-        self._cache(parts, fd)
-        return fd
 
     def make_dir(self, parts: Parts) -> None:
         self._dir(parts)
@@ -634,9 +648,11 @@ class _Extraction:
             except _Refused as exc:
                 self.refuse(pending.name, str(exc))
         self.result.dirs = len(self.tree.created_dirs)
-        # Deepest first: a child's mode or mtime never changes its parent, and a parent made
-        # read-only (0o555) is done after everything inside it.
-        for parts in sorted(self.tree.created_dirs, key=len, reverse=True):
+        # Every directory after everything inside it (a child's mode or mtime never changes
+        # its parent, and a parent made read-only, 0o555, is done last): reverse order of
+        # the component tuples puts each one after its descendants, and keeps a subtree's
+        # directories together (the descriptors cached stay the ones needed).
+        for parts in sorted(self.tree.created_dirs, reverse=True):
             self.tree.finish_dir(parts, self.dir_attrs.get(parts))
         if self.root_attrs is not None:
             self.tree.finish_dir((), self.root_attrs)
