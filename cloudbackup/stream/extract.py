@@ -71,7 +71,9 @@ class _Attrs(NamedTuple):
         ``tarformat.member_problem``)."""
         pax = member.pax
         if not pax:
-            return cls(member.mode & 0o7777, _ns(member.mtime), member.uid, member.gid)
+            mtime = member.mtime
+            ns = mtime * 1_000_000_000 if type(mtime) is int else _ns(mtime)
+            return cls(member.mode & 0o7777, ns, member.uid, member.gid)
         xattrs = tuple(
             (key[len(XATTR_PREFIX) :], value.encode("utf-8", "surrogateescape"))
             for key, value in pax.items()
@@ -310,8 +312,10 @@ class _RealTree:
         try:
             if isinstance(data, bytes):  # a small file comes whole: one write
                 if data:
-                    _write_all(fd, data)
                     written = len(data)
+                    n = os.write(fd, data)
+                    if n < written:
+                        _write_all(fd, data, n)
                     if self._progress is not None:
                         self._progress(written)
             elif data is not None:
@@ -321,7 +325,7 @@ class _RealTree:
                     if not chunk:
                         break
                     remaining -= len(chunk)
-                    _write_all(fd, chunk)
+                    _write_all(fd, chunk, 0)
                     written += len(chunk)
                     if self._progress is not None:
                         self._progress(len(chunk))
@@ -448,13 +452,11 @@ class _DryTree:
         pass
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    """Write all of ``data``: one write, unless the kernel takes less."""
-    n = os.write(fd, data)
-    if n < len(data):
-        view = memoryview(data)[n:]
-        while view:
-            view = view[os.write(fd, view) :]
+def _write_all(fd: int, data: bytes, done: int) -> None:
+    """Write ``data`` past its first ``done`` bytes: one write, unless the kernel takes less."""
+    view = memoryview(data)[done:]
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _current_umask() -> int:

@@ -705,7 +705,9 @@ class TarReader:
             while True:
                 if not archive.pax_headers:  # a global header applies to every member
                     offset = archive.offset
-                    start = source.fill(offset, FAST_HEADER_BYTES)
+                    start = offset - source.base
+                    if start + FAST_HEADER_BYTES > len(source.buf):
+                        start = source.fill(offset, FAST_HEADER_BYTES)
                     parsed = _fast_header(source.buf, start, offset)
                     if parsed is not None:
                         header, archive.offset = parsed
@@ -754,7 +756,12 @@ class TarReader:
         """A small regular member's data as one piece of bytes (``data`` for a sparse one)."""
         if member.info is not None and member.info.issparse():
             return self.data(member)
-        data = self._input.take(member.offset_data, member.size)
+        source = self._input
+        start = member.offset_data - source.base
+        end = start + member.size
+        if start >= 0 and end <= len(source.buf):  # the usual case: read already
+            return source.buf[start:end]
+        data = source.take(member.offset_data, member.size)
         if len(data) != member.size:
             raise tarfile.ReadError("unexpected end of data")
         return data
