@@ -74,12 +74,14 @@ class _Attrs(NamedTuple):
             mtime = member.mtime
             ns = mtime * 1_000_000_000 if type(mtime) is int else _ns(mtime)
             return cls(member.mode & 0o7777, ns, member.uid, member.gid)
-        xattrs = tuple(
-            (key[len(XATTR_PREFIX) :], value.encode("utf-8", "surrogateescape"))
-            for key, value in pax.items()
-            if key.startswith(XATTR_PREFIX)
-        )
         text = pax.get("mtime")
+        xattrs: tuple[tuple[str, bytes], ...] = ()
+        if len(pax) > (text is not None):  # more than a sub-second mtime (the usual one)
+            xattrs = tuple(
+                (key[len(XATTR_PREFIX) :], value.encode("utf-8", "surrogateescape"))
+                for key, value in pax.items()
+                if key.startswith(XATTR_PREFIX)
+            )
         mtime_ns = pax_time_ns(text) if text is not None else None
         if mtime_ns is None:
             mtime_ns = _ns(member.mtime)

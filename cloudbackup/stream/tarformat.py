@@ -383,6 +383,8 @@ _PAX_LENGTH_RE = re.compile(rb"[1-9][0-9]{0,8} ")
 _USTAR_MAGIC = b"ustar\x0000"  # POSIX ustar/pax (GNU's "ustar  \0" is tarfile's job)
 # The most header bytes parsed here: an extended header of up to 7 blocks, then the member's.
 FAST_HEADER_BYTES = 9 * BLOCK
+# An extended header whose one record is an mtime that the short cut takes (below).
+_MTIME_RECORD = re.compile(rb"([1-9][0-9]) mtime=(-?[0-9]{1,18}(?:\.[0-9]*)?)\n")
 # A PAX mtime the short cut takes: a plain number within time_t (no member_problem then:
 # its other numbers are fixed-width octal, always in range).
 _FAST_TIME_RE = re.compile(r"-?[0-9]{1,18}(?:\.[0-9]*)?", re.ASCII)
@@ -565,9 +567,17 @@ def _fast_header(buf: bytes, start: int, offset: int) -> tuple[Header, int] | No
                 # another writer's: validated as tarfile would
                 _parse_ustar(buf[start : start + BLOCK], offset)
             skip = BLOCK + -(-size // BLOCK) * BLOCK
-            if available < skip + BLOCK or buf[start + BLOCK + size : start + skip].strip(b"\0"):
+            padding = skip - BLOCK - size
+            if available < skip + BLOCK or buf[start + skip - padding : start + skip] != bytes(
+                padding
+            ):
                 return None
-            records = _pax_records(buf[start + BLOCK : start + BLOCK + size])
+            payload = buf[start + BLOCK : start + BLOCK + size]
+            record = _MTIME_RECORD.fullmatch(payload)
+            if record is not None and int(record[1]) == size:  # the usual one: mtime alone
+                records = {"mtime": record[2].decode("ascii")}
+            else:
+                records = _pax_records(payload)
             start += skip
             offset_data = offset + skip + BLOCK
         else:
