@@ -549,6 +549,7 @@ class Header(NamedTuple):
         return self.type == tarfile.FIFOTYPE
 
 
+# Long: once per member on the extractor's hot path (a split costs ~0.3 us per member).
 def _fast_header(buf: bytes, start: int, offset: int) -> tuple[Header, int] | None:
     """The member whose headers start at ``buf[start]`` (archive ``offset``) and the offset
     of the next header, for what this tool writes: a POSIX ustar block of a regular file,
