@@ -6,6 +6,7 @@ import io
 import os
 import shutil
 import stat
+import subprocess
 import tarfile
 import tempfile
 import traceback
@@ -1039,3 +1040,34 @@ def test_owner_set_when_a_setgid_directory_gives_new_files_another_group(target:
     )
     assert (target / "a").lstat().st_gid == 0
     assert (target / "b").lstat().st_gid == 4321
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])
+def test_sparse_members_of_gnu_tar_are_extracted_through_tarfile(
+    tmp_path: Path, target: Path, fmt: str
+) -> None:
+    """A sparse member (GNU's old type ``S``, or PAX sparse records) is not one of ours:
+    tarfile parses it and maps its data from the same buffer; small and large ones alike."""
+    src = tmp_path / "src"
+    src.mkdir()
+    contents = {}
+    for name, size in (("small", 100_000), ("large", 3 * CHUNK_SIZE + 12_345)):
+        with open(src / name, "wb") as handle:
+            handle.write(b"head")
+            handle.seek(size // 2)
+            handle.write(b"middle")
+            handle.truncate(size)
+        contents[name] = (src / name).read_bytes()
+    (src / "plain").write_bytes(b"after the sparse ones")
+    contents["plain"] = b"after the sparse ones"
+    archive = tmp_path / "a.tar"
+    subprocess.run(
+        ["tar", f"--format={fmt}", "--sparse", "-cf", str(archive), "-C", str(src), "small",
+         "large", "plain"],
+        check=True,
+    )  # fmt: skip
+    with tarfile.open(archive) as tar:
+        assert any(member.issparse() for member in tar)
+    result = run(archive.read_bytes(), target)
+    assert result.refused == [] and result.files == 3
+    assert {name: (target / name).read_bytes() for name in contents} == contents
