@@ -6,6 +6,7 @@ import io
 import os
 import shutil
 import stat
+import subprocess
 import tarfile
 import tempfile
 import traceback
@@ -462,6 +463,42 @@ def test_a_2000_level_archive_is_extracted_with_a_few_descriptors(
                 assert handle.read() == b"%d" % depth
     finally:
         os.close(fd)
+
+
+def test_a_directory_reopened_after_eviction_is_not_made_again_unless_it_is_gone(
+    target: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory whose descriptor left the cache is reopened without a mkdir first; if
+    it went away meanwhile, it is made again (and its files land in the new one)."""
+    from cloudbackup.stream import extract as extract_module
+
+    monkeypatch.setattr(extract_module, "default_capacity", lambda: 2)
+    made: list[str] = []
+    real_mkdir = os.mkdir
+
+    def counting_mkdir(name: str, *args: object, **kwargs: object) -> None:
+        made.append(name)
+        real_mkdir(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "mkdir", counting_mkdir)
+    tree = extract_module._RealTree(target, same_owner=False, progress=None, warnings=[])
+    attrs = extract_module._Attrs(0o644, 0, os.getuid(), os.getgid())
+    try:
+        tree.write_file(("a", "f"), b"1", 1, attrs)
+        for name in ("b", "c", "d"):  # "a" leaves the cache of 2
+            tree.write_file((name, "f"), b"2", 1, attrs)
+        assert ("a",) not in tree._fds
+        tree.write_file(("a", "g"), b"3", 1, attrs)
+        assert made == ["a", "b", "c", "d"]
+        for name in ("b", "c", "d"):
+            tree.write_file((name, "g"), b"4", 1, attrs)
+        shutil.rmtree(target / "a")
+        tree.write_file(("a", "h"), b"5", 1, attrs)
+        assert made == ["a", "b", "c", "d", "a"]
+    finally:
+        tree.close()
+    assert (target / "a" / "h").read_bytes() == b"5"
+    assert sorted(os.listdir(target / "a")) == ["h"]
 
 
 def test_a_file_streams_in_chunks(target: Path) -> None:
@@ -1003,3 +1040,34 @@ def test_owner_set_when_a_setgid_directory_gives_new_files_another_group(target:
     )
     assert (target / "a").lstat().st_gid == 0
     assert (target / "b").lstat().st_gid == 4321
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])
+def test_sparse_members_of_gnu_tar_are_extracted_through_tarfile(
+    tmp_path: Path, target: Path, fmt: str
+) -> None:
+    """A sparse member (GNU's old type ``S``, or PAX sparse records) is not one of ours:
+    tarfile parses it and maps its data from the same buffer; small and large ones alike."""
+    src = tmp_path / "src"
+    src.mkdir()
+    contents = {}
+    for name, size in (("small", 100_000), ("large", 3 * CHUNK_SIZE + 12_345)):
+        with open(src / name, "wb") as handle:
+            handle.write(b"head")
+            handle.seek(size // 2)
+            handle.write(b"middle")
+            handle.truncate(size)
+        contents[name] = (src / name).read_bytes()
+    (src / "plain").write_bytes(b"after the sparse ones")
+    contents["plain"] = b"after the sparse ones"
+    archive = tmp_path / "a.tar"
+    subprocess.run(
+        ["tar", f"--format={fmt}", "--sparse", "-cf", str(archive), "-C", str(src), "small",
+         "large", "plain"],
+        check=True,
+    )  # fmt: skip
+    with tarfile.open(archive) as tar:
+        assert any(member.issparse() for member in tar)
+    result = run(archive.read_bytes(), target)
+    assert result.refused == [] and result.files == 3
+    assert {name: (target / name).read_bytes() for name in contents} == contents

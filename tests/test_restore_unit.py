@@ -395,6 +395,27 @@ def test_tally_counts_entries_and_each_inode_once(tmp_path: Path) -> None:
     assert (tally.files, tally.bytes, tally.dirs) == (5, 8, 3)
 
 
+def test_tally_counts_what_the_listing_types_and_stats_only_files_and_directories(
+    tmp_path: Path,
+) -> None:
+    """A FIFO and symlinks count as entries by their type in the listing; regular files
+    add their size (each inode once, however many links), directories count once each,
+    at any place in the tree."""
+    root = tmp_path / "t"
+    (root / "d/e").mkdir(parents=True)
+    os.mkfifo(root / "d/fifo")
+    (root / "d/e/f").write_bytes(b"x" * 7)
+    os.link(root / "d/e/f", root / "f2")
+    os.link(root / "d/e/f", root / "d/f3")
+    os.symlink("e", root / "d/link")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        tally = tally_tree(fd)
+    finally:
+        os.close(fd)
+    assert (tally.files, tally.bytes, tally.dirs) == (5, 7, 2)
+
+
 def test_remove_tree_handles_read_only_directories(tmp_path: Path) -> None:
     root = tmp_path / "t"
     (root / "ro/inner").mkdir(parents=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+from collections.abc import Iterable
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -289,3 +290,88 @@ def test_the_reader_refuses_a_stream_without_its_end_blocks() -> None:
         else:
             raise AssertionError("a stream cut after a member was accepted")
     assert len(members) == 4
+
+
+class _Trickle:
+    """A stream that hands out at most ``step`` bytes per read, as a decompressor may."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        self._data, self._pos, self._step = data, 0, step
+        self.reads = 0
+
+    def read(self, size: int = -1) -> bytes:
+        self.reads += 1
+        end = self._pos + min(self._step, size if size >= 0 else len(self._data))
+        piece = self._data[self._pos : end]
+        self._pos += len(piece)
+        return piece
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 5000), min_size=1, max_size=12),
+    piece=st.sampled_from([512, 700, 4096, 1 << 20]),
+    step=st.sampled_from([1, 333, 512, 1 << 20]),
+    others=st.booleans(),
+    take=st.sampled_from(["headers", "tarinfo"]),
+)
+def test_the_reader_slices_members_out_of_any_pieces_the_stream_gives(
+    sizes: list[int], piece: int, step: int, others: bool, take: str
+) -> None:
+    """Members (ours, and with ``others`` tarfile's in between) read whole, in chunks or
+    skipped give the archive's bytes whatever the pieces read and the stream's short reads
+    (the reader's buffer refills, keeps and skips across every boundary)."""
+    out = io.BytesIO()
+    contents = {}
+    for number, size in enumerate(sizes):
+        name = f"d/{number}"
+        data = bytes((number + i) % 251 for i in range(size))
+        contents[name] = data
+        if others and number % 2:
+            info = tarfile.TarInfo(name + "/" + "long" * 30)  # a GNU long name: tarfile's
+            info.size = size
+            out.write(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+            contents[info.name] = contents.pop(name)
+        else:
+            out.write(tarformat.member_header(name, tarfile.REGTYPE, 0o644, 0, 0, size, NS + 7))
+        out.write(data + bytes(-size % 512))
+    stream = _Trickle(out.getvalue() + bytes(1024), step)
+    seen = {}
+    original = tarformat._PIECE
+    tarformat._PIECE = piece
+    try:
+        with tarformat.TarReader(stream) as tar:  # type: ignore[arg-type]
+            members: Iterable[tarformat.Header | tarfile.TarInfo]
+            members = tar.headers() if take == "headers" else iter(tar)
+            for number, member in enumerate(members):
+                if number % 3 == 2:
+                    continue  # skipped: read through
+                if number % 3 == 1 and isinstance(member, tarformat.Header):
+                    whole = tar.whole(member)
+                    assert isinstance(whole, bytes)
+                    seen[member.name] = whole
+                    continue
+                reader = tar.data(member)
+                assert reader is not None
+                chunks = []
+                while chunk := reader.read(1000):
+                    chunks.append(chunk)
+                seen[member.name] = b"".join(chunks)
+    finally:
+        tarformat._PIECE = original
+    assert seen == {
+        name: data for number, (name, data) in enumerate(contents.items()) if number % 3 != 2
+    }
+
+
+def test_the_reader_asks_the_stream_for_large_pieces() -> None:
+    """Many small members cost a read of the stream per megabyte, not per member."""
+    out = io.BytesIO()
+    for number in range(2000):
+        out.write(tarformat.member_header(f"f{number}", tarfile.REGTYPE, 0o644, 0, 0, 100, NS))
+        out.write(bytes(512))
+    stream = _Trickle(out.getvalue() + bytes(1024), 1 << 20)
+    with tarformat.TarReader(stream) as tar:  # type: ignore[arg-type]
+        for member in tar.headers():
+            tar.whole(member)
+    assert stream.reads <= 4  # 2 MB of archive: two pieces, then the end

@@ -11,7 +11,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from cloudbackup.fs.walk import DIR_FLAGS, ENTER, LEAVE, OTHER, visit_tree
+from cloudbackup.fs.walk import DIR_FLAGS, LEAVE, OTHER, DirCursor, DirTable, visit_tree
 
 #: What opening a symlink with O_NOFOLLOW | O_DIRECTORY gives (ELOOP or ENOTDIR).
 _NOT_A_DIR = (errno.ELOOP, errno.ENOTDIR)
@@ -132,24 +132,65 @@ def tally_tree(root: Path | int) -> Tally:
     """Count what is on disk under ``root`` (a path, or an open directory's descriptor; no
     symlink followed): the restore's own check.
 
-    Iterative and by directory descriptor: any depth, any path length.
+    Iterative and by directory descriptor (``DirTable``: bounded descriptors, each directory
+    checked to be the one listed): any depth, any path length. Each directory is listed once
+    with ``scandir`` and its entries judged by their type in the listing: only regular files
+    (their size, their links) and directories (their identity) are stat'ed.
     """
     tally = Tally()
     seen: set[tuple[int, int]] = set()
     if isinstance(root, int):
-        visits = visit_tree(f"/proc/self/fd/{root}", root_fd=root)
+        top = DirTable(f"/proc/self/fd/{root}").open_root(fd=root)
     else:
-        visits = visit_tree(os.fspath(root))
-    for kind, _fd, _name, st, _parent in visits:
-        if kind == ENTER:
+        top = DirTable(os.fspath(root)).open_root()
+    cursor = DirCursor()
+    try:
+        pending = [(top, _tally_listing(cursor.fd_for(top), tally, seen))]
+        while pending:
+            handle, subdirs = pending[-1]
+            if not subdirs:
+                pending.pop()
+                continue
+            name, st = subdirs.pop()
             tally.dirs += 1
-        elif kind == OTHER:
-            tally.files += 1
+            child = handle.open_child(name, st, cursor.fd_for(handle))
+            pending.append((child, _tally_listing(cursor.fd_for(child), tally, seen)))
+    finally:
+        cursor.release()
+    return tally
+
+
+def _tally_listing(
+    fd: int, tally: Tally, seen: set[tuple[int, int]]
+) -> list[tuple[str, os.stat_result]]:
+    """Count the entries of the directory ``fd`` but its subdirectories, which are returned
+    (name and what ``lstat`` says of each). ``fd`` stays open meanwhile (entries are stat'ed
+    through it)."""
+    subdirs: list[tuple[str, os.stat_result]] = []
+    files = size = 0
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode):
+                        subdirs.append((entry.name, st))
+                        continue
+                elif entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                else:
+                    files += 1  # a symlink (or a device, a FIFO): counted, not stat'ed
+                    continue
+            except FileNotFoundError:
+                continue  # gone since it was listed
+            files += 1
             if stat.S_ISREG(st.st_mode):
                 if st.st_nlink > 1:
                     ident = (st.st_dev, st.st_ino)
                     if ident in seen:
                         continue
                     seen.add(ident)
-                tally.bytes += st.st_size
-    return tally
+                size += st.st_size
+    tally.files += files
+    tally.bytes += size
+    return subdirs

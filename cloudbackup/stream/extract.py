@@ -27,7 +27,7 @@ from cloudbackup.core.errors import IntegrityError
 from cloudbackup.core.patterns import PathMatcher
 from cloudbackup.fs import xattrs
 from cloudbackup.fs.walk import default_capacity, identity, open_parent
-from cloudbackup.stream.tarformat import XATTR_PREFIX, TarReader, pax_time_ns
+from cloudbackup.stream.tarformat import XATTR_PREFIX, Header, TarReader, pax_time_ns
 
 __all__ = ["CHUNK_SIZE", "ExtractResult", "extract"]
 
@@ -66,18 +66,22 @@ class _Attrs(NamedTuple):
     xattrs: tuple[tuple[str, bytes], ...] = ()
 
     @classmethod
-    def of(cls, member: tarfile.TarInfo) -> _Attrs:
+    def of(cls, member: Header) -> _Attrs:
         """The attributes of a member the reader let through (its numbers are in range:
         ``tarformat.member_problem``)."""
-        pax = member.pax_headers
+        pax = member.pax
         if not pax:
-            return cls(member.mode & 0o7777, _ns(member.mtime), member.uid, member.gid)
-        xattrs = tuple(
-            (key[len(XATTR_PREFIX) :], value.encode("utf-8", "surrogateescape"))
-            for key, value in pax.items()
-            if key.startswith(XATTR_PREFIX)
-        )
+            mtime = member.mtime
+            ns = mtime * 1_000_000_000 if type(mtime) is int else _ns(mtime)
+            return cls(member.mode & 0o7777, ns, member.uid, member.gid)
         text = pax.get("mtime")
+        xattrs: tuple[tuple[str, bytes], ...] = ()
+        if len(pax) > (text is not None):  # more than a sub-second mtime (the usual one)
+            xattrs = tuple(
+                (key[len(XATTR_PREFIX) :], value.encode("utf-8", "surrogateescape"))
+                for key, value in pax.items()
+                if key.startswith(XATTR_PREFIX)
+            )
         mtime_ns = pax_time_ns(text) if text is not None else None
         if mtime_ns is None:
             mtime_ns = _ns(member.mtime)
@@ -99,7 +103,7 @@ class _Tree(Protocol):
 
     def make_dir(self, parts: Parts) -> None: ...
 
-    def write_file(self, parts: Parts, data: IO[bytes] | None, size: int, attrs: _Attrs) -> int: ...
+    def write_file(self, parts: Parts, data: IO[bytes] | bytes | None, size: int, attrs: _Attrs) -> int: ...
 
     def hard_link(self, source: Parts, parts: Parts) -> None: ...
 
@@ -212,10 +216,25 @@ class _RealTree:
             os.close(self._fds.popitem(last=False)[1])
 
     def _open_dir(self, parent: int, parts: Parts) -> int:
-        """Create (if missing) and open directory ``parts`` in its parent's fd; cache it."""
-        name = parts[-1]
+        """Create (if missing) and open directory ``parts`` in its parent's fd; cache it.
+        One opened before (evicted from the cache since) is opened without a mkdir first."""
+        known = parts in self._ids
+        if not known:
+            self._mkdir(parent, parts)
         try:
-            os.mkdir(name, 0o700, dir_fd=parent)
+            fd = self._open_existing(parent, parts)
+        except FileNotFoundError:
+            if not known:
+                raise
+            self._mkdir(parent, parts)
+            fd = self._open_existing(parent, parts)
+        self._ids[parts] = identity(fd)
+        self._cache(parts, fd)
+        return fd
+
+    def _mkdir(self, parent: int, parts: Parts) -> None:
+        try:
+            os.mkdir(parts[-1], 0o700, dir_fd=parent)
             self.created_dirs.add(parts)
         except FileExistsError:
             pass
@@ -223,17 +242,16 @@ class _RealTree:
             if exc.errno in _MEMBER_ERRNOS:
                 raise _Refused(f"cannot create directory {_show(parts)}: {exc.strerror}") from None
             raise
+
+    def _open_existing(self, parent: int, parts: Parts) -> int:
         try:
-            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+            return os.open(parts[-1], _DIR_FLAGS, dir_fd=parent)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise _Refused(f"{_show(parts)} is not a directory") from None
             if exc.errno in _MEMBER_ERRNOS:
                 raise _Refused(f"cannot open directory {_show(parts)}: {exc.strerror}") from None
             raise
-        self._ids[parts] = identity(fd)
-        self._cache(parts, fd)
-        return fd
 
     def make_dir(self, parts: Parts) -> None:
         self._dir(parts)
@@ -277,7 +295,7 @@ class _RealTree:
                 count, example = self._xattr_failures.get(reason, (0, f"{name} of {_show(parts)}"))
                 self._xattr_failures[reason] = (count + 1, example)
 
-    def write_file(self, parts: Parts, data: IO[bytes] | None, size: int, attrs: _Attrs) -> int:
+    def write_file(self, parts: Parts, data: IO[bytes] | bytes | None, size: int, attrs: _Attrs) -> int:
         parent = self._dir(parts[:-1])
         name = parts[-1]
         # Created with its permission bits (less the umask): no fchmod afterwards. A file
@@ -294,22 +312,36 @@ class _RealTree:
             raise
         written = 0
         try:
-            remaining = size if data is not None else 0
-            while remaining > 0:  # exactly ``size``: no extra read to find the end
-                assert data is not None
-                chunk = data.read(min(remaining, CHUNK_SIZE))  # a small file: one read
-                if not chunk:
-                    break
-                remaining -= len(chunk)
-                n = os.write(fd, chunk)  # one write, unless the kernel takes less
-                if n < len(chunk):
-                    view = memoryview(chunk)[n:]
-                    while view:
-                        view = view[os.write(fd, view) :]
-                written += len(chunk)
-                if self._progress is not None:
-                    self._progress(len(chunk))
-            self._apply(fd, attrs, parts=parts, created=perms)
+            if isinstance(data, bytes):  # a small file comes whole: one write
+                if data:
+                    written = len(data)
+                    n = os.write(fd, data)
+                    if n < written:
+                        _write_all(fd, data, n)
+                    if self._progress is not None:
+                        self._progress(written)
+            elif data is not None:
+                remaining = size
+                while remaining > 0:  # exactly ``size``: no extra read to find the end
+                    chunk = data.read(min(remaining, CHUNK_SIZE))
+                    if not chunk:
+                        break
+                    remaining -= len(chunk)
+                    _write_all(fd, chunk, 0)
+                    written += len(chunk)
+                    if self._progress is not None:
+                        self._progress(len(chunk))
+            if (
+                attrs.xattrs
+                or attrs.mode & self._mode_mask != perms & ~self._umask
+                or (self._same_owner and (attrs.uid, attrs.gid) != self._created_owner)
+            ):
+                self._apply(fd, attrs, parts=parts, created=perms)
+            else:  # the common case: only its mtime to set
+                try:
+                    os.utime(fd, ns=(attrs.mtime_ns, attrs.mtime_ns))
+                except (OSError, OverflowError, ValueError) as exc:
+                    self._warnings.append(f"cannot set mtime of {_show(parts)}: {exc}")
         finally:
             os.close(fd)
         return written
@@ -406,7 +438,7 @@ class _DryTree:
             raise _Refused(f"{what} collides with {_show(parts)}, which is {description}")
         self._kinds[parts] = kind
 
-    def write_file(self, parts: Parts, data: IO[bytes] | None, size: int, attrs: _Attrs) -> int:
+    def write_file(self, parts: Parts, data: IO[bytes] | bytes | None, size: int, attrs: _Attrs) -> int:
         self._place(parts, "f", "file")
         if self._progress is not None and size:
             self._progress(size)
@@ -420,6 +452,13 @@ class _DryTree:
 
     def finish_dir(self, parts: Parts, attrs: _Attrs | None) -> None:
         pass
+
+
+def _write_all(fd: int, data: bytes, done: int) -> None:
+    """Write ``data`` past its first ``done`` bytes: one write, unless the kernel takes less."""
+    view = memoryview(data)[done:]
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _current_umask() -> int:
@@ -505,7 +544,7 @@ class _Extraction:
         try:
             with TarReader(stream, refuse=self.refuse_member) as tar:
                 self.tar = tar
-                for member in tar:
+                for member in tar.headers():
                     self.member(member)
         except (tarfile.TarError, EOFError) as exc:
             raise IntegrityError(
@@ -513,7 +552,7 @@ class _Extraction:
             ) from exc
         self.finish()
 
-    def member(self, member: tarfile.TarInfo) -> None:
+    def member(self, member: Header) -> None:
         name = member.name
         try:
             parts = _split_name(name)
@@ -566,15 +605,18 @@ class _Extraction:
         except _Refused as exc:
             self.refuse(name, str(exc))
 
-    def regular_file(self, parts: Parts, member: tarfile.TarInfo) -> None:
+    def regular_file(self, parts: Parts, member: Header) -> None:
         path = "/".join(parts)
         self.regular.discard(path)
-        data = None if self.dry_run or self.tar is None else self.tar.data(member)
+        tar = self.tar
+        data: IO[bytes] | bytes | None = None
+        if not self.dry_run and tar is not None:
+            data = tar.whole(member) if member.size <= CHUNK_SIZE else tar.data(member)
         self.result.bytes += self.tree.write_file(parts, data, member.size, _Attrs.of(member))
         self.regular.add(path)
         self.result.files += 1
 
-    def hard_link(self, parts: Parts, member: tarfile.TarInfo) -> None:
+    def hard_link(self, parts: Parts, member: Header) -> None:
         try:
             source = _split_name(member.linkname, "hard link target")
         except _Refused as exc:
@@ -591,7 +633,7 @@ class _Extraction:
         self.regular.add(path)
         self.result.hardlinks += 1
 
-    def add_symlink(self, name: str, parts: Parts, member: tarfile.TarInfo) -> None:
+    def add_symlink(self, name: str, parts: Parts, member: Header) -> None:
         target = member.linkname
         if not target:
             self.refuse(name, "symlink has an empty target")
@@ -610,9 +652,11 @@ class _Extraction:
             except _Refused as exc:
                 self.refuse(pending.name, str(exc))
         self.result.dirs = len(self.tree.created_dirs)
-        # Deepest first: a child's mode or mtime never changes its parent, and a parent made
-        # read-only (0o555) is done after everything inside it.
-        for parts in sorted(self.tree.created_dirs, key=len, reverse=True):
+        # Every directory after everything inside it (a child's mode or mtime never changes
+        # its parent, and a parent made read-only, 0o555, is done last): reverse order of
+        # the component tuples puts each one after its descendants, and keeps a subtree's
+        # directories together (the descriptors cached stay the ones needed).
+        for parts in sorted(self.tree.created_dirs, reverse=True):
             self.tree.finish_dir(parts, self.dir_attrs.get(parts))
         if self.root_attrs is not None:
             self.tree.finish_dir((), self.root_attrs)

@@ -229,7 +229,7 @@ def walk_archive(stream: IO[bytes]) -> WalkStats:
     stats = WalkStats()
     try:
         with TarReader(cast(BinaryIO, stream)) as tar:
-            for member in tar:
+            for member in tar.headers():
                 if member.isdir():
                     stats.dirs += 1
                     continue

@@ -11,18 +11,17 @@ them (property tests hold both sides to it), and tarfile does the rest.
 from __future__ import annotations
 
 import functools
-import io
 import os
 import re
 import tarfile
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
-from typing import IO, Any, BinaryIO, cast
+from typing import IO, BinaryIO, NamedTuple, cast
 from zlib import adler32
 
 __all__ = [
     "XATTR_PREFIX",
+    "Header",
     "TarReader",
     "member_header",
     "member_problem",
@@ -33,8 +32,7 @@ __all__ = [
 
 BLOCK = tarfile.BLOCKSIZE
 _NS = 1_000_000_000
-_READ_AHEAD = 1 << 16
-_SKIP_CHUNK = 1 << 20
+_PIECE = 1 << 20  # bytes asked of the stream at a time
 
 # ---------------------------------------------------------------- writing
 
@@ -262,27 +260,67 @@ def member_problem(member: tarfile.TarInfo) -> str | None:
     return None
 
 
-class _TailReader(io.RawIOBase):
-    """The raw layer under tarfile: passes reads through, counts them, keeps the last bytes
-    read to check the end-of-archive block, and seeks forward only (by reading).
+class _Input:
+    """The stream read in large pieces, members sliced out of them: one ``read`` of the
+    stream per many small members instead of several Python-level reads each.
+
+    It is also the file tarfile reads the headers of other writers from (``read``, ``tell``
+    and forward ``seek`` only): ``tarfile`` runs in its plain ``r:`` mode over it, the
+    offsets of both parsers are the same. The bytes from one block before the last place
+    asked for are kept (tarfile reads back one byte to check that a member's data is
+    there); a backward seek further than that raises ``StreamError``, as ``r|`` would.
 
     ``tarfile`` silently stops at a truncated or corrupt header after the first member; the
-    only proof that a stream is complete is the zero block where the next header would be.
-
-    Forward seeks let tarfile run in its plain ``r:`` mode over a C ``BufferedReader``
-    instead of its ``r|`` stream mode, whose pure-Python buffer reads the archive in 10 KiB
-    steps (most of the extractor's CPU time on archives of many small files). tarfile reads
-    members sequentially either way; a backward seek raises ``StreamError``, as in ``r|``.
+    only proof that a stream is complete is the zero block where the next header would be
+    (``is_zero_block_at``).
     """
 
-    _KEEP = 1 << 19  # more than the BufferedReader's read-ahead (_READ_AHEAD) plus a block
-
     def __init__(self, stream: BinaryIO) -> None:
-        super().__init__()
         self._stream = stream
-        self._chunks: deque[bytes] = deque()
-        self._kept = 0
-        self.position = 0  # bytes read so far
+        self.buf = b""
+        self.base = 0  # the archive offset of buf[0]
+        self.pos = 0  # tarfile's position
+        self._eof = False
+
+    def fill(self, offset: int, size: int) -> int:
+        """Make ``buf`` hold the archive's bytes ``[offset, offset + size)`` (fewer at the
+        end of the stream) and return where ``offset`` is in it (``offset >= base``)."""
+        buf = self.buf
+        index = offset - self.base
+        if index + size <= len(buf) or self._eof:
+            return index
+        if index > len(buf):  # skipped data, read through (but the block before offset)
+            self.base += len(buf)
+            buf = self.buf = b""
+            stop = offset - BLOCK
+            while self.base < stop:
+                piece = self._stream.read(min(stop - self.base, _PIECE))
+                if not piece:
+                    self._eof = True
+                    return offset - self.base
+                self.base += len(piece)
+            index = offset - self.base
+        keep = index - BLOCK if index > BLOCK else 0
+        parts = [buf[keep:]] if keep else [buf]
+        have = len(buf) - keep
+        need = index - keep + size
+        while have < need:
+            piece = self._stream.read(max(_PIECE, need - have))
+            if not piece:
+                self._eof = True
+                break
+            parts.append(piece)
+            have += len(piece)
+        self.buf = b"".join(parts) if len(parts) > 1 else parts[0]
+        self.base += keep
+        return index - keep
+
+    def take(self, offset: int, size: int) -> bytes:
+        """The archive's bytes ``[offset, offset + size)``, fewer at the end of the stream."""
+        index = self.fill(offset, size)
+        return self.buf[index : index + size]
+
+    # The file tarfile reads.
 
     def readable(self) -> bool:
         return True
@@ -291,85 +329,47 @@ class _TailReader(io.RawIOBase):
         return True
 
     def tell(self) -> int:
-        return self.position
-
-    def _take(self, size: int) -> bytes:
-        data = self._stream.read(size)
-        if data:
-            self._chunks.append(data)
-            self._kept += len(data)
-            self.position += len(data)
-            while len(self._chunks) > 1 and self._kept - len(self._chunks[0]) >= self._KEEP:
-                self._kept -= len(self._chunks.popleft())
-        return data
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._take(len(buffer))
-        n = len(data)
-        buffer[:n] = data
-        return n
+        return self.pos
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         if whence == os.SEEK_CUR:
-            offset += self.position
+            offset += self.pos
         elif whence != os.SEEK_SET:
             raise tarfile.StreamError("seeking from the end is not possible in a stream")
-        if offset < self.position:
+        if offset < self.base:
             raise tarfile.StreamError("seeking backwards is not allowed")
-        while self.position < offset:
-            if not self._take(min(offset - self.position, _SKIP_CHUNK)):
-                break  # past the end: the next read returns nothing, as with a file
-        return self.position
+        self.pos = offset
+        return offset
 
-    def window(self, offset: int, size: int) -> bytes:
-        """Up to ``size`` bytes of the stream from ``offset``, from what was read and kept:
-        fewer when the stream was not read that far yet, none when ``offset`` is gone."""
-        chunks = self._chunks
-        # The chunk holding ``offset``, looked for from the newest: the next header is
-        # almost always in one of the last pieces read.
-        pos = self.position
-        index = len(chunks)
-        while index:
-            index -= 1
-            pos -= len(chunks[index])
-            if pos <= offset:
-                break
-        else:
-            return b""
-        start = offset - pos
-        piece = chunks[index][start : start + size]
-        if len(piece) == size or index == len(chunks) - 1:
-            return piece
-        parts = [piece]
-        size -= len(piece)
-        for later in range(index + 1, len(chunks)):
-            parts.append(chunks[later][:size])
-            size -= len(parts[-1])
-            if size <= 0:
-                break
-        return b"".join(parts)
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            parts = []
+            while piece := self.read(_PIECE):
+                parts.append(piece)
+            return b"".join(parts)
+        data = self.take(self.pos, size)
+        self.pos += len(data)
+        return data
 
     def is_zero_block_at(self, offset: int) -> bool:
-        start = offset - (self.position - self._kept)
-        if start < 0:
+        if offset < self.base:
             return False
-        block = b"".join(self._chunks)[start : start + BLOCK]
+        block = self.take(offset, BLOCK)
         return len(block) == BLOCK and not block.strip(b"\0")
 
 
 class _MemberData:
-    """Reads one member's ``size`` bytes at ``offset`` of the (forward-only) stream."""
+    """Reads one member's ``size`` bytes at ``offset`` of the archive."""
 
-    def __init__(self, fileobj: IO[bytes], offset: int, size: int) -> None:
-        self._fileobj, self._position, self._remaining = fileobj, offset, size
+    def __init__(self, source: _Input, offset: int, size: int) -> None:
+        self._source, self._position, self._remaining = source, offset, size
 
     def read(self, size: int = -1) -> bytes:
         if size < 0 or size > self._remaining:
             size = self._remaining
         if size <= 0:
             return b""
-        self._fileobj.seek(self._position)  # a no-op unless the reader moved on
-        data = self._fileobj.read(size)
+        data = self._source.take(self._position, size)
         if len(data) != size:
             raise tarfile.ReadError("unexpected end of data")
         self._position += size
@@ -383,6 +383,8 @@ _PAX_LENGTH_RE = re.compile(rb"[1-9][0-9]{0,8} ")
 _USTAR_MAGIC = b"ustar\x0000"  # POSIX ustar/pax (GNU's "ustar  \0" is tarfile's job)
 # The most header bytes parsed here: an extended header of up to 7 blocks, then the member's.
 FAST_HEADER_BYTES = 9 * BLOCK
+# An extended header whose one record is an mtime that the short cut takes (below).
+_MTIME_RECORD = re.compile(rb"([1-9][0-9]) mtime=(-?[0-9]{1,18}(?:\.[0-9]*)?)\n")
 # A PAX mtime the short cut takes: a plain number within time_t (no member_problem then:
 # its other numbers are fixed-width octal, always in range).
 _FAST_TIME_RE = re.compile(r"-?[0-9]{1,18}(?:\.[0-9]*)?", re.ASCII)
@@ -402,56 +404,38 @@ def _number(field: bytes) -> int:
     return int((field if end < 0 else field[:end]).strip() or b"0", 8)
 
 
-# The six fixed-width octal fields (mode, uid, gid, size, mtime, checksum) as written here.
-_OUR_NUMBERS = re.compile(
-    rb"([0-7]{7})\0([0-7]{7})\0([0-7]{7})\0([0-7]{11})\0([0-7]{11})\0([0-7]{6})\0 "
+# A ustar block as the writer lays it out: name, the six fixed-width octal fields (mode,
+# uid, gid, size, mtime, checksum), a regular file, hard link, symlink or directory, link
+# name, POSIX magic, and nothing after it (no owner names, device numbers or prefix).
+_OUR_BLOCK = re.compile(
+    rb"(.{100})([0-7]{7})\0([0-7]{7})\0([0-7]{7})\0([0-7]{11})\0([0-7]{11})\0([0-7]{6})\0 "
+    rb"([0125])(.{100})ustar\x0000\0{247}",
+    re.DOTALL,
 )
 _EMPTY_TAIL = bytes(BLOCK - 265)  # no owner names, device numbers or prefix
 
 
 def _parse_ustar(raw: bytes, offset: int) -> tarfile.TarInfo:
     """The TarInfo tarfile's ``frombuf`` makes of a valid POSIX ustar block (ValueError
-    when it is not one: bad checksum, odd magic or numbers). Blocks laid out as the writer
-    lays them out (fixed-width numbers, nothing past the version field) take a short cut."""
+    when it is not one: bad checksum, odd magic or numbers)."""
     if raw[257:265] != _USTAR_MAGIC:
         raise ValueError("not a POSIX ustar header")
-    numbers = _OUR_NUMBERS.match(raw, 100)
-    if numbers is not None and raw[265:] == _EMPTY_TAIL:
-        fields = numbers.groups()
-        checksum = int(fields[5], 8)
-        # The sum of the block's bytes (the checksum field counted as spaces, the zeros
-        # after byte 265 adding nothing), each half by adler32, whose low 16 bits are one
-        # plus the sum of the bytes while that stays below 65,521: at most 148 * 255 and
-        # 109 * 255 here (as the writer computes it).
-        if checksum != 254 + (adler32(raw[:148]) & 0xFFFF) + (adler32(raw[156:265]) & 0xFFFF):
-            raise ValueError("bad checksum")
-        mode, uid, gid = int(fields[0], 8), int(fields[1], 8), int(fields[2], 8)
-        size, mtime = int(fields[3], 8), int(fields[4], 8)
-        info = tarfile.TarInfo(_name(raw[:100]))
-        info.mode, info.uid, info.gid, info.size, info.mtime = mode, uid, gid, size, mtime
-        info.chksum = checksum
-        info.type = raw[156:157]
-        info.linkname = _name(raw[157:257])
-        info.uname = info.gname = ""
-        info.devmajor = info.devminor = 0
-        prefix = ""
-    else:
-        if _number(raw[148:156]) != 256 + sum(raw[:148]) + sum(raw[156:]):
-            raise ValueError("bad checksum (or a signed one)")
-        info = tarfile.TarInfo(_name(raw[:100]))
-        info.mode = _number(raw[100:108])
-        info.uid = _number(raw[108:116])
-        info.gid = _number(raw[116:124])
-        info.size = _number(raw[124:136])
-        info.mtime = _number(raw[136:148])
-        info.chksum = _number(raw[148:156])
-        info.type = raw[156:157]
-        info.linkname = _name(raw[157:257])
-        info.uname = _name(raw[265:297])
-        info.gname = _name(raw[297:329])
-        info.devmajor = _number(raw[329:337])
-        info.devminor = _number(raw[337:345])
-        prefix = _name(raw[345:500])
+    if _number(raw[148:156]) != 256 + sum(raw[:148]) + sum(raw[156:]):
+        raise ValueError("bad checksum (or a signed one)")
+    info = tarfile.TarInfo(_name(raw[:100]))
+    info.mode = _number(raw[100:108])
+    info.uid = _number(raw[108:116])
+    info.gid = _number(raw[116:124])
+    info.size = _number(raw[124:136])
+    info.mtime = _number(raw[136:148])
+    info.chksum = _number(raw[148:156])
+    info.type = raw[156:157]
+    info.linkname = _name(raw[157:257])
+    info.uname = _name(raw[265:297])
+    info.gname = _name(raw[297:329])
+    info.devmajor = _number(raw[329:337])
+    info.devminor = _number(raw[337:345])
+    prefix = _name(raw[345:500])
     if info.type == tarfile.DIRTYPE:
         info.name = info.name.rstrip("/")
     if prefix:
@@ -488,56 +472,205 @@ def _pax_records(payload: bytes) -> dict[str, str]:
     return records
 
 
-def _fast_member(data: bytes, offset: int) -> tuple[tarfile.TarInfo, int] | None:
-    """The member whose headers start ``data`` (at archive ``offset``) and the offset of
-    the next header, for what this tool writes: a POSIX ustar block of a regular file,
+class Header(NamedTuple):
+    """One member, as the extractor reads it: parsed here from this tool's own headers
+    (no ``tarfile.TarInfo`` built), or taken from tarfile's TarInfo (``info``) for any
+    other. ``mtime`` is the ustar field's seconds, or tarfile's reading of a PAX mtime;
+    the exact time is ``pax["mtime"]`` when there is one (``pax_time_ns``)."""
+
+    name: str
+    type: bytes
+    size: int
+    offset_data: int
+    mode: int
+    uid: int
+    gid: int
+    mtime: float
+    linkname: str
+    pax: Mapping[str, str] | None  # the member's extended records (None: none)
+    offset: int
+    chksum: int
+    info: tarfile.TarInfo | None = None
+
+    @classmethod
+    def of(cls, info: tarfile.TarInfo) -> Header:
+        return cls(
+            info.name,
+            info.type,
+            info.size,
+            info.offset_data,
+            info.mode,
+            info.uid,
+            info.gid,
+            info.mtime,
+            info.linkname,
+            info.pax_headers or None,
+            info.offset,
+            info.chksum,
+            info,
+        )
+
+    def tarinfo(self) -> tarfile.TarInfo:
+        """The TarInfo tarfile makes of the same bytes."""
+        if self.info is not None:
+            return self.info
+        info = tarfile.TarInfo(self.name)
+        info.type, info.mode, info.uid, info.gid = self.type, self.mode, self.uid, self.gid
+        info.size, info.mtime, info.chksum = self.size, self.mtime, self.chksum
+        info.linkname = self.linkname
+        info.uname = info.gname = ""
+        info.devmajor = info.devminor = 0
+        if self.pax is not None:
+            info.pax_headers = self.pax
+            if "mtime" in self.pax:
+                info.mtime = float(self.pax["mtime"])
+        info.offset, info.offset_data = self.offset, self.offset_data
+        return info
+
+    def isreg(self) -> bool:
+        return self.type in tarfile.REGULAR_TYPES
+
+    def isdir(self) -> bool:
+        return self.type == tarfile.DIRTYPE
+
+    def issym(self) -> bool:
+        return self.type == tarfile.SYMTYPE
+
+    def islnk(self) -> bool:
+        return self.type == tarfile.LNKTYPE
+
+    def ischr(self) -> bool:
+        return self.type == tarfile.CHRTYPE
+
+    def isblk(self) -> bool:
+        return self.type == tarfile.BLKTYPE
+
+    def isfifo(self) -> bool:
+        return self.type == tarfile.FIFOTYPE
+
+
+# Long: once per member on the extractor's hot path (a split costs ~0.3 us per member).
+def _fast_header(buf: bytes, start: int, offset: int) -> tuple[Header, int] | None:
+    """The member whose headers start at ``buf[start]`` (archive ``offset``) and the offset
+    of the next header, for what this tool writes: a POSIX ustar block of a regular file,
     directory, symlink or hard link, optionally after an extended header of mtime, atime,
-    ctime, path, linkpath, hdrcharset and SCHILY.xattr.* records. The TarInfo is the one
-    tarfile (3.11+) makes of the same bytes, in a fraction of the time; None for any other
-    header, or when ``data`` is too short: tarfile then parses (or refuses) it.
+    ctime, path, linkpath, hdrcharset and SCHILY.xattr.* records. Its fields are the ones
+    tarfile (3.11+) reads from the same bytes (``Header.tarinfo``), in a fraction of the
+    time; None for any other header, or when ``buf`` ends too soon: tarfile then parses
+    (or refuses) it.
     """
+    available = len(buf) - start
     try:
-        start = 0
         records = None
-        if data[156:157] == tarfile.XHDTYPE:
-            size = _number(data[124:136])
-            if data[:BLOCK] != pax_block(size):
-                _parse_ustar(data[:BLOCK], offset)  # another writer's: validated as tarfile would
-            start = BLOCK + -(-size // BLOCK) * BLOCK
-            if len(data) < start + BLOCK or data[BLOCK + size : start].strip(b"\0"):
+        if buf[start + 156 : start + 157] == tarfile.XHDTYPE:
+            size = _number(buf[start + 124 : start + 136])
+            if buf[start : start + BLOCK] != pax_block(size):
+                # another writer's: validated as tarfile would
+                _parse_ustar(buf[start : start + BLOCK], offset)
+            skip = BLOCK + -(-size // BLOCK) * BLOCK
+            padding = skip - BLOCK - size
+            if available < skip + BLOCK or buf[start + skip - padding : start + skip] != bytes(
+                padding
+            ):
                 return None
-            records = _pax_records(data[BLOCK : BLOCK + size])
-        if len(data) < start + BLOCK or data[start + 156 : start + 157] not in _FAST_KINDS:
+            payload = buf[start + BLOCK : start + BLOCK + size]
+            record = _MTIME_RECORD.fullmatch(payload)
+            if record is not None and int(record[1]) == size:  # the usual one: mtime alone
+                records = {"mtime": record[2].decode("ascii")}
+            else:
+                records = _pax_records(payload)
+            start += skip
+            offset_data = offset + skip + BLOCK
+        else:
+            offset_data = offset + BLOCK
+        if available < offset_data - offset:
             return None
-        info = _parse_ustar(data[start : start + BLOCK], offset)
+        block = _OUR_BLOCK.match(buf, start)
+        if block is not None:
+            field, *numbers, kind, link = block.groups()
+            checksum = int(numbers[5], 8)
+            # The sum of the block's bytes (the checksum field counted as spaces, the zeros
+            # after byte 265 adding nothing), each half by adler32, whose low 16 bits are
+            # one plus the sum of the bytes while that stays below 65,521: at most 148 * 255
+            # and 109 * 255 here (as the writer computes it).
+            if checksum != 254 + (adler32(buf[start : start + 148]) & 0xFFFF) + (
+                adler32(buf[start + 156 : start + 265]) & 0xFFFF
+            ):
+                return None
+            end = field.find(b"\0")
+            name = (field if end < 0 else field[:end]).decode("utf-8", "surrogateescape")
+            if kind == tarfile.DIRTYPE:
+                name = name.rstrip("/")
+            end = link.find(b"\0")
+            linkname = (link if end < 0 else link[:end]).decode("utf-8", "surrogateescape")
+            mtime: float = int(numbers[4], 8)
+            info = None
+            fields = numbers
+        else:
+            kind = buf[start + 156 : start + 157]
+            if kind not in _FAST_KINDS:
+                return None
+            info = _parse_ustar(buf[start : start + BLOCK], offset)
+            name, linkname, mtime, checksum = info.name, info.linkname, info.mtime, info.chksum
+            fields = None
         if records:
             if "path" in records:
-                info.name = records["path"].rstrip("/")
+                name = records["path"].rstrip("/")
             if "linkpath" in records:
-                info.linkname = records["linkpath"]
-            if "mtime" in records:
-                text = records["mtime"]
-                if _FAST_TIME_RE.fullmatch(text) is None:
-                    return None  # tarfile's, and judged there (member_problem)
-                info.mtime = float(text)
-            info.pax_headers = records
+                linkname = records["linkpath"]
+            if "mtime" in records and _FAST_TIME_RE.fullmatch(records["mtime"]) is None:
+                return None  # tarfile's, and judged there (member_problem)
+        else:
+            records = None
+        if fields is not None:
+            header = Header(
+                name,
+                kind,
+                int(fields[3], 8),
+                offset_data,
+                int(fields[0], 8),
+                int(fields[1], 8),
+                int(fields[2], 8),
+                mtime,
+                linkname,
+                records,
+                offset,
+                checksum,
+            )
+        else:
+            assert info is not None
+            info.name, info.linkname, info.offset_data = name, linkname, offset_data
+            if records is not None:
+                info.pax_headers = records
+                if "mtime" in records:
+                    info.mtime = float(records["mtime"])
+            header = Header.of(info)
     except ValueError:
         return None
-    info.offset_data = offset + start + BLOCK
-    size = -(-info.size // BLOCK) * BLOCK if info.type == tarfile.REGTYPE else 0
-    return info, info.offset_data + size
+    size = -(-header.size // BLOCK) * BLOCK if kind == tarfile.REGTYPE else 0
+    return header, offset_data + size
+
+
+def _fast_member(data: bytes, offset: int) -> tuple[tarfile.TarInfo, int] | None:
+    """``_fast_header`` of ``data``'s first member as a TarInfo (what tarfile would make of
+    it) and the offset of the next header."""
+    parsed = _fast_header(data, 0, offset)
+    if parsed is None:
+        return None
+    header, following = parsed
+    return header.tarinfo(), following
 
 
 class TarReader:
     """The members of an uncompressed tar stream, read forward in one pass.
 
-    tarfile runs in its plain ``r:`` mode over a C ``BufferedReader`` on a forward-only raw
-    layer (see _TailReader); the headers this tool writes are parsed here from the bytes
-    already read ahead, anything else by tarfile from the same offset. The stream must end
-    with an end-of-archive block where the next header would be, or ``tarfile.ReadError``
-    is raised when the members are exhausted (tarfile alone stops silently at a truncated
-    or corrupt header). Member data is read with ``data(member)`` before the next member is
-    asked for, or skipped.
+    The stream is read in large pieces (``_Input``); the headers this tool writes are
+    parsed here from them (``headers()`` gives them as ``Header`` tuples, no TarInfo
+    built), anything else by tarfile in its plain ``r:`` mode from the same offset. The
+    stream must end with an end-of-archive block where the next header would be, or
+    ``tarfile.ReadError`` is raised when the members are exhausted (tarfile alone stops
+    silently at a truncated or corrupt header). Member data is read with ``data(member)``
+    before the next member is asked for, or skipped.
 
     Every member's numbers are judged here (``member_problem``): one whose numbers no file
     can have is handed to ``refuse`` (member, reason) and skipped; without ``refuse`` it
@@ -549,10 +682,9 @@ class TarReader:
         self, stream: BinaryIO, *, refuse: Callable[[tarfile.TarInfo, str], None] | None = None
     ) -> None:
         self._refuse = refuse
-        self._tail = _TailReader(stream)
-        self._buffered = io.BufferedReader(self._tail, _READ_AHEAD)
+        self._input = _Input(stream)
         self._archive = tarfile.open(
-            fileobj=cast(BinaryIO, self._buffered),  # read(), tell() and forward seek() only
+            fileobj=cast(BinaryIO, self._input),  # read(), tell() and forward seek() only
             mode="r:",
             encoding="utf-8",
             errors="surrogateescape",
@@ -570,27 +702,38 @@ class TarReader:
         self._archive.close()
 
     def __iter__(self) -> Iterator[tarfile.TarInfo]:
+        for header in self.headers():
+            yield header.tarinfo()
+
+    def headers(self) -> Iterator[Header]:
+        """Every member, in order (the extractor's hot path: see ``_fast_header``)."""
         archive = self._archive
+        source = self._input
         member = self._judged_next()
-        while member is not None:
-            # tarfile keeps every member it reads; drop them to stay flat on huge archives.
+        if member is not None:
             archive.members.clear()  # type: ignore[attr-defined]
-            yield member
-            member = self._next()
-        if not self._tail.is_zero_block_at(archive.offset):
+            yield Header.of(member)
+            while True:
+                if not archive.pax_headers:  # a global header applies to every member
+                    offset = archive.offset
+                    start = offset - source.base
+                    if start + FAST_HEADER_BYTES > len(source.buf):
+                        start = source.fill(offset, FAST_HEADER_BYTES)
+                    parsed = _fast_header(source.buf, start, offset)
+                    if parsed is not None:
+                        header, archive.offset = parsed
+                        yield header
+                        continue
+                member = self._judged_next()
+                if member is None:
+                    break
+                # tarfile keeps every member it reads; drop them to stay flat.
+                archive.members.clear()  # type: ignore[attr-defined]
+                yield Header.of(member)
+        if not source.is_zero_block_at(archive.offset):
             raise tarfile.ReadError(
                 f"no valid header or end-of-archive marker at offset {archive.offset}"
             )
-
-    def _next(self) -> tarfile.TarInfo | None:
-        archive = self._archive
-        if not archive.pax_headers:  # a global header applies to every member: tarfile's job
-            offset = archive.offset
-            parsed = _fast_member(self._tail.window(offset, FAST_HEADER_BYTES), offset)
-            if parsed is not None:
-                member, archive.offset = parsed
-                return member
-        return self._judged_next()
 
     def _judged_next(self) -> tarfile.TarInfo | None:
         """tarfile's next member whose numbers are fine (see the class docstring)."""
@@ -613,9 +756,23 @@ class TarReader:
                 raise tarfile.ReadError(f"member {member.name!r} {problem}")
             self._refuse(member, problem)
 
-    def data(self, member: tarfile.TarInfo) -> IO[bytes] | None:
-        """A regular member's data, read straight from the buffered stream (what tarfile's
-        ``extractfile`` does, minus two layers of Python per read); sparse ones via tarfile."""
-        if member.issparse():
-            return self._archive.extractfile(member)
-        return cast(IO[bytes], _MemberData(self._buffered, member.offset_data, member.size))
+    def data(self, member: Header | tarfile.TarInfo) -> IO[bytes] | None:
+        """A regular member's data, sliced from the pieces read (sparse ones via tarfile)."""
+        info = member if isinstance(member, tarfile.TarInfo) else member.info
+        if info is not None and info.issparse():
+            return self._archive.extractfile(info)
+        return cast(IO[bytes], _MemberData(self._input, member.offset_data, member.size))
+
+    def whole(self, member: Header) -> IO[bytes] | bytes | None:
+        """A small regular member's data as one piece of bytes (``data`` for a sparse one)."""
+        if member.info is not None and member.info.issparse():
+            return self.data(member)
+        source = self._input
+        start = member.offset_data - source.base
+        end = start + member.size
+        if start >= 0 and end <= len(source.buf):  # the usual case: read already
+            return source.buf[start:end]
+        data = source.take(member.offset_data, member.size)
+        if len(data) != member.size:
+            raise tarfile.ReadError("unexpected end of data")
+        return data
