@@ -36,6 +36,7 @@ from cloudbackup.core.errors import ConfigError, UsageError
 from cloudbackup.core.model import valid_name
 from cloudbackup.sources.base import SourceSpec, redact_url
 from cloudbackup.sources.registry import parse_spec
+from cloudbackup.stream.age import parse_recipients
 
 COMPRESSIONS = ("zstd", "gzip", "xz", "bzip2", "none")
 LEVEL_RANGES = {"zstd": (1, 19), "gzip": (1, 9), "bzip2": (1, 9), "xz": (0, 9), "none": (0, 0)}
@@ -577,6 +578,25 @@ VARIABLES: tuple[Variable, ...] = (
         shown_default="none", empty=(), example="team=ops,env=prod",
     ),
     Variable(
+        "CLOUDBACKUP_AGE_RECIPIENTS", "age_recipients", parse_recipients, None,
+        "age public keys (`age1...`, comma/newline separated; `#` comments): archives and "
+        "indexes are encrypted to them; `CLOUDBACKUP_AGE_RECIPIENTS_FILE` names a file of them, "
+        "one per line. The host that backs up needs no secret key",
+        shown_default="unset (no encryption)", empty=(),
+        note="Encrypt archives with age to these public keys (age1..., from `cloudbackup key "
+        "generate`); or CLOUDBACKUP_AGE_RECIPIENTS_FILE=/etc/cloudbackup/recipients.txt.",
+        example="age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p",
+    ),
+    Variable(
+        "CLOUDBACKUP_AGE_IDENTITY_FILE", "age_identity_file", parse_absolute_path, None,
+        "age identity file (`AGE-SECRET-KEY-1...`), needed only to restore, `verify --deep` "
+        "or read an index of encrypted backups; keep it off the host that backs up",
+        shown_default="unset",
+        note="Only where backups are restored (not on the server that backs up): the age "
+        "identity file (mode 0600).",
+        example="/root/cloudbackup-key.txt",
+    ),
+    Variable(
         "CLOUDBACKUP_LOCAL_RETENTION", "local_retention", parse_policy, "last=3",
         "retention policy for local copies (keys `last`, `hourly`, `daily`, `weekly`, "
         "`monthly`, `yearly`, `within`, `min`)",
@@ -731,6 +751,9 @@ class Settings:
     s3_addressing: str = _default("s3_addressing")
     s3_download: str = _default("s3_download")
     s3_upload: str = _default("s3_upload")
+    #: age recipients (public keys); empty: archives are not encrypted.
+    age_recipients: tuple[str, ...] = _default("age_recipients")
+    age_identity_file: Path | None = _default("age_identity_file")
     local_retention: retention.Policy = _default("local_retention")
     remote_retention: retention.Policy | None = _default("remote_retention")
     shrink_guard: float | None = _default("shrink_guard")

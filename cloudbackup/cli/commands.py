@@ -478,12 +478,15 @@ def _verify(
     an id found nowhere is a usage error (exit 2)."""
     results = []
     host = ctx.settings.host
+    local = remote = []
     if where in ("local", "all"):
-        refs = verifying.select_refs(ctx.local_catalog.listing().refs, ids, source, host)
-        results += [verifying.verify_local_ref(ctx, ref, deep=deep) for ref in refs]
+        local = verifying.select_refs(ctx.local_catalog.listing().refs, ids, source, host)
     if where in ("remote", "all"):
-        refs = verifying.select_refs(ctx.remote_catalog.listing().refs, ids, source, host)
-        results += [verifying.verify_remote_ref(ctx, ref, deep=deep) for ref in refs]
+        remote = verifying.select_refs(ctx.remote_catalog.listing().refs, ids, source, host)
+    if deep:
+        verifying.require_identity(ctx, [*local, *remote])  # exit 2 before any is read
+    results += [verifying.verify_local_ref(ctx, ref, deep=deep) for ref in local]
+    results += [verifying.verify_remote_ref(ctx, ref, deep=deep) for ref in remote]
     found = {r.id for r in results}
     for missing in ids:
         if missing not in found:
@@ -829,6 +832,35 @@ def _write_paths(state: AppState) -> list[str]:
         paths.append(str(dest))
     paths.append(str(log_file.parent) if log_file else scheduling.DEFAULT_WRITE_PATHS[1])
     return paths
+
+
+@cli.group()
+def key() -> None:
+    """age keys for encrypted backups."""
+
+
+@key.command()
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the identity to this new file (mode 0600; never over an existing file).",
+)
+def generate(out: Path | None) -> None:
+    """Make a new age identity and print its recipient (`Public key: age1...`).
+
+    Without --out the identity goes to stdout and the recipient to stderr, as age-keygen
+    does. The recipient goes into CLOUDBACKUP_AGE_RECIPIENTS on the hosts that back up; the
+    identity stays offline, with whoever restores.
+    """
+    from cloudbackup.ops.keys import generate_key
+
+    identity, recipient = generate_key(out)
+    line = f"Public key: {recipient}"
+    if out is None:
+        click.echo(identity, nl=False)
+        click.echo(line, err=True)
+    else:
+        click.echo(line)
 
 
 @cli.group()

@@ -35,6 +35,10 @@ INDEX_SUFFIX = ".index.zst"
 AGE_SUFFIX = ".age"
 UPLOAD_SUFFIX = ".upload.json"
 PARTIAL_SUFFIX = ".partial"
+ENCRYPTION = "age"
+#: An age X25519 recipient: ``age1`` and 58 bech32 characters (checked fully by pyrage
+#: where recipients are configured; here only the shape of what a manifest records).
+RECIPIENT_RE = re.compile(r"^age1[02-9ac-hj-np-z]{58}$")
 HOST_CLAIM = ".host-id"
 
 
@@ -109,6 +113,17 @@ def archive_name(
     return f"{backup_id}{mark}{COMPRESSION_EXT[compression]}{AGE_SUFFIX if encrypted else ''}"
 
 
+def archive_names(backup_id: BackupId) -> set[str]:
+    """Every name an archive of this backup may have (any compression, full or incremental,
+    encrypted or not)."""
+    return {
+        archive_name(backup_id, c, incremental=i, encrypted=e)
+        for c in COMPRESSION_EXT
+        for i in (False, True)
+        for e in (False, True)
+    }
+
+
 def index_name(backup_id: BackupId, *, encrypted: bool = False) -> str:
     """``<id>.index.zst`` (``.age`` appended when encrypted)."""
     return f"{backup_id}{INDEX_SUFFIX}{AGE_SUFFIX if encrypted else ''}"
@@ -134,10 +149,16 @@ def host_claim_key(prefix: str, host: str) -> str:
 
 
 def name_for(
-    prefix: str, host: str, backup_id: BackupId, kind: str, compression: str = "zstd"
+    prefix: str,
+    host: str,
+    backup_id: BackupId,
+    kind: str,
+    compression: str = "zstd",
+    *,
+    encrypted: bool = False,
 ) -> str:
     if kind == "archive":
-        name = archive_name(backup_id, compression)
+        name = archive_name(backup_id, compression, encrypted=encrypted)
     elif kind == "manifest":
         name = manifest_name(backup_id)
     elif kind == "upload":
@@ -254,6 +275,9 @@ class Manifest:
     members: dict[str, Any] = field(default_factory=dict)
     format: int = MANIFEST_FORMAT
     upload: UploadRecord | None = None
+    #: "age" when the archive is encrypted, to ``recipients`` (public keys; no secret).
+    encryption: str | None = None
+    recipients: list[str] = field(default_factory=list)
     #: The chain (SPEC "Incremental archives"): 0 = full; the backup just before this one;
     #: the full this chain starts from (the backup itself for a full).
     level: int = 0
@@ -267,6 +291,10 @@ class Manifest:
     tree_bytes: int | None = None
     #: When the walk of this backup started (ns since the epoch): the "racy clean" rule.
     walk_started_ns: int | None = None
+
+    @property
+    def encrypted(self) -> bool:
+        return self.encryption is not None
 
     @property
     def incremental(self) -> bool:
@@ -292,6 +320,9 @@ class Manifest:
         data = asdict(self)
         if self.upload is None:
             data.pop("upload")
+        if self.encryption is None:
+            data.pop("encryption")
+            data.pop("recipients")
         return data
 
     def to_json(self) -> bytes:
@@ -321,6 +352,9 @@ class BackupRef:
     index_key: str | None = None
     index_size: int | None = None
     encrypted: bool = False
+    #: An encrypted backup's plaintext index (``<id>.index.zst`` beside ``.index.zst.age``):
+    #: kept in the local dir only, the parent of the next incremental.
+    plain_index_key: str | None = None
 
     @property
     def level_name(self) -> str:
@@ -387,6 +421,7 @@ def build_listing(objects: Any, *, prefix: str, where: str) -> Listing:
     archives: dict[tuple[str, str], Any] = {}
     manifests: dict[tuple[str, str], Any] = {}
     indexes: dict[tuple[str, str], Any] = {}
+    plain_indexes: dict[tuple[str, str], Any] = {}
     parsed: dict[tuple[str, str], ParsedName] = {}
     listing = Listing()
     clean = prefix.strip("/")
@@ -407,7 +442,9 @@ def build_listing(objects: Any, *, prefix: str, where: str) -> Listing:
             manifests[ident] = obj
             parsed.setdefault(ident, name)
         elif name.kind == "index":
-            indexes[ident] = obj
+            # An encrypted backup keeps both locally: the encrypted index is the one its
+            # manifest describes, the plaintext one is the next incremental's parent.
+            (indexes if name.encrypted else plain_indexes)[ident] = obj
             parsed.setdefault(ident, name)
         elif name.kind == "upload":
             listing.upload_keys[str(name.backup_id)] = obj.key
@@ -416,7 +453,8 @@ def build_listing(objects: Any, *, prefix: str, where: str) -> Listing:
     for ident, name in parsed.items():
         archive = archives.get(ident)
         manifest = manifests.get(ident)
-        index = indexes.get(ident)
+        plain_index = plain_indexes.get(ident)
+        index = indexes.get(ident, plain_index)
         ref = BackupRef(
             host=name.host,
             source=name.source,
@@ -432,6 +470,7 @@ def build_listing(objects: Any, *, prefix: str, where: str) -> Listing:
             index_key=index.key if index else None,
             index_size=index.size if index else None,
             encrypted=name.encrypted,
+            plain_index_key=plain_index.key if plain_index and plain_index is not index else None,
         )
         if archive and manifest:
             listing.refs.append(ref)
@@ -624,16 +663,7 @@ def _upload_from(
         raise _Invalid(f"has {what} {_show(data)}, not an object")
     key = _str(_take(data, "key", within=what), f"{what}.key")
     parts = key.split("/")
-    names = (
-        {archive}
-        if archive
-        else {
-            archive_name(backup_id, c, incremental=incr, encrypted=enc)
-            for c in COMPRESSION_EXT
-            for incr in (False, True)
-            for enc in (False, True)
-        }
-    )
+    names = {archive} if archive else archive_names(backup_id)
     if prefix is not None:
         valid = key in {key_for(prefix, host, backup_id, name) for name in names}
     else:
@@ -688,14 +718,14 @@ def _manifest_from(data: Any, ref: BackupRef, kinds: Mapping[str, MemberSchema])
     compression = _str(_take(data, "compression"), "compression")
     if compression not in COMPRESSION_EXT:
         raise _Invalid(f"has an unknown compression {_show(compression)}")
+    encryption, recipients = _encryption(data)
     level = _int(_take(data, "level", 0), "level")
     parent, base = _chain(data, ref, level)
-    written = _str(_take(data, "archive"), "archive")
-    archive = archive_name(ref.backup_id, compression, incremental=level > 0)
-    if written == archive + AGE_SUFFIX:
-        archive = written
-    if written != archive:
-        raise _Invalid(f"names archive {_show(written)}, not {archive} as its key says")
+    archive = archive_name(
+        ref.backup_id, compression, incremental=level > 0, encrypted=encryption is not None
+    )
+    if _str(_take(data, "archive"), "archive") != archive:
+        raise _Invalid(f"names archive {_show(data['archive'])}, not {archive} as its key says")
     if ref.archive_key is not None and ref.archive_key.rsplit("/", 1)[-1] != archive:
         raise _Invalid(f"names archive {archive}, but the archive listed is {ref.archive_key}")
     created_at = _time(_take(data, "created_at"), "created_at")
@@ -731,16 +761,37 @@ def _manifest_from(data: Any, ref: BackupRef, kinds: Mapping[str, MemberSchema])
         root=_str(_take(data, "root", None), "root", optional=True),
         members=_members(_take(data, "members", {}), kinds[kind], ref.source),
         upload=None if upload is None else _upload_from(upload, ref.backup_id, ref.host, archive),
+        encryption=encryption,
+        recipients=recipients,
         level=level,
         parent=parent,
         base=base,
-        index=_index_facts(_take(data, "index", None), ref.backup_id),
+        index=_index_facts(_take(data, "index", None), ref.backup_id, encryption is not None),
         tree_files=_int(_take(data, "tree_files", None), "tree_files", optional=True),
         tree_bytes=_int(_take(data, "tree_bytes", None), "tree_bytes", optional=True),
         walk_started_ns=_int(
             _take(data, "walk_started_ns", None), "walk_started_ns", optional=True
         ),
     )
+
+
+def _encryption(data: dict[str, Any]) -> tuple[str | None, list[str]]:
+    """``encryption`` (absent/null, or "age") and its ``recipients`` (age public keys)."""
+    encryption = _str(_take(data, "encryption", None), "encryption", optional=True)
+    recipients = _take(data, "recipients", [])
+    if encryption is None:
+        if recipients:
+            raise _Invalid("has recipients but no encryption")
+        return None, []
+    if encryption != ENCRYPTION:
+        raise _Invalid(f"has an unknown encryption {_show(encryption)}")
+    if (
+        not isinstance(recipients, list)
+        or not recipients
+        or not all(isinstance(r, str) and RECIPIENT_RE.fullmatch(r) for r in recipients)
+    ):
+        raise _Invalid(f"has recipients {_show(recipients)}, not a list of age public keys")
+    return encryption, list(recipients)
 
 
 def _earlier_id(value: Any, name: str, ref: BackupRef) -> str:
@@ -776,14 +827,16 @@ def _chain(data: dict[str, Any], ref: BackupRef, level: int) -> tuple[str | None
     return parent_id, base_id
 
 
-def _index_facts(value: Any, backup_id: BackupId) -> IndexFacts | None:
+def _index_facts(value: Any, backup_id: BackupId, encrypted: bool) -> IndexFacts | None:
+    """``index``: the copy uploaded, encrypted like the archive when the backup is."""
     if value is None:
         return None
     if not isinstance(value, dict):
         raise _Invalid(f"has index {_show(value)}, not an object")
     name = _str(_take(value, "name", within="index"), "index.name")
-    if name not in (index_name(backup_id), index_name(backup_id, encrypted=True)):
-        raise _Invalid(f"has index.name {_show(name)}, not {index_name(backup_id)}")
+    expected = index_name(backup_id, encrypted=encrypted)
+    if name != expected:
+        raise _Invalid(f"has index.name {_show(name)}, not {expected}")
     sha256 = _str(_take(value, "sha256", within="index"), "index.sha256")
     if not _SHA256_RE.fullmatch(sha256):
         raise _Invalid(f"has index.sha256 {_show(sha256)}, not 64 lowercase hex digits")

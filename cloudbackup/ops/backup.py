@@ -14,6 +14,7 @@ import logging
 import os
 import stat
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,6 +35,7 @@ from cloudbackup.core.errors import (
     UsageError,
 )
 from cloudbackup.core.model import (
+    ENCRYPTION,
     UPLOAD_SUFFIX,
     BackupId,
     Manifest,
@@ -595,16 +597,28 @@ def _write_backup(
     chain: ChainStart | None,
 ) -> tuple[ArchiveStats, str]:
     settings = ctx.settings.for_source(source.name)
-    final = archive_name(backup_id, settings.compression, incremental=chain is not None)
+    recipients = settings.age_recipients
+    final = archive_name(
+        backup_id,
+        settings.compression,
+        incremental=chain is not None,
+        encrypted=bool(recipients),
+    )
     partial = final + ".partial"
     warn = _warner(source.name)
     walk_warnings: list[str] = []
     walk_unreadable = 0
+    kinds: Counter[str] = Counter()  # warnings by kind: what an encrypted backup records
 
     def source_warn(category: str, message: str) -> None:
         nonlocal walk_unreadable
         walk_warnings.append(message)
         walk_unreadable += category == "unreadable"
+        kinds[category] += 1
+        warn(category, message)
+
+    def archive_warn(category: str, message: str) -> None:
+        kinds[category] += 1
         warn(category, message)
 
     def parent_invalid(problem: str) -> None:
@@ -621,6 +635,7 @@ def _write_backup(
     stream = streamer(ctx, source.name, backup_id, final, previous) if streamer else None
     index = None
     index_final = index_name(backup_id)
+    sealed_final = index_name(backup_id, encrypted=True)
     started_ns = time.time_ns()
     found = source.entries(sctx)
     entries = EntryStream(_counted(found, count_file) if count_file is not None else found)
@@ -629,7 +644,13 @@ def _write_backup(
         walked = mark_unchanged(entries, chain.parent, parent_invalid)
     try:
         if source.chain_capable:
-            index = IndexFile(directory, index_final + ".partial", str(backup_id))
+            index = IndexFile(
+                directory,
+                index_final + ".partial",
+                str(backup_id),
+                recipients=recipients,
+                sealed_partial=sealed_final + ".partial",
+            )
         with phase(f"archive {source.name}"):
             try:
                 stats = write_archive(
@@ -638,10 +659,11 @@ def _write_backup(
                     partial,
                     compression=settings.compression,
                     level=settings.compression_level,
-                    warn=warn,
+                    warn=archive_warn,
                     progress=progress,
                     tail=stream.tail if stream is not None else None,
                     prefetch=source.prefetch,
+                    recipients=recipients,
                     index=index,
                 )
             finally:
@@ -660,9 +682,15 @@ def _write_backup(
             directory.unlink(partial)
             raise
         directory.publish(partial, final)  # never over an existing archive
-        facts = index.publish(index_final) if index is not None else None
+        facts = (
+            index.publish(index_final, sealed_final if recipients else None)
+            if index is not None
+            else None
+        )
         directory.fsync()
-        manifest = _manifest(ctx, source, backup_id, final, stats, device, entries.members)
+        manifest = _manifest(
+            ctx, source, backup_id, final, stats, device, entries.members, kinds
+        )
         if index is not None and facts is not None:
             manifest = dataclasses.replace(
                 manifest,
@@ -748,8 +776,10 @@ def _manifest(
     stats: ArchiveStats,
     device: int | None,
     members: dict[str, Any] | None,
+    kinds: Counter[str],
 ) -> Manifest:
     settings = ctx.settings.for_source(source.name)
+    recipients = list(settings.age_recipients)
     assert ctx.machine_id is not None, "a backup needs a context made for writing"
     return Manifest(
         id=str(backup_id),
@@ -767,11 +797,24 @@ def _manifest(
         uncompressed_bytes=stats.uncompressed_bytes,
         machine_id=ctx.machine_id,
         tool_version=__version__,
-        warnings=stats.warnings,
+        # Encrypted: the manifest stays plaintext, so it names no file below the root.
+        warnings=_warning_kinds(kinds) if recipients else stats.warnings,
         root_device=device,
         root=source.real_path,
         members=stats.members() | (members or {}),
+        encryption=ENCRYPTION if recipients else None,
+        recipients=recipients,
     )
+
+
+def _warning_kinds(kinds: Counter[str]) -> list[str]:
+    """The warnings of an encrypted backup as its plaintext manifest keeps them: each kind
+    with its count, no file name (they are in the log of the run that made it)."""
+    return [
+        f"{kind}: {count} file{'' if count == 1 else 's'} (names not recorded: the backup is "
+        "encrypted; see the log of the run)"
+        for kind, count in sorted(kinds.items())
+    ]
 
 
 def _record_failure(result: SourceResult, source: Source, exc: Exception) -> None:
@@ -824,7 +867,12 @@ def _plan(
     chain = start_chain(ctx, source, settings, full=options.full, moment=backup_id.created_at)
     if chain is not None:
         chain.close()
-    name = archive_name(backup_id, settings.compression, incremental=chain is not None)
+    name = archive_name(
+        backup_id,
+        settings.compression,
+        incremental=chain is not None,
+        encrypted=bool(settings.age_recipients),
+    )
     plan = SourcePlan(
         source=source.name,
         id=str(backup_id),

@@ -3,8 +3,10 @@
 SPEC "Incremental archives": the parent of an incremental is always the backup immediately
 before it (same host and source, id order, local or remote); it is made only against an
 index this host wrote and kept in its local dir, checked against the digest its local
-manifest records. An index fetched from the bucket is never a parent. Anything missing or
-damaged means a full backup, with one log line saying why.
+manifest records. An encrypted backup's manifest describes the uploaded ciphertext: its
+parent is the plaintext index kept beside it in the local dir only, read whole before use
+(zstd's frame checksum). An index fetched from the bucket is never a parent. Anything
+missing or damaged means a full backup, with one log line saying why.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from typing import IO
 
 from cloudbackup.config import Settings
 from cloudbackup.context import Context
-from cloudbackup.core.errors import CloudBackupError
+from cloudbackup.core.errors import CloudBackupError, NotFound
 from cloudbackup.core.model import BackupId, BackupRef, Manifest, index_name, key_for
 from cloudbackup.sources.base import Source
-from cloudbackup.stream.index import Parent, read_index
+from cloudbackup.stream.index import IndexInvalid, Parent, check_complete, read_index
 
 LOG = logging.getLogger("cloudbackup")
 
@@ -95,11 +97,14 @@ def start(
         if moment - base_time >= every.age:
             full_because(f"CLOUDBACKUP_FULL_EVERY={every}: the full {base} is that old")
             return None
-    key = key_for("", ctx.host, local.backup_id, facts.name)
-    if facts.name != index_name(local.backup_id):
-        full_because(f"the index of {local.id} is encrypted (this host cannot read it)")
-        return None
-    handle = _open_checked(ctx, key, facts.size, facts.sha256, local.id, full_because)
+    if facts.name == index_name(local.backup_id):
+        key = key_for("", ctx.host, local.backup_id, facts.name)
+        handle = _open_checked(ctx, key, facts.size, facts.sha256, local.id, full_because)
+    else:
+        # Encrypted: the manifest describes the uploaded ciphertext; the parent is the
+        # plaintext index this host kept beside it (no identity needed to read it).
+        key = key_for("", ctx.host, local.backup_id, index_name(local.backup_id))
+        handle = _open_plain(ctx, key, local.id, full_because)
     if handle is None:
         return None
     parent = Parent(
@@ -114,6 +119,29 @@ def start(
 
 def _time_of(backup_id: str) -> datetime:
     return BackupId.parse(backup_id).created_at
+
+
+def _open_plain(
+    ctx: Context, key: str, ident: str, say: Callable[[str], None]
+) -> IO[bytes] | None:
+    """The plaintext index kept beside an encrypted one, opened after it decompressed
+    completely (zstd's frame checksum and end: a damaged or truncated copy means a full)."""
+    try:
+        handle = ctx.local.open(key)
+    except NotFound:
+        say(f"the local dir lacks the plaintext index of {ident}")
+        return None
+    except (OSError, CloudBackupError) as exc:
+        say(f"the index of {ident} cannot be read: {getattr(exc, 'strerror', None) or exc}")
+        return None
+    try:
+        check_complete(handle)
+        handle.seek(0)
+    except (OSError, IndexInvalid) as exc:
+        handle.close()
+        say(f"the plaintext index of {ident} is damaged ({exc})")
+        return None
+    return io.BufferedReader(handle) if not isinstance(handle, io.BufferedReader) else handle
 
 
 def _open_checked(

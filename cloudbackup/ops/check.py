@@ -19,6 +19,7 @@ from cloudbackup.core.outcome import exit_code as code_of
 from cloudbackup.core.words import size
 from cloudbackup.sources.registry import make_source
 from cloudbackup.storage.base import RemoteStore, UploadSpec
+from cloudbackup.stream.age import load_identities
 
 
 @dataclass
@@ -65,6 +66,7 @@ def check(ctx: Context) -> list[CheckLine]:
             lines.append(CheckLine(f"source {spec.name}", True, detail))
         except (SourceError, CloudBackupError, ValueError) as exc:
             lines.append(CheckLine(f"source {spec.name}", False, str(exc)))
+    lines += _check_encryption(settings)
     lines.append(_check_local_dir(settings.local_dir))
     if ctx.remote is None:
         if settings.local_only:
@@ -82,6 +84,58 @@ def check(ctx: Context) -> list[CheckLine]:
             )
         return lines
     lines += _check_remote(ctx, ctx.remote)
+    return lines
+
+
+def _check_encryption(settings: Settings) -> list[CheckLine]:
+    """Recipients (validated when the settings were read: here, what they mean) and the
+    identity file: readable by others, or present on a host that backs up."""
+    lines = []
+    recipients = settings.age_recipients
+    if recipients:
+        lines.append(
+            CheckLine(
+                "encryption",
+                True,
+                f"archives encrypted with age to {len(recipients)} recipient(s): "
+                + ", ".join(recipients),
+            )
+        )
+    path = settings.age_identity_file
+    if path is None:
+        return lines
+    try:
+        keyring = load_identities(path)
+    except CloudBackupError as exc:
+        return [*lines, CheckLine("identity", False, str(exc))]
+    lines.append(
+        CheckLine("identity", True, f"{path}: {len(keyring.recipients)} identity(ies), "
+                  f"recipient(s) {', '.join(keyring.recipients)}")
+    )
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = 0
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        lines.append(
+            CheckLine(
+                "identity",
+                True,
+                f"{path} is readable by other users (mode {stat.S_IMODE(mode):04o}): "
+                f"chmod 600 {path}",
+                warning=True,
+            )
+        )
+    if recipients and settings.sources:
+        lines.append(
+            CheckLine(
+                "identity",
+                True,
+                "CLOUDBACKUP_AGE_IDENTITY_FILE is set on a host that backs up: this host can "
+                "read its backups; keep the identity offline, on the machine that restores",
+                warning=True,
+            )
+        )
     return lines
 
 

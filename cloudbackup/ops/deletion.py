@@ -125,7 +125,7 @@ def local_keys(listing: Listing) -> Callable[[BackupRef], list[str]]:
 
     def keys(ref: BackupRef) -> list[str]:
         upload_key = key_for("", ref.host, ref.backup_id, upload_name(ref.backup_id))
-        found = [ref.manifest_key, ref.archive_key, ref.index_key]
+        found = [ref.manifest_key, ref.archive_key, ref.index_key, ref.plain_index_key]
         return [k for k in found if k] + ([upload_key] if upload_key in upload_keys else [])
 
     return keys
@@ -133,7 +133,9 @@ def local_keys(listing: Listing) -> Callable[[BackupRef], list[str]]:
 
 def remote_keys(ref: BackupRef) -> list[str]:
     """What deleting a remote backup removes: manifest first, then archive, then index."""
-    return [k for k in (ref.manifest_key, ref.archive_key, ref.index_key) if k]
+    return [
+        k for k in (ref.manifest_key, ref.archive_key, ref.index_key, ref.plain_index_key) if k
+    ]
 
 
 def lock_until(settings: Settings, ref: BackupRef, now: datetime) -> datetime | None:

@@ -21,6 +21,8 @@ class ListedBackup:
     local: bool
     remote: bool
     verified: bool
+    #: The archive's name ends in .age (encrypted with age): known from LIST alone.
+    encrypted: bool = False
     incremental: bool = False
     #: 0 for a full; n for the n-th incremental after it (the names carry the chain).
     level: int = 0
@@ -40,6 +42,7 @@ class ListedBackup:
             "local": self.local,
             "remote": self.remote,
             "verified": self.verified,
+            "encrypted": self.encrypted,
             "level": self.level,
             "parent": self.parent,
         }
@@ -72,6 +75,7 @@ def list_backups(
                 True,
                 False,
                 ctx.local_catalog.verified_offsite(ref),
+                ref.encrypted,
                 ref.incremental,
             )
     if where in ("remote", "all") and ctx.remote is not None:
@@ -95,6 +99,7 @@ def list_backups(
                     False,
                     True,
                     True,
+                    ref.encrypted,
                     ref.incremental,
                 )
     listed = sorted(merged.values(), key=lambda b: (b.host, b.source, b.created_at, b.id))

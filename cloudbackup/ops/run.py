@@ -220,7 +220,7 @@ def nightly(
         raise
     try:
         settings = _chosen(settings, options.sources)
-        _check_runnable(settings)
+        _check_runnable(settings, options)
         with DirLock(settings.local_dir):
             if options.dry_run:
                 return dry_run(open_context(settings), options)
@@ -316,7 +316,14 @@ def _chosen(settings: Settings, names: Sequence[str]) -> Settings:
     return settings.only(names)
 
 
-def _check_runnable(settings: Settings) -> None:
+def _check_runnable(settings: Settings, options: RunOptions) -> None:
+    if options.deep and settings.age_recipients and settings.age_identity_file is None:
+        raise UsageError(
+            "`run --deep` reads back and decrypts what it uploaded: it needs "
+            "CLOUDBACKUP_AGE_IDENTITY_FILE, which a host that only backs up should not hold",
+            "drop --deep (the HEAD verify needs no key), or run `verify --deep` where the "
+            "identity is",
+        )
     if not settings.remote_configured and not settings.local_only:
         raise UsageError(
             "`run` needs a bucket for the offsite copy",

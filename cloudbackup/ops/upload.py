@@ -248,7 +248,7 @@ def _put_index(ctx: Context, ref: BackupRef, manifest: Manifest, spec: UploadSpe
                 metadata={"sha256": facts.sha256, "source": ref.source, "host": ctx.host},
                 tags=object_tags(ctx, ref.source, "index"),
                 storage_class="STANDARD",
-                content_type="application/zstd",
+                content_type="application/octet-stream" if manifest.encrypted else "application/zstd",
                 lock_mode=spec.lock_mode,
                 lock_until=spec.lock_until,
             ),
@@ -331,6 +331,7 @@ def _put_manifest(
             archive_key=upload.key,
             manifest_key=mkey,
             compression=manifest.compression,
+            encrypted=manifest.encrypted,
         )
         existing = ctx.remote_catalog.manifest(remote_ref)
         if existing.sha256 != manifest.sha256:

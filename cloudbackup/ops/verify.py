@@ -1,6 +1,6 @@
 """``verify``: local copies re-hashed against their manifests; remote copies compared
 (HEAD: size, metadata and S3 checksum) without downloading, or streamed and walked with
-``--deep``."""
+``--deep`` (decrypted on the way when the archive is encrypted: that needs the identity)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cloudbackup.context import Context
-from cloudbackup.core.errors import CloudBackupError, IntegrityError
+from cloudbackup.core.errors import CloudBackupError, ConfigError, IntegrityError
 from cloudbackup.core.model import (
     BackupRef,
     Listing,
@@ -22,7 +22,29 @@ from cloudbackup.core.outcome import Outcome
 from cloudbackup.core.words import plural
 from cloudbackup.fs.files import open_regular
 from cloudbackup.storage.base import VerifyMethod, head_problems
+from cloudbackup.stream.age import Decryption, decryption_for, keyring_at
 from cloudbackup.stream.hashing import sha256_file
+
+
+def require_identity(ctx: Context, refs: Sequence[BackupRef]) -> None:
+    """``--deep`` of encrypted archives (their names end in .age) without an identity file:
+    ConfigError (exit 2) before any archive is read."""
+    encrypted = [ref for ref in refs if ref.encrypted]
+    if encrypted and ctx.settings.age_identity_file is None:
+        raise ConfigError(
+            f"{len(encrypted)} of the backups to verify are encrypted (e.g. {encrypted[0].id}): "
+            "verify --deep needs CLOUDBACKUP_AGE_IDENTITY_FILE",
+            "set it where the identity is, or verify without --deep (no key needed)",
+        )
+
+
+def _decryption(ctx: Context, manifest: Manifest) -> Decryption | None:
+    """How ``--deep`` opens this archive; ConfigError (exit 2) when it is encrypted and
+    there is no identity of its recipients."""
+    if not manifest.encrypted:
+        return None
+    keyring = keyring_at(ctx.settings.age_identity_file)
+    return decryption_for(keyring, manifest.recipients, manifest.archive, "verify --deep")
 
 
 @dataclass
@@ -61,8 +83,7 @@ def select_refs(
 
 
 def verify_local_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> VerifyResult:
-    from cloudbackup.stream.compress import open_decompressed
-    from cloudbackup.stream.pipeline import walk_archive
+    from cloudbackup.stream.pipeline import walk_stored
 
     result = VerifyResult(ref.id, "local", "", ref.host, ref.source)
     try:
@@ -73,9 +94,10 @@ def verify_local_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> Ver
         if deep:
             from cloudbackup.stream.hashing import HashingReader
 
+            decryption = _decryption(ctx, manifest)
             with open_regular(path) as raw:
                 hashing = HashingReader(raw, progress)
-                walked = walk_archive(open_decompressed(hashing, manifest.compression))
+                walked = walk_stored(hashing, manifest.compression, decryption)
                 hashing.drain()
                 digest, size = hashing.sha.hexdigest(), hashing.count
         else:
@@ -106,6 +128,8 @@ def verify_local_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> Ver
         if result.ok and deep and manifest.index is not None and ref.index_key:
             with open_regular(ctx.local.path(ref.index_key)) as raw:
                 _check_index(raw, manifest, result)
+    except ConfigError:  # an encrypted archive and no identity of its recipients: exit 2
+        raise
     except CloudBackupError as exc:  # IntegrityError, or a manifest that cannot be read
         result.detail = str(exc)
         result.outcome = exc.outcome if exc.outcome is Outcome.INTEGRITY else Outcome.FAILED
@@ -175,6 +199,8 @@ def verify_remote_ref(ctx: Context, ref: BackupRef, *, deep: bool = False) -> Ve
                     _check_index(body, manifest, result)
     except IntegrityError as exc:
         result.detail = str(exc)
+    except ConfigError:  # an encrypted archive and no identity of its recipients: exit 2
+        raise
     except CloudBackupError as exc:
         result.detail = f"cannot verify: {exc}"
         result.outcome = Outcome.FAILED
@@ -247,20 +273,20 @@ def _read_back(
     """Stream the archive, hash it (and walk it with ``deep``); what was read, in words, or
     None with ``result.detail`` saying what differs. A corrupt archive whose bytes match
     the manifest raises IntegrityError."""
-    from cloudbackup.stream.compress import open_decompressed
     from cloudbackup.stream.hashing import HashingReader
-    from cloudbackup.stream.pipeline import walk_archive
+    from cloudbackup.stream.pipeline import walk_stored
 
     assert ctx.remote is not None and ref.archive_key
     size, sha256 = manifest.size, manifest.sha256
     progress = ctx.progress(f"verify {ref.id}", size)
     corrupt: IntegrityError | None = None
     walked = None
+    decryption = _decryption(ctx, manifest) if deep else None
     with ctx.remote.open(ref.archive_key, size=size) as body:
         hashing = HashingReader(body, progress)
         if deep:
             try:
-                walked = walk_archive(open_decompressed(hashing, manifest.compression))
+                walked = walk_stored(hashing, manifest.compression, decryption)
             except IntegrityError as exc:
                 corrupt = exc  # report the checksum first: it says the bytes changed
         hashing.drain()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ from cloudbackup.restore.select import (
     remote_copy,
 )
 from cloudbackup.restore.targets import Staging, Target, Workspace, plan_target
+from cloudbackup.stream.age import Decryption, child_argv, decryption_for, keyring_at
 from cloudbackup.stream.compress import DECOMPRESS_ERRORS, open_decompressed
 from cloudbackup.stream.extract import ExtractResult, extract
 
@@ -179,11 +181,51 @@ def decompress_stage(
     )
 
 
+def decryption_of(ctx: Context, manifest: Manifest) -> Decryption | None:
+    """How to open ``manifest``'s archive: None when it is not encrypted; a ConfigError
+    (exit 2, before anything is read) without an identity of its recipients."""
+    if not manifest.encrypted:
+        return None
+    keyring = keyring_at(ctx.settings.age_identity_file)
+    return decryption_for(keyring, manifest.recipients, manifest.archive, "restore")
+
+
+class DecryptStage(ProcessStage):
+    """age decryption (``stream.age``'s child: pyrage holds the GIL for the whole stream)
+    as the stage before decompression. The identity reaches the child through a pipe of
+    its own, made when the child starts; its command line and environment hold nothing."""
+
+    def __init__(self, decryption: Decryption) -> None:
+        super().__init__("decrypt", [], env={}, errors=decryption.failure)
+        self.decryption = decryption
+
+    def abort(self) -> None:
+        # A child that found the archive tampered with ends its output, then exits: the
+        # consumer may see the end before the exit. Give it a moment to exit on its own, so
+        # its verdict (exit 3, or a wrong key) is reported rather than killed.
+        proc = self._proc
+        deadline = time.monotonic() + 0.5
+        while proc is not None and proc.returncode is None and time.monotonic() < deadline:
+            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                break
+            time.sleep(0.002)
+        super().abort()
+
+    def spawn(self, stages: Stages) -> tuple[int, Any]:
+        keys = self.decryption.keys_pipe()
+        self.argv, self.pass_fds = child_argv(keys), (keys,)
+        try:
+            return super().spawn(stages)
+        finally:
+            os.close(keys)
+
+
 def archive_pipeline(
     ctx: Context, copy: Copy, clock: Stages, stages: Sequence[Stage] | None = None
 ) -> Pipeline:
     """The pipeline of ``copy``'s archive: read once (from the local dir or the store) and
-    hashed, then ``stages`` (default: decompression), then the tar stream."""
+    hashed, then ``stages`` (default: decryption when it is encrypted, decompression), then
+    the tar stream."""
     manifest = copy.manifest
     key = copy.ref.archive_key
     assert key is not None
@@ -205,8 +247,10 @@ def archive_pipeline(
         opener, size=manifest.size, sha256=manifest.sha256, describe=describe, stages=clock
     )
     if stages is None:
+        decryption = decryption_of(ctx, manifest)
         stage = decompress_stage(manifest, ctx.settings.child_env)
-        stages = [stage] if stage is not None else []
+        stages = [DecryptStage(decryption)] if decryption is not None else []
+        stages += [stage] if stage is not None else []
     return Pipeline(fetch, stages, clock)
 
 
@@ -352,6 +396,8 @@ def restore(
         force=force,
         stdout=stdout,
     )
+    if not dry_run or includes:  # an encrypted archive without its identity: refused here
+        decryption_of(ctx, plan.manifest)
     result = plan.result(dry_run=dry_run)
     clock = Stages()
     LOG.info(
@@ -657,6 +703,8 @@ def describe(ctx: Context, plan: RestorePlan, result: RestoreResult, clock: Stag
     action = f"would restore {what} of {manifest.id} from {copy.where} into {result.target}"
     action += plan.target.dry_run_note(plan.force)
     result.detail = f"{action} ({basis})"
+    if manifest.encrypted and ctx.settings.age_identity_file is None:
+        result.detail += "; it is encrypted: the restore needs CLOUDBACKUP_AGE_IDENTITY_FILE"
     if result.refused:
         result.detail += f"; {len(result.refused)} member(s) would be refused"
         result.outcome = Outcome.FAILED

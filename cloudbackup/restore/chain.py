@@ -12,7 +12,8 @@ is an IntegrityError naming it: the staging dir is discarded and nothing reaches
 
 The final index is the local one when it matches the head's manifest, else the bucket's
 (for a restore only: an index from the bucket is never a backup's parent), checked against
-the head's manifest digest before it is used. Membership is a streaming merge-join of each
+the head's manifest digest before it is used; an encrypted backup's index is ciphertext
+like its archive and goes through the decryption stage with the identity. Membership is a streaming merge-join of each
 link's members (in walk order) with the final index (in the same order): memory stays flat.
 """
 
@@ -29,6 +30,7 @@ from cloudbackup.context import Context
 from cloudbackup.core.errors import CloudBackupError, IntegrityError
 from cloudbackup.core.model import BackupRef, Manifest
 from cloudbackup.restore.select import Candidate, Copy, _listings, choose_copy, peek_manifest
+from cloudbackup.stream.age import Decryption, decryption_for, keyring_at
 from cloudbackup.stream.index import IndexInvalid, lines_with, parse_path, read_index
 
 LOG = logging.getLogger("cloudbackup")
@@ -106,6 +108,7 @@ def final_index(ctx: Context, head: Copy, other: BackupRef | None) -> bytes:
     facts = head.manifest.index
     if facts is None:
         raise IntegrityError(f"{head.manifest.id}: its manifest records no index", HINT)
+    decryption = index_decryption(ctx, head.manifest)
     problems = []
     for ref in (head.ref, other):
         if ref is None or ref.index_key is None:
@@ -120,11 +123,34 @@ def final_index(ctx: Context, head: Copy, other: BackupRef | None) -> bytes:
             problems.append(f"{ref.where}: {getattr(exc, 'strerror', None) or exc}")
             continue
         if len(data) == facts.size and hashlib.sha256(data).hexdigest() == facts.sha256:
-            return data
+            return data if decryption is None else decrypted(decryption, data)
         problems.append(f"the {ref.where} index differs from its manifest")
     raise IntegrityError(
         f"{head.manifest.id}: no usable index ({'; '.join(problems) or 'none listed'})", HINT
     )
+
+
+def index_decryption(ctx: Context, manifest: Manifest) -> Decryption | None:
+    """How to open an encrypted backup's index (the one uploaded is ciphertext, like its
+    archive): None when it is not encrypted; the archive's exit-2 ConfigError, before
+    anything is read, without an identity of its recipients."""
+    if manifest.index is None or not manifest.encrypted:
+        return None
+    keyring = keyring_at(ctx.settings.age_identity_file)
+    return decryption_for(keyring, manifest.recipients, manifest.index.name, "restore")
+
+
+def decrypted(decryption: Decryption, data: bytes) -> bytes:
+    """The plaintext (still compressed) of an encrypted index already checked against its
+    manifest; age's authentication covers it (IntegrityError when tampered)."""
+    reader = decryption.open(io.BytesIO(data))
+    chunks = []
+    try:
+        while chunk := reader.read(1 << 20):
+            chunks.append(chunk)
+    finally:
+        reader.close()
+    return b"".join(chunks)
 
 
 class Membership:

@@ -110,15 +110,21 @@ class HashingSink:
             if self.error is not None:
                 continue
             try:
-                self.sha.update(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(self.fd, view) :]
-                self.size += len(chunk)
-                if self.tail is not None:
-                    self.tail.advance(self.size)
+                self.write(chunk)
             except BaseException as exc:  # surfaced on the main thread
                 self.error = exc
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        """Hash and write ``chunk`` now, on the caller's thread: for a stage that has a
+        thread of its own (encryption's, which reads the child's output into one reused
+        buffer), instead of ``put``. A caller uses one of the two, never both."""
+        self.sha.update(chunk)
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(self.fd, view) :]
+        self.size += len(chunk)
+        if self.tail is not None:
+            self.tail.advance(self.size)
 
     def put(self, chunk: bytes) -> None:
         if self.error is not None:

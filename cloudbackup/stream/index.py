@@ -83,7 +83,7 @@ class IndexWriter:
     def __init__(self, put: Callable[[bytes], None], backup_id: str) -> None:
         self._put = put
         self._own = json.dumps(backup_id)
-        self._compressor = zstandard.ZstdCompressor(level=3).compressobj()
+        self._compressor = zstandard.ZstdCompressor(level=3, write_checksum=True).compressobj()
         self._lines: list[str] = []
         self._pending = 0
         self.tree_files = 0
@@ -302,6 +302,21 @@ def lines_with(stream: IO[bytes], needle: bytes) -> Iterator[bytes]:
             pos = end + 1
     if rest:
         raise IndexInvalid("it ends in the middle of a record")
+
+
+def check_complete(stream: IO[bytes]) -> None:
+    """Decompress ``stream`` to its end (zstd's frame checksum and end are checked), or
+    IndexInvalid: a damaged or truncated index."""
+    frame = zstandard.ZstdDecompressor().decompressobj()
+    try:
+        while chunk := stream.read(1 << 16):  # output discarded: a few MiB at most
+            if frame.eof:
+                raise IndexInvalid("bytes follow its end")
+            frame.decompress(chunk)
+    except zstandard.ZstdError as exc:
+        raise IndexInvalid(f"it does not decompress ({exc})") from None
+    if not frame.eof:
+        raise IndexInvalid("it is truncated")
 
 
 def read_index(stream: IO[bytes], source: str) -> Iterator[Record]:

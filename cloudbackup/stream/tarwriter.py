@@ -20,12 +20,12 @@ import tarfile
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from cloudbackup.fs.walk import DirCursor, DirHandle, FileEntry
 from cloudbackup.fs.xattrs import UNSUPPORTED as XATTR_UNSUPPORTED
 from cloudbackup.fs.xattrs import namespaces as xattr_namespaces
 from cloudbackup.stream.compress import Compressor
-from cloudbackup.stream.hashing import HashingSink
 from cloudbackup.stream.index import IndexWriter
 from cloudbackup.stream.tarformat import XATTR_PREFIX, member_header
 
@@ -91,11 +91,17 @@ def _read_into(fd: int, view: memoryview) -> int:
         raise ReadFailed(exc) from exc
 
 
+class Sink(Protocol):
+    """Where compressed bytes go: the hashing sink, or a stage before it (encryption)."""
+
+    def put(self, chunk: bytes) -> None: ...
+
+
 class TarOut:
     """Accumulates tar bytes in a fixed buffer and feeds the compressor in big chunks."""
 
     def __init__(
-        self, compressor: Compressor, sink: HashingSink, progress: Callable[[int], None] | None
+        self, compressor: Compressor, sink: Sink, progress: Callable[[int], None] | None
     ) -> None:
         self.compressor = compressor
         self.sink = sink
