@@ -257,17 +257,23 @@ def parse_record(line: bytes, source: str, owners: dict[str, bool] | None = None
     )
 
 
-def read_lines(stream: IO[bytes]) -> Iterator[bytes]:
-    """The lines of a compressed index, streamed (a line longer than ``MAX_LINE``: invalid)."""
+def _chunks(stream: IO[bytes]) -> Iterator[bytes]:
+    """A compressed index's bytes, decompressed, in pieces of up to 1 MiB."""
     reader = zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
-    rest = b""
     while True:
         try:
             chunk = reader.read(1 << 20)
         except zstandard.ZstdError as exc:
             raise IndexInvalid(f"it is not zstd data ({exc})") from None
         if not chunk:
-            break
+            return
+        yield chunk
+
+
+def read_lines(stream: IO[bytes]) -> Iterator[bytes]:
+    """The lines of a compressed index, streamed (a line longer than ``MAX_LINE``: invalid)."""
+    rest = b""
+    for chunk in _chunks(stream):
         lines = (rest + chunk).split(b"\n")
         rest = lines.pop()
         if len(rest) > MAX_LINE:
@@ -280,15 +286,8 @@ def read_lines(stream: IO[bytes]) -> Iterator[bytes]:
 def lines_with(stream: IO[bytes], needle: bytes) -> Iterator[bytes]:
     """The lines of a compressed index that hold ``needle``, found by searching each
     decompressed chunk (the lines in between are never split out)."""
-    reader = zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
     rest = b""
-    while True:
-        try:
-            chunk = reader.read(1 << 20)
-        except zstandard.ZstdError as exc:
-            raise IndexInvalid(f"it is not zstd data ({exc})") from None
-        if not chunk:
-            break
+    for chunk in _chunks(stream):
         buf = rest + chunk
         cut = buf.rfind(b"\n") + 1
         rest = buf[cut:]
