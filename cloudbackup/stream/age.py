@@ -52,6 +52,7 @@ _NO_MATCH = 10
 _TAMPERED = 11
 _BAD_HEADER = 12
 _PIPE = 13
+_UNZSTD = 15  # authenticated plaintext that does not decompress
 
 # The child: reads the header, then streams stdin → age → stdout. It imports nothing of
 # cloudbackup; the parent's sys.path finds pyrage wherever this process found it.
@@ -74,8 +75,16 @@ def main():
             pyrage.encrypt_io(inp, out, keys)
         else:
             keys = [x25519.Identity.from_str(k) for k in head["keys"]]
+            sink = out
+            if head.get("decompress") == "zstd":
+                # Decompressed here too: the consumer's thread is left the tar stream alone.
+                import zstandard
+                sink = zstandard.ZstdDecompressor().stream_writer(
+                    out, write_size=1 << 20, closefd=False
+                )
             del head
-            pyrage.decrypt_io(inp, out, keys)
+            pyrage.decrypt_io(inp, sink, keys)
+            sink.flush()
         out.flush()
     except pyrage.DecryptError as exc:
         text = str(exc)
@@ -86,6 +95,11 @@ def main():
             return 13
         sys.stderr.write(str(exc)[:200] + "\n")
         return 11 if exc.errno is None and str(exc) == "decryption error" else 14
+    except Exception as exc:
+        if type(exc).__name__ != "ZstdError":
+            raise
+        sys.stderr.write(str(exc)[:200] + "\n")  # authenticated, but not zstd
+        return 15
     return 0
 code = main()
 sys.stderr.flush()
@@ -247,13 +261,15 @@ def child_argv(keys_fd: int) -> list[str]:
     return [sys.executable, "-I", "-S", "-c", _CHILD, str(keys_fd)]
 
 
-def keys_pipe(mode: str, keys: Sequence[str]) -> int:
-    """The reading end of a pipe that holds the child's header (``mode``, ``keys`` and this
-    process's ``sys.path``), written and closed: hand it to the child (``pass_fds``) and
-    close it here once the child is started."""
+def keys_pipe(mode: str, keys: Sequence[str], *, decompress: str | None = None) -> int:
+    """The reading end of a pipe that holds the child's header (``mode``, ``keys``, this
+    process's ``sys.path``, and ``decompress``: ``zstd`` to decompress the plaintext in the
+    child too), written and closed: hand it to the child (``pass_fds``) and close it here
+    once the child is started."""
     keys_in, keys_out = os.pipe()
     try:
-        head = json.dumps({"mode": mode, "keys": list(keys), "path": sys.path}).encode()
+        fields = {"mode": mode, "keys": list(keys), "path": sys.path, "decompress": decompress}
+        head = json.dumps(fields).encode()
         _write_all(keys_out, head)  # a few hundred bytes: the pipe holds them
         del head
     except BaseException:
@@ -338,6 +354,12 @@ def decryption_failure(
             f"{name}: no identity in {keyring.path} matches the archive's recipients",
             "give the identity of one of the recipients its manifest records "
             "(CLOUDBACKUP_AGE_IDENTITY_FILE)",
+        )
+    if code == _UNZSTD:
+        return IntegrityError(
+            f"{name}: the decrypted data is not the zstd stream it should be ({said}); "
+            "nothing was restored",
+            _INTEGRITY_HINT,
         )
     if code in (_TAMPERED, _BAD_HEADER):
         return IntegrityError(
@@ -495,9 +517,9 @@ class Decryption:
         thread (``verify --deep``); the restore pipeline runs the child as a stage."""
         return DecryptingReader(raw, self.keyring, self.recipients, self.name)
 
-    def keys_pipe(self) -> int:
+    def keys_pipe(self, *, decompress: str | None = None) -> int:
         """The header of a decrypting child (see :func:`keys_pipe`)."""
-        return keys_pipe("decrypt", self.keyring._secrets)
+        return keys_pipe("decrypt", self.keyring._secrets, decompress=decompress)
 
     def failure(self, code: int, said: str) -> CloudBackupError:
         """What the exit status ``code`` of a decrypting child means."""

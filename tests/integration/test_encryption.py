@@ -247,6 +247,34 @@ def test_a_flipped_byte_with_a_matching_sha256_is_caught_by_age(
         assert "fails age's authentication" in deep.stdout + deep.stderr
 
 
+def test_a_valid_age_file_that_is_not_zstd_is_exit_3_with_nothing_written(
+    env: Env, remote: RemoteEnv, cli: CLI, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anyone holding the (public) recipient can write an archive age authenticates: one
+    whose plaintext is not zstd is an integrity failure (exit 3) of the child that decrypts
+    and decompresses, with nothing written."""
+    import pyrage
+    from pyrage import x25519
+
+    src = make_tree(env.tmp / "www", {"a.txt": "a"})
+    assert cli("backup", src).exit_code == 0
+    restorer(monkeypatch, keys)
+    forged = pyrage.encrypt(os.urandom(200_000), [x25519.Recipient.from_str(keys.recipient)])
+    key = archive_key(remote)
+    mkey = key.replace(".tar.zst.age", ".manifest.json")
+    rewritten = rewrite_manifest(remote.get(mkey), forged)
+    for k, data in ((key, forged), (mkey, rewritten)):
+        remote.delete(k)
+        remote.put(k, data)
+
+    target = env.work / "t"
+    result = cli("restore", "www", "--to", target, "--from", "remote")
+    assert result.exit_code == 3, result.stderr
+    result.assert_one_error("is not the zstd stream it should be")
+    assert not target.exists()
+    assert hidden_leftovers(env.work) == []
+
+
 def test_a_damaged_recipient_stanza_is_exit_3_a_wrong_key_exit_2(
     env: Env, cli: CLI, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
