@@ -518,6 +518,23 @@ def _probe(psql: str, conn: ConnInfo, pgenv: PgEnv, label: str) -> ServerInfo:
         ) from None
 
 
+def _server_and_dump_tools(
+    psql: str, conn: ConnInfo, pgenv: PgEnv, label: str, env: Mapping[str, str]
+) -> tuple[ServerInfo, Tools]:
+    """The server's facts, and the pg_dump/pg_dumpall that can dump it (its major or newer)."""
+    info = _probe(psql, conn, pgenv, label)
+    try:
+        tools = find_tools(
+            ("pg_dump", "pg_dumpall"),
+            env=env,
+            min_major=info.major,
+            server_version=info.version,
+        )
+    except SourceError as exc:
+        raise SourceError(f"{label}: {exc.message}", exc.hint) from None
+    return info, tools
+
+
 def _any_psql(env: Mapping[str, str]) -> str | None:
     for directory in candidate_dirs(env):
         if os.access(directory / "psql", os.X_OK):
@@ -563,16 +580,7 @@ def check_source(
     conn = _conn_of(name, url)
     psql = _psql_or_fail("pg_dump (and psql)", env)
     with pg_env(conn.password, workdir, "check", base=env) as pgenv:
-        info = _probe(psql, conn, pgenv, label)
-    try:
-        tools = find_tools(
-            ("pg_dump", "pg_dumpall"),
-            env=env,
-            min_major=info.major,
-            server_version=info.version,
-        )
-    except SourceError as exc:
-        raise SourceError(f"{label}: {exc.message}", exc.hint) from None
+        info, tools = _server_and_dump_tools(psql, conn, pgenv, label, env)
     return (
         f"postgresql {conn.dbname} at {conn.where}: server {info.version}, "
         f"pg_dump {tools.version} ({tools.bindir}), database {_human(info.database_size)}"
@@ -652,16 +660,7 @@ def _dump(
     spool = ctx.spool_dir
     psql = _psql_or_fail("pg_dump (and psql)", env)
     with pg_env(conn.password, spool, ctx.backup_id, base=env) as pgenv:
-        info = _probe(psql, conn, pgenv, label)
-        try:
-            tools = find_tools(
-                ("pg_dump", "pg_dumpall"),
-                env=env,
-                min_major=info.major,
-                server_version=info.version,
-            )
-        except SourceError as exc:
-            raise SourceError(f"{label}: {exc.message}", exc.hint) from None
+        info, tools = _server_and_dump_tools(psql, conn, pgenv, label, env)
         needed, basis = required_space(info.database_size, _previous_dump_bytes(spool))
         free = shutil.disk_usage(spool).free
         if free < needed:

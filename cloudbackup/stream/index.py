@@ -198,13 +198,18 @@ def parse_path(line: bytes) -> str:
             path = raw.decode("ascii")
             if path.isprintable():  # JSON allows no raw control character in a string
                 return _checked(path)
+    return _path_of(_record_object(line))
+
+
+def _record_object(line: bytes) -> dict[str, Any]:
+    """One index line parsed as a JSON object (IndexInvalid otherwise)."""
     try:
         data = json.loads(line)
     except (ValueError, RecursionError):
         raise IndexInvalid("a record is not JSON") from None
     if not isinstance(data, dict):
         raise IndexInvalid("a record is not an object")
-    return _path_of(data)
+    return data
 
 
 def parse_record(line: bytes, source: str, owners: dict[str, bool] | None = None) -> Record:
@@ -213,12 +218,7 @@ def parse_record(line: bytes, source: str, owners: dict[str, bool] | None = None
     ``owners`` remembers which ``in`` values were found valid (a chain has few)."""
     if len(line) > MAX_LINE:
         raise IndexInvalid("a record is too long")
-    try:
-        data = json.loads(line)
-    except (ValueError, RecursionError):
-        raise IndexInvalid("a record is not JSON") from None
-    if not isinstance(data, dict):
-        raise IndexInvalid("a record is not an object")
+    data = _record_object(line)
     path = _path_of(data)
     kind = data.get("type")
     if kind not in ("file", "dir", "symlink"):
