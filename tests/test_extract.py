@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cloudbackup.core.errors import IntegrityError
+from cloudbackup.fs.tree import tally_tree
 from cloudbackup.stream.extract import CHUNK_SIZE, ExtractResult, extract
 from tests.test_hostile_tree import deep_cleanup
 
@@ -536,6 +537,12 @@ def test_a_later_regular_file_replaces_an_earlier_one(target: Path) -> None:
     assert (target / "f").read_bytes() == b"second"
     assert (target / "h").read_bytes() == b"first"  # like tar: the old inode stays linked
     assert stat.S_IMODE(os.stat(target / "f").st_mode) == 0o600
+    # Counted as on disk: two names, both inodes' bytes (the first one lives on as "h").
+    assert (result.replaced, result.replaced_bytes) == (1, 0)
+    assert result.on_disk() == (2, len(b"first") + len(b"second"))
+    again = run(Tar().file("g", b"12345").file("g", b"1").bytes(), target)
+    assert (again.files, again.replaced, again.replaced_bytes) == (2, 1, 5)
+    assert again.on_disk() == (1, 1)
 
 
 def test_a_file_never_replaces_a_directory_nor_the_reverse(target: Path, outside: Path) -> None:
@@ -905,12 +912,13 @@ def test_dry_run_writes_nothing_and_counts_like_the_real_run(
     assert os.listdir(target) == []
     real_progress: list[int] = []
     real = run(data, target, include=include, progress=real_progress.append)
-    assert dry == real
+    assert dry == replace(real, replaced=0, replaced_bytes=0)  # a dry run counts no sizes
     assert sum(dry_progress) == sum(real_progress) == real.bytes
     if not include:
         assert len(real.refused) == 5
         assert (real.files, real.symlinks, real.hardlinks, real.dirs) == (8, 1, 1, 6)
         assert real.bytes == len(b"evil") + len(b"1") + len(b"22") + 5
+        assert (real.replaced, real.replaced_bytes) == (1, len(b"1"))  # "dup"
 
 
 def test_dry_run_needs_no_writable_target(tmp_path: Path) -> None:
@@ -973,7 +981,12 @@ def test_fuzzed_archives_never_write_outside(
             dry = run(data, target, include=include, dry_run=True)
             assert os.listdir(target) == []
             real = run(data, target, include=include, same_owner=False)
-            assert replace(real, warnings=[]) == dry
+            # A dry run knows no sizes of what a later member replaces: it counts none.
+            assert replace(real, warnings=[], replaced=0, replaced_bytes=0) == dry
+            # A restore counts what it wrote from the extractor's totals: what a listing
+            # of the target would count, whatever the duplicates and links.
+            on_disk = tally_tree(target)
+            assert real.on_disk() == (on_disk.files, on_disk.bytes)
         finally:
             make_writable(target)
         assert sorted(os.listdir(base)) == ["outside", "target"]

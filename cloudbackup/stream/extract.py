@@ -56,6 +56,18 @@ class ExtractResult:
     refused: list[str] = field(default_factory=list)
     skipped_not_included: int = 0
     warnings: list[str] = field(default_factory=list)  # e.g. an owner that could not be set
+    #: Regular files written, then replaced by a later member of the same name (their
+    #: bytes: those no other name keeps).
+    replaced: int = 0
+    replaced_bytes: int = 0
+
+    def on_disk(self) -> tuple[int, int]:
+        """(entries, bytes) this extraction left in its target: the files, symlinks and
+        hard links written, less the ones a later member replaced; bytes of regular files,
+        each inode once. What ``fs.tree.tally_tree`` would count in a target it alone
+        wrote to, without listing it again."""
+        entries = self.files + self.symlinks + self.hardlinks - self.replaced
+        return entries, self.bytes - self.replaced_bytes
 
 
 class _Attrs(NamedTuple):
@@ -100,6 +112,8 @@ class _Tree(Protocol):
     """Where members go: the real target, or a model of it for dry runs."""
 
     created_dirs: set[Parts]
+    replaced: int  # regular files removed to make room for a later member of their name
+    replaced_bytes: int
 
     def make_dir(self, parts: Parts) -> None: ...
 
@@ -146,6 +160,7 @@ class _RealTree:
         self._xattr_prefixes = xattrs.namespaces()
         self._xattr_failures: dict[str, tuple[int, str]] = {}  # reason -> (count, example)
         self.created_dirs: set[Parts] = set()
+        self.replaced = self.replaced_bytes = 0
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -263,6 +278,9 @@ class _RealTree:
             kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
             raise _Refused(f"{what} collides with {_show(parts)}, which is {kind}")
         os.unlink(parts[-1], dir_fd=parent)
+        self.replaced += 1
+        if st.st_nlink == 1:  # its last name: its bytes are gone too
+            self.replaced_bytes += st.st_size
 
     def _apply(self, fd: int, attrs: _Attrs, *, parts: Parts, created: int | None = None) -> None:
         """Owner, mode, xattrs and mtime of ``fd``; ``created``: the mode it was created
@@ -412,6 +430,7 @@ class _DryTree:
         self._kinds: dict[Parts, str] = {}  # "d", "f" or "l"
         self._progress = progress
         self.created_dirs: set[Parts] = set()
+        self.replaced = self.replaced_bytes = 0  # a dry run knows no sizes: none counted
 
     def close(self) -> None:
         pass
@@ -699,4 +718,5 @@ def extract(
         ).run(stream)
     finally:
         tree.close()
+    result.replaced, result.replaced_bytes = tree.replaced, tree.replaced_bytes
     return result
