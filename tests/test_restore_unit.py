@@ -28,7 +28,7 @@ from cloudbackup.core.errors import (
 from cloudbackup.core.model import BackupId, archive_name, manifest_name
 from cloudbackup.fs.tree import remove_tree, tally_tree
 from cloudbackup.restore.apply import RestoreResult
-from cloudbackup.restore.pipeline import Fetch, InlineStage, Pipeline, Stages
+from cloudbackup.restore.pipeline import Fetch, InlineStage, Pipeline, ProcessStage, Stages
 from cloudbackup.restore.select import find_backup, parse_at
 from cloudbackup.restore.targets import Workspace as _Workspace
 from cloudbackup.restore.targets import aside_name as _aside_name
@@ -530,7 +530,11 @@ def _through_child(
 ) -> tuple[bytes, Stages, Any]:
     from cloudbackup.restore.apply import decompress_stage
 
-    assert isinstance(decompress_stage(_zstd_manifest(packed), {}), InlineStage)  # the default
+    # The default: a child when this process may use more than one core.
+    default = decompress_stage(_zstd_manifest(packed), {})
+    more_cores = len(os.sched_getaffinity(0)) > 1
+    assert isinstance(default, ProcessStage if more_cores else InlineStage)
+    assert isinstance(decompress_stage(_zstd_manifest(packed), {}, in_process=False), InlineStage)
     stage = decompress_stage(_zstd_manifest(packed), dict(os.environ), in_process=True)
     if seen is not None:
         seen.append(stage)

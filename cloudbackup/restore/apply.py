@@ -70,12 +70,13 @@ LOG = logging.getLogger("cloudbackup")
 _INTEGRITY_HINT = "restore another copy (--from local/remote) or an older backup (--at)"
 
 #: Decompress in a child process fed by pipes (python-zstandard holds the GIL, which the tar
-#: parser needs) rather than on the extracting thread. Measured on the 2-core benchmark VM
-#: (moto on the same cores): the same wall time on 256 MiB (quiet), 6.3 s inline vs 8.9 s in
-#: a process on 1 GiB under load, and ~0.6 s more CPU per GiB for the pipes (benchmarks/
-#: README.md, "Restore"): inline by default; the process stage stays for callers that
-#: have a core to spare, and is how the age decryption stage runs.
-DECOMPRESS_IN_PROCESS = False
+#: parser needs) rather than on the extracting thread, when this process may run on more
+#: than one core. Measured on the 2-core benchmark VM, 5 interleaved runs (benchmarks/
+#: RESULTS.md, 2026-12-03 18:2x): 200,000 small files from the local dir 5.31 s vs 5.90 s
+#: inline; 1 GiB from moto (whose server shares the two cores) 3.36 s vs 3.32 s: the same.
+#: (Earlier runs, on a loaded machine, had the child slower: it costs ~0.3 s of CPU per GiB
+#: for the pipes.) A child of its own also decrypts (``DecryptStage``).
+DECOMPRESS_IN_PROCESS = len(os.sched_getaffinity(0)) > 1
 _CHILD_CODE = (
     "import sys; from cloudbackup.stream.compress import decompress_child; "
     "sys.exit(decompress_child(sys.argv[1]))"

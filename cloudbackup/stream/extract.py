@@ -117,7 +117,7 @@ class _Tree(Protocol):
 
     def make_dir(self, parts: Parts) -> None: ...
 
-    def write_file(self, parts: Parts, data: IO[bytes] | bytes | None, size: int, attrs: _Attrs) -> int: ...
+    def write_file(self, parts: Parts, data: IO[bytes] | bytes | memoryview | None, size: int, attrs: _Attrs) -> int: ...
 
     def hard_link(self, source: Parts, parts: Parts) -> None: ...
 
@@ -146,6 +146,7 @@ class _RealTree:
         self._capacity = min(_DIR_FD_CACHE, default_capacity())
         self._ids: dict[Parts, tuple[int, int]] = {}  # (st_dev, st_ino) of each dir opened
         self._last: Parts | None = None  # the directory _dir() returned last
+        self._last_fd = -1  # ... and its descriptor (the newest in the LRU: never evicted)
         self._same_owner = same_owner
         self._mode_mask = 0o7777 if same_owner else 0o1777
         # Who owns what is created here (the group of a setgid directory, else ours), and
@@ -161,8 +162,12 @@ class _RealTree:
         self._xattr_failures: dict[str, tuple[int, str]] = {}  # reason -> (count, example)
         self.created_dirs: set[Parts] = set()
         self.replaced = self.replaced_bytes = 0
+        self._unreported = 0  # bytes of small files written, not yet told to progress
 
     def close(self) -> None:
+        if self._unreported and self._progress is not None:
+            self._progress(self._unreported)
+            self._unreported = 0
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -180,14 +185,17 @@ class _RealTree:
         """
         if not parts:
             return self._root_fd
+        if parts == self._last:  # most files: in the directory of the one before
+            return self._last_fd
         fds = self._fds
         fd = fds.get(parts)
         if fd is None:
             fd = self._climb(parts)
         if fd is not None:
             fds.move_to_end(parts)
-            self._last = parts
+            self._last, self._last_fd = parts, fd
             return fd
+        self._last = None  # the opens below may evict it (and fail before the end)
         depth = len(parts) - 1
         while depth and parts[:depth] not in fds:
             depth -= 1
@@ -197,7 +205,7 @@ class _RealTree:
             fds.move_to_end(parts[:depth])
         for end in range(depth + 1, len(parts) + 1):
             parent = self._open_dir(parent, parts[:end])
-        self._last = parts
+        self._last, self._last_fd = parts, parent
         return parent
 
     def _climb(self, parts: Parts) -> int | None:
@@ -313,7 +321,7 @@ class _RealTree:
                 count, example = self._xattr_failures.get(reason, (0, f"{name} of {_show(parts)}"))
                 self._xattr_failures[reason] = (count + 1, example)
 
-    def write_file(self, parts: Parts, data: IO[bytes] | bytes | None, size: int, attrs: _Attrs) -> int:
+    def write_file(self, parts: Parts, data: IO[bytes] | bytes | memoryview | None, size: int, attrs: _Attrs) -> int:
         parent = self._dir(parts[:-1])
         name = parts[-1]
         # Created with its permission bits (less the umask): no fchmod afterwards. A file
@@ -330,14 +338,17 @@ class _RealTree:
             raise
         written = 0
         try:
-            if isinstance(data, bytes):  # a small file comes whole: one write
+            if isinstance(data, (bytes, memoryview)):  # a small file comes whole: one write
                 if data:
                     written = len(data)
                     n = os.write(fd, data)
                     if n < written:
                         _write_all(fd, data, n)
                     if self._progress is not None:
-                        self._progress(written)
+                        self._unreported += written
+                        if self._unreported >= CHUNK_SIZE:  # told in 1 MiB steps, not per file
+                            self._progress(self._unreported)
+                            self._unreported = 0
             elif data is not None:
                 remaining = size
                 while remaining > 0:  # exactly ``size``: no extra read to find the end
@@ -457,7 +468,7 @@ class _DryTree:
             raise _Refused(f"{what} collides with {_show(parts)}, which is {description}")
         self._kinds[parts] = kind
 
-    def write_file(self, parts: Parts, data: IO[bytes] | bytes | None, size: int, attrs: _Attrs) -> int:
+    def write_file(self, parts: Parts, data: IO[bytes] | bytes | memoryview | None, size: int, attrs: _Attrs) -> int:
         self._place(parts, "f", "file")
         if self._progress is not None and size:
             self._progress(size)
@@ -473,7 +484,7 @@ class _DryTree:
         pass
 
 
-def _write_all(fd: int, data: bytes, done: int) -> None:
+def _write_all(fd: int, data: bytes | memoryview, done: int) -> None:
     """Write ``data`` past its first ``done`` bytes: one write, unless the kernel takes less."""
     view = memoryview(data)[done:]
     while view:
@@ -626,12 +637,16 @@ class _Extraction:
 
     def regular_file(self, parts: Parts, member: Header) -> None:
         path = "/".join(parts)
-        self.regular.discard(path)
         tar = self.tar
-        data: IO[bytes] | bytes | None = None
+        data: IO[bytes] | bytes | memoryview | None = None
         if not self.dry_run and tar is not None:
             data = tar.whole(member) if member.size <= CHUNK_SIZE else tar.data(member)
-        self.result.bytes += self.tree.write_file(parts, data, member.size, _Attrs.of(member))
+        try:
+            written = self.tree.write_file(parts, data, member.size, _Attrs.of(member))
+        except BaseException:
+            self.regular.discard(path)  # an earlier file of its name may be gone
+            raise
+        self.result.bytes += written
         self.regular.add(path)
         self.result.files += 1
 

@@ -278,6 +278,7 @@ class _Input:
     def __init__(self, stream: BinaryIO) -> None:
         self._stream = stream
         self.buf = b""
+        self.view = memoryview(self.buf)  # of buf: members' data sliced without a copy
         self.base = 0  # the archive offset of buf[0]
         self.pos = 0  # tarfile's position
         self._eof = False
@@ -292,6 +293,7 @@ class _Input:
         if index > len(buf):  # skipped data, read through (but the block before offset)
             self.base += len(buf)
             buf = self.buf = b""
+            self.view = memoryview(buf)
             stop = offset - BLOCK
             while self.base < stop:
                 piece = self._stream.read(min(stop - self.base, _PIECE))
@@ -312,6 +314,7 @@ class _Input:
             parts.append(piece)
             have += len(piece)
         self.buf = b"".join(parts) if len(parts) > 1 else parts[0]
+        self.view = memoryview(self.buf)
         self.base += keep
         return index - keep
 
@@ -763,15 +766,16 @@ class TarReader:
             return self._archive.extractfile(info)
         return cast(IO[bytes], _MemberData(self._input, member.offset_data, member.size))
 
-    def whole(self, member: Header) -> IO[bytes] | bytes | None:
-        """A small regular member's data as one piece of bytes (``data`` for a sparse one)."""
+    def whole(self, member: Header) -> IO[bytes] | bytes | memoryview | None:
+        """A small regular member's data as one piece (``data`` for a sparse one): a view
+        of the piece read when it is there (no copy), bytes otherwise."""
         if member.info is not None and member.info.issparse():
             return self.data(member)
         source = self._input
         start = member.offset_data - source.base
         end = start + member.size
         if start >= 0 and end <= len(source.buf):  # the usual case: read already
-            return source.buf[start:end]
+            return source.view[start:end]
         data = source.take(member.offset_data, member.size)
         if len(data) != member.size:
             raise tarfile.ReadError("unexpected end of data")
