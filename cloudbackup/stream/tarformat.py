@@ -362,17 +362,20 @@ class _Input:
 
 
 class _MemberData:
-    """Reads one member's ``size`` bytes at ``offset`` of the archive."""
+    """Reads one member's ``size`` bytes at ``offset`` of the archive: views of the pieces
+    read (no copy; each valid for good, the pieces are immutable)."""
 
     def __init__(self, source: _Input, offset: int, size: int) -> None:
         self._source, self._position, self._remaining = source, offset, size
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int = -1) -> bytes | memoryview:
         if size < 0 or size > self._remaining:
             size = self._remaining
         if size <= 0:
             return b""
-        data = self._source.take(self._position, size)
+        source = self._source
+        index = source.fill(self._position, size)
+        data = source.view[index : index + size]
         if len(data) != size:
             raise tarfile.ReadError("unexpected end of data")
         self._position += size
