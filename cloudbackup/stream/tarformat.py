@@ -383,6 +383,8 @@ class _MemberData:
         return data
 
 
+_XHD = tarfile.XHDTYPE[0]  # a PAX extended header's type, as the int buf[i] gives
+_REGTYPE, _DIRTYPE = tarfile.REGTYPE, tarfile.DIRTYPE
 _FAST_KINDS = frozenset((tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE))
 _FAST_PAX_KEYS = frozenset(("mtime", "atime", "ctime", "path", "linkpath", "hdrcharset"))
 _PAX_LENGTH_RE = re.compile(rb"[1-9][0-9]{0,8} ")
@@ -566,9 +568,11 @@ def _fast_header(buf: bytes, start: int, offset: int) -> tuple[Header, int] | No
     (or refuses) it.
     """
     available = len(buf) - start
+    if available < BLOCK:
+        return None
     try:
         records = None
-        if buf[start + 156 : start + 157] == tarfile.XHDTYPE:
+        if buf[start + 156] == _XHD:
             size = _number(buf[start + 124 : start + 136])
             if buf[start : start + BLOCK] != pax_block(size):
                 # another writer's: validated as tarfile would
@@ -593,8 +597,10 @@ def _fast_header(buf: bytes, start: int, offset: int) -> tuple[Header, int] | No
             return None
         block = _OUR_BLOCK.match(buf, start)
         if block is not None:
-            field, *numbers, kind, link = block.groups()
-            checksum = int(numbers[5], 8)
+            field, mode, uid, gid, size_field, mtime_field, checksum_field, kind, link = (
+                block.groups()
+            )
+            checksum = int(checksum_field, 8)
             # The sum of the block's bytes (the checksum field counted as spaces, the zeros
             # after byte 265 adding nothing), each half by adler32, whose low 16 bits are
             # one plus the sum of the bytes while that stays below 65,521: at most 148 * 255
@@ -605,20 +611,23 @@ def _fast_header(buf: bytes, start: int, offset: int) -> tuple[Header, int] | No
                 return None
             end = field.find(b"\0")
             name = (field if end < 0 else field[:end]).decode("utf-8", "surrogateescape")
-            if kind == tarfile.DIRTYPE:
+            if kind == _DIRTYPE:
                 name = name.rstrip("/")
-            end = link.find(b"\0")
-            linkname = (link if end < 0 else link[:end]).decode("utf-8", "surrogateescape")
-            mtime: float = int(numbers[4], 8)
+            if link[0]:  # a link's target (a file's is empty)
+                end = link.find(b"\0")
+                linkname = (link if end < 0 else link[:end]).decode("utf-8", "surrogateescape")
+            else:
+                linkname = ""
+            mtime: float = int(mtime_field, 8)
             info = None
-            fields = numbers
+            fields = True
         else:
             kind = buf[start + 156 : start + 157]
             if kind not in _FAST_KINDS:
                 return None
             info = _parse_ustar(buf[start : start + BLOCK], offset)
             name, linkname, mtime, checksum = info.name, info.linkname, info.mtime, info.chksum
-            fields = None
+            fields = False
         if records:
             if "path" in records:
                 name = records["path"].rstrip("/")
@@ -628,15 +637,15 @@ def _fast_header(buf: bytes, start: int, offset: int) -> tuple[Header, int] | No
                 return None  # tarfile's, and judged there (member_problem)
         else:
             records = None
-        if fields is not None:
+        if fields:
             header = Header(
                 name,
                 kind,
-                int(fields[3], 8),
+                int(size_field, 8),
                 offset_data,
-                int(fields[0], 8),
-                int(fields[1], 8),
-                int(fields[2], 8),
+                int(mode, 8),
+                int(uid, 8),
+                int(gid, 8),
                 mtime,
                 linkname,
                 records,
@@ -653,8 +662,8 @@ def _fast_header(buf: bytes, start: int, offset: int) -> tuple[Header, int] | No
             header = Header.of(info)
     except ValueError:
         return None
-    size = -(-header.size // BLOCK) * BLOCK if kind == tarfile.REGTYPE else 0
-    return header, offset_data + size
+    padded = -(-header.size // BLOCK) * BLOCK if kind == _REGTYPE else 0
+    return header, offset_data + padded
 
 
 def _fast_member(data: bytes, offset: int) -> tuple[tarfile.TarInfo, int] | None:
