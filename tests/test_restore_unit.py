@@ -516,11 +516,12 @@ def _single_file_members(tmp_path: Path, staging: Path, held: Any) -> None:
 # ---------------------------------------------------------------- the decompression child
 
 
-def _zstd_manifest(data: bytes) -> Any:
+def _zstd_manifest(data: bytes, files: int = 1, size: int = 1 << 20) -> Any:
     class M:
         compression = "zstd"
-        size = len(data)
         archive = "x.tar.zst"
+        file_count = files
+        uncompressed_bytes = size
 
     return M
 
@@ -530,10 +531,12 @@ def _through_child(
 ) -> tuple[bytes, Stages, Any]:
     from cloudbackup.restore.apply import decompress_stage
 
-    # The default: a child when this process may use more than one core.
-    default = decompress_stage(_zstd_manifest(packed), {})
+    # The default: a child when this process may use more than one core and the members
+    # are small on average; on the extracting thread when they are large.
+    small_members = decompress_stage(_zstd_manifest(packed, files=1000, size=4_000_000), {})
     more_cores = len(os.sched_getaffinity(0)) > 1
-    assert isinstance(default, ProcessStage if more_cores else InlineStage)
+    assert isinstance(small_members, ProcessStage if more_cores else InlineStage)
+    assert isinstance(decompress_stage(_zstd_manifest(packed, 10, 4_000_000), {}), InlineStage)
     assert isinstance(decompress_stage(_zstd_manifest(packed), {}, in_process=False), InlineStage)
     stage = decompress_stage(_zstd_manifest(packed), dict(os.environ), in_process=True)
     if seen is not None:

@@ -71,12 +71,16 @@ _INTEGRITY_HINT = "restore another copy (--from local/remote) or an older backup
 
 #: Decompress in a child process fed by pipes (python-zstandard holds the GIL, which the tar
 #: parser needs) rather than on the extracting thread, when this process may run on more
-#: than one core. Measured on the 2-core benchmark VM, 5 interleaved runs (benchmarks/
-#: RESULTS.md, 2026-12-03 18:2x): 200,000 small files from the local dir 5.31 s vs 5.90 s
-#: inline; 1 GiB from moto (whose server shares the two cores) 3.36 s vs 3.32 s: the same.
-#: (Earlier runs, on a loaded machine, had the child slower: it costs ~0.3 s of CPU per GiB
-#: for the pipes.) A child of its own also decrypts (``DecryptStage``).
+#: than one core and the archive's members are small on average (below SMALL_MEMBERS bytes):
+#: the extracting thread is then busy with work per member, which the child overlaps. With
+#: large members the extracting thread mostly waits on the kernel's writes, and the pipes'
+#: copies (~0.3 s of CPU per GiB) cost more than they give. Measured on the 2-core
+#: benchmark VM, 5 interleaved runs each (benchmarks/RESULTS.md, 2026-12-03 18:xx):
+#: 200,000 files of 4 KiB from the local dir 3.9 s in a child vs 4.9 s inline; 1 GiB of
+#: 30 KiB on average, from the local dir 2.00 s vs 2.01 s, from moto (sharing the cores)
+#: 2.72 s vs 2.60 s. A child of its own also decrypts (``DecryptStage``).
 DECOMPRESS_IN_PROCESS = len(os.sched_getaffinity(0)) > 1
+SMALL_MEMBERS = 16 * 1024
 _CHILD_CODE = (
     "import sys; from cloudbackup.stream.compress import decompress_child; "
     "sys.exit(decompress_child(sys.argv[1]))"
@@ -160,12 +164,16 @@ def decompress_stage(
     manifest: Manifest, env: Mapping[str, str], *, in_process: bool | None = None
 ) -> Stage | None:
     """How ``manifest``'s archive is decompressed: on the consumer's thread, or (with
-    ``in_process``, default DECOMPRESS_IN_PROCESS) in a child process fed by pipes; None
-    for an uncompressed archive."""
+    ``in_process``; by default when DECOMPRESS_IN_PROCESS and its members are smaller than
+    SMALL_MEMBERS on average) in a child process fed by pipes; None for an uncompressed
+    archive."""
     compression = manifest.compression
     if compression == "none":
         return None
-    if not (DECOMPRESS_IN_PROCESS if in_process is None else in_process):
+    if in_process is None:
+        small = manifest.uncompressed_bytes < manifest.file_count * SMALL_MEMBERS
+        in_process = DECOMPRESS_IN_PROCESS and small
+    if not in_process:
         return InlineStage("decompress", lambda stream: open_decompressed(stream, compression))
 
     def failed(code: int, message: str) -> BaseException:
