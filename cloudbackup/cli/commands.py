@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 from dotenv import dotenv_values
@@ -33,13 +33,14 @@ from cloudbackup.core.model import valid_name
 from cloudbackup.core.outcome import REPORTED, Outcome, exit_code
 from cloudbackup.core.words import one_line
 from cloudbackup.lock import DirLock
-from cloudbackup.ops import backup as backing
-from cloudbackup.ops import list as listing
-from cloudbackup.ops import verify as verifying
 from cloudbackup.ops.status import ping_secrets
 from cloudbackup.sources.base import url_secrets
 from cloudbackup.storage.base import RemoteStore
 from cloudbackup.storage.local import LocalStore
+
+if TYPE_CHECKING:  # imported where used: a command loads only what it runs (start-up time)
+    from cloudbackup.ops import backup as backing
+    from cloudbackup.ops import verify as verifying
 
 _NO_REMOTE = "set CLOUDBACKUP_S3_BUCKET (or CLOUDBACKUP_DEST for a directory destination)"
 
@@ -336,6 +337,8 @@ def backup(
         LOG.info(
             "no bucket configured (CLOUDBACKUP_S3_BUCKET or CLOUDBACKUP_DEST): local-only backup"
         )
+    from cloudbackup.ops import backup as backing
+
     ctx = make_context(settings, remote=not local_only and not dry_run)
     chosen = backing.BackupOptions(dry_run=dry_run, allow_shrink=allow_shrink, full=full)
     results, stopped = _back_up(ctx, chosen, upload=not no_upload and not local_only)
@@ -394,6 +397,7 @@ def _back_up(
 ) -> tuple[list[backing.SourceResult], Interrupted | None]:
     """Every source under the lock, uploaded (streamed while archived) when ``upload``; and
     the signal that stopped it part way, if one did (the results then say what finished)."""
+    from cloudbackup.ops import backup as backing
     from cloudbackup.ops import upload as uploading
 
     results: list[backing.SourceResult] = []
@@ -428,6 +432,8 @@ def list_cmd(
     source: str | None, where: str, host: str | None, all_hosts: bool, as_json: bool
 ) -> None:
     """Backups with id, time, size, where they are and whether the offsite copy is verified."""
+    from cloudbackup.ops import list as listing
+
     settings = load_settings(_state(), as_json=as_json, host=host)
     _remote_needs_bucket(settings, where)
     ctx = make_context(settings, remote=where != "local", need_local=False)
@@ -476,6 +482,8 @@ def _verify(
 ) -> list[verifying.VerifyResult]:
     """The copies ``ids`` (or all of this host's, or ``source``'s) in ``where``, verified;
     an id found nowhere is a usage error (exit 2)."""
+    from cloudbackup.ops import verify as verifying
+
     results = []
     host = ctx.settings.host
     local = remote = []
