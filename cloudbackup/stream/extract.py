@@ -14,6 +14,7 @@ links that do not point at a regular file this run extracted; a refused member i
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import stat
 import tarfile
@@ -33,6 +34,8 @@ __all__ = ["CHUNK_SIZE", "ExtractResult", "extract"]
 
 CHUNK_SIZE = 1 << 20
 _DIR_FD_CACHE = 128
+_REGTYPE = tarfile.REGTYPE
+_GC_BATCH = 50_000
 _CLIMB = 16  # at most this many ``..`` steps to reopen a directory (see _RealTree._climb)
 _IMPLICIT_DIR_MODE = 0o755
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -538,6 +541,7 @@ class _Extraction:
         self.tree = tree
         self.matcher = matcher
         self.select = select
+        self.filtering = bool(matcher) or select is not None  # once, not per member
         self.dry_run = dry_run
         self.result = result
         # Regular files extracted so far (hard link targets), by path: one string per file
@@ -560,7 +564,7 @@ class _Extraction:
         """A member whose numbers no file can have (the reader's judgement): refused, unless
         ``include`` leaves it out anyway."""
         name = member.name
-        if self.matcher or self.select is not None:
+        if self.filtering:
             try:
                 parts = _split_name(name)
             except _Refused:
@@ -589,8 +593,8 @@ class _Extraction:
         except _Refused as exc:
             self.refuse(name, str(exc))
             return
-        if member.type == tarfile.REGTYPE and parts:  # most members: the short way
-            if (self.matcher or self.select is not None) and not self._wanted("/".join(parts)):
+        if member.type == _REGTYPE and parts:  # most members: the short way
+            if self.filtering and not self._wanted("/".join(parts)):
                 self.result.skipped_not_included += 1
                 return
             if self.symlinks:
@@ -617,7 +621,7 @@ class _Extraction:
         if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
             self.refuse(name, f"unsupported member type {member.type!r}")
             return
-        if (self.matcher or self.select is not None) and not self._wanted("/".join(parts)):
+        if self.filtering and not self._wanted("/".join(parts)):
             self.result.skipped_not_included += 1
             return
         if member.issym():
@@ -727,11 +731,17 @@ def extract(
         tree = _DryTree(progress)
     else:
         tree = _RealTree(target, same_owner=same_owner, progress=progress, warnings=result.warnings)
+    # A few objects per member, nearly none of them in a cycle: the cyclic collector's
+    # youngest generation is looked at every _GC_BATCH allocations rather than every 700
+    # (measured: ~3 % of a restore of 200,000 small files); cycles are still collected.
+    thresholds = gc.get_threshold()
+    gc.set_threshold(max(thresholds[0], _GC_BATCH), *thresholds[1:])
     try:
         _Extraction(
             tree, matcher=PathMatcher(include), select=select, dry_run=dry_run, result=result
         ).run(stream)
     finally:
+        gc.set_threshold(*thresholds)
         tree.close()
     result.replaced, result.replaced_bytes = tree.replaced, tree.replaced_bytes
     return result
