@@ -8,9 +8,9 @@ run carries it out)::
       ─▶ choose the copy (local when its archive is there at its size, else remote)
 
     execute: one pass over the archive (pipeline), every stage at once
-      fetch (read ─▶ SHA-256) ─▶ decompress (a child process) ─▶ extract into a staging
-      directory beside the target (held open: extracted into, counted and installed
-      through its descriptor, never its name)
+      fetch (read ─▶ SHA-256) ─▶ decompress (a child process for small members, else
+      inline) ─▶ extract into a staging directory beside the target (held open: extracted
+      into and installed through its descriptor, never its name)
       ─▶ the whole archive read: size and SHA-256 match the manifest?  no: the staging
          directory goes, nothing was put in place, exit 3 (a local copy that fails is
          replaced by the remote one, into a fresh staging directory)

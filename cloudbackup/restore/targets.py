@@ -531,7 +531,7 @@ def _replaced(shown: Path) -> CloudBackupError:
 class Staging:
     """A restore's hidden staging directory, held open from the moment it is made.
 
-    Everything done to it goes through ``fd`` (extraction, chmod, the tally, the checks of
+    Everything done to it goes through ``fd`` (extraction, chmod, the checks of
     single-file members) or :attr:`path`; only installing a tree renames it by ``name``,
     relative to ``parent`` (the workdir held open) and checked to be still this directory.
     Someone who can write the workdir may rename or replace that name at any moment: what
