@@ -609,3 +609,45 @@ def test_decompression_child_is_killed_when_the_consumer_fails() -> None:
     assert stage._proc.returncode == -9
     with pytest.raises(ProcessLookupError):
         os.kill(stage._proc.pid, 0)
+
+
+def test_decompression_child_parses_the_headers_ahead_for_the_extractor(tmp_path: Path) -> None:
+    """The child hands the tar headers to the extractor through a pipe of its own: the
+    extraction takes them (all but the first member, tarfile's) and extracts the same."""
+    import tarfile
+
+    import zstandard
+
+    from cloudbackup.stream import tarformat
+    from cloudbackup.stream.extract import extract
+    from cloudbackup.stream.hints import HeaderHints
+
+    tar = io.BytesIO()
+    for number in range(300):
+        body = bytes([number % 256]) * (number * 37)
+        name = f"d{number % 7}/f{number}"
+        tar.write(tarformat.member_header(name, tarfile.REGTYPE, 0o640, 0, 0, len(body), 10**18))
+        tar.write(body + bytes(-len(body) % 512))
+    packed = zstandard.ZstdCompressor().compress(tar.getvalue() + bytes(1024))
+    taken: list[int] = []
+    original = HeaderHints.take
+
+    def counted(self: HeaderHints, offset: int) -> Any:
+        hinted = original(self, offset)
+        taken.append(hinted is not None)
+        return hinted
+
+    def consume(stream: Any) -> None:
+        (stage,) = seen
+        result = extract(stream, tmp_path / "out", hints=stage.hints)
+        assert (result.files, result.bytes, result.refused) == (300, 37 * 299 * 300 // 2, [])
+
+    (tmp_path / "out").mkdir()
+    seen: list[Any] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(HeaderHints, "take", counted)
+        _through_child(packed, hashlib.sha256(packed).hexdigest(), consume, seen)
+    # Every member but the first (tarfile's); the end blocks are asked for, and no member.
+    assert taken == [True] * 299 + [False]
+    assert (tmp_path / "out" / "d5" / "f250").read_bytes() == bytes([250]) * (250 * 37)
+    assert seen[0].hints._fd is None  # closed with the stage

@@ -50,6 +50,7 @@ from cloudbackup.restore.pipeline import (
     Stage,
     Stages,
     python_child,
+    widen,
 )
 from cloudbackup.restore.select import (
     Candidate,
@@ -64,6 +65,7 @@ from cloudbackup.restore.targets import Staging, Target, Workspace, plan_target
 from cloudbackup.stream.age import Decryption, child_argv, decryption_for, keyring_at
 from cloudbackup.stream.compress import DECOMPRESS_ERRORS, open_decompressed
 from cloudbackup.stream.extract import ExtractResult, extract
+from cloudbackup.stream.hints import HeaderHints
 
 LOG = logging.getLogger("cloudbackup")
 
@@ -82,8 +84,8 @@ _INTEGRITY_HINT = "restore another copy (--from local/remote) or an older backup
 DECOMPRESS_IN_PROCESS = len(os.sched_getaffinity(0)) > 1
 SMALL_MEMBERS = 16 * 1024
 _CHILD_CODE = (
-    "import sys; from cloudbackup.stream.compress import decompress_child; "
-    "sys.exit(decompress_child(sys.argv[1]))"
+    "import sys; from cloudbackup.stream.hints import hinting_child; "
+    "sys.exit(hinting_child(sys.argv[1], int(sys.argv[2])))"
 )
 
 
@@ -186,9 +188,43 @@ def decompress_stage(
             f"the decompression of {manifest.archive} failed (exit {code}): {message}"
         )
 
-    return ProcessStage(
-        "decompress", python_child(_CHILD_CODE, compression), env=env, errors=failed
-    )
+    return DecompressStage(compression, env=env, errors=failed)
+
+
+class DecompressStage(ProcessStage):
+    """Decompression in a child process that also parses the tar headers ahead, handing
+    them to the extractor through a pipe of its own (``hints``; see ``stream.hints``)."""
+
+    def __init__(
+        self,
+        compression: str,
+        *,
+        env: Mapping[str, str],
+        errors: Callable[[int, str], BaseException],
+    ) -> None:
+        super().__init__("decompress", [], env=env, errors=errors)
+        self.compression = compression
+        self.hints: HeaderHints | None = None
+
+    def spawn(self, stages: Stages) -> tuple[int, Any]:
+        read, write = os.pipe()
+        widen(write)
+        self.argv = python_child(_CHILD_CODE, self.compression, str(write))
+        self.pass_fds = (write,)
+        try:
+            spawned = super().spawn(stages)
+        except BaseException:
+            os.close(read)
+            raise
+        finally:
+            os.close(write)
+        self.hints = HeaderHints(read)
+        return spawned
+
+    def _close(self) -> None:
+        super()._close()
+        if self.hints is not None:
+            self.hints.close()
 
 
 def decryption_of(ctx: Context, manifest: Manifest) -> Decryption | None:
@@ -298,6 +334,7 @@ def stream_archive(
                 extracted = extract(
                     pipe.stream,
                     into if into is not None else -1,
+                    hints=_hints_of(pipe),
                     include=includes,
                     select=select,
                     dry_run=into is None,
@@ -316,6 +353,15 @@ def stream_archive(
                 raise
             raise error from None
     return extracted
+
+
+def _hints_of(pipe: Pipeline) -> HeaderHints | None:
+    """The tar headers a stage of ``pipe`` parses ahead, if one does."""
+    for stage in pipe.stages:
+        hints = getattr(stage, "hints", None)
+        if isinstance(hints, HeaderHints):
+            return hints
+    return None
 
 
 # ---------------------------------------------------------------- the plan

@@ -392,8 +392,7 @@ class ProcessStage:
         )
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         for pipe in (proc.stdin, proc.stdout):
-            with contextlib.suppress(OSError):  # larger pipes: fewer switches (best effort)
-                fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, PIPE_SIZE)
+            widen(pipe.fileno())
         stdin = os.dup(proc.stdin.fileno())
         os.set_inheritable(stdin, False)
         proc.stdin.close()
@@ -484,6 +483,12 @@ class ProcessStage:
             if pipe is not None:
                 with contextlib.suppress(OSError):
                     pipe.close()
+
+
+def widen(fd: int) -> None:
+    """Make the pipe ``fd`` hold PIPE_SIZE bytes: fewer switches (best effort)."""
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
 
 
 def python_child(code: str, *args: str) -> list[str]:

@@ -117,11 +117,17 @@ DECOMPRESS_ERRORS: tuple[type[BaseException], ...] = (
 CHILD_CHUNK = 1024 * 1024
 
 
-def decompress_child(compression: str, source: int = 0, sink: int = 1) -> int:
+def decompress_child(
+    compression: str,
+    source: int = 0,
+    sink: int = 1,
+    on_piece: Callable[[memoryview], None] | None = None,
+) -> int:
     """The body of a decompression child process (``python -c``): the compressed stream on
     descriptor ``source``, the decompressed one to ``sink``. python-zstandard holds the GIL
     while it decompresses, so a restore runs it beside the tar parser in a process of its
-    own, fed by pipes. Returns the exit status: 0, or 3 with one line on stderr for a
+    own, fed by pipes. ``on_piece`` sees each decompressed piece before it is written (it
+    must not keep the view). Returns the exit status: 0, or 3 with one line on stderr for a
     corrupt or truncated stream (2 for an unknown codec, 1 for a closed pipe)."""
     import os
     import sys
@@ -140,6 +146,8 @@ def decompress_child(compression: str, source: int = 0, sink: int = 1) -> int:
             if not n:
                 break
             out = view[:n]
+            if on_piece is not None:
+                on_piece(out)
             while out:
                 out = out[os.write(sink, out) :]
     except DECOMPRESS_ERRORS as exc:

@@ -28,7 +28,7 @@ from cloudbackup.core.errors import IntegrityError
 from cloudbackup.core.patterns import PathMatcher
 from cloudbackup.fs import xattrs
 from cloudbackup.fs.walk import default_capacity, identity, open_parent
-from cloudbackup.stream.tarformat import XATTR_PREFIX, Header, TarReader, pax_time_ns
+from cloudbackup.stream.tarformat import XATTR_PREFIX, Header, Hints, TarReader, pax_time_ns
 
 __all__ = ["CHUNK_SIZE", "ExtractResult", "extract"]
 
@@ -551,6 +551,7 @@ class _Extraction:
         self.dir_attrs: dict[Parts, _Attrs] = {}  # every directory member, included or not
         self.root_attrs: _Attrs | None = None
         self.tar: TarReader | None = None  # the archive being read
+        self.hints: Hints | None = None  # headers parsed ahead (a decompression child)
 
     def _wanted(self, path: str) -> bool:
         if self.matcher and not self.matcher.matches(path):
@@ -576,7 +577,7 @@ class _Extraction:
 
     def run(self, stream: BinaryIO) -> None:
         try:
-            with TarReader(stream, refuse=self.refuse_member) as tar:
+            with TarReader(stream, refuse=self.refuse_member, hints=self.hints) as tar:
                 self.tar = tar
                 for member in tar.headers():
                     self.member(member)
@@ -709,6 +710,7 @@ def extract(
     same_owner: bool | None = None,
     dry_run: bool = False,
     progress: Callable[[int], None] | None = None,
+    hints: Hints | None = None,
 ) -> ExtractResult:
     """Extract the uncompressed tar ``stream`` into the existing empty directory ``target``:
     an open directory's descriptor (a restore's staging directory, never reopened by name),
@@ -737,9 +739,11 @@ def extract(
     thresholds = gc.get_threshold()
     gc.set_threshold(max(thresholds[0], _GC_BATCH), *thresholds[1:])
     try:
-        _Extraction(
+        extraction = _Extraction(
             tree, matcher=PathMatcher(include), select=select, dry_run=dry_run, result=result
-        ).run(stream)
+        )
+        extraction.hints = hints
+        extraction.run(stream)
     finally:
         gc.set_threshold(*thresholds)
         tree.close()

@@ -16,7 +16,7 @@ import re
 import tarfile
 from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
-from typing import IO, BinaryIO, NamedTuple, cast
+from typing import IO, BinaryIO, NamedTuple, Protocol, cast
 from zlib import adler32
 
 __all__ = [
@@ -666,6 +666,10 @@ def _fast_header(buf: bytes, start: int, offset: int) -> tuple[Header, int] | No
     return header, offset_data + padded
 
 
+#: The fast parser, for a decompression child that parses ahead (``stream.hints``).
+fast_header = _fast_header
+
+
 def _fast_member(data: bytes, offset: int) -> tuple[tarfile.TarInfo, int] | None:
     """``_fast_header`` of ``data``'s first member as a TarInfo (what tarfile would make of
     it) and the offset of the next header."""
@@ -674,6 +678,12 @@ def _fast_member(data: bytes, offset: int) -> tuple[tarfile.TarInfo, int] | None
         return None
     header, following = parsed
     return header.tarinfo(), following
+
+
+class Hints(Protocol):
+    """Headers parsed ahead of the reader (``stream.hints.HeaderHints``)."""
+
+    def take(self, offset: int) -> tuple[Header, int] | None: ...
 
 
 class TarReader:
@@ -694,9 +704,14 @@ class TarReader:
     """
 
     def __init__(
-        self, stream: BinaryIO, *, refuse: Callable[[tarfile.TarInfo, str], None] | None = None
+        self,
+        stream: BinaryIO,
+        *,
+        refuse: Callable[[tarfile.TarInfo, str], None] | None = None,
+        hints: Hints | None = None,
     ) -> None:
         self._refuse = refuse
+        self._hints = hints
         self._input = _Input(stream)
         self._archive = tarfile.open(
             fileobj=cast(BinaryIO, self._input),  # read(), tell() and forward seek() only
@@ -724,6 +739,7 @@ class TarReader:
         """Every member, in order (the extractor's hot path: see ``_fast_header``)."""
         archive = self._archive
         source = self._input
+        hints = self._hints
         member = self._judged_next()
         if member is not None:
             archive.members.clear()  # type: ignore[attr-defined]
@@ -731,6 +747,11 @@ class TarReader:
             while True:
                 if not archive.pax_headers:  # a global header applies to every member
                     offset = archive.offset
+                    hinted = hints.take(offset) if hints is not None else None
+                    if hinted is not None:  # parsed ahead by the decompression child
+                        header, archive.offset = hinted
+                        yield header
+                        continue
                     start = offset - source.base
                     if start + FAST_HEADER_BYTES > len(source.buf):
                         start = source.fill(offset, FAST_HEADER_BYTES)
