@@ -40,7 +40,8 @@ class HeaderScanner:
         self._next = 0  # the offset of the next header
         self.done = False
 
-    def feed(self, data: bytes) -> list[tuple[Any, ...]]:
+    def feed(self, data: bytes | memoryview) -> list[tuple[Any, ...]]:
+        """The hints of the headers ``data`` (the next piece; copied, not kept) completes."""
         if self.done:
             return []
         held = len(self._buf)
@@ -49,7 +50,7 @@ class HeaderScanner:
             self._base += held + len(data)
             self._buf = b""
             return []
-        buf = self._buf[skip:] + data if skip < held else data[skip - held :]
+        buf = self._buf[skip:] + data if skip < held else bytes(data[skip - held :])
         base = self._next
         entries: list[tuple[Any, ...]] = []
         pos = 0
@@ -86,7 +87,7 @@ def hinting_child(compression: str, hints: int, source: int = 0, sink: int = 1) 
         if scanner.done:
             return
         try:
-            entries = scanner.feed(bytes(piece))
+            entries = scanner.feed(piece)
         except Exception:  # noqa: BLE001 - advisory: the extractor parses what has none
             scanner.done = True
             return
