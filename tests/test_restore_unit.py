@@ -651,3 +651,49 @@ def test_decompression_child_parses_the_headers_ahead_for_the_extractor(tmp_path
     assert taken == [True] * 299 + [False]
     assert (tmp_path / "out" / "d5" / "f250").read_bytes() == bytes([250]) * (250 * 37)
     assert seen[0].hints._fd is None  # closed with the stage
+
+
+def test_hints_that_outgrow_their_pipe_never_stall_the_restore(tmp_path: Path) -> None:
+    """Many members with long names in little data: more hints per piece than the hint pipe
+    holds (here its default 64 KiB). The child never waits on that pipe (hints are dropped
+    or sent late, never blocking the data the extractor waits for): the restore finishes."""
+    import tarfile
+    import threading
+
+    import zstandard
+
+    from cloudbackup.restore import apply
+    from cloudbackup.stream import tarformat
+    from cloudbackup.stream.extract import extract
+
+    tar = io.BytesIO()
+    for number in range(6000):
+        name = f"{'n' * 90}/{number:05}"
+        tar.write(tarformat.member_header(name, tarfile.REGTYPE, 0o600, 0, 0, 0, 10**18))
+    packed = zstandard.ZstdCompressor().compress(tar.getvalue() + bytes(1024))
+    (tmp_path / "out").mkdir()
+    done: list[Any] = []
+
+    def consume(stream: Any) -> None:
+        (stage,) = seen
+        done.append(extract(stream, tmp_path / "out", hints=stage.hints))
+
+    seen: list[Any] = []
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            _through_child(packed, hashlib.sha256(packed).hexdigest(), consume, seen)
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(apply, "widen", lambda fd: None)  # the kernel's default pipe size
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        worker.join(60)
+    if worker.is_alive():
+        seen[0].abort()  # do not leave the child behind
+        raise AssertionError("the restore stalled")
+    assert failures == []
+    assert done[0].files == 6000

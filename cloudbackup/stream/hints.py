@@ -6,7 +6,8 @@ The child runs the extractor's own fast parser (``tarformat._fast_header``) over
 bytes it writes to its output; the extractor takes a hint only for the header at the
 offset it is at, and parses any member without one itself (the hints may lag behind, and
 the child stops hinting for good at the first header the fast parser leaves to tarfile).
-Hints are advisory: never waited for, so no order between the two pipes can stall either
+Hints are advisory and neither side ever waits for the other on the hint pipe (the child
+holds back what the pipe cannot take), so no order between the two pipes can stall either
 side. Frames on the hint pipe: a 4-byte little-endian length, then a ``marshal`` of a list
 of entries, each the fields of a ``Header`` (``info`` None) and the next header's offset.
 
@@ -77,32 +78,56 @@ def frame(entries: list[tuple[Any, ...]]) -> bytes:
     return len(blob).to_bytes(_LENGTH, "little") + blob
 
 
+#: Hint bytes a child holds back while the hint pipe is full; past that it stops hinting.
+HELD_BACK = 8 * 1024 * 1024
+
+
 def hinting_child(compression: str, hints: int, source: int = 0, sink: int = 1) -> int:
-    """The body of a decompression child (``compress.decompress_child``) that writes the
-    hints of each piece to the descriptor ``hints`` before the piece itself. Hints are
-    advisory: a scanner that fails, or a reader gone, only ends them."""
+    """The body of a decompression child (``compress.decompress_child``) that sends the
+    hints of each piece through the descriptor ``hints`` before the piece itself. It never
+    waits on that pipe — the extractor may be waiting for the data — so what the pipe cannot
+    take is held back and sent with the next piece (up to HELD_BACK). Hints are advisory: a
+    scanner that fails, a reader gone or too much held back only ends them (the pipe is
+    closed then: the reader stops looking)."""
     scanner = HeaderScanner()
+    held = bytearray()
+    os.set_blocking(hints, False)
+    pipe = [hints]  # emptied once closed
+
+    def stop() -> None:
+        scanner.done = True
+        if pipe:
+            os.close(pipe.pop())
 
     def on_piece(piece: memoryview) -> None:
-        if scanner.done:
+        if not pipe:
             return
-        try:
-            entries = scanner.feed(piece)
-        except Exception:  # noqa: BLE001 - advisory: the extractor parses what has none
-            scanner.done = True
-            return
-        if entries:
-            data = memoryview(frame(entries))
+        if not scanner.done:
             try:
-                while data:
-                    data = data[os.write(hints, data) :]
-            except BrokenPipeError:
-                scanner.done = True
+                entries = scanner.feed(piece)
+            except Exception:  # noqa: BLE001 - advisory: the extractor parses what has none
+                stop()
+                return
+            if entries:
+                held.extend(frame(entries))
+        try:
+            while held:
+                del held[: os.write(hints, held)]
+        except BlockingIOError:
+            if len(held) > HELD_BACK:
+                stop()  # a frame cut short is never read: no harm
+            return
+        except BrokenPipeError:
+            stop()
+            return
+        if scanner.done:
+            stop()  # all sent, no more to come: the reader sees the end
 
     try:
         return decompress_child(compression, source, sink, on_piece)
     finally:
-        os.close(hints)
+        if pipe:
+            os.close(pipe.pop())
 
 
 class HeaderHints:
