@@ -534,7 +534,7 @@ def _through_child(
     # The default: a child when this process may use more than one core and the members
     # are small on average; on the extracting thread when they are large.
     small_members = decompress_stage(_zstd_manifest(packed, files=1000, size=4_000_000), {})
-    more_cores = len(os.sched_getaffinity(0)) > 1
+    more_cores = len(os.sched_getaffinity(0)) > 1  # Linux, as the tests run
     assert isinstance(small_members, ProcessStage if more_cores else InlineStage)
     assert isinstance(decompress_stage(_zstd_manifest(packed, 10, 4_000_000), {}), InlineStage)
     assert isinstance(decompress_stage(_zstd_manifest(packed), {}, in_process=False), InlineStage)

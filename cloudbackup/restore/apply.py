@@ -81,7 +81,9 @@ _INTEGRITY_HINT = "restore another copy (--from local/remote) or an older backup
 #: 200,000 files of 4 KiB from the local dir 3.9 s in a child vs 4.9 s inline; 1 GiB of
 #: 30 KiB on average, from the local dir 2.00 s vs 2.01 s, from moto (sharing the cores)
 #: 2.72 s vs 2.60 s. A child of its own also decrypts (``DecryptStage``).
-DECOMPRESS_IN_PROCESS = len(os.sched_getaffinity(0)) > 1
+DECOMPRESS_IN_PROCESS = (
+    len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+) > 1
 SMALL_MEMBERS = 16 * 1024
 _CHILD_CODE = (
     "import sys; from cloudbackup.stream.hints import hinting_child; "
