@@ -537,6 +537,7 @@ class _Extraction:
         select: Callable[[str], bool] | None = None,
         dry_run: bool,
         result: ExtractResult,
+        hints: Hints | None = None,
     ) -> None:
         self.tree = tree
         self.matcher = matcher
@@ -551,7 +552,7 @@ class _Extraction:
         self.dir_attrs: dict[Parts, _Attrs] = {}  # every directory member, included or not
         self.root_attrs: _Attrs | None = None
         self.tar: TarReader | None = None  # the archive being read
-        self.hints: Hints | None = None  # headers parsed ahead (a decompression child)
+        self.hints = hints  # headers parsed ahead (a decompression child)
 
     def _wanted(self, path: str) -> bool:
         if self.matcher and not self.matcher.matches(path):
@@ -739,11 +740,14 @@ def extract(
     thresholds = gc.get_threshold()
     gc.set_threshold(max(thresholds[0], _GC_BATCH), *thresholds[1:])
     try:
-        extraction = _Extraction(
-            tree, matcher=PathMatcher(include), select=select, dry_run=dry_run, result=result
-        )
-        extraction.hints = hints
-        extraction.run(stream)
+        _Extraction(
+            tree,
+            matcher=PathMatcher(include),
+            select=select,
+            dry_run=dry_run,
+            result=result,
+            hints=hints,
+        ).run(stream)
     finally:
         gc.set_threshold(*thresholds)
         tree.close()

@@ -323,6 +323,12 @@ class _Input:
         index = self.fill(offset, size)
         return self.buf[index : index + size]
 
+    def peek(self, offset: int, size: int) -> memoryview:
+        """``take`` as a view of the piece read (no copy; valid for good: pieces are
+        immutable)."""
+        index = self.fill(offset, size)
+        return self.view[index : index + size]
+
     # The file tarfile reads.
 
     def readable(self) -> bool:
@@ -373,9 +379,7 @@ class _MemberData:
             size = self._remaining
         if size <= 0:
             return b""
-        source = self._source
-        index = source.fill(self._position, size)
-        data = source.view[index : index + size]
+        data = self._source.peek(self._position, size)
         if len(data) != size:
             raise tarfile.ReadError("unexpected end of data")
         self._position += size
@@ -620,14 +624,12 @@ def _fast_header(buf: bytes, start: int, offset: int) -> tuple[Header, int] | No
                 linkname = ""
             mtime: float = int(mtime_field, 8)
             info = None
-            fields = True
         else:
             kind = buf[start + 156 : start + 157]
             if kind not in _FAST_KINDS:
                 return None
             info = _parse_ustar(buf[start : start + BLOCK], offset)
             name, linkname, mtime, checksum = info.name, info.linkname, info.mtime, info.chksum
-            fields = False
         if records:
             if "path" in records:
                 name = records["path"].rstrip("/")
@@ -637,7 +639,7 @@ def _fast_header(buf: bytes, start: int, offset: int) -> tuple[Header, int] | No
                 return None  # tarfile's, and judged there (member_problem)
         else:
             records = None
-        if fields:
+        if info is None:  # our block: its numbers parsed here
             header = Header(
                 name,
                 kind,
@@ -653,7 +655,6 @@ def _fast_header(buf: bytes, start: int, offset: int) -> tuple[Header, int] | No
                 checksum,
             )
         else:
-            assert info is not None
             info.name, info.linkname, info.offset_data = name, linkname, offset_data
             if records is not None:
                 info.pax_headers = records
@@ -809,7 +810,7 @@ class TarReader:
         end = start + member.size
         if start >= 0 and end <= len(source.buf):  # the usual case: read already
             return source.view[start:end]
-        data = source.take(member.offset_data, member.size)
+        data = source.peek(member.offset_data, member.size)
         if len(data) != member.size:
             raise tarfile.ReadError("unexpected end of data")
         return data
