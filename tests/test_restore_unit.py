@@ -28,7 +28,13 @@ from cloudbackup.core.errors import (
 from cloudbackup.core.model import BackupId, archive_name, manifest_name
 from cloudbackup.fs.tree import remove_tree, tally_tree
 from cloudbackup.restore.apply import RestoreResult
-from cloudbackup.restore.pipeline import Fetch, InlineStage, Pipeline, ProcessStage, Stages
+from cloudbackup.restore.pipeline import (
+    Fetch,
+    InlineStage,
+    Pipeline,
+    Stages,
+    ThreadStage,
+)
 from cloudbackup.restore.select import find_backup, parse_at
 from cloudbackup.restore.targets import Workspace as _Workspace
 from cloudbackup.restore.targets import aside_name as _aside_name
@@ -513,7 +519,7 @@ def _single_file_members(tmp_path: Path, staging: Path, held: Any) -> None:
     assert victim.read_text() == "root"
 
 
-# ---------------------------------------------------------------- the decompression child
+# ---------------------------------------------------------------- decompression stages
 
 
 def _zstd_manifest(data: bytes, files: int = 1, size: int = 1 << 20) -> Any:
@@ -526,19 +532,34 @@ def _zstd_manifest(data: bytes, files: int = 1, size: int = 1 << 20) -> Any:
     return M
 
 
-def _through_child(
-    packed: bytes, sha256: str, consume: Any = None, seen: list[Any] | None = None
+def test_decompression_is_placed_by_the_members_and_the_cores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cloudbackup.restore import apply
+
+    # By default, by the cores this process may run on (Linux, as the tests run).
+    assert apply.SEVERAL_CORES == (len(os.sched_getaffinity(0)) > 1)
+    small, large = _zstd_manifest(b"", 1000, 4_000_000), _zstd_manifest(b"", 10, 4_000_000)
+    monkeypatch.setattr(apply, "SEVERAL_CORES", True)
+    assert (apply.placement(small), apply.placement(large)) == ("child", "thread")
+    assert isinstance(apply.decompress_stage(small, {}), apply.DecompressStage)
+    assert isinstance(apply.decompress_stage(large, {}), ThreadStage)
+    assert isinstance(apply.decompress_stage(large, {}, place="inline"), InlineStage)
+    monkeypatch.setattr(apply, "SEVERAL_CORES", False)
+    assert (apply.placement(small), apply.placement(large)) == ("inline", "inline")
+    assert isinstance(apply.decompress_stage(small, {}), InlineStage)
+
+
+def _through_stage(
+    packed: bytes,
+    sha256: str,
+    consume: Any = None,
+    seen: list[Any] | None = None,
+    place: str = "child",
 ) -> tuple[bytes, Stages, Any]:
     from cloudbackup.restore.apply import decompress_stage
 
-    # The default: a child when this process may use more than one core and the members
-    # are small on average; on the extracting thread when they are large.
-    small_members = decompress_stage(_zstd_manifest(packed, files=1000, size=4_000_000), {})
-    more_cores = len(os.sched_getaffinity(0)) > 1  # Linux, as the tests run
-    assert isinstance(small_members, ProcessStage if more_cores else InlineStage)
-    assert isinstance(decompress_stage(_zstd_manifest(packed, 10, 4_000_000), {}), InlineStage)
-    assert isinstance(decompress_stage(_zstd_manifest(packed), {}, in_process=False), InlineStage)
-    stage = decompress_stage(_zstd_manifest(packed), dict(os.environ), in_process=True)
+    stage = decompress_stage(_zstd_manifest(packed), dict(os.environ), place=place)
     if seen is not None:
         seen.append(stage)
     clock = Stages()
@@ -561,27 +582,56 @@ def _through_child(
     return bytes(out), clock, stage
 
 
+_OFF_THE_CONSUMER = ["child", "thread"]
+
+
 def test_decompression_child_streams_and_reports_its_cpu_time() -> None:
     import zstandard
 
     data = os.urandom(1 << 20) * 3
     packed = zstandard.ZstdCompressor().compress(data)
-    out, clock, stage = _through_child(packed, hashlib.sha256(packed).hexdigest())
+    out, clock, stage = _through_stage(packed, hashlib.sha256(packed).hexdigest())
     assert out == data
     assert {"read", "hash", "decompress"} <= set(clock.as_dict())
     assert stage._proc.returncode == 0
 
 
-def test_decompression_child_corrupt_stream_is_an_integrity_error() -> None:
+def test_decompression_thread_streams_in_pieces_and_reports_its_busy_time() -> None:
+    import threading
+
+    import zstandard
+
+    data = os.urandom(1 << 20) * 5 + b"tail"
+    packed = zstandard.ZstdCompressor().compress(data)
+    pieces: list[int] = []
+
+    def consume(stream: Any) -> None:
+        while chunk := stream.read():
+            pieces.append(len(chunk))
+            assert threading.current_thread() is threading.main_thread()
+
+    out, clock, stage = _through_stage(
+        packed, hashlib.sha256(packed).hexdigest(), consume, place="thread"
+    )
+    assert sum(pieces) == len(data) and max(pieces) <= 1 << 20 and len(pieces) >= 6
+    assert {"read", "hash", "decompress"} <= set(clock.as_dict())
+    assert clock.as_dict()["decompress"] > 0
+    assert not stage._thread.is_alive() and stage.failure() is None
+
+
+@pytest.mark.parametrize("place", _OFF_THE_CONSUMER)
+def test_decompression_corrupt_stream_is_an_integrity_error(place: str) -> None:
     """An archive whose bytes are the ones the manifest names, but not zstd: the child
-    exits 3 and the restore says the archive cannot be decompressed (exit 3)."""
+    exits 3 (the thread stops) and the restore says the archive cannot be decompressed
+    (exit 3)."""
     packed = b"\x28\xb5\x2f\xfd" + os.urandom(5000)
     with pytest.raises(IntegrityError, match="cannot decompress x.tar.zst") as info:
-        _through_child(packed, hashlib.sha256(packed).hexdigest())
+        _through_stage(packed, hashlib.sha256(packed).hexdigest(), place=place)
     assert info.value.exit_code == 3
 
 
-def test_decompression_child_damaged_archive_names_the_checksum() -> None:
+@pytest.mark.parametrize("place", _OFF_THE_CONSUMER)
+def test_decompression_of_a_damaged_archive_names_the_checksum(place: str) -> None:
     """A byte flipped in transit: the checksum, not the codec, is what the error names."""
     import zstandard
 
@@ -589,7 +639,7 @@ def test_decompression_child_damaged_archive_names_the_checksum() -> None:
     bad = bytearray(good)
     bad[len(bad) // 2] ^= 1
     with pytest.raises(IntegrityError, match="fails its checksum"):
-        _through_child(bytes(bad), hashlib.sha256(good).hexdigest())
+        _through_stage(bytes(bad), hashlib.sha256(good).hexdigest(), place=place)
 
 
 def test_decompression_child_is_killed_when_the_consumer_fails() -> None:
@@ -603,12 +653,31 @@ def test_decompression_child_is_killed_when_the_consumer_fails() -> None:
 
     seen: list[Any] = []
     with pytest.raises(ZeroDivisionError):
-        _through_child(packed, hashlib.sha256(packed).hexdigest(), fail, seen)
+        _through_stage(packed, hashlib.sha256(packed).hexdigest(), fail, seen)
     (stage,) = seen
     # Killed and reaped (no zombie): nothing of this restore runs on.
     assert stage._proc.returncode == -9
     with pytest.raises(ProcessLookupError):
         os.kill(stage._proc.pid, 0)
+
+
+def test_decompression_thread_ends_when_the_consumer_fails() -> None:
+    """The consumer gives up after one read of 64 MiB to come: the thread stops at its next
+    hand-over (its queue is bounded and drained), without reading the rest."""
+    import zstandard
+
+    packed = zstandard.ZstdCompressor().compress(os.urandom(1 << 20) * 64)
+
+    def fail(stream: Any) -> None:
+        stream.read(1000)
+        raise ZeroDivisionError
+
+    seen: list[Any] = []
+    with pytest.raises(ZeroDivisionError):
+        _through_stage(packed, hashlib.sha256(packed).hexdigest(), fail, seen, place="thread")
+    (stage,) = seen
+    stage._thread.join(10)
+    assert not stage._thread.is_alive() and stage.failure() is None
 
 
 def test_decompression_child_parses_the_headers_ahead_for_the_extractor(tmp_path: Path) -> None:
@@ -646,7 +715,7 @@ def test_decompression_child_parses_the_headers_ahead_for_the_extractor(tmp_path
     seen: list[Any] = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(HeaderHints, "take", counted)
-        _through_child(packed, hashlib.sha256(packed).hexdigest(), consume, seen)
+        _through_stage(packed, hashlib.sha256(packed).hexdigest(), consume, seen)
     # Every member but the first (tarfile's); the end blocks are asked for, and no member.
     assert taken == [True] * 299 + [False]
     assert (tmp_path / "out" / "d5" / "f250").read_bytes() == bytes([250]) * (250 * 37)
@@ -683,7 +752,7 @@ def test_hints_that_outgrow_their_pipe_never_stall_the_restore(tmp_path: Path) -
 
     def run() -> None:
         try:
-            _through_child(packed, hashlib.sha256(packed).hexdigest(), consume, seen)
+            _through_stage(packed, hashlib.sha256(packed).hexdigest(), consume, seen)
         except BaseException as exc:  # reported below
             failures.append(exc)
 

@@ -8,9 +8,9 @@ run carries it out)::
       ─▶ choose the copy (local when its archive is there at its size, else remote)
 
     execute: one pass over the archive (pipeline), every stage at once
-      fetch (read ─▶ SHA-256) ─▶ decompress (a child process for small members, else
-      inline) ─▶ extract into a staging directory beside the target (held open: extracted
-      into and installed through its descriptor, never its name)
+      fetch (read ─▶ SHA-256) ─▶ decompress (a child process for small members, else a
+      thread; on one core inline) ─▶ extract into a staging directory beside the target
+      (held open: extracted into and installed through its descriptor, never its name)
       ─▶ the whole archive read: size and SHA-256 match the manifest?  no: the staging
          directory goes, nothing was put in place, exit 3 (a local copy that fails is
          replaced by the remote one, into a fresh staging directory)
@@ -47,8 +47,10 @@ from cloudbackup.restore.pipeline import (
     InlineStage,
     Pipeline,
     ProcessStage,
+    Readable,
     Stage,
     Stages,
+    ThreadStage,
     python_child,
     widen,
 )
@@ -71,17 +73,20 @@ LOG = logging.getLogger("cloudbackup")
 
 _INTEGRITY_HINT = "restore another copy (--from local/remote) or an older backup (--at)"
 
-#: Decompress in a child process fed by pipes (python-zstandard holds the GIL, which the tar
-#: parser needs) rather than on the extracting thread, when this process may run on more
-#: than one core and the archive's members are small on average (below SMALL_MEMBERS bytes):
-#: the extracting thread is then busy with work per member, which the child overlaps. With
-#: large members the extracting thread mostly waits on the kernel's writes, and the pipes'
-#: copies (~0.3 s of CPU per GiB) cost more than they give. Measured on the 2-core
-#: benchmark VM, 5 interleaved runs each (benchmarks/RESULTS.md, 2026-12-03 18:xx):
-#: 200,000 files of 4 KiB from the local dir 3.9 s in a child vs 4.9 s inline; 1 GiB of
-#: 30 KiB on average, from the local dir 2.00 s vs 2.01 s, from moto (sharing the cores)
-#: 2.72 s vs 2.60 s. A child of its own also decrypts (``DecryptStage``).
-DECOMPRESS_IN_PROCESS = (
+#: Where decompression runs (``placement``), by the cores this process may use and the
+#: archive's members (from its manifest). python-zstandard releases the GIL while it works,
+#: but once per call: beside a thread busy with Python it waits for the GIL at every call
+#: (measured: 13 s instead of 0.7 s beside a spinning thread). So: members smaller than
+#: SMALL_MEMBERS bytes on average (the extracting thread busy with work per member) → a
+#: child process fed by pipes, which also parses the tar headers ahead (``DecompressStage``);
+#: larger members (the extracting thread mostly waiting in the kernel's writes) → a thread
+#: of its own (``ThreadStage``), where the pipes' copies (~0.3 s of CPU per GiB) would cost
+#: more than they give; one core → the extracting thread itself. Measured on the 2-core
+#: benchmark VM, 5 interleaved runs each (benchmarks/RESULTS.md, 2026-12-03): 200,000 files
+#: of 4 KiB from the local dir 3.12 s in a child, 3.32 s on a thread, 4.9 s inline; 1 GiB
+#: of 30 KiB on average from moto 2.28 s on a thread vs 2.51 s inline (2.72 s in a child),
+#: from the local dir 1.44 s vs 1.74 s. A child of its own decrypts (``DecryptStage``).
+SEVERAL_CORES = (
     len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 ) > 1
 SMALL_MEMBERS = 16 * 1024
@@ -164,28 +169,44 @@ class RestoreResult:
 # ---------------------------------------------------------------- the pipeline of one archive
 
 
+def placement(manifest: Manifest) -> str:
+    """Where ``manifest``'s archive is decompressed: ``child``, ``thread`` or ``inline`` (see
+    SEVERAL_CORES)."""
+    if not SEVERAL_CORES:
+        return "inline"
+    small = manifest.uncompressed_bytes < manifest.file_count * SMALL_MEMBERS
+    return "child" if small else "thread"
+
+
 def decompress_stage(
-    manifest: Manifest, env: Mapping[str, str], *, in_process: bool | None = None
+    manifest: Manifest, env: Mapping[str, str], *, place: str | None = None
 ) -> Stage | None:
-    """How ``manifest``'s archive is decompressed: on the consumer's thread, or (with
-    ``in_process``; by default when DECOMPRESS_IN_PROCESS and its members are smaller than
-    SMALL_MEMBERS on average) in a child process fed by pipes; None for an uncompressed
-    archive."""
+    """How ``manifest``'s archive is decompressed, at ``place`` (default: ``placement``):
+    in a child process fed by pipes, on a thread of its own, or on the consumer's thread;
+    None for an uncompressed archive."""
     compression = manifest.compression
     if compression == "none":
         return None
-    if in_process is None:
-        small = manifest.uncompressed_bytes < manifest.file_count * SMALL_MEMBERS
-        in_process = DECOMPRESS_IN_PROCESS and small
-    if not in_process:
-        return InlineStage("decompress", lambda stream: open_decompressed(stream, compression))
+    place = place or placement(manifest)
+
+    def corrupt(detail: str) -> IntegrityError:
+        return IntegrityError(f"cannot decompress {manifest.archive}: {detail}", _INTEGRITY_HINT)
+
+    if place != "child":
+
+        def decompressed(stream: Readable) -> Readable:
+            return open_decompressed(stream, compression)  # type: ignore[no-any-return]
+
+        def raised(exc: BaseException) -> BaseException:
+            return corrupt(str(exc)) if isinstance(exc, DECOMPRESS_ERRORS) else exc
+
+        if place == "thread":
+            return ThreadStage("decompress", decompressed, errors=raised)
+        return InlineStage("decompress", decompressed)
 
     def failed(code: int, message: str) -> BaseException:
         if code == 3:
-            return IntegrityError(
-                f"cannot decompress {manifest.archive}: {message or 'corrupt data'}",
-                _INTEGRITY_HINT,
-            )
+            return corrupt(message or "corrupt data")
         return CloudBackupError(
             f"the decompression of {manifest.archive} failed (exit {code}): {message}"
         )

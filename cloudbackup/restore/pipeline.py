@@ -10,9 +10,12 @@ to the tar consumer through an explicit list of stages, all running at once.
   (flat memory). It never reads past the size the manifest names, and checks the size and
   the digest once the object is exhausted: :meth:`Pipeline.finish`.
 * A stage turns one byte stream into another. :class:`ProcessStage` runs a child process
-  fed by pipes (decompression here: python-zstandard holds the GIL, which a thread beside
-  the tar parser fought for; age decryption the same way); :class:`InlineStage` wraps the
-  stream on the consumer's thread (codecs that need no process).
+  fed by pipes (decompression of small members: python-zstandard gives up the GIL once per
+  call, and a thread beside a parser busy with Python waits for it back at every call;
+  age decryption, whose pyrage holds the GIL throughout); :class:`ThreadStage` runs a codec
+  that releases the GIL on a thread of its own (decompression of large members, where the
+  consumer mostly waits in the kernel's writes); :class:`InlineStage` wraps the stream on
+  the consumer's thread (one core).
 * The consumer (the extractor) reads the last stream on the main thread; once it is done,
   :meth:`Pipeline.finish` drains what is left, waits for every stage and checks the digest.
   Nothing the stream produced may be put in place before ``finish`` returned.
@@ -340,6 +343,87 @@ class InlineStage:
 
     def failure(self) -> BaseException | None:
         return None  # its errors are raised on the consumer's thread
+
+
+class ThreadStage:
+    """A stage on a thread of its own: ``wrap`` makes a stream of a stream (a codec that
+    releases the GIL while it works, in large calls), read in pieces of up to READ_CHUNK
+    bytes and handed to the consumer through a bounded queue. Its busy time is its time in
+    ``wrap``'s reads less its waits for ``upstream``. An error the codec raises ends the
+    stream early (the consumer sees a truncated one) and is kept, as ``errors(exc)`` makes
+    it: :meth:`failure` says it, :meth:`finish` raises it."""
+
+    def __init__(
+        self,
+        name: str,
+        wrap: Callable[[Readable], Readable],
+        *,
+        errors: Callable[[BaseException], BaseException] = lambda exc: exc,
+    ) -> None:
+        self.name = name
+        self._wrap = wrap
+        self._errors = errors
+        self._aborted = threading.Event()
+        self._chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=QUEUE_DEPTH)
+        self._error: BaseException | None = None
+        self._stages: Stages | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, upstream: Readable, stages: Stages) -> Readable:
+        self._stages = stages
+        self._thread = threading.Thread(
+            target=self._run, args=(upstream,), name=f"restore-{self.name}", daemon=True
+        )
+        self._thread.start()
+        return _QueueReader(self._chunks, self._aborted)
+
+    def _put(self, chunk: bytes | None) -> None:
+        while True:
+            try:
+                self._chunks.put(chunk, timeout=_POLL)
+                return
+            except queue.Full:
+                if self._aborted.is_set():
+                    raise _Aborted from None
+
+    def _run(self, upstream: Readable) -> None:
+        up = _Clocked(upstream)
+        down = _Clocked(None)
+        try:
+            down.inner = self._wrap(up)
+            while not self._aborted.is_set():
+                chunk = down.read(READ_CHUNK)
+                if not chunk:
+                    break
+                self._put(chunk)
+        except _Aborted:
+            pass
+        except BaseException as exc:  # the consumer sees the stream end; failure() says why
+            self._error = self._errors(exc)
+        finally:
+            stages = self._stages
+            if stages is not None:
+                stages.add(self.name, down.seconds - up.seconds)
+            with contextlib.suppress(_Aborted):
+                self._put(None)
+
+    def finish(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def abort(self) -> None:
+        # Not joined: the thread may wait on the fetch, which is stopped after the stages;
+        # it ends at its next hand-over either way (and writes nowhere but its queue).
+        self._aborted.set()
+        self._stages = None
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._chunks.get_nowait()
+
+    def failure(self) -> BaseException | None:
+        return self._error
 
 
 class ProcessStage:

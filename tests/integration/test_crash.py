@@ -151,7 +151,7 @@ def test_kill_during_prune_of_chains_leaves_every_listed_backup_restorable(
 _KILL_AT_RENAME = """
 import os, signal, sys
 import cloudbackup.restore.apply
-cloudbackup.restore.apply.DECOMPRESS_IN_PROCESS = True
+cloudbackup.restore.apply.placement = lambda manifest: "child"
 point = sys.argv[1]
 if point != "-":
     side, name = point.split(":", 1)

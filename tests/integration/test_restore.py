@@ -59,15 +59,15 @@ def bucket(s3_env: S3Env) -> str:
     return s3_env.bucket
 
 
-@pytest.fixture(params=["process", "inline"])
+@pytest.fixture(params=["child", "thread", "inline"])
 def decompression(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both ways a restore decompresses: in a child process fed by pipes, or on the
-    extracting thread (the default)."""
+    """Every place a restore decompresses: in a child process fed by pipes, on a thread of
+    its own, or on the extracting thread (see ``apply.placement``)."""
     from cloudbackup.restore import apply
 
-    mode: str = request.param
-    monkeypatch.setattr(apply, "DECOMPRESS_IN_PROCESS", mode == "process")
-    return mode
+    place: str = request.param
+    monkeypatch.setattr(apply, "placement", lambda manifest: place)
+    return place
 
 
 # ---------------------------------------------------------------- trees
