@@ -76,20 +76,23 @@ _INTEGRITY_HINT = "restore another copy (--from local/remote) or an older backup
 #: Where decompression runs (``placement``), by the cores this process may use and the
 #: archive's members (from its manifest). python-zstandard releases the GIL while it works,
 #: but once per call: beside a thread busy with Python it waits for the GIL at every call
-#: (measured: 13 s instead of 0.7 s beside a spinning thread). So: members smaller than
-#: SMALL_MEMBERS bytes on average (the extracting thread busy with work per member) → a
-#: child process fed by pipes, which also parses the tar headers ahead (``DecompressStage``);
-#: larger members (the extracting thread mostly waiting in the kernel's writes) → a thread
-#: of its own (``ThreadStage``), where the pipes' copies (~0.3 s of CPU per GiB) would cost
-#: more than they give; one core → the extracting thread itself. Measured on the 2-core
-#: benchmark VM, 5 interleaved runs each (benchmarks/RESULTS.md, 2026-12-03): 200,000 files
-#: of 4 KiB from the local dir 3.12 s in a child, 3.32 s on a thread, 4.9 s inline; 1 GiB
-#: of 30 KiB on average from moto 2.28 s on a thread vs 2.51 s inline (2.72 s in a child),
-#: from the local dir 1.44 s vs 1.74 s. A child of its own decrypts (``DecryptStage``).
+#: (measured: 13 s instead of 0.7 s beside a spinning thread). So: many members (at least
+#: CHILD_MEMBERS) smaller than SMALL_MEMBERS bytes on average, the extracting thread busy
+#: with work per member → a child process fed by pipes, which also parses the tar headers
+#: ahead (``DecompressStage``); anything else → a thread of its own (``ThreadStage``): with
+#: large members the extracting thread mostly waits in the kernel's writes, and a child's
+#: pipes (~0.3 s of CPU per GiB) and start (~50 ms, per link of a chain) cost more than
+#: they give; one core → the extracting thread itself. Measured on the 2-core benchmark VM,
+#: 5–7 interleaved runs each (benchmarks/RESULTS.md, 2026-12-03): 200,000 files of 4 KiB
+#: from the local dir 2.96 s in a child, 3.14 s on a thread, 3.72 s inline; 20,000 such
+#: files 0.46, 0.47, 0.52 s; 1 GiB of 30 KiB on average from moto 2.28 s on a thread vs
+#: 2.51 s inline (2.72 s in a child), from the local dir 1.44 s vs 1.74 s. A child of its
+#: own decrypts (``DecryptStage``).
 SEVERAL_CORES = (
     len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 ) > 1
 SMALL_MEMBERS = 16 * 1024
+CHILD_MEMBERS = 20_000
 _CHILD_CODE = (
     "import sys; from cloudbackup.stream.hints import hinting_child; "
     "sys.exit(hinting_child(sys.argv[1], int(sys.argv[2])))"
@@ -175,7 +178,7 @@ def placement(manifest: Manifest) -> str:
     if not SEVERAL_CORES:
         return "inline"
     small = manifest.uncompressed_bytes < manifest.file_count * SMALL_MEMBERS
-    return "child" if small else "thread"
+    return "child" if small and manifest.file_count >= CHILD_MEMBERS else "thread"
 
 
 def decompress_stage(
