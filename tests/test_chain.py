@@ -701,6 +701,21 @@ def test_prune_dry_run_is_the_real_run_on_chains(pattern: str, keep: int) -> Non
     assert order == sorted(order, reverse=True)
 
 
+@given(st.text(alphabet="/.\0a", max_size=12))
+def test_an_index_path_is_a_relative_member_name(path: str) -> None:
+    """Accepted exactly when not empty, without NUL, and no component empty, ``.`` or
+    ``..`` (the definition, against the reader's three substring searches)."""
+    from cloudbackup.stream.index import _checked
+
+    member_name = bool(path) and "\0" not in path
+    member_name = member_name and all(part not in ("", ".", "..") for part in path.split("/"))
+    if member_name:
+        assert _checked(path) == path
+    else:
+        with pytest.raises(IndexInvalid):
+            _checked(path)
+
+
 @pytest.mark.parametrize(
     "path", ["a/b.txt", 'say "hi"', "tab\there", "caf\u00e9", os.fsdecode(b"x\xff"), "back\\slash"]
 )

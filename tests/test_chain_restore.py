@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from cloudbackup.restore.chain import Membership
 from tests.conftest import Clock, Env, make_tree
 
 OLD = 1_600_000_000
@@ -199,3 +202,28 @@ def test_recovery_md_restores_a_chain_with_stock_tar(
     assert set(got) == set(want)
     for path, facts in want.items():  # tar restores content, mode and targets
         assert got[path][:3] == facts[:3], path
+
+
+# Names whose order as strings differs from their order as path components ("a.b" sorts
+# before "a/x" as a string, after it in walk order), and characters around "/" in code point.
+_NAME = st.text(alphabet="ab.-_ ~é\udcff", min_size=1, max_size=3).filter(
+    lambda name: name not in (".", "..")
+)
+
+
+@given(st.lists(st.lists(_NAME, min_size=1, max_size=3), unique_by=tuple, max_size=30), st.data())
+def test_membership_answers_as_the_index_says_in_walk_order(
+    components: list[list[str]], data: st.DataObject
+) -> None:
+    """The merge-join's answer for every member asked in walk order (a directory's entries
+    sorted, each directory's tree right after it: component by component) is whether the
+    index names it; a question out of that order is answered no."""
+    walk = sorted(components)
+    paths = ["/".join(parts) for parts in walk]
+    named = data.draw(st.sets(st.sampled_from(paths))) if paths else set()
+    join = Membership(iter([path for path in paths if path in named]))
+    assert [join(path) for path in paths] == [path in named for path in paths]
+    if len(named) > 1:
+        first, *_, last = [path for path in paths if path in named]
+        again = Membership(iter([path for path in paths if path in named]))
+        assert again(last) and not again(first)  # passed, never seen again

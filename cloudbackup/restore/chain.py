@@ -157,26 +157,28 @@ class Membership:
     """Whether a member of a link is the copy the final index names: a merge-join with the
     paths of the final index's records that name this link (``paths``), asked in walk
     order (an out-of-order question is answered no, and the restore's counts then say
-    something is missing)."""
+    something is missing). Walk order compares paths component by component; so does a
+    plain comparison of the paths with ``/`` made NUL (below every character a name can
+    hold), which is what is compared: one string per path, no list of its components."""
 
     def __init__(self, paths: Iterator[str]) -> None:
         self.paths = paths
         self.current: str | None = None
-        self.key: list[str] = []
+        self.key = ""
         self.done = False
         self.advance()
 
     def advance(self) -> None:
         try:
             self.current = next(self.paths)
-            self.key = self.current.split("/")
+            self.key = self.current.replace("/", "\0")
         except StopIteration:
             self.current, self.done = None, True
         except IndexInvalid as exc:
             raise IntegrityError(f"the final index is invalid: {exc}", HINT) from None
 
     def __call__(self, path: str) -> bool:
-        key = path.split("/")
+        key = path.replace("/", "\0")
         while not self.done and self.key < key:
             self.advance()
         return self.current is not None and self.key == key

@@ -172,12 +172,11 @@ def _path_of(data: dict[str, Any]) -> str:
 
 
 def _checked(path: str) -> str:
-    if (
-        not path
-        or path.startswith("/")
-        or "\0" in path
-        or any(part in ("", ".", "..") for part in path.split("/"))
-    ):
+    """``path`` when it is a relative member name: not empty, no NUL, no component that is
+    empty (so neither a leading nor a trailing ``/``), ``.`` or ``..`` — found as ``//``,
+    ``/./`` or ``/../`` in the path between slashes (three searches, not a list of parts)."""
+    between = f"/{path}/"
+    if "//" in between or "/./" in between or "/../" in between or "\0" in path:
         raise IndexInvalid(f"a record's path {path!r:.60} is not a relative member name")
     return path
 
