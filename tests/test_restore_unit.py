@@ -686,6 +686,37 @@ def test_decompression_thread_ends_when_the_consumer_fails() -> None:
     assert not stage._thread.is_alive() and stage.failure() is None
 
 
+@pytest.mark.parametrize("place", _OFF_THE_CONSUMER)
+def test_a_codec_failing_with_megabytes_left_to_read_never_stalls_the_restore(place: str) -> None:
+    """The bytes are the ones the manifest names, but the stream stops decompressing after
+    its first frame, with 12 MiB still to read: more than the fetch's queue holds. The
+    stage's failure is reported (exit 3) once the rest was read to check it, and nothing
+    waits for a consumer that is gone (a thread stage once left the fetch blocked on its
+    full queue while the pipeline waited for the fetch)."""
+    import threading
+
+    import zstandard
+
+    first = zstandard.ZstdCompressor().compress(os.urandom(1 << 20))
+    rest = zstandard.ZstdCompressor().compress(os.urandom(12 << 20))
+    packed = first + bytes(16) + rest  # no frame starts after the first: a codec error
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            _through_stage(packed, hashlib.sha256(packed).hexdigest(), place=place)
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "the restore stalled"
+    (error,) = failures
+    assert isinstance(error, IntegrityError) and error.exit_code == 3
+    assert "cannot decompress x.tar.zst" in error.message
+
+
 def test_decompression_child_parses_the_headers_ahead_for_the_extractor(tmp_path: Path) -> None:
     """The child hands the tar headers to the extractor through a pipe of its own: the
     extraction takes them (all but the first member, tarfile's) and extracts the same."""

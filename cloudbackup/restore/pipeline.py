@@ -209,7 +209,7 @@ class Fetch:
             except queue.Full:
                 if self._aborted.is_set():
                     raise _Aborted from None
-                if self.discard and chunk is not None:
+                if self.discard:  # nobody reads on: not the end either
                     return
 
     def _run(self) -> None:
@@ -647,6 +647,7 @@ class Pipeline:
             for stage in reversed(self.stages):
                 stage.finish()
         except BaseException as exc:
+            self.fetch.discard = True  # what is left is read only to check it: no consumer
             self.fetch.join()
             verdict = self._verdict()
             if verdict is None:
