@@ -9,7 +9,7 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from cloudbackup.restore.pipeline import (
     Fetch,
     InlineStage,
     Pipeline,
+    ProcessStage,
     Stages,
     ThreadStage,
 )
@@ -522,13 +523,15 @@ def _single_file_members(tmp_path: Path, staging: Path, held: Any) -> None:
 # ---------------------------------------------------------------- decompression stages
 
 
-def _zstd_manifest(data: bytes, files: int = 1, size: int = 1 << 20) -> Any:
+def _zstd_manifest(
+    data: bytes, files: int = 1, size: int = 1 << 20, compression: str = "zstd"
+) -> Any:
     class M:
-        compression = "zstd"
         archive = "x.tar.zst"
         file_count = files
         uncompressed_bytes = size
 
+    M.compression = compression  # type: ignore[attr-defined]
     return M
 
 
@@ -562,10 +565,15 @@ def _through_stage(
     consume: Any = None,
     seen: list[Any] | None = None,
     place: str = "child",
+    compression: str = "zstd",
+    before: Sequence[Any] = (),
 ) -> tuple[bytes, Stages, Any]:
+    """``packed`` through the fetch, the stages ``before`` and the decompression stage at
+    ``place``, read to its end (after ``consume``, if given), as ``stream_archive`` does."""
     from cloudbackup.restore.apply import decompress_stage
 
-    stage = decompress_stage(_zstd_manifest(packed), dict(os.environ), place=place)
+    manifest = _zstd_manifest(packed, compression=compression)
+    stage = decompress_stage(manifest, dict(os.environ), place=place)
     if seen is not None:
         seen.append(stage)
     clock = Stages()
@@ -573,7 +581,7 @@ def _through_stage(
         lambda: io.BytesIO(packed), size=len(packed), sha256=sha256, describe="x", stages=clock
     )
     out = bytearray()
-    with Pipeline(fetch, [stage], clock) as pipe:
+    with Pipeline(fetch, [*before, stage], clock) as pipe:
         try:
             if consume is not None:
                 consume(pipe.stream)
@@ -715,6 +723,74 @@ def test_a_codec_failing_with_megabytes_left_to_read_never_stalls_the_restore(pl
     (error,) = failures
     assert isinstance(error, IntegrityError) and error.exit_code == 3
     assert "cannot decompress x.tar.zst" in error.message
+
+
+def test_a_codec_failing_behind_a_child_never_stalls_the_restore() -> None:
+    """A child stage first (as decryption is for an encrypted gzip archive: here ``cat``),
+    then the decompression thread, whose codec fails after the first gzip member with
+    12 MiB still to come, while the consumer is still writing what was queued: the child
+    is then blocked writing into a pipe nobody reads, the fetch in its write to the child.
+    The pipeline stops its stages before it waits for the fetch: the failure is reported."""
+    import gzip
+    import threading
+    import time
+
+    from cloudbackup.core.errors import CloudBackupError
+
+    packed = gzip.compress(os.urandom(1 << 20)) + b"garbage!" + gzip.compress(os.urandom(12 << 20), 1)
+    cat = ProcessStage(
+        "decrypt", ["cat"], env=dict(os.environ), errors=lambda c, m: CloudBackupError(f"{c}")
+    )
+
+    def slowly(stream: Any) -> None:
+        while stream.read(65536):
+            time.sleep(0.01)  # the extractor, writing what the thread queued
+
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            _through_stage(
+                packed,
+                hashlib.sha256(packed).hexdigest(),
+                slowly,
+                place="thread",
+                compression="gzip",
+                before=[cat],
+            )
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(60)
+    if worker.is_alive():
+        cat.abort()  # do not leave the child behind
+        raise AssertionError("the restore stalled")
+    (error,) = failures
+    assert isinstance(error, IntegrityError) and "cannot decompress x.tar.zst" in error.message
+    assert cat._proc.poll() is not None  # the child is gone
+
+
+@pytest.mark.parametrize("place", ["child", "thread", "inline"])
+def test_a_corrupt_bzip2_stream_is_an_integrity_error(place: str) -> None:
+    """bz2 reports corrupt data as a bare OSError (the type of a failed system call): it is
+    a decompression error, exit 3, wherever decompression runs (inline, the consumer's
+    restore maps it: ``DECOMPRESS_ERRORS``)."""
+    import bz2
+
+    from cloudbackup.stream.compress import DECOMPRESS_ERRORS
+
+    packed = bytearray(bz2.compress(os.urandom(200_000) * 3))
+    packed[len(packed) // 2] ^= 0xFF
+    digest = hashlib.sha256(packed).hexdigest()  # the bytes the manifest names
+    with pytest.raises(DECOMPRESS_ERRORS + (IntegrityError,)) as info:
+        _through_stage(bytes(packed), digest, place=place, compression="bzip2")
+    if place == "inline":
+        assert isinstance(info.value, DECOMPRESS_ERRORS)
+    else:
+        assert isinstance(info.value, IntegrityError) and info.value.exit_code == 3
+        assert "cannot decompress x.tar.zst" in info.value.message
 
 
 def test_decompression_child_parses_the_headers_ahead_for_the_extractor(tmp_path: Path) -> None:

@@ -647,7 +647,12 @@ class Pipeline:
             for stage in reversed(self.stages):
                 stage.finish()
         except BaseException as exc:
-            self.fetch.discard = True  # what is left is read only to check it: no consumer
+            # What is left is read only to check it: nothing is handed on (no consumer is
+            # left), and every stage is stopped first — a child still writing into a pipe
+            # nobody reads would hold the fetch in its write to that child for good.
+            self.fetch.discard = True
+            for stage in reversed(self.stages):
+                stage.abort()
             self.fetch.join()
             verdict = self._verdict()
             if verdict is None:

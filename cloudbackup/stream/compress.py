@@ -95,10 +95,37 @@ def open_decompressed(stream: Any, compression: str) -> Any:
     if compression == "xz":
         return lzma.LZMAFile(stream, "rb")
     if compression == "bzip2":
-        return bz2.BZ2File(stream, "rb")
+        return _Bz2Reader(stream, "rb")
     if compression == "none":
         return stream
     raise ValueError(f"unknown compression {compression!r}")
+
+
+class CorruptStream(Exception):
+    """A compressed stream that does not decompress, where its codec says so with an error
+    of a general type."""
+
+
+class _Bz2Reader(bz2.BZ2File):
+    """``BZ2File`` reports corrupt data as a bare ``OSError`` ("Invalid data stream"), the
+    type of a failed system call: here it is a ``CorruptStream`` (an OSError with an errno
+    is still one)."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        try:
+            return super().read(-1 if size is None else size)
+        except OSError as exc:
+            raise _corrupt(exc) from None
+
+    def readinto(self, b: Any) -> int:
+        try:
+            return super().readinto(b)
+        except OSError as exc:
+            raise _corrupt(exc) from None
+
+
+def _corrupt(exc: OSError) -> BaseException:
+    return CorruptStream(f"bzip2: {exc}") if exc.errno is None else exc
 
 
 #: What a decompressor raises for a corrupt or truncated stream (an integrity failure).
@@ -108,6 +135,7 @@ DECOMPRESS_ERRORS: tuple[type[BaseException], ...] = (
     zlib.error,
     gzip.BadGzipFile,
     EOFError,
+    CorruptStream,
 )
 
 
