@@ -656,28 +656,11 @@ def test_decompression_of_a_damaged_archive_names_the_checksum(place: str) -> No
         _through_stage(bytes(bad), hashlib.sha256(good).hexdigest(), place=place)
 
 
-def test_decompression_child_is_killed_when_the_consumer_fails() -> None:
-    import zstandard
-
-    packed = zstandard.ZstdCompressor().compress(os.urandom(1 << 20) * 8)
-
-    def fail(stream: Any) -> None:
-        stream.read(1000)
-        raise ZeroDivisionError
-
-    seen: list[Any] = []
-    with pytest.raises(ZeroDivisionError):
-        _through_stage(packed, hashlib.sha256(packed).hexdigest(), fail, seen)
-    (stage,) = seen
-    # Killed and reaped (no zombie): nothing of this restore runs on.
-    assert stage._proc.returncode == -9
-    with pytest.raises(ProcessLookupError):
-        os.kill(stage._proc.pid, 0)
-
-
-def test_decompression_thread_ends_when_the_consumer_fails() -> None:
-    """The consumer gives up after one read of 64 MiB to come: the thread stops at its next
-    hand-over (its queue is bounded and drained), without reading the rest."""
+@pytest.mark.parametrize("place", _OFF_THE_CONSUMER)
+def test_decompression_stops_when_the_consumer_fails(place: str) -> None:
+    """The consumer gives up after one read, with 64 MiB to come: a child is killed and
+    reaped (no zombie), a thread stops at its next hand-over (its queue is bounded and
+    drained) without reading the rest; nothing of this restore runs on."""
     import zstandard
 
     packed = zstandard.ZstdCompressor().compress(os.urandom(1 << 20) * 64)
@@ -688,10 +671,15 @@ def test_decompression_thread_ends_when_the_consumer_fails() -> None:
 
     seen: list[Any] = []
     with pytest.raises(ZeroDivisionError):
-        _through_stage(packed, hashlib.sha256(packed).hexdigest(), fail, seen, place="thread")
+        _through_stage(packed, hashlib.sha256(packed).hexdigest(), fail, seen, place=place)
     (stage,) = seen
-    stage._thread.join(10)
-    assert not stage._thread.is_alive() and stage.failure() is None
+    if place == "child":
+        assert stage._proc.returncode == -9
+        with pytest.raises(ProcessLookupError):
+            os.kill(stage._proc.pid, 0)
+    else:
+        stage._thread.join(10)
+        assert not stage._thread.is_alive() and stage.failure() is None
 
 
 @pytest.mark.parametrize("place", _OFF_THE_CONSUMER)

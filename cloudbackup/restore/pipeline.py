@@ -113,6 +113,25 @@ class _Clocked:
         return True
 
 
+def _hand_over(
+    chunks: queue.Queue[bytes | None],
+    chunk: bytes | None,
+    aborted: threading.Event,
+    dropped: Callable[[], bool] = lambda: False,
+) -> None:
+    """Put ``chunk`` on the bounded queue, waiting while it is full: ``_Aborted`` once
+    ``aborted`` is set, and given up (the chunk dropped) once ``dropped()`` says so."""
+    while True:
+        try:
+            chunks.put(chunk, timeout=_POLL)
+            return
+        except queue.Full:
+            if aborted.is_set():
+                raise _Aborted from None
+            if dropped():
+                return
+
+
 class _QueueReader:
     """The reading end of a bounded queue of chunks (``None``: the end)."""
 
@@ -202,15 +221,8 @@ class Fetch:
         return self._thread.ident is not None
 
     def _put(self, chunk: bytes | None) -> None:
-        while True:
-            try:
-                self._chunks.put(chunk, timeout=_POLL)
-                return
-            except queue.Full:
-                if self._aborted.is_set():
-                    raise _Aborted from None
-                if self.discard:  # nobody reads on: not the end either
-                    return
+        # With discard set nobody reads on: not even the end is handed over.
+        _hand_over(self._chunks, chunk, self._aborted, lambda: self.discard)
 
     def _run(self) -> None:
         sha = hashlib.sha256()
@@ -378,13 +390,7 @@ class ThreadStage:
         return _QueueReader(self._chunks, self._aborted)
 
     def _put(self, chunk: bytes | None) -> None:
-        while True:
-            try:
-                self._chunks.put(chunk, timeout=_POLL)
-                return
-            except queue.Full:
-                if self._aborted.is_set():
-                    raise _Aborted from None
+        _hand_over(self._chunks, chunk, self._aborted)
 
     def _run(self, upstream: Readable) -> None:
         up = _Clocked(upstream)
