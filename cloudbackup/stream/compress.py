@@ -152,10 +152,11 @@ def decompress_child(
     on_piece: Callable[[memoryview], None] | None = None,
 ) -> int:
     """The body of a decompression child process (``python -c``): the compressed stream on
-    descriptor ``source``, the decompressed one to ``sink``. python-zstandard gives up the GIL
-    once per call and waits for it back, which a tar parser busy with small members makes
-    long, so for those a restore runs it in a process of its own, fed by pipes. ``on_piece`` sees each decompressed piece before it is written (it
-    must not keep the view). Returns the exit status: 0, or 3 with one line on stderr for a
+    descriptor ``source``, the decompressed one to ``sink``. python-zstandard gives up the
+    GIL once per call and waits for it back, which a tar parser busy with small members
+    makes long, so for those a restore runs it in a process of its own, fed by pipes.
+    ``on_piece`` sees each decompressed piece before it is written (it must not keep the
+    view). Returns the exit status: 0, or 3 with one line on stderr for a
     corrupt or truncated stream (2 for an unknown codec, 1 for a closed pipe)."""
     import os
     import sys
