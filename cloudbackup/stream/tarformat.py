@@ -323,11 +323,14 @@ class _Input:
         index = self.fill(offset, size)
         return self.buf[index : index + size]
 
-    def peek(self, offset: int, size: int) -> memoryview:
-        """``take`` as a view of the piece read (no copy; valid for good: pieces are
-        immutable)."""
+    def exact(self, offset: int, size: int) -> memoryview:
+        """A member's data: ``take`` as a view of the piece read (no copy; valid for good:
+        pieces are immutable), all ``size`` bytes or ``ReadError`` (the stream ended)."""
         index = self.fill(offset, size)
-        return self.view[index : index + size]
+        data = self.view[index : index + size]
+        if len(data) != size:
+            raise tarfile.ReadError("unexpected end of data")
+        return data
 
     # The file tarfile reads.
 
@@ -379,9 +382,7 @@ class _MemberData:
             size = self._remaining
         if size <= 0:
             return b""
-        data = self._source.peek(self._position, size)
-        if len(data) != size:
-            raise tarfile.ReadError("unexpected end of data")
+        data = self._source.exact(self._position, size)
         self._position += size
         self._remaining -= size
         return data
@@ -810,7 +811,4 @@ class TarReader:
         end = start + member.size
         if start >= 0 and end <= len(source.buf):  # the usual case: read already
             return source.view[start:end]
-        data = source.peek(member.offset_data, member.size)
-        if len(data) != member.size:
-            raise tarfile.ReadError("unexpected end of data")
-        return data
+        return source.exact(member.offset_data, member.size)
